@@ -1,0 +1,104 @@
+//! Names shared by the builders, the controller, the status logic and the tests: the field
+//! manager, labels and annotations, condition types and reasons, and the app's contract
+//! (command, probe paths, mount points). Changing one of these is a contract change.
+
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "vm-operator";
+
+/// Name the operator reports itself as in events.
+pub const CONTROLLER_NAME: &str = "vm-operator";
+
+/// `app.kubernetes.io/name` of every child.
+pub const APP_NAME: &str = "vm-webapp";
+/// `app.kubernetes.io/part-of` of every child.
+pub const PART_OF: &str = "vmwebapp";
+
+/// Recommended label keys.
+pub mod labels {
+    /// The application's name.
+    pub const NAME: &str = "app.kubernetes.io/name";
+    /// The `VmWebapp` the object belongs to.
+    pub const INSTANCE: &str = "app.kubernetes.io/instance";
+    /// `api`, `worker`, `migration` or `config`.
+    pub const COMPONENT: &str = "app.kubernetes.io/component";
+    /// Always the operator.
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    /// The larger application.
+    pub const PART_OF: &str = "app.kubernetes.io/part-of";
+}
+
+/// Annotation keys the operator writes.
+pub mod annotations {
+    /// On pod templates: SHA-256 of the ConfigMap data and the referenced Secret keys' data,
+    /// so that a change to either rolls the pods.
+    pub const CONFIG_HASH: &str = "webapp.vm.dev/config-hash";
+    /// On a migration Job: the image it migrates to.
+    pub const MIGRATION_IMAGE: &str = "webapp.vm.dev/migration-image";
+    /// On a migration Job: the `VmWebapp` generation that created it (a failed Job is
+    /// retried once the generation moves on).
+    pub const MIGRATION_GENERATION: &str = "webapp.vm.dev/generation";
+}
+
+/// Component label values.
+pub mod component {
+    /// The HTTP API.
+    pub const API: &str = "api";
+    /// The background worker.
+    pub const WORKER: &str = "worker";
+    /// The database migration Job.
+    pub const MIGRATION: &str = "migration";
+    /// Shared objects (ConfigMap, ServiceAccount).
+    pub const CONFIG: &str = "config";
+}
+
+/// Condition types of `VmWebapp.status.conditions`.
+pub mod condition {
+    /// All children exist, are up to date and available.
+    pub const READY: &str = "Ready";
+    /// A rollout or migration is under way.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Something needs a person: a missing Secret, a failed migration, an invalid spec.
+    pub const DEGRADED: &str = "Degraded";
+}
+
+/// Condition reasons (CamelCase, stable: alerts and runbooks match on them).
+pub mod reason {
+    /// Everything is available at the desired version.
+    pub const AVAILABLE: &str = "Available";
+    /// Deployments are rolling out.
+    pub const ROLLING_OUT: &str = "RollingOut";
+    /// The migration Job for a new image is running.
+    pub const MIGRATION_RUNNING: &str = "MigrationRunning";
+    /// The migration Job for a new image failed; the old image keeps serving.
+    pub const MIGRATION_FAILED: &str = "MigrationFailed";
+    /// A referenced Secret or key does not exist.
+    pub const SECRET_MISSING: &str = "SecretMissing";
+    /// The spec cannot be turned into objects.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// `spec.suspend` is true.
+    pub const SUSPENDED: &str = "Suspended";
+    /// Nothing to report.
+    pub const AS_EXPECTED: &str = "AsExpected";
+    /// Everything is in place and nothing is moving.
+    pub const RECONCILED: &str = "Reconciled";
+}
+
+/// The app's side of the contract.
+pub mod app {
+    /// The executable inside the image.
+    pub const COMMAND: &str = "vm-webapp";
+    /// Liveness probe path.
+    pub const LIVE_PATH: &str = "/api/v2/health/live";
+    /// Readiness probe path.
+    pub const READY_PATH: &str = "/api/v2/health/ready";
+    /// `VM_WORKSPACE_ROOT` inside containers (an emptyDir).
+    pub const WORKSPACE_ROOT: &str = "/var/data/vm";
+    /// Writable scratch directory (an emptyDir), since the root filesystem is read-only.
+    pub const TMP_DIR: &str = "/tmp";
+    /// Name of the API container port.
+    pub const HTTP_PORT_NAME: &str = "http";
+    /// Name of the worker's health port.
+    pub const HEALTH_PORT_NAME: &str = "health";
+    /// Non-root user and group the containers run as.
+    pub const RUN_AS_USER: i64 = 10001;
+}

@@ -1,0 +1,499 @@
+//! The `VmWebapp` custom resource (`webapp.vm.dev/v1alpha1`).
+//!
+//! The Rust types here are the single source of the CRD: `vm-operator crd` prints the
+//! schema derived from them (doc comments become field descriptions, serde defaults become
+//! schema defaults, `x_kube(validation)` attributes become CEL `x-kubernetes-validations`).
+//! The checked-in `crds/vmwebapps.webapp.vm.dev.yaml` is that output, verified by a test.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Desired state of a vm-webapp installation: one API Deployment, one worker Deployment
+/// and everything they need (configuration, secret references, Service, disruption
+/// budgets, autoscaling, database migrations).
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "webapp.vm.dev",
+    version = "v1alpha1",
+    kind = "VmWebapp",
+    plural = "vmwebapps",
+    shortname = "vmw",
+    namespaced,
+    status = "VmWebappStatus",
+    derive = "PartialEq",
+    doc = "A vm-webapp installation: API and worker Deployments, configuration, secret references, Service, disruption budgets, autoscaling and migrations, reconciled by vm-operator.",
+    validation = Rule::new("self.metadata.name.size() <= 40").message("metadata.name must be at most 40 characters so that child names stay within Kubernetes limits"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Image", type_ = "string", json_path = ".status.servingImage"),
+    printcolumn(name = "API", type_ = "integer", json_path = ".status.apiReadyReplicas", description = "Ready API replicas"),
+    printcolumn(name = "Worker", type_ = "integer", json_path = ".status.workerReadyReplicas", description = "Ready worker replicas"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(
+    validation = Rule::new("!self.managedMode || (has(self.database) && has(self.redis))").message("managedMode requires both spec.database and spec.redis secret references").reason(Reason::FieldValueRequired),
+    validation = Rule::new("has(self.database) || (self.api.replicas <= 1 && !has(self.api.autoscaling) && self.worker.replicas == 0 && !has(self.worker.autoscaling))").message("without spec.database every pod keeps its own embedded SQLite file: run at most one API replica, no worker replicas and no autoscaling, or set spec.database"),
+    validation = Rule::new("has(self.database) || !self.migrations.enabled").message("spec.migrations.enabled needs spec.database: without a shared database the migration Job would migrate a throwaway file"),
+    validation = Rule::new("self.api.port != self.worker.healthPort").message("spec.api.port and spec.worker.healthPort must differ"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VmWebappSpec {
+    /// Container image of vm-webapp, for example `ghcr.io/example/vm-webapp:1.4.2`.
+    /// Changing it first runs the migration Job with the new image (when migrations are
+    /// enabled); the Deployments move to it only after the Job succeeds.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+
+    /// Image pull policy of every container; Kubernetes' default applies when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+
+    /// Application environment, passed as `APP_ENV`.
+    #[serde(default)]
+    pub app_env: AppEnv,
+
+    /// Managed mode (`VM_ENABLE_MANAGED_MODE=true`): the app requires PostgreSQL
+    /// (`spec.database`) and Redis (`spec.redis`) and refuses to start without them.
+    #[serde(default)]
+    pub managed_mode: bool,
+
+    /// Secret key holding the database URL (`postgres://…`), injected as `VM_DB_URL`.
+    /// Required for managed mode, for more than one API replica, for workers and for
+    /// migrations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<SecretKeyRef>,
+
+    /// Secret key holding the Redis URL, injected as `VM_REDIS_URL`. Required for managed mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<SecretKeyRef>,
+
+    /// The LLM endpoint used by run steps (OpenAI-compatible chat completions).
+    #[serde(default)]
+    pub llm: LlmSpec,
+
+    /// Log level of the app, passed as `LOG_LEVEL` (for example `info`, `debug`, `warn`).
+    #[serde(default = "default_log_level")]
+    #[schemars(length(min = 1, max = 64))]
+    pub log_level: String,
+
+    /// Log format of the app, passed as `LOG_FORMAT`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+
+    /// The HTTP API (`vm-webapp serve`).
+    #[serde(default)]
+    pub api: ApiSpec,
+
+    /// The background worker (`vm-webapp worker`).
+    #[serde(default)]
+    pub worker: WorkerSpec,
+
+    /// Database migrations (`vm-webapp migrate`), run as a Job before a new image rolls out.
+    #[serde(default)]
+    pub migrations: MigrationsSpec,
+
+    /// Extra environment variables for every container. Names the operator sets itself
+    /// (`APP_ENV`, `VM_*`, `KIMI_*`, `LOG_*`, `PORT`) are rejected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(e, !(e.name in ['APP_ENV', 'VM_ENABLE_MANAGED_MODE', 'VM_DB_URL', 'VM_REDIS_URL', 'VM_WORKSPACE_ROOT', 'KIMI_MODEL', 'KIMI_BASE_URL', 'KIMI_API_KEY', 'LOG_LEVEL', 'LOG_FORMAT', 'PORT']))").message("spec.env must not set a variable the operator manages"))]
+    #[schemars(length(max = 64))]
+    pub env: Vec<ExtraEnvVar>,
+
+    /// Stop changing children: while `true` the operator applies nothing, runs no
+    /// migration and only reports status. Existing pods keep running.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+/// `APP_ENV` of the app.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AppEnv {
+    /// Single-process development mode (the API also runs the worker in-process).
+    Local,
+    /// Staging.
+    Staging,
+    /// Production (the default in a cluster).
+    #[default]
+    Production,
+}
+
+impl AppEnv {
+    /// The value of `APP_ENV`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Staging => "staging",
+            Self::Production => "production",
+        }
+    }
+}
+
+/// `LOG_FORMAT` of the app.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (the default in a cluster).
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Pretty,
+}
+
+impl LogFormat {
+    /// The value of `LOG_FORMAT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Pretty => "pretty",
+        }
+    }
+}
+
+/// Container image pull policy.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Always pull.
+    Always,
+    /// Pull only when the image is missing on the node.
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+impl PullPolicy {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// A key of a Secret in the resource's namespace. Only the reference is stored; the
+/// value reaches the pods through `secretKeyRef` and never passes through the operator's
+/// logs, events or status.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// The LLM endpoint.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmSpec {
+    /// Model name, passed as `KIMI_MODEL`; the app's default applies when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Base URL of the OpenAI-compatible API, passed as `KIMI_BASE_URL`; the app's default
+    /// applies when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Secret key holding the API key, injected as `KIMI_API_KEY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<SecretKeyRef>,
+}
+
+/// The HTTP API Deployment.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiSpec {
+    /// Number of API pods when autoscaling is off (ignored while `autoscaling` is set).
+    #[serde(default = "default_api_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+    /// Port the API listens on inside the pod (`serve --port`). Ports below 1024 need
+    /// privileges the restricted pod security does not grant.
+    #[serde(default = "default_api_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: i32,
+    /// CPU and memory requests and limits of the API container.
+    #[serde(default = "default_api_resources")]
+    pub resources: ResourceRequirements,
+    /// The Service in front of the API.
+    #[serde(default)]
+    pub service: ServiceSpec,
+    /// Horizontal pod autoscaling; when set, an HPA owns the replica count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+fn default_api_replicas() -> i32 {
+    2
+}
+
+fn default_api_port() -> i32 {
+    8080
+}
+
+fn default_api_resources() -> ResourceRequirements {
+    resources("100m", "256Mi", "512Mi")
+}
+
+fn default_worker_resources() -> ResourceRequirements {
+    resources("100m", "256Mi", "512Mi")
+}
+
+fn resources(cpu: &str, memory_request: &str, memory_limit: &str) -> ResourceRequirements {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    ResourceRequirements {
+        requests: Some(
+            [
+                ("cpu".to_owned(), Quantity(cpu.to_owned())),
+                ("memory".to_owned(), Quantity(memory_request.to_owned())),
+            ]
+            .into(),
+        ),
+        limits: Some([("memory".to_owned(), Quantity(memory_limit.to_owned()))].into()),
+        ..ResourceRequirements::default()
+    }
+}
+
+impl Default for ApiSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_api_replicas(),
+            port: default_api_port(),
+            resources: default_api_resources(),
+            service: ServiceSpec::default(),
+            autoscaling: None,
+        }
+    }
+}
+
+/// The API Service.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Port the Service exposes; it forwards to `spec.api.port`.
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+fn default_service_port() -> i32 {
+    80
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self { type_: ServiceType::default(), port: default_service_port() }
+    }
+}
+
+/// Kubernetes Service type.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only.
+    #[default]
+    ClusterIP,
+    /// Also exposed on every node's port.
+    NodePort,
+    /// Also exposed through a cloud load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Horizontal pod autoscaling on CPU utilisation (autoscaling/v2).
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed autoscaling.maxReplicas"))]
+pub struct AutoscalingSpec {
+    /// Lowest replica count the HPA may choose.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub min_replicas: i32,
+    /// Highest replica count the HPA may choose.
+    #[schemars(range(min = 1, max = 100))]
+    pub max_replicas: i32,
+    /// Average CPU utilisation (percent of the CPU request) the HPA aims for.
+    #[serde(default = "default_target_cpu")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization_percentage: i32,
+}
+
+fn default_min_replicas() -> i32 {
+    2
+}
+
+fn default_target_cpu() -> i32 {
+    75
+}
+
+/// The worker Deployment.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// Number of worker pods when autoscaling is off; `0` runs no worker Deployment pods.
+    #[serde(default = "default_worker_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+    /// How often an idle worker polls the queue (`worker --poll-interval-ms`).
+    #[serde(default = "default_poll_interval_ms")]
+    #[schemars(range(min = 10, max = 600000))]
+    pub poll_interval_ms: i32,
+    /// Jobs one worker pod runs at once (`worker --concurrency`).
+    #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub concurrency: i32,
+    /// Port of the worker's own probes and metrics (`worker --health-port`).
+    #[serde(default = "default_health_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub health_port: i32,
+    /// CPU and memory requests and limits of the worker container.
+    #[serde(default = "default_worker_resources")]
+    pub resources: ResourceRequirements,
+    /// Horizontal pod autoscaling; when set, an HPA owns the replica count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+fn default_worker_replicas() -> i32 {
+    1
+}
+
+fn default_poll_interval_ms() -> i32 {
+    500
+}
+
+fn default_concurrency() -> i32 {
+    4
+}
+
+fn default_health_port() -> i32 {
+    9091
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_worker_replicas(),
+            poll_interval_ms: default_poll_interval_ms(),
+            concurrency: default_concurrency(),
+            health_port: default_health_port(),
+            resources: default_worker_resources(),
+            autoscaling: None,
+        }
+    }
+}
+
+/// Database migrations.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationsSpec {
+    /// Run `vm-webapp migrate` as a Job before a new image rolls out.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Retries of the migration pod before the Job counts as failed.
+    #[serde(default = "default_backoff_limit")]
+    #[schemars(range(min = 0, max = 10))]
+    pub backoff_limit: i32,
+    /// Deadline of the whole Job in seconds.
+    #[serde(default = "default_active_deadline")]
+    #[schemars(range(min = 30, max = 86400))]
+    pub active_deadline_seconds: i64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_backoff_limit() -> i32 {
+    2
+}
+
+fn default_active_deadline() -> i64 {
+    600
+}
+
+impl Default for MigrationsSpec {
+    fn default() -> Self {
+        Self {
+            enabled: default_true(),
+            backoff_limit: default_backoff_limit(),
+            active_deadline_seconds: default_active_deadline(),
+        }
+    }
+}
+
+/// An extra environment variable: a literal value or a Secret key, exactly one of them.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.value) != has(self.secretKeyRef)").message("set exactly one of value and secretKeyRef"))]
+pub struct ExtraEnvVar {
+    /// Variable name.
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z_][A-Za-z0-9_]*$')").message("env name must be a C identifier"))]
+    #[schemars(length(min = 1, max = 128))]
+    pub name: String,
+    /// Literal value (goes into the ConfigMap; do not put secrets here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Secret key whose value becomes the variable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
+}
+
+/// Observed state, written only by the operator.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmWebappStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, each with a reason and a message.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Ready pods of the API Deployment.
+    #[serde(default)]
+    pub api_ready_replicas: i32,
+    /// Ready pods of the worker Deployment.
+    #[serde(default)]
+    pub worker_ready_replicas: i32,
+    /// The image the API Deployment actually runs (may lag `spec.image` during a migration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_image: Option<String>,
+}
+
+impl VmWebappSpec {
+    /// Every Secret key this spec references, in a stable order (database, Redis, LLM
+    /// API key, then `env` entries).
+    pub fn secret_refs(&self) -> Vec<&SecretKeyRef> {
+        let fixed = [&self.database, &self.redis, &self.llm.api_key];
+        fixed
+            .into_iter()
+            .flatten()
+            .chain(self.env.iter().filter_map(|e| e.secret_key_ref.as_ref()))
+            .collect()
+    }
+
+    /// Whether this spec references the Secret called `name`.
+    pub fn references_secret(&self, name: &str) -> bool {
+        self.secret_refs().iter().any(|r| r.name == name)
+    }
+}

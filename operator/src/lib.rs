@@ -1,0 +1,12 @@
+//! vm-operator: reconciles `VmWebapp` resources into a running, probed, secret-aware
+//! vm-webapp installation.
+//!
+//! Flow: [`crd`] defines the resource; [`builders`] compute every desired child object
+//! from it without I/O; the controller fetches what exists, applies the difference with
+//! server-side apply and writes the status; [`render`] prints the builders' output offline.
+
+pub mod builders;
+pub mod cli;
+pub mod consts;
+pub mod crd;
+pub mod render;
