@@ -1,0 +1,142 @@
+//! The API's error type: every failure becomes a JSON body
+//! `{"code": "...", "message": "..."}` with a stable `code`.
+//!
+//! Client mistakes are 4xx and say what to fix. Server-side failures are
+//! logged with the request's span (which carries its request id) and answered
+//! with a generic message: their details never leave the process.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::model::RunStatus;
+use crate::steps::StepValidationError;
+use crate::store::StoreError;
+
+/// Everything a handler can answer instead of success.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400 `invalid_json`: the body is not JSON.
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// 422 `invalid_request`: JSON, but not the expected shape.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// 422 `unknown_step_kind` / `invalid_step`: a step is wrong.
+    #[error(transparent)]
+    InvalidStep(#[from] StepValidationError),
+    /// 422 `llm_unavailable`: `llm` steps need an endpoint that is not configured.
+    #[error("this deployment has no LLM endpoint configured (KIMI_API_KEY), so runs with llm steps cannot be accepted")]
+    LlmUnavailable,
+    /// 413 `payload_too_large`.
+    #[error("request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 400 `invalid_parameter`: a query parameter or header is wrong.
+    #[error("{0}")]
+    InvalidParameter(String),
+    /// 400 `invalid_cursor`.
+    #[error("cursor is not one this API issued; start again without it")]
+    InvalidCursor,
+    /// 400 `invalid_idempotency_key`.
+    #[error("Idempotency-Key must be 1 to 255 visible ASCII characters")]
+    InvalidIdempotencyKey,
+    /// 404 `run_not_found`.
+    #[error("run not found")]
+    RunNotFound,
+    /// 404 `route_not_found`.
+    #[error("no such route")]
+    RouteNotFound,
+    /// 405 `method_not_allowed`.
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    /// 409 `idempotency_key_conflict`: the key was used with a different body.
+    #[error("Idempotency-Key was already used with a different request body")]
+    IdempotencyConflict,
+    /// 409 `run_not_cancellable`: the run already finished.
+    #[error("run is already {} and cannot be cancelled", .0.as_str())]
+    NotCancellable(RunStatus),
+    /// 503 `dependency_unavailable`: the database cannot be reached right now.
+    #[error("the database is unavailable; retry later")]
+    DependencyUnavailable,
+    /// 503 `shutting_down`.
+    #[error("the server is shutting down; retry on another instance")]
+    ShuttingDown,
+    /// 500 `internal`.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidJson(_)
+            | ApiError::InvalidParameter(_)
+            | ApiError::InvalidCursor
+            | ApiError::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
+            ApiError::InvalidRequest(_) | ApiError::InvalidStep(_) | ApiError::LlmUnavailable => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RunNotFound | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::IdempotencyConflict | ApiError::NotCancellable(_) => StatusCode::CONFLICT,
+            ApiError::DependencyUnavailable | ApiError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::InvalidStep(e) => e.code,
+            ApiError::LlmUnavailable => "llm_unavailable",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::InvalidParameter(_) => "invalid_parameter",
+            ApiError::InvalidCursor => "invalid_cursor",
+            ApiError::InvalidIdempotencyKey => "invalid_idempotency_key",
+            ApiError::RunNotFound => "run_not_found",
+            ApiError::RouteNotFound => "route_not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::IdempotencyConflict => "idempotency_key_conflict",
+            ApiError::NotCancellable(_) => "run_not_cancellable",
+            ApiError::DependencyUnavailable => "dependency_unavailable",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::Internal => "internal",
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "database unavailable");
+            ApiError::DependencyUnavailable
+        } else {
+            tracing::error!(error = ?e, "store error");
+            ApiError::Internal
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (
+            status,
+            Json(json!({"code": self.code(), "message": self.to_string()})),
+        )
+            .into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,400 @@
+//! Run lifecycle endpoints.
+//!
+//! - `POST /api/v2/runs`: create (`202`; `200` when an `Idempotency-Key` replays)
+//! - `GET /api/v2/runs?status=&limit=&cursor=`: list, newest first
+//! - `GET /api/v2/runs/{id}`: one run with the state and output of each step
+//! - `GET /api/v2/runs/{id}/events?after=&limit=`: transitions in order
+//! - `POST /api/v2/runs/{id}/cancel`: cancel a queued or running run
+//!
+//! Bodies are parsed by hand (not by an extractor) so that every client
+//! mistake gets our JSON error with a precise message. The body is read as
+//! JSON whatever its `Content-Type`, so `curl -d` works as is.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::config::LlmMode;
+use crate::http::{API_PREFIX, AppState, error::ApiError};
+use crate::model::{NewRun, Run, RunDetail, RunFilter, RunStatus, StepState, StepStatus, now_ms, rfc3339};
+use crate::steps::{StepSpec, parse_steps};
+use crate::store::{CancelOutcome, CreateOutcome};
+
+/// Default and largest page of `GET /runs`.
+const RUNS_PAGE: (i64, i64) = (50, 200);
+/// Default and largest page of `GET /runs/{id}/events`.
+const EVENTS_PAGE: (i64, i64) = (500, 1000);
+
+fn run_json(detail: &RunDetail) -> Value {
+    let run = &detail.run;
+    let steps: Vec<Value> = detail
+        .steps
+        .iter()
+        .zip(&run.steps)
+        .map(|(state, spec)| {
+            json!({
+                "index": state.index,
+                "kind": state.kind,
+                "status": state.status,
+                "attempts": state.attempts,
+                "output": state.output,
+                "error": state.error,
+                "spec": spec,
+            })
+        })
+        .collect();
+    let mut v = summary_json(run);
+    v["input"] = run.input.clone();
+    v["steps"] = Value::Array(steps);
+    v["output"] = run.output.clone().unwrap_or(Value::Null);
+    v["links"] = json!({
+        "self": format!("{API_PREFIX}/runs/{}", run.id),
+        "events": format!("{API_PREFIX}/runs/{}/events", run.id),
+    });
+    v
+}
+
+fn summary_json(run: &Run) -> Value {
+    json!({
+        "id": run.id,
+        "status": run.status,
+        "correlation_id": run.correlation_id,
+        "step_count": run.steps.len(),
+        "error": run.error,
+        "created_at": rfc3339(run.created_at),
+        "updated_at": rfc3339(run.updated_at),
+        "started_at": run.started_at.map(rfc3339),
+        "finished_at": run.finished_at.map(rfc3339),
+    })
+}
+
+/// The detail of a run that was just created: first step queued, rest pending.
+fn fresh_detail(run: Run) -> RunDetail {
+    let steps = run
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(index, spec)| StepState {
+            index,
+            kind: spec.kind(),
+            status: if index == 0 { StepStatus::Queued } else { StepStatus::Pending },
+            attempts: 0,
+            output: None,
+            error: None,
+        })
+        .collect();
+    RunDetail { run, steps }
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(limit)
+        } else {
+            ApiError::InvalidRequest("request body could not be read".into())
+        }
+    })
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ()> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| ()),
+    }
+}
+
+/// A header value usable as an id in logs: short and plain.
+fn plain_id(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// Parses a create-run body: `{"input": {...}, "steps": [...]}`.
+pub fn parse_create_body(bytes: &[u8]) -> Result<(Value, Vec<Value>), ApiError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        if e.is_data() {
+            ApiError::InvalidRequest(e.to_string())
+        } else {
+            ApiError::InvalidJson(e.to_string())
+        }
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(ApiError::InvalidRequest("expected a JSON object with `steps`".into()));
+    };
+    if let Some(unknown) = obj.keys().find(|k| !["input", "steps"].contains(&k.as_str())) {
+        return Err(ApiError::InvalidRequest(format!(
+            "unknown field `{}`; expected `input` and `steps`",
+            unknown.chars().take(64).collect::<String>()
+        )));
+    }
+    let input = match obj.remove("input") {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(v @ Value::Object(_)) => v,
+        Some(_) => return Err(ApiError::InvalidRequest("input: expected a JSON object".into())),
+    };
+    let steps = match obj.remove("steps") {
+        Some(Value::Array(steps)) => steps,
+        Some(_) => return Err(ApiError::InvalidRequest("steps: expected an array of steps".into())),
+        None => return Err(ApiError::InvalidRequest("missing field `steps`".into())),
+    };
+    Ok((input, steps))
+}
+
+/// `POST /runs`.
+pub async fn create_run(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let bytes = body_bytes(body, state.settings.max_body_bytes)?;
+    let idempotency_key = match header_str(&headers, "idempotency-key") {
+        Ok(None) => None,
+        Ok(Some(k)) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Some(k.to_string())
+        }
+        _ => return Err(ApiError::InvalidIdempotencyKey),
+    };
+    let (input, raw_steps) = parse_create_body(&bytes)?;
+    let steps = parse_steps(&raw_steps, &input)?;
+    if state.settings.llm_mode() == LlmMode::Unavailable
+        && steps.iter().any(|s| matches!(s, StepSpec::Llm { .. }))
+    {
+        return Err(ApiError::LlmUnavailable);
+    }
+    let request_hash = hex::encode(Sha256::digest(
+        json!({"input": input, "steps": raw_steps}).to_string().as_bytes(),
+    ));
+    let request_id = header_str(&headers, "x-request-id").ok().flatten();
+    let correlation_id = header_str(&headers, "x-correlation-id")
+        .ok()
+        .flatten()
+        .filter(|v| plain_id(v))
+        .or(request_id.filter(|v| plain_id(v)))
+        .map(str::to_string)
+        .unwrap_or_else(|| Uuid::new_v4().to_string());
+    let new = NewRun {
+        input,
+        steps,
+        idempotency_key,
+        request_hash,
+        correlation_id,
+        max_attempts: i64::from(state.settings.queue.max_attempts),
+    };
+    match state.store.create_run(&new, now_ms()).await? {
+        CreateOutcome::Created(run) => {
+            tracing::info!(run_id = %run.id, correlation_id = %run.correlation_id, steps = run.steps.len(), "run queued");
+            state.wake.notify_one();
+            let location = format!("{API_PREFIX}/runs/{}", run.id);
+            Ok((
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, location)],
+                Json(run_json(&fresh_detail(run))),
+            )
+                .into_response())
+        }
+        CreateOutcome::Existing(detail) => Ok((
+            StatusCode::OK,
+            [("idempotent-replayed", "true")],
+            Json(run_json(&detail)),
+        )
+            .into_response()),
+        CreateOutcome::Conflict => Err(ApiError::IdempotencyConflict),
+    }
+}
+
+fn parse_query(raw: Option<String>, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+    let mut out = HashMap::new();
+    for pair in raw.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &str| {
+            percent_decode(s).ok_or_else(|| ApiError::InvalidParameter("query string is not valid UTF-8".into()))
+        };
+        let (k, v) = (decode(k)?, decode(v)?);
+        if !allowed.contains(&k.as_str()) {
+            return Err(ApiError::InvalidParameter(format!(
+                "unknown query parameter `{}`; expected {}",
+                k.chars().take(64).collect::<String>(),
+                allowed.join(", ")
+            )));
+        }
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+fn parse_limit(query: &HashMap<String, String>, (default, max): (i64, i64)) -> Result<i64, ApiError> {
+    match query.get("limit") {
+        None => Ok(default),
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::InvalidParameter(format!("limit: expected a whole number from 1 to {max}"))),
+        },
+    }
+}
+
+/// Encodes a page cursor (opaque to clients).
+pub fn encode_cursor(last: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("v1:{last}"))
+}
+
+/// Decodes a page cursor.
+pub fn decode_cursor(cursor: &str) -> Result<Uuid, ApiError> {
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| ApiError::InvalidCursor)?;
+    let text = String::from_utf8(bytes).map_err(|_| ApiError::InvalidCursor)?;
+    let id = text.strip_prefix("v1:").ok_or(ApiError::InvalidCursor)?;
+    Uuid::parse_str(id).map_err(|_| ApiError::InvalidCursor)
+}
+
+/// `GET /runs`.
+pub async fn list_runs(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Json<Value>, ApiError> {
+    let query = parse_query(raw, &["status", "limit", "cursor"])?;
+    let status = match query.get("status") {
+        None => None,
+        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
+            ApiError::InvalidParameter(format!(
+                "status: expected one of {}",
+                RunStatus::ALL.map(RunStatus::as_str).join(", ")
+            ))
+        })?),
+    };
+    let limit = parse_limit(&query, RUNS_PAGE)?;
+    let before = query.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let mut runs = state
+        .store
+        .list_runs(&RunFilter {
+            status,
+            before,
+            limit: limit + 1,
+        })
+        .await?;
+    let next_cursor = if runs.len() as i64 > limit {
+        runs.truncate(limit as usize);
+        runs.last().map(|r| encode_cursor(r.id))
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "runs": runs.iter().map(summary_json).collect::<Vec<_>>(),
+        "next_cursor": next_cursor,
+    })))
+}
+
+fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
+    // A malformed id cannot name a run, so it is simply not found.
+    Uuid::parse_str(id).map_err(|_| ApiError::RunNotFound)
+}
+
+/// `GET /runs/{id}`.
+pub async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_run_id(&id)?;
+    let detail = state.store.get_run(id).await?.ok_or(ApiError::RunNotFound)?;
+    Ok(Json(run_json(&detail)))
+}
+
+/// `GET /runs/{id}/events`.
+pub async fn list_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_run_id(&id)?;
+    let query = parse_query(raw, &["after", "limit"])?;
+    let after = match query.get("after") {
+        None => 0,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::InvalidParameter("after: expected an event id (a whole number)".into()))?,
+    };
+    let limit = parse_limit(&query, EVENTS_PAGE)?;
+    let events = state.store.list_events(id, after, limit).await?;
+    if events.is_empty() && !state.store.run_exists(id).await? {
+        return Err(ApiError::RunNotFound);
+    }
+    let next_after = (events.len() as i64 == limit).then(|| events.last().map(|e| e.id)).flatten();
+    let events: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            json!({
+                "id": e.id,
+                "type": e.event_type,
+                "step_index": e.step_index,
+                "attempt": e.attempt,
+                "message": e.message,
+                "data": e.data,
+                "at": rfc3339(e.created_at),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"run_id": id, "events": events, "next_after": next_after})))
+}
+
+/// `POST /runs/{id}/cancel`.
+pub async fn cancel_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_run_id(&id)?;
+    match state.store.cancel_run(id, now_ms()).await? {
+        CancelOutcome::Cancelled(detail) => {
+            tracing::info!(run_id = %id, correlation_id = %detail.run.correlation_id, "run cancelled");
+            Ok(Json(run_json(&detail)))
+        }
+        CancelOutcome::NotFound => Err(ApiError::RunNotFound),
+        CancelOutcome::NotCancellable(status) => Err(ApiError::NotCancellable(status)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_foreign_ones_are_refused() {
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
+        assert!(decode_cursor("not-base64!").is_err());
+        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("v2:x")).is_err());
+    }
+
+    #[test]
+    fn query_strings_are_decoded_and_unknown_keys_refused() {
+        let q = parse_query(Some("status=queued&cursor=a%3Db".into()), &["status", "cursor"]).unwrap();
+        assert_eq!(q["cursor"], "a=b");
+        assert!(parse_query(Some("stauts=queued".into()), &["status"]).is_err());
+        assert!(parse_query(Some("status=%ZZ".into()), &["status"]).is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! vm-webapp: the vmwebapp runtime.
+//!
+//! An HTTP API that accepts runs ([`http`]), a durable queue of their steps in
+//! SQLite or PostgreSQL ([`store`]), a worker that drains it ([`worker`]), and
+//! the commands that wire them ([`runtime`]). Settings come from the
+//! environment, validated once ([`config`]).
+
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod model;
+pub mod runtime;
+pub mod steps;
+pub mod store;
+pub mod telemetry;
+pub mod worker;
+
+/// Makes `ring` the process-wide TLS crypto provider (the one stack shared by
+/// the database driver and the LLM client). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

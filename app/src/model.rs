@@ -1,0 +1,213 @@
+//! The domain: runs, their steps, their events, and the jobs the queue hands to
+//! workers. These types are what the store returns and the HTTP layer renders.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::steps::StepSpec;
+
+/// Lifecycle of a run: `queued → running → succeeded | failed | cancelled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Accepted; no step has started yet.
+    Queued,
+    /// At least one step has been claimed by a worker.
+    Running,
+    /// Every step succeeded.
+    Succeeded,
+    /// A step failed permanently or exhausted its attempts.
+    Failed,
+    /// Cancelled on request; pending steps were dropped.
+    Cancelled,
+}
+
+impl RunStatus {
+    /// All statuses, in lifecycle order.
+    pub const ALL: [RunStatus; 5] = [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+
+    /// The stored and serialised name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a stored or query-string name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// True once nothing more will happen to the run.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled
+        )
+    }
+}
+
+/// State of one step as shown to API clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Waits for the steps before it.
+    Pending,
+    /// Ready to be claimed (possibly after a retry delay).
+    Queued,
+    /// Claimed by a worker.
+    Running,
+    /// Its result is recorded.
+    Succeeded,
+    /// Dead-lettered.
+    Failed,
+    /// Dropped because the run was cancelled or failed earlier.
+    Skipped,
+}
+
+/// A run as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// Run id (UUIDv7, so ids sort by creation time).
+    pub id: Uuid,
+    /// Current status.
+    pub status: RunStatus,
+    /// Carried by every log line about this run and its jobs.
+    pub correlation_id: String,
+    /// The caller's input, available to step templates as `input`.
+    pub input: Value,
+    /// The steps, in execution order.
+    pub steps: Vec<StepSpec>,
+    /// The last step's output once the run succeeded.
+    pub output: Option<Value>,
+    /// Why the run failed.
+    pub error: Option<String>,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at: i64,
+    /// Last change, ms since the Unix epoch.
+    pub updated_at: i64,
+    /// First claim of a step.
+    pub started_at: Option<i64>,
+    /// Reaching a terminal status.
+    pub finished_at: Option<i64>,
+}
+
+/// The state of one step of a run, assembled from the queue and the results.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepState {
+    /// Position in the run.
+    pub index: usize,
+    /// Step kind name.
+    pub kind: &'static str,
+    /// Where the step is.
+    pub status: StepStatus,
+    /// Deliveries so far.
+    pub attempts: i64,
+    /// The recorded result.
+    pub output: Option<Value>,
+    /// The last error seen (a retry reason or the final failure).
+    pub error: Option<String>,
+}
+
+/// A run with the state of each of its steps.
+#[derive(Debug, Clone)]
+pub struct RunDetail {
+    /// The run.
+    pub run: Run,
+    /// One entry per step, in order.
+    pub steps: Vec<StepState>,
+}
+
+/// One recorded transition of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunEvent {
+    /// Increasing id; events of a run are ordered by it.
+    pub id: i64,
+    /// The run.
+    pub run_id: Uuid,
+    /// What happened, e.g. `run.queued`, `step.started`, `step.retry_scheduled`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The step concerned, if any.
+    pub step_index: Option<i64>,
+    /// The delivery attempt concerned, if any.
+    pub attempt: Option<i64>,
+    /// Human-readable detail.
+    pub message: Option<String>,
+    /// Structured detail.
+    pub data: Option<Value>,
+    /// When, ms since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// A job a worker has claimed, with the fencing token it must present to finish it.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    /// Job id.
+    pub id: i64,
+    /// The run the step belongs to.
+    pub run_id: Uuid,
+    /// The run's correlation id, for logs.
+    pub correlation_id: String,
+    /// Position of the step in the run.
+    pub step_index: i64,
+    /// Number of steps in the run.
+    pub step_count: i64,
+    /// What to execute.
+    pub step: StepSpec,
+    /// Delivery number, starting at 1; the fencing token.
+    pub attempt: i64,
+    /// Attempts allowed before dead-lettering.
+    pub max_attempts: i64,
+}
+
+/// What the caller asks for when creating a run.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// Input object for templates.
+    pub input: Value,
+    /// Steps to execute in order (validated).
+    pub steps: Vec<StepSpec>,
+    /// `Idempotency-Key` header, if sent.
+    pub idempotency_key: Option<String>,
+    /// Hash of the request that carries the idempotency key.
+    pub request_hash: String,
+    /// Correlation id (from `x-correlation-id`, else the request id, else generated).
+    pub correlation_id: String,
+    /// Attempts each step gets.
+    pub max_attempts: i64,
+}
+
+/// Filter and page for listing runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only runs in this status.
+    pub status: Option<RunStatus>,
+    /// Only runs older than this id (the cursor).
+    pub before: Option<Uuid>,
+    /// Page size.
+    pub limit: i64,
+}
+
+/// Current time in ms since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Renders ms since the epoch as RFC 3339 (UTC, millisecond precision).
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

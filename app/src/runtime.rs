@@ -1,0 +1,227 @@
+//! The commands: settings first, then the store, then the servers and the
+//! worker, then a graceful stop on SIGTERM or Ctrl-C.
+//!
+//! Exit codes: 0 success, 1 runtime failure (database unreachable, port in
+//! use, schema behind), 2 invalid configuration.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::cli::{Cli, Command, ServeArgs, WorkerArgs};
+use crate::config::{AppEnv, LlmMode, Settings};
+use crate::http::{self, AppState};
+use crate::steps::StepRunner;
+use crate::steps::llm::LlmBackend;
+use crate::store::{Store, StoreError};
+use crate::worker::{Worker, WorkerConfig};
+
+/// Exit code for an invalid configuration.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Runs one command to completion.
+pub async fn run(cli: Cli) -> ExitCode {
+    let settings = match Settings::from_env() {
+        Ok(s) => Arc::new(s),
+        Err(errors) => {
+            eprintln!("vm-webapp: invalid configuration:");
+            for e in &errors.0 {
+                eprintln!("  - {e}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if matches!(cli.command, Command::CheckConfig) {
+        println!("configuration ok\n{}", settings.summary());
+        return ExitCode::SUCCESS;
+    }
+    crate::install_crypto_provider();
+    crate::telemetry::init(&settings);
+    let result = match cli.command {
+        Command::Serve(args) => serve(settings, args).await,
+        Command::Worker(args) => worker(settings, args).await,
+        Command::Migrate => migrate(settings).await,
+        Command::CheckConfig => Ok(()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            error!(error = %message, "stopped with an error");
+            eprintln!("vm-webapp: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Opens the store. Local mode migrates on start so one command is a working
+/// system; everywhere else the schema must already be migrated (by the
+/// `migrate` Job), so serving processes never need DDL rights.
+pub async fn open_store(settings: &Settings, pool_size: u32) -> Result<Store, String> {
+    let store = Store::connect(&settings.database, pool_size)
+        .await
+        .map_err(|e| format!("cannot open the {} database: {}", settings.database.backend.as_str(), describe(&e)))?;
+    if settings.app_env == AppEnv::Local {
+        store.migrate().await.map_err(|e| format!("cannot migrate the database: {}", describe(&e)))?;
+    } else {
+        store.ensure_schema().await.map_err(|e| describe(&e))?;
+    }
+    Ok(store)
+}
+
+/// A store error for a person, without connection strings or driver detail
+/// that might echo them.
+fn describe(e: &StoreError) -> String {
+    match e {
+        StoreError::Unavailable(_) => "database unreachable (check VM_DB_URL, network and credentials)".into(),
+        StoreError::Migrate(m) => format!("migration error: {m}"),
+        other => other.to_string(),
+    }
+}
+
+fn log_llm_mode(settings: &Settings) {
+    match settings.llm_mode() {
+        LlmMode::Remote => info!(model = %settings.llm.model, base_url = %settings.llm.base_url, "llm steps use the configured endpoint"),
+        LlmMode::Offline => warn!("KIMI_API_KEY is not set: llm steps use the built-in deterministic offline model"),
+        LlmMode::Unavailable => warn!("KIMI_API_KEY is not set: runs with llm steps will be refused"),
+    }
+}
+
+fn build_worker(settings: &Settings, store: Store, state_wake: Arc<tokio::sync::Notify>, poll_interval: Duration, concurrency: usize) -> Result<Worker, String> {
+    let llm = LlmBackend::from_settings(settings).map_err(|_| "cannot build the LLM client".to_string())?;
+    let config = WorkerConfig {
+        id: WorkerConfig::default_id(),
+        concurrency,
+        poll_interval,
+        lease: settings.queue.lease,
+        backoff_base: settings.queue.backoff_base,
+        backoff_max: settings.queue.backoff_max,
+        shutdown_grace: settings.queue.shutdown_grace,
+    };
+    Ok(Worker::new(store, StepRunner::new(llm), config, state_wake))
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn bind(host: &str, port: u16) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind((host, port))
+        .await
+        .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))
+}
+
+async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
+    let port = args.port.unwrap_or(settings.port);
+    let store = open_store(&settings, 10).await?;
+    log_llm_mode(&settings);
+    let mut state = AppState::new(store.clone(), settings.clone());
+    let shutdown = CancellationToken::new();
+    let mut worker_task = None;
+    if settings.embedded_worker() {
+        let worker = build_worker(&settings, store.clone(), state.wake.clone(), Duration::from_millis(500), 4)?;
+        state.worker = Some(worker.state());
+        worker_task = Some(tokio::spawn(worker.run(shutdown.clone())));
+    }
+    let listener = bind(&args.host, port).await?;
+    let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
+    info!(%addr, app_env = settings.app_env.as_str(), database = settings.database.backend.as_str(), embedded_worker = settings.embedded_worker(), "vm-webapp serving");
+    if settings.app_env == AppEnv::Local {
+        println!("vm-webapp is listening on http://{addr}");
+        println!("Create a first run:");
+        println!(
+            "  curl -s -X POST http://{addr}/api/v2/runs -d '{{\"input\":{{\"name\":\"Ada\"}},\"steps\":[{{\"kind\":\"template\",\"template\":\"Hello, {{{{input.name}}}}!\"}},{{\"kind\":\"transform\",\"op\":\"uppercase\"}}]}}'"
+        );
+        println!("Then: curl -s http://{addr}/api/v2/runs/<id>  and  curl -s http://{addr}/api/v2/runs/<id>/events");
+    }
+
+    let flag = state.shutting_down.clone();
+    let stop = shutdown.clone();
+    let app = http::router(state);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        // Readiness fails first, so load balancers stop sending traffic.
+        flag.store(true, Ordering::SeqCst);
+        info!("shutdown requested: not ready, draining requests and jobs");
+        stop.cancel();
+    });
+    if let Err(e) = server.await {
+        return Err(format!("server error: {e}"));
+    }
+    shutdown.cancel();
+    if let Some(task) = worker_task {
+        let _ = task.await;
+    }
+    store.close().await;
+    info!("stopped cleanly");
+    Ok(())
+}
+
+async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String> {
+    let concurrency = usize::try_from(args.concurrency).unwrap_or(4);
+    let store = open_store(&settings, (concurrency as u32 + 2).min(50)).await?;
+    log_llm_mode(&settings);
+    let mut state = AppState::new(store.clone(), settings.clone());
+    let worker = build_worker(&settings, store.clone(), state.wake.clone(), Duration::from_millis(args.poll_interval_ms), concurrency)?;
+    state.worker = Some(worker.state());
+    state.worker_stall_after = Duration::from_millis(args.poll_interval_ms.saturating_mul(10)).max(Duration::from_secs(30));
+    let listener = bind(&args.health_host, args.health_port).await?;
+    info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "worker probes serving");
+
+    let shutdown = CancellationToken::new();
+    let flag = state.shutting_down.clone();
+    let probes = axum::serve(listener, http::health_router(state)).with_graceful_shutdown({
+        let shutdown = shutdown.clone();
+        async move { shutdown.cancelled().await }
+    });
+    let probes = tokio::spawn(async move { probes.await });
+    let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    shutdown_signal().await;
+    flag.store(true, Ordering::SeqCst);
+    info!("shutdown requested: no new claims, draining in-flight jobs");
+    shutdown.cancel();
+    let _ = worker_task.await;
+    let _ = probes.await;
+    store.close().await;
+    info!("stopped cleanly");
+    Ok(())
+}
+
+async fn migrate(settings: Arc<Settings>) -> Result<(), String> {
+    let store = Store::connect(&settings.database, 2)
+        .await
+        .map_err(|e| format!("cannot open the database: {}", describe(&e)))?;
+    let applied = store.migrate().await.map_err(|e| describe(&e))?;
+    let version = store.schema_version().await.map_err(|e| describe(&e))?;
+    if applied.is_empty() {
+        println!("database schema is up to date (version {version})");
+    } else {
+        println!("applied migrations {applied:?}; schema is at version {version}");
+    }
+    info!(?applied, version, "migrations complete");
+    store.close().await;
+    Ok(())
+}

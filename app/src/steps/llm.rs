@@ -1,0 +1,220 @@
+//! The `llm` step's client: one OpenAI-compatible chat completion per call.
+//!
+//! `POST {KIMI_BASE_URL}/chat/completions` with `KIMI_MODEL` and a bearer
+//! `KIMI_API_KEY`, bounded by `VM_LLM_TIMEOUT_MS`. Failures are classified for
+//! the queue: timeouts, connection failures, 408/429/5xx are transient (retried
+//! with backoff, honouring `Retry-After`); any other 4xx is permanent (the run
+//! fails with the status in its reason). Neither the key nor response bodies
+//! ever reach an error message.
+//!
+//! Without a key in local mode the built-in offline model answers instead:
+//! deterministic, instant, and clearly labelled, so runs work offline.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::{LlmMode, Secret, Settings};
+use crate::steps::StepError;
+
+/// Model name reported by the offline model.
+pub const OFFLINE_MODEL: &str = "vm-offline-echo";
+
+/// What an `llm` step asks.
+#[derive(Debug, Clone)]
+pub struct LlmRequest {
+    /// User message.
+    pub prompt: String,
+    /// Optional system message.
+    pub system: Option<String>,
+    /// Optional completion length limit.
+    pub max_tokens: Option<u32>,
+    /// Optional sampling temperature.
+    pub temperature: Option<f32>,
+}
+
+/// The step's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmReply {
+    /// The assistant's message.
+    pub text: String,
+    /// The model that answered.
+    pub model: String,
+    /// Why generation stopped, as reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// Token usage, as reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<serde_json::Value>,
+}
+
+/// How `llm` steps are answered.
+#[derive(Clone)]
+pub enum LlmBackend {
+    /// The configured endpoint.
+    Remote(LlmClient),
+    /// The deterministic built-in model.
+    Offline,
+    /// No endpoint configured; every call fails permanently.
+    Unavailable,
+}
+
+impl LlmBackend {
+    /// Chooses the backend the settings call for.
+    pub fn from_settings(settings: &Settings) -> Result<Self, reqwest::Error> {
+        Ok(match settings.llm_mode() {
+            LlmMode::Remote => LlmBackend::Remote(LlmClient::new(
+                &settings.llm.base_url,
+                &settings.llm.model,
+                settings.llm.api_key.clone(),
+                settings.llm.timeout,
+            )?),
+            LlmMode::Offline => LlmBackend::Offline,
+            LlmMode::Unavailable => LlmBackend::Unavailable,
+        })
+    }
+
+    /// Answers one request.
+    pub async fn complete(&self, request: &LlmRequest) -> Result<LlmReply, StepError> {
+        match self {
+            LlmBackend::Remote(client) => client.complete(request).await,
+            LlmBackend::Offline => Ok(offline_reply(request)),
+            LlmBackend::Unavailable => Err(StepError::permanent(
+                "llm endpoint not configured: set KIMI_API_KEY",
+            )),
+        }
+    }
+}
+
+/// The offline model: echoes a digest of the prompt, deterministically.
+pub fn offline_reply(request: &LlmRequest) -> LlmReply {
+    let words: Vec<&str> = request.prompt.split_whitespace().collect();
+    let head: Vec<&str> = words.iter().take(24).copied().collect();
+    let text = format!(
+        "[offline model] {} word(s) received: {}{}",
+        words.len(),
+        head.join(" "),
+        if words.len() > head.len() { " …" } else { "" }
+    );
+    LlmReply {
+        text,
+        model: OFFLINE_MODEL.to_string(),
+        finish_reason: Some("stop".to_string()),
+        usage: None,
+    }
+}
+
+/// Client for an OpenAI-compatible chat-completions endpoint.
+#[derive(Clone)]
+pub struct LlmClient {
+    http: reqwest::Client,
+    url: String,
+    model: String,
+    api_key: Option<Secret>,
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    model: Option<String>,
+    choices: Vec<ChatChoice>,
+    usage: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ChatChoice {
+    message: ChatMessage,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    content: Option<String>,
+}
+
+impl LlmClient {
+    /// A client for `{base_url}/chat/completions`.
+    pub fn new(
+        base_url: &str,
+        model: &str,
+        api_key: Option<Secret>,
+        timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        crate::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("vm-webapp/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            model: model.to_string(),
+            api_key,
+        })
+    }
+
+    /// Sends one chat completion and classifies the outcome.
+    pub async fn complete(&self, request: &LlmRequest) -> Result<LlmReply, StepError> {
+        let mut messages = Vec::new();
+        if let Some(system) = &request.system {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        messages.push(json!({"role": "user", "content": request.prompt}));
+        let mut body = json!({"model": self.model, "messages": messages});
+        if let Some(m) = request.max_tokens {
+            body["max_tokens"] = json!(m);
+        }
+        if let Some(t) = request.temperature {
+            body["temperature"] = json!(t);
+        }
+        let mut call = self.http.post(&self.url).json(&body);
+        if let Some(key) = &self.api_key {
+            call = call.bearer_auth(key.expose());
+        }
+        let response = call.send().await.map_err(|e| {
+            if e.is_timeout() {
+                StepError::transient("llm endpoint timed out")
+            } else {
+                StepError::transient("llm endpoint unreachable")
+            }
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|s| Duration::from_secs(s.min(3600)));
+            let message = format!("llm endpoint answered {status}");
+            let transient = status.is_server_error()
+                || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                || status == reqwest::StatusCode::REQUEST_TIMEOUT;
+            return Err(if transient {
+                StepError::Transient {
+                    message,
+                    retry_after,
+                }
+            } else {
+                StepError::Permanent { message }
+            });
+        }
+        let parsed: ChatResponse = response.json().await.map_err(|e| {
+            if e.is_timeout() {
+                StepError::transient("llm endpoint timed out")
+            } else {
+                StepError::permanent("llm endpoint returned a response that is not a chat completion")
+            }
+        })?;
+        let Some(choice) = parsed.choices.into_iter().next() else {
+            return Err(StepError::permanent("llm endpoint returned no choices"));
+        };
+        Ok(LlmReply {
+            text: choice.message.content.unwrap_or_default(),
+            model: parsed.model.unwrap_or_else(|| self.model.clone()),
+            finish_reason: choice.finish_reason,
+            usage: parsed.usage,
+        })
+    }
+}

@@ -1,0 +1,339 @@
+//! The worker: claims jobs, executes their steps, and records the outcome.
+//!
+//! One loop claims up to `concurrency` jobs at a time, each executed in its own
+//! task that keeps its lease alive while the step runs. Outcomes:
+//! success → result recorded (once) and the run moves on; transient failure →
+//! retried with exponential backoff and jitter; permanent failure or attempts
+//! exhausted → dead-lettered and the run fails with the reason. Each loop pass
+//! also rescues jobs whose lease expired (a worker that died mid-job).
+//!
+//! Shutdown: when the token is cancelled the loop stops claiming, in-flight
+//! jobs get `shutdown_grace` to finish, and whatever is still running then is
+//! aborted and released back to the queue without spending an attempt.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, warn};
+
+use crate::model::{ClaimedJob, now_ms};
+use crate::steps::template::TemplateContext;
+use crate::steps::{StepError, StepRunner};
+use crate::store::{Finish, Store, StoreError};
+
+/// Worker tuning.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Identifies this worker in leases and logs.
+    pub id: String,
+    /// Jobs executed at once.
+    pub concurrency: usize,
+    /// Sleep between claims when the queue is empty and nobody wakes us.
+    pub poll_interval: Duration,
+    /// Lease length; renewed every third of it while a step runs.
+    pub lease: Duration,
+    /// First retry delay.
+    pub backoff_base: Duration,
+    /// Retry delay ceiling.
+    pub backoff_max: Duration,
+    /// Time given to in-flight jobs after shutdown is requested.
+    pub shutdown_grace: Duration,
+}
+
+impl WorkerConfig {
+    /// A worker id unique to this process: host name (the pod name in a
+    /// cluster) plus a random suffix.
+    pub fn default_id() -> String {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+        format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    }
+}
+
+/// Live facts about the worker, read by health checks.
+#[derive(Debug, Default)]
+pub struct WorkerState {
+    /// Last time (ms) the loop completed a pass; 0 before the first.
+    pub last_pass_ms: AtomicI64,
+    /// Jobs executing now.
+    pub in_flight: AtomicUsize,
+}
+
+/// What a finished worker reports.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Jobs that finished within the grace period after shutdown was requested.
+    pub drained: usize,
+    /// Jobs aborted at the deadline and handed back to the queue.
+    pub released: usize,
+}
+
+/// A worker over one store.
+pub struct Worker {
+    store: Store,
+    runner: StepRunner,
+    config: WorkerConfig,
+    wake: Arc<Notify>,
+    state: Arc<WorkerState>,
+}
+
+/// The delay before retry number `attempt` (1-based): exponential from `base`,
+/// capped at `max`, with "equal jitter" (half fixed, half random) so that
+/// retries of many jobs spread out but never come back immediately.
+pub fn backoff(attempt: i64, base: Duration, max: Duration) -> Duration {
+    let exp = u32::try_from(attempt.saturating_sub(1)).unwrap_or(u32::MAX).min(30);
+    let full = base.saturating_mul(1u32 << exp).min(max);
+    let half = full / 2;
+    let jitter_ms = rand::rng().random_range(0..=half.as_millis() as u64);
+    half + Duration::from_millis(jitter_ms)
+}
+
+impl Worker {
+    /// A worker; `wake` is notified when new work is enqueued in this process.
+    pub fn new(store: Store, runner: StepRunner, config: WorkerConfig, wake: Arc<Notify>) -> Self {
+        Self {
+            store,
+            runner,
+            config,
+            wake,
+            state: Arc::new(WorkerState::default()),
+        }
+    }
+
+    /// Shared live state, for health checks.
+    pub fn state(&self) -> Arc<WorkerState> {
+        self.state.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> DrainReport {
+        let cfg = &self.config;
+        info!(worker = %cfg.id, concurrency = cfg.concurrency, poll_interval_ms = cfg.poll_interval.as_millis() as u64, "worker started");
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut in_flight: HashMap<tokio::task::Id, ClaimedJob> = HashMap::new();
+        let mut last_rescue = 0i64;
+        let rescue_every_ms = (cfg.poll_interval.as_millis() as i64).clamp(100, 5_000);
+
+        while !shutdown.is_cancelled() {
+            while let Some(done) = tasks.try_join_next_with_id() {
+                Self::forget(&mut in_flight, done);
+            }
+            let now = now_ms();
+            if now - last_rescue >= rescue_every_ms {
+                last_rescue = now;
+                match self.store.rescue_expired(now).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(jobs = n, "rescued jobs whose lease expired"),
+                    Err(e) => warn!(error = %e, "could not rescue expired leases"),
+                }
+            }
+            let free = cfg.concurrency.saturating_sub(in_flight.len());
+            let mut claimed_all = false;
+            if free > 0 {
+                match self.store.claim(&cfg.id, free as i64, now, cfg.lease).await {
+                    Ok(jobs) => {
+                        claimed_all = !jobs.is_empty() && jobs.len() == free;
+                        for job in jobs {
+                            let handle = tasks.spawn(self.job_task(job.clone()));
+                            in_flight.insert(handle.id(), job);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "could not claim jobs; retrying after the poll interval"),
+                }
+            }
+            self.state.in_flight.store(in_flight.len(), Ordering::Relaxed);
+            self.state.last_pass_ms.store(now_ms(), Ordering::Relaxed);
+            if claimed_all {
+                // The queue may hold more; look again as soon as a slot frees.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    Some(done) = tasks.join_next_with_id() => Self::forget(&mut in_flight, done),
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(cfg.poll_interval) => {}
+                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => Self::forget(&mut in_flight, done),
+            }
+        }
+
+        let report = self.drain(tasks, in_flight).await;
+        info!(drained = report.drained, released = report.released, "worker stopped");
+        report
+    }
+
+    fn forget(in_flight: &mut HashMap<tokio::task::Id, ClaimedJob>, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match done {
+            Ok((id, ())) => id,
+            Err(e) => {
+                if e.is_panic() {
+                    error!("a job task panicked; its lease will expire and the job will be retried");
+                }
+                e.id()
+            }
+        };
+        in_flight.remove(&id);
+    }
+
+    async fn drain(&self, mut tasks: JoinSet<()>, mut in_flight: HashMap<tokio::task::Id, ClaimedJob>) -> DrainReport {
+        let mut report = DrainReport::default();
+        if !in_flight.is_empty() {
+            info!(jobs = in_flight.len(), grace_ms = self.config.shutdown_grace.as_millis() as u64, "draining in-flight jobs");
+        }
+        let deadline = tokio::time::sleep(self.config.shutdown_grace);
+        tokio::pin!(deadline);
+        while !tasks.is_empty() {
+            tokio::select! {
+                Some(done) = tasks.join_next_with_id() => {
+                    Self::forget(&mut in_flight, done);
+                    report.drained += 1;
+                }
+                _ = &mut deadline => break,
+            }
+        }
+        tasks.abort_all();
+        while let Some(done) = tasks.join_next_with_id().await {
+            // Tasks that completed between the deadline and the abort count as drained.
+            if let Ok((id, ())) = done {
+                in_flight.remove(&id);
+                report.drained += 1;
+            }
+        }
+        for job in in_flight.values() {
+            match self.store.release(job, now_ms()).await {
+                Ok(Finish::Recorded) => {
+                    report.released += 1;
+                    info!(job_id = job.id, run_id = %job.run_id, correlation_id = %job.correlation_id, "released unfinished job to the queue");
+                }
+                Ok(Finish::Stale) => {}
+                Err(e) => warn!(job_id = job.id, error = %e, "could not release job; its lease will expire instead"),
+            }
+        }
+        self.state.in_flight.store(0, Ordering::Relaxed);
+        report
+    }
+
+    fn job_task(&self, job: ClaimedJob) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let store = self.store.clone();
+        let runner = self.runner.clone();
+        let cfg = self.config.clone();
+        let span = tracing::info_span!(
+            "job",
+            job_id = job.id,
+            run_id = %job.run_id,
+            correlation_id = %job.correlation_id,
+            step = job.step_index,
+            kind = job.step.kind(),
+            attempt = job.attempt,
+        );
+        async move { process(store, runner, cfg, job).await }.instrument(span)
+    }
+}
+
+async fn process(store: Store, runner: StepRunner, cfg: WorkerConfig, job: ClaimedJob) {
+    debug!("step started");
+    let context = match store.run_context(job.run_id).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "could not load the run context");
+            let delay = backoff(job.attempt, cfg.backoff_base, cfg.backoff_max);
+            persist(|| store.retry(&job, "could not load run context (database unavailable)", now_ms() + delay.as_millis() as i64, now_ms())).await;
+            return;
+        }
+    };
+    let ctx = TemplateContext {
+        input: &context.0,
+        outputs: &context.1,
+    };
+    let index = usize::try_from(job.step_index).unwrap_or(usize::MAX);
+    let execute = runner.execute(&job.step, index, &ctx);
+    let keep_lease = async {
+        loop {
+            tokio::time::sleep(cfg.lease / 3).await;
+            match store.extend_lease(&job, now_ms() + cfg.lease.as_millis() as i64).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => warn!(error = %e, "could not renew the lease"),
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = execute => outcome,
+        () = keep_lease => {
+            info!("claim lost (run cancelled or lease taken over); abandoning the step");
+            return;
+        }
+    };
+    match outcome {
+        Ok(output) => {
+            if persist(|| store.complete(&job, &output, now_ms())).await == Some(Finish::Stale) {
+                info!("step finished but its claim was no longer valid; result discarded");
+            } else {
+                info!("step succeeded");
+            }
+        }
+        Err(StepError::Transient { message, retry_after }) if job.attempt < job.max_attempts => {
+            let delay = backoff(job.attempt, cfg.backoff_base, cfg.backoff_max).max(retry_after.unwrap_or_default());
+            warn!(error = %message, delay_ms = delay.as_millis() as u64, "step failed; retry scheduled");
+            let now = now_ms();
+            persist(|| store.retry(&job, &message, now + delay.as_millis() as i64, now)).await;
+        }
+        Err(e) => {
+            let message = e.to_string();
+            warn!(error = %message, "step failed for good; dead-lettered");
+            persist(|| store.dead_letter(&job, &message, now_ms())).await;
+        }
+    }
+}
+
+/// Records an outcome, retrying briefly while the database is unavailable.
+/// If it still cannot, the lease runs out and the job is delivered again, so
+/// giving up here loses nothing.
+async fn persist<F, Fut>(mut write: F) -> Option<Finish>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Finish, StoreError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    for _ in 0..6 {
+        match write().await {
+            Ok(f) => return Some(f),
+            Err(e) if e.is_unavailable() => {
+                warn!(error = %e, "database unavailable while recording a step outcome; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                error!(error = %e, "could not record a step outcome; the job will be redelivered after its lease");
+                return None;
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_respects_the_ceiling() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_millis(1_000);
+        for _ in 0..50 {
+            let d1 = backoff(1, base, max);
+            assert!(d1 >= Duration::from_millis(50) && d1 <= base, "{d1:?}");
+            let d3 = backoff(3, base, max);
+            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
+            let d20 = backoff(20, base, max);
+            assert!(d20 >= Duration::from_millis(500) && d20 <= max, "{d20:?}");
+        }
+    }
+}
