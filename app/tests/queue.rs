@@ -1,0 +1,361 @@
+//! The queue's behavioural suite: every scenario runs on SQLite and on a real
+//! PostgreSQL started by the tests.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::fake_llm::{Answer, FakeLlm};
+use support::{Backend, TestEnv};
+use uuid::Uuid;
+use vm_webapp::config::Secret;
+use vm_webapp::model::{NewRun, RunStatus, StepStatus, now_ms};
+use vm_webapp::steps::llm::{LlmBackend, LlmClient};
+use vm_webapp::steps::parse_steps;
+use vm_webapp::store::{CancelOutcome, CreateOutcome, Finish, QueueCounts};
+
+const LONG: Duration = Duration::from_secs(20);
+
+fn new_run(input: Value, steps: Value, key: Option<&str>) -> NewRun {
+    let raw = steps.as_array().expect("steps array").clone();
+    NewRun {
+        steps: parse_steps(&raw, &input).expect("valid steps"),
+        request_hash: format!("{input}{steps}"),
+        input,
+        idempotency_key: key.map(str::to_string),
+        correlation_id: format!("corr-{}", Uuid::new_v4()),
+        max_attempts: 3,
+    }
+}
+
+async fn enqueue(env: &TestEnv, input: Value, steps: Value) -> Uuid {
+    match env.store.create_run(&new_run(input, steps, None), now_ms()).await.expect("create") {
+        CreateOutcome::Created(run) => run.id,
+        other => panic!("expected a new run, got {other:?}"),
+    }
+}
+
+fn remote(fake: &FakeLlm, timeout_ms: u64) -> LlmBackend {
+    LlmBackend::Remote(
+        LlmClient::new(&fake.base_url, "kimi-test", Some(Secret::new("sk-test-secret")), Duration::from_millis(timeout_ms))
+            .expect("client"),
+    )
+}
+
+async fn wait_for_event(env: &TestEnv, id: Uuid, event: &str) {
+    let deadline = tokio::time::Instant::now() + LONG;
+    while !env.event_types(id).await.iter().any(|e| e == event) {
+        assert!(tokio::time::Instant::now() < deadline, "no {event} event for {id}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn run_executes_steps_in_order_and_records_every_transition(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let id = enqueue(
+        &env,
+        json!({"name": "Ada"}),
+        json!([
+            {"kind": "template", "template": "Hello, {{input.name}}!"},
+            {"kind": "transform", "op": "uppercase"},
+            {"kind": "llm", "prompt": "Summarise: {{prev}}"}
+        ]),
+    )
+    .await;
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let detail = env.wait_for(id, RunStatus::Succeeded, LONG).await;
+    stop.cancel();
+    worker.await.expect("worker");
+
+    assert_eq!(detail.steps[0].output, Some(json!("Hello, Ada!")));
+    assert_eq!(detail.steps[1].output, Some(json!("HELLO, ADA!")));
+    let text = detail.steps[2].output.as_ref().and_then(|o| o["text"].as_str()).unwrap_or_default();
+    assert!(text.contains("Summarise: HELLO, ADA!"), "{text}");
+    assert_eq!(detail.run.output, detail.steps[2].output);
+    assert!(detail.steps.iter().all(|s| s.status == StepStatus::Succeeded && s.attempts == 1));
+    assert_eq!(
+        env.event_types(id).await,
+        [
+            "run.queued", "run.started", "step.started", "step.succeeded", "step.started", "step.succeeded",
+            "step.started", "step.succeeded", "run.succeeded"
+        ]
+    );
+    assert_eq!(env.store.queue_counts().await.expect("counts"), QueueCounts::default());
+}
+
+async fn transient_llm_failure_is_retried_with_backoff_then_succeeds(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let fake = FakeLlm::start(vec![Answer::Status(500), Answer::Status(503), Answer::Text("fine")]).await;
+    let id = enqueue(&env, json!({}), json!([{"kind": "llm", "prompt": "hi", "system": "be brief", "max_tokens": 5}])).await;
+    let (worker, stop) = env.spawn_worker(1, remote(&fake, 2_000));
+    let detail = env.wait_for(id, RunStatus::Succeeded, LONG).await;
+    stop.cancel();
+    worker.await.expect("worker");
+
+    assert_eq!(detail.steps[0].attempts, 3);
+    assert_eq!(detail.steps[0].output.as_ref().map(|o| o["text"].clone()), Some(json!("fine")));
+    let events = env.event_types(id).await;
+    assert_eq!(events.iter().filter(|e| *e == "step.retry_scheduled").count(), 2, "{events:?}");
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 3);
+    let (auth, body) = &requests[0];
+    assert_eq!(auth.as_deref(), Some("Bearer sk-test-secret"));
+    assert_eq!(body["model"], "kimi-test");
+    assert_eq!(body["max_tokens"], 5);
+    assert_eq!(body["messages"], json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]));
+    assert_eq!(env.store.result_count(id, 0).await.expect("count"), 1);
+}
+
+async fn rejected_credentials_fail_the_run_without_retry(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let fake = FakeLlm::start(vec![Answer::Status(401)]).await;
+    let id = enqueue(&env, json!({}), json!([{"kind": "llm", "prompt": "hi"}, {"kind": "transform", "op": "trim"}])).await;
+    let (worker, stop) = env.spawn_worker(1, remote(&fake, 2_000));
+    let detail = env.wait_for(id, RunStatus::Failed, LONG).await;
+    stop.cancel();
+    worker.await.expect("worker");
+
+    assert_eq!(fake.requests().len(), 1, "a 401 must not be retried");
+    let error = detail.run.error.unwrap_or_default();
+    assert!(error.contains("401"), "{error}");
+    assert!(!error.contains("sk-test-secret"));
+    assert_eq!(detail.steps[0].status, StepStatus::Failed);
+    assert_eq!(detail.steps[1].status, StepStatus::Skipped);
+    assert_eq!(env.store.queue_counts().await.expect("counts"), QueueCounts { dead: 1, ..QueueCounts::default() });
+    let events = env.event_types(id).await;
+    assert_eq!(events[events.len() - 2..], ["step.dead_lettered", "run.failed"]);
+}
+
+async fn llm_timeouts_are_retried_then_dead_lettered_after_max_attempts(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let fake = FakeLlm::start(vec![Answer::Slow(Duration::from_secs(5))]).await;
+    let id = enqueue(&env, json!({}), json!([{"kind": "llm", "prompt": "hi"}])).await;
+    let (worker, stop) = env.spawn_worker(1, remote(&fake, 200));
+    let detail = env.wait_for(id, RunStatus::Failed, LONG).await;
+    stop.cancel();
+    worker.await.expect("worker");
+
+    assert_eq!(fake.requests().len(), 3, "max attempts is 3");
+    assert_eq!(detail.steps[0].attempts, 3);
+    let error = detail.run.error.unwrap_or_default();
+    assert!(error.contains("timed out") && error.contains("3 attempt"), "{error}");
+}
+
+async fn bad_reference_in_output_fails_the_run_permanently(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let id = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "template", "template": "plain"}, {"kind": "template", "template": "{{prev.missing}}"}]),
+    )
+    .await;
+    let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
+    let detail = env.wait_for(id, RunStatus::Failed, LONG).await;
+    stop.cancel();
+    worker.await.expect("worker");
+    assert_eq!(detail.steps[0].status, StepStatus::Succeeded);
+    assert_eq!(detail.steps[1].status, StepStatus::Failed);
+    assert_eq!(detail.steps[1].attempts, 1, "a permanent error is not retried");
+    assert!(detail.run.error.unwrap_or_default().contains("prev.missing"));
+}
+
+async fn killed_worker_job_is_redelivered_after_lease(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_JOB_LEASE_MS", "600")]).await;
+    let id = enqueue(&env, json!({}), json!([{"kind": "delay", "ms": 1200}, {"kind": "template", "template": "after"}])).await;
+    let (doomed, _stop) = env.spawn_worker(1, LlmBackend::Offline);
+    wait_for_event(&env, id, "step.started").await;
+    // Aborting the worker drops its job tasks mid-step without releasing
+    // anything: exactly what a killed pod leaves behind.
+    doomed.abort();
+    let _ = doomed.await;
+
+    let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
+    let detail = env.wait_for(id, RunStatus::Succeeded, LONG).await;
+    stop.cancel();
+    worker.await.expect("worker");
+
+    assert_eq!(detail.steps[0].attempts, 2, "the step was delivered a second time");
+    assert_eq!(detail.steps[1].output, Some(json!("after")));
+    assert_eq!(env.store.result_count(id, 0).await.expect("count"), 1, "recorded exactly once");
+    let events = env.event_types(id).await;
+    assert!(events.contains(&"step.lease_expired".to_string()), "{events:?}");
+    assert_eq!(events.iter().filter(|e| *e == "step.succeeded").count(), 2);
+}
+
+async fn stale_claim_cannot_finish_a_newer_delivery(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let id = enqueue(&env, json!({}), json!([{"kind": "template", "template": "x"}])).await;
+    let t0 = now_ms();
+    let first = env.store.claim("a", 1, t0, Duration::from_millis(10)).await.expect("claim").remove(0);
+    assert_eq!(env.store.rescue_expired(t0 + 100).await.expect("rescue"), 1);
+    let second = env.store.claim("b", 1, t0 + 100, Duration::from_secs(60)).await.expect("claim").remove(0);
+    assert_eq!((first.attempt, second.attempt), (1, 2));
+
+    // Without the attempt check, the first worker would overwrite the second's work.
+    assert_eq!(env.store.complete(&first, &json!("stale"), t0 + 150).await.expect("complete"), Finish::Stale);
+    assert_eq!(env.store.retry(&first, "x", t0, t0).await.expect("retry"), Finish::Stale);
+    assert_eq!(env.store.dead_letter(&first, "x", t0).await.expect("dead"), Finish::Stale);
+    assert!(!env.store.extend_lease(&first, t0 + 1_000_000).await.expect("extend"));
+    assert_eq!(env.store.complete(&second, &json!("fresh"), t0 + 200).await.expect("complete"), Finish::Recorded);
+    assert_eq!(env.store.complete(&second, &json!("again"), t0 + 300).await.expect("complete"), Finish::Stale);
+
+    let detail = env.store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(detail.run.status, RunStatus::Succeeded);
+    assert_eq!(detail.run.output, Some(json!("fresh")));
+    assert_eq!(env.store.result_count(id, 0).await.expect("count"), 1);
+}
+
+async fn lease_expiring_on_the_last_attempt_dead_letters_the_job(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_JOB_MAX_ATTEMPTS", "1")]).await;
+    let mut run = new_run(json!({}), json!([{"kind": "template", "template": "x"}]), None);
+    run.max_attempts = 1;
+    let CreateOutcome::Created(created) = env.store.create_run(&run, now_ms()).await.expect("create") else {
+        panic!("not created")
+    };
+    let t0 = now_ms();
+    env.store.claim("a", 1, t0, Duration::from_millis(10)).await.expect("claim");
+    assert_eq!(env.store.rescue_expired(t0 + 100).await.expect("rescue"), 1);
+    let detail = env.store.get_run(created.id).await.expect("get").expect("run");
+    assert_eq!(detail.run.status, RunStatus::Failed);
+    assert!(detail.run.error.unwrap_or_default().contains("lease expired"));
+}
+
+async fn cancelling_a_run_stops_its_pending_steps(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let id = enqueue(&env, json!({}), json!([{"kind": "delay", "ms": 600}, {"kind": "template", "template": "never"}])).await;
+    let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
+    wait_for_event(&env, id, "step.started").await;
+    let CancelOutcome::Cancelled(detail) = env.store.cancel_run(id, now_ms()).await.expect("cancel") else {
+        panic!("expected the run to be cancelled")
+    };
+    assert_eq!(detail.run.status, RunStatus::Cancelled);
+    // Let the in-flight delay finish: its result must be discarded.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stop.cancel();
+    worker.await.expect("worker");
+
+    let detail = env.store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(detail.run.status, RunStatus::Cancelled);
+    assert!(detail.steps.iter().all(|s| s.status == StepStatus::Skipped), "{:?}", detail.steps);
+    assert_eq!(env.store.result_count(id, 0).await.expect("count"), 0);
+    assert_eq!(env.store.queue_counts().await.expect("counts"), QueueCounts::default());
+    assert!(matches!(
+        env.store.cancel_run(id, now_ms()).await.expect("cancel"),
+        CancelOutcome::NotCancellable(RunStatus::Cancelled)
+    ));
+    assert!(matches!(env.store.cancel_run(Uuid::now_v7(), now_ms()).await.expect("cancel"), CancelOutcome::NotFound));
+}
+
+async fn shutdown_lets_in_flight_jobs_finish_within_the_grace_period(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_SHUTDOWN_GRACE_MS", "5000")]).await;
+    let id = enqueue(&env, json!({}), json!([{"kind": "delay", "ms": 400}, {"kind": "template", "template": "second"}])).await;
+    let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
+    wait_for_event(&env, id, "step.started").await;
+    stop.cancel();
+    let report = worker.await.expect("worker");
+    assert_eq!((report.drained, report.released), (1, 0));
+    let detail = env.store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(detail.steps[0].status, StepStatus::Succeeded);
+    assert_eq!(detail.steps[1].status, StepStatus::Queued, "no new claims after shutdown");
+}
+
+async fn shutdown_releases_jobs_that_outlive_the_grace_period(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_SHUTDOWN_GRACE_MS", "100")]).await;
+    let id = enqueue(&env, json!({}), json!([{"kind": "delay", "ms": 3000}])).await;
+    let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
+    wait_for_event(&env, id, "step.started").await;
+    stop.cancel();
+    let report = worker.await.expect("worker");
+    assert_eq!((report.drained, report.released), (0, 1));
+    let detail = env.store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(detail.steps[0].status, StepStatus::Queued);
+    assert_eq!(detail.steps[0].attempts, 0, "a release does not spend an attempt");
+    assert!(env.event_types(id).await.contains(&"step.released".to_string()));
+
+    let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
+    let detail = env.wait_for(id, RunStatus::Succeeded, LONG).await;
+    stop.cancel();
+    worker.await.expect("worker");
+    assert_eq!(detail.steps[0].attempts, 1);
+}
+
+async fn idempotency_key_returns_the_original_run_or_a_conflict(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let steps = json!([{"kind": "template", "template": "x"}]);
+    let first = new_run(json!({"a": 1}), steps.clone(), Some("key-1"));
+    let CreateOutcome::Created(run) = env.store.create_run(&first, now_ms()).await.expect("create") else {
+        panic!("not created")
+    };
+    match env.store.create_run(&first, now_ms()).await.expect("replay") {
+        CreateOutcome::Existing(detail) => assert_eq!(detail.run.id, run.id),
+        other => panic!("expected the original run, got {other:?}"),
+    }
+    let different = new_run(json!({"a": 2}), steps, Some("key-1"));
+    assert!(matches!(env.store.create_run(&different, now_ms()).await.expect("conflict"), CreateOutcome::Conflict));
+    assert_eq!(env.store.run_counts().await.expect("counts").values().sum::<i64>(), 1);
+}
+
+async fn migrations_are_idempotent(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    assert!(env.store.migrate().await.expect("second migrate").is_empty());
+    assert_eq!(env.store.schema_version().await.expect("version"), env.store.expected_schema_version());
+    env.store.ensure_schema().await.expect("schema is current");
+}
+
+async fn several_workers_drain_hundreds_of_jobs_exactly_once(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let runs = if backend == Backend::Postgres { 300 } else { 100 };
+    let mut ids = Vec::new();
+    for i in 0..runs {
+        ids.push(
+            enqueue(
+                &env,
+                json!({"i": i}),
+                json!([{"kind": "template", "template": "{{input.i}}"}, {"kind": "transform", "op": "length"}]),
+            )
+            .await,
+        );
+    }
+    let workers: Vec<_> = (0..4).map(|_| env.spawn_worker(8, LlmBackend::Offline)).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let counts = env.store.run_counts().await.expect("counts");
+        if counts.get(&RunStatus::Succeeded).copied().unwrap_or(0) == runs {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not drained: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (handle, stop) in workers {
+        stop.cancel();
+        handle.await.expect("worker");
+    }
+    assert_eq!(env.store.queue_counts().await.expect("counts"), QueueCounts::default(), "nothing stuck or dead");
+    for (i, id) in ids.iter().enumerate() {
+        for step in 0..2 {
+            assert_eq!(env.store.result_count(*id, step).await.expect("count"), 1);
+        }
+        let detail = env.store.get_run(*id).await.expect("get").expect("run");
+        assert_eq!(detail.run.output, Some(json!(i.to_string().len())));
+        let started = env.event_types(*id).await.iter().filter(|e| *e == "step.started").count();
+        assert_eq!(started, 2, "each step claimed once while leases were valid");
+    }
+}
+
+on_both_backends!(
+    run_executes_steps_in_order_and_records_every_transition,
+    transient_llm_failure_is_retried_with_backoff_then_succeeds,
+    rejected_credentials_fail_the_run_without_retry,
+    llm_timeouts_are_retried_then_dead_lettered_after_max_attempts,
+    bad_reference_in_output_fails_the_run_permanently,
+    killed_worker_job_is_redelivered_after_lease,
+    stale_claim_cannot_finish_a_newer_delivery,
+    lease_expiring_on_the_last_attempt_dead_letters_the_job,
+    cancelling_a_run_stops_its_pending_steps,
+    shutdown_lets_in_flight_jobs_finish_within_the_grace_period,
+    shutdown_releases_jobs_that_outlive_the_grace_period,
+    idempotency_key_returns_the_original_run_or_a_conflict,
+    migrations_are_idempotent,
+    several_workers_drain_hundreds_of_jobs_exactly_once,
+);
