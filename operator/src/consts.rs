@@ -37,6 +37,11 @@ pub mod annotations {
     /// On a migration Job: the `VmWebapp` generation that created it (a failed Job is
     /// retried once the generation moves on).
     pub const MIGRATION_GENERATION: &str = "webapp.vm.dev/generation";
+    /// On every child: SHA-256 of the object as the operator applies it (without this
+    /// annotation). A reconcile skips the write when the live child carries the same hash
+    /// and still contains every desired field, so a steady state makes no writes while a
+    /// spec change or a hand edit is applied (and corrected) at once.
+    pub const APPLIED_HASH: &str = "webapp.vm.dev/applied-hash";
 }
 
 /// Component label values.

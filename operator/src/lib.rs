@@ -8,5 +8,8 @@
 pub mod builders;
 pub mod cli;
 pub mod consts;
+pub mod controller;
 pub mod crd;
+pub mod metrics;
 pub mod render;
+pub mod status;

@@ -191,7 +191,7 @@ pub fn build(app: &VmWebapp, inputs: &Inputs) -> Result<Desired, BuildError> {
     );
     let migration_job = spec.migrations.enabled.then(|| migration_job(app, &id, &config_hash));
 
-    Ok(Desired {
+    let mut desired = Desired {
         service_account: ServiceAccount {
             metadata: id.meta(names::base(&id.name), component::CONFIG),
             automount_service_account_token: Some(false),
@@ -211,7 +211,9 @@ pub fn build(app: &VmWebapp, inputs: &Inputs) -> Result<Desired, BuildError> {
         worker_deployment,
         config_map,
         config_hash,
-    })
+    };
+    desired.stamp();
+    Ok(desired)
 }
 
 /// The non-secret environment every container loads with `envFrom`.
@@ -391,6 +393,23 @@ fn migration_job(app: &VmWebapp, id: &Ident, config_hash: &str) -> Job {
 }
 
 impl Desired {
+    /// Put the applied-hash annotation on every object.
+    fn stamp(&mut self) {
+        stamp(&mut self.service_account);
+        stamp(&mut self.config_map);
+        stamp(&mut self.service);
+        if let Some(job) = &mut self.migration_job {
+            stamp(job);
+        }
+        stamp(&mut self.api_deployment);
+        stamp(&mut self.worker_deployment);
+        stamp(&mut self.api_pdb);
+        stamp(&mut self.worker_pdb);
+        for hpa in self.api_hpa.iter_mut().chain(self.worker_hpa.iter_mut()) {
+            stamp(hpa);
+        }
+    }
+
     /// All objects in apply order, as JSON values with `apiVersion` and `kind`.
     pub fn objects(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
         let mut out = vec![
@@ -410,6 +429,22 @@ impl Desired {
         }
         Ok(out)
     }
+}
+
+/// Set [`annotations::APPLIED_HASH`] on `obj` to the SHA-256 of its JSON form without it.
+pub fn stamp<K: Resource + Serialize>(obj: &mut K) {
+    if let Some(a) = obj.meta_mut().annotations.as_mut() {
+        a.remove(annotations::APPLIED_HASH);
+    }
+    // Serialising k8s-openapi types cannot fail (string keys, no non-finite floats).
+    let bytes = serde_json::to_vec(obj).unwrap_or_default();
+    let hash = sha256_hex(&bytes);
+    obj.meta_mut().annotations.get_or_insert_with(BTreeMap::new).insert(annotations::APPLIED_HASH.to_owned(), hash);
+}
+
+/// The applied-hash annotation of an object, if any.
+pub fn applied_hash<K: Resource>(obj: &K) -> Option<&str> {
+    obj.meta().annotations.as_ref().and_then(|a| a.get(annotations::APPLIED_HASH)).map(String::as_str)
 }
 
 fn to_value<K: Serialize>(k: &K) -> Result<serde_json::Value, serde_json::Error> {

@@ -1,0 +1,546 @@
+//! The reconcile loop: for one `VmWebapp`, read what exists (referenced Secrets, children),
+//! decide the image the Deployments may run (migration gating), apply every child that
+//! differs from the builders' output with server-side apply, write the status when it
+//! changed, and publish events for what a person should see.
+//!
+//! Requests of one pass, in order (the mocked-API tests assert exactly this):
+//! 1. `GET` each referenced Secret (sorted by name);
+//! 2. `GET` the API and worker Deployments;
+//! 3. unless suspended or blocked: `GET` (and `PATCH` if different) ServiceAccount,
+//!    ConfigMap, Service; the migration Job when `spec.image` is not serving yet; the
+//!    Deployments (`PATCH` only); PodDisruptionBudgets; HPAs (`DELETE` when no longer asked);
+//! 4. one Normal `Applied` event when something was written;
+//! 5. `PATCH` of the status subresource when the status changed;
+//! 6. events for condition transitions (Warning when Degraded turns on or changes).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{Instrument, field, info, info_span, warn};
+
+use crate::builders::{self, Inputs, names};
+use crate::consts::{self, annotations, condition, labels, reason};
+use crate::crd::{VmWebapp, VmWebappStatus};
+use crate::metrics::{ErrorLabels, KindLabels, Metrics};
+use crate::status::{self, Migration, Observed, Rollout};
+
+/// Why a reconcile pass failed (transient: the pass is retried with backoff). Spec mistakes
+/// are not errors: they become a `Degraded` condition and a Warning event.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request to the API server failed.
+    #[error("kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// An object could not be serialised.
+    #[error("cannot serialise object: {0}")]
+    Serialize(#[from] serde_json::Error),
+    /// The object has no namespace (cannot happen for a namespaced kind from the API).
+    #[error("the VmWebapp has no namespace")]
+    MissingNamespace,
+}
+
+impl Error {
+    /// Fixed label of `vm_operator_reconcile_errors_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kube(kube::Error::Api(_)) => "api_status",
+            Self::Kube(_) => "api_transport",
+            Self::Serialize(_) => "serialize",
+            Self::MissingNamespace => "invalid_object",
+        }
+    }
+}
+
+/// State shared by every reconcile pass.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder (deduplicates repeated events into series).
+    pub recorder: Recorder,
+    /// Metric families.
+    pub metrics: Metrics,
+    /// Consecutive failures per object, for exponential backoff; reset on success.
+    pub failures: Mutex<HashMap<String, u32>>,
+    /// Clock for condition transition times (fixed in tests).
+    pub now: fn() -> Timestamp,
+}
+
+impl Context {
+    /// A context with the real clock.
+    pub fn new(client: Client, metrics: Metrics) -> Self {
+        let reporter = Reporter {
+            controller: consts::CONTROLLER_NAME.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+            now: Timestamp::now,
+        }
+    }
+
+    fn reset_failures(&self, key: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+
+    /// Record a failure of `key` and return how long to wait before the next try:
+    /// 5 s, 10 s, 20 s … capped at 5 minutes.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let n = match self.failures.lock() {
+            Ok(mut f) => {
+                let n = f.entry(key.to_owned()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        let secs = 5u64.saturating_mul(1u64 << n.saturating_sub(1).min(6));
+        Duration::from_secs(secs.min(300))
+    }
+}
+
+fn key(app: &VmWebapp) -> String {
+    format!("{}/{}", app.namespace().unwrap_or_default(), app.name_any())
+}
+
+/// Reconcile one `VmWebapp`.
+pub async fn reconcile(app: Arc<VmWebapp>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = info_span!("reconcile", namespace = field::Empty, name = %app.name_any(), generation = app.metadata.generation);
+    if let Some(ns) = app.namespace() {
+        span.record("namespace", ns);
+    }
+    async {
+        let _timer = ctx.metrics.start();
+        let result = Pass::new(&app, &ctx)?.run().await;
+        if result.is_ok() {
+            ctx.reset_failures(&key(&app));
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Decide when to retry after an error: per-object exponential backoff.
+pub fn error_policy(app: Arc<VmWebapp>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.errors.get_or_create(&ErrorLabels { reason: error.metric_label() }).inc();
+    let delay = ctx.backoff(&key(&app));
+    warn!(name = %app.name_any(), error = %error, retry_in_s = delay.as_secs(), "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// One reconcile pass over one resource.
+struct Pass<'a> {
+    app: &'a VmWebapp,
+    ctx: &'a Context,
+    ns: String,
+    name: String,
+    written: Vec<String>,
+}
+
+impl<'a> Pass<'a> {
+    fn new(app: &'a VmWebapp, ctx: &'a Context) -> Result<Self, Error> {
+        let ns = app.namespace().ok_or(Error::MissingNamespace)?;
+        Ok(Self { app, ctx, ns, name: app.name_any(), written: Vec::new() })
+    }
+
+    fn api<K: Resource<Scope = k8s_openapi::NamespaceResourceScope>>(&self) -> Api<K>
+    where
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.ctx.client.clone(), &self.ns)
+    }
+
+    async fn run(mut self) -> Result<Action, Error> {
+        let app = self.app;
+        if app.metadata.deletion_timestamp.is_some() {
+            // Children carry owner references; garbage collection removes them.
+            return Ok(Action::await_change());
+        }
+        let spec = &app.spec;
+
+        // 1. Referenced Secrets (data feeds the config hash; only names reach status).
+        let (secret_data, missing) = self.read_secrets().await?;
+
+        // 2. The Deployments as they are.
+        let deployments: Api<Deployment> = self.api();
+        let live_api = deployments.get_opt(&names::api(&self.name)).await?;
+        let live_worker = deployments.get_opt(&names::worker(&self.name)).await?;
+        let serving = Rollout::of(live_api.as_ref()).image;
+
+        let mut observed = Observed {
+            generation: app.metadata.generation,
+            spec_image: spec.image.clone(),
+            suspended: spec.suspend,
+            missing_secrets: missing,
+            invalid_spec: None,
+            migration: Migration::NotNeeded,
+            api: Rollout::of(live_api.as_ref()),
+            worker: Rollout::of(live_worker.as_ref()),
+            deployments_changed: false,
+        };
+        if spec.suspend {
+            return self.finish(&observed, Action::requeue(Duration::from_secs(600))).await;
+        }
+        if !observed.missing_secrets.is_empty() {
+            // Not retried hot: the Secret watch triggers a pass as soon as it appears.
+            return self.finish(&observed, Action::requeue(Duration::from_secs(300))).await;
+        }
+
+        // 3. Shared children first: the migration Job needs the ServiceAccount and ConfigMap.
+        let inputs = Inputs { serving_image: spec.image.clone(), secret_data: secret_data.clone() };
+        let desired = match builders::build(app, &inputs) {
+            Ok(d) => d,
+            Err(e) => {
+                observed.invalid_spec = Some(e.to_string());
+                return self.finish(&observed, Action::requeue(Duration::from_secs(600))).await;
+            }
+        };
+        self.ensure_fetched(&desired.service_account).await?;
+        self.ensure_fetched(&desired.config_map).await?;
+        self.ensure_fetched(&desired.service).await?;
+
+        // Migration gating: the Deployments move to spec.image only after its Job succeeded.
+        let needs_migration = spec.migrations.enabled && serving.as_deref() != Some(spec.image.as_str());
+        if let (true, Some(job)) = (needs_migration, &desired.migration_job) {
+            observed.migration = self.migrate(job).await?;
+        }
+        let target = match observed.migration {
+            Migration::NotNeeded | Migration::Succeeded => Some(spec.image.clone()),
+            Migration::Running | Migration::Failed { .. } => serving.clone(),
+        };
+
+        if let Some(image) = target {
+            let desired = if image == spec.image {
+                desired
+            } else {
+                match builders::build(app, &Inputs { serving_image: image, secret_data }) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        observed.invalid_spec = Some(e.to_string());
+                        return self.finish(&observed, Action::requeue(Duration::from_secs(600))).await;
+                    }
+                }
+            };
+            let api_changed = self.ensure(&deployments, &desired.api_deployment, live_api.as_ref()).await?;
+            let worker_changed = self.ensure(&deployments, &desired.worker_deployment, live_worker.as_ref()).await?;
+            observed.deployments_changed = api_changed || worker_changed;
+            self.ensure_fetched(&desired.api_pdb).await?;
+            self.ensure_fetched(&desired.worker_pdb).await?;
+            self.ensure_optional(&names::api(&self.name), desired.api_hpa.as_ref()).await?;
+            self.ensure_optional(&names::worker(&self.name), desired.worker_hpa.as_ref()).await?;
+        }
+
+        let action = match (&observed.migration, observed.deployments_changed) {
+            (Migration::Running, _) => Action::requeue(Duration::from_secs(10)),
+            (_, true) => Action::requeue(Duration::from_secs(30)),
+            _ if !observed.api.complete || !observed.worker.complete => Action::requeue(Duration::from_secs(30)),
+            (Migration::Failed { .. }, _) => Action::requeue(Duration::from_secs(600)),
+            _ => Action::requeue(Duration::from_secs(300)),
+        };
+        self.finish(&observed, action).await
+    }
+
+    /// Fetch every referenced Secret once; return the referenced keys' data and the
+    /// `secret/key` names that are missing.
+    async fn read_secrets(&self) -> Result<(BTreeMap<(String, String), Option<Vec<u8>>>, Vec<String>), Error> {
+        let secrets: Api<Secret> = self.api();
+        let mut names: Vec<&str> = self.app.spec.secret_refs().iter().map(|r| r.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut fetched = BTreeMap::new();
+        for name in names {
+            fetched.insert(name.to_owned(), secrets.get_opt(name).await?);
+        }
+        let mut data = BTreeMap::new();
+        let mut missing = Vec::new();
+        for r in self.app.spec.secret_refs() {
+            let value = fetched
+                .get(&r.name)
+                .and_then(Option::as_ref)
+                .and_then(|s| s.data.as_ref())
+                .and_then(|d| d.get(&r.key))
+                .map(|b| b.0.clone());
+            if value.is_none() {
+                let entry = format!("{}/{}", r.name, r.key);
+                if !missing.contains(&entry) {
+                    missing.push(entry);
+                }
+            }
+            data.insert((r.name.clone(), r.key.clone()), value);
+        }
+        Ok((data, missing))
+    }
+
+    /// Where the migration Job for `spec.image` stands; creates it when absent and replaces a
+    /// failed one once the resource's generation has moved on ("the next change retries").
+    async fn migrate(&mut self, desired: &Job) -> Result<Migration, Error> {
+        let jobs: Api<Job> = self.api();
+        let name = desired.metadata.name.clone().unwrap_or_default();
+        let Some(live) = jobs.get_opt(&name).await? else {
+            self.apply(&jobs, desired).await?;
+            info!(job = %name, image = %self.app.spec.image, "migration job created");
+            return Ok(Migration::Running);
+        };
+        let status = live.status.clone().unwrap_or_default();
+        let has = |t: &str| status.conditions.iter().flatten().any(|c| c.type_ == t && c.status == "True");
+        if has("Complete") || status.succeeded.unwrap_or(0) > 0 {
+            return Ok(Migration::Succeeded);
+        }
+        if has("Failed") {
+            let created_for = live.annotations().get(annotations::MIGRATION_GENERATION).cloned();
+            let current = self.app.metadata.generation.unwrap_or_default().to_string();
+            if created_for.as_deref() != Some(current.as_str()) {
+                jobs.delete(&name, &DeleteParams::background()).await?;
+                self.count_write("Job");
+                self.written.push(format!("deleted failed Job/{name} to retry"));
+                return Ok(Migration::Running);
+            }
+            return Ok(Migration::Failed { job: name });
+        }
+        Ok(Migration::Running)
+    }
+
+    /// Apply `desired` when the live object (fetched here) differs.
+    async fn ensure_fetched<K>(&mut self, desired: &K) -> Result<bool, Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
+    {
+        let api: Api<K> = self.api();
+        let live = api.get_opt(&desired.name_any()).await?;
+        self.ensure(&api, desired, live.as_ref()).await
+    }
+
+    /// Apply `desired` unless `live` already carries the same applied-hash and every desired
+    /// field; returns whether it wrote.
+    async fn ensure<K>(&mut self, api: &Api<K>, desired: &K, live: Option<&K>) -> Result<bool, Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
+    {
+        if let Some(live) = live
+            && builders::applied_hash(live) == builders::applied_hash(desired)
+            && is_subset(&serde_json::to_value(desired)?, &serde_json::to_value(live)?)
+        {
+            return Ok(false);
+        }
+        self.apply(api, desired).await?;
+        Ok(true)
+    }
+
+    async fn apply<K>(&mut self, api: &Api<K>, desired: &K) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
+    {
+        let name = desired.name_any();
+        let params = PatchParams::apply(consts::FIELD_MANAGER).force();
+        api.patch(&name, &params, &Patch::Apply(desired)).await?;
+        let kind = K::kind(&());
+        self.count_write(static_kind(&kind));
+        self.written.push(format!("{kind}/{name}"));
+        Ok(())
+    }
+
+    /// HPAs exist only while asked for: apply when desired, delete ours when not.
+    async fn ensure_optional(&mut self, name: &str, desired: Option<&HorizontalPodAutoscaler>) -> Result<(), Error> {
+        let api: Api<HorizontalPodAutoscaler> = self.api();
+        let live = api.get_opt(name).await?;
+        match (desired, live) {
+            (Some(d), live) => {
+                self.ensure(&api, d, live.as_ref()).await?;
+            }
+            (None, Some(live)) if self.owns(&live) => {
+                api.delete(name, &DeleteParams::background()).await?;
+                self.count_write("HorizontalPodAutoscaler");
+                self.written.push(format!("deleted HorizontalPodAutoscaler/{name}"));
+            }
+            (None, _) => {}
+        }
+        Ok(())
+    }
+
+    fn owns<K: Resource>(&self, obj: &K) -> bool {
+        let uid = self.app.metadata.uid.as_deref();
+        obj.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid && o.controller == Some(true))
+    }
+
+    fn count_write(&self, kind: &'static str) {
+        self.ctx.metrics.writes.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Publish the `Applied` event, write the status if it changed, publish transition events.
+    async fn finish(self, observed: &Observed, action: Action) -> Result<Action, Error> {
+        let app = self.app;
+        if !self.written.is_empty() {
+            let note = format!("applied {}", self.written.join(", "));
+            self.publish(EventType::Normal, "Applied", "Reconcile", note).await;
+        }
+        let previous = app.status.as_ref();
+        let new = status::compute(previous, observed, (self.ctx.now)());
+        if previous != Some(&new) {
+            let apps: Api<VmWebapp> = self.api();
+            let body = serde_json::json!({
+                "apiVersion": VmWebapp::api_version(&()),
+                "kind": VmWebapp::kind(&()),
+                "status": new,
+            });
+            let params = PatchParams::apply(consts::FIELD_MANAGER).force();
+            apps.patch_status(&self.name, &params, &Patch::Apply(&body)).await?;
+            self.transition_events(previous, &new).await;
+        }
+        Ok(action)
+    }
+
+    async fn transition_events(&self, previous: Option<&VmWebappStatus>, new: &VmWebappStatus) {
+        let before = status::find(previous, condition::DEGRADED);
+        if let Some(d) = status::find(Some(new), condition::DEGRADED)
+            && d.status == "True"
+            && before.is_none_or(|b| b.status != "True" || b.reason != d.reason || b.message != d.message)
+        {
+            self.publish(EventType::Warning, &d.reason, "Reconcile", d.message.clone()).await;
+        }
+        let progressing = status::find(Some(new), condition::PROGRESSING);
+        let was = status::find(previous, condition::PROGRESSING);
+        if let Some(p) = progressing
+            && p.reason == reason::MIGRATION_RUNNING
+            && was.is_none_or(|w| w.reason != p.reason)
+        {
+            self.publish(EventType::Normal, "MigrationStarted", "Migrate", p.message.clone()).await;
+        }
+        let ready = status::find(Some(new), condition::READY);
+        let was_ready = status::find(previous, condition::READY);
+        if let Some(r) = ready
+            && r.status == "True"
+            && was_ready.is_none_or(|w| w.status != "True")
+        {
+            self.publish(EventType::Normal, "Ready", "Reconcile", r.message.clone()).await;
+        }
+    }
+
+    /// Events are best effort: a failure is logged, never fails the pass.
+    async fn publish(&self, type_: EventType, reason: &str, action: &str, note: String) {
+        let event = Event { type_, reason: reason.to_owned(), note: Some(note), action: action.to_owned(), secondary: None };
+        if let Err(e) = self.ctx.recorder.publish(&event, &self.app.object_ref(&())).await {
+            warn!(error = %e, reason, "cannot publish event");
+        }
+    }
+}
+
+fn static_kind(kind: &str) -> &'static str {
+    match kind {
+        "ServiceAccount" => "ServiceAccount",
+        "ConfigMap" => "ConfigMap",
+        "Service" => "Service",
+        "Job" => "Job",
+        "Deployment" => "Deployment",
+        "PodDisruptionBudget" => "PodDisruptionBudget",
+        "HorizontalPodAutoscaler" => "HorizontalPodAutoscaler",
+        _ => "other",
+    }
+}
+
+/// Whether every field of `want` is present in `have` with the same value (objects
+/// recursively, arrays element by element with equal length). The API server adds
+/// defaults and status; those extra fields do not count as drift.
+pub fn is_subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (want, have) {
+        (Value::Object(w), Value::Object(h)) => {
+            w.iter().all(|(k, v)| h.get(k).is_some_and(|hv| is_subset(v, hv)))
+        }
+        (Value::Array(w), Value::Array(h)) => w.len() == h.len() && w.iter().zip(h).all(|(a, b)| is_subset(a, b)),
+        _ => want == have,
+    }
+}
+
+/// Watch `VmWebapp`s (in `namespace`, or everywhere), their children and the Secrets they
+/// reference, and reconcile until `shutdown` resolves.
+pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let ns = namespace.as_deref();
+    let children = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, consts::FIELD_MANAGER));
+    let controller = Controller::new(api::<VmWebapp>(&client, ns), watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let metrics = ctx.metrics.clone();
+    controller
+        .owns(api::<Deployment>(&client, ns), children.clone())
+        .owns(api::<Job>(&client, ns), children.clone())
+        .owns(api::<ConfigMap>(&client, ns), children.clone())
+        .owns(api::<Service>(&client, ns), children.clone())
+        .owns(api::<ServiceAccount>(&client, ns), children.clone())
+        .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
+        .owns(api::<HorizontalPodAutoscaler>(&client, ns), children)
+        .watches(api::<Secret>(&client, ns), watcher::Config::default(), move |secret: Secret| {
+            let name = secret.name_any();
+            let ns = secret.namespace();
+            store
+                .state()
+                .into_iter()
+                .filter(|app| app.namespace() == ns && app.spec.references_secret(&name))
+                .map(|app| ObjectRef::from_obj(&*app))
+                .collect::<Vec<_>>()
+        })
+        .with_config(controller::Config::default().concurrency(4))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| {
+            let metrics = metrics.clone();
+            async move {
+                match result {
+                    Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+                    Err(controller::Error::ReconcilerFailed(_, _)) => {}
+                    Err(e) => {
+                        metrics.errors.get_or_create(&ErrorLabels { reason: "controller" }).inc();
+                        warn!(error = %e, "controller stream error");
+                    }
+                }
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn server_defaults_are_not_drift_but_changed_values_are() {
+        let want = json!({"spec": {"ports": [{"port": 80}], "type": "ClusterIP"}});
+        let have = json!({"spec": {"ports": [{"port": 80, "protocol": "TCP"}], "type": "ClusterIP", "clusterIP": "10.0.0.1"}});
+        assert!(is_subset(&want, &have));
+        let edited = json!({"spec": {"ports": [{"port": 81}], "type": "ClusterIP"}});
+        assert!(!is_subset(&want, &edited));
+        let extra_port = json!({"spec": {"ports": [{"port": 80}, {"port": 90}], "type": "ClusterIP"}});
+        assert!(!is_subset(&want, &extra_port));
+    }
+}

@@ -1,0 +1,277 @@
+//! Status computation: what the reconcile observed in, `VmWebappStatus` out. Pure and
+//! deterministic: `lastTransitionTime` is carried over from the previous status while a
+//! condition's status is unchanged, so a steady state computes an identical status and the
+//! controller writes nothing (no hot loop through its own status writes).
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::consts::{condition, reason};
+use crate::crd::VmWebappStatus;
+
+/// Where the migration for `spec.image` stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Migration {
+    /// Nothing to migrate: disabled, or the Deployments already run `spec.image`.
+    NotNeeded,
+    /// The Job for `spec.image` is running (or was just created).
+    Running,
+    /// The Job for `spec.image` succeeded; the Deployments move to it now.
+    Succeeded,
+    /// The Job for `spec.image` failed; the old image keeps serving.
+    Failed {
+        /// Name of the failed Job.
+        job: String,
+    },
+}
+
+/// Rollout facts of one Deployment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rollout {
+    /// Whether the Deployment exists.
+    pub exists: bool,
+    /// Pods ready.
+    pub ready: i32,
+    /// Whether the Deployment controller has finished rolling out its current template.
+    pub complete: bool,
+    /// Image of its first container.
+    pub image: Option<String>,
+}
+
+impl Rollout {
+    /// Facts of a live Deployment (or of none).
+    pub fn of(d: Option<&Deployment>) -> Self {
+        let Some(d) = d else { return Self::default() };
+        let status = d.status.clone().unwrap_or_default();
+        let spec = d.spec.as_ref();
+        let wanted = spec.and_then(|s| s.replicas).unwrap_or(status.replicas.unwrap_or(0));
+        let seen = status.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
+        let updated = status.updated_replicas.unwrap_or(0);
+        let available = status.available_replicas.unwrap_or(0);
+        let total = status.replicas.unwrap_or(0);
+        Self {
+            exists: true,
+            ready: status.ready_replicas.unwrap_or(0),
+            complete: seen && updated == wanted && available == wanted && total == wanted,
+            image: spec
+                .and_then(|s| s.template.spec.as_ref())
+                .and_then(|p| p.containers.first())
+                .and_then(|c| c.image.clone()),
+        }
+    }
+}
+
+/// Everything one reconcile pass observed or did that the status reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// `metadata.generation` of the resource.
+    pub generation: Option<i64>,
+    /// `spec.image`.
+    pub spec_image: String,
+    /// `spec.suspend`.
+    pub suspended: bool,
+    /// Missing Secrets or keys, as `secret/key` (names only, never values).
+    pub missing_secrets: Vec<String>,
+    /// A spec mistake the schema could not catch.
+    pub invalid_spec: Option<String>,
+    /// Migration state for `spec.image`.
+    pub migration: Migration,
+    /// The API Deployment as last seen.
+    pub api: Rollout,
+    /// The worker Deployment as last seen.
+    pub worker: Rollout,
+    /// Whether this pass changed a Deployment (so a rollout has just started).
+    pub deployments_changed: bool,
+}
+
+/// Compute the status for `observed`, keeping transition times from `previous`.
+pub fn compute(previous: Option<&VmWebappStatus>, observed: &Observed, now: Timestamp) -> VmWebappStatus {
+    let o = observed;
+    let degraded: Option<(&str, String)> = if let Some(msg) = &o.invalid_spec {
+        Some((reason::INVALID_SPEC, msg.clone()))
+    } else if !o.missing_secrets.is_empty() {
+        Some((
+            reason::SECRET_MISSING,
+            format!(
+                "referenced Secret keys not found: {}; create them in this namespace (pods are not changed until they exist)",
+                o.missing_secrets.join(", ")
+            ),
+        ))
+    } else if let Migration::Failed { job } = &o.migration {
+        Some((
+            reason::MIGRATION_FAILED,
+            format!(
+                "migration Job {job} for image {} failed; the previous image keeps serving. Inspect `kubectl logs job/{job}`, then change the spec (or delete the Job) to retry",
+                o.spec_image
+            ),
+        ))
+    } else {
+        None
+    };
+
+    let rolling = o.deployments_changed || !o.api.complete || !o.worker.complete;
+    let progressing: (bool, &str, String) = if o.suspended {
+        (false, reason::SUSPENDED, "spec.suspend is true: children are not changed".into())
+    } else if degraded.is_some() {
+        (false, degraded.as_ref().map_or(reason::AS_EXPECTED, |d| d.0), "blocked, see the Degraded condition".into())
+    } else if o.migration == Migration::Running {
+        (true, reason::MIGRATION_RUNNING, format!("migrating the database for image {}", o.spec_image))
+    } else if rolling {
+        (true, reason::ROLLING_OUT, "Deployments are rolling out".into())
+    } else {
+        (false, reason::RECONCILED, "all children are up to date".into())
+    };
+
+    let serving_current = o.api.image.as_deref() == Some(o.spec_image.as_str());
+    let ready: (bool, &str, String) = if let Some((r, m)) = &degraded {
+        (false, r, m.clone())
+    } else if o.api.exists && o.worker.exists && o.api.complete && o.worker.complete && serving_current && !o.deployments_changed {
+        (true, reason::AVAILABLE, format!("serving image {} with {} API and {} worker pods ready", o.spec_image, o.api.ready, o.worker.ready))
+    } else if o.suspended {
+        (false, reason::SUSPENDED, "spec.suspend is true and the children are not at the desired state".into())
+    } else {
+        (false, progressing.1, progressing.2.clone())
+    };
+
+    let conditions = vec![
+        condition(previous, condition::READY, ready.0, ready.1, &ready.2, o.generation, now),
+        condition(previous, condition::PROGRESSING, progressing.0, progressing.1, &progressing.2, o.generation, now),
+        match &degraded {
+            Some((r, m)) => condition(previous, condition::DEGRADED, true, r, m, o.generation, now),
+            None => condition(previous, condition::DEGRADED, false, reason::AS_EXPECTED, "no problem detected", o.generation, now),
+        },
+    ];
+    VmWebappStatus {
+        observed_generation: o.generation,
+        conditions,
+        api_ready_replicas: o.api.ready,
+        worker_ready_replicas: o.worker.ready,
+        serving_image: o.api.image.clone(),
+    }
+}
+
+fn condition(
+    previous: Option<&VmWebappStatus>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let last_transition_time = previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map_or(Time(now), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// The condition of `type_` in `status`, if any.
+pub fn find<'a>(status: Option<&'a VmWebappStatus>, type_: &str) -> Option<&'a Condition> {
+    status.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn healthy() -> Observed {
+        let r = Rollout { exists: true, ready: 2, complete: true, image: Some("img:1".into()) };
+        Observed {
+            generation: Some(4),
+            spec_image: "img:1".into(),
+            suspended: false,
+            missing_secrets: vec![],
+            invalid_spec: None,
+            migration: Migration::NotNeeded,
+            api: r.clone(),
+            worker: r,
+            deployments_changed: false,
+        }
+    }
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).expect("valid timestamp")
+    }
+
+    fn get<'a>(s: &'a VmWebappStatus, type_: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == type_).expect("condition present")
+    }
+
+    #[test]
+    fn a_healthy_installation_is_ready_and_not_progressing() {
+        let s = compute(None, &healthy(), t(100));
+        assert_eq!(get(&s, "Ready").status, "True");
+        assert_eq!(get(&s, "Progressing").status, "False");
+        assert_eq!(get(&s, "Degraded").status, "False");
+        assert_eq!(s.observed_generation, Some(4));
+        assert_eq!(s.serving_image.as_deref(), Some("img:1"));
+    }
+
+    #[test]
+    fn recomputing_an_unchanged_state_yields_an_identical_status() {
+        // Without this, every pass would write a fresh timestamp and retrigger the controller.
+        let first = compute(None, &healthy(), t(100));
+        let second = compute(Some(&first), &healthy(), t(200));
+        assert_eq!(first, second);
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_a_condition_flips() {
+        let first = compute(None, &healthy(), t(100));
+        let mut o = healthy();
+        o.missing_secrets = vec!["db/url".into()];
+        let second = compute(Some(&first), &o, t(200));
+        assert_eq!(get(&second, "Ready").last_transition_time, Time(t(200)));
+        assert_eq!(get(&second, "Progressing").last_transition_time, Time(t(100)));
+    }
+
+    #[test]
+    fn a_missing_secret_degrades_and_names_the_secret_and_key() {
+        let mut o = healthy();
+        o.missing_secrets = vec!["vm-db/url".into()];
+        let s = compute(None, &o, t(1));
+        let d = get(&s, "Degraded");
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "SecretMissing"));
+        assert!(d.message.contains("vm-db/url"));
+        assert_eq!(get(&s, "Ready").status, "False");
+    }
+
+    #[test]
+    fn a_failed_migration_reports_migration_failed_and_the_serving_image() {
+        let mut o = healthy();
+        o.spec_image = "img:2".into();
+        o.migration = Migration::Failed { job: "shop-migrate-abc".into() };
+        let s = compute(None, &o, t(1));
+        assert_eq!(get(&s, "Degraded").reason, "MigrationFailed");
+        assert!(get(&s, "Degraded").message.contains("shop-migrate-abc"));
+        assert_eq!(s.serving_image.as_deref(), Some("img:1"));
+    }
+
+    #[test]
+    fn a_running_migration_is_progressing_and_not_ready() {
+        let mut o = healthy();
+        o.spec_image = "img:2".into();
+        o.migration = Migration::Running;
+        let s = compute(None, &o, t(1));
+        assert_eq!(get(&s, "Progressing").reason, "MigrationRunning");
+        assert_eq!(get(&s, "Ready").status, "False");
+    }
+
+    #[test]
+    fn changed_deployments_are_progressing_until_the_rollout_completes() {
+        let mut o = healthy();
+        o.deployments_changed = true;
+        let s = compute(None, &o, t(1));
+        assert_eq!((get(&s, "Progressing").status.as_str(), get(&s, "Ready").status.as_str()), ("True", "False"));
+    }
+}
