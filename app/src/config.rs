@@ -461,3 +461,91 @@ fn parse_database<F: Fn(&str) -> Option<String>>(
         embedded: false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn an_empty_environment_is_a_working_local_setup() {
+        let s = parse(&[]).expect("defaults are valid");
+        assert_eq!(s.app_env, AppEnv::Local);
+        assert!(s.database.embedded);
+        assert_eq!(s.database.backend, DbBackend::Sqlite);
+        assert!(s.database.url.expose().contains("var/vm/vmwebapp.db"));
+        assert_eq!(s.log_format, LogFormat::Pretty);
+        assert_eq!(s.llm_mode(), LlmMode::Offline);
+        assert_eq!(s.port, 8000);
+        assert!(s.embedded_worker());
+    }
+
+    #[test]
+    fn managed_mode_without_database_and_redis_names_both_variables() {
+        let err = parse(&[("VM_ENABLE_MANAGED_MODE", "true")]).unwrap_err();
+        assert!(err.mentions("VM_DB_URL") && err.mentions("VM_REDIS_URL"), "{err}");
+    }
+
+    #[test]
+    fn managed_mode_refuses_sqlite() {
+        let err = parse(&[
+            ("VM_ENABLE_MANAGED_MODE", "true"),
+            ("VM_DB_URL", "sqlite://x.db"),
+            ("VM_REDIS_URL", "redis://r:6379"),
+        ])
+        .unwrap_err();
+        assert!(err.mentions("VM_DB_URL"));
+        let ok = parse(&[
+            ("VM_ENABLE_MANAGED_MODE", "true"),
+            ("VM_DB_URL", "postgres://u:p@db/app"),
+            ("VM_REDIS_URL", "redis://r:6379"),
+            ("APP_ENV", "production"),
+        ])
+        .expect("valid managed settings");
+        assert!(!ok.embedded_worker());
+        assert_eq!(ok.log_format, LogFormat::Json);
+        assert_eq!(ok.llm_mode(), LlmMode::Unavailable);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = parse(&[
+            ("APP_ENV", "prod"),
+            ("PORT", "http"),
+            ("LOG_FORMAT", "xml"),
+            ("KIMI_BASE_URL", "ftp://x"),
+            ("VM_JOB_MAX_ATTEMPTS", "0"),
+            ("VM_ENABLE_MANAGED_MODE", "maybe"),
+        ])
+        .unwrap_err();
+        for var in ["APP_ENV", "PORT", "LOG_FORMAT", "KIMI_BASE_URL", "VM_JOB_MAX_ATTEMPTS", "VM_ENABLE_MANAGED_MODE"] {
+            assert!(err.mentions(var), "{var} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn errors_and_debug_output_never_contain_secret_values() {
+        let err = parse(&[
+            ("VM_DB_URL", "mysql://admin:hunter2@db/app"),
+            ("VM_REDIS_URL", "http://:redispw@r"),
+            ("APP_ENV", "staging"),
+        ])
+        .unwrap_err();
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("hunter2") && !text.contains("redispw"), "{text}");
+        let ok = parse(&[("VM_DB_URL", "postgres://admin:hunter2@db/app"), ("KIMI_API_KEY", "sk-live-123")]).expect("valid");
+        let debug = format!("{ok:?} {}", ok.summary());
+        assert!(!debug.contains("hunter2") && !debug.contains("sk-live-123"), "{debug}");
+    }
+
+    #[test]
+    fn outside_local_mode_a_database_url_is_required() {
+        let err = parse(&[("APP_ENV", "staging")]).unwrap_err();
+        assert!(err.mentions("VM_DB_URL"));
+    }
+}

@@ -1,0 +1,45 @@
+# vmwebapp: the operator and the webapp runtime it deploys.
+# `make help` lists the targets.
+
+CARGO ?= cargo
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.DEFAULT_GOAL := help
+.PHONY: help run test deps build bench fmt lint check-config migrate clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+run: ## Run the app locally: embedded SQLite under ./var/vm, in-process worker, http://127.0.0.1:8000
+	$(CARGO) run -p vm-webapp -- serve --host $(HOST) --port $(PORT)
+
+test: deps ## Install what the tests need (if missing), then run every test
+	$(CARGO) test --workspace
+	$(CARGO) test --workspace --benches --no-run
+
+deps: ## Install the test dependencies (PostgreSQL 15 server binaries, Redis) when missing
+	./scripts/install-test-deps.sh
+
+build: ## Build everything
+	$(CARGO) build --workspace --all-targets
+
+bench: deps ## Queue throughput and latency on SQLite and PostgreSQL (prints figures, asserts nothing)
+	$(CARGO) bench -p vm-webapp --bench queue
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+lint: ## Check formatting and run clippy
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets
+
+check-config: ## Validate the current environment the way the app will
+	$(CARGO) run -q -p vm-webapp -- check-config
+
+migrate: ## Apply database migrations to VM_DB_URL (or the embedded SQLite)
+	$(CARGO) run -q -p vm-webapp -- migrate
+
+clean: ## Remove build output and local data
+	$(CARGO) clean
+	rm -rf var

@@ -1,0 +1,216 @@
+//! The HTTP API through the real router, on SQLite and on PostgreSQL: the run
+//! lifecycle, idempotency, pagination, probes, and every client mistake
+//! answered with a 4xx and a stable code.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde_json::json;
+use support::{Backend, TestEnv, create, send};
+use vm_webapp::model::RunStatus;
+use vm_webapp::steps::llm::LlmBackend;
+
+const HELLO: &str = r#"{"input":{"name":"Ada"},"steps":[{"kind":"template","template":"Hello, {{input.name}}!"},{"kind":"transform","op":"uppercase"}]}"#;
+
+async fn a_run_goes_from_accepted_to_succeeded_with_its_events(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let app = env.router();
+    let reply = send(&app, "POST", "/api/v2/runs", Some(HELLO), &[("x-correlation-id", "order-42")]).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(reply.body["status"], "queued");
+    assert_eq!(reply.body["correlation_id"], "order-42");
+    assert_eq!(reply.body["steps"][0]["status"], "queued");
+    assert_eq!(reply.body["steps"][1]["status"], "pending");
+    let id = reply.body["id"].as_str().expect("id").to_string();
+    assert_eq!(reply.headers["location"], format!("/api/v2/runs/{id}").as_str());
+
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    env.wait_for(id.parse().expect("uuid"), RunStatus::Succeeded, Duration::from_secs(20)).await;
+    stop.cancel();
+    worker.await.expect("worker");
+
+    let run = send(&app, "GET", &format!("/api/v2/runs/{id}"), None, &[]).await;
+    assert_eq!(run.status, StatusCode::OK);
+    assert_eq!(run.body["status"], "succeeded");
+    assert_eq!(run.body["output"], "HELLO, ADA!");
+    assert_eq!(run.body["steps"][0]["output"], "Hello, Ada!");
+    assert_eq!(run.body["steps"][1]["attempts"], 1);
+    assert!(run.body["finished_at"].is_string());
+
+    let events = send(&app, "GET", &format!("/api/v2/runs/{id}/events"), None, &[]).await;
+    let types: Vec<&str> = events.body["events"].as_array().expect("events").iter().map(|e| e["type"].as_str().unwrap_or("")).collect();
+    assert_eq!(types, ["run.queued", "run.started", "step.started", "step.succeeded", "step.started", "step.succeeded", "run.succeeded"]);
+    let page = send(&app, "GET", &format!("/api/v2/runs/{id}/events?after=2&limit=2"), None, &[]).await;
+    let ids: Vec<i64> = page.body["events"].as_array().expect("events").iter().map(|e| e["id"].as_i64().unwrap_or(0)).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids[0] > 2 && ids[1] > ids[0]);
+    assert_eq!(page.body["next_after"], ids[1]);
+}
+
+async fn idempotency_key_replays_the_original_run_and_rejects_a_different_body(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let app = env.router();
+    let key = [("idempotency-key", "create-order-42")];
+    let first = send(&app, "POST", "/api/v2/runs", Some(HELLO), &key).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    // Same content, different key order and whitespace: still the same request.
+    let same = r#"{ "steps":[{"template":"Hello, {{input.name}}!","kind":"template"},{"op":"uppercase","kind":"transform"}], "input":{"name":"Ada"} }"#;
+    let replay = send(&app, "POST", "/api/v2/runs", Some(same), &key).await;
+    assert_eq!(replay.status, StatusCode::OK);
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(replay.body["id"], first.body["id"]);
+    let other = send(&app, "POST", "/api/v2/runs", Some(r#"{"steps":[{"kind":"delay","ms":1}]}"#), &key).await;
+    assert_eq!(other.status, StatusCode::CONFLICT);
+    assert_eq!(other.body["code"], "idempotency_key_conflict");
+    let list = send(&app, "GET", "/api/v2/runs", None, &[]).await;
+    assert_eq!(list.body["runs"].as_array().map(Vec::len), Some(1));
+}
+
+async fn runs_are_listed_newest_first_with_cursor_pages_and_a_status_filter(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let app = env.router();
+    let mut created = Vec::new();
+    for _ in 0..5 {
+        created.push(create(&app, HELLO).await.to_string());
+    }
+    let mut seen = Vec::new();
+    let mut uri = "/api/v2/runs?limit=2".to_string();
+    loop {
+        let page = send(&app, "GET", &uri, None, &[]).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        for run in page.body["runs"].as_array().expect("runs") {
+            seen.push(run["id"].as_str().expect("id").to_string());
+        }
+        match page.body["next_cursor"].as_str() {
+            Some(cursor) => uri = format!("/api/v2/runs?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    created.reverse();
+    assert_eq!(seen, created, "every run once, newest first");
+
+    let cancel = send(&app, "POST", &format!("/api/v2/runs/{}/cancel", created[0]), None, &[]).await;
+    assert_eq!(cancel.status, StatusCode::OK);
+    assert_eq!(cancel.body["status"], "cancelled");
+    let cancelled = send(&app, "GET", "/api/v2/runs?status=cancelled", None, &[]).await;
+    assert_eq!(cancelled.body["runs"].as_array().map(Vec::len), Some(1));
+    let queued = send(&app, "GET", "/api/v2/runs?status=queued&limit=10", None, &[]).await;
+    assert_eq!(queued.body["runs"].as_array().map(Vec::len), Some(4));
+    let again = send(&app, "POST", &format!("/api/v2/runs/{}/cancel", created[0]), None, &[]).await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert_eq!(again.body["code"], "run_not_cancellable");
+}
+
+async fn every_client_mistake_is_a_4xx_with_a_stable_code(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_MAX_BODY_BYTES", "2048")]).await;
+    let app = env.router();
+    let unknown = uuid::Uuid::now_v7();
+    let big = format!(r#"{{"steps":[{{"kind":"template","template":"{}"}}]}}"#, "x".repeat(4096));
+    let long_key = "k".repeat(300);
+    let cases: Vec<(&str, String, Option<String>, Vec<(&str, &str)>, StatusCode, &str)> = vec![
+        ("POST", "/api/v2/runs".into(), Some("{not json".into()), vec![], StatusCode::BAD_REQUEST, "invalid_json"),
+        ("POST", "/api/v2/runs".into(), Some(String::new()), vec![], StatusCode::BAD_REQUEST, "invalid_json"),
+        ("POST", "/api/v2/runs".into(), Some("[1,2]".into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        ("POST", "/api/v2/runs".into(), Some(r#"{"input":{}}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[],"extra":1}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":{}}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        ("POST", "/api/v2/runs".into(), Some(r#"{"input":[1],"steps":[]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_step"),
+        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[{"kind":"teleport"}]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "unknown_step_kind"),
+        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[{"kind":"llm"}]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_step"),
+        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[{"kind":"delay","ms":-1}]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_step"),
+        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[{"kind":"template","template":"{{input.x"}]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_step"),
+        ("POST", "/api/v2/runs".into(), Some(big), vec![], StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        ("POST", "/api/v2/runs".into(), Some(HELLO.into()), vec![("idempotency-key", long_key.as_str())], StatusCode::BAD_REQUEST, "invalid_idempotency_key"),
+        ("GET", "/api/v2/runs?cursor=bogus".into(), None, vec![], StatusCode::BAD_REQUEST, "invalid_cursor"),
+        ("GET", "/api/v2/runs?limit=0".into(), None, vec![], StatusCode::BAD_REQUEST, "invalid_parameter"),
+        ("GET", "/api/v2/runs?limit=abc".into(), None, vec![], StatusCode::BAD_REQUEST, "invalid_parameter"),
+        ("GET", "/api/v2/runs?status=done".into(), None, vec![], StatusCode::BAD_REQUEST, "invalid_parameter"),
+        ("GET", "/api/v2/runs?stauts=queued".into(), None, vec![], StatusCode::BAD_REQUEST, "invalid_parameter"),
+        ("GET", format!("/api/v2/runs/{unknown}"), None, vec![], StatusCode::NOT_FOUND, "run_not_found"),
+        ("GET", "/api/v2/runs/not-a-uuid".into(), None, vec![], StatusCode::NOT_FOUND, "run_not_found"),
+        ("GET", format!("/api/v2/runs/{unknown}/events"), None, vec![], StatusCode::NOT_FOUND, "run_not_found"),
+        ("GET", format!("/api/v2/runs/{unknown}/events?after=-1"), None, vec![], StatusCode::BAD_REQUEST, "invalid_parameter"),
+        ("POST", format!("/api/v2/runs/{unknown}/cancel"), None, vec![], StatusCode::NOT_FOUND, "run_not_found"),
+        ("GET", "/api/v2/nope".into(), None, vec![], StatusCode::NOT_FOUND, "route_not_found"),
+        ("DELETE", "/api/v2/runs".into(), None, vec![], StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+    ];
+    for (method, uri, body, headers, status, code) in cases {
+        let reply = send(&app, method, &uri, body.as_deref(), &headers).await;
+        assert_eq!(reply.status, status, "{method} {uri}: {}", reply.body);
+        assert_eq!(reply.body["code"], code, "{method} {uri}: {}", reply.body);
+        assert!(reply.body["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {uri}");
+        assert!(reply.headers.contains_key("x-request-id"), "{method} {uri}");
+    }
+    let list = send(&app, "GET", "/api/v2/runs", None, &[]).await;
+    assert_eq!(list.body["runs"], json!([]), "no rejected request created a run");
+}
+
+async fn llm_steps_are_refused_when_no_endpoint_is_configured(backend: Backend) {
+    let env = TestEnv::new(backend, &[("APP_ENV", "staging")]).await;
+    let app = env.router();
+    let reply = send(&app, "POST", "/api/v2/runs", Some(r#"{"steps":[{"kind":"llm","prompt":"hi"}]}"#), &[]).await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(reply.body["code"], "llm_unavailable");
+    create(&app, HELLO).await;
+}
+
+async fn probes_tell_the_truth_and_readiness_flips_on_shutdown(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let state = env.state();
+    let app = vm_webapp::http::router(state.clone());
+    let live = send(&app, "GET", "/api/v2/health/live", None, &[("x-request-id", "probe-1")]).await;
+    assert_eq!((live.status, live.body.clone()), (StatusCode::OK, json!({"status": "live"})));
+    assert_eq!(live.headers["x-request-id"], "probe-1");
+    let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
+    assert_eq!(ready.body["status"], "ready");
+    assert_eq!(ready.body["dependencies"]["database"]["status"], "ok");
+    assert_eq!(ready.body["dependencies"]["worker"]["status"], "disabled");
+    assert_eq!(ready.body["dependencies"]["redis"]["status"], "disabled");
+
+    state.shutting_down.store(true, Ordering::SeqCst);
+    let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.body["status"], "not_ready");
+    let refused = send(&app, "POST", "/api/v2/runs", Some(HELLO), &[]).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.body["code"], "shutting_down");
+    let live = send(&app, "GET", "/api/v2/health/live", None, &[]).await;
+    assert_eq!(live.status, StatusCode::OK, "liveness never depends on shutdown or dependencies");
+}
+
+async fn the_api_answers_over_real_http(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(axum::serve(listener, env.router()).into_future());
+    vm_webapp::install_crypto_provider();
+    let client = reqwest::Client::new();
+    // Sent exactly as `curl -d` sends it: form content type, JSON body.
+    let res = client
+        .post(format!("http://{addr}/api/v2/runs"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(HELLO)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(res.status(), reqwest::StatusCode::ACCEPTED);
+    assert!(res.headers().contains_key("x-request-id"));
+    let body: serde_json::Value = res.json().await.expect("json");
+    assert_eq!(body["status"], "queued");
+    server.abort();
+}
+
+on_both_backends!(
+    a_run_goes_from_accepted_to_succeeded_with_its_events,
+    idempotency_key_replays_the_original_run_and_rejects_a_different_body,
+    runs_are_listed_newest_first_with_cursor_pages_and_a_status_filter,
+    every_client_mistake_is_a_4xx_with_a_stable_code,
+    llm_steps_are_refused_when_no_endpoint_is_configured,
+    probes_tell_the_truth_and_readiness_flips_on_shutdown,
+    the_api_answers_over_real_http,
+);
