@@ -13,3 +13,8 @@ pub mod crd;
 pub mod metrics;
 pub mod render;
 pub mod status;
+
+#[cfg(test)]
+mod controller_tests;
+#[cfg(test)]
+mod fixtures;
