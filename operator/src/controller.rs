@@ -80,6 +80,8 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// Clock for condition transition times (fixed in tests).
     pub now: fn() -> Timestamp,
+    /// Reconciles running at once.
+    pub concurrency: u16,
 }
 
 impl Context {
@@ -95,7 +97,14 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             now: Timestamp::now,
+            concurrency: 4,
         }
+    }
+
+    /// Set how many reconciles run at once.
+    pub fn with_concurrency(mut self, concurrency: u16) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
     }
 
     fn reset_failures(&self, key: &str) {
@@ -509,7 +518,7 @@ pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>, s
                 .map(|app| ObjectRef::from_obj(&*app))
                 .collect::<Vec<_>>()
         })
-        .with_config(controller::Config::default().concurrency(4))
+        .with_config(controller::Config::default().concurrency(ctx.concurrency))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {

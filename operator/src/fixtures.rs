@@ -3,7 +3,8 @@
 //! A [`Client`] is built over `tower_test::mock::pair`; [`ApiServerVerifier`] awaits every
 //! expected request in order, asserts its method, path, query (`fieldManager`, `force`) and
 //! body, and answers with a plausible object. A missing request makes the test time out;
-//! an extra request finds the handle dropped and fails the reconcile.
+//! an extra request finds the handle dropped and fails the reconcile. Every request is also
+//! checked against the rules `vm-operator rbac` prints.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,7 @@ pub fn test_context() -> (Arc<Context>, Handle) {
         metrics: Metrics::default(),
         failures: Mutex::new(Default::default()),
         now: test_now,
+        concurrency: 1,
     };
     (Arc::new(ctx), handle)
 }
@@ -124,6 +126,9 @@ impl ApiServerVerifier {
                     format!("{} {}", expect.method, expect.path),
                     "request #{i} is not the expected one"
                 );
+                // Every request a scenario makes must be allowed by `vm-operator rbac`.
+                let (group, resource, verb) = crate::rbac::classify(method.as_str(), &path).expect("a namespaced API path");
+                assert!(crate::rbac::allows(&group, &resource, verb), "RBAC rules lack {verb} on {group}/{resource}");
                 for q in &expect.query {
                     assert!(query.contains(q), "request #{i} {path}: query {query:?} lacks {q}");
                 }

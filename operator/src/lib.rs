@@ -3,16 +3,22 @@
 //!
 //! Flow: [`crd`] defines the resource; [`builders`] compute every desired child object
 //! from it without I/O; the controller fetches what exists, applies the difference with
-//! server-side apply and writes the status; [`render`] prints the builders' output offline.
+//! server-side apply and writes the status; [`render`] prints the builders' output offline;
+//! [`runtime`] wires `vm-operator run` (leader election, admin server, telemetry).
 
+pub mod admin;
 pub mod builders;
 pub mod cli;
 pub mod consts;
 pub mod controller;
 pub mod crd;
+pub mod leader;
 pub mod metrics;
+pub mod rbac;
 pub mod render;
+pub mod runtime;
 pub mod status;
+pub mod telemetry;
 
 #[cfg(test)]
 mod controller_tests;

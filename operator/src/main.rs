@@ -6,17 +6,16 @@ use anyhow::Context;
 use clap::Parser;
 use vm_operator::cli::{Cli, Command};
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let out = match cli.command {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let out = match Cli::parse().command {
+        Command::Run(args) => return vm_operator::runtime::run(args).await,
         Command::Crd => vm_operator::render::crd_yaml()?,
+        Command::Rbac { name } => serde_yaml::to_string(&vm_operator::rbac::cluster_role(&name))?,
         Command::Render { file, secrets } => {
-            let manifest = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let secrets = secrets
-                .iter()
-                .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            vm_operator::render::render(&manifest, &secrets)?
+            let read = |p: &std::path::PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+            let secrets = secrets.iter().map(read).collect::<anyhow::Result<Vec<_>>>()?;
+            vm_operator::render::render(&read(&file)?, &secrets)?
         }
     };
     std::io::stdout().write_all(out.as_bytes())?;
