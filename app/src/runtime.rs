@@ -91,7 +91,8 @@ fn log_llm_mode(settings: &Settings) {
     }
 }
 
-fn build_worker(settings: &Settings, store: Store, state_wake: Arc<tokio::sync::Notify>, poll_interval: Duration, concurrency: usize) -> Result<Worker, String> {
+fn build_worker(state: &AppState, poll_interval: Duration, concurrency: usize) -> Result<Worker, String> {
+    let settings = &state.settings;
     let llm = LlmBackend::from_settings(settings).map_err(|_| "cannot build the LLM client".to_string())?;
     let config = WorkerConfig {
         id: WorkerConfig::default_id(),
@@ -102,7 +103,8 @@ fn build_worker(settings: &Settings, store: Store, state_wake: Arc<tokio::sync::
         backoff_max: settings.queue.backoff_max,
         shutdown_grace: settings.queue.shutdown_grace,
     };
-    Ok(Worker::new(store, StepRunner::new(llm), config, state_wake))
+    let runner = StepRunner::new(llm).with_metrics(state.metrics.clone());
+    Ok(Worker::new(state.store.clone(), runner, config, state.wake.clone()).with_metrics(state.metrics.clone()))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -142,7 +144,7 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
     let shutdown = CancellationToken::new();
     let mut worker_task = None;
     if settings.embedded_worker() {
-        let worker = build_worker(&settings, store.clone(), state.wake.clone(), Duration::from_millis(500), 4)?;
+        let worker = build_worker(&state, Duration::from_millis(500), 4)?;
         state.worker = Some(worker.state());
         worker_task = Some(tokio::spawn(worker.run(shutdown.clone())));
     }
@@ -185,7 +187,7 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     let store = open_store(&settings, (concurrency as u32 + 2).min(50)).await?;
     log_llm_mode(&settings);
     let mut state = AppState::new(store.clone(), settings.clone());
-    let worker = build_worker(&settings, store.clone(), state.wake.clone(), Duration::from_millis(args.poll_interval_ms), concurrency)?;
+    let worker = build_worker(&state, Duration::from_millis(args.poll_interval_ms), concurrency)?;
     state.worker = Some(worker.state());
     state.worker_stall_after = Duration::from_millis(args.poll_interval_ms.saturating_mul(10)).max(Duration::from_secs(30));
     let listener = bind(&args.health_host, args.health_port).await?;

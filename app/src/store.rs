@@ -178,19 +178,27 @@ impl<'a> NewEvent<'a> {
     }
 }
 
-/// The migrations of one backend, embedded in the binary.
+/// The migrations of one backend, embedded in the binary, in order.
+fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 2] {
+    match backend {
+        DbBackend::Postgres => [
+            (1, "runs and queue", include_str!("../migrations/postgres/0001_runs_and_queue.sql")),
+            (2, "worker heartbeats", include_str!("../migrations/postgres/0002_worker_heartbeats.sql")),
+        ],
+        DbBackend::Sqlite => [
+            (1, "runs and queue", include_str!("../migrations/sqlite/0001_runs_and_queue.sql")),
+            (2, "worker heartbeats", include_str!("../migrations/sqlite/0002_worker_heartbeats.sql")),
+        ],
+    }
+}
+
 fn migrator(backend: DbBackend) -> Migrator {
-    let (v1,) = match backend {
-        DbBackend::Postgres => (include_str!("../migrations/postgres/0001_runs_and_queue.sql"),),
-        DbBackend::Sqlite => (include_str!("../migrations/sqlite/0001_runs_and_queue.sql"),),
-    };
-    let migrations = vec![Migration::new(
-        1,
-        Cow::Borrowed("runs and queue"),
-        MigrationType::Simple,
-        Cow::Borrowed(v1),
-        false,
-    )];
+    let migrations = migration_sources(backend)
+        .into_iter()
+        .map(|(version, description, sql)| {
+            Migration::new(version, Cow::Borrowed(description), MigrationType::Simple, Cow::Borrowed(sql), false)
+        })
+        .collect::<Vec<_>>();
     Migrator {
         migrations: Cow::Owned(migrations),
         ignore_missing: false,
@@ -1039,6 +1047,66 @@ impl Store {
                 Ok((status, r.try_get::<i64, _>("n")?))
             })
             .collect()
+    }
+
+    /// Jobs by state with the age of the oldest (ms): for `queued` since it
+    /// became claimable, for `dead` since it failed, otherwise since creation.
+    pub async fn queue_stats(&self, now: i64) -> Result<Vec<(String, i64, i64)>> {
+        let mut rows = sqlx::query(
+            "SELECT state, COUNT(*) AS n, MIN(CASE WHEN state = 'queued' THEN run_at ELSE created_at END) AS oldest \
+             FROM jobs GROUP BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let oldest: Option<i64> = r.try_get("oldest")?;
+            Ok((r.try_get::<String, _>("state")?, r.try_get::<i64, _>("n")?, oldest.map_or(0, |o| (now - o).max(0))))
+        })
+        .collect::<Result<Vec<_>>>()?;
+        let dead = sqlx::query("SELECT COUNT(*) AS n, MIN(failed_at) AS oldest FROM dead_jobs")
+            .fetch_one(&self.pool)
+            .await?;
+        let oldest: Option<i64> = dead.try_get("oldest")?;
+        rows.push(("dead".to_string(), dead.try_get("n")?, oldest.map_or(0, |o| (now - o).max(0))));
+        for state in ["waiting", "queued", "running"] {
+            if !rows.iter().any(|(s, _, _)| s == state) {
+                rows.push((state.to_string(), 0, 0));
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Records that `worker` is alive with `in_flight` jobs.
+    pub async fn heartbeat(&self, worker: &str, in_flight: i64, now: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO worker_heartbeats (worker_id, started_at, last_beat_at, in_flight) VALUES ($1, $2, $2, $3) \
+             ON CONFLICT (worker_id) DO UPDATE SET last_beat_at = $2, in_flight = $3",
+        )
+        .bind(worker)
+        .bind(now)
+        .bind(in_flight)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes `worker`'s heartbeat (clean stop) and any older than `stale_before`.
+    pub async fn forget_worker(&self, worker: &str, stale_before: i64) -> Result<()> {
+        sqlx::query("DELETE FROM worker_heartbeats WHERE worker_id = $1 OR last_beat_at < $2")
+            .bind(worker)
+            .bind(stale_before)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Time (ms) of the freshest worker heartbeat, if any worker ever beat.
+    pub async fn last_heartbeat(&self) -> Result<Option<i64>> {
+        Ok(sqlx::query("SELECT MAX(last_beat_at) AS t FROM worker_heartbeats")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("t")?)
     }
 
     /// How many results are recorded for one step (the exactly-once check).

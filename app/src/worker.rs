@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
+use crate::metrics::{Dependency, JobOutcome, KindLabels, Metrics};
 use crate::model::{ClaimedJob, now_ms};
 use crate::steps::template::TemplateContext;
 use crate::steps::{StepError, StepRunner};
@@ -80,7 +81,11 @@ pub struct Worker {
     config: WorkerConfig,
     wake: Arc<Notify>,
     state: Arc<WorkerState>,
+    metrics: Arc<Metrics>,
 }
+
+/// How often a worker records its heartbeat.
+pub const HEARTBEAT_EVERY_MS: i64 = 5_000;
 
 /// The delay before retry number `attempt` (1-based): exponential from `base`,
 /// capped at `max`, with "equal jitter" (half fixed, half random) so that
@@ -102,7 +107,15 @@ impl Worker {
             config,
             wake,
             state: Arc::new(WorkerState::default()),
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Records claims, outcomes and durations in `metrics` (shared with the
+    /// process's HTTP server).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Shared live state, for health checks.
@@ -117,6 +130,7 @@ impl Worker {
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut in_flight: HashMap<tokio::task::Id, ClaimedJob> = HashMap::new();
         let mut last_rescue = 0i64;
+        let mut last_beat = 0i64;
         let rescue_every_ms = (cfg.poll_interval.as_millis() as i64).clamp(100, 5_000);
 
         while !shutdown.is_cancelled() {
@@ -128,8 +142,23 @@ impl Worker {
                 last_rescue = now;
                 match self.store.rescue_expired(now).await {
                     Ok(0) => {}
-                    Ok(n) => info!(jobs = n, "rescued jobs whose lease expired"),
-                    Err(e) => warn!(error = %e, "could not rescue expired leases"),
+                    Ok(n) => {
+                        self.metrics.jobs_rescued.inc_by(n);
+                        info!(jobs = n, "rescued jobs whose lease expired");
+                    }
+                    Err(e) => {
+                        self.metrics.dependency_failed(Dependency::database);
+                        warn!(error = %e, "could not rescue expired leases");
+                    }
+                }
+            }
+            if now - last_beat >= HEARTBEAT_EVERY_MS {
+                match self.store.heartbeat(&cfg.id, in_flight.len() as i64, now).await {
+                    Ok(()) => last_beat = now,
+                    Err(e) => {
+                        self.metrics.dependency_failed(Dependency::database);
+                        warn!(error = %e, "could not record the worker heartbeat");
+                    }
                 }
             }
             let free = cfg.concurrency.saturating_sub(in_flight.len());
@@ -139,22 +168,26 @@ impl Worker {
                     Ok(jobs) => {
                         claimed_all = !jobs.is_empty() && jobs.len() == free;
                         for job in jobs {
+                            self.metrics
+                                .jobs_claimed
+                                .get_or_create(&KindLabels { kind: job.step.kind().to_string() })
+                                .inc();
                             let handle = tasks.spawn(self.job_task(job.clone()));
                             in_flight.insert(handle.id(), job);
                         }
                     }
-                    Err(e) => warn!(error = %e, "could not claim jobs; retrying after the poll interval"),
+                    Err(e) => {
+                        self.metrics.dependency_failed(Dependency::database);
+                        warn!(error = %e, "could not claim jobs; retrying after the poll interval");
+                    }
                 }
             }
             self.state.in_flight.store(in_flight.len(), Ordering::Relaxed);
             self.state.last_pass_ms.store(now_ms(), Ordering::Relaxed);
             if claimed_all {
-                // The queue may hold more; look again as soon as a slot frees.
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    Some(done) = tasks.join_next_with_id() => Self::forget(&mut in_flight, done),
-                }
-                continue;
+                // The queue may hold more: claim again as soon as a slot frees
+                // (the select below wakes on a finished job).
+                tokio::task::yield_now().await;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -165,6 +198,10 @@ impl Worker {
         }
 
         let report = self.drain(tasks, in_flight).await;
+        let day_ago = now_ms() - 86_400_000;
+        if let Err(e) = self.store.forget_worker(&cfg.id, day_ago).await {
+            warn!(error = %e, "could not remove the worker heartbeat");
+        }
         info!(drained = report.drained, released = report.released, "worker stopped");
         report
     }
@@ -224,6 +261,7 @@ impl Worker {
         let store = self.store.clone();
         let runner = self.runner.clone();
         let cfg = self.config.clone();
+        let metrics = self.metrics.clone();
         let span = tracing::info_span!(
             "job",
             job_id = job.id,
@@ -233,11 +271,17 @@ impl Worker {
             kind = job.step.kind(),
             attempt = job.attempt,
         );
-        async move { process(store, runner, cfg, job).await }.instrument(span)
+        async move {
+            let started = std::time::Instant::now();
+            let kind = job.step.kind();
+            let outcome = process(store, runner, cfg, job).await;
+            metrics.observe_job(kind, outcome, started.elapsed());
+        }
+        .instrument(span)
     }
 }
 
-async fn process(store: Store, runner: StepRunner, cfg: WorkerConfig, job: ClaimedJob) {
+async fn process(store: Store, runner: StepRunner, cfg: WorkerConfig, job: ClaimedJob) -> JobOutcome {
     debug!("step started");
     let context = match store.run_context(job.run_id).await {
         Ok(c) => c,
@@ -245,7 +289,7 @@ async fn process(store: Store, runner: StepRunner, cfg: WorkerConfig, job: Claim
             warn!(error = %e, "could not load the run context");
             let delay = backoff(job.attempt, cfg.backoff_base, cfg.backoff_max);
             persist(|| store.retry(&job, "could not load run context (database unavailable)", now_ms() + delay.as_millis() as i64, now_ms())).await;
-            return;
+            return JobOutcome::retried;
         }
     };
     let ctx = TemplateContext {
@@ -268,15 +312,17 @@ async fn process(store: Store, runner: StepRunner, cfg: WorkerConfig, job: Claim
         outcome = execute => outcome,
         () = keep_lease => {
             info!("claim lost (run cancelled or lease taken over); abandoning the step");
-            return;
+            return JobOutcome::abandoned;
         }
     };
     match outcome {
         Ok(output) => {
             if persist(|| store.complete(&job, &output, now_ms())).await == Some(Finish::Stale) {
                 info!("step finished but its claim was no longer valid; result discarded");
+                JobOutcome::abandoned
             } else {
                 info!("step succeeded");
+                JobOutcome::succeeded
             }
         }
         Err(StepError::Transient { message, retry_after }) if job.attempt < job.max_attempts => {
@@ -284,11 +330,13 @@ async fn process(store: Store, runner: StepRunner, cfg: WorkerConfig, job: Claim
             warn!(error = %message, delay_ms = delay.as_millis() as u64, "step failed; retry scheduled");
             let now = now_ms();
             persist(|| store.retry(&job, &message, now + delay.as_millis() as i64, now)).await;
+            JobOutcome::retried
         }
         Err(e) => {
             let message = e.to_string();
             warn!(error = %message, "step failed for good; dead-lettered");
             persist(|| store.dead_letter(&job, &message, now_ms())).await;
+            JobOutcome::dead_lettered
         }
     }
 }

@@ -169,8 +169,16 @@ async fn probes_tell_the_truth_and_readiness_flips_on_shutdown(backend: Backend)
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
     assert_eq!(ready.body["status"], "ready");
     assert_eq!(ready.body["dependencies"]["database"]["status"], "ok");
-    assert_eq!(ready.body["dependencies"]["worker"]["status"], "disabled");
+    // No worker anywhere: reported, but the API stays ready (runs are durable).
+    assert_eq!(ready.body["dependencies"]["worker"]["status"], "error");
     assert_eq!(ready.body["dependencies"]["redis"]["status"], "disabled");
+    env.store.heartbeat("worker-a", 0, vm_webapp::model::now_ms()).await.expect("beat");
+    let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
+    assert_eq!(ready.body["dependencies"]["worker"]["status"], "ok", "{}", ready.body);
+    env.store.heartbeat("worker-a", 0, vm_webapp::model::now_ms() - 3_600_000).await.expect("beat");
+    let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
+    assert_eq!(ready.body["dependencies"]["worker"]["status"], "error", "a stale heartbeat is not a live worker");
+    assert_eq!(ready.status, StatusCode::OK);
 
     state.shutting_down.store(true, Ordering::SeqCst);
     let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
@@ -205,7 +213,66 @@ async fn the_api_answers_over_real_http(backend: Backend) {
     server.abort();
 }
 
+async fn metrics_count_requests_jobs_and_queue_with_bounded_labels(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let state = env.state();
+    let app = vm_webapp::http::router(state.clone());
+    let fake = support::fake_llm::FakeLlm::start(vec![
+        support::fake_llm::Answer::Status(500),
+        support::fake_llm::Answer::Text("ok"),
+    ])
+    .await;
+    let llm = vm_webapp::steps::llm::LlmClient::new(&fake.base_url, "m", None, Duration::from_secs(2)).expect("client");
+    let runner = vm_webapp::steps::StepRunner::new(LlmBackend::Remote(llm)).with_metrics(state.metrics.clone());
+    let config = vm_webapp::worker::WorkerConfig {
+        id: "metrics-worker".into(),
+        concurrency: 2,
+        poll_interval: Duration::from_millis(20),
+        lease: Duration::from_secs(5),
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(20),
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let id = create(&app, r#"{"steps":[{"kind":"template","template":"a"},{"kind":"llm","prompt":"{{prev}}"}]}"#).await;
+    let queued = support::get_text(&app, "/metrics").await;
+    assert!(queued.contains(r#"vm_queue_jobs{state="queued"} 1"#), "{queued}");
+    assert!(queued.contains(r#"vm_queue_jobs{state="waiting"} 1"#), "{queued}");
+
+    let worker = vm_webapp::worker::Worker::new(env.store.clone(), runner, config, state.wake.clone())
+        .with_metrics(state.metrics.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(worker.run(stop.clone()));
+    env.wait_for(id, RunStatus::Succeeded, Duration::from_secs(20)).await;
+    send(&app, "GET", &format!("/api/v2/runs/{id}"), None, &[]).await;
+
+    let text = support::get_text(&app, "/api/v2/metrics/prometheus").await;
+    stop.cancel();
+    handle.await.expect("worker");
+    for expected in [
+        r#"vm_http_requests_total{method="POST",route="/api/v2/runs",status_class="2xx"} 1"#,
+        r#"vm_http_requests_total{method="GET",route="/api/v2/runs/{id}",status_class="2xx"} 1"#,
+        r#"vm_http_request_duration_seconds_count{method="POST",route="/api/v2/runs"} 1"#,
+        r#"vm_jobs_claimed_total{kind="template"} 1"#,
+        r#"vm_jobs_claimed_total{kind="llm"} 2"#,
+        r#"vm_jobs_finished_total{kind="llm",outcome="retried"} 1"#,
+        r#"vm_jobs_finished_total{kind="llm",outcome="succeeded"} 1"#,
+        r#"vm_job_duration_seconds_count{kind="template",outcome="succeeded"} 1"#,
+        r#"vm_llm_request_duration_seconds_count{outcome="status_5xx"} 1"#,
+        r#"vm_llm_request_duration_seconds_count{outcome="ok"} 1"#,
+        r#"vm_dependency_failures_total{dependency="llm"} 1"#,
+        r#"vm_queue_jobs{state="queued"} 0"#,
+        r#"vm_queue_jobs{state="dead"} 0"#,
+        "vm_queue_oldest_job_age_seconds",
+        "vm_worker_heartbeat_age_seconds",
+        r#"vm_build_info{version=""#,
+    ] {
+        assert!(text.contains(expected), "missing {expected} in:\n{text}");
+    }
+    assert!(!text.contains(&id.to_string()), "a run id leaked into a metric label");
+}
+
 on_both_backends!(
+    metrics_count_requests_jobs_and_queue_with_bounded_labels,
     a_run_goes_from_accepted_to_succeeded_with_its_events,
     idempotency_key_replays_the_original_run_and_rejects_a_different_body,
     runs_are_listed_newest_first_with_cursor_pages_and_a_status_filter,

@@ -5,7 +5,10 @@
 //!   pod restarted.
 //! - `GET /api/v2/health/ready`: `200 {"status":"ready",…}` or
 //!   `503 {"status":"not_ready",…}` with `dependencies.database`, `.worker` and
-//!   `.redis`, each `{"status": "ok"|"error"|"disabled", "reason": …}`. Each
+//!   `.redis`, each `{"status": "ok"|"error"|"disabled", "reason": …}`. The
+//!   worker is checked in-process when it runs here, else through the
+//!   freshest heartbeat in the database; only the database, an in-process
+//!   worker and shutdown decide readiness. Each
 //!   check is bounded in time; the answer flips to `not_ready` as soon as
 //!   shutdown begins. Reasons are fixed phrases, never driver messages.
 
@@ -40,7 +43,14 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         Err(_) => dep("error", "database check timed out"),
     };
     let worker = match &state.worker {
-        None => dep("disabled", "no worker in this process"),
+        None => match tokio::time::timeout(DB_CHECK_TIMEOUT, state.store.last_heartbeat()).await {
+            Ok(Ok(Some(t))) if now_ms() - t <= state.worker_stall_after.as_millis() as i64 => {
+                dep("ok", "a worker reported a recent heartbeat")
+            }
+            Ok(Ok(Some(_))) => dep("error", "no worker heartbeat within the window; runs stay queued"),
+            Ok(Ok(None)) => dep("error", "no worker has reported a heartbeat; runs stay queued"),
+            _ => dep("error", "worker heartbeat check failed"),
+        },
         Some(w) => {
             let last = w.last_pass_ms.load(Ordering::Relaxed);
             let age = now_ms() - last;
@@ -58,7 +68,11 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         Some(_) => dep("disabled", "configured but not used by this build"),
     };
     let shutting_down = state.is_shutting_down();
-    let healthy = !shutting_down && database["status"] == "ok" && worker["status"] != "error";
+    // A stalled in-process worker makes this process unfit to serve; a
+    // missing separate worker does not: runs are durable and are accepted
+    // (the `worker` entry and the queue metrics tell on-call people).
+    let own_worker_failed = state.worker.is_some() && worker["status"] == "error";
+    let healthy = !shutting_down && database["status"] == "ok" && !own_worker_failed;
     let mut body = json!({
         "status": if healthy { "ready" } else { "not_ready" },
         "dependencies": {"database": database, "worker": worker, "redis": redis},

@@ -3,6 +3,7 @@
 //! - `GET /health/live`, `GET /health/ready` (see [`health`])
 //! - `POST /runs`, `GET /runs`, `GET /runs/{id}`, `GET /runs/{id}/events`,
 //!   `POST /runs/{id}/cancel` (see [`runs`])
+//! - `GET /metrics/prometheus`, and `GET /metrics` at the root (see [`metrics`])
 //!
 //! Every response carries `x-request-id` (the caller's, or a generated UUID),
 //! and every log line of a request is inside a span carrying it. Unknown
@@ -10,6 +11,7 @@
 
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod runs;
 
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath};
 use axum::http::{Request, Response};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -28,6 +30,7 @@ use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::http::error::ApiError;
 use crate::store::Store;
 use crate::worker::WorkerState;
@@ -48,8 +51,11 @@ pub struct AppState {
     pub shutting_down: Arc<AtomicBool>,
     /// The in-process worker's live state, when there is one.
     pub worker: Option<Arc<WorkerState>>,
-    /// How old the worker's last loop pass may be before it counts as stalled.
+    /// How old the worker's last loop pass (in-process) or the freshest
+    /// heartbeat (separate workers) may be before the worker counts as stalled.
     pub worker_stall_after: Duration,
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -61,7 +67,8 @@ impl AppState {
             wake: Arc::new(Notify::new()),
             shutting_down: Arc::new(AtomicBool::new(false)),
             worker: None,
-            worker_stall_after: Duration::from_secs(30),
+            worker_stall_after: Duration::from_secs(60),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -71,11 +78,12 @@ impl AppState {
     }
 }
 
-/// The probe routes, shared by `serve` and the worker's health port.
+/// The probe and metrics routes, shared by `serve` and the worker's health port.
 pub fn health_routes() -> Router<AppState> {
     Router::new()
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
+        .route("/metrics/prometheus", get(metrics::prometheus))
 }
 
 /// The full API router.
@@ -90,17 +98,38 @@ pub fn router(state: AppState) -> Router {
         Router::new()
             .nest(API_PREFIX, api)
             .layer(DefaultBodyLimit::max(body_limit)),
+        &state,
     )
     .with_state(state)
 }
 
-/// The worker's health router: probes only.
+/// The worker's health router: probes and metrics only.
 pub fn health_router(state: AppState) -> Router {
-    with_common_layers(Router::new().nest(API_PREFIX, health_routes())).with_state(state)
+    with_common_layers(Router::new().nest(API_PREFIX, health_routes()), &state).with_state(state)
 }
 
-fn with_common_layers(router: Router<AppState>) -> Router<AppState> {
+/// Counts and times every routed request by its route template.
+async fn track(
+    axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().as_str().to_string();
+    let response = next.run(req).await;
+    metrics.observe_http(&method, &route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+fn with_common_layers(router: Router<AppState>, state: &AppState) -> Router<AppState> {
     router
+        .route("/metrics", get(metrics::prometheus))
+        .route_layer(axum::middleware::from_fn_with_state(state.metrics.clone(), track))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::{LlmMode, Secret, Settings};
+use crate::metrics::{Dependency, Metrics};
 use crate::steps::StepError;
 
 /// Model name reported by the offline model.
@@ -112,6 +113,7 @@ pub struct LlmClient {
     url: String,
     model: String,
     api_key: Option<Secret>,
+    metrics: Option<std::sync::Arc<Metrics>>,
 }
 
 #[derive(Deserialize)]
@@ -151,11 +153,35 @@ impl LlmClient {
             url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
             model: model.to_string(),
             api_key,
+            metrics: None,
         })
+    }
+
+    /// Records latency and failures of every call in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Sends one chat completion and classifies the outcome.
     pub async fn complete(&self, request: &LlmRequest) -> Result<LlmReply, StepError> {
+        let started = std::time::Instant::now();
+        let result = self.call(request).await;
+        if let Some(m) = &self.metrics {
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err((outcome, _)) => outcome,
+            };
+            m.observe_llm(outcome, started.elapsed());
+            if result.is_err() {
+                m.dependency_failed(Dependency::llm);
+            }
+        }
+        result.map_err(|(_, e)| e)
+    }
+
+    /// One call; errors carry a fixed outcome name for metrics.
+    async fn call(&self, request: &LlmRequest) -> Result<LlmReply, (&'static str, StepError)> {
         let mut messages = Vec::new();
         if let Some(system) = &request.system {
             messages.push(json!({"role": "system", "content": system}));
@@ -174,9 +200,9 @@ impl LlmClient {
         }
         let response = call.send().await.map_err(|e| {
             if e.is_timeout() {
-                StepError::transient("llm endpoint timed out")
+                ("timeout", StepError::transient("llm endpoint timed out"))
             } else {
-                StepError::transient("llm endpoint unreachable")
+                ("unreachable", StepError::transient("llm endpoint unreachable"))
             }
         })?;
         let status = response.status();
@@ -191,24 +217,37 @@ impl LlmClient {
             let transient = status.is_server_error()
                 || status == reqwest::StatusCode::TOO_MANY_REQUESTS
                 || status == reqwest::StatusCode::REQUEST_TIMEOUT;
-            return Err(if transient {
-                StepError::Transient {
-                    message,
-                    retry_after,
-                }
+            let outcome = if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                "status_429"
+            } else if status.is_server_error() {
+                "status_5xx"
             } else {
-                StepError::Permanent { message }
-            });
+                "status_4xx"
+            };
+            return Err((
+                outcome,
+                if transient {
+                    StepError::Transient {
+                        message,
+                        retry_after,
+                    }
+                } else {
+                    StepError::Permanent { message }
+                },
+            ));
         }
         let parsed: ChatResponse = response.json().await.map_err(|e| {
             if e.is_timeout() {
-                StepError::transient("llm endpoint timed out")
+                ("timeout", StepError::transient("llm endpoint timed out"))
             } else {
-                StepError::permanent("llm endpoint returned a response that is not a chat completion")
+                (
+                    "invalid_response",
+                    StepError::permanent("llm endpoint returned a response that is not a chat completion"),
+                )
             }
         })?;
         let Some(choice) = parsed.choices.into_iter().next() else {
-            return Err(StepError::permanent("llm endpoint returned no choices"));
+            return Err(("invalid_response", StepError::permanent("llm endpoint returned no choices")));
         };
         Ok(LlmReply {
             text: choice.message.content.unwrap_or_default(),

@@ -286,6 +286,14 @@ impl StepRunner {
         Self { llm }
     }
 
+    /// Records LLM call latency and failures in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        if let LlmBackend::Remote(client) = self.llm {
+            self.llm = LlmBackend::Remote(client.with_metrics(metrics));
+        }
+        self
+    }
+
     /// Runs one step with the run's input and the outputs of earlier steps.
     pub async fn execute(
         &self,

@@ -73,9 +73,15 @@ impl TestEnv {
         let mut all: Vec<(&str, &str)> = vec![("VM_DB_URL", &url), ("VM_WORKSPACE_ROOT", &root)];
         all.extend_from_slice(vars);
         let settings = Arc::new(settings_from(&all).expect("test settings are valid"));
-        let store = Store::connect(&settings.database, 10).await.expect("connect");
+        let store = Store::connect(&settings.database, 10)
+            .await
+            .expect("connect");
         store.migrate().await.expect("migrate");
-        TestEnv { settings, store, dir }
+        TestEnv {
+            settings,
+            store,
+            dir,
+        }
     }
 
     pub fn state(&self) -> AppState {
@@ -87,7 +93,11 @@ impl TestEnv {
     }
 
     /// Starts a worker; cancel the token to stop it and get its drain report.
-    pub fn spawn_worker(&self, concurrency: usize, llm: LlmBackend) -> (JoinHandle<DrainReport>, CancellationToken) {
+    pub fn spawn_worker(
+        &self,
+        concurrency: usize,
+        llm: LlmBackend,
+    ) -> (JoinHandle<DrainReport>, CancellationToken) {
         self.spawn_worker_with(concurrency, llm, |_| {})
     }
 
@@ -107,21 +117,39 @@ impl TestEnv {
             shutdown_grace: self.settings.queue.shutdown_grace,
         };
         tune(&mut config);
-        let worker = Worker::new(self.store.clone(), StepRunner::new(llm), config, Arc::new(tokio::sync::Notify::new()));
+        let worker = Worker::new(
+            self.store.clone(),
+            StepRunner::new(llm),
+            config,
+            Arc::new(tokio::sync::Notify::new()),
+        );
         let token = CancellationToken::new();
         (tokio::spawn(worker.run(token.clone())), token)
     }
 
     /// Polls until the run reaches `status`; panics with the run after `timeout`.
-    pub async fn wait_for(&self, id: Uuid, status: RunStatus, timeout: Duration) -> vm_webapp::model::RunDetail {
+    pub async fn wait_for(
+        &self,
+        id: Uuid,
+        status: RunStatus,
+        timeout: Duration,
+    ) -> vm_webapp::model::RunDetail {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let detail = self.store.get_run(id).await.expect("get_run").expect("run exists");
+            let detail = self
+                .store
+                .get_run(id)
+                .await
+                .expect("get_run")
+                .expect("run exists");
             if detail.run.status == status {
                 return detail;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("run {id} did not reach {status:?} in {timeout:?}: {:?} {:?}", detail.run.status, detail.steps);
+                panic!(
+                    "run {id} did not reach {status:?} in {timeout:?}: {:?} {:?}",
+                    detail.run.status, detail.steps
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -139,6 +167,18 @@ impl TestEnv {
     }
 }
 
+/// GETs `uri` and returns the body as text (for non-JSON answers such as metrics).
+pub async fn get_text(app: &Router, uri: &str) -> String {
+    let req = Request::builder()
+        .uri(uri)
+        .body(Body::empty())
+        .expect("request");
+    let res = app.clone().oneshot(req).await.expect("router answers");
+    assert_eq!(res.status(), StatusCode::OK, "GET {uri}");
+    let bytes = res.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8(bytes.to_vec()).expect("utf-8")
+}
+
 /// A response, decoded.
 pub struct Reply {
     pub status: StatusCode,
@@ -147,13 +187,22 @@ pub struct Reply {
 }
 
 /// Sends one request through the router.
-pub async fn send(app: &Router, method: &str, uri: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Reply {
+pub async fn send(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Reply {
     let mut req = Request::builder().method(method).uri(uri);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let req = req
-        .body(body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty))
+        .body(
+            body.map(|b| Body::from(b.to_string()))
+                .unwrap_or_else(Body::empty),
+        )
         .expect("request");
     let res = app.clone().oneshot(req).await.expect("router answers");
     let status = res.status();
@@ -162,16 +211,24 @@ pub async fn send(app: &Router, method: &str, uri: &str, body: Option<&str>, hea
     let body = if bytes.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("response is not JSON: {}", String::from_utf8_lossy(&bytes)))
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("response is not JSON: {}", String::from_utf8_lossy(&bytes)))
     };
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// Creates a run through the API and returns its id.
 pub async fn create(app: &Router, body: &str) -> Uuid {
     let reply = send(app, "POST", "/api/v2/runs", Some(body), &[]).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
-    reply.body["id"].as_str().and_then(|s| s.parse().ok()).expect("run id")
+    reply.body["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("run id")
 }
 
 /// Generates one test per backend for each named scenario `async fn name(Backend)`.

@@ -1,0 +1,241 @@
+//! Prometheus metrics (prometheus-client), served in text format at
+//! `GET /api/v2/metrics/prometheus` and `GET /metrics`.
+//!
+//! Every family is prefixed `vm_` and carries its unit in its name. Labels are
+//! bounded: a route *template*, a method, a status class, a step kind, a fixed
+//! outcome or dependency name, never an id, a raw path or an error string.
+//! Queue depth, oldest-job age and worker heartbeat age are read from the
+//! database at scrape time (bounded in time), so they are true across replicas.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+/// `method`, `route`, `status_class` of an HTTP request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// HTTP method.
+    pub method: String,
+    /// Route template (`/api/v2/runs/{id}`), or `unmatched`.
+    pub route: String,
+    /// `2xx`, `4xx`, `5xx`, …
+    pub status_class: String,
+}
+
+/// `method`, `route` of an HTTP request (for the latency histogram).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// HTTP method.
+    pub method: String,
+    /// Route template.
+    pub route: String,
+}
+
+/// The step kind of a job.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `template`, `transform`, `delay`, `llm`.
+    pub kind: String,
+}
+
+/// How a job execution ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum JobOutcome {
+    /// Result recorded.
+    succeeded,
+    /// Failed, retry scheduled.
+    retried,
+    /// Failed for good.
+    dead_lettered,
+    /// Claim lost or released at shutdown.
+    abandoned,
+}
+
+/// Step kind and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    /// Step kind.
+    pub kind: String,
+    /// Outcome.
+    pub outcome: JobOutcome,
+}
+
+/// A dependency of the app.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Dependency {
+    /// The relational database.
+    database,
+    /// Redis.
+    redis,
+    /// The LLM endpoint.
+    llm,
+}
+
+/// `dependency` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    /// Which dependency failed.
+    pub dependency: Dependency,
+}
+
+/// `outcome` of an LLM call: `ok`, `timeout`, `unreachable`, `status_4xx`,
+/// `status_5xx`, `status_429`, `invalid_response`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LlmLabels {
+    /// Fixed outcome name.
+    pub outcome: String,
+}
+
+/// Job `state` label for queue gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `waiting`, `queued`, `running`, `dead`.
+    pub state: String,
+}
+
+/// `version` label of the build-info gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// Crate version.
+    pub version: String,
+}
+
+fn latency_buckets() -> Histogram {
+    // 5 ms … ~41 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+/// All metric families of one process.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// HTTP requests by method, route template and status class.
+    pub http_requests: Family<HttpLabels, Counter>,
+    /// HTTP request latency by method and route template.
+    pub http_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Jobs claimed by step kind.
+    pub jobs_claimed: Family<KindLabels, Counter>,
+    /// Job executions by kind and outcome.
+    pub jobs_finished: Family<JobLabels, Counter>,
+    /// Job execution time by kind and outcome.
+    pub job_duration: Family<JobLabels, Histogram, fn() -> Histogram>,
+    /// Jobs whose lease expired and were redelivered or dead-lettered.
+    pub jobs_rescued: Counter,
+    /// Failures talking to a dependency.
+    pub dependency_failures: Family<DependencyLabels, Counter>,
+    /// LLM call latency by outcome.
+    pub llm_duration: Family<LlmLabels, Histogram, fn() -> Histogram>,
+    /// Jobs by state (scrape time).
+    pub queue_jobs: Family<StateLabels, Gauge>,
+    /// Age of the oldest job by state, seconds (scrape time).
+    pub queue_oldest_age: Family<StateLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Age of the freshest worker heartbeat, seconds (scrape time; -1 when none).
+    pub worker_heartbeat_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family under the `vm` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vm");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(latency_buckets as fn() -> Histogram),
+            jobs_claimed: Family::default(),
+            jobs_finished: Family::default(),
+            job_duration: Family::new_with_constructor(latency_buckets as fn() -> Histogram),
+            jobs_rescued: Counter::default(),
+            dependency_failures: Family::default(),
+            llm_duration: Family::new_with_constructor(latency_buckets as fn() -> Histogram),
+            queue_jobs: Family::default(),
+            queue_oldest_age: Family::default(),
+            worker_heartbeat_age: Gauge::default(),
+        };
+        registry.register("http_requests", "HTTP requests by method, route template and status class", m.http_requests.clone());
+        registry.register_with_unit("http_request_duration", "HTTP request latency", Unit::Seconds, m.http_duration.clone());
+        registry.register("jobs_claimed", "Jobs claimed by workers, by step kind", m.jobs_claimed.clone());
+        registry.register("jobs_finished", "Job executions by step kind and outcome", m.jobs_finished.clone());
+        registry.register_with_unit("job_duration", "Job execution time by step kind and outcome", Unit::Seconds, m.job_duration.clone());
+        registry.register("jobs_lease_expired", "Jobs whose lease expired (worker lost) and were redelivered or dead-lettered", m.jobs_rescued.clone());
+        registry.register("dependency_failures", "Failed calls to a dependency", m.dependency_failures.clone());
+        registry.register_with_unit("llm_request_duration", "LLM call latency by outcome", Unit::Seconds, m.llm_duration.clone());
+        registry.register("queue_jobs", "Jobs in the queue by state", m.queue_jobs.clone());
+        registry.register_with_unit("queue_oldest_job_age", "Age of the oldest job by state", Unit::Seconds, m.queue_oldest_age.clone());
+        registry.register_with_unit("worker_heartbeat_age", "Age of the most recent worker heartbeat (-1: none)", Unit::Seconds, m.worker_heartbeat_age.clone());
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        registry.register("build_info", "Build information", build);
+        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
+        m
+    }
+
+    /// Records one HTTP request.
+    pub fn observe_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let status_class = format!("{}xx", status / 100);
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                method: method.to_string(),
+                route: route.to_string(),
+                status_class,
+            })
+            .inc();
+        self.http_duration
+            .get_or_create(&RouteLabels {
+                method: method.to_string(),
+                route: route.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records a finished job execution.
+    pub fn observe_job(&self, kind: &str, outcome: JobOutcome, elapsed: Duration) {
+        let labels = JobLabels {
+            kind: kind.to_string(),
+            outcome,
+        };
+        self.jobs_finished.get_or_create(&labels).inc();
+        self.job_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a failed call to `dependency`.
+    pub fn dependency_failed(&self, dependency: Dependency) {
+        self.dependency_failures
+            .get_or_create(&DependencyLabels { dependency })
+            .inc();
+    }
+
+    /// Records one LLM call.
+    pub fn observe_llm(&self, outcome: &str, elapsed: Duration) {
+        self.llm_duration
+            .get_or_create(&LlmLabels {
+                outcome: outcome.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
