@@ -48,7 +48,9 @@ impl FakeLlm {
         let app = Router::new()
             .route("/v1/chat/completions", post(answer))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake llm");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake llm");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -65,10 +67,17 @@ impl FakeLlm {
     }
 }
 
-async fn answer(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+async fn answer(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     let next = {
         let mut inner = inner.lock().expect("lock");
-        let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         inner.requests.push((auth, body.clone()));
         let next = inner.script.pop_front().or_else(|| inner.last.clone());
         inner.last = next.clone();

@@ -25,13 +25,17 @@ fn bindir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.retain(|p| p.join("initdb").exists());
     candidates.sort();
-    candidates
-        .pop()
-        .expect("PostgreSQL server binaries not found: install postgresql-15 or set VM_TEST_PG_BINDIR")
+    candidates.pop().expect(
+        "PostgreSQL server binaries not found: install postgresql-15 or set VM_TEST_PG_BINDIR",
+    )
 }
 
 fn is_root() -> bool {
@@ -68,7 +72,8 @@ impl PgServer {
     /// Initialises and starts a new server. It is stopped by the watchdog when
     /// this process exits, or earlier by [`PgServer::stop`].
     pub fn start() -> PgServer {
-        let base = std::env::temp_dir().join(format!("vm-test-pg-{}", uuid::Uuid::new_v4().simple()));
+        let base =
+            std::env::temp_dir().join(format!("vm-test-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&base).expect("create pg base dir");
         let server = PgServer {
             port: free_port(),
@@ -89,10 +94,23 @@ impl PgServer {
             .command("initdb")
             .arg("-D")
             .arg(server.data())
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "--no-instructions"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ])
             .output()
             .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         server.launch();
         server.spawn_watchdog();
         server
@@ -108,7 +126,14 @@ impl PgServer {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.base.display()))
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
             .args(["-c", "max_connections=300", "-c", "shared_buffers=64MB"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -126,7 +151,11 @@ impl PgServer {
             if ready {
                 return;
             }
-            assert!(Instant::now() < deadline, "postgres did not start; see {}", self.base.join("server.log").display());
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start; see {}",
+                self.base.join("server.log").display()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -168,8 +197,13 @@ impl PgServer {
     /// Creates a new empty database and returns its URL.
     pub async fn create_database(&self) -> String {
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = sqlx::PgConnection::connect(&self.url("postgres")).await.expect("connect to postgres");
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
+        let mut conn = sqlx::PgConnection::connect(&self.url("postgres"))
+            .await
+            .expect("connect to postgres");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create database");
         let _ = conn.close().await;
         self.url(&name)
     }
@@ -187,6 +221,8 @@ pub fn shared() -> &'static PgServer {
 
 /// A fresh database on the shared server.
 pub async fn fresh_database() -> String {
-    let server = tokio::task::spawn_blocking(shared).await.expect("start postgres");
+    let server = tokio::task::spawn_blocking(shared)
+        .await
+        .expect("start postgres");
     server.create_database().await
 }
