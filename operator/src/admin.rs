@@ -44,7 +44,14 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 
 async fn metrics(State(s): State<AdminState>) -> Response {
     match crate::metrics::encode(&s.registry) {
-        Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response(),
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
@@ -57,7 +64,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin server listening");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 #[cfg(test)]
@@ -70,7 +79,10 @@ mod tests {
     fn state() -> AdminState {
         let mut registry = crate::metrics::registry();
         crate::metrics::Metrics::register(&mut registry);
-        AdminState { registry: Arc::new(registry), ready: Arc::new(AtomicBool::new(false)) }
+        AdminState {
+            registry: Arc::new(registry),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     async fn get(state: &AdminState, path: &str) -> (StatusCode, String) {
@@ -79,7 +91,9 @@ mod tests {
             .await
             .expect("response");
         let status = response.status();
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
         (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 

@@ -153,7 +153,12 @@ pub async fn reconcile(app: Arc<VmWebapp>, ctx: Arc<Context>) -> Result<Action, 
 
 /// Decide when to retry after an error: per-object exponential backoff.
 pub fn error_policy(app: Arc<VmWebapp>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.errors.get_or_create(&ErrorLabels { reason: error.metric_label() }).inc();
+    ctx.metrics
+        .errors
+        .get_or_create(&ErrorLabels {
+            reason: error.metric_label(),
+        })
+        .inc();
     let delay = ctx.backoff(&key(&app));
     warn!(name = %app.name_any(), error = %error, retry_in_s = delay.as_secs(), "reconcile failed");
     Action::requeue(delay)
@@ -171,7 +176,13 @@ struct Pass<'a> {
 impl<'a> Pass<'a> {
     fn new(app: &'a VmWebapp, ctx: &'a Context) -> Result<Self, Error> {
         let ns = app.namespace().ok_or(Error::MissingNamespace)?;
-        Ok(Self { app, ctx, ns, name: app.name_any(), written: Vec::new() })
+        Ok(Self {
+            app,
+            ctx,
+            ns,
+            name: app.name_any(),
+            written: Vec::new(),
+        })
     }
 
     fn api<K: Resource<Scope = k8s_openapi::NamespaceResourceScope>>(&self) -> Api<K>
@@ -210,20 +221,29 @@ impl<'a> Pass<'a> {
             deployments_changed: false,
         };
         if spec.suspend {
-            return self.finish(&observed, Action::requeue(Duration::from_secs(600))).await;
+            return self
+                .finish(&observed, Action::requeue(Duration::from_secs(600)))
+                .await;
         }
         if !observed.missing_secrets.is_empty() {
             // Not retried hot: the Secret watch triggers a pass as soon as it appears.
-            return self.finish(&observed, Action::requeue(Duration::from_secs(300))).await;
+            return self
+                .finish(&observed, Action::requeue(Duration::from_secs(300)))
+                .await;
         }
 
         // 3. Shared children first: the migration Job needs the ServiceAccount and ConfigMap.
-        let inputs = Inputs { serving_image: spec.image.clone(), secret_data: secret_data.clone() };
+        let inputs = Inputs {
+            serving_image: spec.image.clone(),
+            secret_data: secret_data.clone(),
+        };
         let desired = match builders::build(app, &inputs) {
             Ok(d) => d,
             Err(e) => {
                 observed.invalid_spec = Some(e.to_string());
-                return self.finish(&observed, Action::requeue(Duration::from_secs(600))).await;
+                return self
+                    .finish(&observed, Action::requeue(Duration::from_secs(600)))
+                    .await;
             }
         };
         self.ensure_fetched(&desired.service_account).await?;
@@ -231,7 +251,8 @@ impl<'a> Pass<'a> {
         self.ensure_fetched(&desired.service).await?;
 
         // Migration gating: the Deployments move to spec.image only after its Job succeeded.
-        let needs_migration = spec.migrations.enabled && serving.as_deref() != Some(spec.image.as_str());
+        let needs_migration =
+            spec.migrations.enabled && serving.as_deref() != Some(spec.image.as_str());
         if let (true, Some(job)) = (needs_migration, &desired.migration_job) {
             observed.migration = self.migrate(job).await?;
         }
@@ -244,27 +265,47 @@ impl<'a> Pass<'a> {
             let desired = if image == spec.image {
                 desired
             } else {
-                match builders::build(app, &Inputs { serving_image: image, secret_data }) {
+                match builders::build(
+                    app,
+                    &Inputs {
+                        serving_image: image,
+                        secret_data,
+                    },
+                ) {
                     Ok(d) => d,
                     Err(e) => {
                         observed.invalid_spec = Some(e.to_string());
-                        return self.finish(&observed, Action::requeue(Duration::from_secs(600))).await;
+                        return self
+                            .finish(&observed, Action::requeue(Duration::from_secs(600)))
+                            .await;
                     }
                 }
             };
-            let api_changed = self.ensure(&deployments, &desired.api_deployment, live_api.as_ref()).await?;
-            let worker_changed = self.ensure(&deployments, &desired.worker_deployment, live_worker.as_ref()).await?;
+            let api_changed = self
+                .ensure(&deployments, &desired.api_deployment, live_api.as_ref())
+                .await?;
+            let worker_changed = self
+                .ensure(
+                    &deployments,
+                    &desired.worker_deployment,
+                    live_worker.as_ref(),
+                )
+                .await?;
             observed.deployments_changed = api_changed || worker_changed;
             self.ensure_fetched(&desired.api_pdb).await?;
             self.ensure_fetched(&desired.worker_pdb).await?;
-            self.ensure_optional(&names::api(&self.name), desired.api_hpa.as_ref()).await?;
-            self.ensure_optional(&names::worker(&self.name), desired.worker_hpa.as_ref()).await?;
+            self.ensure_optional(&names::api(&self.name), desired.api_hpa.as_ref())
+                .await?;
+            self.ensure_optional(&names::worker(&self.name), desired.worker_hpa.as_ref())
+                .await?;
         }
 
         let action = match (&observed.migration, observed.deployments_changed) {
             (Migration::Running, _) => Action::requeue(Duration::from_secs(10)),
             (_, true) => Action::requeue(Duration::from_secs(30)),
-            _ if !observed.api.complete || !observed.worker.complete => Action::requeue(Duration::from_secs(30)),
+            _ if !observed.api.complete || !observed.worker.complete => {
+                Action::requeue(Duration::from_secs(30))
+            }
             (Migration::Failed { .. }, _) => Action::requeue(Duration::from_secs(600)),
             _ => Action::requeue(Duration::from_secs(300)),
         };
@@ -273,9 +314,17 @@ impl<'a> Pass<'a> {
 
     /// Fetch every referenced Secret once; return the referenced keys' data and the
     /// `secret/key` names that are missing.
-    async fn read_secrets(&self) -> Result<(BTreeMap<(String, String), Option<Vec<u8>>>, Vec<String>), Error> {
+    async fn read_secrets(
+        &self,
+    ) -> Result<(BTreeMap<(String, String), Option<Vec<u8>>>, Vec<String>), Error> {
         let secrets: Api<Secret> = self.api();
-        let mut names: Vec<&str> = self.app.spec.secret_refs().iter().map(|r| r.name.as_str()).collect();
+        let mut names: Vec<&str> = self
+            .app
+            .spec
+            .secret_refs()
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
         names.sort_unstable();
         names.dedup();
         let mut fetched = BTreeMap::new();
@@ -313,17 +362,27 @@ impl<'a> Pass<'a> {
             return Ok(Migration::Running);
         };
         let status = live.status.clone().unwrap_or_default();
-        let has = |t: &str| status.conditions.iter().flatten().any(|c| c.type_ == t && c.status == "True");
+        let has = |t: &str| {
+            status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == t && c.status == "True")
+        };
         if has("Complete") || status.succeeded.unwrap_or(0) > 0 {
             return Ok(Migration::Succeeded);
         }
         if has("Failed") {
-            let created_for = live.annotations().get(annotations::MIGRATION_GENERATION).cloned();
+            let created_for = live
+                .annotations()
+                .get(annotations::MIGRATION_GENERATION)
+                .cloned();
             let current = self.app.metadata.generation.unwrap_or_default().to_string();
             if created_for.as_deref() != Some(current.as_str()) {
                 jobs.delete(&name, &DeleteParams::background()).await?;
                 self.count_write("Job");
-                self.written.push(format!("deleted failed Job/{name} to retry"));
+                self.written
+                    .push(format!("deleted failed Job/{name} to retry"));
                 return Ok(Migration::Running);
             }
             return Ok(Migration::Failed { job: name });
@@ -334,7 +393,11 @@ impl<'a> Pass<'a> {
     /// Apply `desired` when the live object (fetched here) differs.
     async fn ensure_fetched<K>(&mut self, desired: &K) -> Result<bool, Error>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + Debug,
     {
         let api: Api<K> = self.api();
         let live = api.get_opt(&desired.name_any()).await?;
@@ -343,13 +406,21 @@ impl<'a> Pass<'a> {
 
     /// Apply `desired` unless `live` already carries the same applied-hash and every desired
     /// field; returns whether it wrote.
-    async fn ensure<K>(&mut self, api: &Api<K>, desired: &K, live: Option<&K>) -> Result<bool, Error>
+    async fn ensure<K>(
+        &mut self,
+        api: &Api<K>,
+        desired: &K,
+        live: Option<&K>,
+    ) -> Result<bool, Error>
     where
         K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
     {
         if let Some(live) = live
             && builders::applied_hash(live) == builders::applied_hash(desired)
-            && is_subset(&serde_json::to_value(desired)?, &serde_json::to_value(live)?)
+            && is_subset(
+                &serde_json::to_value(desired)?,
+                &serde_json::to_value(live)?,
+            )
         {
             return Ok(false);
         }
@@ -371,7 +442,11 @@ impl<'a> Pass<'a> {
     }
 
     /// HPAs exist only while asked for: apply when desired, delete ours when not.
-    async fn ensure_optional(&mut self, name: &str, desired: Option<&HorizontalPodAutoscaler>) -> Result<(), Error> {
+    async fn ensure_optional(
+        &mut self,
+        name: &str,
+        desired: Option<&HorizontalPodAutoscaler>,
+    ) -> Result<(), Error> {
         let api: Api<HorizontalPodAutoscaler> = self.api();
         let live = api.get_opt(name).await?;
         match (desired, live) {
@@ -381,7 +456,8 @@ impl<'a> Pass<'a> {
             (None, Some(live)) if self.owns(&live) => {
                 api.delete(name, &DeleteParams::background()).await?;
                 self.count_write("HorizontalPodAutoscaler");
-                self.written.push(format!("deleted HorizontalPodAutoscaler/{name}"));
+                self.written
+                    .push(format!("deleted HorizontalPodAutoscaler/{name}"));
             }
             (None, _) => {}
         }
@@ -390,11 +466,17 @@ impl<'a> Pass<'a> {
 
     fn owns<K: Resource>(&self, obj: &K) -> bool {
         let uid = self.app.metadata.uid.as_deref();
-        obj.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid && o.controller == Some(true))
+        obj.owner_references()
+            .iter()
+            .any(|o| Some(o.uid.as_str()) == uid && o.controller == Some(true))
     }
 
     fn count_write(&self, kind: &'static str) {
-        self.ctx.metrics.writes.get_or_create(&KindLabels { kind }).inc();
+        self.ctx
+            .metrics
+            .writes
+            .get_or_create(&KindLabels { kind })
+            .inc();
     }
 
     /// Publish the `Applied` event, write the status if it changed, publish transition events.
@@ -402,7 +484,8 @@ impl<'a> Pass<'a> {
         let app = self.app;
         if !self.written.is_empty() {
             let note = format!("applied {}", self.written.join(", "));
-            self.publish(EventType::Normal, "Applied", "Reconcile", note).await;
+            self.publish(EventType::Normal, "Applied", "Reconcile", note)
+                .await;
         }
         let previous = app.status.as_ref();
         let new = status::compute(previous, observed, (self.ctx.now)());
@@ -414,7 +497,8 @@ impl<'a> Pass<'a> {
                 "status": new,
             });
             let params = PatchParams::apply(consts::FIELD_MANAGER).force();
-            apps.patch_status(&self.name, &params, &Patch::Apply(&body)).await?;
+            apps.patch_status(&self.name, &params, &Patch::Apply(&body))
+                .await?;
             self.transition_events(previous, &new).await;
         }
         Ok(action)
@@ -424,9 +508,17 @@ impl<'a> Pass<'a> {
         let before = status::find(previous, condition::DEGRADED);
         if let Some(d) = status::find(Some(new), condition::DEGRADED)
             && d.status == "True"
-            && before.is_none_or(|b| b.status != "True" || b.reason != d.reason || b.message != d.message)
+            && before.is_none_or(|b| {
+                b.status != "True" || b.reason != d.reason || b.message != d.message
+            })
         {
-            self.publish(EventType::Warning, &d.reason, "Reconcile", d.message.clone()).await;
+            self.publish(
+                EventType::Warning,
+                &d.reason,
+                "Reconcile",
+                d.message.clone(),
+            )
+            .await;
         }
         let progressing = status::find(Some(new), condition::PROGRESSING);
         let was = status::find(previous, condition::PROGRESSING);
@@ -434,7 +526,13 @@ impl<'a> Pass<'a> {
             && p.reason == reason::MIGRATION_RUNNING
             && was.is_none_or(|w| w.reason != p.reason)
         {
-            self.publish(EventType::Normal, "MigrationStarted", "Migrate", p.message.clone()).await;
+            self.publish(
+                EventType::Normal,
+                "MigrationStarted",
+                "Migrate",
+                p.message.clone(),
+            )
+            .await;
         }
         let ready = status::find(Some(new), condition::READY);
         let was_ready = status::find(previous, condition::READY);
@@ -442,14 +540,26 @@ impl<'a> Pass<'a> {
             && r.status == "True"
             && was_ready.is_none_or(|w| w.status != "True")
         {
-            self.publish(EventType::Normal, "Ready", "Reconcile", r.message.clone()).await;
+            self.publish(EventType::Normal, "Ready", "Reconcile", r.message.clone())
+                .await;
         }
     }
 
     /// Events are best effort: a failure is logged, never fails the pass.
     async fn publish(&self, type_: EventType, reason: &str, action: &str, note: String) {
-        let event = Event { type_, reason: reason.to_owned(), note: Some(note), action: action.to_owned(), secondary: None };
-        if let Err(e) = self.ctx.recorder.publish(&event, &self.app.object_ref(&())).await {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&event, &self.app.object_ref(&()))
+            .await
+        {
             warn!(error = %e, reason, "cannot publish event");
         }
     }
@@ -474,17 +584,24 @@ fn static_kind(kind: &str) -> &'static str {
 pub fn is_subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
     use serde_json::Value;
     match (want, have) {
-        (Value::Object(w), Value::Object(h)) => {
-            w.iter().all(|(k, v)| h.get(k).is_some_and(|hv| is_subset(v, hv)))
+        (Value::Object(w), Value::Object(h)) => w
+            .iter()
+            .all(|(k, v)| h.get(k).is_some_and(|hv| is_subset(v, hv))),
+        (Value::Array(w), Value::Array(h)) => {
+            w.len() == h.len() && w.iter().zip(h).all(|(a, b)| is_subset(a, b))
         }
-        (Value::Array(w), Value::Array(h)) => w.len() == h.len() && w.iter().zip(h).all(|(a, b)| is_subset(a, b)),
         _ => want == have,
     }
 }
 
 /// Watch `VmWebapp`s (in `namespace`, or everywhere), their children and the Secrets they
 /// reference, and reconcile until `shutdown` resolves.
-pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
@@ -496,8 +613,15 @@ pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>, s
         }
     }
     let ns = namespace.as_deref();
-    let children = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, consts::FIELD_MANAGER));
-    let controller = Controller::new(api::<VmWebapp>(&client, ns), watcher::Config::default().any_semantic());
+    let children = watcher::Config::default().labels(&format!(
+        "{}={}",
+        labels::MANAGED_BY,
+        consts::FIELD_MANAGER
+    ));
+    let controller = Controller::new(
+        api::<VmWebapp>(&client, ns),
+        watcher::Config::default().any_semantic(),
+    );
     let store = controller.store();
     let metrics = ctx.metrics.clone();
     controller
@@ -508,16 +632,20 @@ pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>, s
         .owns(api::<ServiceAccount>(&client, ns), children.clone())
         .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
         .owns(api::<HorizontalPodAutoscaler>(&client, ns), children)
-        .watches(api::<Secret>(&client, ns), watcher::Config::default(), move |secret: Secret| {
-            let name = secret.name_any();
-            let ns = secret.namespace();
-            store
-                .state()
-                .into_iter()
-                .filter(|app| app.namespace() == ns && app.spec.references_secret(&name))
-                .map(|app| ObjectRef::from_obj(&*app))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            api::<Secret>(&client, ns),
+            watcher::Config::default(),
+            move |secret: Secret| {
+                let name = secret.name_any();
+                let ns = secret.namespace();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|app| app.namespace() == ns && app.spec.references_secret(&name))
+                    .map(|app| ObjectRef::from_obj(&*app))
+                    .collect::<Vec<_>>()
+            },
+        )
         .with_config(controller::Config::default().concurrency(ctx.concurrency))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -528,7 +656,12 @@ pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>, s
                     Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
                     Err(controller::Error::ReconcilerFailed(_, _)) => {}
                     Err(e) => {
-                        metrics.errors.get_or_create(&ErrorLabels { reason: "controller" }).inc();
+                        metrics
+                            .errors
+                            .get_or_create(&ErrorLabels {
+                                reason: "controller",
+                            })
+                            .inc();
                         warn!(error = %e, "controller stream error");
                     }
                 }
@@ -549,7 +682,8 @@ mod tests {
         assert!(is_subset(&want, &have));
         let edited = json!({"spec": {"ports": [{"port": 81}], "type": "ClusterIP"}});
         assert!(!is_subset(&want, &edited));
-        let extra_port = json!({"spec": {"ports": [{"port": 80}, {"port": 90}], "type": "ClusterIP"}});
+        let extra_port =
+            json!({"spec": {"ports": [{"port": 80}, {"port": 90}], "type": "ClusterIP"}});
         assert!(!is_subset(&want, &extra_port));
     }
 }

@@ -18,7 +18,10 @@ struct Paths {
 
 impl Paths {
     fn of(app: &VmWebapp) -> Self {
-        Self { ns: app.metadata.namespace.clone().unwrap_or_default(), name: app.metadata.name.clone().unwrap_or_default() }
+        Self {
+            ns: app.metadata.namespace.clone().unwrap_or_default(),
+            name: app.metadata.name.clone().unwrap_or_default(),
+        }
     }
     fn core(&self, plural: &str, name: &str) -> String {
         format!("/api/v1/namespaces/{}/{plural}/{name}", self.ns)
@@ -51,7 +54,11 @@ impl Paths {
         self.group("autoscaling/v2", "horizontalpodautoscalers", name)
     }
     fn status(&self) -> String {
-        self.group("webapp.vm.dev/v1alpha1", "vmwebapps", &format!("{}/status", self.name))
+        self.group(
+            "webapp.vm.dev/v1alpha1",
+            "vmwebapps",
+            &format!("{}/status", self.name),
+        )
     }
     fn api(&self) -> String {
         names::api(&self.name)
@@ -74,9 +81,18 @@ fn container(deployment_patch: &Value) -> &Value {
 
 fn prod_secrets(ns: &str) -> [(&'static str, Value); 3] {
     [
-        ("vm-db", secret(ns, "vm-db", &[("url", "postgres://user:db-password@db/vm")])),
-        ("vm-llm", secret(ns, "vm-llm", &[("api-key", "sk-llm-secret")])),
-        ("vm-redis", secret(ns, "vm-redis", &[("url", "redis://:redis-password@redis")])),
+        (
+            "vm-db",
+            secret(ns, "vm-db", &[("url", "postgres://user:db-password@db/vm")]),
+        ),
+        (
+            "vm-llm",
+            secret(ns, "vm-llm", &[("api-key", "sk-llm-secret")]),
+        ),
+        (
+            "vm-redis",
+            secret(ns, "vm-redis", &[("url", "redis://:redis-password@redis")]),
+        ),
     ]
 }
 
@@ -84,9 +100,18 @@ fn prod_desired(app: &VmWebapp, image: &str) -> Desired {
     let mut inputs = Inputs::offline(app);
     inputs.serving_image = image.into();
     inputs.secret_data = [
-        (("vm-db".into(), "url".into()), Some(b"postgres://user:db-password@db/vm".to_vec())),
-        (("vm-redis".into(), "url".into()), Some(b"redis://:redis-password@redis".to_vec())),
-        (("vm-llm".into(), "api-key".into()), Some(b"sk-llm-secret".to_vec())),
+        (
+            ("vm-db".into(), "url".into()),
+            Some(b"postgres://user:db-password@db/vm".to_vec()),
+        ),
+        (
+            ("vm-redis".into(), "url".into()),
+            Some(b"redis://:redis-password@redis".to_vec()),
+        ),
+        (
+            ("vm-llm".into(), "api-key".into()),
+            Some(b"sk-llm-secret".to_vec()),
+        ),
     ]
     .into();
     builders::build(app, &inputs).expect("builds")
@@ -95,7 +120,10 @@ fn prod_desired(app: &VmWebapp, image: &str) -> Desired {
 fn assert_no_secret_values(bodies: &[String]) {
     for b in bodies {
         for secret in ["db-password", "redis-password", "sk-llm-secret"] {
-            assert!(!b.contains(secret), "a request body carries a secret value: {b}");
+            assert!(
+                !b.contains(secret),
+                "a request body carries a secret value: {b}"
+            );
         }
     }
 }
@@ -115,22 +143,39 @@ async fn first_reconcile_creates_every_child_then_reports_progressing() {
         Expect::get(p.cm(), Reply::NotFound),
         Expect::apply(p.cm(), |b| assert_eq!(b["data"]["APP_ENV"], "local")),
         Expect::get(p.svc(), Reply::NotFound),
-        Expect::apply(p.svc(), |b| assert_eq!(b["spec"]["ports"][0]["targetPort"], "http")),
+        Expect::apply(p.svc(), |b| {
+            assert_eq!(b["spec"]["ports"][0]["targetPort"], "http")
+        }),
         Expect::apply(p.deployment(&p.api()), |b| {
             assert_eq!(b["apiVersion"], "apps/v1");
             assert_eq!(b["spec"]["replicas"], 1);
-            assert_eq!(container(b)["args"], json!(["serve", "--host", "0.0.0.0", "--port", "8080"]));
+            assert_eq!(
+                container(b)["args"],
+                json!(["serve", "--host", "0.0.0.0", "--port", "8080"])
+            );
         }),
-        Expect::apply(p.deployment(&p.worker()), |b| assert_eq!(b["spec"]["replicas"], 0)),
+        Expect::apply(p.deployment(&p.worker()), |b| {
+            assert_eq!(b["spec"]["replicas"], 0)
+        }),
         Expect::get(p.pdb(&p.api()), Reply::NotFound),
-        Expect::apply(p.pdb(&p.api()), |b| assert_eq!(b["spec"]["maxUnavailable"], 1)),
+        Expect::apply(p.pdb(&p.api()), |b| {
+            assert_eq!(b["spec"]["maxUnavailable"], 1)
+        }),
         Expect::get(p.pdb(&p.worker()), Reply::NotFound),
         Expect::apply(p.pdb(&p.worker()), |_| {}),
         Expect::get(p.hpa(&p.api()), Reply::NotFound),
         Expect::get(p.hpa(&p.worker()), Reply::NotFound),
         Expect::event("demo-ns", |b| {
-            assert_eq!((b["type"].as_str(), b["reason"].as_str()), (Some("Normal"), Some("Applied")));
-            assert!(b["note"].as_str().unwrap_or_default().contains("Deployment/demo-api"));
+            assert_eq!(
+                (b["type"].as_str(), b["reason"].as_str()),
+                (Some("Normal"), Some("Applied"))
+            );
+            assert!(
+                b["note"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("Deployment/demo-api")
+            );
         }),
         Expect::apply(p.status(), |b| {
             assert_eq!(b["status"]["observedGeneration"], 1);
@@ -167,11 +212,20 @@ async fn steady_state_reconcile_reads_but_writes_nothing() {
     };
     let earlier = k8s_openapi::jiff::Timestamp::from_second(1_600_000_000).expect("timestamp");
     app.status = Some(status::compute(None, &observed, earlier));
-    assert_eq!(status::find(app.status.as_ref(), "Ready").map(|c| c.status.as_str()), Some("True"));
+    assert_eq!(
+        status::find(app.status.as_ref(), "Ready").map(|c| c.status.as_str()),
+        Some("True")
+    );
 
     let script = vec![
-        Expect::get(p.deployment(&p.api()), Reply::Object(live(&desired.api_deployment))),
-        Expect::get(p.deployment(&p.worker()), Reply::Object(live(&desired.worker_deployment))),
+        Expect::get(
+            p.deployment(&p.api()),
+            Reply::Object(live(&desired.api_deployment)),
+        ),
+        Expect::get(
+            p.deployment(&p.worker()),
+            Reply::Object(live(&desired.worker_deployment)),
+        ),
         Expect::get(p.sa(), Reply::Object(live(&desired.service_account))),
         Expect::get(p.cm(), Reply::Object(live(&desired.config_map))),
         Expect::get(p.svc(), Reply::Object(live(&desired.service))),
@@ -192,8 +246,14 @@ async fn hand_edited_child_is_restored() {
     let mut edited = live(&desired.config_map);
     edited["data"]["LOG_LEVEL"] = json!("trace");
     let script = vec![
-        Expect::get(p.deployment(&p.api()), Reply::Object(live(&desired.api_deployment))),
-        Expect::get(p.deployment(&p.worker()), Reply::Object(live(&desired.worker_deployment))),
+        Expect::get(
+            p.deployment(&p.api()),
+            Reply::Object(live(&desired.api_deployment)),
+        ),
+        Expect::get(
+            p.deployment(&p.worker()),
+            Reply::Object(live(&desired.worker_deployment)),
+        ),
         Expect::get(p.sa(), Reply::Object(live(&desired.service_account))),
         Expect::get(p.cm(), Reply::Object(edited)),
         Expect::apply(p.cm(), |b| assert_eq!(b["data"]["LOG_LEVEL"], "info")),
@@ -202,8 +262,17 @@ async fn hand_edited_child_is_restored() {
         Expect::get(p.pdb(&p.worker()), Reply::Object(live(&desired.worker_pdb))),
         Expect::get(p.hpa(&p.api()), Reply::NotFound),
         Expect::get(p.hpa(&p.worker()), Reply::NotFound),
-        Expect::event("demo-ns", |b| assert!(b["note"].as_str().unwrap_or_default().contains("ConfigMap/demo-config"))),
-        Expect::apply(p.status(), |b| assert_eq!(condition(b, "Ready")["status"], "True")),
+        Expect::event("demo-ns", |b| {
+            assert!(
+                b["note"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("ConfigMap/demo-config")
+            )
+        }),
+        Expect::apply(p.status(), |b| {
+            assert_eq!(condition(b, "Ready")["status"], "True")
+        }),
         Expect::event("demo-ns", |b| assert_eq!(b["reason"], "Ready")),
     ];
     let (result, _) = reconcile_with(app, script).await;
@@ -223,18 +292,39 @@ async fn missing_secret_degrades_names_it_and_warns_without_touching_children() 
         Expect::get(p.deployment(&p.worker()), Reply::NotFound),
         Expect::apply(p.status(), |b| {
             let d = condition(b, "Degraded");
-            assert_eq!((d["status"].as_str(), d["reason"].as_str()), (Some("True"), Some("SecretMissing")));
-            assert!(d["message"].as_str().unwrap_or_default().contains("vm-redis/url"), "{d}");
+            assert_eq!(
+                (d["status"].as_str(), d["reason"].as_str()),
+                (Some("True"), Some("SecretMissing"))
+            );
+            assert!(
+                d["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("vm-redis/url"),
+                "{d}"
+            );
             assert_eq!(condition(b, "Ready")["status"], "False");
         }),
         Expect::event("vm-prod", |b| {
-            assert_eq!((b["type"].as_str(), b["reason"].as_str()), (Some("Warning"), Some("SecretMissing")));
-            assert!(b["note"].as_str().unwrap_or_default().contains("vm-redis/url"));
+            assert_eq!(
+                (b["type"].as_str(), b["reason"].as_str()),
+                (Some("Warning"), Some("SecretMissing"))
+            );
+            assert!(
+                b["note"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("vm-redis/url")
+            );
         }),
     ];
     let (result, bodies) = reconcile_with(app, script).await;
     let action = result.expect("a missing secret is not a reconcile error");
-    assert_eq!(action, kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(300)), "not retried hot");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(300)),
+        "not retried hot"
+    );
     assert_no_secret_values(&bodies);
 }
 
@@ -246,8 +336,14 @@ fn prod_prefix(app: &VmWebapp, serving: &Desired, p: &Paths) -> Vec<Expect> {
         Expect::get(p.secret(db.0), Reply::Object(db.1)),
         Expect::get(p.secret(llm.0), Reply::Object(llm.1)),
         Expect::get(p.secret(redis.0), Reply::Object(redis.1)),
-        Expect::get(p.deployment(&p.api()), Reply::Object(live(&serving.api_deployment))),
-        Expect::get(p.deployment(&p.worker()), Reply::Object(live(&serving.worker_deployment))),
+        Expect::get(
+            p.deployment(&p.api()),
+            Reply::Object(live(&serving.api_deployment)),
+        ),
+        Expect::get(
+            p.deployment(&p.worker()),
+            Reply::Object(live(&serving.worker_deployment)),
+        ),
         Expect::get(p.sa(), Reply::Object(live(&serving.service_account))),
         Expect::get(p.cm(), Reply::Object(live(&serving.config_map))),
         Expect::get(p.svc(), Reply::Object(live(&serving.service))),
@@ -290,16 +386,28 @@ async fn new_image_starts_the_migration_job_and_keeps_deployments_on_the_old_ima
         let c = &b["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(c["image"], NEW);
         assert_eq!(c["args"], json!(["migrate"]));
-        assert_eq!(b["metadata"]["annotations"]["webapp.vm.dev/generation"], "2");
+        assert_eq!(
+            b["metadata"]["annotations"]["webapp.vm.dev/generation"],
+            "2"
+        );
     }));
     // No Deployment PATCH: they stay on the old image while the Job runs.
     script.extend(prod_suffix(&old, &p));
-    script.push(Expect::event("vm-prod", |b| assert!(b["note"].as_str().unwrap_or_default().contains("Job/vm-migrate-"))));
+    script.push(Expect::event("vm-prod", |b| {
+        assert!(
+            b["note"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("Job/vm-migrate-")
+        )
+    }));
     script.push(Expect::apply(p.status(), |b| {
         assert_eq!(condition(b, "Progressing")["reason"], "MigrationRunning");
         assert_eq!(b["status"]["servingImage"], OLD);
     }));
-    script.push(Expect::event("vm-prod", |b| assert_eq!(b["reason"], "MigrationStarted")));
+    script.push(Expect::event("vm-prod", |b| {
+        assert_eq!(b["reason"], "MigrationStarted")
+    }));
     let (result, bodies) = reconcile_with(app, script).await;
     assert!(result.is_ok(), "{result:?}");
     assert_no_secret_values(&bodies);
@@ -320,9 +428,13 @@ async fn succeeded_migration_moves_both_deployments_to_the_new_image() {
         assert_eq!(container(b)["image"], NEW);
         assert!(b["spec"].get("replicas").is_none(), "the HPA owns replicas");
     }));
-    script.push(Expect::apply(p.deployment(&p.worker()), |b| assert_eq!(container(b)["image"], NEW)));
+    script.push(Expect::apply(p.deployment(&p.worker()), |b| {
+        assert_eq!(container(b)["image"], NEW)
+    }));
     script.extend(prod_suffix(&new, &p));
-    script.push(Expect::event("vm-prod", |b| assert_eq!(b["reason"], "Applied")));
+    script.push(Expect::event("vm-prod", |b| {
+        assert_eq!(b["reason"], "Applied")
+    }));
     script.push(Expect::apply(p.status(), |b| {
         assert_eq!(condition(b, "Progressing")["reason"], "RollingOut");
         assert_eq!(condition(b, "Degraded")["status"], "False");
@@ -346,12 +458,18 @@ async fn failed_migration_keeps_the_old_image_and_reports_migration_failed() {
     script.extend(prod_suffix(&old, &p));
     script.push(Expect::apply(p.status(), |b| {
         let d = condition(b, "Degraded");
-        assert_eq!((d["status"].as_str(), d["reason"].as_str()), (Some("True"), Some("MigrationFailed")));
+        assert_eq!(
+            (d["status"].as_str(), d["reason"].as_str()),
+            (Some("True"), Some("MigrationFailed"))
+        );
         assert_eq!(b["status"]["servingImage"], OLD);
         assert_eq!(condition(b, "Ready")["status"], "False");
     }));
     script.push(Expect::event("vm-prod", |b| {
-        assert_eq!((b["type"].as_str(), b["reason"].as_str()), (Some("Warning"), Some("MigrationFailed")));
+        assert_eq!(
+            (b["type"].as_str(), b["reason"].as_str()),
+            (Some("Warning"), Some("MigrationFailed"))
+        );
     }));
     let (result, _) = reconcile_with(app, script).await;
     assert!(result.is_ok(), "{result:?}");
@@ -373,9 +491,20 @@ async fn failed_migration_is_retried_after_the_next_spec_change() {
     script.push(Expect::get(p.job(NEW), Reply::Object(job)));
     script.push(Expect::delete(p.job(NEW)));
     script.extend(prod_suffix(&old, &p));
-    script.push(Expect::event("vm-prod", |b| assert!(b["note"].as_str().unwrap_or_default().contains("deleted failed Job"))));
-    script.push(Expect::apply(p.status(), |b| assert_eq!(condition(b, "Progressing")["reason"], "MigrationRunning")));
-    script.push(Expect::event("vm-prod", |b| assert_eq!(b["reason"], "MigrationStarted")));
+    script.push(Expect::event("vm-prod", |b| {
+        assert!(
+            b["note"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("deleted failed Job")
+        )
+    }));
+    script.push(Expect::apply(p.status(), |b| {
+        assert_eq!(condition(b, "Progressing")["reason"], "MigrationRunning")
+    }));
+    script.push(Expect::event("vm-prod", |b| {
+        assert_eq!(b["reason"], "MigrationStarted")
+    }));
     let (result, _) = reconcile_with(app, script).await;
     assert!(result.is_ok(), "{result:?}");
 }
@@ -388,7 +517,9 @@ async fn suspended_resource_only_reports_status() {
     let script = vec![
         Expect::get(p.deployment(&p.api()), Reply::NotFound),
         Expect::get(p.deployment(&p.worker()), Reply::NotFound),
-        Expect::apply(p.status(), |b| assert_eq!(condition(b, "Progressing")["reason"], "Suspended")),
+        Expect::apply(p.status(), |b| {
+            assert_eq!(condition(b, "Progressing")["reason"], "Suspended")
+        }),
     ];
     let (result, _) = reconcile_with(app, script).await;
     assert!(result.is_ok(), "{result:?}");
@@ -406,10 +537,16 @@ async fn an_unexpected_request_fails_the_reconcile() {
 
 #[test]
 fn backoff_grows_per_object_and_caps_at_five_minutes() {
-    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     let _guard = rt.enter();
     let (ctx, _handle) = crate::fixtures::test_context();
     let delays: Vec<u64> = (0..8).map(|_| ctx.backoff("ns/a").as_secs()).collect();
     assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300]);
-    assert_eq!(ctx.backoff("ns/b").as_secs(), 5, "another object has its own count");
+    assert_eq!(
+        ctx.backoff("ns/b").as_secs(),
+        5,
+        "another object has its own count"
+    );
 }

@@ -293,7 +293,10 @@ fn default_service_port() -> i32 {
 
 impl Default for ServiceSpec {
     fn default() -> Self {
-        Self { type_: ServiceType::default(), port: default_service_port() }
+        Self {
+            type_: ServiceType::default(),
+            port: default_service_port(),
+        }
     }
 }
 

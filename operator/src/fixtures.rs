@@ -26,6 +26,7 @@ use crate::crd::VmWebapp;
 use crate::metrics::Metrics;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type BodyCheck = Box<dyn Fn(&Value) + Send>;
 
 /// The fixed clock of tests.
 pub fn test_now() -> Timestamp {
@@ -37,7 +38,13 @@ pub fn test_context() -> (Arc<Context>, Handle) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let ctx = Context {
-        recorder: Recorder::new(client.clone(), Reporter { controller: "vm-operator".into(), instance: None }),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "vm-operator".into(),
+                instance: None,
+            },
+        ),
         client,
         metrics: Metrics::default(),
         failures: Mutex::new(Default::default()),
@@ -62,14 +69,20 @@ pub struct Expect {
     method: Method,
     path: String,
     query: Vec<&'static str>,
-    check: Option<Box<dyn Fn(&Value) + Send>>,
+    check: Option<BodyCheck>,
     reply: Reply,
 }
 
 impl Expect {
     /// `GET path`, answered with `reply`.
     pub fn get(path: impl Into<String>, reply: Reply) -> Self {
-        Self { method: Method::GET, path: path.into(), query: vec![], check: None, reply }
+        Self {
+            method: Method::GET,
+            path: path.into(),
+            query: vec![],
+            check: None,
+            reply,
+        }
     }
 
     /// A server-side apply `PATCH path` under the operator's field manager, forced.
@@ -85,7 +98,13 @@ impl Expect {
 
     /// `DELETE path`.
     pub fn delete(path: impl Into<String>) -> Self {
-        Self { method: Method::DELETE, path: path.into(), query: vec![], check: None, reply: Reply::Object(json!({})) }
+        Self {
+            method: Method::DELETE,
+            path: path.into(),
+            query: vec![],
+            check: None,
+            reply: Reply::Object(json!({})),
+        }
     }
 
     /// An events.k8s.io/v1 event created in `ns`.
@@ -110,14 +129,21 @@ pub struct ApiServerVerifier {
 impl ApiServerVerifier {
     /// Wrap a handle.
     pub fn new(handle: Handle) -> Self {
-        Self { handle, bodies: Arc::default() }
+        Self {
+            handle,
+            bodies: Arc::default(),
+        }
     }
 
     /// Serve `script` in order on a task; the handle is dropped when it ends.
     pub fn run(mut self, script: Vec<Expect>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             for (i, expect) in script.into_iter().enumerate() {
-                let (request, send) = self.handle.next_request().await.expect("the reconcile stopped calling the API server");
+                let (request, send) = self
+                    .handle
+                    .next_request()
+                    .await
+                    .expect("the reconcile stopped calling the API server");
                 let method = request.method().clone();
                 let path = request.uri().path().to_owned();
                 let query = request.uri().query().unwrap_or_default().to_owned();
@@ -127,17 +153,32 @@ impl ApiServerVerifier {
                     "request #{i} is not the expected one"
                 );
                 // Every request a scenario makes must be allowed by `vm-operator rbac`.
-                let (group, resource, verb) = crate::rbac::classify(method.as_str(), &path).expect("a namespaced API path");
-                assert!(crate::rbac::allows(&group, &resource, verb), "RBAC rules lack {verb} on {group}/{resource}");
+                let (group, resource, verb) =
+                    crate::rbac::classify(method.as_str(), &path).expect("a namespaced API path");
+                assert!(
+                    crate::rbac::allows(&group, &resource, verb),
+                    "RBAC rules lack {verb} on {group}/{resource}"
+                );
                 for q in &expect.query {
-                    assert!(query.contains(q), "request #{i} {path}: query {query:?} lacks {q}");
+                    assert!(
+                        query.contains(q),
+                        "request #{i} {path}: query {query:?} lacks {q}"
+                    );
                 }
-                let bytes = request.into_body().collect_bytes().await.expect("request body");
+                let bytes = request
+                    .into_body()
+                    .collect_bytes()
+                    .await
+                    .expect("request body");
                 let text = String::from_utf8_lossy(&bytes).into_owned();
                 if let Ok(mut b) = self.bodies.lock() {
                     b.push(text.clone());
                 }
-                let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("JSON body") };
+                let body: Value = if bytes.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&bytes).expect("JSON body")
+                };
                 if let Some(check) = &expect.check {
                     check(&body);
                 }
@@ -160,7 +201,9 @@ impl ApiServerVerifier {
                 };
                 let response = Response::builder()
                     .status(status)
-                    .body(Body::from(serde_json::to_vec(&reply).expect("reply serialises")))
+                    .body(Body::from(
+                        serde_json::to_vec(&reply).expect("reply serialises"),
+                    ))
                     .expect("response builds");
                 send.send_response(response);
             }
@@ -172,14 +215,20 @@ impl ApiServerVerifier {
 pub async fn reconcile_with(
     app: VmWebapp,
     script: Vec<Expect>,
-) -> (Result<kube::runtime::controller::Action, crate::controller::Error>, Vec<String>) {
+) -> (
+    Result<kube::runtime::controller::Action, crate::controller::Error>,
+    Vec<String>,
+) {
     let (ctx, handle) = test_context();
     let verifier = ApiServerVerifier::new(handle);
     let bodies = verifier.bodies.clone();
     let task = verifier.run(script);
-    let result = tokio::time::timeout(Duration::from_secs(5), crate::controller::reconcile(Arc::new(app), ctx))
-        .await
-        .expect("reconcile finished in time");
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        crate::controller::reconcile(Arc::new(app), ctx),
+    )
+    .await
+    .expect("reconcile finished in time");
     tokio::time::timeout(Duration::from_secs(1), task)
         .await
         .expect("every expected request was made")
@@ -230,8 +279,16 @@ pub fn live<K: Serialize + Resource>(obj: &K) -> Value {
 /// A Secret with string values.
 pub fn secret(ns: &str, name: &str, data: &[(&str, &str)]) -> Value {
     let s = Secret {
-        metadata: ObjectMeta { name: Some(name.into()), namespace: Some(ns.into()), ..ObjectMeta::default() },
-        data: Some(data.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec()))).collect::<BTreeMap<_, _>>()),
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                .collect::<BTreeMap<_, _>>(),
+        ),
         ..Secret::default()
     };
     serde_json::to_value(s).expect("secret serialises")

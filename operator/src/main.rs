@@ -13,8 +13,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Crd => vm_operator::render::crd_yaml()?,
         Command::Rbac { name } => serde_yaml::to_string(&vm_operator::rbac::cluster_role(&name))?,
         Command::Render { file, secrets } => {
-            let read = |p: &std::path::PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-            let secrets = secrets.iter().map(read).collect::<anyhow::Result<Vec<_>>>()?;
+            let read = |p: &std::path::PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let secrets = secrets
+                .iter()
+                .map(read)
+                .collect::<anyhow::Result<Vec<_>>>()?;
             vm_operator::render::render(&read(&file)?, &secrets)?
         }
     };

@@ -64,17 +64,36 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         registry.register("reconciles", "Reconcile passes", m.reconciles.clone());
-        registry.register("reconcile_errors", "Failed reconcile passes by reason", m.errors.clone());
-        registry.register("reconcile_duration_seconds", "Duration of reconcile passes", m.duration.clone());
-        registry.register("managed_objects", "VmWebapp resources seen by the controller", m.managed.clone());
-        registry.register("child_writes", "Server-side applies and deletes of children by kind", m.writes.clone());
+        registry.register(
+            "reconcile_errors",
+            "Failed reconcile passes by reason",
+            m.errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of reconcile passes",
+            m.duration.clone(),
+        );
+        registry.register(
+            "managed_objects",
+            "VmWebapp resources seen by the controller",
+            m.managed.clone(),
+        );
+        registry.register(
+            "child_writes",
+            "Server-side applies and deletes of children by kind",
+            m.writes.clone(),
+        );
         m
     }
 
     /// Start timing a pass; the duration is recorded when the guard drops.
     pub fn start(&self) -> PassTimer<'_> {
         self.reconciles.inc();
-        PassTimer { metrics: self, start: Instant::now() }
+        PassTimer {
+            metrics: self,
+            start: Instant::now(),
+        }
     }
 }
 
@@ -86,7 +105,9 @@ pub struct PassTimer<'a> {
 
 impl Drop for PassTimer<'_> {
     fn drop(&mut self) {
-        self.metrics.duration.observe(self.start.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .observe(self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -111,11 +132,19 @@ mod tests {
         let mut r = registry();
         let m = Metrics::register(&mut r);
         drop(m.start());
-        m.errors.get_or_create(&ErrorLabels { reason: "kube_api" }).inc();
+        m.errors
+            .get_or_create(&ErrorLabels { reason: "kube_api" })
+            .inc();
         let text = encode(&r).expect("encodes");
         assert!(text.contains("vm_operator_reconciles_total 1"), "{text}");
-        assert!(text.contains("vm_operator_reconcile_errors_total{reason=\"kube_api\"} 1"), "{text}");
-        assert!(text.contains("vm_operator_reconcile_duration_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("vm_operator_reconcile_errors_total{reason=\"kube_api\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vm_operator_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
         assert!(text.contains("vm_operator_managed_objects"), "{text}");
     }
 }

@@ -13,22 +13,53 @@ const READ: &[&str] = &["get", "list", "watch"];
 /// (API group, resources, verbs) the operator uses.
 pub const RULES: &[(&str, &[&str], &[&str])] = &[
     ("webapp.vm.dev", &["vmwebapps"], READ),
-    ("webapp.vm.dev", &["vmwebapps/status"], &["get", "patch", "update"]),
-    ("", &["configmaps", "services", "serviceaccounts"], &["get", "list", "watch", "create", "patch"]),
+    (
+        "webapp.vm.dev",
+        &["vmwebapps/status"],
+        &["get", "patch", "update"],
+    ),
+    (
+        "",
+        &["configmaps", "services", "serviceaccounts"],
+        &["get", "list", "watch", "create", "patch"],
+    ),
     // Read only: the operator hashes referenced keys and never writes Secrets.
     ("", &["secrets"], READ),
-    ("apps", &["deployments"], &["get", "list", "watch", "create", "patch"]),
-    ("batch", &["jobs"], &["get", "list", "watch", "create", "patch", "delete"]),
-    ("policy", &["poddisruptionbudgets"], &["get", "list", "watch", "create", "patch"]),
-    ("autoscaling", &["horizontalpodautoscalers"], &["get", "list", "watch", "create", "patch", "delete"]),
+    (
+        "apps",
+        &["deployments"],
+        &["get", "list", "watch", "create", "patch"],
+    ),
+    (
+        "batch",
+        &["jobs"],
+        &["get", "list", "watch", "create", "patch", "delete"],
+    ),
+    (
+        "policy",
+        &["poddisruptionbudgets"],
+        &["get", "list", "watch", "create", "patch"],
+    ),
+    (
+        "autoscaling",
+        &["horizontalpodautoscalers"],
+        &["get", "list", "watch", "create", "patch", "delete"],
+    ),
     ("events.k8s.io", &["events"], &["create", "patch"]),
-    ("coordination.k8s.io", &["leases"], &["get", "create", "patch", "update"]),
+    (
+        "coordination.k8s.io",
+        &["leases"],
+        &["get", "create", "patch", "update"],
+    ),
 ];
 
 /// The rules as a ClusterRole named `name`.
 pub fn cluster_role(name: &str) -> ClusterRole {
     ClusterRole {
-        metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
         rules: Some(
             RULES
                 .iter()
@@ -47,7 +78,9 @@ pub fn cluster_role(name: &str) -> ClusterRole {
 /// Whether the rules allow `verb` on `resource` (with subresource, e.g. `vmwebapps/status`)
 /// in `group`.
 pub fn allows(group: &str, resource: &str, verb: &str) -> bool {
-    RULES.iter().any(|(g, rs, vs)| *g == group && rs.contains(&resource) && vs.contains(&verb))
+    RULES
+        .iter()
+        .any(|(g, rs, vs)| *g == group && rs.contains(&resource) && vs.contains(&verb))
 }
 
 /// The (group, resource, verb) of a namespaced API request path and HTTP method.
@@ -81,11 +114,20 @@ mod tests {
     #[test]
     fn request_paths_are_classified_by_group_resource_and_verb() {
         assert_eq!(
-            classify("PATCH", "/apis/webapp.vm.dev/v1alpha1/namespaces/a/vmwebapps/x/status"),
+            classify(
+                "PATCH",
+                "/apis/webapp.vm.dev/v1alpha1/namespaces/a/vmwebapps/x/status"
+            ),
             Some(("webapp.vm.dev".into(), "vmwebapps/status".into(), "patch"))
         );
-        assert_eq!(classify("GET", "/api/v1/namespaces/a/secrets/db"), Some((String::new(), "secrets".into(), "get")));
-        assert_eq!(classify("POST", "/apis/events.k8s.io/v1/namespaces/a/events"), Some(("events.k8s.io".into(), "events".into(), "create")));
+        assert_eq!(
+            classify("GET", "/api/v1/namespaces/a/secrets/db"),
+            Some((String::new(), "secrets".into(), "get"))
+        );
+        assert_eq!(
+            classify("POST", "/apis/events.k8s.io/v1/namespaces/a/events"),
+            Some(("events.k8s.io".into(), "events".into(), "create"))
+        );
     }
 
     #[test]

@@ -20,8 +20,14 @@ use crate::metrics::{self, Metrics};
 
 /// Run the operator until a shutdown signal; an error when leadership is lost.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    crate::telemetry::init(args.log_format, &args.log_level).map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))?;
-    let client = Client::try_default().await.context("cannot build a Kubernetes client")?;
+    crate::telemetry::init(args.log_format, &args.log_level)
+        .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))?;
+    // kube's TLS uses the process-wide rustls provider; pin ring (never aws-lc-rs or OpenSSL).
+    // An error only means a provider is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client")?;
 
     let mut registry = metrics::registry();
     let metrics = Metrics::register(&mut registry);
@@ -34,7 +40,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
-    let admin_state = AdminState { registry: Arc::new(registry), ready: ready.clone() };
+    let admin_state = AdminState {
+        registry: Arc::new(registry),
+        ready: ready.clone(),
+    };
     let admin = tokio::spawn(admin::serve(args.admin_addr, admin_state, stopped()));
 
     let signal_ready = ready.clone();
@@ -52,7 +61,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         controller::run(client, args.namespace.clone(), ctx, stopped()).await;
         Ok(())
     } else {
-        let identity = args.identity.clone().unwrap_or_else(|| format!("vm-operator-{}", std::process::id()));
+        let identity = args
+            .identity
+            .clone()
+            .unwrap_or_else(|| format!("vm-operator-{}", std::process::id()));
         let config = LeaseConfig {
             namespace: args.lease_namespace.clone(),
             name: args.lease_name.clone(),
@@ -84,7 +96,9 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = ()> + Send + Sync + 'static,
 {
-    let mut election = leader::campaign(client.clone(), config).await.context("cannot start leader election")?;
+    let mut election = leader::campaign(client.clone(), config)
+        .await
+        .context("cannot start leader election")?;
     // A standby is healthy and ready; only the leader writes.
     ready.store(true, Ordering::Release);
     info!(identity = %config.identity, lease = %config.name, "waiting for leadership");
@@ -99,7 +113,8 @@ where
     info!(namespace = ?args.namespace, "leading; starting controller");
     let lost = Arc::new(AtomicBool::new(false));
     let lost_flag = lost.clone();
-    let leadership_lost = Election::lost(election.leading.clone()).map(move |()| lost_flag.store(true, Ordering::Release));
+    let leadership_lost = Election::lost(election.leading.clone())
+        .map(move |()| lost_flag.store(true, Ordering::Release));
     let stop = stopped();
     let shutdown = async move {
         tokio::select! {

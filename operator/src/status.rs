@@ -45,7 +45,9 @@ impl Rollout {
         let Some(d) = d else { return Self::default() };
         let status = d.status.clone().unwrap_or_default();
         let spec = d.spec.as_ref();
-        let wanted = spec.and_then(|s| s.replicas).unwrap_or(status.replicas.unwrap_or(0));
+        let wanted = spec
+            .and_then(|s| s.replicas)
+            .unwrap_or(status.replicas.unwrap_or(0));
         let seen = status.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
         let updated = status.updated_replicas.unwrap_or(0);
         let available = status.available_replicas.unwrap_or(0);
@@ -86,7 +88,11 @@ pub struct Observed {
 }
 
 /// Compute the status for `observed`, keeping transition times from `previous`.
-pub fn compute(previous: Option<&VmWebappStatus>, observed: &Observed, now: Timestamp) -> VmWebappStatus {
+pub fn compute(
+    previous: Option<&VmWebappStatus>,
+    observed: &Observed,
+    now: Timestamp,
+) -> VmWebappStatus {
     let o = observed;
     let degraded: Option<(&str, String)> = if let Some(msg) = &o.invalid_spec {
         Some((reason::INVALID_SPEC, msg.clone()))
@@ -112,34 +118,95 @@ pub fn compute(previous: Option<&VmWebappStatus>, observed: &Observed, now: Time
 
     let rolling = o.deployments_changed || !o.api.complete || !o.worker.complete;
     let progressing: (bool, &str, String) = if o.suspended {
-        (false, reason::SUSPENDED, "spec.suspend is true: children are not changed".into())
+        (
+            false,
+            reason::SUSPENDED,
+            "spec.suspend is true: children are not changed".into(),
+        )
     } else if degraded.is_some() {
-        (false, degraded.as_ref().map_or(reason::AS_EXPECTED, |d| d.0), "blocked, see the Degraded condition".into())
+        (
+            false,
+            degraded.as_ref().map_or(reason::AS_EXPECTED, |d| d.0),
+            "blocked, see the Degraded condition".into(),
+        )
     } else if o.migration == Migration::Running {
-        (true, reason::MIGRATION_RUNNING, format!("migrating the database for image {}", o.spec_image))
+        (
+            true,
+            reason::MIGRATION_RUNNING,
+            format!("migrating the database for image {}", o.spec_image),
+        )
     } else if rolling {
-        (true, reason::ROLLING_OUT, "Deployments are rolling out".into())
+        (
+            true,
+            reason::ROLLING_OUT,
+            "Deployments are rolling out".into(),
+        )
     } else {
-        (false, reason::RECONCILED, "all children are up to date".into())
+        (
+            false,
+            reason::RECONCILED,
+            "all children are up to date".into(),
+        )
     };
 
     let serving_current = o.api.image.as_deref() == Some(o.spec_image.as_str());
     let ready: (bool, &str, String) = if let Some((r, m)) = &degraded {
         (false, r, m.clone())
-    } else if o.api.exists && o.worker.exists && o.api.complete && o.worker.complete && serving_current && !o.deployments_changed {
-        (true, reason::AVAILABLE, format!("serving image {} with {} API and {} worker pods ready", o.spec_image, o.api.ready, o.worker.ready))
+    } else if o.api.exists
+        && o.worker.exists
+        && o.api.complete
+        && o.worker.complete
+        && serving_current
+        && !o.deployments_changed
+    {
+        (
+            true,
+            reason::AVAILABLE,
+            format!(
+                "serving image {} with {} API and {} worker pods ready",
+                o.spec_image, o.api.ready, o.worker.ready
+            ),
+        )
     } else if o.suspended {
-        (false, reason::SUSPENDED, "spec.suspend is true and the children are not at the desired state".into())
+        (
+            false,
+            reason::SUSPENDED,
+            "spec.suspend is true and the children are not at the desired state".into(),
+        )
     } else {
         (false, progressing.1, progressing.2.clone())
     };
 
     let conditions = vec![
-        condition(previous, condition::READY, ready.0, ready.1, &ready.2, o.generation, now),
-        condition(previous, condition::PROGRESSING, progressing.0, progressing.1, &progressing.2, o.generation, now),
+        condition(
+            previous,
+            condition::READY,
+            ready.0,
+            ready.1,
+            &ready.2,
+            o.generation,
+            now,
+        ),
+        condition(
+            previous,
+            condition::PROGRESSING,
+            progressing.0,
+            progressing.1,
+            &progressing.2,
+            o.generation,
+            now,
+        ),
         match &degraded {
             Some((r, m)) => condition(previous, condition::DEGRADED, true, r, m, o.generation, now),
-            None => condition(previous, condition::DEGRADED, false, reason::AS_EXPECTED, "no problem detected", o.generation, now),
+            None => condition(
+                previous,
+                condition::DEGRADED,
+                false,
+                reason::AS_EXPECTED,
+                "no problem detected",
+                o.generation,
+                now,
+            ),
         },
     ];
     VmWebappStatus {
@@ -185,7 +252,12 @@ mod tests {
     use super::*;
 
     fn healthy() -> Observed {
-        let r = Rollout { exists: true, ready: 2, complete: true, image: Some("img:1".into()) };
+        let r = Rollout {
+            exists: true,
+            ready: 2,
+            complete: true,
+            image: Some("img:1".into()),
+        };
         Observed {
             generation: Some(4),
             spec_image: "img:1".into(),
@@ -204,7 +276,10 @@ mod tests {
     }
 
     fn get<'a>(s: &'a VmWebappStatus, type_: &str) -> &'a Condition {
-        s.conditions.iter().find(|c| c.type_ == type_).expect("condition present")
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition present")
     }
 
     #[test]
@@ -232,7 +307,10 @@ mod tests {
         o.missing_secrets = vec!["db/url".into()];
         let second = compute(Some(&first), &o, t(200));
         assert_eq!(get(&second, "Ready").last_transition_time, Time(t(200)));
-        assert_eq!(get(&second, "Progressing").last_transition_time, Time(t(100)));
+        assert_eq!(
+            get(&second, "Progressing").last_transition_time,
+            Time(t(100))
+        );
     }
 
     #[test]
@@ -241,7 +319,10 @@ mod tests {
         o.missing_secrets = vec!["vm-db/url".into()];
         let s = compute(None, &o, t(1));
         let d = get(&s, "Degraded");
-        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "SecretMissing"));
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "SecretMissing")
+        );
         assert!(d.message.contains("vm-db/url"));
         assert_eq!(get(&s, "Ready").status, "False");
     }
@@ -250,7 +331,9 @@ mod tests {
     fn a_failed_migration_reports_migration_failed_and_the_serving_image() {
         let mut o = healthy();
         o.spec_image = "img:2".into();
-        o.migration = Migration::Failed { job: "shop-migrate-abc".into() };
+        o.migration = Migration::Failed {
+            job: "shop-migrate-abc".into(),
+        };
         let s = compute(None, &o, t(1));
         assert_eq!(get(&s, "Degraded").reason, "MigrationFailed");
         assert!(get(&s, "Degraded").message.contains("shop-migrate-abc"));
@@ -272,6 +355,12 @@ mod tests {
         let mut o = healthy();
         o.deployments_changed = true;
         let s = compute(None, &o, t(1));
-        assert_eq!((get(&s, "Progressing").status.as_str(), get(&s, "Ready").status.as_str()), ("True", "False"));
+        assert_eq!(
+            (
+                get(&s, "Progressing").status.as_str(),
+                get(&s, "Ready").status.as_str()
+            ),
+            ("True", "False")
+        );
     }
 }

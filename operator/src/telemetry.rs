@@ -14,11 +14,20 @@ pub enum LogFormat {
 }
 
 /// Install the global subscriber. Fails when one is already installed.
-pub fn init(format: LogFormat, level: &str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+pub fn init(
+    format: LogFormat,
+    level: &str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(level))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
         LogFormat::Pretty => builder.try_init(),
     }
 }

@@ -27,7 +27,8 @@ fn validate(object: &Value) -> Result<(), Vec<String>> {
 }
 
 fn example(name: &str) -> Value {
-    let text = std::fs::read_to_string(repo_root().join("examples").join(name)).expect("example exists");
+    let text =
+        std::fs::read_to_string(repo_root().join("examples").join(name)).expect("example exists");
     serde_yaml::from_str(&text).expect("example is YAML")
 }
 
@@ -66,8 +67,12 @@ fn crd_has_status_subresource_short_name_and_printer_columns() {
     assert_eq!(crd["spec"]["names"]["shortNames"], json!(["vmw"]));
     let v = &crd["spec"]["versions"][0];
     assert_eq!(v["subresources"]["status"], json!({}));
-    let columns: Vec<&str> =
-        v["additionalPrinterColumns"].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str()).collect();
+    let columns: Vec<&str> = v["additionalPrinterColumns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
     assert_eq!(columns, ["Ready", "Image", "API", "Worker", "Age"]);
 }
 
@@ -77,7 +82,11 @@ fn every_schema_property_has_a_description() {
         if let Some(props) = s["properties"].as_object() {
             for (k, v) in props {
                 let p = format!("{path}.{k}");
-                if v.get("description").is_none() && !p.starts_with(".metadata") && p != ".apiVersion" && p != ".kind" {
+                if v.get("description").is_none()
+                    && !p.starts_with(".metadata")
+                    && p != ".apiVersion"
+                    && p != ".kind"
+                {
                     missing.push(p.clone());
                 }
                 walk(&p, v, missing);
@@ -89,14 +98,24 @@ fn every_schema_property_has_a_description() {
     }
     let mut missing = Vec::new();
     walk("", &schema(), &mut missing);
-    assert!(missing.is_empty(), "fields without a description: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:?}"
+    );
 }
 
 #[test]
 fn every_cel_rule_compiles() {
     let compiled = kube_cel::compile_schema(&schema());
-    let errors: Vec<String> = compiled.compilation_errors().iter().map(|e| format!("{e:?}")).collect();
-    assert!(errors.is_empty(), "CEL rules that do not compile: {errors:?}");
+    let errors: Vec<String> = compiled
+        .compilation_errors()
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "CEL rules that do not compile: {errors:?}"
+    );
 }
 
 #[test]
@@ -109,7 +128,10 @@ fn both_examples_pass_the_schema_rules() {
 #[test]
 fn managed_mode_without_redis_is_rejected() {
     let errors = validate(&with_spec(json!({"managedMode": true}))).expect_err("must be rejected");
-    assert!(errors.iter().any(|m| m.contains("managedMode requires")), "{errors:?}");
+    assert!(
+        errors.iter().any(|m| m.contains("managedMode requires")),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -125,35 +147,50 @@ fn several_replicas_without_a_database_are_rejected() {
         spec.remove("database");
     }
     let errors = validate(&obj).expect_err("default replicas need a shared database");
-    assert!(errors.iter().any(|m| m.contains("embedded SQLite")), "{errors:?}");
+    assert!(
+        errors.iter().any(|m| m.contains("embedded SQLite")),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn api_port_and_worker_health_port_must_differ() {
     let obj = with_spec(json!({"api": {"port": 9091}}));
     let errors = validate(&obj).expect_err("clashing ports");
-    assert!(errors.iter().any(|m| m.contains("must differ")), "{errors:?}");
+    assert!(
+        errors.iter().any(|m| m.contains("must differ")),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn autoscaling_minimum_above_maximum_is_rejected() {
     let obj = with_spec(json!({"api": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}));
     let errors = validate(&obj).expect_err("min > max");
-    assert!(errors.iter().any(|m| m.contains("must not exceed")), "{errors:?}");
+    assert!(
+        errors.iter().any(|m| m.contains("must not exceed")),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn extra_env_cannot_override_operator_managed_variables() {
     let obj = with_spec(json!({"env": [{"name": "VM_DB_URL", "value": "sqlite://x"}]}));
     let errors = validate(&obj).expect_err("managed variable");
-    assert!(errors.iter().any(|m| m.contains("operator manages")), "{errors:?}");
+    assert!(
+        errors.iter().any(|m| m.contains("operator manages")),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn extra_env_needs_exactly_one_of_value_and_secret() {
     let obj = with_spec(json!({"env": [{"name": "A"}]}));
     let errors = validate(&obj).expect_err("neither value nor secret");
-    assert!(errors.iter().any(|m| m.contains("exactly one")), "{errors:?}");
+    assert!(
+        errors.iter().any(|m| m.contains("exactly one")),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -161,5 +198,8 @@ fn long_names_are_rejected() {
     let mut obj = with_spec(json!({}));
     obj["metadata"]["name"] = json!("a".repeat(41));
     let errors = validate(&obj).expect_err("name too long");
-    assert!(errors.iter().any(|m| m.contains("at most 40")), "{errors:?}");
+    assert!(
+        errors.iter().any(|m| m.contains("at most 40")),
+        "{errors:?}"
+    );
 }

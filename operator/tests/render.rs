@@ -9,7 +9,8 @@ fn root() -> PathBuf {
 }
 
 fn check_golden(example: &str) {
-    let manifest = std::fs::read_to_string(root().join("examples").join(example)).expect("example exists");
+    let manifest =
+        std::fs::read_to_string(root().join("examples").join(example)).expect("example exists");
     let rendered = vm_operator::render::render(&manifest, &[]).expect("example renders");
     let golden = root().join("operator/tests/golden").join(example);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
@@ -47,13 +48,19 @@ fn every_example_has_a_golden_file() {
 
 #[test]
 fn secrets_given_to_render_change_the_config_hash() {
-    let manifest = std::fs::read_to_string(root().join("examples/production.yaml")).expect("example exists");
+    let manifest =
+        std::fs::read_to_string(root().join("examples/production.yaml")).expect("example exists");
     let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: vm-db}\nstringData: {url: 'postgres://a'}\n";
     let rotated = "apiVersion: v1\nkind: Secret\nmetadata: {name: vm-db}\nstringData: {url: 'postgres://b'}\n";
     let offline = vm_operator::render::render(&manifest, &[]).expect("renders");
-    let with_secret = vm_operator::render::render(&manifest, &[secret.to_owned()]).expect("renders");
-    let with_rotated = vm_operator::render::render(&manifest, &[rotated.to_owned()]).expect("renders");
+    let with_secret =
+        vm_operator::render::render(&manifest, &[secret.to_owned()]).expect("renders");
+    let with_rotated =
+        vm_operator::render::render(&manifest, &[rotated.to_owned()]).expect("renders");
     assert_ne!(offline, with_secret);
     assert_ne!(with_secret, with_rotated);
-    assert!(!with_secret.contains("postgres://"), "secret values must never be rendered");
+    assert!(
+        !with_secret.contains("postgres://"),
+        "secret values must never be rendered"
+    );
 }

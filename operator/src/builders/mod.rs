@@ -11,7 +11,9 @@ mod pod;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
     MetricTarget, ResourceMetricSource,
@@ -62,7 +64,10 @@ impl Inputs {
             .into_iter()
             .map(|r| ((r.name.clone(), r.key.clone()), None))
             .collect();
-        Self { serving_image: app.spec.image.clone(), secret_data }
+        Self {
+            serving_image: app.spec.image.clone(),
+            secret_data,
+        }
     }
 }
 
@@ -129,10 +134,18 @@ pub(crate) struct Ident {
 impl Ident {
     fn of(app: &VmWebapp) -> Result<Self, BuildError> {
         let name = app.metadata.name.clone().ok_or(BuildError::MissingName)?;
-        let namespace = app.metadata.namespace.clone().ok_or(BuildError::MissingNamespace)?;
+        let namespace = app
+            .metadata
+            .namespace
+            .clone()
+            .ok_or(BuildError::MissingNamespace)?;
         // Without a uid (render of a file) there is no owner reference to point at.
         let owner = app.controller_owner_ref(&());
-        Ok(Self { name, namespace, owner })
+        Ok(Self {
+            name,
+            namespace,
+            owner,
+        })
     }
 
     /// Labels of a child of the given component.
@@ -185,11 +198,23 @@ pub fn build(app: &VmWebapp, inputs: &Inputs) -> Result<Desired, BuildError> {
         &id,
         names::worker(&id.name),
         component::WORKER,
-        spec.worker.autoscaling.is_none().then_some(spec.worker.replicas),
+        spec.worker
+            .autoscaling
+            .is_none()
+            .then_some(spec.worker.replicas),
         None,
-        pod::template(app, &id, Workload::Worker, &inputs.serving_image, &config_hash),
+        pod::template(
+            app,
+            &id,
+            Workload::Worker,
+            &inputs.serving_image,
+            &config_hash,
+        ),
     );
-    let migration_job = spec.migrations.enabled.then(|| migration_job(app, &id, &config_hash));
+    let migration_job = spec
+        .migrations
+        .enabled
+        .then(|| migration_job(app, &id, &config_hash));
 
     let mut desired = Desired {
         service_account: ServiceAccount {
@@ -201,7 +226,11 @@ pub fn build(app: &VmWebapp, inputs: &Inputs) -> Result<Desired, BuildError> {
         migration_job,
         api_pdb: pdb(&id, names::api(&id.name), component::API),
         worker_pdb: pdb(&id, names::worker(&id.name), component::WORKER),
-        api_hpa: spec.api.autoscaling.as_ref().map(|a| hpa(&id, names::api(&id.name), component::API, a)),
+        api_hpa: spec
+            .api
+            .autoscaling
+            .as_ref()
+            .map(|a| hpa(&id, names::api(&id.name), component::API, a)),
         worker_hpa: spec
             .worker
             .autoscaling
@@ -221,8 +250,14 @@ pub fn env_data(app: &VmWebapp) -> BTreeMap<String, String> {
     let spec = &app.spec;
     let mut data = BTreeMap::from([
         ("APP_ENV".to_owned(), spec.app_env.as_str().to_owned()),
-        ("VM_ENABLE_MANAGED_MODE".to_owned(), spec.managed_mode.to_string()),
-        ("VM_WORKSPACE_ROOT".to_owned(), consts::app::WORKSPACE_ROOT.to_owned()),
+        (
+            "VM_ENABLE_MANAGED_MODE".to_owned(),
+            spec.managed_mode.to_string(),
+        ),
+        (
+            "VM_WORKSPACE_ROOT".to_owned(),
+            consts::app::WORKSPACE_ROOT.to_owned(),
+        ),
         ("LOG_LEVEL".to_owned(), spec.log_level.clone()),
         ("LOG_FORMAT".to_owned(), spec.log_format.as_str().to_owned()),
         ("PORT".to_owned(), spec.api.port.to_string()),
@@ -251,7 +286,10 @@ fn config_map(app: &VmWebapp, id: &Ident) -> ConfigMap {
 
 /// SHA-256 over the ConfigMap data and the data of every referenced Secret key, in a stable
 /// order. Unknown keys hash as a distinct marker, so creating a missing Secret rolls pods.
-pub fn config_hash(cm: &ConfigMap, secrets: &BTreeMap<(String, String), Option<Vec<u8>>>) -> String {
+pub fn config_hash(
+    cm: &ConfigMap,
+    secrets: &BTreeMap<(String, String), Option<Vec<u8>>>,
+) -> String {
     let mut h = Sha256::new();
     for (k, v) in cm.data.iter().flatten() {
         h.update(b"cm\0");
@@ -295,7 +333,10 @@ fn deployment(
         spec: Some(DeploymentSpec {
             replicas,
             revision_history_limit: Some(5),
-            selector: LabelSelector { match_labels: Some(id.selector(component)), ..LabelSelector::default() },
+            selector: LabelSelector {
+                match_labels: Some(id.selector(component)),
+                ..LabelSelector::default()
+            },
             strategy: rolling.map(|r| DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(r),
@@ -332,7 +373,10 @@ fn pdb(id: &Ident, name: String, component: &str) -> PodDisruptionBudget {
         spec: Some(PodDisruptionBudgetSpec {
             // maxUnavailable (not minAvailable) so a single replica never blocks a node drain.
             max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector { match_labels: Some(id.selector(component)), ..LabelSelector::default() }),
+            selector: Some(LabelSelector {
+                match_labels: Some(id.selector(component)),
+                ..LabelSelector::default()
+            }),
             ..PodDisruptionBudgetSpec::default()
         }),
         status: None,
@@ -439,12 +483,19 @@ pub fn stamp<K: Resource + Serialize>(obj: &mut K) {
     // Serialising k8s-openapi types cannot fail (string keys, no non-finite floats).
     let bytes = serde_json::to_vec(obj).unwrap_or_default();
     let hash = sha256_hex(&bytes);
-    obj.meta_mut().annotations.get_or_insert_with(BTreeMap::new).insert(annotations::APPLIED_HASH.to_owned(), hash);
+    obj.meta_mut()
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(annotations::APPLIED_HASH.to_owned(), hash);
 }
 
 /// The applied-hash annotation of an object, if any.
 pub fn applied_hash<K: Resource>(obj: &K) -> Option<&str> {
-    obj.meta().annotations.as_ref().and_then(|a| a.get(annotations::APPLIED_HASH)).map(String::as_str)
+    obj.meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::APPLIED_HASH))
+        .map(String::as_str)
 }
 
 fn to_value<K: Serialize>(k: &K) -> Result<serde_json::Value, serde_json::Error> {

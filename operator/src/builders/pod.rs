@@ -5,9 +5,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource,
-    EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -40,7 +41,13 @@ impl Workload {
     pub fn args(self, app: &VmWebapp) -> Vec<String> {
         let spec = &app.spec;
         let v: Vec<String> = match self {
-            Self::Api => vec!["serve".into(), "--host".into(), "0.0.0.0".into(), "--port".into(), spec.api.port.to_string()],
+            Self::Api => vec![
+                "serve".into(),
+                "--host".into(),
+                "0.0.0.0".into(),
+                "--port".into(),
+                spec.api.port.to_string(),
+            ],
             Self::Worker => vec![
                 "worker".into(),
                 "--poll-interval-ms".into(),
@@ -57,21 +64,28 @@ impl Workload {
 }
 
 /// Pod template of a workload running `image`.
-pub(super) fn template(app: &VmWebapp, id: &Ident, workload: Workload, image: &str, config_hash: &str) -> PodTemplateSpec {
+pub(super) fn template(
+    app: &VmWebapp,
+    id: &Ident,
+    workload: Workload,
+    image: &str,
+    config_hash: &str,
+) -> PodTemplateSpec {
     let spec = &app.spec;
-    let (ports, probes, resources): (Vec<ContainerPort>, Probes, ResourceRequirements) = match workload {
-        Workload::Api => (
-            vec![port(contract::HTTP_PORT_NAME, spec.api.port)],
-            Probes::http(contract::HTTP_PORT_NAME),
-            spec.api.resources.clone(),
-        ),
-        Workload::Worker => (
-            vec![port(contract::HEALTH_PORT_NAME, spec.worker.health_port)],
-            Probes::http(contract::HEALTH_PORT_NAME),
-            spec.worker.resources.clone(),
-        ),
-        Workload::Migration => (Vec::new(), Probes::default(), spec.worker.resources.clone()),
-    };
+    let (ports, probes, resources): (Vec<ContainerPort>, Probes, ResourceRequirements) =
+        match workload {
+            Workload::Api => (
+                vec![port(contract::HTTP_PORT_NAME, spec.api.port)],
+                Probes::http(contract::HTTP_PORT_NAME),
+                spec.api.resources.clone(),
+            ),
+            Workload::Worker => (
+                vec![port(contract::HEALTH_PORT_NAME, spec.worker.health_port)],
+                Probes::http(contract::HEALTH_PORT_NAME),
+                spec.worker.resources.clone(),
+            ),
+            Workload::Migration => (Vec::new(), Probes::default(), spec.worker.resources.clone()),
+        };
     let container = Container {
         name: workload.component().to_owned(),
         image: Some(image.to_owned()),
@@ -80,7 +94,10 @@ pub(super) fn template(app: &VmWebapp, id: &Ident, workload: Workload, image: &s
         args: Some(workload.args(app)),
         ports: (!ports.is_empty()).then_some(ports),
         env_from: Some(vec![EnvFromSource {
-            config_map_ref: Some(ConfigMapEnvSource { name: names::config_map(&id.name), optional: Some(false) }),
+            config_map_ref: Some(ConfigMapEnvSource {
+                name: names::config_map(&id.name),
+                optional: Some(false),
+            }),
             ..EnvFromSource::default()
         }]),
         env: Some(secret_env(app)).filter(|e| !e.is_empty()),
@@ -92,13 +109,24 @@ pub(super) fn template(app: &VmWebapp, id: &Ident, workload: Workload, image: &s
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
             seccomp_profile: Some(runtime_default()),
             ..SecurityContext::default()
         }),
         volume_mounts: Some(vec![
-            VolumeMount { name: "data".into(), mount_path: contract::WORKSPACE_ROOT.into(), ..VolumeMount::default() },
-            VolumeMount { name: "tmp".into(), mount_path: contract::TMP_DIR.into(), ..VolumeMount::default() },
+            VolumeMount {
+                name: "data".into(),
+                mount_path: contract::WORKSPACE_ROOT.into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: contract::TMP_DIR.into(),
+                ..VolumeMount::default()
+            },
         ]),
         ..Container::default()
     };
@@ -111,7 +139,10 @@ pub(super) fn template(app: &VmWebapp, id: &Ident, workload: Workload, image: &s
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(id.labels(workload.component())),
-            annotations: Some(BTreeMap::from([(annotations::CONFIG_HASH.to_owned(), config_hash.to_owned())])),
+            annotations: Some(BTreeMap::from([(
+                annotations::CONFIG_HASH.to_owned(),
+                config_hash.to_owned(),
+            )])),
             ..ObjectMeta::default()
         }),
         spec: Some(PodSpec {
@@ -129,8 +160,16 @@ pub(super) fn template(app: &VmWebapp, id: &Ident, workload: Workload, image: &s
             }),
             containers: vec![container],
             volumes: Some(vec![
-                Volume { name: "data".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
-                Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
+                Volume {
+                    name: "data".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                },
+                Volume {
+                    name: "tmp".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                },
             ]),
             ..PodSpec::default()
         }),
@@ -140,16 +179,29 @@ pub(super) fn template(app: &VmWebapp, id: &Ident, workload: Workload, image: &s
 /// Secret-backed variables, each a `secretKeyRef` (never a value).
 fn secret_env(app: &VmWebapp) -> Vec<EnvVar> {
     let spec = &app.spec;
-    let fixed = [("VM_DB_URL", &spec.database), ("VM_REDIS_URL", &spec.redis), ("KIMI_API_KEY", &spec.llm.api_key)];
-    let fixed = fixed.into_iter().filter_map(|(n, r)| r.as_ref().map(|r| (n.to_owned(), r)));
-    let extra = spec.env.iter().filter_map(|e| e.secret_key_ref.as_ref().map(|r| (e.name.clone(), r)));
+    let fixed = [
+        ("VM_DB_URL", &spec.database),
+        ("VM_REDIS_URL", &spec.redis),
+        ("KIMI_API_KEY", &spec.llm.api_key),
+    ];
+    let fixed = fixed
+        .into_iter()
+        .filter_map(|(n, r)| r.as_ref().map(|r| (n.to_owned(), r)));
+    let extra = spec
+        .env
+        .iter()
+        .filter_map(|e| e.secret_key_ref.as_ref().map(|r| (e.name.clone(), r)));
     fixed
         .chain(extra)
         .map(|(name, r)| EnvVar {
             name,
             value: None,
             value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector { name: r.name.clone(), key: r.key.clone(), optional: Some(false) }),
+                secret_key_ref: Some(SecretKeySelector {
+                    name: r.name.clone(),
+                    key: r.key.clone(),
+                    optional: Some(false),
+                }),
                 ..EnvVarSource::default()
             }),
         })
@@ -157,11 +209,19 @@ fn secret_env(app: &VmWebapp) -> Vec<EnvVar> {
 }
 
 fn port(name: &str, number: i32) -> ContainerPort {
-    ContainerPort { name: Some(name.to_owned()), container_port: number, protocol: Some("TCP".into()), ..ContainerPort::default() }
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
 }
 
 fn runtime_default() -> SeccompProfile {
-    SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }
+    SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        localhost_profile: None,
+    }
 }
 
 #[derive(Default)]

@@ -31,7 +31,10 @@ fn built(app: &VmWebapp) -> Desired {
 }
 
 fn pod(d: &Deployment) -> &PodSpec {
-    d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec")
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec")
 }
 
 fn container(d: &Deployment) -> &Container {
@@ -41,7 +44,12 @@ fn container(d: &Deployment) -> &Container {
 fn all_pods(d: &Desired) -> Vec<&PodSpec> {
     let mut pods = vec![pod(&d.api_deployment), pod(&d.worker_deployment)];
     if let Some(job) = &d.migration_job {
-        pods.push(job.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("job pod"));
+        pods.push(
+            job.spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .expect("job pod"),
+        );
     }
     pods
 }
@@ -50,13 +58,30 @@ fn all_pods(d: &Desired) -> Vec<&PodSpec> {
 fn api_runs_serve_on_the_spec_port_with_the_contract_probe_paths() {
     let d = built(&managed());
     let c = container(&d.api_deployment);
-    let argv: Vec<&str> = c.command.iter().flatten().chain(c.args.iter().flatten()).map(String::as_str).collect();
-    assert_eq!(argv, ["vm-webapp", "serve", "--host", "0.0.0.0", "--port", "8080"]);
+    let argv: Vec<&str> = c
+        .command
+        .iter()
+        .flatten()
+        .chain(c.args.iter().flatten())
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        argv,
+        ["vm-webapp", "serve", "--host", "0.0.0.0", "--port", "8080"]
+    );
     let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
-        p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone())
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
     };
-    assert_eq!(path(&c.liveness_probe).as_deref(), Some("/api/v2/health/live"));
-    assert_eq!(path(&c.readiness_probe).as_deref(), Some("/api/v2/health/ready"));
+    assert_eq!(
+        path(&c.liveness_probe).as_deref(),
+        Some("/api/v2/health/live")
+    );
+    assert_eq!(
+        path(&c.readiness_probe).as_deref(),
+        Some("/api/v2/health/ready")
+    );
     assert!(c.startup_probe.is_some());
     assert_eq!(c.ports.as_ref().map(|p| p[0].container_port), Some(8080));
 }
@@ -67,11 +92,28 @@ fn worker_runs_worker_with_probes_on_its_health_port() {
     let c = container(&d.worker_deployment);
     assert_eq!(
         c.args.clone().unwrap_or_default(),
-        ["worker", "--poll-interval-ms", "500", "--concurrency", "4", "--health-port", "9091"]
+        [
+            "worker",
+            "--poll-interval-ms",
+            "500",
+            "--concurrency",
+            "4",
+            "--health-port",
+            "9091"
+        ]
     );
-    let probe = c.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("readiness");
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("readiness");
     assert_eq!(probe.port, IntOrString::String("health".into()));
-    assert_eq!(c.ports.as_ref().map(|p| (p[0].name.clone(), p[0].container_port)), Some((Some("health".into()), 9091)));
+    assert_eq!(
+        c.ports
+            .as_ref()
+            .map(|p| (p[0].name.clone(), p[0].container_port)),
+        Some((Some("health".into()), 9091))
+    );
 }
 
 #[test]
@@ -79,14 +121,27 @@ fn secrets_reach_pods_only_through_secret_key_refs() {
     let d = built(&managed());
     let data = d.config_map.data.clone().unwrap_or_default();
     for secret_var in ["VM_DB_URL", "VM_REDIS_URL", "KIMI_API_KEY"] {
-        assert!(!data.contains_key(secret_var), "{secret_var} must not be in the ConfigMap");
+        assert!(
+            !data.contains_key(secret_var),
+            "{secret_var} must not be in the ConfigMap"
+        );
     }
     for p in all_pods(&d) {
         for e in p.containers[0].env.iter().flatten() {
             assert!(e.value.is_none(), "{} has a literal value", e.name);
-            assert!(e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).is_some());
+            assert!(
+                e.value_from
+                    .as_ref()
+                    .and_then(|v| v.secret_key_ref.as_ref())
+                    .is_some()
+            );
         }
-        let names: Vec<&str> = p.containers[0].env.iter().flatten().map(|e| e.name.as_str()).collect();
+        let names: Vec<&str> = p.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.as_str())
+            .collect();
         assert_eq!(names, ["VM_DB_URL", "VM_REDIS_URL", "KIMI_API_KEY"]);
     }
 }
@@ -97,13 +152,27 @@ fn every_pod_runs_with_restricted_security() {
     for p in all_pods(&d) {
         let psc = p.security_context.as_ref().expect("pod security context");
         assert_eq!(psc.run_as_non_root, Some(true));
-        assert_eq!(psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()), Some("RuntimeDefault"));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
         let c = &p.containers[0];
-        let sc = c.security_context.as_ref().expect("container security context");
+        let sc = c
+            .security_context
+            .as_ref()
+            .expect("container security context");
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
-        assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_owned()]));
-        let mounts: Vec<&str> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_owned()])
+        );
+        let mounts: Vec<&str> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
         assert_eq!(mounts, ["/var/data/vm", "/tmp"]);
         assert!(p.volumes.iter().flatten().all(|v| v.empty_dir.is_some()));
     }
@@ -112,16 +181,33 @@ fn every_pod_runs_with_restricted_security() {
 #[test]
 fn autoscaling_leaves_replicas_to_the_hpa() {
     let mut a = managed();
-    assert_eq!(built(&a).api_deployment.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    assert_eq!(
+        built(&a)
+            .api_deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas),
+        Some(2)
+    );
     assert!(built(&a).api_hpa.is_none());
-    a.spec.api.autoscaling = Some(crate::crd::AutoscalingSpec { min_replicas: 2, max_replicas: 5, target_cpu_utilization_percentage: 60 });
+    a.spec.api.autoscaling = Some(crate::crd::AutoscalingSpec {
+        min_replicas: 2,
+        max_replicas: 5,
+        target_cpu_utilization_percentage: 60,
+    });
     let d = built(&a);
-    assert_eq!(d.api_deployment.spec.as_ref().and_then(|s| s.replicas), None);
+    assert_eq!(
+        d.api_deployment.spec.as_ref().and_then(|s| s.replicas),
+        None
+    );
     let hpa = d.api_hpa.expect("hpa");
     let spec = hpa.spec.expect("hpa spec");
     assert_eq!(spec.scale_target_ref.name, "shop-api");
     assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 5));
-    assert_eq!(d.worker_deployment.spec.as_ref().and_then(|s| s.replicas), Some(1));
+    assert_eq!(
+        d.worker_deployment.spec.as_ref().and_then(|s| s.replicas),
+        Some(1)
+    );
 }
 
 #[test]
@@ -129,8 +215,15 @@ fn every_child_is_labelled_and_owned_by_the_resource() {
     let d = built(&managed());
     for obj in d.objects().expect("serialises") {
         let meta = &obj["metadata"];
-        assert_eq!(meta["labels"]["app.kubernetes.io/instance"], "shop", "{}", obj["kind"]);
-        assert_eq!(meta["labels"]["app.kubernetes.io/managed-by"], "vm-operator");
+        assert_eq!(
+            meta["labels"]["app.kubernetes.io/instance"], "shop",
+            "{}",
+            obj["kind"]
+        );
+        assert_eq!(
+            meta["labels"]["app.kubernetes.io/managed-by"],
+            "vm-operator"
+        );
         assert_eq!(meta["ownerReferences"][0]["uid"], "1234");
         assert_eq!(meta["ownerReferences"][0]["controller"], true);
         assert_eq!(meta["namespace"], "prod");
@@ -141,16 +234,30 @@ fn every_child_is_labelled_and_owned_by_the_resource() {
 fn rotating_a_referenced_secret_changes_the_pod_template_hash() {
     let a = managed();
     let mut inputs = Inputs::offline(&a);
-    inputs.secret_data.insert(("db".into(), "url".into()), Some(b"postgres://one".to_vec()));
+    inputs.secret_data.insert(
+        ("db".into(), "url".into()),
+        Some(b"postgres://one".to_vec()),
+    );
     let before = build(&a, &inputs).expect("builds");
-    inputs.secret_data.insert(("db".into(), "url".into()), Some(b"postgres://two".to_vec()));
+    inputs.secret_data.insert(
+        ("db".into(), "url".into()),
+        Some(b"postgres://two".to_vec()),
+    );
     let after = build(&a, &inputs).expect("builds");
     assert_ne!(before.config_hash, after.config_hash);
     let annotation = |d: &Desired| {
-        d.api_deployment.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.annotations.clone())
+        d.api_deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.clone())
     };
     assert_ne!(annotation(&before), annotation(&after));
-    assert_eq!(build(&a, &inputs).expect("builds").config_hash, after.config_hash, "hash is deterministic");
+    assert_eq!(
+        build(&a, &inputs).expect("builds").config_hash,
+        after.config_hash,
+        "hash is deterministic"
+    );
 }
 
 #[test]
@@ -168,12 +275,26 @@ fn migration_job_runs_migrate_with_the_spec_image_and_never_restarts() {
     inputs.serving_image = "img:1".into();
     let d = build(&a, &inputs).expect("builds");
     let job = d.migration_job.expect("job");
-    let pod = job.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod");
-    assert_eq!(pod.containers[0].args.clone().unwrap_or_default(), ["migrate"]);
+    let pod = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod");
+    assert_eq!(
+        pod.containers[0].args.clone().unwrap_or_default(),
+        ["migrate"]
+    );
     assert_eq!(pod.containers[0].image.as_deref(), Some("img:2"));
     assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
-    assert_eq!(container(&d.api_deployment).image.as_deref(), Some("img:1"), "deployments keep the serving image");
-    assert_eq!(job.metadata.name, Some(names::migration_job("shop", "img:2")));
+    assert_eq!(
+        container(&d.api_deployment).image.as_deref(),
+        Some("img:1"),
+        "deployments keep the serving image"
+    );
+    assert_eq!(
+        job.metadata.name,
+        Some(names::migration_job("shop", "img:2"))
+    );
     a.spec.migrations.enabled = false;
     assert!(built(&a).migration_job.is_none());
 }
@@ -182,15 +303,29 @@ fn migration_job_runs_migrate_with_the_spec_image_and_never_restarts() {
 fn extra_env_values_go_to_the_config_map_and_secret_entries_to_secret_key_refs() {
     let mut a = managed();
     a.spec.env = vec![
-        ExtraEnvVar { name: "FEATURE_X".into(), value: Some("on".into()), secret_key_ref: None },
+        ExtraEnvVar {
+            name: "FEATURE_X".into(),
+            value: Some("on".into()),
+            secret_key_ref: None,
+        },
         ExtraEnvVar {
             name: "WEBHOOK_SECRET".into(),
             value: None,
-            secret_key_ref: Some(SecretKeyRef { name: "hooks".into(), key: "secret".into() }),
+            secret_key_ref: Some(SecretKeyRef {
+                name: "hooks".into(),
+                key: "secret".into(),
+            }),
         },
     ];
     let d = built(&a);
-    assert_eq!(d.config_map.data.as_ref().and_then(|m| m.get("FEATURE_X")).map(String::as_str), Some("on"));
+    assert_eq!(
+        d.config_map
+            .data
+            .as_ref()
+            .and_then(|m| m.get("FEATURE_X"))
+            .map(String::as_str),
+        Some("on")
+    );
     let env = container(&d.api_deployment).env.clone().unwrap_or_default();
     assert!(env.iter().any(|e| e.name == "WEBHOOK_SECRET"));
     assert!(VmWebappSpec::references_secret(&a.spec, "hooks"));
@@ -201,5 +336,8 @@ fn extra_env_values_go_to_the_config_map_and_secret_entries_to_secret_key_refs()
 fn a_resource_without_namespace_is_rejected() {
     let mut a = managed();
     a.metadata.namespace = None;
-    assert!(matches!(build(&a, &Inputs::offline(&a)), Err(BuildError::MissingNamespace)));
+    assert!(matches!(
+        build(&a, &Inputs::offline(&a)),
+        Err(BuildError::MissingNamespace)
+    ));
 }

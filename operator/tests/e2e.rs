@@ -1,0 +1,255 @@
+//! End-to-end suite against a real cluster. Runs only when `VM_E2E_KUBECONFIG` names a
+//! kubeconfig; otherwise it prints why it is skipped and passes.
+//!
+//! It needs cluster-admin-like rights for the CRD and a namespace, and a working garbage
+//! collector (any real cluster; not a bare API server). It runs the controller in-process
+//! against that cluster, so no operator image is needed; pods may stay unready when the
+//! app image (`VM_E2E_IMAGE`, default the examples' image) cannot be pulled, which this
+//! suite does not depend on.
+//!
+//! Steps: apply the CRD; create a namespace and a Secret; apply a VmWebapp; wait for its
+//! children and its status; delete a child and see it restored; rotate the Secret and see
+//! the pod template's config hash change; delete the VmWebapp and see its children
+//! garbage-collected; delete the namespace.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, CustomResourceExt, ResourceExt};
+use serde_json::json;
+use vm_operator::controller::Context;
+use vm_operator::crd::VmWebapp;
+
+const MANAGER: &str = "vm-operator-e2e";
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn config_hash(d: &Deployment) -> Option<String> {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get("webapp.vm.dev/config-hash").cloned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
+    let Some(path) = std::env::var_os("VM_E2E_KUBECONFIG") else {
+        // Written to the stderr handle directly so that it shows even when output is captured.
+        let _ = writeln!(
+            std::io::stderr(),
+            "e2e skipped: VM_E2E_KUBECONFIG is not set (point it at a kubeconfig of a disposable cluster to run it)"
+        );
+        return;
+    };
+    let kubeconfig =
+        Kubeconfig::read_from(&path).expect("VM_E2E_KUBECONFIG is a readable kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig is usable");
+    let client = Client::try_from(config).expect("client");
+    let apply = PatchParams::apply(MANAGER).force();
+
+    // CRD, established.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "vmwebapps.webapp.vm.dev",
+        &apply,
+        &Patch::Apply(VmWebapp::crd()),
+    )
+    .await
+    .expect("apply CRD");
+    eventually("the CRD to be established", || async {
+        let crd = crds.get("vmwebapps.webapp.vm.dev").await.ok()?;
+        let established = crd
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        established.then_some(())
+    })
+    .await;
+
+    // Namespace and Secret.
+    let ns_name = format!("vm-e2e-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns_name}})).expect("namespace"),
+        )
+        .await
+        .expect("create namespace");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns_name);
+    let secret = |url: &str| json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "e2e-db"}, "stringData": {"url": url}});
+    secrets
+        .patch(
+            "e2e-db",
+            &apply,
+            &Patch::Apply(secret("postgres://e2e:one@db/e2e")),
+        )
+        .await
+        .expect("create secret");
+
+    // The controller, in-process, watching only this namespace.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        vm_operator::metrics::Metrics::default(),
+    ));
+    let controller = tokio::spawn(vm_operator::controller::run(
+        client.clone(),
+        Some(ns_name.clone()),
+        ctx,
+        async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        },
+    ));
+
+    // The resource.
+    let image =
+        std::env::var("VM_E2E_IMAGE").unwrap_or_else(|_| "ghcr.io/vmwebapp/vm-webapp:0.1.0".into());
+    let apps: Api<VmWebapp> = Api::namespaced(client.clone(), &ns_name);
+    let app = json!({
+        "apiVersion": "webapp.vm.dev/v1alpha1",
+        "kind": "VmWebapp",
+        "metadata": {"name": "e2e"},
+        "spec": {
+            "image": image,
+            "appEnv": "staging",
+            "database": {"name": "e2e-db", "key": "url"},
+            "api": {"replicas": 1},
+            "worker": {"replicas": 0},
+            "migrations": {"enabled": false},
+        }
+    });
+    apps.patch("e2e", &apply, &Patch::Apply(&app))
+        .await
+        .expect("apply VmWebapp");
+
+    // Children and status.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns_name);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns_name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns_name);
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns_name);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns_name);
+    let api_deployment = eventually("the API Deployment", || async {
+        deployments.get_opt("e2e-api").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(
+        api_deployment
+            .owner_references()
+            .first()
+            .map(|o| o.kind.as_str()),
+        Some("VmWebapp")
+    );
+    eventually("the worker Deployment", || async {
+        deployments.get_opt("e2e-worker").await.ok().flatten()
+    })
+    .await;
+    eventually("the Service", || async {
+        services.get_opt("e2e").await.ok().flatten()
+    })
+    .await;
+    eventually("the ServiceAccount", || async {
+        accounts.get_opt("e2e").await.ok().flatten()
+    })
+    .await;
+    eventually("the PDB", || async {
+        pdbs.get_opt("e2e-api").await.ok().flatten()
+    })
+    .await;
+    let cm = eventually("the ConfigMap", || async {
+        config_maps.get_opt("e2e-config").await.ok().flatten()
+    })
+    .await;
+    eventually("a status for generation 1", || async {
+        let status = apps.get("e2e").await.ok()?.status?;
+        let has_conditions = ["Ready", "Progressing", "Degraded"]
+            .iter()
+            .all(|t| status.conditions.iter().any(|c| c.type_ == *t));
+        (status.observed_generation == Some(1) && has_conditions).then_some(())
+    })
+    .await;
+
+    // A deleted child is restored.
+    config_maps
+        .delete("e2e-config", &DeleteParams::default())
+        .await
+        .expect("delete ConfigMap");
+    eventually("the ConfigMap to be restored", || async {
+        let restored = config_maps.get_opt("e2e-config").await.ok().flatten()?;
+        (restored.uid() != cm.uid()).then_some(())
+    })
+    .await;
+
+    // A rotated Secret rolls the pod template.
+    let before = eventually("a config hash", || async {
+        deployments
+            .get("e2e-api")
+            .await
+            .ok()
+            .and_then(|d| config_hash(&d))
+    })
+    .await;
+    secrets
+        .patch(
+            "e2e-db",
+            &apply,
+            &Patch::Apply(secret("postgres://e2e:two@db/e2e")),
+        )
+        .await
+        .expect("rotate secret");
+    eventually("the pod template to change after the rotation", || async {
+        let after = deployments
+            .get("e2e-api")
+            .await
+            .ok()
+            .and_then(|d| config_hash(&d))?;
+        (after != before).then_some(())
+    })
+    .await;
+
+    // Deleting the resource garbage-collects its children.
+    apps.delete("e2e", &DeleteParams::foreground())
+        .await
+        .expect("delete VmWebapp");
+    eventually("the children to be garbage-collected", || async {
+        let gone = deployments.get_opt("e2e-api").await.ok()?.is_none()
+            && config_maps.get_opt("e2e-config").await.ok()?.is_none();
+        gone.then_some(())
+    })
+    .await;
+
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    namespaces
+        .delete(&ns_name, &DeleteParams::default())
+        .await
+        .expect("delete namespace");
+}
