@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("!self.managedMode || (has(self.database) && has(self.redis))").message("managedMode requires both spec.database and spec.redis secret references").reason(Reason::FieldValueRequired),
     validation = Rule::new("has(self.database) || (self.api.replicas <= 1 && !has(self.api.autoscaling) && self.worker.replicas == 0 && !has(self.worker.autoscaling))").message("without spec.database every pod keeps its own embedded SQLite file: run at most one API replica, no worker replicas and no autoscaling, or set spec.database"),
     validation = Rule::new("has(self.database) || !self.migrations.enabled").message("spec.migrations.enabled needs spec.database: without a shared database the migration Job would migrate a throwaway file"),
+    validation = Rule::new("has(self.database) || self.appEnv == 'local'").message("appEnv staging and production need spec.database: only local mode embeds SQLite"),
     validation = Rule::new("self.api.port != self.worker.healthPort").message("spec.api.port and spec.worker.healthPort must differ"),
 )]
 #[serde(rename_all = "camelCase")]
@@ -359,11 +360,11 @@ pub struct WorkerSpec {
     pub replicas: i32,
     /// How often an idle worker polls the queue (`worker --poll-interval-ms`).
     #[serde(default = "default_poll_interval_ms")]
-    #[schemars(range(min = 10, max = 600000))]
+    #[schemars(range(min = 10, max = 60000))]
     pub poll_interval_ms: i32,
     /// Jobs one worker pod runs at once (`worker --concurrency`).
     #[serde(default = "default_concurrency")]
-    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(range(min = 1, max = 256))]
     pub concurrency: i32,
     /// Port of the worker's own probes and metrics (`worker --health-port`).
     #[serde(default = "default_health_port")]

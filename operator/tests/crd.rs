@@ -203,3 +203,23 @@ fn long_names_are_rejected() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn staging_without_a_database_is_rejected_because_only_local_mode_embeds_sqlite() {
+    // The app refuses to start in staging or production without VM_DB_URL.
+    let mut obj = with_spec(json!({
+        "appEnv": "staging", "api": {"replicas": 1}, "worker": {"replicas": 0}, "migrations": {"enabled": false}
+    }));
+    if let Some(spec) = obj["spec"].as_object_mut() {
+        spec.remove("database");
+    }
+    let errors = validate(&obj).expect_err("staging needs a database");
+    assert!(
+        errors
+            .iter()
+            .any(|m| m.contains("only local mode embeds SQLite")),
+        "{errors:?}"
+    );
+    obj["spec"]["appEnv"] = json!("local");
+    assert_eq!(validate(&obj), Ok(()));
+}
