@@ -19,6 +19,7 @@ use crate::http::{self, AppState};
 use crate::steps::StepRunner;
 use crate::steps::llm::LlmBackend;
 use crate::store::{Store, StoreError};
+use crate::wakeup::RedisBus;
 use crate::worker::{Worker, WorkerConfig};
 
 /// Exit code for an invalid configuration.
@@ -136,16 +137,34 @@ async fn bind(host: &str, port: u16) -> Result<tokio::net::TcpListener, String> 
         .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))
 }
 
+/// Shared state with Redis attached when configured.
+fn app_state(store: &Store, settings: &Arc<Settings>) -> Result<AppState, String> {
+    let mut state = AppState::new(store.clone(), settings.clone());
+    if let Some(url) = &settings.redis_url {
+        state.redis = Some(RedisBus::new(url, state.metrics.clone()).map_err(|e| e.to_string())?);
+        info!("redis configured: wake-ups on new runs, polling as the fallback");
+    }
+    Ok(state)
+}
+
+/// Starts forwarding Redis wake-ups to the local worker, if Redis is configured.
+fn forward_wakeups(state: &AppState, shutdown: &CancellationToken) {
+    if let Some(redis) = state.redis.clone() {
+        tokio::spawn(redis.forward_wakeups(state.wake.clone(), shutdown.clone()));
+    }
+}
+
 async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
     let port = args.port.unwrap_or(settings.port);
     let store = open_store(&settings, 10).await?;
     log_llm_mode(&settings);
-    let mut state = AppState::new(store.clone(), settings.clone());
+    let mut state = app_state(&store, &settings)?;
     let shutdown = CancellationToken::new();
     let mut worker_task = None;
     if settings.embedded_worker() {
         let worker = build_worker(&state, Duration::from_millis(500), 4)?;
         state.worker = Some(worker.state());
+        forward_wakeups(&state, &shutdown);
         worker_task = Some(tokio::spawn(worker.run(shutdown.clone())));
     }
     let listener = bind(&args.host, port).await?;
@@ -186,7 +205,7 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     let concurrency = usize::try_from(args.concurrency).unwrap_or(4);
     let store = open_store(&settings, (concurrency as u32 + 2).min(50)).await?;
     log_llm_mode(&settings);
-    let mut state = AppState::new(store.clone(), settings.clone());
+    let mut state = app_state(&store, &settings)?;
     let worker = build_worker(&state, Duration::from_millis(args.poll_interval_ms), concurrency)?;
     state.worker = Some(worker.state());
     state.worker_stall_after = Duration::from_millis(args.poll_interval_ms.saturating_mul(10)).max(Duration::from_secs(30));
@@ -195,11 +214,13 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
 
     let shutdown = CancellationToken::new();
     let flag = state.shutting_down.clone();
+    let state_for_wakeups = state.clone();
     let probes = axum::serve(listener, http::health_router(state)).with_graceful_shutdown({
         let shutdown = shutdown.clone();
         async move { shutdown.cancelled().await }
     });
     let probes = tokio::spawn(async move { probes.await });
+    forward_wakeups(&state_for_wakeups, &shutdown);
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
     shutdown_signal().await;
     flag.store(true, Ordering::SeqCst);

@@ -63,9 +63,16 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             }
         }
     };
-    let redis = match &state.settings.redis_url {
+    // Redis only speeds up wake-ups: reported, but never a reason to be unready.
+    let redis = match &state.redis {
         None => dep("disabled", "not configured"),
-        Some(_) => dep("disabled", "configured but not used by this build"),
+        Some(bus) => {
+            if bus.ping().await {
+                dep("ok", "reachable")
+            } else {
+                dep("error", "redis unreachable; workers fall back to polling")
+            }
+        }
     };
     let shutting_down = state.is_shutting_down();
     // A stalled in-process worker makes this process unfit to serve; a

@@ -33,6 +33,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::http::error::ApiError;
 use crate::store::Store;
+use crate::wakeup::RedisBus;
 use crate::worker::WorkerState;
 
 /// Prefix of every route.
@@ -56,6 +57,8 @@ pub struct AppState {
     pub worker_stall_after: Duration,
     /// The process's metrics.
     pub metrics: Arc<Metrics>,
+    /// Redis, when configured: wake-ups for workers in other processes.
+    pub redis: Option<RedisBus>,
 }
 
 impl AppState {
@@ -69,6 +72,7 @@ impl AppState {
             worker: None,
             worker_stall_after: Duration::from_secs(60),
             metrics: Arc::new(Metrics::new()),
+            redis: None,
         }
     }
 

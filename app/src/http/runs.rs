@@ -200,6 +200,10 @@ pub async fn create_run(
         CreateOutcome::Created(run) => {
             tracing::info!(run_id = %run.id, correlation_id = %run.correlation_id, steps = run.steps.len(), "run queued");
             state.wake.notify_one();
+            if let Some(redis) = state.redis.clone() {
+                // Off the request path: a slow Redis must not slow run creation.
+                tokio::spawn(async move { redis.notify_enqueued().await });
+            }
             let location = format!("{API_PREFIX}/runs/{}", run.id);
             Ok((
                 StatusCode::ACCEPTED,

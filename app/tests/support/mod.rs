@@ -5,6 +5,7 @@
 
 pub mod fake_llm;
 pub mod pg;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,11 +65,17 @@ pub fn settings_from(vars: &[(&str, &str)]) -> Result<Settings, vm_webapp::confi
 impl TestEnv {
     /// A fresh database of `backend`, migrated, with `vars` applied to settings.
     pub async fn new(backend: Backend, vars: &[(&str, &str)]) -> TestEnv {
-        let dir = tempfile::tempdir().expect("tempdir");
         let url = match backend {
-            Backend::Sqlite => format!("sqlite://{}/test.db?mode=rwc", dir.path().display()),
-            Backend::Postgres => pg::fresh_database().await,
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(pg::fresh_database().await),
         };
+        Self::at(url, vars).await
+    }
+
+    /// A migrated database at `url` (a fresh SQLite file when `None`).
+    pub async fn at(url: Option<String>, vars: &[(&str, &str)]) -> TestEnv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = url.unwrap_or_else(|| format!("sqlite://{}/test.db?mode=rwc", dir.path().display()));
         let root = dir.path().display().to_string();
         let mut all: Vec<(&str, &str)> = vec![("VM_DB_URL", &url), ("VM_WORKSPACE_ROOT", &root)];
         all.extend_from_slice(vars);

@@ -1,0 +1,151 @@
+//! Redis as a wake-up channel, never as the queue.
+//!
+//! The database stays the only copy of every job. When a run is queued, the
+//! API publishes on `vm:jobs:wake`; workers subscribe and claim at once
+//! instead of waiting for their poll interval. If Redis is down, publishing
+//! fails quietly (counted in `vm_dependency_failures_total{dependency="redis"}`),
+//! subscribers retry with backoff, and workers keep polling, so nothing is
+//! lost or delayed beyond the poll interval; when Redis returns, wake-ups
+//! resume by themselves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Secret;
+use crate::metrics::{Dependency, Metrics};
+
+/// The pub/sub channel that announces new claimable jobs.
+pub const WAKE_CHANNEL: &str = "vm:jobs:wake";
+/// Budget of one Redis command.
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(1_000);
+
+/// A handle on Redis for publishing, pinging and subscribing. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisBus {
+    client: redis::Client,
+    conn: Arc<Mutex<Option<ConnectionManager>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// The URL could not be parsed; the message never repeats it.
+#[derive(Debug, thiserror::Error)]
+#[error("VM_REDIS_URL is not a valid Redis URL")]
+pub struct InvalidRedisUrl;
+
+impl RedisBus {
+    /// A bus for `url`. Does not connect: Redis may be down at start-up.
+    pub fn new(url: &Secret, metrics: Arc<Metrics>) -> Result<Self, InvalidRedisUrl> {
+        crate::install_crypto_provider();
+        let client = redis::Client::open(url.expose()).map_err(|_| InvalidRedisUrl)?;
+        Ok(Self {
+            client,
+            conn: Arc::new(Mutex::new(None)),
+            metrics,
+        })
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, ()> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(
+            COMMAND_TIMEOUT * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| ())?
+        .map_err(|_| ())?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn command<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, ()> {
+        let mut conn = self.connection().await?;
+        match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            _ => Err(()),
+        }
+    }
+
+    /// One PING within its budget; for readiness.
+    pub async fn ping(&self) -> bool {
+        let ok = self.command::<String>(redis::cmd("PING")).await.is_ok();
+        if !ok {
+            self.metrics.dependency_failed(Dependency::redis);
+        }
+        ok
+    }
+
+    /// Announces new work. Best effort: a failure only costs latency.
+    pub async fn notify_enqueued(&self) {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(WAKE_CHANNEL).arg("1");
+        if self.command::<i64>(cmd).await.is_err() {
+            self.metrics.dependency_failed(Dependency::redis);
+            debug!("could not publish a wake-up; workers will find the job by polling");
+        }
+    }
+
+    /// Forwards wake-ups to `wake` until `shutdown`, reconnecting with
+    /// backoff whenever the subscription breaks.
+    pub async fn forward_wakeups(self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let mut delay = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            let subscribed = async {
+                let mut pubsub = tokio::time::timeout(COMMAND_TIMEOUT * 2, self.client.get_async_pubsub())
+                    .await
+                    .map_err(|_| ())?
+                    .map_err(|_| ())?;
+                tokio::time::timeout(COMMAND_TIMEOUT, pubsub.subscribe(WAKE_CHANNEL))
+                    .await
+                    .map_err(|_| ())?
+                    .map_err(|_| ())?;
+                Ok::<_, ()>(pubsub)
+            };
+            let pubsub = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = subscribed => p,
+            };
+            match pubsub {
+                Ok(pubsub) => {
+                    info!(channel = WAKE_CHANNEL, "subscribed to wake-ups");
+                    delay = Duration::from_millis(200);
+                    // Something may have been queued while we were away.
+                    wake.notify_one();
+                    let mut messages = pubsub.into_on_message();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            msg = messages.next() => match msg {
+                                Some(_) => wake.notify_one(),
+                                None => break,
+                            },
+                        }
+                    }
+                    warn!("wake-up subscription lost; polling until Redis is back");
+                    self.metrics.dependency_failed(Dependency::redis);
+                }
+                Err(()) => {
+                    self.metrics.dependency_failed(Dependency::redis);
+                    debug!(retry_in_ms = delay.as_millis() as u64, "cannot subscribe to wake-ups");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}

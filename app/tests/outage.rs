@@ -1,0 +1,148 @@
+//! Dependency outages with real servers: PostgreSQL stopped and restarted
+//! under load, Redis killed and restarted. The app must degrade (not ready,
+//! 503 with `dependency_unavailable`, polling instead of wake-ups), lose
+//! nothing, and recover by itself.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use support::pg::PgServer;
+use support::redis::RedisServer;
+use support::{TestEnv, create, send};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use vm_webapp::model::RunStatus;
+use vm_webapp::steps::StepRunner;
+use vm_webapp::steps::llm::LlmBackend;
+use vm_webapp::wakeup::RedisBus;
+use vm_webapp::worker::{Worker, WorkerConfig};
+
+const RUN: &str = r#"{"steps":[{"kind":"delay","ms":200},{"kind":"template","template":"done"}]}"#;
+
+async fn started_within(env: &TestEnv, id: Uuid, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if env.store.get_run(id).await.ok().flatten().is_some_and(|d| d.run.status != RunStatus::Queued) {
+            return Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_degrades_to_not_ready_and_recovers_without_restart() {
+    let server = tokio::task::spawn_blocking(PgServer::start).await.expect("start postgres");
+    let url = server.create_database().await;
+    let env = TestEnv::at(Some(url), &[("VM_JOB_LEASE_MS", "2000")]).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let mut accepted = Vec::new();
+    for _ in 0..3 {
+        accepted.push(create(&app, RUN).await);
+    }
+
+    // Immediate shutdown: clients see their connections die mid-flight.
+    server.stop();
+
+    let live = send(&app, "GET", "/api/v2/health/live", None, &[]).await;
+    assert_eq!(live.status, StatusCode::OK, "liveness never checks dependencies");
+    let t0 = Instant::now();
+    let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "readiness must answer within its budget");
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.body);
+    assert_eq!(ready.body["dependencies"]["database"]["status"], "error");
+    let refused = send(&app, "POST", "/api/v2/runs", Some(RUN), &[]).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.body);
+    assert_eq!(refused.body["code"], "dependency_unavailable");
+    assert!(!refused.body.to_string().contains("postgres://"), "no connection string in errors");
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.launch();
+        server
+    })
+    .await
+    .expect("restart postgres");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
+        if ready.status == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readiness did not recover: {}", ready.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    accepted.push(create(&app, RUN).await);
+    for id in &accepted {
+        env.wait_for(*id, RunStatus::Succeeded, Duration::from_secs(30)).await;
+        assert_eq!(env.store.result_count(*id, 0).await.expect("count"), 1);
+    }
+    stop.cancel();
+    worker.await.expect("worker");
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_wakeups_cut_latency_and_polling_covers_a_redis_outage() {
+    let redis = RedisServer::start();
+    let env = TestEnv::at(None, &[]).await;
+    let mut state = env.state();
+    let url = vm_webapp::config::Secret::new(redis.url());
+    state.redis = Some(RedisBus::new(&url, state.metrics.clone()).expect("bus"));
+    let app = vm_webapp::http::router(state.clone());
+
+    // A worker that polls rarely, fed only by Redis wake-ups.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let shutdown = CancellationToken::new();
+    let poll = Duration::from_secs(6);
+    let config = WorkerConfig {
+        id: "redis-test".into(),
+        concurrency: 2,
+        poll_interval: poll,
+        lease: Duration::from_secs(5),
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let worker = Worker::new(env.store.clone(), StepRunner::new(LlmBackend::Offline), config, wake.clone());
+    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    let bus = state.redis.clone().expect("bus");
+    tokio::spawn(bus.clone().forward_wakeups(wake.clone(), shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // With Redis: claimed well before the poll interval.
+    let id = create(&app, RUN).await;
+    let latency = started_within(&env, id, poll).await.expect("started");
+    assert!(latency < Duration::from_secs(2), "wake-up latency {latency:?}");
+    let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
+    assert_eq!(ready.body["dependencies"]["redis"]["status"], "ok", "{}", ready.body);
+
+    // Redis down: still ready, redis reported, jobs found by polling.
+    redis.stop();
+    let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
+    assert_eq!(ready.body["dependencies"]["redis"]["status"], "error");
+    let during = create(&app, RUN).await;
+    env.wait_for(during, RunStatus::Succeeded, poll * 2 + Duration::from_secs(3)).await;
+    let metrics = support::get_text(&app, "/metrics").await;
+    assert!(metrics.contains(r#"vm_dependency_failures_total{dependency="redis"}"#), "{metrics}");
+
+    // Redis back: wake-ups resume by themselves.
+    redis.launch();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let id = create(&app, RUN).await;
+        if started_within(&env, id, Duration::from_secs(1)).await.is_some() {
+            break;
+        }
+        env.wait_for(id, RunStatus::Succeeded, poll * 2).await;
+        assert!(Instant::now() < deadline, "wake-ups did not resume after Redis came back");
+    }
+    shutdown.cancel();
+    worker.await.expect("worker");
+}
