@@ -623,6 +623,7 @@ pub async fn run(
         watcher::Config::default().any_semantic(),
     );
     let store = controller.store();
+    let cache = store.clone();
     let metrics = ctx.metrics.clone();
     controller
         .owns(api::<Deployment>(&client, ns), children.clone())
@@ -651,7 +652,9 @@ pub async fn run(
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
             let metrics = metrics.clone();
+            let managed = i64::try_from(cache.state().len()).unwrap_or(i64::MAX);
             async move {
+                metrics.managed.set(managed);
                 match result {
                     Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
                     Err(controller::Error::ReconcilerFailed(_, _)) => {}

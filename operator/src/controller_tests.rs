@@ -550,3 +550,80 @@ fn backoff_grows_per_object_and_caps_at_five_minutes() {
         "another object has its own count"
     );
 }
+
+/// Steady-state requests of the minimal example, with `api_hpa` as the live API HPA.
+fn minimal_with_live_hpa(app: &VmWebapp, api_hpa: Value, delete: bool) -> Vec<Expect> {
+    let p = Paths::of(app);
+    let desired = builders::build(app, &Inputs::offline(app)).expect("builds");
+    let mut script = vec![
+        Expect::get(
+            p.deployment(&p.api()),
+            Reply::Object(live(&desired.api_deployment)),
+        ),
+        Expect::get(
+            p.deployment(&p.worker()),
+            Reply::Object(live(&desired.worker_deployment)),
+        ),
+        Expect::get(p.sa(), Reply::Object(live(&desired.service_account))),
+        Expect::get(p.cm(), Reply::Object(live(&desired.config_map))),
+        Expect::get(p.svc(), Reply::Object(live(&desired.service))),
+        Expect::get(p.pdb(&p.api()), Reply::Object(live(&desired.api_pdb))),
+        Expect::get(p.pdb(&p.worker()), Reply::Object(live(&desired.worker_pdb))),
+        Expect::get(p.hpa(&p.api()), Reply::Object(api_hpa)),
+    ];
+    if delete {
+        script.push(Expect::delete(p.hpa(&p.api())));
+    }
+    script.push(Expect::get(p.hpa(&p.worker()), Reply::NotFound));
+    if delete {
+        script.push(Expect::event("demo-ns", |b| {
+            assert!(
+                b["note"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("deleted HorizontalPodAutoscaler/demo-api")
+            )
+        }));
+    }
+    script.push(Expect::apply(p.status(), |b| {
+        assert_eq!(condition(b, "Ready")["status"], "True")
+    }));
+    script.push(Expect::event("demo-ns", |b| {
+        assert_eq!(b["reason"], "Ready")
+    }));
+    script
+}
+
+fn api_hpa_of(app: &VmWebapp) -> Value {
+    let mut scaled = app.clone();
+    scaled.spec.api.autoscaling = Some(crate::crd::AutoscalingSpec {
+        min_replicas: 1,
+        max_replicas: 3,
+        target_cpu_utilization_percentage: 70,
+    });
+    live(
+        builders::build(&scaled, &Inputs::offline(&scaled))
+            .expect("builds")
+            .api_hpa
+            .as_ref()
+            .expect("hpa"),
+    )
+}
+
+#[tokio::test]
+async fn turning_autoscaling_off_deletes_our_hpa() {
+    let app = app_from_example(MINIMAL, "demo-ns");
+    let script = minimal_with_live_hpa(&app, api_hpa_of(&app), true);
+    let (result, _) = reconcile_with(app, script).await;
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
+async fn an_hpa_someone_else_owns_is_left_alone() {
+    let app = app_from_example(MINIMAL, "demo-ns");
+    let mut foreign = api_hpa_of(&app);
+    foreign["metadata"]["ownerReferences"][0]["uid"] = json!("someone-else");
+    let script = minimal_with_live_hpa(&app, foreign, false);
+    let (result, _) = reconcile_with(app, script).await;
+    assert!(result.is_ok(), "{result:?}");
+}

@@ -2,6 +2,10 @@
 //! chart can be checked against it. A test replays the requests of the mocked-API scenarios
 //! against these rules, so a new kind of request fails until the rule is added here.
 //!
+//! `vm-operator run` checks these rules with SelfSubjectAccessReviews at start-up and
+//! refuses to start when one is missing: an RBAC gap otherwise fails silently (a list
+//! allowed but a watch denied).
+//!
 //! With `--namespace` the same rules can be bound with a RoleBinding instead (the Lease
 //! rule is needed in the operator's own namespace either way).
 
@@ -73,6 +77,65 @@ pub fn cluster_role(name: &str) -> ClusterRole {
         ),
         aggregation_rule: None,
     }
+}
+
+/// Ask the API server (SelfSubjectAccessReview) whether this process holds every rule;
+/// returns the missing ones as `verb group/resource`. Resources are checked in
+/// `watch_namespace` (every namespace when `None`); Leases only in `lease_namespace`, and
+/// not at all without leader election.
+pub async fn missing_permissions(
+    client: kube::Client,
+    watch_namespace: Option<&str>,
+    lease_namespace: Option<&str>,
+) -> Result<Vec<String>, kube::Error> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    };
+    let reviews: kube::Api<SelfSubjectAccessReview> = kube::Api::all(client);
+    let mut missing = Vec::new();
+    for (group, resources, verbs) in RULES {
+        let namespace = if *group == "coordination.k8s.io" {
+            match lease_namespace {
+                Some(ns) => Some(ns),
+                None => continue,
+            }
+        } else {
+            watch_namespace
+        };
+        for resource in *resources {
+            let (resource, subresource) = match resource.split_once('/') {
+                Some((r, sub)) => (r, Some(sub.to_owned())),
+                None => (*resource, None),
+            };
+            for verb in *verbs {
+                let review = SelfSubjectAccessReview {
+                    spec: SelfSubjectAccessReviewSpec {
+                        resource_attributes: Some(ResourceAttributes {
+                            group: Some((*group).to_owned()),
+                            resource: Some(resource.to_owned()),
+                            subresource: subresource.clone(),
+                            verb: Some((*verb).to_owned()),
+                            namespace: namespace.map(str::to_owned),
+                            ..ResourceAttributes::default()
+                        }),
+                        ..SelfSubjectAccessReviewSpec::default()
+                    },
+                    ..SelfSubjectAccessReview::default()
+                };
+                let answer = reviews
+                    .create(&kube::api::PostParams::default(), &review)
+                    .await?;
+                if !answer.status.is_some_and(|s| s.allowed) {
+                    let sub = subresource
+                        .as_deref()
+                        .map(|s| format!("/{s}"))
+                        .unwrap_or_default();
+                    missing.push(format!("{verb} {group}/{resource}{sub}"));
+                }
+            }
+        }
+    }
+    Ok(missing)
 }
 
 /// Whether the rules allow `verb` on `resource` (with subresource, e.g. `vmwebapps/status`)
@@ -149,6 +212,67 @@ mod tests {
                 assert!(allows(group, resource, verb), "{verb} {group}/{resource}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn start_up_check_reports_exactly_the_denied_permissions() {
+        use crate::fixtures::{ApiServerVerifier, Expect, Reply, test_context};
+        use serde_json::json;
+        let (ctx, handle) = test_context();
+        let mut script = Vec::new();
+        for (group, resources, verbs) in RULES {
+            for resource in *resources {
+                for verb in *verbs {
+                    let denied = *resource == "secrets" && *verb == "watch";
+                    let mut expect = Expect::get(
+                        "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                        Reply::Object(json!({
+                            "apiVersion": "authorization.k8s.io/v1",
+                            "kind": "SelfSubjectAccessReview",
+                            "metadata": {},
+                            "spec": {},
+                            "status": {"allowed": !denied},
+                        })),
+                    );
+                    expect.method = http::Method::POST;
+                    let (g, r, v, ns) = (
+                        *group,
+                        *resource,
+                        *verb,
+                        if *group == "coordination.k8s.io" {
+                            "ops"
+                        } else {
+                            "apps"
+                        },
+                    );
+                    expect.check = Some(Box::new(move |b: &serde_json::Value| {
+                        let attrs = &b["spec"]["resourceAttributes"];
+                        let full = match attrs["subresource"].as_str() {
+                            Some(sub) => {
+                                format!("{}/{sub}", attrs["resource"].as_str().unwrap_or_default())
+                            }
+                            None => attrs["resource"].as_str().unwrap_or_default().to_owned(),
+                        };
+                        assert_eq!(
+                            (
+                                attrs["group"].as_str(),
+                                full.as_str(),
+                                attrs["verb"].as_str()
+                            ),
+                            (Some(g), r, Some(v))
+                        );
+                        assert_eq!(attrs["namespace"].as_str(), Some(ns));
+                    }));
+                    script.push(expect);
+                }
+            }
+        }
+        let task = ApiServerVerifier::new(handle).run(script);
+        let missing = missing_permissions(ctx.client.clone(), Some("apps"), Some("ops"))
+            .await
+            .expect("reviews answered");
+        task.await.expect("every review was asked in order");
+        assert_eq!(missing, ["watch /secrets"]);
     }
 
     #[test]

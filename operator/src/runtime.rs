@@ -29,6 +29,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("cannot build a Kubernetes client")?;
 
+    let lease_namespace = (!args.no_leader_election).then_some(args.lease_namespace.as_str());
+    let missing = crate::rbac::missing_permissions(
+        client.clone(),
+        args.namespace.as_deref(),
+        lease_namespace,
+    )
+    .await
+    .context("cannot check the operator's permissions")?;
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "the operator's service account lacks permissions (compare with `vm-operator rbac`): {}",
+            missing.join(", ")
+        );
+    }
+
     let mut registry = metrics::registry();
     let metrics = Metrics::register(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
