@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::steps::StepSpec;
 
 /// Lifecycle of a run: `queued → running → succeeded | failed | cancelled`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Accepted; no step has started yet.
@@ -59,7 +59,7 @@ impl RunStatus {
 }
 
 /// State of one step as shown to API clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
     /// Waits for the steps before it.

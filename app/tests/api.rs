@@ -281,3 +281,58 @@ on_both_backends!(
     probes_tell_the_truth_and_readiness_flips_on_shutdown,
     the_api_answers_over_real_http,
 );
+
+/// Without this, a route added to the router but not annotated (or an
+/// annotation for a route that no longer exists) would go unnoticed.
+#[tokio::test]
+async fn every_route_is_in_the_openapi_document_and_every_documented_route_answers() {
+    let env = TestEnv::new(Backend::Sqlite, &[]).await;
+    let app = env.router();
+    let doc = send(&app, "GET", "/api/v2/openapi.json", None, &[]).await;
+    assert_eq!(doc.status, StatusCode::OK);
+    assert!(doc.body["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    let paths = doc.body["paths"].as_object().expect("paths");
+    let mut documented: Vec<(String, String)> = paths
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .into_iter()
+                .flat_map(|ops| ops.keys())
+                .map(move |method| (method.to_uppercase(), path.clone()))
+        })
+        .collect();
+    documented.sort();
+    let mut expected: Vec<(String, String)> = [
+        ("GET", "/api/v2/health/live"),
+        ("GET", "/api/v2/health/ready"),
+        ("GET", "/api/v2/metrics/prometheus"),
+        ("GET", "/metrics"),
+        ("GET", "/api/v2/openapi.json"),
+        ("POST", "/api/v2/runs"),
+        ("GET", "/api/v2/runs"),
+        ("GET", "/api/v2/runs/{id}"),
+        ("GET", "/api/v2/runs/{id}/events"),
+        ("POST", "/api/v2/runs/{id}/cancel"),
+    ]
+    .iter()
+    .map(|(m, p)| (m.to_string(), p.to_string()))
+    .collect();
+    expected.sort();
+    assert_eq!(documented, expected);
+
+    // Every documented operation is served by the router (not a 404/405 fallback).
+    let id = create(&app, HELLO).await;
+    for (method, path) in &documented {
+        let uri = path.replace("{id}", &id.to_string());
+        let body = (method == "POST" && uri.ends_with("/runs")).then_some(HELLO);
+        let reply = support::send_raw(&app, method, &uri, body).await;
+        assert!(
+            reply != StatusCode::NOT_FOUND && reply != StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {uri} is documented but not routed ({reply})"
+        );
+    }
+    let schemas = doc.body["components"]["schemas"].as_object().expect("schemas");
+    for name in ["RunView", "RunList", "EventList", "ErrorBody", "StepSpec", "ReadyView", "CreateRunRequest"] {
+        assert!(schemas.contains_key(name), "schema {name} missing");
+    }
+}

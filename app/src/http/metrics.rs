@@ -32,7 +32,13 @@ async fn refresh(state: &AppState) -> Result<(), ()> {
     Ok(())
 }
 
-/// The metrics endpoint.
+/// Prometheus metrics (OpenMetrics text). Also served at `/metrics`.
+#[utoipa::path(
+    get,
+    path = "/api/v2/metrics/prometheus",
+    tag = "operations",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String))
+)]
 pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
     match tokio::time::timeout(REFRESH_BUDGET, refresh(&state)).await {
         Ok(Ok(())) => {}
@@ -42,4 +48,15 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.encode(),
     )
+}
+
+/// The same metrics at the conventional root path, for scrapers' defaults.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String))
+)]
+pub async fn prometheus_alias(state: State<AppState>) -> impl IntoResponse {
+    prometheus(state).await
 }

@@ -4,6 +4,9 @@
 //! - `POST /runs`, `GET /runs`, `GET /runs/{id}`, `GET /runs/{id}/events`,
 //!   `POST /runs/{id}/cancel` (see [`runs`])
 //! - `GET /metrics/prometheus`, and `GET /metrics` at the root (see [`metrics`])
+//! - `GET /openapi.json`: the OpenAPI document, generated from the same
+//!   registrations that build the router, so the two cannot drift apart
+//! - `views`: the JSON shapes
 //!
 //! Every response carries `x-request-id` (the caller's, or a generated UUID),
 //! and every log line of a request is inside a span carrying it. Unknown
@@ -13,6 +16,7 @@ pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod runs;
+pub mod views;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +26,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath};
 use axum::http::{Request, Response};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use tokio::sync::Notify;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -82,34 +86,75 @@ impl AppState {
     }
 }
 
-/// The probe and metrics routes, shared by `serve` and the worker's health port.
-pub fn health_routes() -> Router<AppState> {
-    Router::new()
-        .route("/health/live", get(health::live))
-        .route("/health/ready", get(health::ready))
-        .route("/metrics/prometheus", get(metrics::prometheus))
+/// The OpenAPI document's fixed parts; paths and schemas come from the
+/// annotated handlers as they are registered.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "vmwebapp API",
+        description = "Runs of steps on a durable queue, with probes and metrics. Errors are `{\"code\", \"message\"}` with a stable code."
+    ),
+    tags(
+        (name = "runs", description = "Run lifecycle"),
+        (name = "health", description = "Kubernetes probes"),
+        (name = "operations", description = "Metrics and this document"),
+    )
+)]
+struct ApiDoc;
+
+/// Probes and metrics: everything the worker's health port serves too.
+fn probe_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health::live))
+        .routes(routes!(health::ready))
+        .routes(routes!(metrics::prometheus))
+        .routes(routes!(metrics::prometheus_alias))
+}
+
+/// Every API route, registered once for both the router and the document.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
+        .merge(probe_routes())
+        .routes(routes!(runs::create_run, runs::list_runs))
+        .routes(routes!(runs::get_run))
+        .routes(routes!(runs::list_events))
+        .routes(routes!(runs::cancel_run))
+        .routes(routes!(openapi_json))
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = api_routes().into_openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc
+}
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(
+    get,
+    path = "/api/v2/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", body = Object))
+)]
+async fn openapi_json() -> axum::Json<serde_json::Value> {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    axum::Json(
+        DOC.get_or_init(|| serde_json::to_value(openapi()).unwrap_or_default())
+            .clone(),
+    )
 }
 
 /// The full API router.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
-    let api = health_routes()
-        .route("/runs", post(runs::create_run).get(runs::list_runs))
-        .route("/runs/{id}", get(runs::get_run))
-        .route("/runs/{id}/events", get(runs::list_events))
-        .route("/runs/{id}/cancel", post(runs::cancel_run));
-    with_common_layers(
-        Router::new()
-            .nest(API_PREFIX, api)
-            .layer(DefaultBodyLimit::max(body_limit)),
-        &state,
-    )
-    .with_state(state)
+    let (routes, _) = api_routes().split_for_parts();
+    with_common_layers(routes.layer(DefaultBodyLimit::max(body_limit)), &state).with_state(state)
 }
 
 /// The worker's health router: probes and metrics only.
 pub fn health_router(state: AppState) -> Router {
-    with_common_layers(Router::new().nest(API_PREFIX, health_routes()), &state).with_state(state)
+    let (routes, _) = probe_routes().split_for_parts();
+    with_common_layers(routes, &state).with_state(state)
 }
 
 /// Counts and times every routed request by its route template.
@@ -132,7 +177,6 @@ async fn track(
 
 fn with_common_layers(router: Router<AppState>, state: &AppState) -> Router<AppState> {
     router
-        .route("/metrics", get(metrics::prometheus))
         .route_layer(axum::middleware::from_fn_with_state(state.metrics.clone(), track))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

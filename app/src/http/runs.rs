@@ -20,13 +20,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::config::LlmMode;
+use crate::http::views::{CreateRunRequest, ErrorBody, EventList, EventView, RunList, RunSummary, RunView};
 use crate::http::{API_PREFIX, AppState, error::ApiError};
-use crate::model::{NewRun, Run, RunDetail, RunFilter, RunStatus, StepState, StepStatus, now_ms, rfc3339};
+use crate::model::{NewRun, Run, RunDetail, RunFilter, RunStatus, StepState, StepStatus, now_ms};
 use crate::steps::{StepSpec, parse_steps};
 use crate::store::{CancelOutcome, CreateOutcome};
 
@@ -34,49 +35,6 @@ use crate::store::{CancelOutcome, CreateOutcome};
 const RUNS_PAGE: (i64, i64) = (50, 200);
 /// Default and largest page of `GET /runs/{id}/events`.
 const EVENTS_PAGE: (i64, i64) = (500, 1000);
-
-fn run_json(detail: &RunDetail) -> Value {
-    let run = &detail.run;
-    let steps: Vec<Value> = detail
-        .steps
-        .iter()
-        .zip(&run.steps)
-        .map(|(state, spec)| {
-            json!({
-                "index": state.index,
-                "kind": state.kind,
-                "status": state.status,
-                "attempts": state.attempts,
-                "output": state.output,
-                "error": state.error,
-                "spec": spec,
-            })
-        })
-        .collect();
-    let mut v = summary_json(run);
-    v["input"] = run.input.clone();
-    v["steps"] = Value::Array(steps);
-    v["output"] = run.output.clone().unwrap_or(Value::Null);
-    v["links"] = json!({
-        "self": format!("{API_PREFIX}/runs/{}", run.id),
-        "events": format!("{API_PREFIX}/runs/{}/events", run.id),
-    });
-    v
-}
-
-fn summary_json(run: &Run) -> Value {
-    json!({
-        "id": run.id,
-        "status": run.status,
-        "correlation_id": run.correlation_id,
-        "step_count": run.steps.len(),
-        "error": run.error,
-        "created_at": rfc3339(run.created_at),
-        "updated_at": rfc3339(run.updated_at),
-        "started_at": run.started_at.map(rfc3339),
-        "finished_at": run.finished_at.map(rfc3339),
-    })
-}
 
 /// The detail of a run that was just created: first step queued, rest pending.
 fn fresh_detail(run: Run) -> RunDetail {
@@ -124,36 +82,36 @@ fn plain_id(value: &str) -> bool {
 
 /// Parses a create-run body: `{"input": {...}, "steps": [...]}`.
 pub fn parse_create_body(bytes: &[u8]) -> Result<(Value, Vec<Value>), ApiError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+    let request: CreateRunRequest = serde_json::from_slice(bytes).map_err(|e| {
         if e.is_data() {
             ApiError::InvalidRequest(e.to_string())
         } else {
             ApiError::InvalidJson(e.to_string())
         }
     })?;
-    let Value::Object(mut obj) = value else {
-        return Err(ApiError::InvalidRequest("expected a JSON object with `steps`".into()));
-    };
-    if let Some(unknown) = obj.keys().find(|k| !["input", "steps"].contains(&k.as_str())) {
-        return Err(ApiError::InvalidRequest(format!(
-            "unknown field `{}`; expected `input` and `steps`",
-            unknown.chars().take(64).collect::<String>()
-        )));
-    }
-    let input = match obj.remove("input") {
-        None | Some(Value::Null) => Value::Object(Map::new()),
-        Some(v @ Value::Object(_)) => v,
-        Some(_) => return Err(ApiError::InvalidRequest("input: expected a JSON object".into())),
-    };
-    let steps = match obj.remove("steps") {
-        Some(Value::Array(steps)) => steps,
-        Some(_) => return Err(ApiError::InvalidRequest("steps: expected an array of steps".into())),
-        None => return Err(ApiError::InvalidRequest("missing field `steps`".into())),
-    };
-    Ok((input, steps))
+    Ok((Value::Object(request.input.unwrap_or_default()), request.steps))
 }
 
-/// `POST /runs`.
+/// Creates a run.
+#[utoipa::path(
+    post,
+    path = "/api/v2/runs",
+    tag = "runs",
+    request_body(content = CreateRunRequest, description = "Input and steps. Read as JSON whatever the Content-Type."),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Replays the original run for a repeated key; 409 for the same key with another body"),
+        ("x-correlation-id" = Option<String>, Header, description = "Correlation id carried by the run's log lines"),
+    ),
+    responses(
+        (status = 202, description = "Run queued", body = RunView),
+        (status = 200, description = "Idempotent replay of the original run", body = RunView),
+        (status = 400, description = "invalid_json, invalid_idempotency_key", body = ErrorBody),
+        (status = 409, description = "idempotency_key_conflict", body = ErrorBody),
+        (status = 413, description = "payload_too_large", body = ErrorBody),
+        (status = 422, description = "invalid_request, invalid_step, unknown_step_kind, llm_unavailable", body = ErrorBody),
+        (status = 503, description = "dependency_unavailable, shutting_down", body = ErrorBody),
+    )
+)]
 pub async fn create_run(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -208,14 +166,14 @@ pub async fn create_run(
             Ok((
                 StatusCode::ACCEPTED,
                 [(header::LOCATION, location)],
-                Json(run_json(&fresh_detail(run))),
+                Json(RunView::of(&fresh_detail(run))),
             )
                 .into_response())
         }
         CreateOutcome::Existing(detail) => Ok((
             StatusCode::OK,
             [("idempotent-replayed", "true")],
-            Json(run_json(&detail)),
+            Json(RunView::of(&detail)),
         )
             .into_response()),
         CreateOutcome::Conflict => Err(ApiError::IdempotencyConflict),
@@ -284,8 +242,23 @@ pub fn decode_cursor(cursor: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::InvalidCursor)
 }
 
-/// `GET /runs`.
-pub async fn list_runs(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Json<Value>, ApiError> {
+/// Lists runs, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v2/runs",
+    tag = "runs",
+    params(
+        ("status" = Option<RunStatus>, Query, description = "Only runs in this status"),
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 200 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, body = RunList),
+        (status = 400, description = "invalid_parameter, invalid_cursor", body = ErrorBody),
+        (status = 503, description = "dependency_unavailable", body = ErrorBody),
+    )
+)]
+pub async fn list_runs(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Json<RunList>, ApiError> {
     let query = parse_query(raw, &["status", "limit", "cursor"])?;
     let status = match query.get("status") {
         None => None,
@@ -312,10 +285,10 @@ pub async fn list_runs(State(state): State<AppState>, RawQuery(raw): RawQuery) -
     } else {
         None
     };
-    Ok(Json(json!({
-        "runs": runs.iter().map(summary_json).collect::<Vec<_>>(),
-        "next_cursor": next_cursor,
-    })))
+    Ok(Json(RunList {
+        runs: runs.iter().map(RunSummary::of).collect(),
+        next_cursor,
+    }))
 }
 
 fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
@@ -323,19 +296,45 @@ fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::RunNotFound)
 }
 
-/// `GET /runs/{id}`.
-pub async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+/// One run with the state and output of each step.
+#[utoipa::path(
+    get,
+    path = "/api/v2/runs/{id}",
+    tag = "runs",
+    params(("id" = Uuid, Path, description = "Run id")),
+    responses(
+        (status = 200, body = RunView),
+        (status = 404, description = "run_not_found", body = ErrorBody),
+        (status = 503, description = "dependency_unavailable", body = ErrorBody),
+    )
+)]
+pub async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<RunView>, ApiError> {
     let id = parse_run_id(&id)?;
     let detail = state.store.get_run(id).await?.ok_or(ApiError::RunNotFound)?;
-    Ok(Json(run_json(&detail)))
+    Ok(Json(RunView::of(&detail)))
 }
 
-/// `GET /runs/{id}/events`.
+/// The run's transitions, in order.
+#[utoipa::path(
+    get,
+    path = "/api/v2/runs/{id}/events",
+    tag = "runs",
+    params(
+        ("id" = Uuid, Path, description = "Run id"),
+        ("after" = Option<i64>, Query, description = "Only events with a larger id (`next_after` of the previous page)"),
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 1000 (default 500)"),
+    ),
+    responses(
+        (status = 200, body = EventList),
+        (status = 400, description = "invalid_parameter", body = ErrorBody),
+        (status = 404, description = "run_not_found", body = ErrorBody),
+    )
+)]
 pub async fn list_events(
     State(state): State<AppState>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<EventList>, ApiError> {
     let id = parse_run_id(&id)?;
     let query = parse_query(raw, &["after", "limit"])?;
     let after = match query.get("after") {
@@ -352,30 +351,31 @@ pub async fn list_events(
         return Err(ApiError::RunNotFound);
     }
     let next_after = (events.len() as i64 == limit).then(|| events.last().map(|e| e.id)).flatten();
-    let events: Vec<Value> = events
-        .iter()
-        .map(|e| {
-            json!({
-                "id": e.id,
-                "type": e.event_type,
-                "step_index": e.step_index,
-                "attempt": e.attempt,
-                "message": e.message,
-                "data": e.data,
-                "at": rfc3339(e.created_at),
-            })
-        })
-        .collect();
-    Ok(Json(json!({"run_id": id, "events": events, "next_after": next_after})))
+    Ok(Json(EventList {
+        run_id: id,
+        events: events.iter().map(EventView::of).collect(),
+        next_after,
+    }))
 }
 
-/// `POST /runs/{id}/cancel`.
-pub async fn cancel_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+/// Cancels a queued or running run; pending steps are dropped.
+#[utoipa::path(
+    post,
+    path = "/api/v2/runs/{id}/cancel",
+    tag = "runs",
+    params(("id" = Uuid, Path, description = "Run id")),
+    responses(
+        (status = 200, description = "Cancelled", body = RunView),
+        (status = 404, description = "run_not_found", body = ErrorBody),
+        (status = 409, description = "run_not_cancellable", body = ErrorBody),
+    )
+)]
+pub async fn cancel_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<RunView>, ApiError> {
     let id = parse_run_id(&id)?;
     match state.store.cancel_run(id, now_ms()).await? {
         CancelOutcome::Cancelled(detail) => {
             tracing::info!(run_id = %id, correlation_id = %detail.run.correlation_id, "run cancelled");
-            Ok(Json(run_json(&detail)))
+            Ok(Json(RunView::of(&detail)))
         }
         CancelOutcome::NotFound => Err(ApiError::RunNotFound),
         CancelOutcome::NotCancellable(status) => Err(ApiError::NotCancellable(status)),

@@ -30,7 +30,7 @@ pub const MAX_STEPS: usize = 50;
 pub const KINDS: [&str; 4] = ["template", "transform", "delay", "llm"];
 
 /// Text operations of the `transform` step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TransformOp {
     /// Upper-cases the text.
@@ -48,7 +48,7 @@ pub enum TransformOp {
 }
 
 /// One step of a run, as accepted from clients and stored with the run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum StepSpec {
     /// Renders `template`.

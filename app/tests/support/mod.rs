@@ -174,6 +174,23 @@ impl TestEnv {
     }
 }
 
+/// Sends a request and returns only the status (for non-JSON answers).
+pub async fn send_raw(app: &Router, method: &str, uri: &str, body: Option<&str>) -> StatusCode {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(
+            body.map(|b| Body::from(b.to_string()))
+                .unwrap_or_else(Body::empty),
+        )
+        .expect("request");
+    app.clone()
+        .oneshot(req)
+        .await
+        .expect("router answers")
+        .status()
+}
+
 /// GETs `uri` and returns the body as text (for non-JSON answers such as metrics).
 pub async fn get_text(app: &Router, uri: &str) -> String {
     let req = Request::builder()
