@@ -207,7 +207,11 @@ impl<'a> Pass<'a> {
         let deployments: Api<Deployment> = self.api();
         let live_api = deployments.get_opt(&names::api(&self.name)).await?;
         let live_worker = deployments.get_opt(&names::worker(&self.name)).await?;
-        let serving = Rollout::of(live_api.as_ref()).image;
+        // A hand-deleted API Deployment must not look like a fresh install (which would
+        // re-run migrations before restoring it): the worker remembers the image too.
+        let serving = Rollout::of(live_api.as_ref())
+            .image
+            .or_else(|| Rollout::of(live_worker.as_ref()).image);
 
         let mut observed = Observed {
             generation: app.metadata.generation,
@@ -483,7 +487,8 @@ impl<'a> Pass<'a> {
     async fn finish(self, observed: &Observed, action: Action) -> Result<Action, Error> {
         let app = self.app;
         if !self.written.is_empty() {
-            let note = format!("applied {}", self.written.join(", "));
+            let mut note = format!("applied {}", self.written.join(", "));
+            truncate(&mut note, 1000); // events.k8s.io notes are limited to 1 kB
             self.publish(EventType::Normal, "Applied", "Reconcile", note)
                 .await;
         }
@@ -562,6 +567,17 @@ impl<'a> Pass<'a> {
         {
             warn!(error = %e, reason, "cannot publish event");
         }
+    }
+}
+
+/// Cut `s` to at most `max` bytes on a character boundary.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
     }
 }
 
@@ -677,6 +693,16 @@ pub async fn run(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn long_event_notes_are_cut_on_a_character_boundary() {
+        let mut s = "é".repeat(600);
+        truncate(&mut s, 1000);
+        assert_eq!(s.len(), 1000);
+        let mut odd = format!("a{}", "é".repeat(600));
+        truncate(&mut odd, 1000);
+        assert_eq!(odd.len(), 999);
+    }
 
     #[test]
     fn server_defaults_are_not_drift_but_changed_values_are() {
