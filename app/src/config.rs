@@ -140,6 +140,9 @@ pub struct QueueSettings {
     pub backoff_max: Duration,
     /// How long in-flight jobs may run after SIGTERM (`VM_SHUTDOWN_GRACE_MS`).
     pub shutdown_grace: Duration,
+    /// A worker whose last heartbeat (or loop pass) is older than this counts as
+    /// stalled in readiness (`VM_WORKER_STALE_MS`).
+    pub worker_stale_after: Duration,
 }
 
 /// Everything the runtime reads from its environment.
@@ -337,6 +340,7 @@ impl Settings {
             backoff_base: p.millis("VM_JOB_BACKOFF_BASE_MS", 1_000, 1, 3_600_000),
             backoff_max: p.millis("VM_JOB_BACKOFF_MAX_MS", 300_000, 1, 86_400_000),
             shutdown_grace: p.millis("VM_SHUTDOWN_GRACE_MS", 20_000, 0, 3_600_000),
+            worker_stale_after: p.millis("VM_WORKER_STALE_MS", 60_000, 6_000, 3_600_000),
         };
         if queue.backoff_max < queue.backoff_base {
             p.fail(

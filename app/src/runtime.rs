@@ -208,7 +208,10 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     let mut state = app_state(&store, &settings)?;
     let worker = build_worker(&state, Duration::from_millis(args.poll_interval_ms), concurrency)?;
     state.worker = Some(worker.state());
-    state.worker_stall_after = Duration::from_millis(args.poll_interval_ms.saturating_mul(10)).max(Duration::from_secs(30));
+    // A slow poll interval must not look like a stall.
+    state.worker_stall_after = state
+        .worker_stall_after
+        .max(Duration::from_millis(args.poll_interval_ms.saturating_mul(3)));
     let listener = bind(&args.health_host, args.health_port).await?;
     info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "worker probes serving");
 

@@ -142,6 +142,26 @@ async fn llm_timeouts_are_retried_then_dead_lettered_after_max_attempts(backend:
     assert!(error.contains("timed out") && error.contains("3 attempt"), "{error}");
 }
 
+async fn an_unreachable_llm_fails_its_runs_cleanly_while_other_runs_proceed(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let base = format!("http://{}/v1", closed.local_addr().expect("addr"));
+    drop(closed);
+    let llm = LlmBackend::Remote(
+        LlmClient::new(&base, "m", Some(Secret::new("sk-x")), Duration::from_millis(500)).expect("client"),
+    );
+    let doomed = enqueue(&env, json!({}), json!([{"kind": "llm", "prompt": "hi"}])).await;
+    let fine = enqueue(&env, json!({}), json!([{"kind": "template", "template": "unaffected"}])).await;
+    let (worker, stop) = env.spawn_worker(2, llm);
+    let ok = env.wait_for(fine, RunStatus::Succeeded, LONG).await;
+    let failed = env.wait_for(doomed, RunStatus::Failed, LONG).await;
+    stop.cancel();
+    worker.await.expect("worker");
+    assert_eq!(ok.run.output, Some(json!("unaffected")));
+    assert_eq!(failed.steps[0].attempts, 3, "retried up to the limit");
+    assert!(failed.run.error.unwrap_or_default().contains("unreachable"));
+}
+
 async fn bad_reference_in_output_fails_the_run_permanently(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
     let id = enqueue(
@@ -348,6 +368,7 @@ on_both_backends!(
     transient_llm_failure_is_retried_with_backoff_then_succeeds,
     rejected_credentials_fail_the_run_without_retry,
     llm_timeouts_are_retried_then_dead_lettered_after_max_attempts,
+    an_unreachable_llm_fails_its_runs_cleanly_while_other_runs_proceed,
     bad_reference_in_output_fails_the_run_permanently,
     killed_worker_job_is_redelivered_after_lease,
     stale_claim_cannot_finish_a_newer_delivery,

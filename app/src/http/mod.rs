@@ -70,11 +70,11 @@ impl AppState {
     pub fn new(store: Store, settings: Arc<Settings>) -> Self {
         Self {
             store,
+            worker_stall_after: settings.queue.worker_stale_after,
             settings,
             wake: Arc::new(Notify::new()),
             shutting_down: Arc::new(AtomicBool::new(false)),
             worker: None,
-            worker_stall_after: Duration::from_secs(60),
             metrics: Arc::new(Metrics::new()),
             redis: None,
         }
