@@ -170,6 +170,10 @@ pub struct Settings {
     pub queue: QueueSettings,
     /// `VM_MAX_BODY_BYTES`: largest accepted request body.
     pub max_body_bytes: usize,
+    /// `VM_SHUTDOWN_DELAY_MS`: after SIGTERM, how long to keep answering
+    /// (`not_ready`) before closing the listener, so that endpoints are
+    /// updated before connections are refused.
+    pub shutdown_delay: Duration,
 }
 
 /// One problem with one variable.
@@ -349,6 +353,7 @@ impl Settings {
             );
         }
         let max_body_bytes = p.number("VM_MAX_BODY_BYTES", 1_048_576usize, 1_024, 64 << 20);
+        let shutdown_delay = p.millis("VM_SHUTDOWN_DELAY_MS", 0, 0, 120_000);
 
         if !p.errors.is_empty() {
             return Err(ConfigErrors(p.errors));
@@ -365,6 +370,7 @@ impl Settings {
             port,
             queue,
             max_body_bytes,
+            shutdown_delay,
         })
     }
 
@@ -377,12 +383,12 @@ impl Settings {
         }
     }
 
-    /// Whether `serve` also runs the worker in its own process.
-    ///
-    /// In managed mode the worker is its own Deployment, so the API must not
-    /// compete with it for jobs; everywhere else one command is a whole system.
+    /// Whether `serve` also runs the worker in its own process: in local mode
+    /// (one command is a whole system), unless managed mode is on. In staging
+    /// and production the worker is its own Deployment, so API pods never
+    /// compete with it for jobs.
     pub fn embedded_worker(&self) -> bool {
-        !self.managed_mode
+        self.app_env == AppEnv::Local && !self.managed_mode
     }
 
     /// A non-secret summary, one `key: value` per line, for `check-config`.

@@ -181,21 +181,25 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
 
     let flag = state.shutting_down.clone();
     let stop = shutdown.clone();
+    let delay = settings.shutdown_delay;
     let app = http::router(state);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
-        // Readiness fails first, so load balancers stop sending traffic.
+        // Readiness fails first and keeps being answered while the worker
+        // drains (and for the configured delay), so load balancers see
+        // `not_ready` and stop sending traffic before the listener closes.
         flag.store(true, Ordering::SeqCst);
         info!("shutdown requested: not ready, draining requests and jobs");
         stop.cancel();
+        tokio::time::sleep(delay).await;
+        if let Some(task) = worker_task {
+            let _ = task.await;
+        }
     });
     if let Err(e) = server.await {
         return Err(format!("server error: {e}"));
     }
     shutdown.cancel();
-    if let Some(task) = worker_task {
-        let _ = task.await;
-    }
     store.close().await;
     info!("stopped cleanly");
     Ok(())
@@ -216,11 +220,13 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "worker probes serving");
 
     let shutdown = CancellationToken::new();
+    // The probes outlive the drain, so `not_ready` is visible while it lasts.
+    let probes_stop = CancellationToken::new();
     let flag = state.shutting_down.clone();
     let state_for_wakeups = state.clone();
     let probes = axum::serve(listener, http::health_router(state)).with_graceful_shutdown({
-        let shutdown = shutdown.clone();
-        async move { shutdown.cancelled().await }
+        let probes_stop = probes_stop.clone();
+        async move { probes_stop.cancelled().await }
     });
     let probes = tokio::spawn(async move { probes.await });
     forward_wakeups(&state_for_wakeups, &shutdown);
@@ -230,6 +236,8 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     info!("shutdown requested: no new claims, draining in-flight jobs");
     shutdown.cancel();
     let _ = worker_task.await;
+    tokio::time::sleep(settings.shutdown_delay).await;
+    probes_stop.cancel();
     let _ = probes.await;
     store.close().await;
     info!("stopped cleanly");

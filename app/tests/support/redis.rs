@@ -9,18 +9,29 @@ use std::time::{Duration, Instant};
 /// A running (or stopped) server.
 pub struct RedisServer {
     pub port: u16,
+    password: Option<String>,
     child: Mutex<Option<Child>>,
 }
 
 impl RedisServer {
     /// Starts a server with persistence off.
     pub fn start() -> RedisServer {
+        Self::start_with(None)
+    }
+
+    /// Starts a server that requires `password`.
+    pub fn start_with_password(password: &str) -> RedisServer {
+        Self::start_with(Some(password.to_string()))
+    }
+
+    fn start_with(password: Option<String>) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("free port");
         let server = RedisServer {
             port,
+            password,
             child: Mutex::new(None),
         };
         server.launch();
@@ -29,12 +40,19 @@ impl RedisServer {
 
     /// The URL clients use.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
     }
 
     /// Starts the process and waits until it accepts connections.
     pub fn launch(&self) {
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdin(Stdio::null())
