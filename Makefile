@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help run test deps build bench fmt lint check-config migrate clean
+.PHONY: help run test deps build bench fmt lint check-config migrate crd render rbac golden e2e run-operator clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,24 @@ check-config: ## Validate the current environment the way the app will
 
 migrate: ## Apply database migrations to VM_DB_URL (or the embedded SQLite)
 	$(CARGO) run -q -p vm-webapp -- migrate
+
+crd: ## Regenerate the checked-in CRD from the operator's types
+	$(CARGO) run -q -p vm-operator -- crd > crds/vmwebapps.webapp.vm.dev.yaml
+
+render: ## Print what a reconcile of examples/production.yaml applies (no cluster needed)
+	$(CARGO) run -q -p vm-operator -- render -f examples/production.yaml
+
+rbac: ## Print the RBAC rules the operator needs
+	$(CARGO) run -q -p vm-operator -- rbac
+
+golden: ## Regenerate the operator's golden render files and the CRD
+	UPDATE_GOLDEN=1 $(CARGO) test -p vm-operator
+
+e2e: ## Operator end-to-end suite against the cluster in VM_E2E_KUBECONFIG
+	$(CARGO) test -p vm-operator --test e2e -- --nocapture
+
+run-operator: ## Run the operator against the current kubeconfig (one replica, no leader election)
+	$(CARGO) run -p vm-operator -- run --log-format pretty --no-leader-election
 
 clean: ## Remove build output and local data
 	$(CARGO) clean
