@@ -2,8 +2,10 @@
 -- Times are milliseconds since the Unix epoch; JSON is stored as text so that
 -- the same queries serve SQLite and PostgreSQL.
 
+-- Run ids are UUIDv7 text: the "C" collation keeps their order (time order)
+-- byte-wise whatever the database default, for keyset pagination.
 CREATE TABLE runs (
-    id              TEXT PRIMARY KEY,
+    id              TEXT COLLATE "C" PRIMARY KEY,
     status          TEXT NOT NULL,
     input           TEXT NOT NULL,
     steps           TEXT NOT NULL,
