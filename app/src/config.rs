@@ -145,6 +145,76 @@ pub struct QueueSettings {
     pub worker_stale_after: Duration,
 }
 
+/// One API key: only its SHA-256 is kept after start-up.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// Identifies the actor in logs and the audit trail (never the key).
+    pub id: String,
+    /// SHA-256 of the key.
+    pub hash: [u8; 32],
+    /// May read the audit trail.
+    pub admin: bool,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey").field("id", &self.id).field("admin", &self.admin).finish_non_exhaustive()
+    }
+}
+
+/// A signing secret of one webhook source; a source may have several during rotation.
+#[derive(Debug, Clone)]
+pub struct WebhookSecret {
+    /// The `{source}` of `POST /api/v2/webhooks/{source}`.
+    pub source: String,
+    /// HMAC-SHA256 key.
+    pub secret: Secret,
+}
+
+/// A token bucket: `per_second` refill, `burst` capacity; 0 disables.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Tokens added per second.
+    pub per_second: f64,
+    /// Bucket capacity.
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// Whether this limit applies at all.
+    pub fn enabled(&self) -> bool {
+        self.per_second > 0.0 && self.burst > 0
+    }
+}
+
+/// Authentication, webhooks, rate limits and HTTP hardening.
+#[derive(Debug, Clone)]
+pub struct SecuritySettings {
+    /// `VM_API_KEYS`: `id:key[:admin]`, comma-separated. Empty: open (local only).
+    pub api_keys: Vec<ApiKey>,
+    /// `VM_WEBHOOK_SECRETS`: `source:secret`, comma-separated; repeat a source to rotate.
+    pub webhook_secrets: Vec<WebhookSecret>,
+    /// `VM_WEBHOOK_TOLERANCE_SECONDS`: accepted clock skew and replay window.
+    pub webhook_tolerance: Duration,
+    /// `VM_WEBHOOK_ALLOWED_CIDRS`: webhook senders allowed; empty allows any.
+    pub webhook_allowed: Vec<ipnet::IpNet>,
+    /// `VM_TRUSTED_PROXY_HEADER`: take the client address from this header
+    /// (its last entry, the one the trusted proxy added) instead of the peer.
+    pub trusted_proxy_header: Option<String>,
+    /// `VM_RATE_LIMIT_KEY_RPS` / `VM_RATE_LIMIT_KEY_BURST`.
+    pub rate_per_key: RateLimit,
+    /// `VM_RATE_LIMIT_IP_RPS` / `VM_RATE_LIMIT_IP_BURST`.
+    pub rate_per_ip: RateLimit,
+    /// `VM_CORS_ALLOWED_ORIGINS`: empty means no CORS headers at all.
+    pub cors_origins: Vec<String>,
+    /// `VM_REQUEST_TIMEOUT_MS`.
+    pub request_timeout: Duration,
+    /// `VM_MIGRATION_DB_URL`: the schema owner's URL for `migrate` (falls back to `VM_DB_URL`).
+    pub migration_db_url: Option<Secret>,
+    /// `VM_RUNTIME_DB_ROLE`: role that `migrate` grants the runtime's rights to.
+    pub runtime_db_role: Option<String>,
+}
+
 /// Everything the runtime reads from its environment.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -170,6 +240,8 @@ pub struct Settings {
     pub queue: QueueSettings,
     /// `VM_MAX_BODY_BYTES`: largest accepted request body.
     pub max_body_bytes: usize,
+    /// Authentication, webhooks, rate limits and HTTP hardening.
+    pub security: SecuritySettings,
     /// `VM_SHUTDOWN_DELAY_MS`: after SIGTERM, how long to keep answering
     /// (`not_ready`) before closing the listener, so that endpoints are
     /// updated before connections are refused.
@@ -354,6 +426,7 @@ impl Settings {
         }
         let max_body_bytes = p.number("VM_MAX_BODY_BYTES", 1_048_576usize, 1_024, 64 << 20);
         let shutdown_delay = p.millis("VM_SHUTDOWN_DELAY_MS", 0, 0, 120_000);
+        let security = parse_security(&mut p, app_env);
 
         if !p.errors.is_empty() {
             return Err(ConfigErrors(p.errors));
@@ -371,6 +444,7 @@ impl Settings {
             queue,
             max_body_bytes,
             shutdown_delay,
+            security,
         })
     }
 
@@ -420,6 +494,118 @@ impl Settings {
             format!("embedded_worker: {}", self.embedded_worker()),
         ]
         .join("\n")
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn parse_security<F: Fn(&str) -> Option<String>>(p: &mut Parser<F>, app_env: AppEnv) -> SecuritySettings {
+    use sha2::Digest;
+    let mut api_keys: Vec<ApiKey> = Vec::new();
+    for (i, entry) in p.get("VM_API_KEYS").unwrap_or_default().split(',').map(str::trim).filter(|e| !e.is_empty()).enumerate() {
+        let mut parts = entry.splitn(3, ':');
+        let (id, key, role) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next());
+        if !valid_name(id) {
+            p.fail("VM_API_KEYS", format!("entry {}: expected id:key[:admin] with an id of letters, digits, - or _", i + 1));
+            continue;
+        }
+        if key.len() < 16 {
+            p.fail("VM_API_KEYS", format!("key `{id}`: keys must be at least 16 characters"));
+            continue;
+        }
+        let admin = match role {
+            None => false,
+            Some("admin") => true,
+            Some(_) => {
+                p.fail("VM_API_KEYS", format!("key `{id}`: the optional third field must be `admin`"));
+                false
+            }
+        };
+        if api_keys.iter().any(|k| k.id == id) {
+            p.fail("VM_API_KEYS", format!("key id `{id}` appears twice"));
+        }
+        api_keys.push(ApiKey {
+            id: id.to_string(),
+            hash: sha2::Sha256::digest(key.as_bytes()).into(),
+            admin,
+        });
+    }
+    if api_keys.is_empty() && app_env == AppEnv::Production {
+        p.fail("VM_API_KEYS", "required when APP_ENV is production (id:key[:admin], comma-separated)");
+    }
+    let mut webhook_secrets = Vec::new();
+    for (i, entry) in p.get("VM_WEBHOOK_SECRETS").unwrap_or_default().split(',').map(str::trim).filter(|e| !e.is_empty()).enumerate() {
+        match entry.split_once(':') {
+            Some((source, secret)) if valid_name(source) && secret.len() >= 16 => webhook_secrets.push(WebhookSecret {
+                source: source.to_string(),
+                secret: Secret::new(secret),
+            }),
+            _ => p.fail(
+                "VM_WEBHOOK_SECRETS",
+                format!("entry {}: expected source:secret with a source of letters, digits, - or _ and a secret of at least 16 characters", i + 1),
+            ),
+        }
+    }
+    let mut webhook_allowed = Vec::new();
+    for cidr in p.get("VM_WEBHOOK_ALLOWED_CIDRS").unwrap_or_default().split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        match cidr.parse::<ipnet::IpNet>().or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+            Ok(net) => webhook_allowed.push(net),
+            Err(_) => p.fail("VM_WEBHOOK_ALLOWED_CIDRS", format!("`{}` is not an address or CIDR block", cidr.chars().take(64).collect::<String>())),
+        }
+    }
+    let trusted_proxy_header = p.get("VM_TRUSTED_PROXY_HEADER").map(|h| h.to_ascii_lowercase());
+    if let Some(h) = &trusted_proxy_header {
+        if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            p.fail("VM_TRUSTED_PROXY_HEADER", "expected a header name such as x-forwarded-for");
+        }
+    }
+    let rate = |p: &mut Parser<F>, rps: &'static str, burst: &'static str, d_rps: u32, d_burst: u32| RateLimit {
+        per_second: f64::from(p.number(rps, d_rps, 0, 100_000)),
+        burst: p.number(burst, d_burst, 0, 1_000_000),
+    };
+    let rate_per_key = rate(p, "VM_RATE_LIMIT_KEY_RPS", "VM_RATE_LIMIT_KEY_BURST", 20, 40);
+    let rate_per_ip = rate(p, "VM_RATE_LIMIT_IP_RPS", "VM_RATE_LIMIT_IP_BURST", 50, 100);
+    let cors_origins: Vec<String> = p
+        .get("VM_CORS_ALLOWED_ORIGINS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|o| o.trim().trim_end_matches('/').to_string())
+        .filter(|o| !o.is_empty())
+        .collect();
+    for origin in &cors_origins {
+        let ok = reqwest::Url::parse(origin).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+        if !ok || axum::http::HeaderValue::from_str(origin).is_err() {
+            p.fail("VM_CORS_ALLOWED_ORIGINS", "expected origins such as https://app.example.com, comma-separated");
+            break;
+        }
+    }
+    let request_timeout = p.millis("VM_REQUEST_TIMEOUT_MS", 30_000, 100, 600_000);
+    let migration_db_url = p.get("VM_MIGRATION_DB_URL");
+    if let Some(url) = &migration_db_url {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:")) {
+            p.fail("VM_MIGRATION_DB_URL", "expected a postgres:// or sqlite:// URL");
+        }
+    }
+    let runtime_db_role = p.get("VM_RUNTIME_DB_ROLE");
+    if let Some(role) = &runtime_db_role {
+        if role.len() > 63 || !role.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            p.fail("VM_RUNTIME_DB_ROLE", "expected a role name of letters, digits and _");
+        }
+    }
+    SecuritySettings {
+        api_keys,
+        webhook_secrets,
+        webhook_tolerance: Duration::from_secs(p.number("VM_WEBHOOK_TOLERANCE_SECONDS", 300u64, 1, 86_400)),
+        webhook_allowed,
+        trusted_proxy_header,
+        rate_per_key,
+        rate_per_ip,
+        cors_origins,
+        request_timeout,
+        migration_db_url: migration_db_url.map(Secret::new),
+        runtime_db_role,
     }
 }
 
@@ -515,6 +701,7 @@ mod tests {
             ("VM_DB_URL", "postgres://u:p@db/app"),
             ("VM_REDIS_URL", "redis://r:6379"),
             ("APP_ENV", "production"),
+            ("VM_API_KEYS", "ops:0123456789abcdef0123:admin"),
         ])
         .expect("valid managed settings");
         assert!(!ok.embedded_worker());
@@ -551,6 +738,44 @@ mod tests {
         let ok = parse(&[("VM_DB_URL", "postgres://admin:hunter2@db/app"), ("KIMI_API_KEY", "sk-live-123")]).expect("valid");
         let debug = format!("{ok:?} {}", ok.summary());
         assert!(!debug.contains("hunter2") && !debug.contains("sk-live-123"), "{debug}");
+    }
+
+    #[test]
+    fn api_keys_are_parsed_hashed_and_required_in_production() {
+        let s = parse(&[("VM_API_KEYS", "ci:ci-key-0123456789abcdef, ops:ops-key-0123456789abcdef:admin")]).expect("valid");
+        let keys = &s.security.api_keys;
+        assert_eq!(keys.iter().map(|k| (k.id.as_str(), k.admin)).collect::<Vec<_>>(), [("ci", false), ("ops", true)]);
+        assert!(!format!("{s:?}").contains("ci-key-0123456789abcdef"), "only hashes are kept");
+        let err = parse(&[("VM_API_KEYS", "ci:short,ci:ci-key-0123456789abcdef,bad id:x,ops:ops-key-0123456789abcdef:root")]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("at least 16") && text.contains("must be `admin`") && text.contains("entry 3"), "{text}");
+        assert!(!text.contains("ops-key-0123456789abcdef"), "{text}");
+        let err = parse(&[("APP_ENV", "production"), ("VM_DB_URL", "postgres://db/app")]).unwrap_err();
+        assert!(err.mentions("VM_API_KEYS"));
+    }
+
+    #[test]
+    fn webhook_and_hardening_settings_are_validated() {
+        let s = parse(&[
+            ("VM_WEBHOOK_SECRETS", "github:gh-secret-0123456789,github:gh-secret-next-012345"),
+            ("VM_WEBHOOK_ALLOWED_CIDRS", "10.0.0.0/8, 192.168.1.7"),
+            ("VM_CORS_ALLOWED_ORIGINS", "https://app.example.com/"),
+        ])
+        .expect("valid");
+        assert_eq!(s.security.webhook_secrets.len(), 2);
+        assert_eq!(s.security.webhook_allowed.len(), 2);
+        assert_eq!(s.security.cors_origins, ["https://app.example.com"]);
+        let err = parse(&[
+            ("VM_WEBHOOK_SECRETS", "github:short"),
+            ("VM_WEBHOOK_ALLOWED_CIDRS", "10.0.0.0/33"),
+            ("VM_CORS_ALLOWED_ORIGINS", "*"),
+            ("VM_RUNTIME_DB_ROLE", "vm; DROP TABLE runs"),
+        ])
+        .unwrap_err();
+        for var in ["VM_WEBHOOK_SECRETS", "VM_WEBHOOK_ALLOWED_CIDRS", "VM_CORS_ALLOWED_ORIGINS", "VM_RUNTIME_DB_ROLE"] {
+            assert!(err.mentions(var), "{var} missing from {err}");
+        }
+        assert!(!err.to_string().contains("short"), "secrets are not echoed");
     }
 
     #[test]

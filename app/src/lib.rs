@@ -14,7 +14,7 @@ pub mod runtime;
 pub mod steps;
 pub mod store;
 pub mod telemetry;
-pub mod wakeup;
+pub mod redis_bus;
 pub mod worker;
 
 /// Makes `ring` the process-wide TLS crypto provider (the one stack shared by

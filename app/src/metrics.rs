@@ -138,6 +138,19 @@ pub struct Metrics {
     pub queue_oldest_age: Family<StateLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Age of the freshest worker heartbeat, seconds (scrape time; -1 when none).
     pub worker_heartbeat_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Requests refused by a rate limit, by scope (`address`, `key`).
+    pub rate_limited: Family<ReasonLabels, Counter>,
+    /// Failed authentications, by reason (`missing`, `invalid`).
+    pub auth_failures: Family<ReasonLabels, Counter>,
+    /// Webhook deliveries by outcome (`accepted` or the rejection code).
+    pub webhooks: Family<ReasonLabels, Counter>,
+}
+
+/// A fixed reason, scope or outcome name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// One of a fixed set of names, never free text.
+    pub reason: String,
 }
 
 impl Default for Metrics {
@@ -163,6 +176,9 @@ impl Metrics {
             queue_jobs: Family::default(),
             queue_oldest_age: Family::default(),
             worker_heartbeat_age: Gauge::default(),
+            rate_limited: Family::default(),
+            auth_failures: Family::default(),
+            webhooks: Family::default(),
         };
         registry.register("http_requests", "HTTP requests by method, route template and status class", m.http_requests.clone());
         registry.register_with_unit("http_request_duration", "HTTP request latency", Unit::Seconds, m.http_duration.clone());
@@ -175,6 +191,9 @@ impl Metrics {
         registry.register("queue_jobs", "Jobs in the queue by state", m.queue_jobs.clone());
         registry.register_with_unit("queue_oldest_job_age", "Age of the oldest job by state", Unit::Seconds, m.queue_oldest_age.clone());
         registry.register_with_unit("worker_heartbeat_age", "Age of the most recent worker heartbeat (-1: none)", Unit::Seconds, m.worker_heartbeat_age.clone());
+        registry.register("rate_limited", "Requests refused by a rate limit, by scope", m.rate_limited.clone());
+        registry.register("auth_failures", "Failed API key authentications, by reason", m.auth_failures.clone());
+        registry.register("webhook_deliveries", "Webhook deliveries by outcome (accepted or rejection code)", m.webhooks.clone());
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
@@ -228,6 +247,21 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a request refused by the `scope` limit.
+    pub fn rate_limited(&self, scope: &'static str) {
+        self.rate_limited.get_or_create(&ReasonLabels { reason: scope.into() }).inc();
+    }
+
+    /// Counts a failed authentication.
+    pub fn auth_failed(&self, reason: &'static str) {
+        self.auth_failures.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+    }
+
+    /// Counts a webhook delivery outcome.
+    pub fn webhook(&self, outcome: &'static str) {
+        self.webhooks.get_or_create(&ReasonLabels { reason: outcome.into() }).inc();
     }
 
     /// The registry in Prometheus text format.

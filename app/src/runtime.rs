@@ -19,7 +19,7 @@ use crate::http::{self, AppState};
 use crate::steps::StepRunner;
 use crate::steps::llm::LlmBackend;
 use crate::store::{Store, StoreError};
-use crate::wakeup::RedisBus;
+use crate::redis_bus::RedisBus;
 use crate::worker::{Worker, WorkerConfig};
 
 /// Exit code for an invalid configuration.
@@ -154,10 +154,45 @@ fn forward_wakeups(state: &AppState, shutdown: &CancellationToken) {
     }
 }
 
+/// Says loudly when the API runs without keys.
+fn log_auth_mode(settings: &Settings) {
+    let keys = &settings.security.api_keys;
+    if keys.is_empty() {
+        warn!("VM_API_KEYS is not set: THE API IS OPEN TO ANYONE WHO CAN REACH IT (allowed outside production only)");
+        if settings.app_env == AppEnv::Local {
+            println!("WARNING: no VM_API_KEYS: the API accepts requests without a key (local mode).");
+        }
+    } else {
+        let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+        info!(keys = ?ids, "API keys required");
+    }
+}
+
+/// Writes the aggregated authentication failures to the audit trail once a minute.
+fn flush_auth_failures(state: &AppState, shutdown: &CancellationToken) {
+    let state = state.clone();
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => {
+                    state.auth_failures.flush(&state).await;
+                    return;
+                }
+            }
+            state.auth_failures.flush(&state).await;
+        }
+    });
+}
+
 async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
     let port = args.port.unwrap_or(settings.port);
     let store = open_store(&settings, 10).await?;
     log_llm_mode(&settings);
+    log_auth_mode(&settings);
     let mut state = app_state(&store, &settings)?;
     let shutdown = CancellationToken::new();
     let mut worker_task = None;
@@ -179,11 +214,12 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
         println!("Then: curl -s http://{addr}/api/v2/runs/<id>  and  curl -s http://{addr}/api/v2/runs/<id>/events");
     }
 
+    flush_auth_failures(&state, &shutdown);
     let flag = state.shutting_down.clone();
     let stop = shutdown.clone();
     let delay = settings.shutdown_delay;
     let app = http::router(state);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move {
         shutdown_signal().await;
         // Readiness fails first and keeps being answered while the worker
         // drains (and for the configured delay), so load balancers see
@@ -245,10 +281,22 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
 }
 
 async fn migrate(settings: Arc<Settings>) -> Result<(), String> {
-    let store = Store::connect(&settings.database, 2)
+    // DDL runs as the schema owner when a separate URL is given, so the
+    // runtime's own role never needs those rights.
+    let mut database = settings.database.clone();
+    if let Some(url) = &settings.security.migration_db_url {
+        database.url = url.clone();
+        database.backend = if url.expose().starts_with("sqlite:") { crate::config::DbBackend::Sqlite } else { crate::config::DbBackend::Postgres };
+        database.embedded = false;
+    }
+    let store = Store::connect(&database, 2)
         .await
         .map_err(|e| format!("cannot open the database: {}", describe(&e)))?;
     let applied = store.migrate().await.map_err(|e| describe(&e))?;
+    if let Some(role) = &settings.security.runtime_db_role {
+        store.grant_runtime_role(role).await.map_err(|e| format!("cannot grant the runtime role its rights: {}", describe(&e)))?;
+        println!("granted the runtime role {role} read/write on data, append-only on the audit trail, no DDL");
+    }
     let version = store.schema_version().await.map_err(|e| describe(&e))?;
     if applied.is_empty() {
         println!("database schema is up to date (version {version})");

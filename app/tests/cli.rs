@@ -25,6 +25,8 @@ const SLOW: Duration = Duration::from_secs(25);
 const DB_PASSWORD: &str = "SuperSecretPw";
 const API_KEY: &str = "sk-very-secret";
 const REDIS_PASSWORD: &str = "RedisSecret";
+const CLIENT_KEY: &str = "client-key-SuperSecret-0001";
+const API_KEYS: &str = "client:client-key-SuperSecret-0001:admin";
 
 // ---------------------------------------------------------------------------
 // Processes
@@ -171,7 +173,7 @@ fn closed_port() -> u16 {
 }
 
 fn assert_no_secret(output: &str) {
-    for secret in [DB_PASSWORD, API_KEY, REDIS_PASSWORD] {
+    for secret in [DB_PASSWORD, API_KEY, REDIS_PASSWORD, CLIENT_KEY] {
         assert!(
             !output.contains(secret),
             "output leaks {secret:?}:\n{output}"
@@ -196,6 +198,7 @@ async fn http(
         let body = body.map(Value::to_string).unwrap_or_default();
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+             Authorization: Bearer {CLIENT_KEY}\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
@@ -948,6 +951,7 @@ async fn no_secret_appears_in_logs_error_bodies_or_metrics_of_a_managed_deployme
     let vars = [
         ("APP_ENV", "production"),
         ("VM_ENABLE_MANAGED_MODE", "true"),
+        ("VM_API_KEYS", API_KEYS),
         ("VM_DB_URL", url.as_str()),
         ("VM_REDIS_URL", redis_url.as_str()),
         ("KIMI_API_KEY", API_KEY),

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use vm_webapp::model::RunStatus;
 use vm_webapp::steps::StepRunner;
 use vm_webapp::steps::llm::LlmBackend;
-use vm_webapp::wakeup::RedisBus;
+use vm_webapp::redis_bus::RedisBus;
 use vm_webapp::worker::{Worker, WorkerConfig};
 
 const RUN: &str = r#"{"steps":[{"kind":"delay","ms":200},{"kind":"template","template":"done"}]}"#;

@@ -62,6 +62,39 @@ pub enum ApiError {
     /// 503 `shutting_down`.
     #[error("the server is shutting down; retry on another instance")]
     ShuttingDown,
+    /// 401 `unauthorized`: no or wrong API key.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 403 `forbidden`: the key may not do this.
+    #[error("this API key may not do this")]
+    Forbidden,
+    /// 429 `rate_limited`, with `Retry-After` seconds.
+    #[error("too many requests; retry after {0} s")]
+    RateLimited(u64),
+    /// 431 `headers_too_large`.
+    #[error("request headers are too many or too large")]
+    HeadersTooLarge,
+    /// 408 `request_timeout`.
+    #[error("the request took longer than the server's limit")]
+    RequestTimeout,
+    /// 404 `unknown_webhook_source`.
+    #[error("no webhook source of that name is configured")]
+    UnknownWebhookSource,
+    /// 401 `missing_signature`: a signature header is absent or malformed.
+    #[error("{0}")]
+    MissingSignature(&'static str),
+    /// 401 `invalid_signature`.
+    #[error("the signature does not match the body")]
+    InvalidSignature,
+    /// 401 `stale_timestamp`.
+    #[error("the timestamp is outside the accepted window")]
+    StaleTimestamp,
+    /// 409 `replayed_nonce`.
+    #[error("this nonce was already used")]
+    ReplayedNonce,
+    /// 403 `address_not_allowed`.
+    #[error("the sender's address is not allowed")]
+    AddressNotAllowed,
     /// 500 `internal`.
     #[error("internal error")]
     Internal,
@@ -85,6 +118,16 @@ impl ApiError {
             ApiError::DependencyUnavailable | ApiError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::Unauthorized(_)
+            | ApiError::MissingSignature(_)
+            | ApiError::InvalidSignature
+            | ApiError::StaleTimestamp => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden | ApiError::AddressNotAllowed => StatusCode::FORBIDDEN,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UnknownWebhookSource => StatusCode::NOT_FOUND,
+            ApiError::ReplayedNonce => StatusCode::CONFLICT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -107,6 +150,17 @@ impl ApiError {
             ApiError::NotCancellable(_) => "run_not_cancellable",
             ApiError::DependencyUnavailable => "dependency_unavailable",
             ApiError::ShuttingDown => "shutting_down",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden => "forbidden",
+            ApiError::RateLimited(_) => "rate_limited",
+            ApiError::HeadersTooLarge => "headers_too_large",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::UnknownWebhookSource => "unknown_webhook_source",
+            ApiError::MissingSignature(_) => "missing_signature",
+            ApiError::InvalidSignature => "invalid_signature",
+            ApiError::StaleTimestamp => "stale_timestamp",
+            ApiError::ReplayedNonce => "replayed_nonce",
+            ApiError::AddressNotAllowed => "address_not_allowed",
             ApiError::Internal => "internal",
         }
     }
@@ -132,10 +186,18 @@ impl IntoResponse for ApiError {
             Json(json!({"code": self.code(), "message": self.to_string()})),
         )
             .into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        let headers = response.headers_mut();
+        match &self {
+            ApiError::RateLimited(seconds) => {
+                headers.insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(*seconds));
+            }
+            ApiError::Unauthorized(_) => {
+                headers.insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+            }
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         response
     }

@@ -4,19 +4,27 @@
 //! - `POST /runs`, `GET /runs`, `GET /runs/{id}`, `GET /runs/{id}/events`,
 //!   `POST /runs/{id}/cancel` (see [`runs`])
 //! - `GET /metrics/prometheus`, and `GET /metrics` at the root (see [`metrics`])
+//! - `POST /webhooks/{source}`: signed deliveries (see [`webhooks`])
+//! - `GET /audit`: the audit trail, admin keys only (see [`audit`])
 //! - `GET /openapi.json`: the OpenAPI document, generated from the same
 //!   registrations that build the router, so the two cannot drift apart
 //! - `views`: the JSON shapes
 //!
-//! Every response carries `x-request-id` (the caller's, or a generated UUID),
+//! Runs and the audit trail need an API key and are rate-limited; webhooks are
+//! signed and rate-limited; probes, metrics and the document are open (see
+//! [`security`]). Every response carries security headers and
+//! `x-request-id` (the caller's, or a generated UUID),
 //! and every log line of a request is inside a span carrying it. Unknown
 //! routes and methods answer JSON errors like everything else.
 
+pub mod audit;
 pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod runs;
+pub mod security;
 pub mod views;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +33,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath};
 use axum::http::{Request, Response};
+use axum::middleware::from_fn_with_state;
 use axum::response::IntoResponse;
+use tower_http::set_header::SetResponseHeaderLayer;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use tokio::sync::Notify;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -37,7 +47,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::http::error::ApiError;
 use crate::store::Store;
-use crate::wakeup::RedisBus;
+use crate::redis_bus::RedisBus;
 use crate::worker::WorkerState;
 
 /// Prefix of every route.
@@ -61,8 +71,12 @@ pub struct AppState {
     pub worker_stall_after: Duration,
     /// The process's metrics.
     pub metrics: Arc<Metrics>,
-    /// Redis, when configured: wake-ups for workers in other processes.
+    /// Redis, when configured: wake-ups, shared rate limits, webhook nonces.
     pub redis: Option<RedisBus>,
+    /// Rate-limit buckets kept in this process.
+    pub limiter: Arc<security::RateLimiter>,
+    /// Authentication failures since the last audit flush.
+    pub auth_failures: Arc<security::AuthFailures>,
 }
 
 impl AppState {
@@ -77,6 +91,8 @@ impl AppState {
             worker: None,
             metrics: Arc::new(Metrics::new()),
             redis: None,
+            limiter: Arc::new(security::RateLimiter::new()),
+            auth_failures: Arc::new(security::AuthFailures::default()),
         }
     }
 
@@ -97,6 +113,8 @@ impl AppState {
     tags(
         (name = "runs", description = "Run lifecycle"),
         (name = "health", description = "Kubernetes probes"),
+        (name = "webhooks", description = "Signed deliveries from other systems"),
+        (name = "audit", description = "The audit trail"),
         (name = "operations", description = "Metrics and this document"),
     )
 )]
@@ -112,19 +130,33 @@ fn probe_routes() -> OpenApiRouter<AppState> {
 }
 
 /// Every API route, registered once for both the router and the document.
-fn api_routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
-        .merge(probe_routes())
+/// With `state` the routes get their guards (rate limits, then API keys);
+/// without, only the document is wanted.
+fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
+    let mut protected = OpenApiRouter::new()
         .routes(routes!(runs::create_run, runs::list_runs))
         .routes(routes!(runs::get_run))
         .routes(routes!(runs::list_events))
         .routes(routes!(runs::cancel_run))
+        .routes(routes!(audit::list));
+    let mut signed = OpenApiRouter::new().routes(routes!(webhooks::receive));
+    if let Some(state) = state {
+        // The last layer added runs first: the address limit, then the key.
+        protected = protected
+            .route_layer(from_fn_with_state(state.clone(), security::authenticate))
+            .route_layer(from_fn_with_state(state.clone(), security::limit_by_address));
+        signed = signed.route_layer(from_fn_with_state(state.clone(), security::limit_by_address));
+    }
+    OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
+        .merge(probe_routes())
+        .merge(protected)
+        .merge(signed)
         .routes(routes!(openapi_json))
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let mut doc = api_routes().into_openapi();
+    let mut doc = api_routes(None).into_openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     doc
 }
@@ -147,7 +179,7 @@ async fn openapi_json() -> axum::Json<serde_json::Value> {
 /// The full API router.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
-    let (routes, _) = api_routes().split_for_parts();
+    let (routes, _) = api_routes(Some(&state)).split_for_parts();
     with_common_layers(routes.layer(DefaultBodyLimit::max(body_limit)), &state).with_state(state)
 }
 
@@ -176,10 +208,16 @@ async fn track(
 }
 
 fn with_common_layers(router: Router<AppState>, state: &AppState) -> Router<AppState> {
-    router
-        .route_layer(axum::middleware::from_fn_with_state(state.metrics.clone(), track))
+    let mut router = router
+        .route_layer(from_fn_with_state(state.metrics.clone(), track))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(from_fn_with_state(state.clone(), security::harden))
+        .layer(tower::util::option_layer(security::cors(&state.settings.security)));
+    for (name, value) in security::security_headers() {
+        router = router.layer(SetResponseHeaderLayer::if_not_present(name, value));
+    }
+    router
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
@@ -190,7 +228,7 @@ fn with_common_layers(router: Router<AppState>, state: &AppState) -> Router<AppS
                         .get("x-request-id")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("");
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %request_id)
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %request_id, actor = tracing::field::Empty)
                 })
                 .on_request(())
                 .on_response(|res: &Response<_>, latency: Duration, _span: &Span| {

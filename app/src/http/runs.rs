@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 
-use axum::Json;
 use axum::body::Bytes;
+use axum::{Extension, Json};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -26,7 +26,9 @@ use uuid::Uuid;
 
 use crate::config::LlmMode;
 use crate::http::views::{CreateRunRequest, ErrorBody, EventList, EventView, RunList, RunSummary, RunView};
+use crate::http::security::Actor;
 use crate::http::{API_PREFIX, AppState, error::ApiError};
+use crate::store::security::NewAudit;
 use crate::model::{NewRun, Run, RunDetail, RunFilter, RunStatus, StepState, StepStatus, now_ms};
 use crate::steps::{StepSpec, parse_steps};
 use crate::store::{CancelOutcome, CreateOutcome};
@@ -114,12 +116,10 @@ pub fn parse_create_body(bytes: &[u8]) -> Result<(Value, Vec<Value>), ApiError> 
 )]
 pub async fn create_run(
     State(state): State<AppState>,
+    actor: Option<Extension<Actor>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    if state.is_shutting_down() {
-        return Err(ApiError::ShuttingDown);
-    }
     let bytes = body_bytes(body, state.settings.max_body_bytes)?;
     let idempotency_key = match header_str(&headers, "idempotency-key") {
         Ok(None) => None,
@@ -128,7 +128,50 @@ pub async fn create_run(
         }
         _ => return Err(ApiError::InvalidIdempotencyKey),
     };
-    let (input, raw_steps) = parse_create_body(&bytes)?;
+    let request_id = header_str(&headers, "x-request-id").ok().flatten();
+    let correlation_id = header_str(&headers, "x-correlation-id")
+        .ok()
+        .flatten()
+        .filter(|v| plain_id(v))
+        .or(request_id.filter(|v| plain_id(v)))
+        .map(str::to_string);
+    let request = NewRunRequest {
+        body: bytes.to_vec(),
+        idempotency_key,
+        correlation_id,
+        actor: actor.map_or_else(|| "anonymous".to_string(), |Extension(a)| a.id),
+        request_id: request_id.map(str::to_string),
+    };
+    let (detail, created) = create_from_body(&state, request).await?;
+    if created {
+        let location = format!("{API_PREFIX}/runs/{}", detail.run.id);
+        Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(RunView::of(&detail))).into_response())
+    } else {
+        Ok((StatusCode::OK, [("idempotent-replayed", "true")], Json(RunView::of(&detail))).into_response())
+    }
+}
+
+/// A request to create a run, from the API or from a webhook.
+pub struct NewRunRequest {
+    /// The JSON body `{"input", "steps"}`.
+    pub body: Vec<u8>,
+    /// Replays the original run when repeated.
+    pub idempotency_key: Option<String>,
+    /// Correlation id; generated when absent.
+    pub correlation_id: Option<String>,
+    /// Who asks (for the audit trail).
+    pub actor: String,
+    /// The request it came in (for the audit trail).
+    pub request_id: Option<String>,
+}
+
+/// Validates and stores a run, wakes the workers and audits the creation.
+/// Returns the run and whether it is new (false: an idempotent replay).
+pub async fn create_from_body(state: &AppState, request: NewRunRequest) -> Result<(RunDetail, bool), ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let (input, raw_steps) = parse_create_body(&request.body)?;
     let steps = parse_steps(&raw_steps, &input)?;
     if state.settings.llm_mode() == LlmMode::Unavailable
         && steps.iter().any(|s| matches!(s, StepSpec::Llm { .. }))
@@ -138,49 +181,48 @@ pub async fn create_run(
     let request_hash = hex::encode(Sha256::digest(
         json!({"input": input, "steps": raw_steps}).to_string().as_bytes(),
     ));
-    let request_id = header_str(&headers, "x-request-id").ok().flatten();
-    let correlation_id = header_str(&headers, "x-correlation-id")
-        .ok()
-        .flatten()
-        .filter(|v| plain_id(v))
-        .or(request_id.filter(|v| plain_id(v)))
-        .map(str::to_string)
-        .unwrap_or_else(|| Uuid::new_v4().to_string());
     let new = NewRun {
         input,
         steps,
-        idempotency_key,
+        idempotency_key: request.idempotency_key,
         request_hash,
-        correlation_id,
+        correlation_id: request.correlation_id.unwrap_or_else(|| Uuid::new_v4().to_string()),
         max_attempts: i64::from(state.settings.queue.max_attempts),
     };
     match state.store.create_run(&new, now_ms()).await? {
         CreateOutcome::Created(run) => {
-            tracing::info!(run_id = %run.id, correlation_id = %run.correlation_id, steps = run.steps.len(), "run queued");
+            tracing::info!(run_id = %run.id, correlation_id = %run.correlation_id, steps = run.steps.len(), actor = %request.actor, "run queued");
             state.wake.notify_one();
             if let Some(redis) = state.redis.clone() {
                 // Off the request path: a slow Redis must not slow run creation.
                 tokio::spawn(async move { redis.notify_enqueued().await });
             }
-            let location = format!("{API_PREFIX}/runs/{}", run.id);
-            Ok((
-                StatusCode::ACCEPTED,
-                [(header::LOCATION, location)],
-                Json(RunView::of(&fresh_detail(run))),
-            )
-                .into_response())
+            let id = run.id.to_string();
+            audit(state, &request.actor, "run.created", &id, request.request_id.as_deref(), Some(json!({"steps": run.steps.len()}))).await;
+            Ok((fresh_detail(run), true))
         }
-        CreateOutcome::Existing(detail) => Ok((
-            StatusCode::OK,
-            [("idempotent-replayed", "true")],
-            Json(RunView::of(&detail)),
-        )
-            .into_response()),
+        CreateOutcome::Existing(detail) => Ok((*detail, false)),
         CreateOutcome::Conflict => Err(ApiError::IdempotencyConflict),
     }
 }
 
-fn parse_query(raw: Option<String>, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+/// Appends a successful state change to the audit trail. The change already
+/// happened, so a failure here is logged, not returned.
+async fn audit(state: &AppState, actor: &str, action: &str, target: &str, request_id: Option<&str>, detail: Option<Value>) {
+    let entry = NewAudit {
+        actor,
+        action,
+        target: Some(target),
+        outcome: "success",
+        request_id,
+        detail: detail.map(|d| d.to_string()),
+    };
+    if let Err(e) = state.store.append_audit(&entry, now_ms()).await {
+        tracing::error!(error = %e, action, "could not write the audit entry");
+    }
+}
+
+pub(crate) fn parse_query(raw: Option<String>, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
     let mut out = HashMap::new();
     for pair in raw.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -219,7 +261,7 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn parse_limit(query: &HashMap<String, String>, (default, max): (i64, i64)) -> Result<i64, ApiError> {
+pub(crate) fn parse_limit(query: &HashMap<String, String>, (default, max): (i64, i64)) -> Result<i64, ApiError> {
     match query.get("limit") {
         None => Ok(default),
         Some(v) => match v.parse::<i64>() {
@@ -370,11 +412,19 @@ pub async fn list_events(
         (status = 409, description = "run_not_cancellable", body = ErrorBody),
     )
 )]
-pub async fn cancel_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<RunView>, ApiError> {
+pub async fn cancel_run(
+    State(state): State<AppState>,
+    actor: Option<Extension<Actor>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<RunView>, ApiError> {
     let id = parse_run_id(&id)?;
     match state.store.cancel_run(id, now_ms()).await? {
         CancelOutcome::Cancelled(detail) => {
-            tracing::info!(run_id = %id, correlation_id = %detail.run.correlation_id, "run cancelled");
+            let actor = actor.map_or_else(|| "anonymous".to_string(), |Extension(a)| a.id);
+            tracing::info!(run_id = %id, correlation_id = %detail.run.correlation_id, %actor, "run cancelled");
+            let request_id = header_str(&headers, "x-request-id").ok().flatten();
+            audit(&state, &actor, "run.cancelled", &id.to_string(), request_id, None).await;
             Ok(Json(RunView::of(&detail)))
         }
         CancelOutcome::NotFound => Err(ApiError::RunNotFound),

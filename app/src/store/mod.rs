@@ -34,6 +34,8 @@ use crate::model::{
 };
 use crate::steps::StepSpec;
 
+pub mod security;
+
 /// Errors of the store boundary.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -179,15 +181,17 @@ impl<'a> NewEvent<'a> {
 }
 
 /// The migrations of one backend, embedded in the binary, in order.
-fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 2] {
+fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 3] {
     match backend {
         DbBackend::Postgres => [
-            (1, "runs and queue", include_str!("../migrations/postgres/0001_runs_and_queue.sql")),
-            (2, "worker heartbeats", include_str!("../migrations/postgres/0002_worker_heartbeats.sql")),
+            (1, "runs and queue", include_str!("../../migrations/postgres/0001_runs_and_queue.sql")),
+            (2, "worker heartbeats", include_str!("../../migrations/postgres/0002_worker_heartbeats.sql")),
+            (3, "audit and webhooks", include_str!("../../migrations/postgres/0003_audit_and_webhooks.sql")),
         ],
         DbBackend::Sqlite => [
-            (1, "runs and queue", include_str!("../migrations/sqlite/0001_runs_and_queue.sql")),
-            (2, "worker heartbeats", include_str!("../migrations/sqlite/0002_worker_heartbeats.sql")),
+            (1, "runs and queue", include_str!("../../migrations/sqlite/0001_runs_and_queue.sql")),
+            (2, "worker heartbeats", include_str!("../../migrations/sqlite/0002_worker_heartbeats.sql")),
+            (3, "audit and webhooks", include_str!("../../migrations/sqlite/0003_audit_and_webhooks.sql")),
         ],
     }
 }

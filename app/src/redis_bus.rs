@@ -1,4 +1,5 @@
-//! Redis as a wake-up channel, never as the queue.
+//! Redis for what it is good at here, never as the queue: wake-ups, token
+//! buckets shared by all replicas, and webhook nonces with a TTL.
 //!
 //! The database stays the only copy of every job. When a run is queued, the
 //! API publishes on `vm:jobs:wake`; workers subscribe and claim at once
@@ -146,6 +147,67 @@ impl RedisBus {
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Takes one token from the shared bucket `key` (refill `per_second`,
+/// capacity `burst`), atomically in Redis, timed by Redis's own clock so that
+/// replicas' clocks do not matter. Returns `Ok(None)` when allowed, or the
+/// wait until a token is available.
+const TOKEN_BUCKET: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local data = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(data[1]) or burst
+local ts = tonumber(data[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) / 1000 * rate)
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = math.ceil((1 - tokens) / rate * 1000)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return wait
+"#;
+
+impl RedisBus {
+    /// Takes a token from the shared bucket `key`; `Ok(None)` when allowed,
+    /// `Ok(Some(wait))` when empty, `Err` when Redis cannot answer.
+    pub async fn take_token(&self, key: &str, per_second: f64, burst: u32) -> Result<Option<Duration>, ()> {
+        let mut conn = self.connection().await?;
+        let script = redis::Script::new(TOKEN_BUCKET);
+        let mut invocation = script.key(format!("vm:ratelimit:{key}"));
+        invocation.arg(per_second).arg(burst);
+        match tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async::<i64>(&mut conn)).await {
+            Ok(Ok(0)) => Ok(None),
+            Ok(Ok(wait_ms)) => Ok(Some(Duration::from_millis(wait_ms.max(1) as u64))),
+            _ => {
+                self.metrics.dependency_failed(Dependency::redis);
+                Err(())
+            }
+        }
+    }
+
+    /// Remembers a webhook nonce for `ttl`; `Ok(false)` when it was already
+    /// remembered (a replay), `Err` when Redis cannot answer.
+    pub async fn remember_nonce(&self, source: &str, nonce: &str, ttl: Duration) -> Result<bool, ()> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(format!("vm:webhook:nonce:{source}:{nonce}"))
+            .arg("1")
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64);
+        match self.command::<Option<String>>(cmd).await {
+            Ok(set) => Ok(set.is_some()),
+            Err(()) => {
+                self.metrics.dependency_failed(Dependency::redis);
+                Err(())
+            }
         }
     }
 }

@@ -1,0 +1,354 @@
+//! Who may call what, and how often.
+//!
+//! - API keys (`VM_API_KEYS`): `Authorization: Bearer <key>` or `x-api-key`.
+//!   Only SHA-256 hashes are kept; a presented key is hashed and compared in
+//!   constant time against every configured hash, so timing tells nothing. The
+//!   key's id, never the key, is the actor. Several keys may be active at once,
+//!   which is how keys rotate without downtime. Without keys (local mode only)
+//!   the API is open and says so at start-up.
+//! - Rate limits: token buckets per client address (before authentication,
+//!   so guessing keys is throttled too) and per key id; shared by all replicas
+//!   through Redis when configured, in memory otherwise or while Redis is
+//!   down. `429 rate_limited` with `Retry-After`.
+//! - Hardening: a request timeout, header limits, security headers on every
+//!   response, CORS only for configured origins.
+//!
+//! Probes, metrics and the OpenAPI document are never authenticated or
+//! rate-limited: Kubernetes and Prometheus depend on them.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{ApiKey, RateLimit, SecuritySettings};
+use crate::http::AppState;
+use crate::http::error::ApiError;
+use crate::model::now_ms;
+use crate::redis_bus::RedisBus;
+use crate::store::security::NewAudit;
+
+/// Most headers a request may carry.
+const MAX_HEADERS: usize = 100;
+/// Largest total size of a request's headers.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Most in-memory buckets kept; the idle ones are dropped beyond this.
+const MAX_LOCAL_BUCKETS: usize = 100_000;
+
+/// The authenticated caller, available to handlers as a request extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// The API key's id, or `anonymous` when the API runs open.
+    pub id: String,
+    /// May read the audit trail.
+    pub admin: bool,
+}
+
+/// Finds the key whose hash matches `presented`, comparing against every
+/// configured hash (no early exit) in constant time.
+pub fn verify_key<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a ApiKey> {
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let mut found = None;
+    for key in keys {
+        if bool::from(key.hash.ct_eq(&digest)) {
+            found = Some(key);
+        }
+    }
+    found
+}
+
+/// The presented key: `Authorization: Bearer …` or `x-api-key`.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Some(rest.trim());
+        }
+    }
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// The client's address: the peer, or, when a trusted proxy header is
+/// configured, the last address in it (the one our proxy appended; earlier
+/// entries are whatever the client claimed).
+pub fn client_ip(req: &Request, security: &SecuritySettings) -> Option<IpAddr> {
+    if let Some(name) = &security.trusted_proxy_header {
+        let from_header = req
+            .headers()
+            .get_all(name.as_str())
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+            .next_back();
+        if from_header.is_some() {
+            return from_header;
+        }
+    }
+    req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+}
+
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+/// Token buckets, in Redis when available and in memory otherwise.
+pub struct RateLimiter {
+    local: Mutex<HashMap<String, Bucket>>,
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RateLimiter {
+    /// An empty limiter.
+    pub fn new() -> Self {
+        Self {
+            local: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn take_local(&self, key: &str, limit: RateLimit) -> Option<Duration> {
+        let mut buckets = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if buckets.len() >= MAX_LOCAL_BUCKETS {
+            let idle = Duration::from_secs_f64(f64::from(limit.burst) / limit.per_second);
+            buckets.retain(|_, b| now.duration_since(b.updated) < idle);
+        }
+        let bucket = buckets.entry(key.to_string()).or_insert(Bucket {
+            tokens: f64::from(limit.burst),
+            updated: now,
+        });
+        let elapsed = now.duration_since(bucket.updated).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * limit.per_second).min(f64::from(limit.burst));
+        bucket.updated = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            None
+        } else {
+            Some(Duration::from_secs_f64((1.0 - bucket.tokens) / limit.per_second))
+        }
+    }
+
+    /// Takes one token for `key`; `Err(wait)` when the bucket is empty.
+    pub async fn take(&self, redis: Option<&RedisBus>, key: &str, limit: RateLimit) -> Result<(), Duration> {
+        if !limit.enabled() {
+            return Ok(());
+        }
+        let wait = match redis {
+            Some(bus) => match bus.take_token(key, limit.per_second, limit.burst).await {
+                Ok(wait) => wait,
+                // Redis down: keep limiting, per replica, rather than not at all.
+                Err(()) => self.take_local(key, limit),
+            },
+            None => self.take_local(key, limit),
+        };
+        wait.map_or(Ok(()), Err)
+    }
+}
+
+/// Counts authentication failures between two audit flushes.
+#[derive(Default)]
+pub struct AuthFailures {
+    count: AtomicU64,
+}
+
+impl AuthFailures {
+    /// One more failure.
+    pub fn add(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes one aggregated `auth.failed` audit entry for the failures since
+    /// the last flush, if any. Aggregated so that a brute-force attempt cannot
+    /// flood the audit table.
+    pub async fn flush(&self, state: &AppState) -> u64 {
+        let n = self.count.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            let entry = NewAudit {
+                actor: "unknown",
+                action: "auth.failed",
+                target: None,
+                outcome: "denied",
+                request_id: None,
+                detail: Some(serde_json::json!({"count": n}).to_string()),
+            };
+            if state.store.append_audit(&entry, now_ms()).await.is_err() {
+                // Keep the count for the next flush rather than lose it.
+                self.count.fetch_add(n, Ordering::Relaxed);
+                return 0;
+            }
+        }
+        n
+    }
+}
+
+fn retry_after(wait: Duration) -> ApiError {
+    ApiError::RateLimited(wait.as_secs_f64().ceil().max(1.0) as u64)
+}
+
+/// Per-address limit, before authentication.
+pub async fn limit_by_address(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let security = &state.settings.security;
+    if let Some(ip) = client_ip(&req, security) {
+        if let Err(wait) = state
+            .limiter
+            .take(state.redis.as_ref(), &format!("ip:{ip}"), security.rate_per_ip)
+            .await
+        {
+            state.metrics.rate_limited("address");
+            return retry_after(wait).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Authentication, then the per-key limit. Sets the [`Actor`] extension.
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let security = &state.settings.security;
+    let actor = if security.api_keys.is_empty() {
+        Actor {
+            id: "anonymous".to_string(),
+            admin: true,
+        }
+    } else {
+        let Some(presented) = presented_key(req.headers()).filter(|k| !k.is_empty()) else {
+            state.auth_failures.add();
+            state.metrics.auth_failed("missing");
+            return ApiError::Unauthorized("an API key is required: Authorization: Bearer <key>").into_response();
+        };
+        let Some(key) = verify_key(&security.api_keys, presented) else {
+            state.auth_failures.add();
+            state.metrics.auth_failed("invalid");
+            return ApiError::Unauthorized("the API key is not valid").into_response();
+        };
+        if let Err(wait) = state
+            .limiter
+            .take(state.redis.as_ref(), &format!("key:{}", key.id), security.rate_per_key)
+            .await
+        {
+            state.metrics.rate_limited("key");
+            return retry_after(wait).into_response();
+        }
+        Actor {
+            id: key.id.clone(),
+            admin: key.admin,
+        }
+    };
+    tracing::Span::current().record("actor", actor.id.as_str());
+    req.extensions_mut().insert(actor);
+    next.run(req).await
+}
+
+/// Request timeout and header limits.
+pub async fn harden(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let header_bytes: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    if headers.len() > MAX_HEADERS || header_bytes > MAX_HEADER_BYTES {
+        return ApiError::HeadersTooLarge.into_response();
+    }
+    match tokio::time::timeout(state.settings.security.request_timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::RequestTimeout.into_response(),
+    }
+}
+
+/// Headers every response carries: no sniffing, no framing, no caching of API
+/// answers, no referrer leaks.
+pub fn security_headers() -> [(header::HeaderName, HeaderValue); 5] {
+    [
+        (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+        (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+        (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        ),
+    ]
+}
+
+/// CORS for the configured origins only; `None` when none are configured.
+pub fn cors(security: &SecuritySettings) -> Option<tower_http::cors::CorsLayer> {
+    if security.cors_origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = security
+        .cors_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("idempotency-key"),
+                header::HeaderName::from_static("x-api-key"),
+                header::HeaderName::from_static("x-request-id"),
+                header::HeaderName::from_static("x-correlation-id"),
+            ])
+            .expose_headers([header::HeaderName::from_static("x-request-id"), header::LOCATION])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str, secret: &str) -> ApiKey {
+        ApiKey {
+            id: id.into(),
+            hash: Sha256::digest(secret.as_bytes()).into(),
+            admin: false,
+        }
+    }
+
+    #[test]
+    fn keys_verify_by_hash_and_identify_by_id() {
+        let keys = [key("old", "old-secret-0123456789"), key("new", "new-secret-0123456789")];
+        assert_eq!(verify_key(&keys, "old-secret-0123456789").map(|k| k.id.as_str()), Some("old"));
+        assert_eq!(verify_key(&keys, "new-secret-0123456789").map(|k| k.id.as_str()), Some("new"));
+        assert!(verify_key(&keys, "new-secret-012345678").is_none());
+        assert!(verify_key(&keys, "").is_none());
+    }
+
+    #[test]
+    fn bearer_and_header_keys_are_both_accepted() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        assert_eq!(presented_key(&h), Some("abc"));
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("xyz"));
+        assert_eq!(presented_key(&h), Some("xyz"));
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(presented_key(&h), None);
+    }
+
+    #[test]
+    fn local_buckets_refill_over_time_and_say_how_long_to_wait() {
+        let limiter = RateLimiter::new();
+        let limit = RateLimit { per_second: 2.0, burst: 2 };
+        assert!(limiter.take_local("k", limit).is_none());
+        assert!(limiter.take_local("k", limit).is_none());
+        let wait = limiter.take_local("k", limit).expect("empty bucket");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(limiter.take_local("other", limit).is_none(), "buckets are per key");
+    }
+}

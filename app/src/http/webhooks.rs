@@ -1,0 +1,240 @@
+//! `POST /api/v2/webhooks/{source}`: signed deliveries from other systems.
+//!
+//! The sender signs `"{timestamp}.{nonce}.{body}"` with HMAC-SHA256 under the
+//! source's secret and sends `x-vm-timestamp` (Unix seconds), `x-vm-nonce`
+//! (8 to 128 of `A-Z a-z 0-9 - _`) and `x-vm-signature: sha256=<hex>`.
+//! Checks, in order: the source is configured (404), the sender's address is
+//! allowed (403), the headers are present (401), the timestamp is within the
+//! tolerance (401), the signature matches one of the source's secrets (401,
+//! several secrets are valid during rotation), and the nonce was not seen in
+//! the window (409; remembered in Redis with a TTL, or in the database). A
+//! nonce is remembered only after the signature checks out, so nobody can
+//! burn another sender's nonces. Every outcome is audited.
+//!
+//! An accepted body `{"run": {"input": {...}, "steps": [...]}}` starts a run
+//! (idempotent on the nonce); any other body is recorded only.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::http::AppState;
+use crate::http::error::ApiError;
+use crate::http::runs::{create_from_body, NewRunRequest};
+use crate::http::security::client_ip;
+use crate::http::views::ErrorBody;
+use crate::model::now_ms;
+use crate::store::security::NewAudit;
+
+/// Answer to an accepted delivery.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookAccepted {
+    /// Delivery id.
+    pub delivery_id: i64,
+    /// The run started by the delivery, if it asked for one.
+    pub run_id: Option<Uuid>,
+}
+
+/// The signed payload: `"{timestamp}.{nonce}.{body}"`.
+pub fn signed_payload(timestamp: &str, nonce: &str, body: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(timestamp.len() + nonce.len() + body.len() + 2);
+    payload.extend_from_slice(timestamp.as_bytes());
+    payload.push(b'.');
+    payload.extend_from_slice(nonce.as_bytes());
+    payload.push(b'.');
+    payload.extend_from_slice(body);
+    payload
+}
+
+/// `sha256=<hex>` of the payload under `secret` (what senders compute).
+pub fn sign(secret: &[u8], timestamp: &str, nonce: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts any key length");
+    mac.update(&signed_payload(timestamp, nonce, body));
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Whether `signature` (`sha256=<hex>`) matches under any of `secrets`,
+/// compared in constant time.
+pub fn verify_signature<'a>(
+    secrets: impl IntoIterator<Item = &'a [u8]>,
+    timestamp: &str,
+    nonce: &str,
+    body: &[u8],
+    signature: &str,
+) -> bool {
+    let Some(hex_sig) = signature.strip_prefix("sha256=") else {
+        return false;
+    };
+    let Ok(expected) = hex::decode(hex_sig) else {
+        return false;
+    };
+    let payload = signed_payload(timestamp, nonce, body);
+    let mut ok = false;
+    for secret in secrets {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else { continue };
+        mac.update(&payload);
+        ok |= mac.verify_slice(&expected).is_ok();
+    }
+    ok
+}
+
+/// The signature headers, checked for shape only.
+pub fn signature_headers(headers: &HeaderMap) -> Result<(String, i64, String, String), ApiError> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let timestamp = get("x-vm-timestamp").ok_or(ApiError::MissingSignature("x-vm-timestamp is required"))?;
+    let seconds: i64 = timestamp
+        .parse()
+        .map_err(|_| ApiError::MissingSignature("x-vm-timestamp must be Unix seconds"))?;
+    let nonce = get("x-vm-nonce").ok_or(ApiError::MissingSignature("x-vm-nonce is required"))?;
+    if !(8..=128).contains(&nonce.len()) || !nonce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(ApiError::MissingSignature("x-vm-nonce must be 8 to 128 of A-Z a-z 0-9 - _"));
+    }
+    let signature = get("x-vm-signature").ok_or(ApiError::MissingSignature("x-vm-signature is required"))?;
+    Ok((timestamp.to_string(), seconds, nonce.to_string(), signature.to_string()))
+}
+
+/// Receives one signed delivery.
+#[utoipa::path(
+    post,
+    path = "/api/v2/webhooks/{source}",
+    tag = "webhooks",
+    params(
+        ("source" = String, Path, description = "Configured webhook source"),
+        ("x-vm-timestamp" = String, Header, description = "Unix seconds"),
+        ("x-vm-nonce" = String, Header, description = "8 to 128 of A-Z a-z 0-9 - _; single use within the window"),
+        ("x-vm-signature" = String, Header, description = "sha256=<hex HMAC-SHA256 of \"{timestamp}.{nonce}.{body}\">"),
+    ),
+    request_body(content = Object, description = "Any JSON; {\"run\": {\"input\", \"steps\"}} starts a run"),
+    responses(
+        (status = 202, body = WebhookAccepted),
+        (status = 401, description = "missing_signature, invalid_signature, stale_timestamp", body = ErrorBody),
+        (status = 403, description = "address_not_allowed", body = ErrorBody),
+        (status = 404, description = "unknown_webhook_source", body = ErrorBody),
+        (status = 409, description = "replayed_nonce", body = ErrorBody),
+        (status = 413, description = "payload_too_large", body = ErrorBody),
+        (status = 429, description = "rate_limited", body = ErrorBody),
+    )
+)]
+pub async fn receive(
+    State(state): State<AppState>,
+    Path(source): Path<String>,
+    req: Request,
+) -> Result<(StatusCode, Json<WebhookAccepted>), ApiError> {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let address = client_ip(&req, &state.settings.security);
+    let outcome = accept(&state, &source, req).await;
+    let (code, detail) = match &outcome {
+        Ok(_) => ("accepted", None),
+        Err(e) => (e.code(), address.map(|a| serde_json::json!({"address": a.to_string()}).to_string())),
+    };
+    state.metrics.webhook(code);
+    let known = state.settings.security.webhook_secrets.iter().any(|s| s.source == source);
+    let actor = if known { format!("webhook:{source}") } else { "webhook:unknown".to_string() };
+    let entry = NewAudit {
+        actor: &actor,
+        action: if outcome.is_ok() { "webhook.accepted" } else { "webhook.rejected" },
+        target: known.then_some(source.as_str()),
+        outcome: if outcome.is_ok() { "success" } else { code },
+        request_id: request_id.as_deref(),
+        detail: match &outcome {
+            Ok(a) => Some(serde_json::json!({"delivery_id": a.delivery_id, "run_id": a.run_id}).to_string()),
+            Err(_) => detail,
+        },
+    };
+    if let Err(e) = state.store.append_audit(&entry, now_ms()).await {
+        tracing::warn!(error = %e, "could not audit a webhook delivery");
+    }
+    outcome.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
+async fn accept(state: &AppState, source: &str, req: Request) -> Result<WebhookAccepted, ApiError> {
+    let security = &state.settings.security;
+    let secrets: Vec<&[u8]> = security
+        .webhook_secrets
+        .iter()
+        .filter(|s| s.source == source)
+        .map(|s| s.secret.expose().as_bytes())
+        .collect();
+    if secrets.is_empty() {
+        return Err(ApiError::UnknownWebhookSource);
+    }
+    if !security.webhook_allowed.is_empty() {
+        let allowed = client_ip(&req, security).is_some_and(|ip| security.webhook_allowed.iter().any(|net| net.contains(&ip)));
+        if !allowed {
+            return Err(ApiError::AddressNotAllowed);
+        }
+    }
+    let (timestamp, seconds, nonce, signature) = signature_headers(req.headers())?;
+    let tolerance = security.webhook_tolerance;
+    let now = now_ms();
+    if (now / 1000 - seconds).unsigned_abs() > tolerance.as_secs() {
+        return Err(ApiError::StaleTimestamp);
+    }
+    let body: Bytes = axum::body::to_bytes(req.into_body(), state.settings.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(state.settings.max_body_bytes))?;
+    if !verify_signature(secrets, &timestamp, &nonce, &body, &signature) {
+        return Err(ApiError::InvalidSignature);
+    }
+    // Remembered for twice the tolerance: a timestamp can be up to one
+    // tolerance in the future or the past.
+    let ttl = tolerance * 2;
+    let fresh = match &state.redis {
+        Some(bus) => match bus.remember_nonce(source, &nonce, ttl).await {
+            Ok(fresh) => fresh,
+            Err(()) => state.store.remember_nonce(source, &nonce, now, now + ttl.as_millis() as i64).await?,
+        },
+        None => state.store.remember_nonce(source, &nonce, now, now + ttl.as_millis() as i64).await?,
+    };
+    if !fresh {
+        return Err(ApiError::ReplayedNonce);
+    }
+    let mut run_id = None;
+    let value: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    if let Some(run) = value.as_ref().and_then(|v| v.get("run")) {
+        let request = NewRunRequest {
+            body: run.to_string().into_bytes(),
+            idempotency_key: Some(format!("webhook:{source}:{nonce}")),
+            correlation_id: None,
+            actor: format!("webhook:{source}"),
+            request_id: None,
+        };
+        let (detail, _) = create_from_body(state, request).await?;
+        run_id = Some(detail.run.id);
+    }
+    let body_sha256 = hex::encode(Sha256::digest(&body));
+    let delivery_id = state
+        .store
+        .record_delivery(source, &nonce, &body_sha256, run_id.map(|id| id.to_string()).as_deref(), now)
+        .await?;
+    Ok(WebhookAccepted { delivery_id, run_id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_verifies_under_any_current_secret_and_nothing_else() {
+        let sig = sign(b"old-secret-0123456789", "1700000000", "nonce-123", b"{}");
+        let secrets: [&[u8]; 2] = [b"new-secret-0123456789", b"old-secret-0123456789"];
+        assert!(verify_signature(secrets, "1700000000", "nonce-123", b"{}", &sig));
+        assert!(!verify_signature(secrets, "1700000001", "nonce-123", b"{}", &sig), "timestamp is signed");
+        assert!(!verify_signature(secrets, "1700000000", "nonce-124", b"{}", &sig), "nonce is signed");
+        assert!(!verify_signature(secrets, "1700000000", "nonce-123", b"{ }", &sig), "body is signed");
+        let only_new: [&[u8]; 1] = [b"new-secret-0123456789"];
+        assert!(!verify_signature(only_new, "1700000000", "nonce-123", b"{}", &sig));
+        assert!(!verify_signature(secrets, "1700000000", "nonce-123", b"{}", "md5=00"));
+        assert!(!verify_signature(secrets, "1700000000", "nonce-123", b"{}", "sha256=zz"));
+    }
+}
