@@ -72,6 +72,17 @@ impl TestEnv {
         Self::at(url, vars).await
     }
 
+    /// A store at `url` that is NOT migrated here (the schema owner did it).
+    pub async fn at_unmigrated(url: String, vars: &[(&str, &str)]) -> TestEnv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().display().to_string();
+        let mut all: Vec<(&str, &str)> = vec![("VM_DB_URL", &url), ("VM_WORKSPACE_ROOT", &root)];
+        all.extend_from_slice(vars);
+        let settings = Arc::new(settings_from(&all).expect("test settings are valid"));
+        let store = Store::connect(&settings.database, 10).await.expect("connect");
+        TestEnv { settings, store, dir }
+    }
+
     /// A migrated database at `url` (a fresh SQLite file when `None`).
     pub async fn at(url: Option<String>, vars: &[(&str, &str)]) -> TestEnv {
         let dir = tempfile::tempdir().expect("tempdir");
