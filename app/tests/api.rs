@@ -338,6 +338,9 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
             reply.body
         );
     }
+    assert_eq!(doc.body["components"]["securitySchemes"]["api_key"]["scheme"], "bearer");
+    assert_eq!(doc.body["paths"]["/api/v2/runs"]["post"]["security"], json!([{"api_key": []}]));
+    assert!(doc.body["paths"]["/api/v2/health/ready"]["get"]["security"].is_null(), "probes need no key");
     let schemas = doc.body["components"]["schemas"].as_object().expect("schemas");
     for name in ["RunView", "RunList", "EventList", "ErrorBody", "StepSpec", "ReadyView", "CreateRunRequest"] {
         assert!(schemas.contains_key(name), "schema {name} missing");

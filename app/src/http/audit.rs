@@ -34,6 +34,7 @@ fn decode_cursor(c: &str) -> Result<i64, ApiError> {
     get,
     path = "/api/v2/audit",
     tag = "audit",
+    security(("api_key" = [])),
     params(
         ("action" = Option<String>, Query, description = "e.g. run.created, run.cancelled, webhook.accepted, webhook.rejected, auth.failed"),
         ("actor" = Option<String>, Query, description = "API key id, webhook:<source>, anonymous"),

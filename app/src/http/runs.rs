@@ -99,6 +99,7 @@ pub fn parse_create_body(bytes: &[u8]) -> Result<(Value, Vec<Value>), ApiError> 
     post,
     path = "/api/v2/runs",
     tag = "runs",
+    security(("api_key" = [])),
     request_body(content = CreateRunRequest, description = "Input and steps. Read as JSON whatever the Content-Type."),
     params(
         ("Idempotency-Key" = Option<String>, Header, description = "Replays the original run for a repeated key; 409 for the same key with another body"),
@@ -289,6 +290,7 @@ pub fn decode_cursor(cursor: &str) -> Result<Uuid, ApiError> {
     get,
     path = "/api/v2/runs",
     tag = "runs",
+    security(("api_key" = [])),
     params(
         ("status" = Option<RunStatus>, Query, description = "Only runs in this status"),
         ("limit" = Option<i64>, Query, description = "Page size, 1 to 200 (default 50)"),
@@ -343,6 +345,7 @@ fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
     get,
     path = "/api/v2/runs/{id}",
     tag = "runs",
+    security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Run id")),
     responses(
         (status = 200, body = RunView),
@@ -361,6 +364,7 @@ pub async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> R
     get,
     path = "/api/v2/runs/{id}/events",
     tag = "runs",
+    security(("api_key" = [])),
     params(
         ("id" = Uuid, Path, description = "Run id"),
         ("after" = Option<i64>, Query, description = "Only events with a larger id (`next_after` of the previous page)"),
@@ -405,6 +409,7 @@ pub async fn list_events(
     post,
     path = "/api/v2/runs/{id}/cancel",
     tag = "runs",
+    security(("api_key" = [])),
     params(("id" = Uuid, Path, description = "Run id")),
     responses(
         (status = 200, description = "Cancelled", body = RunView),
