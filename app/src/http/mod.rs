@@ -157,6 +157,8 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
 /// The OpenAPI document, generated from the handlers' annotations.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = api_routes(None).into_openapi();
+    // Applied last: merging the routes' components would drop it otherwise.
+    utoipa::Modify::modify(&ApiKeyScheme, &mut doc);
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     doc
 }
