@@ -120,6 +120,24 @@ impl AppState {
 )]
 struct ApiDoc;
 
+/// Declares the `api_key` bearer scheme that protected operations require.
+struct ApiKeyScheme;
+
+impl utoipa::Modify for ApiKeyScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi.components.get_or_insert_with(Default::default).add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API key from VM_API_KEYS (also accepted as `x-api-key`)"))
+                    .build(),
+            ),
+        );
+    }
+}
+
 /// Probes and metrics: everything the worker's health port serves too.
 fn probe_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
