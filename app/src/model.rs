@@ -120,6 +120,25 @@ pub struct StepState {
     pub error: Option<String>,
 }
 
+impl StepState {
+    /// One state per step, with no attempt, output or error yet, and the
+    /// status `status(index)`.
+    pub fn all(steps: &[StepSpec], status: impl Fn(usize) -> StepStatus) -> Vec<StepState> {
+        steps
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| StepState {
+                index,
+                kind: spec.kind(),
+                status: status(index),
+                attempts: 0,
+                output: None,
+                error: None,
+            })
+            .collect()
+    }
+}
+
 /// A run with the state of each of its steps.
 #[derive(Debug, Clone)]
 pub struct RunDetail {

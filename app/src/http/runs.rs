@@ -40,19 +40,7 @@ const EVENTS_PAGE: (i64, i64) = (500, 1000);
 
 /// The detail of a run that was just created: first step queued, rest pending.
 fn fresh_detail(run: Run) -> RunDetail {
-    let steps = run
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(index, spec)| StepState {
-            index,
-            kind: spec.kind(),
-            status: if index == 0 { StepStatus::Queued } else { StepStatus::Pending },
-            attempts: 0,
-            output: None,
-            error: None,
-        })
-        .collect();
+    let steps = StepState::all(&run.steps, |index| if index == 0 { StepStatus::Queued } else { StepStatus::Pending });
     RunDetail { run, steps }
 }
 

@@ -505,19 +505,7 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
 
-        let mut steps: Vec<StepState> = run
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(index, spec)| StepState {
-                index,
-                kind: spec.kind(),
-                status: StepStatus::Skipped,
-                attempts: 0,
-                output: None,
-                error: None,
-            })
-            .collect();
+        let mut steps = StepState::all(&run.steps, |_| StepStatus::Skipped);
         let slot = |steps: &mut Vec<StepState>, index: i64| -> Option<usize> {
             usize::try_from(index).ok().filter(|i| *i < steps.len())
         };
@@ -809,15 +797,34 @@ impl Store {
     /// Puts a failed delivery back in the queue, claimable from `run_at`.
     pub async fn retry(&self, job: &ClaimedJob, error: &str, run_at: i64, now: i64) -> Result<Finish> {
         let run_id = job.run_id.to_string();
+        let event = NewEvent::step(&run_id, "step.retry_scheduled", job.step_index, job.attempt)
+            .message(error)
+            .data(serde_json::json!({"delay_ms": (run_at - now).max(0)}));
+        self.requeue(job, run_at, 0, Some(error), event, now).await
+    }
+
+    /// Puts a claimed job back to `queued` if the claim is still valid, taking
+    /// `refund` off its attempt count, and records `event` with it.
+    async fn requeue(
+        &self,
+        job: &ClaimedJob,
+        run_at: i64,
+        refund: i64,
+        error: Option<&str>,
+        event: NewEvent<'_>,
+        now: i64,
+    ) -> Result<Finish> {
         let mut tx = self.begin().await?;
         let n = sqlx::query(
-            "UPDATE jobs SET state = 'queued', run_at = $3, last_error = $4, lease_expires_at = NULL, locked_by = NULL \
+            "UPDATE jobs SET state = 'queued', attempt = attempt - $5, run_at = $3, \
+             last_error = COALESCE($4, last_error), lease_expires_at = NULL, locked_by = NULL \
              WHERE id = $1 AND attempt = $2 AND state = 'running'",
         )
         .bind(job.id)
         .bind(job.attempt)
         .bind(run_at)
         .bind(error)
+        .bind(refund)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -825,14 +832,7 @@ impl Store {
             tx.rollback().await?;
             return Ok(Finish::Stale);
         }
-        Self::insert_events(
-            &mut tx,
-            &[NewEvent::step(&run_id, "step.retry_scheduled", job.step_index, job.attempt)
-                .message(error)
-                .data(serde_json::json!({"delay_ms": (run_at - now).max(0)}))],
-            now,
-        )
-        .await?;
+        Self::insert_events(&mut tx, &[event], now).await?;
         tx.commit().await?;
         Ok(Finish::Recorded)
     }
@@ -910,30 +910,9 @@ impl Store {
     /// Gives an unfinished job back at shutdown without spending an attempt.
     pub async fn release(&self, job: &ClaimedJob, now: i64) -> Result<Finish> {
         let run_id = job.run_id.to_string();
-        let mut tx = self.begin().await?;
-        let n = sqlx::query(
-            "UPDATE jobs SET state = 'queued', attempt = attempt - 1, run_at = $3, lease_expires_at = NULL, \
-             locked_by = NULL WHERE id = $1 AND attempt = $2 AND state = 'running'",
-        )
-        .bind(job.id)
-        .bind(job.attempt)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            tx.rollback().await?;
-            return Ok(Finish::Stale);
-        }
-        Self::insert_events(
-            &mut tx,
-            &[NewEvent::step(&run_id, "step.released", job.step_index, job.attempt)
-                .message("worker shutting down; job returned to the queue")],
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Finish::Recorded)
+        let event = NewEvent::step(&run_id, "step.released", job.step_index, job.attempt)
+            .message("worker shutting down; job returned to the queue");
+        self.requeue(job, now, 1, None, event, now).await
     }
 
     /// Returns jobs whose lease expired (their worker died or hung) to the
