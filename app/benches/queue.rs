@@ -66,7 +66,11 @@ fn proc_stat(line: &str) -> Option<(u32, f64, f64)> {
     let fields: Vec<&str> = line.rsplit_once(')')?.1.split_whitespace().collect();
     let num = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
     let ppid = fields.get(1)?.parse().ok()?;
-    Some((ppid, (num(11)? + num(12)?) / TICKS, (num(13)? + num(14)?) / TICKS))
+    Some((
+        ppid,
+        (num(11)? + num(12)?) / TICKS,
+        (num(13)? + num(14)?) / TICKS,
+    ))
 }
 
 fn read_stat(pid: &str) -> Option<(u32, f64, f64)> {
@@ -75,7 +79,10 @@ fn read_stat(pid: &str) -> Option<(u32, f64, f64)> {
 
 /// CPU seconds of the postmaster, its live backends and its exited ones.
 fn postgres_cpu() -> f64 {
-    let pid_file = support::pg::shared().base().join("data").join("postmaster.pid");
+    let pid_file = support::pg::shared()
+        .base()
+        .join("data")
+        .join("postmaster.pid");
     let Some(master) = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
@@ -86,7 +93,12 @@ fn postgres_cpu() -> f64 {
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
             let name = entry.file_name();
-            let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
             if let Some((_, own, _)) = read_stat(pid).filter(|(ppid, _, _)| *ppid == master) {
                 total += own;
             }
@@ -98,8 +110,17 @@ fn postgres_cpu() -> f64 {
 impl CpuMeter {
     fn start(backend: Backend) -> CpuMeter {
         let app = read_stat("self").map_or(0.0, |(_, own, _)| own);
-        let pg = if backend == Backend::Postgres { postgres_cpu() } else { 0.0 };
-        CpuMeter { backend, wall: Instant::now(), app, pg }
+        let pg = if backend == Backend::Postgres {
+            postgres_cpu()
+        } else {
+            0.0
+        };
+        CpuMeter {
+            backend,
+            wall: Instant::now(),
+            app,
+            pg,
+        }
     }
 
     /// "cpu: app 0.60 + pg 1.20 cores" over the time since `start`.
@@ -153,8 +174,16 @@ impl Plan {
             workers: 2,
             concurrency: 16,
             producers: 4,
-            warmup: if quick { Duration::from_millis(500) } else { Duration::from_secs(1) },
-            window: if quick { Duration::from_secs(2) } else { Duration::from_secs(10) },
+            warmup: if quick {
+                Duration::from_millis(500)
+            } else {
+                Duration::from_secs(1)
+            },
+            window: if quick {
+                Duration::from_secs(2)
+            } else {
+                Duration::from_secs(10)
+            },
         }
     }
 
@@ -177,7 +206,11 @@ struct Row {
 
 impl Row {
     fn rate(&self) -> f64 {
-        if self.secs > 0.0 { self.jobs as f64 / self.secs } else { 0.0 }
+        if self.secs > 0.0 {
+            self.jobs as f64 / self.secs
+        } else {
+            0.0
+        }
     }
 
     fn print_header() {
@@ -216,7 +249,9 @@ fn name(backend: Backend) -> &'static str {
 /// reads beyond what the worker always does, no CPU worth measuring).
 fn no_op_run(steps: usize) -> NewRun {
     let input = json!({});
-    let raw: Vec<Value> = (0..steps).map(|_| json!({"kind": "template", "template": "x"})).collect();
+    let raw: Vec<Value> = (0..steps)
+        .map(|_| json!({"kind": "template", "template": "x"}))
+        .collect();
     NewRun {
         steps: parse_steps(&raw, &input).expect("no-op steps are valid"),
         input,
@@ -238,7 +273,11 @@ async fn enqueue(store: &Store, template: &NewRun) -> Uuid {
 
 /// A fresh migrated database.
 async fn fresh(backend: Backend) -> TestEnv {
-    TestEnv::new(backend, &[("VM_JOB_LEASE_MS", LEASE_MS), ("LOG_LEVEL", "error")]).await
+    TestEnv::new(
+        backend,
+        &[("VM_JOB_LEASE_MS", LEASE_MS), ("LOG_LEVEL", "error")],
+    )
+    .await
 }
 
 /// Creates `runs` runs of `steps` steps with `producers` concurrent tasks.
@@ -291,11 +330,17 @@ async fn outcome(store: &Store, expected: usize) -> String {
 
 /// Workers as separate processes would be: each its own pool, sized as the
 /// `worker` command sizes it.
-async fn spawn_workers(env: &TestEnv, plan: &Plan, wake: &Arc<Notify>) -> Vec<(JoinHandle<DrainReport>, CancellationToken)> {
+async fn spawn_workers(
+    env: &TestEnv,
+    plan: &Plan,
+    wake: &Arc<Notify>,
+) -> Vec<(JoinHandle<DrainReport>, CancellationToken)> {
     let mut workers = Vec::new();
     for i in 0..plan.workers {
         let pool = (plan.concurrency as u32 + 2).min(50);
-        let store = Store::connect(&env.settings.database, pool).await.expect("worker pool");
+        let store = Store::connect(&env.settings.database, pool)
+            .await
+            .expect("worker pool");
         let config = WorkerConfig {
             id: format!("bench-{i}"),
             concurrency: plan.concurrency,
@@ -305,7 +350,12 @@ async fn spawn_workers(env: &TestEnv, plan: &Plan, wake: &Arc<Notify>) -> Vec<(J
             backoff_max: env.settings.queue.backoff_max,
             shutdown_grace: Duration::from_secs(5),
         };
-        let worker = Worker::new(store, StepRunner::new(LlmBackend::Offline), config, wake.clone());
+        let worker = Worker::new(
+            store,
+            StepRunner::new(LlmBackend::Offline),
+            config,
+            wake.clone(),
+        );
         let token = CancellationToken::new();
         workers.push((tokio::spawn(worker.run(token.clone())), token));
     }
@@ -323,10 +373,18 @@ async fn stop_workers(workers: Vec<(JoinHandle<DrainReport>, CancellationToken)>
 
 /// Drains `jobs` one-step jobs with `tasks` tasks each claiming `batch` jobs
 /// per transaction and completing them one by one: no worker, no step execution.
-async fn raw_drain(backend: Backend, tasks: usize, batch: i64, jobs: usize, producers: usize) -> Row {
+async fn raw_drain(
+    backend: Backend,
+    tasks: usize,
+    batch: i64,
+    jobs: usize,
+    producers: usize,
+) -> Row {
     let env = fresh(backend).await;
     preload(&env.store, jobs, 1, producers).await;
-    let store = Store::connect(&env.settings.database, tasks as u32 + 2).await.expect("raw pool");
+    let store = Store::connect(&env.settings.database, tasks as u32 + 2)
+        .await
+        .expect("raw pool");
     let lease = Duration::from_millis(LEASE_MS.parse().expect("lease"));
     let output = json!("x");
     // One round trip (`SELECT 1`) on the same pool: the floor under every statement.
@@ -348,7 +406,10 @@ async fn raw_drain(backend: Backend, tasks: usize, batch: i64, jobs: usize, prod
             let (mut claiming, mut completing) = (Duration::ZERO, Duration::ZERO);
             loop {
                 let t = Instant::now();
-                let claimed = store.claim(&id, batch, now_ms(), lease).await.expect("claim");
+                let claimed = store
+                    .claim(&id, batch, now_ms(), lease)
+                    .await
+                    .expect("claim");
                 claiming += t.elapsed();
                 claims += 1;
                 if claimed.is_empty() {
@@ -356,7 +417,10 @@ async fn raw_drain(backend: Backend, tasks: usize, batch: i64, jobs: usize, prod
                 }
                 let t = Instant::now();
                 for job in &claimed {
-                    store.complete(job, &output, now_ms()).await.expect("complete");
+                    store
+                        .complete(job, &output, now_ms())
+                        .await
+                        .expect("complete");
                     done += 1;
                 }
                 completing += t.elapsed();
@@ -367,7 +431,8 @@ async fn raw_drain(backend: Backend, tasks: usize, batch: i64, jobs: usize, prod
     let (mut claiming, mut completing) = (Duration::ZERO, Duration::ZERO);
     while let Some(n) = set.join_next().await {
         let (d, c, cl, co) = n.expect("raw task");
-        (done, claims, claiming, completing) = (done + d, claims + c, claiming + cl, completing + co);
+        (done, claims, claiming, completing) =
+            (done + d, claims + c, claiming + cl, completing + co);
     }
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu.report();
@@ -484,15 +549,29 @@ async fn steady(backend: Backend, plan: &Plan, rate: Option<f64>) -> Row {
     }
 
     let succeeded = |store: Store| async move {
-        store.run_counts().await.expect("run counts").get(&RunStatus::Succeeded).copied().unwrap_or(0)
+        store
+            .run_counts()
+            .await
+            .expect("run counts")
+            .get(&RunStatus::Succeeded)
+            .copied()
+            .unwrap_or(0)
     };
     tokio::time::sleep(plan.warmup).await;
     let cpu = CpuMeter::start(backend);
-    let (s0, p0, t0) = (succeeded(env.store.clone()).await, produced.load(Ordering::Relaxed), Instant::now());
+    let (s0, p0, t0) = (
+        succeeded(env.store.clone()).await,
+        produced.load(Ordering::Relaxed),
+        Instant::now(),
+    );
     recording.store(true, Ordering::Relaxed);
     tokio::time::sleep(plan.window).await;
     recording.store(false, Ordering::Relaxed);
-    let (s1, p1, secs) = (succeeded(env.store.clone()).await, produced.load(Ordering::Relaxed), t0.elapsed().as_secs_f64());
+    let (s1, p1, secs) = (
+        succeeded(env.store.clone()).await,
+        produced.load(Ordering::Relaxed),
+        t0.elapsed().as_secs_f64(),
+    );
     let cpu = cpu.report();
     stop.cancel();
     while let Some(done) = producers.join_next().await {
@@ -511,13 +590,20 @@ async fn steady(backend: Backend, plan: &Plan, rate: Option<f64>) -> Row {
         Some(rate) => format!("offered {rate:.0}/s, enqueued {offered:.0}/s"),
         None => format!("producers flat out (backlog cap {cap}), enqueued {offered:.0}/s"),
     };
-    note.push_str(&format!("; {cpu}; latency of {} samples", ids.len().min(MAX_SAMPLES)));
+    note.push_str(&format!(
+        "; {cpu}; latency of {} samples",
+        ids.len().min(MAX_SAMPLES)
+    ));
     if unstarted > 0 || !emptied {
         note.push_str(&format!("; CHECK: {unstarted} sampled runs never started"));
     }
     Row {
         backend: name(backend),
-        mode: if rate.is_some() { "steady (paced)".into() } else { "steady (saturated)".into() },
+        mode: if rate.is_some() {
+            "steady (paced)".into()
+        } else {
+            "steady (saturated)".into()
+        },
         shape: plan.shape(),
         jobs: (s1 - s0).max(0) as u64,
         secs,
@@ -534,14 +620,20 @@ async fn enqueue_to_start(store: &Store, ids: &[Uuid]) -> (Option<i64>, Option<i
     let mut waits = Vec::new();
     let mut unstarted = 0;
     for id in ids.iter().step_by(step) {
-        let detail = store.get_run(*id).await.expect("get run").expect("run exists");
+        let detail = store
+            .get_run(*id)
+            .await
+            .expect("get run")
+            .expect("run exists");
         match detail.run.started_at {
             Some(started) => waits.push(started - detail.run.created_at),
             None => unstarted += 1,
         }
     }
     waits.sort_unstable();
-    let pick = |q: f64| (!waits.is_empty()).then(|| waits[((waits.len() - 1) as f64 * q).round() as usize]);
+    let pick = |q: f64| {
+        (!waits.is_empty()).then(|| waits[((waits.len() - 1) as f64 * q).round() as usize])
+    };
     (pick(0.50), pick(0.99), unstarted)
 }
 
@@ -552,7 +644,16 @@ async fn bench_backend(backend: Backend, quick: bool, rows: &mut Vec<Row>) {
         rows.push(row);
     };
     record(raw_drain(backend, 1, 1, plan.raw_single, plan.producers).await);
-    record(raw_drain(backend, plan.raw_tasks, plan.raw_batch, plan.backlog, plan.producers).await);
+    record(
+        raw_drain(
+            backend,
+            plan.raw_tasks,
+            plan.raw_batch,
+            plan.backlog,
+            plan.producers,
+        )
+        .await,
+    );
     record(worker_drain(backend, &plan, plan.backlog, 1).await);
     record(worker_drain(backend, &plan, plan.backlog / 2, 2).await);
     let saturated = steady(backend, &plan, None).await;
@@ -570,10 +671,20 @@ fn load_average() -> String {
 
 /// What the PostgreSQL server under test is and how it is tuned, for the header.
 async fn postgres_settings() -> String {
-    let server = tokio::task::spawn_blocking(support::pg::shared).await.expect("start postgres");
-    let mut conn = sqlx::PgConnection::connect(&server.url("postgres")).await.expect("connect");
+    let server = tokio::task::spawn_blocking(support::pg::shared)
+        .await
+        .expect("start postgres");
+    let mut conn = sqlx::PgConnection::connect(&server.url("postgres"))
+        .await
+        .expect("connect");
     let mut shown = Vec::new();
-    for name in ["server_version", "fsync", "synchronous_commit", "full_page_writes", "shared_buffers"] {
+    for name in [
+        "server_version",
+        "fsync",
+        "synchronous_commit",
+        "full_page_writes",
+        "shared_buffers",
+    ] {
         let value: String = sqlx::query_scalar(&format!("SHOW {name}"))
             .fetch_one(&mut conn)
             .await
@@ -586,9 +697,15 @@ async fn postgres_settings() -> String {
 
 async fn bench(quick: bool, backends: Vec<Backend>) {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("vm-webapp queue benchmark{}: no-op template steps, {cpus} CPUs", if quick { " (quick)" } else { "" });
+    println!(
+        "vm-webapp queue benchmark{}: no-op template steps, {cpus} CPUs",
+        if quick { " (quick)" } else { "" }
+    );
     if backends.contains(&Backend::Postgres) {
-        println!("PostgreSQL from the test support, on loopback: {}", postgres_settings().await);
+        println!(
+            "PostgreSQL from the test support, on loopback: {}",
+            postgres_settings().await
+        );
     }
     println!("SQLite: WAL, synchronous=NORMAL, in a temporary directory");
     println!("load average before: {}", load_average());
@@ -600,7 +717,11 @@ async fn bench(quick: bool, backends: Vec<Backend>) {
         bench_backend(backend, quick, &mut rows).await;
     }
     println!();
-    println!("summary ({:.0} s in all; load average after: {}):", total.elapsed().as_secs_f64(), load_average());
+    println!(
+        "summary ({:.0} s in all; load average after: {}):",
+        total.elapsed().as_secs_f64(),
+        load_average()
+    );
     Row::print_header();
     for row in &rows {
         row.print();
@@ -609,7 +730,10 @@ async fn bench(quick: bool, backends: Vec<Backend>) {
 
 fn main() {
     let quick = std::env::var("VM_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-    let backends = match std::env::var("VM_BENCH_BACKENDS").unwrap_or_default().as_str() {
+    let backends = match std::env::var("VM_BENCH_BACKENDS")
+        .unwrap_or_default()
+        .as_str()
+    {
         "sqlite" => vec![Backend::Sqlite],
         "postgres" => vec![Backend::Postgres],
         _ => vec![Backend::Sqlite, Backend::Postgres],

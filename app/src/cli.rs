@@ -5,7 +5,11 @@ use clap::{Args, Parser, Subcommand};
 
 /// The vmwebapp runtime.
 #[derive(Debug, Parser)]
-#[command(name = "vm-webapp", version, about = "vmwebapp runtime: run API, durable queue and worker")]
+#[command(
+    name = "vm-webapp",
+    version,
+    about = "vmwebapp runtime: run API, durable queue and worker"
+)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]

@@ -158,7 +158,10 @@ pub struct ApiKey {
 
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiKey").field("id", &self.id).field("admin", &self.admin).finish_non_exhaustive()
+        f.debug_struct("ApiKey")
+            .field("id", &self.id)
+            .field("admin", &self.admin)
+            .finish_non_exhaustive()
     }
 }
 
@@ -398,7 +401,11 @@ impl Settings {
                 "expected a level (error, warn, info, debug, trace) or a tracing filter directive",
             );
         }
-        let log_format = match p.get("LOG_FORMAT").map(|v| v.to_ascii_lowercase()).as_deref() {
+        let log_format = match p
+            .get("LOG_FORMAT")
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref()
+        {
             None if app_env == AppEnv::Local => LogFormat::Pretty,
             None => LogFormat::Json,
             Some("json") => LogFormat::Json,
@@ -498,28 +505,57 @@ impl Settings {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-fn parse_security<F: Fn(&str) -> Option<String>>(p: &mut Parser<F>, app_env: AppEnv) -> SecuritySettings {
+fn parse_security<F: Fn(&str) -> Option<String>>(
+    p: &mut Parser<F>,
+    app_env: AppEnv,
+) -> SecuritySettings {
     use sha2::Digest;
     let mut api_keys: Vec<ApiKey> = Vec::new();
-    for (i, entry) in p.get("VM_API_KEYS").unwrap_or_default().split(',').map(str::trim).filter(|e| !e.is_empty()).enumerate() {
+    for (i, entry) in p
+        .get("VM_API_KEYS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .enumerate()
+    {
         let mut parts = entry.splitn(3, ':');
-        let (id, key, role) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next());
+        let (id, key, role) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+            parts.next(),
+        );
         if !valid_name(id) {
-            p.fail("VM_API_KEYS", format!("entry {}: expected id:key[:admin] with an id of letters, digits, - or _", i + 1));
+            p.fail(
+                "VM_API_KEYS",
+                format!(
+                    "entry {}: expected id:key[:admin] with an id of letters, digits, - or _",
+                    i + 1
+                ),
+            );
             continue;
         }
         if key.len() < 16 {
-            p.fail("VM_API_KEYS", format!("key `{id}`: keys must be at least 16 characters"));
+            p.fail(
+                "VM_API_KEYS",
+                format!("key `{id}`: keys must be at least 16 characters"),
+            );
             continue;
         }
         let admin = match role {
             None => false,
             Some("admin") => true,
             Some(_) => {
-                p.fail("VM_API_KEYS", format!("key `{id}`: the optional third field must be `admin`"));
+                p.fail(
+                    "VM_API_KEYS",
+                    format!("key `{id}`: the optional third field must be `admin`"),
+                );
                 false
             }
         };
@@ -533,10 +569,20 @@ fn parse_security<F: Fn(&str) -> Option<String>>(p: &mut Parser<F>, app_env: App
         });
     }
     if api_keys.is_empty() && app_env == AppEnv::Production {
-        p.fail("VM_API_KEYS", "required when APP_ENV is production (id:key[:admin], comma-separated)");
+        p.fail(
+            "VM_API_KEYS",
+            "required when APP_ENV is production (id:key[:admin], comma-separated)",
+        );
     }
     let mut webhook_secrets = Vec::new();
-    for (i, entry) in p.get("VM_WEBHOOK_SECRETS").unwrap_or_default().split(',').map(str::trim).filter(|e| !e.is_empty()).enumerate() {
+    for (i, entry) in p
+        .get("VM_WEBHOOK_SECRETS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .enumerate()
+    {
         match entry.split_once(':') {
             Some((source, secret)) if valid_name(source) && secret.len() >= 16 => webhook_secrets.push(WebhookSecret {
                 source: source.to_string(),
@@ -549,23 +595,52 @@ fn parse_security<F: Fn(&str) -> Option<String>>(p: &mut Parser<F>, app_env: App
         }
     }
     let mut webhook_allowed = Vec::new();
-    for cidr in p.get("VM_WEBHOOK_ALLOWED_CIDRS").unwrap_or_default().split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        match cidr.parse::<ipnet::IpNet>().or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+    for cidr in p
+        .get("VM_WEBHOOK_ALLOWED_CIDRS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        match cidr
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        {
             Ok(net) => webhook_allowed.push(net),
-            Err(_) => p.fail("VM_WEBHOOK_ALLOWED_CIDRS", format!("`{}` is not an address or CIDR block", cidr.chars().take(64).collect::<String>())),
+            Err(_) => p.fail(
+                "VM_WEBHOOK_ALLOWED_CIDRS",
+                format!(
+                    "`{}` is not an address or CIDR block",
+                    cidr.chars().take(64).collect::<String>()
+                ),
+            ),
         }
     }
-    let trusted_proxy_header = p.get("VM_TRUSTED_PROXY_HEADER").map(|h| h.to_ascii_lowercase());
-    if let Some(h) = &trusted_proxy_header {
-        if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-            p.fail("VM_TRUSTED_PROXY_HEADER", "expected a header name such as x-forwarded-for");
-        }
+    let trusted_proxy_header = p
+        .get("VM_TRUSTED_PROXY_HEADER")
+        .map(|h| h.to_ascii_lowercase());
+    if let Some(h) = &trusted_proxy_header
+        && axum::http::HeaderName::from_bytes(h.as_bytes()).is_err()
+    {
+        p.fail(
+            "VM_TRUSTED_PROXY_HEADER",
+            "expected a header name such as x-forwarded-for",
+        );
     }
-    let rate = |p: &mut Parser<F>, rps: &'static str, burst: &'static str, d_rps: u32, d_burst: u32| RateLimit {
-        per_second: f64::from(p.number(rps, d_rps, 0, 100_000)),
-        burst: p.number(burst, d_burst, 0, 1_000_000),
-    };
-    let rate_per_key = rate(p, "VM_RATE_LIMIT_KEY_RPS", "VM_RATE_LIMIT_KEY_BURST", 20, 40);
+    let rate =
+        |p: &mut Parser<F>, rps: &'static str, burst: &'static str, d_rps: u32, d_burst: u32| {
+            RateLimit {
+                per_second: f64::from(p.number(rps, d_rps, 0, 100_000)),
+                burst: p.number(burst, d_burst, 0, 1_000_000),
+            }
+        };
+    let rate_per_key = rate(
+        p,
+        "VM_RATE_LIMIT_KEY_RPS",
+        "VM_RATE_LIMIT_KEY_BURST",
+        20,
+        40,
+    );
     let rate_per_ip = rate(p, "VM_RATE_LIMIT_IP_RPS", "VM_RATE_LIMIT_IP_BURST", 50, 100);
     let cors_origins: Vec<String> = p
         .get("VM_CORS_ALLOWED_ORIGINS")
@@ -575,29 +650,46 @@ fn parse_security<F: Fn(&str) -> Option<String>>(p: &mut Parser<F>, app_env: App
         .filter(|o| !o.is_empty())
         .collect();
     for origin in &cors_origins {
-        let ok = reqwest::Url::parse(origin).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+        let ok = reqwest::Url::parse(origin)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
         if !ok || axum::http::HeaderValue::from_str(origin).is_err() {
-            p.fail("VM_CORS_ALLOWED_ORIGINS", "expected origins such as https://app.example.com, comma-separated");
+            p.fail(
+                "VM_CORS_ALLOWED_ORIGINS",
+                "expected origins such as https://app.example.com, comma-separated",
+            );
             break;
         }
     }
     let request_timeout = p.millis("VM_REQUEST_TIMEOUT_MS", 30_000, 100, 600_000);
     let migration_db_url = p.get("VM_MIGRATION_DB_URL");
-    if let Some(url) = &migration_db_url {
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:")) {
-            p.fail("VM_MIGRATION_DB_URL", "expected a postgres:// or sqlite:// URL");
-        }
+    if let Some(url) = &migration_db_url
+        && !(url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("sqlite:"))
+    {
+        p.fail(
+            "VM_MIGRATION_DB_URL",
+            "expected a postgres:// or sqlite:// URL",
+        );
     }
     let runtime_db_role = p.get("VM_RUNTIME_DB_ROLE");
-    if let Some(role) = &runtime_db_role {
-        if role.len() > 63 || !role.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            p.fail("VM_RUNTIME_DB_ROLE", "expected a role name of letters, digits and _");
-        }
+    if let Some(role) = &runtime_db_role
+        && (role.len() > 63 || !role.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    {
+        p.fail(
+            "VM_RUNTIME_DB_ROLE",
+            "expected a role name of letters, digits and _",
+        );
     }
     SecuritySettings {
         api_keys,
         webhook_secrets,
-        webhook_tolerance: Duration::from_secs(p.number("VM_WEBHOOK_TOLERANCE_SECONDS", 300u64, 1, 86_400)),
+        webhook_tolerance: Duration::from_secs(p.number(
+            "VM_WEBHOOK_TOLERANCE_SECONDS",
+            300u64,
+            1,
+            86_400,
+        )),
         webhook_allowed,
         trusted_proxy_header,
         rate_per_key,
@@ -659,12 +751,16 @@ fn parse_database<F: Fn(&str) -> Option<String>>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
 
     fn parse(vars: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Settings::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -684,7 +780,10 @@ mod tests {
     #[test]
     fn managed_mode_without_database_and_redis_names_both_variables() {
         let err = parse(&[("VM_ENABLE_MANAGED_MODE", "true")]).unwrap_err();
-        assert!(err.mentions("VM_DB_URL") && err.mentions("VM_REDIS_URL"), "{err}");
+        assert!(
+            err.mentions("VM_DB_URL") && err.mentions("VM_REDIS_URL"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -720,7 +819,14 @@ mod tests {
             ("VM_ENABLE_MANAGED_MODE", "maybe"),
         ])
         .unwrap_err();
-        for var in ["APP_ENV", "PORT", "LOG_FORMAT", "KIMI_BASE_URL", "VM_JOB_MAX_ATTEMPTS", "VM_ENABLE_MANAGED_MODE"] {
+        for var in [
+            "APP_ENV",
+            "PORT",
+            "LOG_FORMAT",
+            "KIMI_BASE_URL",
+            "VM_JOB_MAX_ATTEMPTS",
+            "VM_ENABLE_MANAGED_MODE",
+        ] {
             assert!(err.mentions(var), "{var} missing from {err}");
         }
     }
@@ -734,30 +840,68 @@ mod tests {
         ])
         .unwrap_err();
         let text = format!("{err} {err:?}");
-        assert!(!text.contains("hunter2") && !text.contains("redispw"), "{text}");
-        let ok = parse(&[("VM_DB_URL", "postgres://admin:hunter2@db/app"), ("KIMI_API_KEY", "sk-live-123")]).expect("valid");
+        assert!(
+            !text.contains("hunter2") && !text.contains("redispw"),
+            "{text}"
+        );
+        let ok = parse(&[
+            ("VM_DB_URL", "postgres://admin:hunter2@db/app"),
+            ("KIMI_API_KEY", "sk-live-123"),
+        ])
+        .expect("valid");
         let debug = format!("{ok:?} {}", ok.summary());
-        assert!(!debug.contains("hunter2") && !debug.contains("sk-live-123"), "{debug}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("sk-live-123"),
+            "{debug}"
+        );
     }
 
     #[test]
     fn api_keys_are_parsed_hashed_and_required_in_production() {
-        let s = parse(&[("VM_API_KEYS", "ci:ci-key-0123456789abcdef, ops:ops-key-0123456789abcdef:admin")]).expect("valid");
+        let s = parse(&[(
+            "VM_API_KEYS",
+            "ci:ci-key-0123456789abcdef, ops:ops-key-0123456789abcdef:admin",
+        )])
+        .expect("valid");
         let keys = &s.security.api_keys;
-        assert_eq!(keys.iter().map(|k| (k.id.as_str(), k.admin)).collect::<Vec<_>>(), [("ci", false), ("ops", true)]);
-        assert!(!format!("{s:?}").contains("ci-key-0123456789abcdef"), "only hashes are kept");
-        let err = parse(&[("VM_API_KEYS", "ci:short,ci:ci-key-0123456789abcdef,bad id:x,ops:ops-key-0123456789abcdef:root")]).unwrap_err();
+        assert_eq!(
+            keys.iter()
+                .map(|k| (k.id.as_str(), k.admin))
+                .collect::<Vec<_>>(),
+            [("ci", false), ("ops", true)]
+        );
+        assert!(
+            !format!("{s:?}").contains("ci-key-0123456789abcdef"),
+            "only hashes are kept"
+        );
+        let err = parse(&[(
+            "VM_API_KEYS",
+            "ci:short,ci:ci-key-0123456789abcdef,bad id:x,ops:ops-key-0123456789abcdef:root",
+        )])
+        .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("at least 16") && text.contains("must be `admin`") && text.contains("entry 3"), "{text}");
+        assert!(
+            text.contains("at least 16")
+                && text.contains("must be `admin`")
+                && text.contains("entry 3"),
+            "{text}"
+        );
         assert!(!text.contains("ops-key-0123456789abcdef"), "{text}");
-        let err = parse(&[("APP_ENV", "production"), ("VM_DB_URL", "postgres://db/app")]).unwrap_err();
+        let err = parse(&[
+            ("APP_ENV", "production"),
+            ("VM_DB_URL", "postgres://db/app"),
+        ])
+        .unwrap_err();
         assert!(err.mentions("VM_API_KEYS"));
     }
 
     #[test]
     fn webhook_and_hardening_settings_are_validated() {
         let s = parse(&[
-            ("VM_WEBHOOK_SECRETS", "github:gh-secret-0123456789,github:gh-secret-next-012345"),
+            (
+                "VM_WEBHOOK_SECRETS",
+                "github:gh-secret-0123456789,github:gh-secret-next-012345",
+            ),
             ("VM_WEBHOOK_ALLOWED_CIDRS", "10.0.0.0/8, 192.168.1.7"),
             ("VM_CORS_ALLOWED_ORIGINS", "https://app.example.com/"),
         ])
@@ -772,7 +916,12 @@ mod tests {
             ("VM_RUNTIME_DB_ROLE", "vm; DROP TABLE runs"),
         ])
         .unwrap_err();
-        for var in ["VM_WEBHOOK_SECRETS", "VM_WEBHOOK_ALLOWED_CIDRS", "VM_CORS_ALLOWED_ORIGINS", "VM_RUNTIME_DB_ROLE"] {
+        for var in [
+            "VM_WEBHOOK_SECRETS",
+            "VM_WEBHOOK_ALLOWED_CIDRS",
+            "VM_CORS_ALLOWED_ORIGINS",
+            "VM_RUNTIME_DB_ROLE",
+        ] {
             assert!(err.mentions(var), "{var} missing from {err}");
         }
         assert!(!err.to_string().contains("short"), "secrets are not echoed");

@@ -10,11 +10,11 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod redis_bus;
 pub mod runtime;
 pub mod steps;
 pub mod store;
 pub mod telemetry;
-pub mod redis_bus;
 pub mod worker;
 
 /// Makes `ring` the process-wide TLS crypto provider (the one stack shared by

@@ -180,20 +180,81 @@ impl Metrics {
             auth_failures: Family::default(),
             webhooks: Family::default(),
         };
-        registry.register("http_requests", "HTTP requests by method, route template and status class", m.http_requests.clone());
-        registry.register_with_unit("http_request_duration", "HTTP request latency", Unit::Seconds, m.http_duration.clone());
-        registry.register("jobs_claimed", "Jobs claimed by workers, by step kind", m.jobs_claimed.clone());
-        registry.register("jobs_finished", "Job executions by step kind and outcome", m.jobs_finished.clone());
-        registry.register_with_unit("job_duration", "Job execution time by step kind and outcome", Unit::Seconds, m.job_duration.clone());
-        registry.register("jobs_lease_expired", "Jobs whose lease expired (worker lost) and were redelivered or dead-lettered", m.jobs_rescued.clone());
-        registry.register("dependency_failures", "Failed calls to a dependency", m.dependency_failures.clone());
-        registry.register_with_unit("llm_request_duration", "LLM call latency by outcome", Unit::Seconds, m.llm_duration.clone());
-        registry.register("queue_jobs", "Jobs in the queue by state", m.queue_jobs.clone());
-        registry.register_with_unit("queue_oldest_job_age", "Age of the oldest job by state", Unit::Seconds, m.queue_oldest_age.clone());
-        registry.register_with_unit("worker_heartbeat_age", "Age of the most recent worker heartbeat (-1: none)", Unit::Seconds, m.worker_heartbeat_age.clone());
-        registry.register("rate_limited", "Requests refused by a rate limit, by scope", m.rate_limited.clone());
-        registry.register("auth_failures", "Failed API key authentications, by reason", m.auth_failures.clone());
-        registry.register("webhook_deliveries", "Webhook deliveries by outcome (accepted or rejection code)", m.webhooks.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by method, route template and status class",
+            m.http_requests.clone(),
+        );
+        registry.register_with_unit(
+            "http_request_duration",
+            "HTTP request latency",
+            Unit::Seconds,
+            m.http_duration.clone(),
+        );
+        registry.register(
+            "jobs_claimed",
+            "Jobs claimed by workers, by step kind",
+            m.jobs_claimed.clone(),
+        );
+        registry.register(
+            "jobs_finished",
+            "Job executions by step kind and outcome",
+            m.jobs_finished.clone(),
+        );
+        registry.register_with_unit(
+            "job_duration",
+            "Job execution time by step kind and outcome",
+            Unit::Seconds,
+            m.job_duration.clone(),
+        );
+        registry.register(
+            "jobs_lease_expired",
+            "Jobs whose lease expired (worker lost) and were redelivered or dead-lettered",
+            m.jobs_rescued.clone(),
+        );
+        registry.register(
+            "dependency_failures",
+            "Failed calls to a dependency",
+            m.dependency_failures.clone(),
+        );
+        registry.register_with_unit(
+            "llm_request_duration",
+            "LLM call latency by outcome",
+            Unit::Seconds,
+            m.llm_duration.clone(),
+        );
+        registry.register(
+            "queue_jobs",
+            "Jobs in the queue by state",
+            m.queue_jobs.clone(),
+        );
+        registry.register_with_unit(
+            "queue_oldest_job_age",
+            "Age of the oldest job by state",
+            Unit::Seconds,
+            m.queue_oldest_age.clone(),
+        );
+        registry.register_with_unit(
+            "worker_heartbeat_age",
+            "Age of the most recent worker heartbeat (-1: none)",
+            Unit::Seconds,
+            m.worker_heartbeat_age.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate limit, by scope",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Failed API key authentications, by reason",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Webhook deliveries by outcome (accepted or rejection code)",
+            m.webhooks.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
@@ -230,7 +291,9 @@ impl Metrics {
             outcome,
         };
         self.jobs_finished.get_or_create(&labels).inc();
-        self.job_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        self.job_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Counts a failed call to `dependency`.
@@ -251,17 +314,29 @@ impl Metrics {
 
     /// Counts a request refused by the `scope` limit.
     pub fn rate_limited(&self, scope: &'static str) {
-        self.rate_limited.get_or_create(&ReasonLabels { reason: scope.into() }).inc();
+        self.rate_limited
+            .get_or_create(&ReasonLabels {
+                reason: scope.into(),
+            })
+            .inc();
     }
 
     /// Counts a failed authentication.
     pub fn auth_failed(&self, reason: &'static str) {
-        self.auth_failures.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+        self.auth_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     /// Counts a webhook delivery outcome.
     pub fn webhook(&self, outcome: &'static str) {
-        self.webhooks.get_or_create(&ReasonLabels { reason: outcome.into() }).inc();
+        self.webhooks
+            .get_or_create(&ReasonLabels {
+                reason: outcome.into(),
+            })
+            .inc();
     }
 
     /// The registry in Prometheus text format.

@@ -104,10 +104,11 @@ impl RedisBus {
         let mut delay = Duration::from_millis(200);
         while !shutdown.is_cancelled() {
             let subscribed = async {
-                let mut pubsub = tokio::time::timeout(COMMAND_TIMEOUT * 2, self.client.get_async_pubsub())
-                    .await
-                    .map_err(|_| ())?
-                    .map_err(|_| ())?;
+                let mut pubsub =
+                    tokio::time::timeout(COMMAND_TIMEOUT * 2, self.client.get_async_pubsub())
+                        .await
+                        .map_err(|_| ())?
+                        .map_err(|_| ())?;
                 tokio::time::timeout(COMMAND_TIMEOUT, pubsub.subscribe(WAKE_CHANNEL))
                     .await
                     .map_err(|_| ())?
@@ -139,7 +140,10 @@ impl RedisBus {
                 }
                 Err(()) => {
                     self.metrics.dependency_failed(Dependency::redis);
-                    debug!(retry_in_ms = delay.as_millis() as u64, "cannot subscribe to wake-ups");
+                    debug!(
+                        retry_in_ms = delay.as_millis() as u64,
+                        "cannot subscribe to wake-ups"
+                    );
                 }
             }
             tokio::select! {
@@ -178,12 +182,18 @@ return wait
 impl RedisBus {
     /// Takes a token from the shared bucket `key`; `Ok(None)` when allowed,
     /// `Ok(Some(wait))` when empty, `Err` when Redis cannot answer.
-    pub async fn take_token(&self, key: &str, per_second: f64, burst: u32) -> Result<Option<Duration>, ()> {
+    pub async fn take_token(
+        &self,
+        key: &str,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<Option<Duration>, ()> {
         let mut conn = self.connection().await?;
         let script = redis::Script::new(TOKEN_BUCKET);
         let mut invocation = script.key(format!("vm:ratelimit:{key}"));
         invocation.arg(per_second).arg(burst);
-        match tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async::<i64>(&mut conn)).await {
+        match tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async::<i64>(&mut conn)).await
+        {
             Ok(Ok(0)) => Ok(None),
             Ok(Ok(wait_ms)) => Ok(Some(Duration::from_millis(wait_ms.max(1) as u64))),
             _ => {
@@ -195,7 +205,12 @@ impl RedisBus {
 
     /// Remembers a webhook nonce for `ttl`; `Ok(false)` when it was already
     /// remembered (a replay), `Err` when Redis cannot answer.
-    pub async fn remember_nonce(&self, source: &str, nonce: &str, ttl: Duration) -> Result<bool, ()> {
+    pub async fn remember_nonce(
+        &self,
+        source: &str,
+        nonce: &str,
+        ttl: Duration,
+    ) -> Result<bool, ()> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(format!("vm:webhook:nonce:{source}:{nonce}"))
             .arg("1")

@@ -16,10 +16,10 @@ use tracing::{error, info, warn};
 use crate::cli::{Cli, Command, ServeArgs, WorkerArgs};
 use crate::config::{AppEnv, LlmMode, Settings};
 use crate::http::{self, AppState};
+use crate::redis_bus::RedisBus;
 use crate::steps::StepRunner;
 use crate::steps::llm::LlmBackend;
 use crate::store::{Store, StoreError};
-use crate::redis_bus::RedisBus;
 use crate::worker::{Worker, WorkerConfig};
 
 /// Exit code for an invalid configuration.
@@ -65,9 +65,18 @@ pub async fn run(cli: Cli) -> ExitCode {
 pub async fn open_store(settings: &Settings, pool_size: u32) -> Result<Store, String> {
     let store = Store::connect(&settings.database, pool_size)
         .await
-        .map_err(|e| format!("cannot open the {} database: {}", settings.database.backend.as_str(), describe(&e)))?;
+        .map_err(|e| {
+            format!(
+                "cannot open the {} database: {}",
+                settings.database.backend.as_str(),
+                describe(&e)
+            )
+        })?;
     if settings.app_env == AppEnv::Local {
-        store.migrate().await.map_err(|e| format!("cannot migrate the database: {}", describe(&e)))?;
+        store
+            .migrate()
+            .await
+            .map_err(|e| format!("cannot migrate the database: {}", describe(&e)))?;
     } else {
         store.ensure_schema().await.map_err(|e| describe(&e))?;
     }
@@ -78,7 +87,9 @@ pub async fn open_store(settings: &Settings, pool_size: u32) -> Result<Store, St
 /// that might echo them.
 fn describe(e: &StoreError) -> String {
     match e {
-        StoreError::Unavailable(_) => "database unreachable (check VM_DB_URL, network and credentials)".into(),
+        StoreError::Unavailable(_) => {
+            "database unreachable (check VM_DB_URL, network and credentials)".into()
+        }
         StoreError::Migrate(m) => format!("migration error: {m}"),
         other => other.to_string(),
     }
@@ -86,15 +97,26 @@ fn describe(e: &StoreError) -> String {
 
 fn log_llm_mode(settings: &Settings) {
     match settings.llm_mode() {
-        LlmMode::Remote => info!(model = %settings.llm.model, base_url = %settings.llm.base_url, "llm steps use the configured endpoint"),
-        LlmMode::Offline => warn!("KIMI_API_KEY is not set: llm steps use the built-in deterministic offline model"),
-        LlmMode::Unavailable => warn!("KIMI_API_KEY is not set: runs with llm steps will be refused"),
+        LlmMode::Remote => {
+            info!(model = %settings.llm.model, base_url = %settings.llm.base_url, "llm steps use the configured endpoint")
+        }
+        LlmMode::Offline => {
+            warn!("KIMI_API_KEY is not set: llm steps use the built-in deterministic offline model")
+        }
+        LlmMode::Unavailable => {
+            warn!("KIMI_API_KEY is not set: runs with llm steps will be refused")
+        }
     }
 }
 
-fn build_worker(state: &AppState, poll_interval: Duration, concurrency: usize) -> Result<Worker, String> {
+fn build_worker(
+    state: &AppState,
+    poll_interval: Duration,
+    concurrency: usize,
+) -> Result<Worker, String> {
     let settings = &state.settings;
-    let llm = LlmBackend::from_settings(settings).map_err(|_| "cannot build the LLM client".to_string())?;
+    let llm = LlmBackend::from_settings(settings)
+        .map_err(|_| "cannot build the LLM client".to_string())?;
     let config = WorkerConfig {
         id: WorkerConfig::default_id(),
         concurrency,
@@ -105,7 +127,10 @@ fn build_worker(state: &AppState, poll_interval: Duration, concurrency: usize) -
         shutdown_grace: settings.queue.shutdown_grace,
     };
     let runner = StepRunner::new(llm).with_metrics(state.metrics.clone());
-    Ok(Worker::new(state.store.clone(), runner, config, state.wake.clone()).with_metrics(state.metrics.clone()))
+    Ok(
+        Worker::new(state.store.clone(), runner, config, state.wake.clone())
+            .with_metrics(state.metrics.clone()),
+    )
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -113,13 +138,14 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -158,9 +184,13 @@ fn forward_wakeups(state: &AppState, shutdown: &CancellationToken) {
 fn log_auth_mode(settings: &Settings) {
     let keys = &settings.security.api_keys;
     if keys.is_empty() {
-        warn!("VM_API_KEYS is not set: THE API IS OPEN TO ANYONE WHO CAN REACH IT (allowed outside production only)");
+        warn!(
+            "VM_API_KEYS is not set: THE API IS OPEN TO ANYONE WHO CAN REACH IT (allowed outside production only)"
+        );
         if settings.app_env == AppEnv::Local {
-            println!("WARNING: no VM_API_KEYS: the API accepts requests without a key (local mode).");
+            println!(
+                "WARNING: no VM_API_KEYS: the API accepts requests without a key (local mode)."
+            );
         }
     } else {
         let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
@@ -211,7 +241,9 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
         println!(
             "  curl -s -X POST http://{addr}/api/v2/runs -d '{{\"input\":{{\"name\":\"Ada\"}},\"steps\":[{{\"kind\":\"template\",\"template\":\"Hello, {{{{input.name}}}}!\"}},{{\"kind\":\"transform\",\"op\":\"uppercase\"}}]}}'"
         );
-        println!("Then: curl -s http://{addr}/api/v2/runs/<id>  and  curl -s http://{addr}/api/v2/runs/<id>/events");
+        println!(
+            "Then: curl -s http://{addr}/api/v2/runs/<id>  and  curl -s http://{addr}/api/v2/runs/<id>/events"
+        );
     }
 
     flush_auth_failures(&state, &shutdown);
@@ -219,7 +251,11 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
     let stop = shutdown.clone();
     let delay = settings.shutdown_delay;
     let app = http::router(state);
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move {
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
         shutdown_signal().await;
         // Readiness fails first and keeps being answered while the worker
         // drains (and for the configured delay), so load balancers see
@@ -246,12 +282,16 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     let store = open_store(&settings, (concurrency as u32 + 2).min(50)).await?;
     log_llm_mode(&settings);
     let mut state = app_state(&store, &settings)?;
-    let worker = build_worker(&state, Duration::from_millis(args.poll_interval_ms), concurrency)?;
+    let worker = build_worker(
+        &state,
+        Duration::from_millis(args.poll_interval_ms),
+        concurrency,
+    )?;
     state.worker = Some(worker.state());
     // A slow poll interval must not look like a stall.
-    state.worker_stall_after = state
-        .worker_stall_after
-        .max(Duration::from_millis(args.poll_interval_ms.saturating_mul(3)));
+    state.worker_stall_after = state.worker_stall_after.max(Duration::from_millis(
+        args.poll_interval_ms.saturating_mul(3),
+    ));
     let listener = bind(&args.health_host, args.health_port).await?;
     info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "worker probes serving");
 
@@ -286,7 +326,11 @@ async fn migrate(settings: Arc<Settings>) -> Result<(), String> {
     let mut database = settings.database.clone();
     if let Some(url) = &settings.security.migration_db_url {
         database.url = url.clone();
-        database.backend = if url.expose().starts_with("sqlite:") { crate::config::DbBackend::Sqlite } else { crate::config::DbBackend::Postgres };
+        database.backend = if url.expose().starts_with("sqlite:") {
+            crate::config::DbBackend::Sqlite
+        } else {
+            crate::config::DbBackend::Postgres
+        };
         database.embedded = false;
     }
     let store = Store::connect(&database, 2)
@@ -294,8 +338,13 @@ async fn migrate(settings: Arc<Settings>) -> Result<(), String> {
         .map_err(|e| format!("cannot open the database: {}", describe(&e)))?;
     let applied = store.migrate().await.map_err(|e| describe(&e))?;
     if let Some(role) = &settings.security.runtime_db_role {
-        store.grant_runtime_role(role).await.map_err(|e| format!("cannot grant the runtime role its rights: {}", describe(&e)))?;
-        println!("granted the runtime role {role} read/write on data, append-only on the audit trail, no DDL");
+        store
+            .grant_runtime_role(role)
+            .await
+            .map_err(|e| format!("cannot grant the runtime role its rights: {}", describe(&e)))?;
+        println!(
+            "granted the runtime role {role} read/write on data, append-only on the audit trail, no DDL"
+        );
     }
     let version = store.schema_version().await.map_err(|e| describe(&e))?;
     if applied.is_empty() {

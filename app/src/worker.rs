@@ -91,7 +91,9 @@ pub const HEARTBEAT_EVERY_MS: i64 = 5_000;
 /// capped at `max`, with "equal jitter" (half fixed, half random) so that
 /// retries of many jobs spread out but never come back immediately.
 pub fn backoff(attempt: i64, base: Duration, max: Duration) -> Duration {
-    let exp = u32::try_from(attempt.saturating_sub(1)).unwrap_or(u32::MAX).min(30);
+    let exp = u32::try_from(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(30);
     let full = base.saturating_mul(1u32 << exp).min(max);
     let half = full / 2;
     let jitter_ms = rand::rng().random_range(0..=half.as_millis() as u64);
@@ -153,7 +155,11 @@ impl Worker {
                 }
             }
             if now - last_beat >= HEARTBEAT_EVERY_MS {
-                match self.store.heartbeat(&cfg.id, in_flight.len() as i64, now).await {
+                match self
+                    .store
+                    .heartbeat(&cfg.id, in_flight.len() as i64, now)
+                    .await
+                {
                     Ok(()) => last_beat = now,
                     Err(e) => {
                         self.metrics.dependency_failed(Dependency::database);
@@ -170,7 +176,9 @@ impl Worker {
                         for job in jobs {
                             self.metrics
                                 .jobs_claimed
-                                .get_or_create(&KindLabels { kind: job.step.kind().to_string() })
+                                .get_or_create(&KindLabels {
+                                    kind: job.step.kind().to_string(),
+                                })
                                 .inc();
                             let handle = tasks.spawn(self.job_task(job.clone()));
                             in_flight.insert(handle.id(), job);
@@ -182,7 +190,9 @@ impl Worker {
                     }
                 }
             }
-            self.state.in_flight.store(in_flight.len(), Ordering::Relaxed);
+            self.state
+                .in_flight
+                .store(in_flight.len(), Ordering::Relaxed);
             self.state.last_pass_ms.store(now_ms(), Ordering::Relaxed);
             if claimed_all {
                 // The queue may hold more: claim again as soon as a slot frees
@@ -202,16 +212,25 @@ impl Worker {
         if let Err(e) = self.store.forget_worker(&cfg.id, day_ago).await {
             warn!(error = %e, "could not remove the worker heartbeat");
         }
-        info!(drained = report.drained, released = report.released, "worker stopped");
+        info!(
+            drained = report.drained,
+            released = report.released,
+            "worker stopped"
+        );
         report
     }
 
-    fn forget(in_flight: &mut HashMap<tokio::task::Id, ClaimedJob>, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+    fn forget(
+        in_flight: &mut HashMap<tokio::task::Id, ClaimedJob>,
+        done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    ) {
         let id = match done {
             Ok((id, ())) => id,
             Err(e) => {
                 if e.is_panic() {
-                    error!("a job task panicked; its lease will expire and the job will be retried");
+                    error!(
+                        "a job task panicked; its lease will expire and the job will be retried"
+                    );
                 }
                 e.id()
             }
@@ -219,10 +238,18 @@ impl Worker {
         in_flight.remove(&id);
     }
 
-    async fn drain(&self, mut tasks: JoinSet<()>, mut in_flight: HashMap<tokio::task::Id, ClaimedJob>) -> DrainReport {
+    async fn drain(
+        &self,
+        mut tasks: JoinSet<()>,
+        mut in_flight: HashMap<tokio::task::Id, ClaimedJob>,
+    ) -> DrainReport {
         let mut report = DrainReport::default();
         if !in_flight.is_empty() {
-            info!(jobs = in_flight.len(), grace_ms = self.config.shutdown_grace.as_millis() as u64, "draining in-flight jobs");
+            info!(
+                jobs = in_flight.len(),
+                grace_ms = self.config.shutdown_grace.as_millis() as u64,
+                "draining in-flight jobs"
+            );
         }
         let deadline = tokio::time::sleep(self.config.shutdown_grace);
         tokio::pin!(deadline);
@@ -250,7 +277,9 @@ impl Worker {
                     info!(job_id = job.id, run_id = %job.run_id, correlation_id = %job.correlation_id, "released unfinished job to the queue");
                 }
                 Ok(Finish::Stale) => {}
-                Err(e) => warn!(job_id = job.id, error = %e, "could not release job; its lease will expire instead"),
+                Err(e) => {
+                    warn!(job_id = job.id, error = %e, "could not release job; its lease will expire instead")
+                }
             }
         }
         self.state.in_flight.store(0, Ordering::Relaxed);
@@ -281,14 +310,27 @@ impl Worker {
     }
 }
 
-async fn process(store: Store, runner: StepRunner, cfg: WorkerConfig, job: ClaimedJob) -> JobOutcome {
+async fn process(
+    store: Store,
+    runner: StepRunner,
+    cfg: WorkerConfig,
+    job: ClaimedJob,
+) -> JobOutcome {
     debug!("step started");
     let context = match store.run_context(job.run_id).await {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "could not load the run context");
             let delay = backoff(job.attempt, cfg.backoff_base, cfg.backoff_max);
-            persist(|| store.retry(&job, "could not load run context (database unavailable)", now_ms() + delay.as_millis() as i64, now_ms())).await;
+            persist(|| {
+                store.retry(
+                    &job,
+                    "could not load run context (database unavailable)",
+                    now_ms() + delay.as_millis() as i64,
+                    now_ms(),
+                )
+            })
+            .await;
             return JobOutcome::retried;
         }
     };
@@ -301,7 +343,10 @@ async fn process(store: Store, runner: StepRunner, cfg: WorkerConfig, job: Claim
     let keep_lease = async {
         loop {
             tokio::time::sleep(cfg.lease / 3).await;
-            match store.extend_lease(&job, now_ms() + cfg.lease.as_millis() as i64).await {
+            match store
+                .extend_lease(&job, now_ms() + cfg.lease.as_millis() as i64)
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => warn!(error = %e, "could not renew the lease"),
@@ -325,8 +370,12 @@ async fn process(store: Store, runner: StepRunner, cfg: WorkerConfig, job: Claim
                 JobOutcome::succeeded
             }
         }
-        Err(StepError::Transient { message, retry_after }) if job.attempt < job.max_attempts => {
-            let delay = backoff(job.attempt, cfg.backoff_base, cfg.backoff_max).max(retry_after.unwrap_or_default());
+        Err(StepError::Transient {
+            message,
+            retry_after,
+        }) if job.attempt < job.max_attempts => {
+            let delay = backoff(job.attempt, cfg.backoff_base, cfg.backoff_max)
+                .max(retry_after.unwrap_or_default());
             warn!(error = %message, delay_ms = delay.as_millis() as u64, "step failed; retry scheduled");
             let now = now_ms();
             persist(|| store.retry(&job, &message, now + delay.as_millis() as i64, now)).await;
@@ -368,6 +417,7 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -379,7 +429,10 @@ mod tests {
             let d1 = backoff(1, base, max);
             assert!(d1 >= Duration::from_millis(50) && d1 <= base, "{d1:?}");
             let d3 = backoff(3, base, max);
-            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
+            assert!(
+                d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400),
+                "{d3:?}"
+            );
             let d20 = backoff(20, base, max);
             assert!(d20 >= Duration::from_millis(500) && d20 <= max, "{d20:?}");
         }

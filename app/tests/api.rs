@@ -18,17 +18,32 @@ const HELLO: &str = r#"{"input":{"name":"Ada"},"steps":[{"kind":"template","temp
 async fn a_run_goes_from_accepted_to_succeeded_with_its_events(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
     let app = env.router();
-    let reply = send(&app, "POST", "/api/v2/runs", Some(HELLO), &[("x-correlation-id", "order-42")]).await;
+    let reply = send(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(HELLO),
+        &[("x-correlation-id", "order-42")],
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
     assert_eq!(reply.body["status"], "queued");
     assert_eq!(reply.body["correlation_id"], "order-42");
     assert_eq!(reply.body["steps"][0]["status"], "queued");
     assert_eq!(reply.body["steps"][1]["status"], "pending");
     let id = reply.body["id"].as_str().expect("id").to_string();
-    assert_eq!(reply.headers["location"], format!("/api/v2/runs/{id}").as_str());
+    assert_eq!(
+        reply.headers["location"],
+        format!("/api/v2/runs/{id}").as_str()
+    );
 
     let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
-    env.wait_for(id.parse().expect("uuid"), RunStatus::Succeeded, Duration::from_secs(20)).await;
+    env.wait_for(
+        id.parse().expect("uuid"),
+        RunStatus::Succeeded,
+        Duration::from_secs(20),
+    )
+    .await;
     stop.cancel();
     worker.await.expect("worker");
 
@@ -41,10 +56,38 @@ async fn a_run_goes_from_accepted_to_succeeded_with_its_events(backend: Backend)
     assert!(run.body["finished_at"].is_string());
 
     let events = send(&app, "GET", &format!("/api/v2/runs/{id}/events"), None, &[]).await;
-    let types: Vec<&str> = events.body["events"].as_array().expect("events").iter().map(|e| e["type"].as_str().unwrap_or("")).collect();
-    assert_eq!(types, ["run.queued", "run.started", "step.started", "step.succeeded", "step.started", "step.succeeded", "run.succeeded"]);
-    let page = send(&app, "GET", &format!("/api/v2/runs/{id}/events?after=2&limit=2"), None, &[]).await;
-    let ids: Vec<i64> = page.body["events"].as_array().expect("events").iter().map(|e| e["id"].as_i64().unwrap_or(0)).collect();
+    let types: Vec<&str> = events.body["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "run.queued",
+            "run.started",
+            "step.started",
+            "step.succeeded",
+            "step.started",
+            "step.succeeded",
+            "run.succeeded"
+        ]
+    );
+    let page = send(
+        &app,
+        "GET",
+        &format!("/api/v2/runs/{id}/events?after=2&limit=2"),
+        None,
+        &[],
+    )
+    .await;
+    let ids: Vec<i64> = page.body["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap_or(0))
+        .collect();
     assert_eq!(ids.len(), 2);
     assert!(ids[0] > 2 && ids[1] > ids[0]);
     assert_eq!(page.body["next_after"], ids[1]);
@@ -62,7 +105,14 @@ async fn idempotency_key_replays_the_original_run_and_rejects_a_different_body(b
     assert_eq!(replay.status, StatusCode::OK);
     assert_eq!(replay.headers["idempotent-replayed"], "true");
     assert_eq!(replay.body["id"], first.body["id"]);
-    let other = send(&app, "POST", "/api/v2/runs", Some(r#"{"steps":[{"kind":"delay","ms":1}]}"#), &key).await;
+    let other = send(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(r#"{"steps":[{"kind":"delay","ms":1}]}"#),
+        &key,
+    )
+    .await;
     assert_eq!(other.status, StatusCode::CONFLICT);
     assert_eq!(other.body["code"], "idempotency_key_conflict");
     let list = send(&app, "GET", "/api/v2/runs", None, &[]).await;
@@ -92,14 +142,35 @@ async fn runs_are_listed_newest_first_with_cursor_pages_and_a_status_filter(back
     created.reverse();
     assert_eq!(seen, created, "every run once, newest first");
 
-    let cancel = send(&app, "POST", &format!("/api/v2/runs/{}/cancel", created[0]), None, &[]).await;
+    let cancel = send(
+        &app,
+        "POST",
+        &format!("/api/v2/runs/{}/cancel", created[0]),
+        None,
+        &[],
+    )
+    .await;
     assert_eq!(cancel.status, StatusCode::OK);
     assert_eq!(cancel.body["status"], "cancelled");
     let cancelled = send(&app, "GET", "/api/v2/runs?status=cancelled", None, &[]).await;
     assert_eq!(cancelled.body["runs"].as_array().map(Vec::len), Some(1));
-    let queued = send(&app, "GET", "/api/v2/runs?status=queued&limit=10", None, &[]).await;
+    let queued = send(
+        &app,
+        "GET",
+        "/api/v2/runs?status=queued&limit=10",
+        None,
+        &[],
+    )
+    .await;
     assert_eq!(queued.body["runs"].as_array().map(Vec::len), Some(4));
-    let again = send(&app, "POST", &format!("/api/v2/runs/{}/cancel", created[0]), None, &[]).await;
+    let again = send(
+        &app,
+        "POST",
+        &format!("/api/v2/runs/{}/cancel", created[0]),
+        None,
+        &[],
+    )
+    .await;
     assert_eq!(again.status, StatusCode::CONFLICT);
     assert_eq!(again.body["code"], "run_not_cancellable");
 }
@@ -108,51 +179,261 @@ async fn every_client_mistake_is_a_4xx_with_a_stable_code(backend: Backend) {
     let env = TestEnv::new(backend, &[("VM_MAX_BODY_BYTES", "2048")]).await;
     let app = env.router();
     let unknown = uuid::Uuid::now_v7();
-    let big = format!(r#"{{"steps":[{{"kind":"template","template":"{}"}}]}}"#, "x".repeat(4096));
+    let big = format!(
+        r#"{{"steps":[{{"kind":"template","template":"{}"}}]}}"#,
+        "x".repeat(4096)
+    );
     let long_key = "k".repeat(300);
-    let cases: Vec<(&str, String, Option<String>, Vec<(&str, &str)>, StatusCode, &str)> = vec![
-        ("POST", "/api/v2/runs".into(), Some("{not json".into()), vec![], StatusCode::BAD_REQUEST, "invalid_json"),
-        ("POST", "/api/v2/runs".into(), Some(String::new()), vec![], StatusCode::BAD_REQUEST, "invalid_json"),
-        ("POST", "/api/v2/runs".into(), Some("[1,2]".into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        ("POST", "/api/v2/runs".into(), Some(r#"{"input":{}}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[],"extra":1}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":{}}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        ("POST", "/api/v2/runs".into(), Some(r#"{"input":[1],"steps":[]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_step"),
-        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[{"kind":"teleport"}]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "unknown_step_kind"),
-        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[{"kind":"llm"}]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_step"),
-        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[{"kind":"delay","ms":-1}]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_step"),
-        ("POST", "/api/v2/runs".into(), Some(r#"{"steps":[{"kind":"template","template":"{{input.x"}]}"#.into()), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_step"),
-        ("POST", "/api/v2/runs".into(), Some(big), vec![], StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-        ("POST", "/api/v2/runs".into(), Some(HELLO.into()), vec![("idempotency-key", long_key.as_str())], StatusCode::BAD_REQUEST, "invalid_idempotency_key"),
-        ("GET", "/api/v2/runs?cursor=bogus".into(), None, vec![], StatusCode::BAD_REQUEST, "invalid_cursor"),
-        ("GET", "/api/v2/runs?limit=0".into(), None, vec![], StatusCode::BAD_REQUEST, "invalid_parameter"),
-        ("GET", "/api/v2/runs?limit=abc".into(), None, vec![], StatusCode::BAD_REQUEST, "invalid_parameter"),
-        ("GET", "/api/v2/runs?status=done".into(), None, vec![], StatusCode::BAD_REQUEST, "invalid_parameter"),
-        ("GET", "/api/v2/runs?stauts=queued".into(), None, vec![], StatusCode::BAD_REQUEST, "invalid_parameter"),
-        ("GET", format!("/api/v2/runs/{unknown}"), None, vec![], StatusCode::NOT_FOUND, "run_not_found"),
-        ("GET", "/api/v2/runs/not-a-uuid".into(), None, vec![], StatusCode::NOT_FOUND, "run_not_found"),
-        ("GET", format!("/api/v2/runs/{unknown}/events"), None, vec![], StatusCode::NOT_FOUND, "run_not_found"),
-        ("GET", format!("/api/v2/runs/{unknown}/events?after=-1"), None, vec![], StatusCode::BAD_REQUEST, "invalid_parameter"),
-        ("POST", format!("/api/v2/runs/{unknown}/cancel"), None, vec![], StatusCode::NOT_FOUND, "run_not_found"),
-        ("GET", "/api/v2/nope".into(), None, vec![], StatusCode::NOT_FOUND, "route_not_found"),
-        ("DELETE", "/api/v2/runs".into(), None, vec![], StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+    // (method, uri, body, headers, expected status, expected code)
+    type Case<'a> = (
+        &'a str,
+        String,
+        Option<String>,
+        Vec<(&'a str, &'a str)>,
+        StatusCode,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some("{not json".into()),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(String::new()),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some("[1,2]".into()),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(r#"{"input":{}}"#.into()),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(r#"{"steps":[],"extra":1}"#.into()),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(r#"{"steps":{}}"#.into()),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(r#"{"input":[1],"steps":[]}"#.into()),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(r#"{"steps":[]}"#.into()),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_step",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(r#"{"steps":[{"kind":"teleport"}]}"#.into()),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_step_kind",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(r#"{"steps":[{"kind":"llm"}]}"#.into()),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_step",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(r#"{"steps":[{"kind":"delay","ms":-1}]}"#.into()),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_step",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(r#"{"steps":[{"kind":"template","template":"{{input.x"}]}"#.into()),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_step",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(big),
+            vec![],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "POST",
+            "/api/v2/runs".into(),
+            Some(HELLO.into()),
+            vec![("idempotency-key", long_key.as_str())],
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+        ),
+        (
+            "GET",
+            "/api/v2/runs?cursor=bogus".into(),
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_cursor",
+        ),
+        (
+            "GET",
+            "/api/v2/runs?limit=0".into(),
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/api/v2/runs?limit=abc".into(),
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/api/v2/runs?status=done".into(),
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/api/v2/runs?stauts=queued".into(),
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            format!("/api/v2/runs/{unknown}"),
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "run_not_found",
+        ),
+        (
+            "GET",
+            "/api/v2/runs/not-a-uuid".into(),
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "run_not_found",
+        ),
+        (
+            "GET",
+            format!("/api/v2/runs/{unknown}/events"),
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "run_not_found",
+        ),
+        (
+            "GET",
+            format!("/api/v2/runs/{unknown}/events?after=-1"),
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+        ),
+        (
+            "POST",
+            format!("/api/v2/runs/{unknown}/cancel"),
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "run_not_found",
+        ),
+        (
+            "GET",
+            "/api/v2/nope".into(),
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "route_not_found",
+        ),
+        (
+            "DELETE",
+            "/api/v2/runs".into(),
+            None,
+            vec![],
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
     ];
     for (method, uri, body, headers, status, code) in cases {
         let reply = send(&app, method, &uri, body.as_deref(), &headers).await;
         assert_eq!(reply.status, status, "{method} {uri}: {}", reply.body);
         assert_eq!(reply.body["code"], code, "{method} {uri}: {}", reply.body);
-        assert!(reply.body["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {uri}");
+        assert!(
+            reply.body["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{method} {uri}"
+        );
         assert!(reply.headers.contains_key("x-request-id"), "{method} {uri}");
     }
     let list = send(&app, "GET", "/api/v2/runs", None, &[]).await;
-    assert_eq!(list.body["runs"], json!([]), "no rejected request created a run");
+    assert_eq!(
+        list.body["runs"],
+        json!([]),
+        "no rejected request created a run"
+    );
 }
 
 async fn llm_steps_are_refused_when_no_endpoint_is_configured(backend: Backend) {
     let env = TestEnv::new(backend, &[("APP_ENV", "staging")]).await;
     let app = env.router();
-    let reply = send(&app, "POST", "/api/v2/runs", Some(r#"{"steps":[{"kind":"llm","prompt":"hi"}]}"#), &[]).await;
+    let reply = send(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(r#"{"steps":[{"kind":"llm","prompt":"hi"}]}"#),
+        &[],
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(reply.body["code"], "llm_unavailable");
     create(&app, HELLO).await;
@@ -162,8 +443,18 @@ async fn probes_tell_the_truth_and_readiness_flips_on_shutdown(backend: Backend)
     let env = TestEnv::new(backend, &[]).await;
     let state = env.state();
     let app = vm_webapp::http::router(state.clone());
-    let live = send(&app, "GET", "/api/v2/health/live", None, &[("x-request-id", "probe-1")]).await;
-    assert_eq!((live.status, live.body.clone()), (StatusCode::OK, json!({"status": "live"})));
+    let live = send(
+        &app,
+        "GET",
+        "/api/v2/health/live",
+        None,
+        &[("x-request-id", "probe-1")],
+    )
+    .await;
+    assert_eq!(
+        (live.status, live.body.clone()),
+        (StatusCode::OK, json!({"status": "live"}))
+    );
     assert_eq!(live.headers["x-request-id"], "probe-1");
     let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
@@ -172,12 +463,25 @@ async fn probes_tell_the_truth_and_readiness_flips_on_shutdown(backend: Backend)
     // No worker anywhere: reported, but the API stays ready (runs are durable).
     assert_eq!(ready.body["dependencies"]["worker"]["status"], "error");
     assert_eq!(ready.body["dependencies"]["redis"]["status"], "disabled");
-    env.store.heartbeat("worker-a", 0, vm_webapp::model::now_ms()).await.expect("beat");
+    env.store
+        .heartbeat("worker-a", 0, vm_webapp::model::now_ms())
+        .await
+        .expect("beat");
     let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
-    assert_eq!(ready.body["dependencies"]["worker"]["status"], "ok", "{}", ready.body);
-    env.store.heartbeat("worker-a", 0, vm_webapp::model::now_ms() - 3_600_000).await.expect("beat");
+    assert_eq!(
+        ready.body["dependencies"]["worker"]["status"], "ok",
+        "{}",
+        ready.body
+    );
+    env.store
+        .heartbeat("worker-a", 0, vm_webapp::model::now_ms() - 3_600_000)
+        .await
+        .expect("beat");
     let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
-    assert_eq!(ready.body["dependencies"]["worker"]["status"], "error", "a stale heartbeat is not a live worker");
+    assert_eq!(
+        ready.body["dependencies"]["worker"]["status"], "error",
+        "a stale heartbeat is not a live worker"
+    );
     assert_eq!(ready.status, StatusCode::OK);
 
     state.shutting_down.store(true, Ordering::SeqCst);
@@ -188,12 +492,18 @@ async fn probes_tell_the_truth_and_readiness_flips_on_shutdown(backend: Backend)
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(refused.body["code"], "shutting_down");
     let live = send(&app, "GET", "/api/v2/health/live", None, &[]).await;
-    assert_eq!(live.status, StatusCode::OK, "liveness never depends on shutdown or dependencies");
+    assert_eq!(
+        live.status,
+        StatusCode::OK,
+        "liveness never depends on shutdown or dependencies"
+    );
 }
 
 async fn the_api_answers_over_real_http(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(axum::serve(listener, env.router()).into_future());
     vm_webapp::install_crypto_provider();
@@ -222,8 +532,11 @@ async fn metrics_count_requests_jobs_and_queue_with_bounded_labels(backend: Back
         support::fake_llm::Answer::Text("ok"),
     ])
     .await;
-    let llm = vm_webapp::steps::llm::LlmClient::new(&fake.base_url, "m", None, Duration::from_secs(2)).expect("client");
-    let runner = vm_webapp::steps::StepRunner::new(LlmBackend::Remote(llm)).with_metrics(state.metrics.clone());
+    let llm =
+        vm_webapp::steps::llm::LlmClient::new(&fake.base_url, "m", None, Duration::from_secs(2))
+            .expect("client");
+    let runner = vm_webapp::steps::StepRunner::new(LlmBackend::Remote(llm))
+        .with_metrics(state.metrics.clone());
     let config = vm_webapp::worker::WorkerConfig {
         id: "metrics-worker".into(),
         concurrency: 2,
@@ -233,16 +546,28 @@ async fn metrics_count_requests_jobs_and_queue_with_bounded_labels(backend: Back
         backoff_max: Duration::from_millis(20),
         shutdown_grace: Duration::from_secs(1),
     };
-    let id = create(&app, r#"{"steps":[{"kind":"template","template":"a"},{"kind":"llm","prompt":"{{prev}}"}]}"#).await;
+    let id = create(
+        &app,
+        r#"{"steps":[{"kind":"template","template":"a"},{"kind":"llm","prompt":"{{prev}}"}]}"#,
+    )
+    .await;
     let queued = support::get_text(&app, "/metrics").await;
-    assert!(queued.contains(r#"vm_queue_jobs{state="queued"} 1"#), "{queued}");
-    assert!(queued.contains(r#"vm_queue_jobs{state="waiting"} 1"#), "{queued}");
+    assert!(
+        queued.contains(r#"vm_queue_jobs{state="queued"} 1"#),
+        "{queued}"
+    );
+    assert!(
+        queued.contains(r#"vm_queue_jobs{state="waiting"} 1"#),
+        "{queued}"
+    );
 
-    let worker = vm_webapp::worker::Worker::new(env.store.clone(), runner, config, state.wake.clone())
-        .with_metrics(state.metrics.clone());
+    let worker =
+        vm_webapp::worker::Worker::new(env.store.clone(), runner, config, state.wake.clone())
+            .with_metrics(state.metrics.clone());
     let stop = tokio_util::sync::CancellationToken::new();
     let handle = tokio::spawn(worker.run(stop.clone()));
-    env.wait_for(id, RunStatus::Succeeded, Duration::from_secs(20)).await;
+    env.wait_for(id, RunStatus::Succeeded, Duration::from_secs(20))
+        .await;
     send(&app, "GET", &format!("/api/v2/runs/{id}"), None, &[]).await;
 
     let text = support::get_text(&app, "/api/v2/metrics/prometheus").await;
@@ -268,7 +593,10 @@ async fn metrics_count_requests_jobs_and_queue_with_bounded_labels(backend: Back
     ] {
         assert!(text.contains(expected), "missing {expected} in:\n{text}");
     }
-    assert!(!text.contains(&id.to_string()), "a run id leaked into a metric label");
+    assert!(
+        !text.contains(&id.to_string()),
+        "a run id leaked into a metric label"
+    );
 }
 
 on_both_backends!(
@@ -290,7 +618,11 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
     let app = env.router();
     let doc = send(&app, "GET", "/api/v2/openapi.json", None, &[]).await;
     assert_eq!(doc.status, StatusCode::OK);
-    assert!(doc.body["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    assert!(
+        doc.body["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3."))
+    );
     let paths = doc.body["paths"].as_object().expect("paths");
     let mut documented: Vec<(String, String)> = paths
         .iter()
@@ -325,24 +657,50 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
     // Every documented operation is served by the router (not a 404/405 fallback).
     let id = create(&app, HELLO).await;
     for (method, path) in &documented {
-        let uri = path.replace("{id}", &id.to_string()).replace("{source}", "github");
+        let uri = path
+            .replace("{id}", &id.to_string())
+            .replace("{source}", "github");
         let body = (method == "POST" && uri.ends_with("/runs")).then_some(HELLO);
         if uri.contains("metrics") {
-            assert_eq!(support::send_raw(&app, method, &uri, body).await, StatusCode::OK, "{uri}");
+            assert_eq!(
+                support::send_raw(&app, method, &uri, body).await,
+                StatusCode::OK,
+                "{uri}"
+            );
             continue;
         }
         let reply = send(&app, method, &uri, body, &[]).await;
         assert!(
-            !["route_not_found", "method_not_allowed"].contains(&reply.body["code"].as_str().unwrap_or("")),
+            !["route_not_found", "method_not_allowed"]
+                .contains(&reply.body["code"].as_str().unwrap_or("")),
             "{method} {uri} is documented but not routed ({})",
             reply.body
         );
     }
-    assert_eq!(doc.body["components"]["securitySchemes"]["api_key"]["scheme"], "bearer");
-    assert_eq!(doc.body["paths"]["/api/v2/runs"]["post"]["security"], json!([{"api_key": []}]));
-    assert!(doc.body["paths"]["/api/v2/health/ready"]["get"]["security"].is_null(), "probes need no key");
-    let schemas = doc.body["components"]["schemas"].as_object().expect("schemas");
-    for name in ["RunView", "RunList", "EventList", "ErrorBody", "StepSpec", "ReadyView", "CreateRunRequest"] {
+    assert_eq!(
+        doc.body["components"]["securitySchemes"]["api_key"]["scheme"],
+        "bearer"
+    );
+    assert_eq!(
+        doc.body["paths"]["/api/v2/runs"]["post"]["security"],
+        json!([{"api_key": []}])
+    );
+    assert!(
+        doc.body["paths"]["/api/v2/health/ready"]["get"]["security"].is_null(),
+        "probes need no key"
+    );
+    let schemas = doc.body["components"]["schemas"]
+        .as_object()
+        .expect("schemas");
+    for name in [
+        "RunView",
+        "RunList",
+        "EventList",
+        "ErrorBody",
+        "StepSpec",
+        "ReadyView",
+        "CreateRunRequest",
+    ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
 }

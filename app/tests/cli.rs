@@ -970,7 +970,15 @@ async fn no_secret_appears_in_logs_error_bodies_or_metrics_of_a_managed_deployme
     let mut worker = Proc::spawn(
         "worker",
         vm(
-            &["worker", "--poll-interval-ms", "100", "--health-port", &health_port.to_string(), "--health-host", "127.0.0.1"],
+            &[
+                "worker",
+                "--poll-interval-ms",
+                "100",
+                "--health-port",
+                &health_port.to_string(),
+                "--health-host",
+                "127.0.0.1",
+            ],
             &vars,
         ),
     );
@@ -983,10 +991,18 @@ async fn no_secret_appears_in_logs_error_bodies_or_metrics_of_a_managed_deployme
     assert_eq!(run["output"]["text"], "a summary", "{run}");
     assert_eq!(run["steps"][0]["attempts"], 2, "the 500 was retried: {run}");
     let requests = fake.requests();
-    assert_eq!(requests[0].0.as_deref(), Some(format!("Bearer {API_KEY}").as_str()), "the key was used");
+    assert_eq!(
+        requests[0].0.as_deref(),
+        Some(format!("Bearer {API_KEY}").as_str()),
+        "the key was used"
+    );
     bodies.push(run.to_string());
     for (method, path, body) in [
-        ("POST", "/api/v2/runs".to_string(), Some(json!({"steps": [{"kind": "nope"}]}))),
+        (
+            "POST",
+            "/api/v2/runs".to_string(),
+            Some(json!({"steps": [{"kind": "nope"}]})),
+        ),
         ("GET", "/api/v2/runs/not-a-run".to_string(), None),
         ("GET", format!("/api/v2/runs/{id}/events"), None),
         ("GET", "/api/v2/health/ready".to_string(), None),
@@ -1003,7 +1019,11 @@ async fn no_secret_appears_in_logs_error_bodies_or_metrics_of_a_managed_deployme
         let (_, reply) = call(health_port, "GET", path, None).await;
         bodies.push(reply.to_string());
     }
-    let metrics = bodies.iter().find(|b| b.contains("vm_jobs_claimed_total")).cloned().unwrap_or_default();
+    let metrics = bodies
+        .iter()
+        .find(|b| b.contains("vm_jobs_claimed_total"))
+        .cloned()
+        .unwrap_or_default();
     assert!(!metrics.is_empty(), "metrics were scraped");
     for body in &bodies {
         assert_no_secret(body);
@@ -1011,17 +1031,39 @@ async fn no_secret_appears_in_logs_error_bodies_or_metrics_of_a_managed_deployme
 
     serve.terminate();
     worker.terminate();
-    assert_eq!(serve.wait(QUICK).await.code(), Some(0), "{}", serve.output());
-    assert_eq!(worker.wait(QUICK).await.code(), Some(0), "{}", worker.output());
+    assert_eq!(
+        serve.wait(QUICK).await.code(),
+        Some(0),
+        "{}",
+        serve.output()
+    );
+    assert_eq!(
+        worker.wait(QUICK).await.code(),
+        Some(0),
+        "{}",
+        worker.output()
+    );
     for p in [&serve, &worker] {
         let output = p.output();
-        assert!(output.contains("\"level\":\"TRACE\""), "trace logging was on");
+        assert!(
+            output.contains("\"level\":\"TRACE\""),
+            "trace logging was on"
+        );
         assert_no_secret(&output);
     }
     // JSON lines carry the ids on-call people search by.
     let api_log = serve.output();
-    assert!(api_log.contains("\"request_id\""), "request lines carry request_id");
+    assert!(
+        api_log.contains("\"request_id\""),
+        "request lines carry request_id"
+    );
     let worker_log = worker.output();
-    assert!(worker_log.contains(&format!("\"run_id\":\"{id}\"")), "job lines carry run_id");
-    assert!(worker_log.contains("\"correlation_id\""), "job lines carry correlation_id");
+    assert!(
+        worker_log.contains(&format!("\"run_id\":\"{id}\"")),
+        "job lines carry run_id"
+    );
+    assert!(
+        worker_log.contains("\"correlation_id\""),
+        "job lines carry correlation_id"
+    );
 }

@@ -23,8 +23,19 @@ fn json_value() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(3, 24, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::hash_map(prop_oneof![Just("kind".to_string()), Just("template".to_string()), Just("op".to_string()), Just("ms".to_string()), Just("prompt".to_string()), ".{0,8}"], inner, 0..6)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::hash_map(
+                prop_oneof![
+                    Just("kind".to_string()),
+                    Just("template".to_string()),
+                    Just("op".to_string()),
+                    Just("ms".to_string()),
+                    Just("prompt".to_string()),
+                    ".{0,8}"
+                ],
+                inner,
+                0..6
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }

@@ -15,9 +15,9 @@ use support::{TestEnv, create, send};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vm_webapp::model::RunStatus;
+use vm_webapp::redis_bus::RedisBus;
 use vm_webapp::steps::StepRunner;
 use vm_webapp::steps::llm::LlmBackend;
-use vm_webapp::redis_bus::RedisBus;
 use vm_webapp::worker::{Worker, WorkerConfig};
 
 const RUN: &str = r#"{"steps":[{"kind":"delay","ms":200},{"kind":"template","template":"done"}]}"#;
@@ -25,7 +25,14 @@ const RUN: &str = r#"{"steps":[{"kind":"delay","ms":200},{"kind":"template","tem
 async fn started_within(env: &TestEnv, id: Uuid, limit: Duration) -> Option<Duration> {
     let t0 = Instant::now();
     while t0.elapsed() < limit {
-        if env.store.get_run(id).await.ok().flatten().is_some_and(|d| d.run.status != RunStatus::Queued) {
+        if env
+            .store
+            .get_run(id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|d| d.run.status != RunStatus::Queued)
+        {
             return Some(t0.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -35,7 +42,9 @@ async fn started_within(env: &TestEnv, id: Uuid, limit: Duration) -> Option<Dura
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_degrades_to_not_ready_and_recovers_without_restart() {
-    let server = tokio::task::spawn_blocking(PgServer::start).await.expect("start postgres");
+    let server = tokio::task::spawn_blocking(PgServer::start)
+        .await
+        .expect("start postgres");
     let url = server.create_database().await;
     let env = TestEnv::at(Some(url), &[("VM_JOB_LEASE_MS", "2000")]).await;
     let app = env.router();
@@ -49,16 +58,36 @@ async fn database_outage_degrades_to_not_ready_and_recovers_without_restart() {
     server.stop();
 
     let live = send(&app, "GET", "/api/v2/health/live", None, &[]).await;
-    assert_eq!(live.status, StatusCode::OK, "liveness never checks dependencies");
+    assert_eq!(
+        live.status,
+        StatusCode::OK,
+        "liveness never checks dependencies"
+    );
     let t0 = Instant::now();
     let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
-    assert!(t0.elapsed() < Duration::from_secs(5), "readiness must answer within its budget");
-    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.body);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "readiness must answer within its budget"
+    );
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.body
+    );
     assert_eq!(ready.body["dependencies"]["database"]["status"], "error");
     let refused = send(&app, "POST", "/api/v2/runs", Some(RUN), &[]).await;
-    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.body);
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.body
+    );
     assert_eq!(refused.body["code"], "dependency_unavailable");
-    assert!(!refused.body.to_string().contains("postgres://"), "no connection string in errors");
+    assert!(
+        !refused.body.to_string().contains("postgres://"),
+        "no connection string in errors"
+    );
 
     let server = tokio::task::spawn_blocking(move || {
         server.launch();
@@ -73,12 +102,17 @@ async fn database_outage_degrades_to_not_ready_and_recovers_without_restart() {
         if ready.status == StatusCode::OK {
             break;
         }
-        assert!(Instant::now() < deadline, "readiness did not recover: {}", ready.body);
+        assert!(
+            Instant::now() < deadline,
+            "readiness did not recover: {}",
+            ready.body
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     accepted.push(create(&app, RUN).await);
     for id in &accepted {
-        env.wait_for(*id, RunStatus::Succeeded, Duration::from_secs(30)).await;
+        env.wait_for(*id, RunStatus::Succeeded, Duration::from_secs(30))
+            .await;
         assert_eq!(env.store.result_count(*id, 0).await.expect("count"), 1);
     }
     stop.cancel();
@@ -108,7 +142,12 @@ async fn redis_wakeups_cut_latency_and_polling_covers_a_redis_outage() {
         backoff_max: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(1),
     };
-    let worker = Worker::new(env.store.clone(), StepRunner::new(LlmBackend::Offline), config, wake.clone());
+    let worker = Worker::new(
+        env.store.clone(),
+        StepRunner::new(LlmBackend::Offline),
+        config,
+        wake.clone(),
+    );
     let worker = tokio::spawn(worker.run(shutdown.clone()));
     let bus = state.redis.clone().expect("bus");
     tokio::spawn(bus.clone().forward_wakeups(wake.clone(), shutdown.clone()));
@@ -117,9 +156,16 @@ async fn redis_wakeups_cut_latency_and_polling_covers_a_redis_outage() {
     // With Redis: claimed well before the poll interval.
     let id = create(&app, RUN).await;
     let latency = started_within(&env, id, poll).await.expect("started");
-    assert!(latency < Duration::from_secs(2), "wake-up latency {latency:?}");
+    assert!(
+        latency < Duration::from_secs(2),
+        "wake-up latency {latency:?}"
+    );
     let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
-    assert_eq!(ready.body["dependencies"]["redis"]["status"], "ok", "{}", ready.body);
+    assert_eq!(
+        ready.body["dependencies"]["redis"]["status"], "ok",
+        "{}",
+        ready.body
+    );
 
     // Redis down: still ready, redis reported, jobs found by polling.
     redis.stop();
@@ -127,9 +173,17 @@ async fn redis_wakeups_cut_latency_and_polling_covers_a_redis_outage() {
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
     assert_eq!(ready.body["dependencies"]["redis"]["status"], "error");
     let during = create(&app, RUN).await;
-    env.wait_for(during, RunStatus::Succeeded, poll * 2 + Duration::from_secs(3)).await;
+    env.wait_for(
+        during,
+        RunStatus::Succeeded,
+        poll * 2 + Duration::from_secs(3),
+    )
+    .await;
     let metrics = support::get_text(&app, "/metrics").await;
-    assert!(metrics.contains(r#"vm_dependency_failures_total{dependency="redis"}"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"vm_dependency_failures_total{dependency="redis"}"#),
+        "{metrics}"
+    );
 
     // Redis back: wake-ups resume by themselves.
     redis.launch();
@@ -137,11 +191,17 @@ async fn redis_wakeups_cut_latency_and_polling_covers_a_redis_outage() {
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let id = create(&app, RUN).await;
-        if started_within(&env, id, Duration::from_secs(1)).await.is_some() {
+        if started_within(&env, id, Duration::from_secs(1))
+            .await
+            .is_some()
+        {
             break;
         }
         env.wait_for(id, RunStatus::Succeeded, poll * 2).await;
-        assert!(Instant::now() < deadline, "wake-ups did not resume after Redis came back");
+        assert!(
+            Instant::now() < deadline,
+            "wake-ups did not resume after Redis came back"
+        );
     }
     shutdown.cancel();
     worker.await.expect("worker");

@@ -30,7 +30,12 @@ fn new_run(input: Value, steps: Value, key: Option<&str>) -> NewRun {
 }
 
 async fn enqueue(env: &TestEnv, input: Value, steps: Value) -> Uuid {
-    match env.store.create_run(&new_run(input, steps, None), now_ms()).await.expect("create") {
+    match env
+        .store
+        .create_run(&new_run(input, steps, None), now_ms())
+        .await
+        .expect("create")
+    {
         CreateOutcome::Created(run) => run.id,
         other => panic!("expected a new run, got {other:?}"),
     }
@@ -38,15 +43,23 @@ async fn enqueue(env: &TestEnv, input: Value, steps: Value) -> Uuid {
 
 fn remote(fake: &FakeLlm, timeout_ms: u64) -> LlmBackend {
     LlmBackend::Remote(
-        LlmClient::new(&fake.base_url, "kimi-test", Some(Secret::new("sk-test-secret")), Duration::from_millis(timeout_ms))
-            .expect("client"),
+        LlmClient::new(
+            &fake.base_url,
+            "kimi-test",
+            Some(Secret::new("sk-test-secret")),
+            Duration::from_millis(timeout_ms),
+        )
+        .expect("client"),
     )
 }
 
 async fn wait_for_event(env: &TestEnv, id: Uuid, event: &str) {
     let deadline = tokio::time::Instant::now() + LONG;
     while !env.event_types(id).await.iter().any(|e| e == event) {
-        assert!(tokio::time::Instant::now() < deadline, "no {event} event for {id}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {event} event for {id}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -70,47 +83,94 @@ async fn run_executes_steps_in_order_and_records_every_transition(backend: Backe
 
     assert_eq!(detail.steps[0].output, Some(json!("Hello, Ada!")));
     assert_eq!(detail.steps[1].output, Some(json!("HELLO, ADA!")));
-    let text = detail.steps[2].output.as_ref().and_then(|o| o["text"].as_str()).unwrap_or_default();
+    let text = detail.steps[2]
+        .output
+        .as_ref()
+        .and_then(|o| o["text"].as_str())
+        .unwrap_or_default();
     assert!(text.contains("Summarise: HELLO, ADA!"), "{text}");
     assert_eq!(detail.run.output, detail.steps[2].output);
-    assert!(detail.steps.iter().all(|s| s.status == StepStatus::Succeeded && s.attempts == 1));
+    assert!(
+        detail
+            .steps
+            .iter()
+            .all(|s| s.status == StepStatus::Succeeded && s.attempts == 1)
+    );
     assert_eq!(
         env.event_types(id).await,
         [
-            "run.queued", "run.started", "step.started", "step.succeeded", "step.started", "step.succeeded",
-            "step.started", "step.succeeded", "run.succeeded"
+            "run.queued",
+            "run.started",
+            "step.started",
+            "step.succeeded",
+            "step.started",
+            "step.succeeded",
+            "step.started",
+            "step.succeeded",
+            "run.succeeded"
         ]
     );
-    assert_eq!(env.store.queue_counts().await.expect("counts"), QueueCounts::default());
+    assert_eq!(
+        env.store.queue_counts().await.expect("counts"),
+        QueueCounts::default()
+    );
 }
 
 async fn transient_llm_failure_is_retried_with_backoff_then_succeeds(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
-    let fake = FakeLlm::start(vec![Answer::Status(500), Answer::Status(503), Answer::Text("fine")]).await;
-    let id = enqueue(&env, json!({}), json!([{"kind": "llm", "prompt": "hi", "system": "be brief", "max_tokens": 5}])).await;
+    let fake = FakeLlm::start(vec![
+        Answer::Status(500),
+        Answer::Status(503),
+        Answer::Text("fine"),
+    ])
+    .await;
+    let id = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "llm", "prompt": "hi", "system": "be brief", "max_tokens": 5}]),
+    )
+    .await;
     let (worker, stop) = env.spawn_worker(1, remote(&fake, 2_000));
     let detail = env.wait_for(id, RunStatus::Succeeded, LONG).await;
     stop.cancel();
     worker.await.expect("worker");
 
     assert_eq!(detail.steps[0].attempts, 3);
-    assert_eq!(detail.steps[0].output.as_ref().map(|o| o["text"].clone()), Some(json!("fine")));
+    assert_eq!(
+        detail.steps[0].output.as_ref().map(|o| o["text"].clone()),
+        Some(json!("fine"))
+    );
     let events = env.event_types(id).await;
-    assert_eq!(events.iter().filter(|e| *e == "step.retry_scheduled").count(), 2, "{events:?}");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| *e == "step.retry_scheduled")
+            .count(),
+        2,
+        "{events:?}"
+    );
     let requests = fake.requests();
     assert_eq!(requests.len(), 3);
     let (auth, body) = &requests[0];
     assert_eq!(auth.as_deref(), Some("Bearer sk-test-secret"));
     assert_eq!(body["model"], "kimi-test");
     assert_eq!(body["max_tokens"], 5);
-    assert_eq!(body["messages"], json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]));
+    assert_eq!(
+        body["messages"],
+        json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    );
     assert_eq!(env.store.result_count(id, 0).await.expect("count"), 1);
 }
 
 async fn rejected_credentials_fail_the_run_without_retry(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
     let fake = FakeLlm::start(vec![Answer::Status(401)]).await;
-    let id = enqueue(&env, json!({}), json!([{"kind": "llm", "prompt": "hi"}, {"kind": "transform", "op": "trim"}])).await;
+    let id = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "llm", "prompt": "hi"}, {"kind": "transform", "op": "trim"}]),
+    )
+    .await;
     let (worker, stop) = env.spawn_worker(1, remote(&fake, 2_000));
     let detail = env.wait_for(id, RunStatus::Failed, LONG).await;
     stop.cancel();
@@ -122,9 +182,18 @@ async fn rejected_credentials_fail_the_run_without_retry(backend: Backend) {
     assert!(!error.contains("sk-test-secret"));
     assert_eq!(detail.steps[0].status, StepStatus::Failed);
     assert_eq!(detail.steps[1].status, StepStatus::Skipped);
-    assert_eq!(env.store.queue_counts().await.expect("counts"), QueueCounts { dead: 1, ..QueueCounts::default() });
+    assert_eq!(
+        env.store.queue_counts().await.expect("counts"),
+        QueueCounts {
+            dead: 1,
+            ..QueueCounts::default()
+        }
+    );
     let events = env.event_types(id).await;
-    assert_eq!(events[events.len() - 2..], ["step.dead_lettered", "run.failed"]);
+    assert_eq!(
+        events[events.len() - 2..],
+        ["step.dead_lettered", "run.failed"]
+    );
 }
 
 async fn llm_timeouts_are_retried_then_dead_lettered_after_max_attempts(backend: Backend) {
@@ -139,7 +208,10 @@ async fn llm_timeouts_are_retried_then_dead_lettered_after_max_attempts(backend:
     assert_eq!(fake.requests().len(), 3, "max attempts is 3");
     assert_eq!(detail.steps[0].attempts, 3);
     let error = detail.run.error.unwrap_or_default();
-    assert!(error.contains("timed out") && error.contains("3 attempt"), "{error}");
+    assert!(
+        error.contains("timed out") && error.contains("3 attempt"),
+        "{error}"
+    );
 }
 
 async fn an_unreachable_llm_fails_its_runs_cleanly_while_other_runs_proceed(backend: Backend) {
@@ -148,10 +220,21 @@ async fn an_unreachable_llm_fails_its_runs_cleanly_while_other_runs_proceed(back
     let base = format!("http://{}/v1", closed.local_addr().expect("addr"));
     drop(closed);
     let llm = LlmBackend::Remote(
-        LlmClient::new(&base, "m", Some(Secret::new("sk-x")), Duration::from_millis(500)).expect("client"),
+        LlmClient::new(
+            &base,
+            "m",
+            Some(Secret::new("sk-x")),
+            Duration::from_millis(500),
+        )
+        .expect("client"),
     );
     let doomed = enqueue(&env, json!({}), json!([{"kind": "llm", "prompt": "hi"}])).await;
-    let fine = enqueue(&env, json!({}), json!([{"kind": "template", "template": "unaffected"}])).await;
+    let fine = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "template", "template": "unaffected"}]),
+    )
+    .await;
     let (worker, stop) = env.spawn_worker(2, llm);
     let ok = env.wait_for(fine, RunStatus::Succeeded, LONG).await;
     let failed = env.wait_for(doomed, RunStatus::Failed, LONG).await;
@@ -176,13 +259,27 @@ async fn bad_reference_in_output_fails_the_run_permanently(backend: Backend) {
     worker.await.expect("worker");
     assert_eq!(detail.steps[0].status, StepStatus::Succeeded);
     assert_eq!(detail.steps[1].status, StepStatus::Failed);
-    assert_eq!(detail.steps[1].attempts, 1, "a permanent error is not retried");
-    assert!(detail.run.error.unwrap_or_default().contains("prev.missing"));
+    assert_eq!(
+        detail.steps[1].attempts, 1,
+        "a permanent error is not retried"
+    );
+    assert!(
+        detail
+            .run
+            .error
+            .unwrap_or_default()
+            .contains("prev.missing")
+    );
 }
 
 async fn killed_worker_job_is_redelivered_after_lease(backend: Backend) {
     let env = TestEnv::new(backend, &[("VM_JOB_LEASE_MS", "600")]).await;
-    let id = enqueue(&env, json!({}), json!([{"kind": "delay", "ms": 1200}, {"kind": "template", "template": "after"}])).await;
+    let id = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "delay", "ms": 1200}, {"kind": "template", "template": "after"}]),
+    )
+    .await;
     let (doomed, _stop) = env.spawn_worker(1, LlmBackend::Offline);
     wait_for_event(&env, id, "step.started").await;
     // Aborting the worker drops its job tasks mid-step without releasing
@@ -195,30 +292,84 @@ async fn killed_worker_job_is_redelivered_after_lease(backend: Backend) {
     stop.cancel();
     worker.await.expect("worker");
 
-    assert_eq!(detail.steps[0].attempts, 2, "the step was delivered a second time");
+    assert_eq!(
+        detail.steps[0].attempts, 2,
+        "the step was delivered a second time"
+    );
     assert_eq!(detail.steps[1].output, Some(json!("after")));
-    assert_eq!(env.store.result_count(id, 0).await.expect("count"), 1, "recorded exactly once");
+    assert_eq!(
+        env.store.result_count(id, 0).await.expect("count"),
+        1,
+        "recorded exactly once"
+    );
     let events = env.event_types(id).await;
-    assert!(events.contains(&"step.lease_expired".to_string()), "{events:?}");
+    assert!(
+        events.contains(&"step.lease_expired".to_string()),
+        "{events:?}"
+    );
     assert_eq!(events.iter().filter(|e| *e == "step.succeeded").count(), 2);
 }
 
 async fn stale_claim_cannot_finish_a_newer_delivery(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
-    let id = enqueue(&env, json!({}), json!([{"kind": "template", "template": "x"}])).await;
+    let id = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "template", "template": "x"}]),
+    )
+    .await;
     let t0 = now_ms();
-    let first = env.store.claim("a", 1, t0, Duration::from_millis(10)).await.expect("claim").remove(0);
+    let first = env
+        .store
+        .claim("a", 1, t0, Duration::from_millis(10))
+        .await
+        .expect("claim")
+        .remove(0);
     assert_eq!(env.store.rescue_expired(t0 + 100).await.expect("rescue"), 1);
-    let second = env.store.claim("b", 1, t0 + 100, Duration::from_secs(60)).await.expect("claim").remove(0);
+    let second = env
+        .store
+        .claim("b", 1, t0 + 100, Duration::from_secs(60))
+        .await
+        .expect("claim")
+        .remove(0);
     assert_eq!((first.attempt, second.attempt), (1, 2));
 
     // Without the attempt check, the first worker would overwrite the second's work.
-    assert_eq!(env.store.complete(&first, &json!("stale"), t0 + 150).await.expect("complete"), Finish::Stale);
-    assert_eq!(env.store.retry(&first, "x", t0, t0).await.expect("retry"), Finish::Stale);
-    assert_eq!(env.store.dead_letter(&first, "x", t0).await.expect("dead"), Finish::Stale);
-    assert!(!env.store.extend_lease(&first, t0 + 1_000_000).await.expect("extend"));
-    assert_eq!(env.store.complete(&second, &json!("fresh"), t0 + 200).await.expect("complete"), Finish::Recorded);
-    assert_eq!(env.store.complete(&second, &json!("again"), t0 + 300).await.expect("complete"), Finish::Stale);
+    assert_eq!(
+        env.store
+            .complete(&first, &json!("stale"), t0 + 150)
+            .await
+            .expect("complete"),
+        Finish::Stale
+    );
+    assert_eq!(
+        env.store.retry(&first, "x", t0, t0).await.expect("retry"),
+        Finish::Stale
+    );
+    assert_eq!(
+        env.store.dead_letter(&first, "x", t0).await.expect("dead"),
+        Finish::Stale
+    );
+    assert!(
+        !env.store
+            .extend_lease(&first, t0 + 1_000_000)
+            .await
+            .expect("extend")
+    );
+    assert_eq!(
+        env.store
+            .complete(&second, &json!("fresh"), t0 + 200)
+            .await
+            .expect("complete"),
+        Finish::Recorded
+    );
+    assert_eq!(
+        env.store
+            .complete(&second, &json!("again"), t0 + 300)
+            .await
+            .expect("complete"),
+        Finish::Stale
+    );
 
     let detail = env.store.get_run(id).await.expect("get").expect("run");
     assert_eq!(detail.run.status, RunStatus::Succeeded);
@@ -228,25 +379,52 @@ async fn stale_claim_cannot_finish_a_newer_delivery(backend: Backend) {
 
 async fn lease_expiring_on_the_last_attempt_dead_letters_the_job(backend: Backend) {
     let env = TestEnv::new(backend, &[("VM_JOB_MAX_ATTEMPTS", "1")]).await;
-    let mut run = new_run(json!({}), json!([{"kind": "template", "template": "x"}]), None);
+    let mut run = new_run(
+        json!({}),
+        json!([{"kind": "template", "template": "x"}]),
+        None,
+    );
     run.max_attempts = 1;
-    let CreateOutcome::Created(created) = env.store.create_run(&run, now_ms()).await.expect("create") else {
+    let CreateOutcome::Created(created) =
+        env.store.create_run(&run, now_ms()).await.expect("create")
+    else {
         panic!("not created")
     };
     let t0 = now_ms();
-    env.store.claim("a", 1, t0, Duration::from_millis(10)).await.expect("claim");
+    env.store
+        .claim("a", 1, t0, Duration::from_millis(10))
+        .await
+        .expect("claim");
     assert_eq!(env.store.rescue_expired(t0 + 100).await.expect("rescue"), 1);
-    let detail = env.store.get_run(created.id).await.expect("get").expect("run");
+    let detail = env
+        .store
+        .get_run(created.id)
+        .await
+        .expect("get")
+        .expect("run");
     assert_eq!(detail.run.status, RunStatus::Failed);
-    assert!(detail.run.error.unwrap_or_default().contains("lease expired"));
+    assert!(
+        detail
+            .run
+            .error
+            .unwrap_or_default()
+            .contains("lease expired")
+    );
 }
 
 async fn cancelling_a_run_stops_its_pending_steps(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
-    let id = enqueue(&env, json!({}), json!([{"kind": "delay", "ms": 600}, {"kind": "template", "template": "never"}])).await;
+    let id = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "delay", "ms": 600}, {"kind": "template", "template": "never"}]),
+    )
+    .await;
     let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
     wait_for_event(&env, id, "step.started").await;
-    let CancelOutcome::Cancelled(detail) = env.store.cancel_run(id, now_ms()).await.expect("cancel") else {
+    let CancelOutcome::Cancelled(detail) =
+        env.store.cancel_run(id, now_ms()).await.expect("cancel")
+    else {
         panic!("expected the run to be cancelled")
     };
     assert_eq!(detail.run.status, RunStatus::Cancelled);
@@ -257,19 +435,37 @@ async fn cancelling_a_run_stops_its_pending_steps(backend: Backend) {
 
     let detail = env.store.get_run(id).await.expect("get").expect("run");
     assert_eq!(detail.run.status, RunStatus::Cancelled);
-    assert!(detail.steps.iter().all(|s| s.status == StepStatus::Skipped), "{:?}", detail.steps);
+    assert!(
+        detail.steps.iter().all(|s| s.status == StepStatus::Skipped),
+        "{:?}",
+        detail.steps
+    );
     assert_eq!(env.store.result_count(id, 0).await.expect("count"), 0);
-    assert_eq!(env.store.queue_counts().await.expect("counts"), QueueCounts::default());
+    assert_eq!(
+        env.store.queue_counts().await.expect("counts"),
+        QueueCounts::default()
+    );
     assert!(matches!(
         env.store.cancel_run(id, now_ms()).await.expect("cancel"),
         CancelOutcome::NotCancellable(RunStatus::Cancelled)
     ));
-    assert!(matches!(env.store.cancel_run(Uuid::now_v7(), now_ms()).await.expect("cancel"), CancelOutcome::NotFound));
+    assert!(matches!(
+        env.store
+            .cancel_run(Uuid::now_v7(), now_ms())
+            .await
+            .expect("cancel"),
+        CancelOutcome::NotFound
+    ));
 }
 
 async fn shutdown_lets_in_flight_jobs_finish_within_the_grace_period(backend: Backend) {
     let env = TestEnv::new(backend, &[("VM_SHUTDOWN_GRACE_MS", "5000")]).await;
-    let id = enqueue(&env, json!({}), json!([{"kind": "delay", "ms": 400}, {"kind": "template", "template": "second"}])).await;
+    let id = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "delay", "ms": 400}, {"kind": "template", "template": "second"}]),
+    )
+    .await;
     let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
     wait_for_event(&env, id, "step.started").await;
     stop.cancel();
@@ -277,7 +473,11 @@ async fn shutdown_lets_in_flight_jobs_finish_within_the_grace_period(backend: Ba
     assert_eq!((report.drained, report.released), (1, 0));
     let detail = env.store.get_run(id).await.expect("get").expect("run");
     assert_eq!(detail.steps[0].status, StepStatus::Succeeded);
-    assert_eq!(detail.steps[1].status, StepStatus::Queued, "no new claims after shutdown");
+    assert_eq!(
+        detail.steps[1].status,
+        StepStatus::Queued,
+        "no new claims after shutdown"
+    );
 }
 
 async fn shutdown_releases_jobs_that_outlive_the_grace_period(backend: Backend) {
@@ -290,8 +490,15 @@ async fn shutdown_releases_jobs_that_outlive_the_grace_period(backend: Backend) 
     assert_eq!((report.drained, report.released), (0, 1));
     let detail = env.store.get_run(id).await.expect("get").expect("run");
     assert_eq!(detail.steps[0].status, StepStatus::Queued);
-    assert_eq!(detail.steps[0].attempts, 0, "a release does not spend an attempt");
-    assert!(env.event_types(id).await.contains(&"step.released".to_string()));
+    assert_eq!(
+        detail.steps[0].attempts, 0,
+        "a release does not spend an attempt"
+    );
+    assert!(
+        env.event_types(id)
+            .await
+            .contains(&"step.released".to_string())
+    );
 
     let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
     let detail = env.wait_for(id, RunStatus::Succeeded, LONG).await;
@@ -304,28 +511,65 @@ async fn idempotency_key_returns_the_original_run_or_a_conflict(backend: Backend
     let env = TestEnv::new(backend, &[]).await;
     let steps = json!([{"kind": "template", "template": "x"}]);
     let first = new_run(json!({"a": 1}), steps.clone(), Some("key-1"));
-    let CreateOutcome::Created(run) = env.store.create_run(&first, now_ms()).await.expect("create") else {
+    let CreateOutcome::Created(run) = env
+        .store
+        .create_run(&first, now_ms())
+        .await
+        .expect("create")
+    else {
         panic!("not created")
     };
-    match env.store.create_run(&first, now_ms()).await.expect("replay") {
+    match env
+        .store
+        .create_run(&first, now_ms())
+        .await
+        .expect("replay")
+    {
         CreateOutcome::Existing(detail) => assert_eq!(detail.run.id, run.id),
         other => panic!("expected the original run, got {other:?}"),
     }
     let different = new_run(json!({"a": 2}), steps, Some("key-1"));
-    assert!(matches!(env.store.create_run(&different, now_ms()).await.expect("conflict"), CreateOutcome::Conflict));
-    assert_eq!(env.store.run_counts().await.expect("counts").values().sum::<i64>(), 1);
+    assert!(matches!(
+        env.store
+            .create_run(&different, now_ms())
+            .await
+            .expect("conflict"),
+        CreateOutcome::Conflict
+    ));
+    assert_eq!(
+        env.store
+            .run_counts()
+            .await
+            .expect("counts")
+            .values()
+            .sum::<i64>(),
+        1
+    );
 }
 
 async fn migrations_are_idempotent(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
-    assert!(env.store.migrate().await.expect("second migrate").is_empty());
-    assert_eq!(env.store.schema_version().await.expect("version"), env.store.expected_schema_version());
+    assert!(
+        env.store
+            .migrate()
+            .await
+            .expect("second migrate")
+            .is_empty()
+    );
+    assert_eq!(
+        env.store.schema_version().await.expect("version"),
+        env.store.expected_schema_version()
+    );
     env.store.ensure_schema().await.expect("schema is current");
 }
 
 async fn several_workers_drain_hundreds_of_jobs_exactly_once(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
-    let runs = if backend == Backend::Postgres { 300 } else { 100 };
+    let runs = if backend == Backend::Postgres {
+        300
+    } else {
+        100
+    };
     let mut ids = Vec::new();
     for i in 0..runs {
         ids.push(
@@ -337,28 +581,42 @@ async fn several_workers_drain_hundreds_of_jobs_exactly_once(backend: Backend) {
             .await,
         );
     }
-    let workers: Vec<_> = (0..4).map(|_| env.spawn_worker(8, LlmBackend::Offline)).collect();
+    let workers: Vec<_> = (0..4)
+        .map(|_| env.spawn_worker(8, LlmBackend::Offline))
+        .collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
         let counts = env.store.run_counts().await.expect("counts");
         if counts.get(&RunStatus::Succeeded).copied().unwrap_or(0) == runs {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "not drained: {counts:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not drained: {counts:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for (handle, stop) in workers {
         stop.cancel();
         handle.await.expect("worker");
     }
-    assert_eq!(env.store.queue_counts().await.expect("counts"), QueueCounts::default(), "nothing stuck or dead");
+    assert_eq!(
+        env.store.queue_counts().await.expect("counts"),
+        QueueCounts::default(),
+        "nothing stuck or dead"
+    );
     for (i, id) in ids.iter().enumerate() {
         for step in 0..2 {
             assert_eq!(env.store.result_count(*id, step).await.expect("count"), 1);
         }
         let detail = env.store.get_run(*id).await.expect("get").expect("run");
         assert_eq!(detail.run.output, Some(json!(i.to_string().len())));
-        let started = env.event_types(*id).await.iter().filter(|e| *e == "step.started").count();
+        let started = env
+            .event_types(*id)
+            .await
+            .iter()
+            .filter(|e| *e == "step.started")
+            .count();
         assert_eq!(started, 2, "each step claimed once while leases were valid");
     }
 }

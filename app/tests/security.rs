@@ -21,7 +21,8 @@ use vm_webapp::redis_bus::RedisBus;
 const OLD: &str = "old-key-0123456789abcdef";
 const NEW: &str = "new-key-0123456789abcdef";
 const OPS: &str = "ops-key-0123456789abcdef";
-const KEYS: &str = "old:old-key-0123456789abcdef,new:new-key-0123456789abcdef,ops:ops-key-0123456789abcdef:admin";
+const KEYS: &str =
+    "old:old-key-0123456789abcdef,new:new-key-0123456789abcdef,ops:ops-key-0123456789abcdef:admin";
 const GH_OLD: &str = "gh-secret-old-0123456789";
 const GH_NEW: &str = "gh-secret-new-0123456789";
 const HELLO: &str = r#"{"steps":[{"kind":"template","template":"hi"}]}"#;
@@ -31,12 +32,31 @@ fn bearer(key: &str) -> String {
 }
 
 /// Sends a signed webhook.
-async fn deliver(app: &Router, source: &str, secret: &str, ts: i64, nonce: &str, body: &str, extra: &[(&str, &str)]) -> support::Reply {
+async fn deliver(
+    app: &Router,
+    source: &str,
+    secret: &str,
+    ts: i64,
+    nonce: &str,
+    body: &str,
+    extra: &[(&str, &str)],
+) -> support::Reply {
     let ts = ts.to_string();
     let sig = sign(secret.as_bytes(), &ts, nonce, body.as_bytes());
-    let mut headers: Vec<(&str, &str)> = vec![("x-vm-timestamp", &ts), ("x-vm-nonce", nonce), ("x-vm-signature", &sig)];
+    let mut headers: Vec<(&str, &str)> = vec![
+        ("x-vm-timestamp", &ts),
+        ("x-vm-nonce", nonce),
+        ("x-vm-signature", &sig),
+    ];
     headers.extend_from_slice(extra);
-    send(app, "POST", &format!("/api/v2/webhooks/{source}"), Some(body), &headers).await
+    send(
+        app,
+        "POST",
+        &format!("/api/v2/webhooks/{source}"),
+        Some(body),
+        &headers,
+    )
+    .await
 }
 
 fn now_s() -> i64 {
@@ -49,29 +69,72 @@ async fn two_keys_work_at_once_so_keys_rotate_without_downtime_and_the_key_id_is
     let app = env.router();
     for key in [OLD, NEW] {
         let auth = bearer(key);
-        let created = send(&app, "POST", "/api/v2/runs", Some(HELLO), &[("authorization", &auth)]).await;
+        let created = send(
+            &app,
+            "POST",
+            "/api/v2/runs",
+            Some(HELLO),
+            &[("authorization", &auth)],
+        )
+        .await;
         assert_eq!(created.status, StatusCode::ACCEPTED, "{}", created.body);
     }
     let listed = send(&app, "GET", "/api/v2/runs", None, &[("x-api-key", NEW)]).await;
     assert_eq!(listed.status, StatusCode::OK);
 
     let missing = send(&app, "GET", "/api/v2/runs", None, &[]).await;
-    assert_eq!((missing.status, missing.body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
+    assert_eq!(
+        (missing.status, missing.body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+    );
     assert_eq!(missing.headers["www-authenticate"], "Bearer");
-    let wrong = send(&app, "GET", "/api/v2/runs", None, &[("authorization", "Bearer old-key-0123456789abcdeX")]).await;
+    let wrong = send(
+        &app,
+        "GET",
+        "/api/v2/runs",
+        None,
+        &[("authorization", "Bearer old-key-0123456789abcdeX")],
+    )
+    .await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
-    assert!(!wrong.body.to_string().contains("old-key"), "the key is never echoed");
+    assert!(
+        !wrong.body.to_string().contains("old-key"),
+        "the key is never echoed"
+    );
 
     // Probes, metrics and the document stay open for Kubernetes and Prometheus.
-    for uri in ["/api/v2/health/live", "/api/v2/health/ready", "/api/v2/openapi.json"] {
-        assert_eq!(send(&app, "GET", uri, None, &[]).await.status, StatusCode::OK, "{uri}");
+    for uri in [
+        "/api/v2/health/live",
+        "/api/v2/health/ready",
+        "/api/v2/openapi.json",
+    ] {
+        assert_eq!(
+            send(&app, "GET", uri, None, &[]).await.status,
+            StatusCode::OK,
+            "{uri}"
+        );
     }
-    assert_eq!(support::send_raw(&app, "GET", "/metrics", None).await, StatusCode::OK);
+    assert_eq!(
+        support::send_raw(&app, "GET", "/metrics", None).await,
+        StatusCode::OK
+    );
 
-    let audit = env.store.list_audit(&vm_webapp::store::security::AuditFilter { action: Some("run.created".into()), limit: 10, ..Default::default() }).await.expect("audit");
+    let audit = env
+        .store
+        .list_audit(&vm_webapp::store::security::AuditFilter {
+            action: Some("run.created".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("audit");
     let actors: Vec<&str> = audit.iter().map(|e| e.actor.as_str()).collect();
     assert_eq!(actors, ["new", "old"]);
-    assert!(audit.iter().all(|e| e.request_id.is_some() && e.target.is_some()));
+    assert!(
+        audit
+            .iter()
+            .all(|e| e.request_id.is_some() && e.target.is_some())
+    );
 }
 
 #[tokio::test]
@@ -79,7 +142,10 @@ async fn every_webhook_rejection_has_its_status_and_code_and_an_accepted_deliver
     let env = TestEnv::new(
         Backend::Sqlite,
         &[
-            ("VM_WEBHOOK_SECRETS", "github:gh-secret-old-0123456789,github:gh-secret-new-0123456789"),
+            (
+                "VM_WEBHOOK_SECRETS",
+                "github:gh-secret-old-0123456789,github:gh-secret-new-0123456789",
+            ),
             ("VM_WEBHOOK_ALLOWED_CIDRS", "10.0.0.0/8"),
             ("VM_TRUSTED_PROXY_HEADER", "x-forwarded-for"),
         ],
@@ -90,39 +156,143 @@ async fn every_webhook_rejection_has_its_status_and_code_and_an_accepted_deliver
     let run_body = r#"{"run":{"input":{"who":"hook"},"steps":[{"kind":"template","template":"from {{input.who}}"}]}}"#;
 
     let unknown = deliver(&app, "gitlab", GH_NEW, now_s(), "nonce-0001", "{}", &inside).await;
-    assert_eq!((unknown.status, unknown.body["code"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_webhook_source")));
+    assert_eq!(
+        (unknown.status, unknown.body["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("unknown_webhook_source"))
+    );
     // The proxy header's last entry is what our proxy saw; an earlier,
     // client-supplied entry in the allowed range does not help.
-    let outside = deliver(&app, "github", GH_NEW, now_s(), "nonce-0002", "{}", &[("x-forwarded-for", "10.9.9.9, 198.51.100.7")]).await;
-    assert_eq!((outside.status, outside.body["code"].as_str()), (StatusCode::FORBIDDEN, Some("address_not_allowed")));
+    let outside = deliver(
+        &app,
+        "github",
+        GH_NEW,
+        now_s(),
+        "nonce-0002",
+        "{}",
+        &[("x-forwarded-for", "10.9.9.9, 198.51.100.7")],
+    )
+    .await;
+    assert_eq!(
+        (outside.status, outside.body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("address_not_allowed"))
+    );
     let unsigned = send(&app, "POST", "/api/v2/webhooks/github", Some("{}"), &inside).await;
-    assert_eq!((unsigned.status, unsigned.body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_signature")));
-    let stale = deliver(&app, "github", GH_NEW, now_s() - 301, "nonce-0003", "{}", &inside).await;
-    assert_eq!((stale.status, stale.body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("stale_timestamp")));
-    let future = deliver(&app, "github", GH_NEW, now_s() + 301, "nonce-0004", "{}", &inside).await;
+    assert_eq!(
+        (unsigned.status, unsigned.body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("missing_signature"))
+    );
+    let stale = deliver(
+        &app,
+        "github",
+        GH_NEW,
+        now_s() - 301,
+        "nonce-0003",
+        "{}",
+        &inside,
+    )
+    .await;
+    assert_eq!(
+        (stale.status, stale.body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("stale_timestamp"))
+    );
+    let future = deliver(
+        &app,
+        "github",
+        GH_NEW,
+        now_s() + 301,
+        "nonce-0004",
+        "{}",
+        &inside,
+    )
+    .await;
     assert_eq!(future.body["code"], "stale_timestamp");
-    let forged = deliver(&app, "github", "not-the-secret-0123456", now_s(), "nonce-0005", "{}", &inside).await;
-    assert_eq!((forged.status, forged.body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid_signature")));
+    let forged = deliver(
+        &app,
+        "github",
+        "not-the-secret-0123456",
+        now_s(),
+        "nonce-0005",
+        "{}",
+        &inside,
+    )
+    .await;
+    assert_eq!(
+        (forged.status, forged.body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_signature"))
+    );
 
     // Both secrets are valid while the source rotates.
-    let accepted = deliver(&app, "github", GH_OLD, now_s(), "nonce-0006", run_body, &inside).await;
+    let accepted = deliver(
+        &app,
+        "github",
+        GH_OLD,
+        now_s(),
+        "nonce-0006",
+        run_body,
+        &inside,
+    )
+    .await;
     assert_eq!(accepted.status, StatusCode::ACCEPTED, "{}", accepted.body);
-    let run_id: uuid::Uuid = accepted.body["run_id"].as_str().and_then(|s| s.parse().ok()).expect("run started");
+    let run_id: uuid::Uuid = accepted.body["run_id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("run started");
     assert!(env.store.get_run(run_id).await.expect("get").is_some());
-    let also = deliver(&app, "github", GH_NEW, now_s(), "nonce-0007", "{\"event\":\"ping\"}", &inside).await;
+    let also = deliver(
+        &app,
+        "github",
+        GH_NEW,
+        now_s(),
+        "nonce-0007",
+        "{\"event\":\"ping\"}",
+        &inside,
+    )
+    .await;
     assert_eq!(also.status, StatusCode::ACCEPTED);
     assert!(also.body["run_id"].is_null());
 
-    let replay = deliver(&app, "github", GH_OLD, now_s(), "nonce-0006", run_body, &inside).await;
-    assert_eq!((replay.status, replay.body["code"].as_str()), (StatusCode::CONFLICT, Some("replayed_nonce")));
+    let replay = deliver(
+        &app,
+        "github",
+        GH_OLD,
+        now_s(),
+        "nonce-0006",
+        run_body,
+        &inside,
+    )
+    .await;
+    assert_eq!(
+        (replay.status, replay.body["code"].as_str()),
+        (StatusCode::CONFLICT, Some("replayed_nonce"))
+    );
     // A forged delivery cannot burn a fresh nonce: the real one still goes through.
-    let burned = deliver(&app, "github", "not-the-secret-0123456", now_s(), "nonce-0008", "{}", &inside).await;
+    let burned = deliver(
+        &app,
+        "github",
+        "not-the-secret-0123456",
+        now_s(),
+        "nonce-0008",
+        "{}",
+        &inside,
+    )
+    .await;
     assert_eq!(burned.status, StatusCode::UNAUTHORIZED);
     let real = deliver(&app, "github", GH_NEW, now_s(), "nonce-0008", "{}", &inside).await;
     assert_eq!(real.status, StatusCode::ACCEPTED);
 
-    let audit = env.store.list_audit(&vm_webapp::store::security::AuditFilter { limit: 100, ..Default::default() }).await.expect("audit");
-    let mut outcomes: Vec<(String, String)> = audit.iter().filter(|e| e.action.starts_with("webhook.")).map(|e| (e.action.clone(), e.outcome.clone())).collect();
+    let audit = env
+        .store
+        .list_audit(&vm_webapp::store::security::AuditFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("audit");
+    let mut outcomes: Vec<(String, String)> = audit
+        .iter()
+        .filter(|e| e.action.starts_with("webhook."))
+        .map(|e| (e.action.clone(), e.outcome.clone()))
+        .collect();
     outcomes.reverse();
     let expected: Vec<(String, String)> = [
         ("webhook.rejected", "unknown_webhook_source"),
@@ -141,13 +311,18 @@ async fn every_webhook_rejection_has_its_status_and_code_and_an_accepted_deliver
     .map(|(a, o)| (a.to_string(), o.to_string()))
     .collect();
     assert_eq!(outcomes, expected);
-    assert!(audit.iter().any(|e| e.action == "run.created" && e.actor == "webhook:github"));
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "run.created" && e.actor == "webhook:github")
+    );
     assert!(!audit.iter().any(|e| format!("{e:?}").contains("gh-secret")));
 }
 
 fn with_redis(env: &TestEnv, redis: &RedisServer) -> AppState {
     let mut state = env.state();
-    state.redis = Some(RedisBus::new(&Secret::new(redis.url()), state.metrics.clone()).expect("bus"));
+    state.redis =
+        Some(RedisBus::new(&Secret::new(redis.url()), state.metrics.clone()).expect("bus"));
     state
 }
 
@@ -158,17 +333,48 @@ async fn a_nonce_replayed_to_another_instance_is_caught_through_redis_or_the_sha
     let redis = RedisServer::start();
     let a = TestEnv::new(Backend::Sqlite, &vars).await;
     let b = TestEnv::new(Backend::Sqlite, &vars).await;
-    let (app_a, app_b) = (router(with_redis(&a, &redis)), router(with_redis(&b, &redis)));
-    let first = deliver(&app_a, "github", GH_NEW, now_s(), "shared-nonce-1", "{}", &[]).await;
+    let (app_a, app_b) = (
+        router(with_redis(&a, &redis)),
+        router(with_redis(&b, &redis)),
+    );
+    let first = deliver(
+        &app_a,
+        "github",
+        GH_NEW,
+        now_s(),
+        "shared-nonce-1",
+        "{}",
+        &[],
+    )
+    .await;
     assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
-    let again = deliver(&app_b, "github", GH_NEW, now_s(), "shared-nonce-1", "{}", &[]).await;
+    let again = deliver(
+        &app_b,
+        "github",
+        GH_NEW,
+        now_s(),
+        "shared-nonce-1",
+        "{}",
+        &[],
+    )
+    .await;
     assert_eq!(again.body["code"], "replayed_nonce");
 
     // Without Redis, instances sharing one database catch it there.
     let shared = TestEnv::new(Backend::Postgres, &vars).await;
     let (one, two) = (shared.router(), router(shared.state()));
-    assert_eq!(deliver(&one, "github", GH_NEW, now_s(), "shared-nonce-2", "{}", &[]).await.status, StatusCode::ACCEPTED);
-    assert_eq!(deliver(&two, "github", GH_NEW, now_s(), "shared-nonce-2", "{}", &[]).await.body["code"], "replayed_nonce");
+    assert_eq!(
+        deliver(&one, "github", GH_NEW, now_s(), "shared-nonce-2", "{}", &[])
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        deliver(&two, "github", GH_NEW, now_s(), "shared-nonce-2", "{}", &[])
+            .await
+            .body["code"],
+        "replayed_nonce"
+    );
 }
 
 #[tokio::test]
@@ -189,51 +395,144 @@ async fn rate_limits_answer_429_with_retry_after_per_key_and_per_address_but_nev
     let old = bearer(OLD);
     let new = bearer(NEW);
     for i in 0..3 {
-        let ok = send(&app, "GET", "/api/v2/runs", None, &[("authorization", &old), ("x-forwarded-for", &format!("10.0.0.{i}"))]).await;
+        let ok = send(
+            &app,
+            "GET",
+            "/api/v2/runs",
+            None,
+            &[
+                ("authorization", &old),
+                ("x-forwarded-for", &format!("10.0.0.{i}")),
+            ],
+        )
+        .await;
         assert_eq!(ok.status, StatusCode::OK, "request {i}");
     }
-    let limited = send(&app, "GET", "/api/v2/runs", None, &[("authorization", &old), ("x-forwarded-for", "10.0.0.9")]).await;
-    assert_eq!((limited.status, limited.body["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited")));
-    let retry: u64 = limited.headers["retry-after"].to_str().ok().and_then(|v| v.parse().ok()).expect("Retry-After");
+    let limited = send(
+        &app,
+        "GET",
+        "/api/v2/runs",
+        None,
+        &[("authorization", &old), ("x-forwarded-for", "10.0.0.9")],
+    )
+    .await;
+    assert_eq!(
+        (limited.status, limited.body["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited"))
+    );
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
     assert!((1..=2).contains(&retry), "{retry}");
-    let other_key = send(&app, "GET", "/api/v2/runs", None, &[("authorization", &new), ("x-forwarded-for", "10.0.0.10")]).await;
+    let other_key = send(
+        &app,
+        "GET",
+        "/api/v2/runs",
+        None,
+        &[("authorization", &new), ("x-forwarded-for", "10.0.0.10")],
+    )
+    .await;
     assert_eq!(other_key.status, StatusCode::OK, "buckets are per key");
 
     // One address, many guesses: limited before the key is even checked.
     let mut codes = Vec::new();
     for _ in 0..7 {
-        let r = send(&app, "GET", "/api/v2/runs", None, &[("authorization", "Bearer guess-0123456789abcdef"), ("x-forwarded-for", "192.0.2.1")]).await;
+        let r = send(
+            &app,
+            "GET",
+            "/api/v2/runs",
+            None,
+            &[
+                ("authorization", "Bearer guess-0123456789abcdef"),
+                ("x-forwarded-for", "192.0.2.1"),
+            ],
+        )
+        .await;
         codes.push(r.status.as_u16());
     }
     assert_eq!(codes, [401, 401, 401, 401, 401, 429, 429]);
 
     for _ in 0..200 {
-        assert_eq!(send(&app, "GET", "/api/v2/health/live", None, &[("x-forwarded-for", "192.0.2.1")]).await.status, StatusCode::OK);
+        assert_eq!(
+            send(
+                &app,
+                "GET",
+                "/api/v2/health/live",
+                None,
+                &[("x-forwarded-for", "192.0.2.1")]
+            )
+            .await
+            .status,
+            StatusCode::OK
+        );
     }
-    assert_eq!(support::send_raw(&app, "GET", "/metrics", None).await, StatusCode::OK);
+    assert_eq!(
+        support::send_raw(&app, "GET", "/metrics", None).await,
+        StatusCode::OK
+    );
     let metrics = support::get_text(&app, "/metrics").await;
-    assert!(metrics.contains(r#"vm_rate_limited_total{reason="key"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"vm_rate_limited_total{reason="address"} 2"#), "{metrics}");
-    assert!(metrics.contains(r#"vm_auth_failures_total{reason="invalid"} 5"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"vm_rate_limited_total{reason="key"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"vm_rate_limited_total{reason="address"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"vm_auth_failures_total{reason="invalid"} 5"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn replicas_share_one_bucket_through_redis() {
     let redis = RedisServer::start();
-    let vars = [("VM_API_KEYS", KEYS), ("VM_RATE_LIMIT_KEY_RPS", "1"), ("VM_RATE_LIMIT_KEY_BURST", "4")];
+    let vars = [
+        ("VM_API_KEYS", KEYS),
+        ("VM_RATE_LIMIT_KEY_RPS", "1"),
+        ("VM_RATE_LIMIT_KEY_BURST", "4"),
+    ];
     let a = TestEnv::new(Backend::Sqlite, &vars).await;
     let b = TestEnv::new(Backend::Sqlite, &vars).await;
-    let (app_a, app_b) = (router(with_redis(&a, &redis)), router(with_redis(&b, &redis)));
+    let (app_a, app_b) = (
+        router(with_redis(&a, &redis)),
+        router(with_redis(&b, &redis)),
+    );
     let auth = bearer(OLD);
     let mut codes = Vec::new();
     for i in 0..6 {
         let app = if i % 2 == 0 { &app_a } else { &app_b };
-        codes.push(send(app, "GET", "/api/v2/runs", None, &[("authorization", &auth)]).await.status.as_u16());
+        codes.push(
+            send(
+                app,
+                "GET",
+                "/api/v2/runs",
+                None,
+                &[("authorization", &auth)],
+            )
+            .await
+            .status
+            .as_u16(),
+        );
     }
-    assert_eq!(codes, [200, 200, 200, 200, 429, 429], "one bucket of 4 for both replicas");
+    assert_eq!(
+        codes,
+        [200, 200, 200, 200, 429, 429],
+        "one bucket of 4 for both replicas"
+    );
     // Redis gone: each replica limits on its own rather than not at all.
     redis.stop();
-    let r = send(&app_a, "GET", "/api/v2/runs", None, &[("authorization", &bearer(NEW))]).await;
+    let r = send(
+        &app_a,
+        "GET",
+        "/api/v2/runs",
+        None,
+        &[("authorization", &bearer(NEW))],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
 }
 
@@ -244,80 +543,214 @@ async fn the_audit_trail_records_each_action_and_only_admin_keys_read_it() {
     let app = router(state.clone());
     let old = bearer(OLD);
     let ops = bearer(OPS);
-    let created = send(&app, "POST", "/api/v2/runs", Some(HELLO), &[("authorization", &old), ("x-request-id", "req-create-1")]).await;
+    let created = send(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(HELLO),
+        &[("authorization", &old), ("x-request-id", "req-create-1")],
+    )
+    .await;
     let id = created.body["id"].as_str().expect("id").to_string();
-    let cancelled = send(&app, "POST", &format!("/api/v2/runs/{id}/cancel"), None, &[("authorization", &old), ("x-request-id", "req-cancel-1")]).await;
+    let cancelled = send(
+        &app,
+        "POST",
+        &format!("/api/v2/runs/{id}/cancel"),
+        None,
+        &[("authorization", &old), ("x-request-id", "req-cancel-1")],
+    )
+    .await;
     assert_eq!(cancelled.status, StatusCode::OK);
     for _ in 0..3 {
-        send(&app, "GET", "/api/v2/runs", None, &[("authorization", "Bearer nope-0123456789abcdef")]).await;
+        send(
+            &app,
+            "GET",
+            "/api/v2/runs",
+            None,
+            &[("authorization", "Bearer nope-0123456789abcdef")],
+        )
+        .await;
     }
     assert_eq!(state.auth_failures.flush(&state).await, 3);
     assert_eq!(state.auth_failures.flush(&state).await, 0, "counted once");
 
-    let denied = send(&app, "GET", "/api/v2/audit", None, &[("authorization", &old)]).await;
-    assert_eq!((denied.status, denied.body["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")));
-    let all = send(&app, "GET", "/api/v2/audit", None, &[("authorization", &ops)]).await;
+    let denied = send(
+        &app,
+        "GET",
+        "/api/v2/audit",
+        None,
+        &[("authorization", &old)],
+    )
+    .await;
+    assert_eq!(
+        (denied.status, denied.body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    let all = send(
+        &app,
+        "GET",
+        "/api/v2/audit",
+        None,
+        &[("authorization", &ops)],
+    )
+    .await;
     assert_eq!(all.status, StatusCode::OK, "{}", all.body);
     let entries = all.body["entries"].as_array().expect("entries");
     let summary: Vec<(&str, &str, &str)> = entries
         .iter()
-        .map(|e| (e["action"].as_str().unwrap_or(""), e["actor"].as_str().unwrap_or(""), e["outcome"].as_str().unwrap_or("")))
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap_or(""),
+                e["actor"].as_str().unwrap_or(""),
+                e["outcome"].as_str().unwrap_or(""),
+            )
+        })
         .collect();
-    assert_eq!(summary, [("auth.failed", "unknown", "denied"), ("run.cancelled", "old", "success"), ("run.created", "old", "success")]);
+    assert_eq!(
+        summary,
+        [
+            ("auth.failed", "unknown", "denied"),
+            ("run.cancelled", "old", "success"),
+            ("run.created", "old", "success")
+        ]
+    );
     assert_eq!(entries[0]["detail"], json!({"count": 3}).to_string());
     assert_eq!(entries[1]["request_id"], "req-cancel-1");
     assert_eq!(entries[1]["target"], id.as_str());
-    let filtered = send(&app, "GET", "/api/v2/audit?action=run.created&limit=1", None, &[("authorization", &ops)]).await;
+    let filtered = send(
+        &app,
+        "GET",
+        "/api/v2/audit?action=run.created&limit=1",
+        None,
+        &[("authorization", &ops)],
+    )
+    .await;
     assert_eq!(filtered.body["entries"].as_array().map(Vec::len), Some(1));
     assert!(filtered.body["next_cursor"].is_null());
-    let paged = send(&app, "GET", "/api/v2/audit?limit=1", None, &[("authorization", &ops)]).await;
-    let cursor = paged.body["next_cursor"].as_str().expect("more pages").to_string();
-    let next = send(&app, "GET", &format!("/api/v2/audit?limit=1&cursor={cursor}"), None, &[("authorization", &ops)]).await;
+    let paged = send(
+        &app,
+        "GET",
+        "/api/v2/audit?limit=1",
+        None,
+        &[("authorization", &ops)],
+    )
+    .await;
+    let cursor = paged.body["next_cursor"]
+        .as_str()
+        .expect("more pages")
+        .to_string();
+    let next = send(
+        &app,
+        "GET",
+        &format!("/api/v2/audit?limit=1&cursor={cursor}"),
+        None,
+        &[("authorization", &ops)],
+    )
+    .await;
     assert_eq!(next.body["entries"][0]["action"], "run.cancelled");
 }
 
 #[tokio::test]
 async fn responses_carry_security_headers_and_cors_answers_only_configured_origins() {
-    let env = TestEnv::new(Backend::Sqlite, &[("VM_CORS_ALLOWED_ORIGINS", "https://app.example.com")]).await;
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        &[("VM_CORS_ALLOWED_ORIGINS", "https://app.example.com")],
+    )
+    .await;
     let app = env.router();
-    for uri in ["/api/v2/health/live", "/api/v2/runs/nope", "/api/v2/nowhere"] {
-        let r = send(&app, "GET", uri, None, &[("origin", "https://app.example.com")]).await;
+    for uri in [
+        "/api/v2/health/live",
+        "/api/v2/runs/nope",
+        "/api/v2/nowhere",
+    ] {
+        let r = send(
+            &app,
+            "GET",
+            uri,
+            None,
+            &[("origin", "https://app.example.com")],
+        )
+        .await;
         assert_eq!(r.headers["x-content-type-options"], "nosniff", "{uri}");
         assert_eq!(r.headers["x-frame-options"], "DENY");
         assert_eq!(r.headers["cache-control"], "no-store");
         assert!(r.headers.contains_key("content-security-policy"));
-        assert_eq!(r.headers["access-control-allow-origin"], "https://app.example.com");
+        assert_eq!(
+            r.headers["access-control-allow-origin"],
+            "https://app.example.com"
+        );
     }
-    let foreign = send(&app, "GET", "/api/v2/health/live", None, &[("origin", "https://evil.example")]).await;
+    let foreign = send(
+        &app,
+        "GET",
+        "/api/v2/health/live",
+        None,
+        &[("origin", "https://evil.example")],
+    )
+    .await;
     assert!(!foreign.headers.contains_key("access-control-allow-origin"));
 
     let closed = TestEnv::new(Backend::Sqlite, &[]).await.router();
-    let r = send(&closed, "GET", "/api/v2/health/live", None, &[("origin", "https://app.example.com")]).await;
-    assert!(!r.headers.contains_key("access-control-allow-origin"), "CORS is off unless configured");
+    let r = send(
+        &closed,
+        "GET",
+        "/api/v2/health/live",
+        None,
+        &[("origin", "https://app.example.com")],
+    )
+    .await;
+    assert!(
+        !r.headers.contains_key("access-control-allow-origin"),
+        "CORS is off unless configured"
+    );
 
-    let many: Vec<(String, String)> = (0..120).map(|i| (format!("x-h-{i}"), "v".to_string())).collect();
+    let many: Vec<(String, String)> = (0..120)
+        .map(|i| (format!("x-h-{i}"), "v".to_string()))
+        .collect();
     let refs: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let too_many = send(&closed, "GET", "/api/v2/runs", None, &refs).await;
-    assert_eq!((too_many.status, too_many.body["code"].as_str()), (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, Some("headers_too_large")));
+    assert_eq!(
+        (too_many.status, too_many.body["code"].as_str()),
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Some("headers_too_large")
+        )
+    );
 }
 
 /// Without the grants, a compromised runtime could rewrite history or the schema.
 #[tokio::test]
 async fn the_runtime_role_works_but_cannot_change_the_schema_or_rewrite_the_audit_trail() {
     use sqlx::Connection;
-    let server = tokio::task::spawn_blocking(support::pg::shared).await.expect("postgres");
+    let server = tokio::task::spawn_blocking(support::pg::shared)
+        .await
+        .expect("postgres");
     let db = format!("t_roles_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&server.url("postgres")).await.expect("connect");
+    let mut admin = sqlx::PgConnection::connect(&server.url("postgres"))
+        .await
+        .expect("connect");
     for sql in [
-        format!("CREATE ROLE vm_owner_{0} LOGIN PASSWORD 'owner-pw'", &db[8..16]),
-        format!("CREATE ROLE vm_runtime_{0} LOGIN PASSWORD 'runtime-pw'", &db[8..16]),
+        format!(
+            "CREATE ROLE vm_owner_{0} LOGIN PASSWORD 'owner-pw'",
+            &db[8..16]
+        ),
+        format!(
+            "CREATE ROLE vm_runtime_{0} LOGIN PASSWORD 'runtime-pw'",
+            &db[8..16]
+        ),
         format!("CREATE DATABASE {db} OWNER vm_owner_{0}", &db[8..16]),
     ] {
         sqlx::query(&sql).execute(&mut admin).await.expect("setup");
     }
     let suffix = &db[8..16];
-    let owner_url = format!("postgres://vm_owner_{suffix}:owner-pw@127.0.0.1:{}/{db}", server.port);
-    let runtime_url = format!("postgres://vm_runtime_{suffix}:runtime-pw@127.0.0.1:{}/{db}", server.port);
+    let owner_url = format!(
+        "postgres://vm_owner_{suffix}:owner-pw@127.0.0.1:{}/{db}",
+        server.port
+    );
+    let runtime_url = format!(
+        "postgres://vm_runtime_{suffix}:runtime-pw@127.0.0.1:{}/{db}",
+        server.port
+    );
 
     // `vm-webapp migrate` as an operator runs it: owner URL for DDL, grants for the runtime.
     let role = format!("vm_runtime_{suffix}");
@@ -332,20 +765,37 @@ async fn the_runtime_role_works_but_cannot_change_the_schema_or_rewrite_the_audi
         ])
         .output()
         .expect("run migrate");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let env = TestEnv::at_unmigrated(runtime_url.clone(), &[("APP_ENV", "staging")]).await;
-    env.store.ensure_schema().await.expect("the runtime can read the migration history");
+    env.store
+        .ensure_schema()
+        .await
+        .expect("the runtime can read the migration history");
     let app = env.router();
     let created = send(&app, "POST", "/api/v2/runs", Some(HELLO), &[]).await;
     assert_eq!(created.status, StatusCode::ACCEPTED, "{}", created.body);
     let (worker, stop) = env.spawn_worker(1, vm_webapp::steps::llm::LlmBackend::Offline);
-    let id = created.body["id"].as_str().and_then(|s| s.parse().ok()).expect("id");
-    env.wait_for(id, vm_webapp::model::RunStatus::Succeeded, Duration::from_secs(20)).await;
+    let id = created.body["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("id");
+    env.wait_for(
+        id,
+        vm_webapp::model::RunStatus::Succeeded,
+        Duration::from_secs(20),
+    )
+    .await;
     stop.cancel();
     worker.await.expect("worker");
 
-    let mut runtime = sqlx::PgConnection::connect(&runtime_url).await.expect("runtime connects");
+    let mut runtime = sqlx::PgConnection::connect(&runtime_url)
+        .await
+        .expect("runtime connects");
     for forbidden in [
         "CREATE TABLE evil (id int)",
         "ALTER TABLE runs ADD COLUMN evil int",
@@ -354,9 +804,19 @@ async fn the_runtime_role_works_but_cannot_change_the_schema_or_rewrite_the_audi
         "DELETE FROM audit_log",
         "TRUNCATE audit_log",
     ] {
-        let err = sqlx::query(forbidden).execute(&mut runtime).await.expect_err(forbidden);
-        assert!(err.to_string().contains("permission denied") || err.to_string().contains("must be owner"), "{forbidden}: {err}");
+        let err = sqlx::query(forbidden)
+            .execute(&mut runtime)
+            .await
+            .expect_err(forbidden);
+        assert!(
+            err.to_string().contains("permission denied")
+                || err.to_string().contains("must be owner"),
+            "{forbidden}: {err}"
+        );
     }
-    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_log").fetch_one(&mut runtime).await.expect("read audit");
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_log")
+        .fetch_one(&mut runtime)
+        .await
+        .expect("read audit");
     assert_eq!(rows, 1, "the run creation was audited by the runtime role");
 }

@@ -24,9 +24,13 @@ pub struct AuditList {
 }
 
 fn decode_cursor(c: &str) -> Result<i64, ApiError> {
-    let bytes = URL_SAFE_NO_PAD.decode(c).map_err(|_| ApiError::InvalidCursor)?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(c)
+        .map_err(|_| ApiError::InvalidCursor)?;
     let text = String::from_utf8(bytes).map_err(|_| ApiError::InvalidCursor)?;
-    text.strip_prefix("a1:").and_then(|n| n.parse().ok()).ok_or(ApiError::InvalidCursor)
+    text.strip_prefix("a1:")
+        .and_then(|n| n.parse().ok())
+        .ok_or(ApiError::InvalidCursor)
 }
 
 /// Lists the audit trail.
@@ -68,9 +72,14 @@ pub async fn list(
     let mut entries = state.store.list_audit(&filter).await?;
     let next_cursor = if entries.len() as i64 > limit {
         entries.truncate(limit as usize);
-        entries.last().map(|e| URL_SAFE_NO_PAD.encode(format!("a1:{}", e.id)))
+        entries
+            .last()
+            .map(|e| URL_SAFE_NO_PAD.encode(format!("a1:{}", e.id)))
     } else {
         None
     };
-    Ok(Json(AuditList { entries, next_cursor }))
+    Ok(Json(AuditList {
+        entries,
+        next_cursor,
+    }))
 }

@@ -27,7 +27,9 @@ pub enum ApiError {
     #[error(transparent)]
     InvalidStep(#[from] StepValidationError),
     /// 422 `llm_unavailable`: `llm` steps need an endpoint that is not configured.
-    #[error("this deployment has no LLM endpoint configured (KIMI_API_KEY), so runs with llm steps cannot be accepted")]
+    #[error(
+        "this deployment has no LLM endpoint configured (KIMI_API_KEY), so runs with llm steps cannot be accepted"
+    )]
     LlmUnavailable,
     /// 413 `payload_too_large`.
     #[error("request body is larger than the limit of {0} bytes")]
@@ -189,13 +191,22 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         match &self {
             ApiError::RateLimited(seconds) => {
-                headers.insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(*seconds));
+                headers.insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(*seconds),
+                );
             }
             ApiError::Unauthorized(_) => {
-                headers.insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+                headers.insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
             }
             _ if status == StatusCode::SERVICE_UNAVAILABLE => {
-                headers.insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+                headers.insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
             }
             _ => {}
         }

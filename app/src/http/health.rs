@@ -48,9 +48,17 @@ async fn worker(state: &AppState) -> DependencyView {
     let stall_ms = state.worker_stall_after.as_millis() as i64;
     match &state.worker {
         None => match tokio::time::timeout(DB_CHECK_TIMEOUT, state.store.last_heartbeat()).await {
-            Ok(Ok(Some(t))) if now_ms() - t <= stall_ms => dep("ok", "a worker reported a recent heartbeat"),
-            Ok(Ok(Some(_))) => dep("error", "no worker heartbeat within the window; runs stay queued"),
-            Ok(Ok(None)) => dep("error", "no worker has reported a heartbeat; runs stay queued"),
+            Ok(Ok(Some(t))) if now_ms() - t <= stall_ms => {
+                dep("ok", "a worker reported a recent heartbeat")
+            }
+            Ok(Ok(Some(_))) => dep(
+                "error",
+                "no worker heartbeat within the window; runs stay queued",
+            ),
+            Ok(Ok(None)) => dep(
+                "error",
+                "no worker has reported a heartbeat; runs stay queued",
+            ),
             _ => dep("error", "worker heartbeat check failed"),
         },
         Some(w) => {
@@ -95,9 +103,17 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<ReadyView
     let healthy = !shutting_down && database.status == "ok" && !own_worker_failed;
     let body = ReadyView {
         status: if healthy { "ready" } else { "not_ready" },
-        dependencies: Dependencies { database, worker, redis },
+        dependencies: Dependencies {
+            database,
+            worker,
+            redis,
+        },
         reason: shutting_down.then_some("shutting down"),
     };
-    let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(body))
 }

@@ -22,7 +22,11 @@ async fn refresh(state: &AppState) -> Result<(), ()> {
     for (s, count, oldest_ms) in stats {
         let labels = StateLabels { state: s };
         state.metrics.queue_jobs.get_or_create(&labels).set(count);
-        state.metrics.queue_oldest_age.get_or_create(&labels).set(oldest_ms as f64 / 1000.0);
+        state
+            .metrics
+            .queue_oldest_age
+            .get_or_create(&labels)
+            .set(oldest_ms as f64 / 1000.0);
     }
     let age = match state.store.last_heartbeat().await.map_err(|_| ())? {
         Some(t) => (now - t).max(0) as f64 / 1000.0,
@@ -45,7 +49,10 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
         _ => state.metrics.dependency_failed(Dependency::database),
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
 }

@@ -35,19 +35,19 @@ use axum::extract::{DefaultBodyLimit, MatchedPath};
 use axum::http::{Request, Response};
 use axum::middleware::from_fn_with_state;
 use axum::response::IntoResponse;
-use tower_http::set_header::SetResponseHeaderLayer;
-use utoipa_axum::{router::OpenApiRouter, routes};
 use tokio::sync::Notify;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::config::Settings;
-use crate::metrics::Metrics;
 use crate::http::error::ApiError;
-use crate::store::Store;
+use crate::metrics::Metrics;
 use crate::redis_bus::RedisBus;
+use crate::store::Store;
 use crate::worker::WorkerState;
 
 /// Prefix of every route.
@@ -126,15 +126,20 @@ struct ApiKeyScheme;
 impl utoipa::Modify for ApiKeyScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        openapi.components.get_or_insert_with(Default::default).add_security_scheme(
-            "api_key",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("An API key from VM_API_KEYS (also accepted as `x-api-key`)"))
-                    .build(),
-            ),
-        );
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "api_key",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(
+                            "An API key from VM_API_KEYS (also accepted as `x-api-key`)",
+                        ))
+                        .build(),
+                ),
+            );
     }
 }
 
@@ -162,8 +167,14 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         // The last layer added runs first: the address limit, then the key.
         protected = protected
             .route_layer(from_fn_with_state(state.clone(), security::authenticate))
-            .route_layer(from_fn_with_state(state.clone(), security::limit_by_address));
-        signed = signed.route_layer(from_fn_with_state(state.clone(), security::limit_by_address));
+            .route_layer(from_fn_with_state(
+                state.clone(),
+                security::limit_by_address,
+            ));
+        signed = signed.route_layer(from_fn_with_state(
+            state.clone(),
+            security::limit_by_address,
+        ));
     }
     OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .merge(probe_routes())
@@ -223,7 +234,12 @@ async fn track(
         .unwrap_or_else(|| "unmatched".to_string());
     let method = req.method().as_str().to_string();
     let response = next.run(req).await;
-    metrics.observe_http(&method, &route, response.status().as_u16(), started.elapsed());
+    metrics.observe_http(
+        &method,
+        &route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }
 
@@ -233,7 +249,9 @@ fn with_common_layers(router: Router<AppState>, state: &AppState) -> Router<AppS
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(from_fn_with_state(state.clone(), security::harden))
-        .layer(tower::util::option_layer(security::cors(&state.settings.security)));
+        .layer(tower::util::option_layer(security::cors(
+            &state.settings.security,
+        )));
     for (name, value) in security::security_headers() {
         router = router.layer(SetResponseHeaderLayer::if_not_present(name, value));
     }

@@ -13,11 +13,11 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
-use axum::{Extension, Json};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
@@ -25,12 +25,14 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::config::LlmMode;
-use crate::http::views::{CreateRunRequest, ErrorBody, EventList, EventView, RunList, RunSummary, RunView};
 use crate::http::security::Actor;
+use crate::http::views::{
+    CreateRunRequest, ErrorBody, EventList, EventView, RunList, RunSummary, RunView,
+};
 use crate::http::{API_PREFIX, AppState, error::ApiError};
-use crate::store::security::NewAudit;
 use crate::model::{NewRun, Run, RunDetail, RunFilter, RunStatus, StepState, StepStatus, now_ms};
 use crate::steps::{StepSpec, parse_steps};
+use crate::store::security::NewAudit;
 use crate::store::{CancelOutcome, CreateOutcome};
 
 /// Default and largest page of `GET /runs`.
@@ -40,7 +42,13 @@ const EVENTS_PAGE: (i64, i64) = (500, 1000);
 
 /// The detail of a run that was just created: first step queued, rest pending.
 fn fresh_detail(run: Run) -> RunDetail {
-    let steps = StepState::all(&run.steps, |index| if index == 0 { StepStatus::Queued } else { StepStatus::Pending });
+    let steps = StepState::all(&run.steps, |index| {
+        if index == 0 {
+            StepStatus::Queued
+        } else {
+            StepStatus::Pending
+        }
+    });
     RunDetail { run, steps }
 }
 
@@ -79,7 +87,10 @@ pub fn parse_create_body(bytes: &[u8]) -> Result<(Value, Vec<Value>), ApiError> 
             ApiError::InvalidJson(e.to_string())
         }
     })?;
-    Ok((Value::Object(request.input.unwrap_or_default()), request.steps))
+    Ok((
+        Value::Object(request.input.unwrap_or_default()),
+        request.steps,
+    ))
 }
 
 /// Creates a run.
@@ -112,7 +123,9 @@ pub async fn create_run(
     let bytes = body_bytes(body, state.settings.max_body_bytes)?;
     let idempotency_key = match header_str(&headers, "idempotency-key") {
         Ok(None) => None,
-        Ok(Some(k)) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => {
+        Ok(Some(k))
+            if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
             Some(k.to_string())
         }
         _ => return Err(ApiError::InvalidIdempotencyKey),
@@ -134,9 +147,19 @@ pub async fn create_run(
     let (detail, created) = create_from_body(&state, request).await?;
     if created {
         let location = format!("{API_PREFIX}/runs/{}", detail.run.id);
-        Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(RunView::of(&detail))).into_response())
+        Ok((
+            StatusCode::ACCEPTED,
+            [(header::LOCATION, location)],
+            Json(RunView::of(&detail)),
+        )
+            .into_response())
     } else {
-        Ok((StatusCode::OK, [("idempotent-replayed", "true")], Json(RunView::of(&detail))).into_response())
+        Ok((
+            StatusCode::OK,
+            [("idempotent-replayed", "true")],
+            Json(RunView::of(&detail)),
+        )
+            .into_response())
     }
 }
 
@@ -156,7 +179,10 @@ pub struct NewRunRequest {
 
 /// Validates and stores a run, wakes the workers and audits the creation.
 /// Returns the run and whether it is new (false: an idempotent replay).
-pub async fn create_from_body(state: &AppState, request: NewRunRequest) -> Result<(RunDetail, bool), ApiError> {
+pub async fn create_from_body(
+    state: &AppState,
+    request: NewRunRequest,
+) -> Result<(RunDetail, bool), ApiError> {
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
@@ -168,14 +194,18 @@ pub async fn create_from_body(state: &AppState, request: NewRunRequest) -> Resul
         return Err(ApiError::LlmUnavailable);
     }
     let request_hash = hex::encode(Sha256::digest(
-        json!({"input": input, "steps": raw_steps}).to_string().as_bytes(),
+        json!({"input": input, "steps": raw_steps})
+            .to_string()
+            .as_bytes(),
     ));
     let new = NewRun {
         input,
         steps,
         idempotency_key: request.idempotency_key,
         request_hash,
-        correlation_id: request.correlation_id.unwrap_or_else(|| Uuid::new_v4().to_string()),
+        correlation_id: request
+            .correlation_id
+            .unwrap_or_else(|| Uuid::new_v4().to_string()),
         max_attempts: i64::from(state.settings.queue.max_attempts),
     };
     match state.store.create_run(&new, now_ms()).await? {
@@ -187,7 +217,15 @@ pub async fn create_from_body(state: &AppState, request: NewRunRequest) -> Resul
                 tokio::spawn(async move { redis.notify_enqueued().await });
             }
             let id = run.id.to_string();
-            audit(state, &request.actor, "run.created", &id, request.request_id.as_deref(), Some(json!({"steps": run.steps.len()}))).await;
+            audit(
+                state,
+                &request.actor,
+                "run.created",
+                &id,
+                request.request_id.as_deref(),
+                Some(json!({"steps": run.steps.len()})),
+            )
+            .await;
             Ok((fresh_detail(run), true))
         }
         CreateOutcome::Existing(detail) => Ok((*detail, false)),
@@ -197,7 +235,14 @@ pub async fn create_from_body(state: &AppState, request: NewRunRequest) -> Resul
 
 /// Appends a successful state change to the audit trail. The change already
 /// happened, so a failure here is logged, not returned.
-async fn audit(state: &AppState, actor: &str, action: &str, target: &str, request_id: Option<&str>, detail: Option<Value>) {
+async fn audit(
+    state: &AppState,
+    actor: &str,
+    action: &str,
+    target: &str,
+    request_id: Option<&str>,
+    detail: Option<Value>,
+) {
     let entry = NewAudit {
         actor,
         action,
@@ -211,12 +256,21 @@ async fn audit(state: &AppState, actor: &str, action: &str, target: &str, reques
     }
 }
 
-pub(crate) fn parse_query(raw: Option<String>, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+pub(crate) fn parse_query(
+    raw: Option<String>,
+    allowed: &[&str],
+) -> Result<HashMap<String, String>, ApiError> {
     let mut out = HashMap::new();
-    for pair in raw.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+    for pair in raw
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let decode = |s: &str| {
-            percent_decode(s).ok_or_else(|| ApiError::InvalidParameter("query string is not valid UTF-8".into()))
+            percent_decode(s)
+                .ok_or_else(|| ApiError::InvalidParameter("query string is not valid UTF-8".into()))
         };
         let (k, v) = (decode(k)?, decode(v)?);
         if !allowed.contains(&k.as_str()) {
@@ -250,12 +304,17 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-pub(crate) fn parse_limit(query: &HashMap<String, String>, (default, max): (i64, i64)) -> Result<i64, ApiError> {
+pub(crate) fn parse_limit(
+    query: &HashMap<String, String>,
+    (default, max): (i64, i64),
+) -> Result<i64, ApiError> {
     match query.get("limit") {
         None => Ok(default),
         Some(v) => match v.parse::<i64>() {
             Ok(n) if (1..=max).contains(&n) => Ok(n),
-            _ => Err(ApiError::InvalidParameter(format!("limit: expected a whole number from 1 to {max}"))),
+            _ => Err(ApiError::InvalidParameter(format!(
+                "limit: expected a whole number from 1 to {max}"
+            ))),
         },
     }
 }
@@ -267,7 +326,9 @@ pub fn encode_cursor(last: Uuid) -> String {
 
 /// Decodes a page cursor.
 pub fn decode_cursor(cursor: &str) -> Result<Uuid, ApiError> {
-    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| ApiError::InvalidCursor)?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| ApiError::InvalidCursor)?;
     let text = String::from_utf8(bytes).map_err(|_| ApiError::InvalidCursor)?;
     let id = text.strip_prefix("v1:").ok_or(ApiError::InvalidCursor)?;
     Uuid::parse_str(id).map_err(|_| ApiError::InvalidCursor)
@@ -290,7 +351,10 @@ pub fn decode_cursor(cursor: &str) -> Result<Uuid, ApiError> {
         (status = 503, description = "dependency_unavailable", body = ErrorBody),
     )
 )]
-pub async fn list_runs(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Json<RunList>, ApiError> {
+pub async fn list_runs(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<RunList>, ApiError> {
     let query = parse_query(raw, &["status", "limit", "cursor"])?;
     let status = match query.get("status") {
         None => None,
@@ -341,9 +405,16 @@ fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
         (status = 503, description = "dependency_unavailable", body = ErrorBody),
     )
 )]
-pub async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<RunView>, ApiError> {
+pub async fn get_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunView>, ApiError> {
     let id = parse_run_id(&id)?;
-    let detail = state.store.get_run(id).await?.ok_or(ApiError::RunNotFound)?;
+    let detail = state
+        .store
+        .get_run(id)
+        .await?
+        .ok_or(ApiError::RunNotFound)?;
     Ok(Json(RunView::of(&detail)))
 }
 
@@ -373,18 +444,18 @@ pub async fn list_events(
     let query = parse_query(raw, &["after", "limit"])?;
     let after = match query.get("after") {
         None => 0,
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| *n >= 0)
-            .ok_or_else(|| ApiError::InvalidParameter("after: expected an event id (a whole number)".into()))?,
+        Some(v) => v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            ApiError::InvalidParameter("after: expected an event id (a whole number)".into())
+        })?,
     };
     let limit = parse_limit(&query, EVENTS_PAGE)?;
     let events = state.store.list_events(id, after, limit).await?;
     if events.is_empty() && !state.store.run_exists(id).await? {
         return Err(ApiError::RunNotFound);
     }
-    let next_after = (events.len() as i64 == limit).then(|| events.last().map(|e| e.id)).flatten();
+    let next_after = (events.len() as i64 == limit)
+        .then(|| events.last().map(|e| e.id))
+        .flatten();
     Ok(Json(EventList {
         run_id: id,
         events: events.iter().map(EventView::of).collect(),
@@ -417,7 +488,15 @@ pub async fn cancel_run(
             let actor = actor.map_or_else(|| "anonymous".to_string(), |Extension(a)| a.id);
             tracing::info!(run_id = %id, correlation_id = %detail.run.correlation_id, %actor, "run cancelled");
             let request_id = header_str(&headers, "x-request-id").ok().flatten();
-            audit(&state, &actor, "run.cancelled", &id.to_string(), request_id, None).await;
+            audit(
+                &state,
+                &actor,
+                "run.cancelled",
+                &id.to_string(),
+                request_id,
+                None,
+            )
+            .await;
             Ok(Json(RunView::of(&detail)))
         }
         CancelOutcome::NotFound => Err(ApiError::RunNotFound),
@@ -426,6 +505,7 @@ pub async fn cancel_run(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -439,7 +519,11 @@ mod tests {
 
     #[test]
     fn query_strings_are_decoded_and_unknown_keys_refused() {
-        let q = parse_query(Some("status=queued&cursor=a%3Db".into()), &["status", "cursor"]).unwrap();
+        let q = parse_query(
+            Some("status=queued&cursor=a%3Db".into()),
+            &["status", "cursor"],
+        )
+        .unwrap();
         assert_eq!(q["cursor"], "a=b");
         assert!(parse_query(Some("stauts=queued".into()), &["status"]).is_err());
         assert!(parse_query(Some("status=%ZZ".into()), &["status"]).is_err());

@@ -67,13 +67,19 @@ pub fn verify_key<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a ApiKey>
 
 /// The presented key: `Authorization: Bearer …` or `x-api-key`.
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
             return Some(rest.trim());
         }
     }
-    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
 }
 
 /// The client's address: the peer, or, when a trusted proxy header is
@@ -93,7 +99,9 @@ pub fn client_ip(req: &Request, security: &SecuritySettings) -> Option<IpAddr> {
             return from_header;
         }
     }
-    req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
 }
 
 struct Bucket {
@@ -138,12 +146,19 @@ impl RateLimiter {
             bucket.tokens -= 1.0;
             None
         } else {
-            Some(Duration::from_secs_f64((1.0 - bucket.tokens) / limit.per_second))
+            Some(Duration::from_secs_f64(
+                (1.0 - bucket.tokens) / limit.per_second,
+            ))
         }
     }
 
     /// Takes one token for `key`; `Err(wait)` when the bucket is empty.
-    pub async fn take(&self, redis: Option<&RedisBus>, key: &str, limit: RateLimit) -> Result<(), Duration> {
+    pub async fn take(
+        &self,
+        redis: Option<&RedisBus>,
+        key: &str,
+        limit: RateLimit,
+    ) -> Result<(), Duration> {
         if !limit.enabled() {
             return Ok(());
         }
@@ -202,15 +217,18 @@ fn retry_after(wait: Duration) -> ApiError {
 /// Per-address limit, before authentication.
 pub async fn limit_by_address(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let security = &state.settings.security;
-    if let Some(ip) = client_ip(&req, security) {
-        if let Err(wait) = state
+    if let Some(ip) = client_ip(&req, security)
+        && let Err(wait) = state
             .limiter
-            .take(state.redis.as_ref(), &format!("ip:{ip}"), security.rate_per_ip)
+            .take(
+                state.redis.as_ref(),
+                &format!("ip:{ip}"),
+                security.rate_per_ip,
+            )
             .await
-        {
-            state.metrics.rate_limited("address");
-            return retry_after(wait).into_response();
-        }
+    {
+        state.metrics.rate_limited("address");
+        return retry_after(wait).into_response();
     }
     next.run(req).await
 }
@@ -227,7 +245,8 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         let Some(presented) = presented_key(req.headers()).filter(|k| !k.is_empty()) else {
             state.auth_failures.add();
             state.metrics.auth_failed("missing");
-            return ApiError::Unauthorized("an API key is required: Authorization: Bearer <key>").into_response();
+            return ApiError::Unauthorized("an API key is required: Authorization: Bearer <key>")
+                .into_response();
         };
         let Some(key) = verify_key(&security.api_keys, presented) else {
             state.auth_failures.add();
@@ -236,7 +255,11 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         };
         if let Err(wait) = state
             .limiter
-            .take(state.redis.as_ref(), &format!("key:{}", key.id), security.rate_per_key)
+            .take(
+                state.redis.as_ref(),
+                &format!("key:{}", key.id),
+                security.rate_per_key,
+            )
             .await
         {
             state.metrics.rate_limited("key");
@@ -255,7 +278,10 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
 /// Request timeout and header limits.
 pub async fn harden(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let headers = req.headers();
-    let header_bytes: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
     if headers.len() > MAX_HEADERS || header_bytes > MAX_HEADER_BYTES {
         return ApiError::HeadersTooLarge.into_response();
     }
@@ -269,9 +295,15 @@ pub async fn harden(State(state): State<AppState>, req: Request, next: Next) -> 
 /// answers, no referrer leaks.
 pub fn security_headers() -> [(header::HeaderName, HeaderValue); 5] {
     [
-        (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
         (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
-        (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ),
         (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
         (
             header::CONTENT_SECURITY_POLICY,
@@ -302,12 +334,16 @@ pub fn cors(security: &SecuritySettings) -> Option<tower_http::cors::CorsLayer> 
                 header::HeaderName::from_static("x-request-id"),
                 header::HeaderName::from_static("x-correlation-id"),
             ])
-            .expose_headers([header::HeaderName::from_static("x-request-id"), header::LOCATION])
+            .expose_headers([
+                header::HeaderName::from_static("x-request-id"),
+                header::LOCATION,
+            ])
             .max_age(Duration::from_secs(600)),
     )
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -321,9 +357,18 @@ mod tests {
 
     #[test]
     fn keys_verify_by_hash_and_identify_by_id() {
-        let keys = [key("old", "old-secret-0123456789"), key("new", "new-secret-0123456789")];
-        assert_eq!(verify_key(&keys, "old-secret-0123456789").map(|k| k.id.as_str()), Some("old"));
-        assert_eq!(verify_key(&keys, "new-secret-0123456789").map(|k| k.id.as_str()), Some("new"));
+        let keys = [
+            key("old", "old-secret-0123456789"),
+            key("new", "new-secret-0123456789"),
+        ];
+        assert_eq!(
+            verify_key(&keys, "old-secret-0123456789").map(|k| k.id.as_str()),
+            Some("old")
+        );
+        assert_eq!(
+            verify_key(&keys, "new-secret-0123456789").map(|k| k.id.as_str()),
+            Some("new")
+        );
         assert!(verify_key(&keys, "new-secret-012345678").is_none());
         assert!(verify_key(&keys, "").is_none());
     }
@@ -331,7 +376,10 @@ mod tests {
     #[test]
     fn bearer_and_header_keys_are_both_accepted() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
         assert_eq!(presented_key(&h), Some("abc"));
         let mut h = HeaderMap::new();
         h.insert("x-api-key", HeaderValue::from_static("xyz"));
@@ -344,11 +392,20 @@ mod tests {
     #[test]
     fn local_buckets_refill_over_time_and_say_how_long_to_wait() {
         let limiter = RateLimiter::new();
-        let limit = RateLimit { per_second: 2.0, burst: 2 };
+        let limit = RateLimit {
+            per_second: 2.0,
+            burst: 2,
+        };
         assert!(limiter.take_local("k", limit).is_none());
         assert!(limiter.take_local("k", limit).is_none());
         let wait = limiter.take_local("k", limit).expect("empty bucket");
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(500), "{wait:?}");
-        assert!(limiter.take_local("other", limit).is_none(), "buckets are per key");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        assert!(
+            limiter.take_local("other", limit).is_none(),
+            "buckets are per key"
+        );
     }
 }

@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::runs::{create_from_body, NewRunRequest};
+use crate::http::runs::{NewRunRequest, create_from_body};
 use crate::http::security::client_ip;
 use crate::http::views::ErrorBody;
 use crate::model::now_ms;
@@ -77,7 +77,9 @@ pub fn verify_signature<'a>(
     let payload = signed_payload(timestamp, nonce, body);
     let mut ok = false;
     for secret in secrets {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else { continue };
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+            continue;
+        };
         mac.update(&payload);
         ok |= mac.verify_slice(&expected).is_ok();
     }
@@ -86,17 +88,35 @@ pub fn verify_signature<'a>(
 
 /// The signature headers, checked for shape only.
 pub fn signature_headers(headers: &HeaderMap) -> Result<(String, i64, String, String), ApiError> {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-    let timestamp = get("x-vm-timestamp").ok_or(ApiError::MissingSignature("x-vm-timestamp is required"))?;
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let timestamp =
+        get("x-vm-timestamp").ok_or(ApiError::MissingSignature("x-vm-timestamp is required"))?;
     let seconds: i64 = timestamp
         .parse()
         .map_err(|_| ApiError::MissingSignature("x-vm-timestamp must be Unix seconds"))?;
     let nonce = get("x-vm-nonce").ok_or(ApiError::MissingSignature("x-vm-nonce is required"))?;
-    if !(8..=128).contains(&nonce.len()) || !nonce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(ApiError::MissingSignature("x-vm-nonce must be 8 to 128 of A-Z a-z 0-9 - _"));
+    if !(8..=128).contains(&nonce.len())
+        || !nonce
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ApiError::MissingSignature(
+            "x-vm-nonce must be 8 to 128 of A-Z a-z 0-9 - _",
+        ));
     }
-    let signature = get("x-vm-signature").ok_or(ApiError::MissingSignature("x-vm-signature is required"))?;
-    Ok((timestamp.to_string(), seconds, nonce.to_string(), signature.to_string()))
+    let signature =
+        get("x-vm-signature").ok_or(ApiError::MissingSignature("x-vm-signature is required"))?;
+    Ok((
+        timestamp.to_string(),
+        seconds,
+        nonce.to_string(),
+        signature.to_string(),
+    ))
 }
 
 /// Receives one signed delivery.
@@ -135,19 +155,37 @@ pub async fn receive(
     let outcome = accept(&state, &source, req).await;
     let (code, detail) = match &outcome {
         Ok(_) => ("accepted", None),
-        Err(e) => (e.code(), address.map(|a| serde_json::json!({"address": a.to_string()}).to_string())),
+        Err(e) => (
+            e.code(),
+            address.map(|a| serde_json::json!({"address": a.to_string()}).to_string()),
+        ),
     };
     state.metrics.webhook(code);
-    let known = state.settings.security.webhook_secrets.iter().any(|s| s.source == source);
-    let actor = if known { format!("webhook:{source}") } else { "webhook:unknown".to_string() };
+    let known = state
+        .settings
+        .security
+        .webhook_secrets
+        .iter()
+        .any(|s| s.source == source);
+    let actor = if known {
+        format!("webhook:{source}")
+    } else {
+        "webhook:unknown".to_string()
+    };
     let entry = NewAudit {
         actor: &actor,
-        action: if outcome.is_ok() { "webhook.accepted" } else { "webhook.rejected" },
+        action: if outcome.is_ok() {
+            "webhook.accepted"
+        } else {
+            "webhook.rejected"
+        },
         target: known.then_some(source.as_str()),
         outcome: if outcome.is_ok() { "success" } else { code },
         request_id: request_id.as_deref(),
         detail: match &outcome {
-            Ok(a) => Some(serde_json::json!({"delivery_id": a.delivery_id, "run_id": a.run_id}).to_string()),
+            Ok(a) => Some(
+                serde_json::json!({"delivery_id": a.delivery_id, "run_id": a.run_id}).to_string(),
+            ),
             Err(_) => detail,
         },
     };
@@ -169,7 +207,8 @@ async fn accept(state: &AppState, source: &str, req: Request) -> Result<WebhookA
         return Err(ApiError::UnknownWebhookSource);
     }
     if !security.webhook_allowed.is_empty() {
-        let allowed = client_ip(&req, security).is_some_and(|ip| security.webhook_allowed.iter().any(|net| net.contains(&ip)));
+        let allowed = client_ip(&req, security)
+            .is_some_and(|ip| security.webhook_allowed.iter().any(|net| net.contains(&ip)));
         if !allowed {
             return Err(ApiError::AddressNotAllowed);
         }
@@ -192,9 +231,19 @@ async fn accept(state: &AppState, source: &str, req: Request) -> Result<WebhookA
     let fresh = match &state.redis {
         Some(bus) => match bus.remember_nonce(source, &nonce, ttl).await {
             Ok(fresh) => fresh,
-            Err(()) => state.store.remember_nonce(source, &nonce, now, now + ttl.as_millis() as i64).await?,
+            Err(()) => {
+                state
+                    .store
+                    .remember_nonce(source, &nonce, now, now + ttl.as_millis() as i64)
+                    .await?
+            }
         },
-        None => state.store.remember_nonce(source, &nonce, now, now + ttl.as_millis() as i64).await?,
+        None => {
+            state
+                .store
+                .remember_nonce(source, &nonce, now, now + ttl.as_millis() as i64)
+                .await?
+        }
     };
     if !fresh {
         return Err(ApiError::ReplayedNonce);
@@ -215,12 +264,22 @@ async fn accept(state: &AppState, source: &str, req: Request) -> Result<WebhookA
     let body_sha256 = hex::encode(Sha256::digest(&body));
     let delivery_id = state
         .store
-        .record_delivery(source, &nonce, &body_sha256, run_id.map(|id| id.to_string()).as_deref(), now)
+        .record_delivery(
+            source,
+            &nonce,
+            &body_sha256,
+            run_id.map(|id| id.to_string()).as_deref(),
+            now,
+        )
         .await?;
-    Ok(WebhookAccepted { delivery_id, run_id })
+    Ok(WebhookAccepted {
+        delivery_id,
+        run_id,
+    })
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -228,13 +287,46 @@ mod tests {
     fn a_signature_verifies_under_any_current_secret_and_nothing_else() {
         let sig = sign(b"old-secret-0123456789", "1700000000", "nonce-123", b"{}");
         let secrets: [&[u8]; 2] = [b"new-secret-0123456789", b"old-secret-0123456789"];
-        assert!(verify_signature(secrets, "1700000000", "nonce-123", b"{}", &sig));
-        assert!(!verify_signature(secrets, "1700000001", "nonce-123", b"{}", &sig), "timestamp is signed");
-        assert!(!verify_signature(secrets, "1700000000", "nonce-124", b"{}", &sig), "nonce is signed");
-        assert!(!verify_signature(secrets, "1700000000", "nonce-123", b"{ }", &sig), "body is signed");
+        assert!(verify_signature(
+            secrets,
+            "1700000000",
+            "nonce-123",
+            b"{}",
+            &sig
+        ));
+        assert!(
+            !verify_signature(secrets, "1700000001", "nonce-123", b"{}", &sig),
+            "timestamp is signed"
+        );
+        assert!(
+            !verify_signature(secrets, "1700000000", "nonce-124", b"{}", &sig),
+            "nonce is signed"
+        );
+        assert!(
+            !verify_signature(secrets, "1700000000", "nonce-123", b"{ }", &sig),
+            "body is signed"
+        );
         let only_new: [&[u8]; 1] = [b"new-secret-0123456789"];
-        assert!(!verify_signature(only_new, "1700000000", "nonce-123", b"{}", &sig));
-        assert!(!verify_signature(secrets, "1700000000", "nonce-123", b"{}", "md5=00"));
-        assert!(!verify_signature(secrets, "1700000000", "nonce-123", b"{}", "sha256=zz"));
+        assert!(!verify_signature(
+            only_new,
+            "1700000000",
+            "nonce-123",
+            b"{}",
+            &sig
+        ));
+        assert!(!verify_signature(
+            secrets,
+            "1700000000",
+            "nonce-123",
+            b"{}",
+            "md5=00"
+        ));
+        assert!(!verify_signature(
+            secrets,
+            "1700000000",
+            "nonce-123",
+            b"{}",
+            "sha256=zz"
+        ));
     }
 }

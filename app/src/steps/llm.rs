@@ -202,7 +202,10 @@ impl LlmClient {
             if e.is_timeout() {
                 ("timeout", StepError::transient("llm endpoint timed out"))
             } else {
-                ("unreachable", StepError::transient("llm endpoint unreachable"))
+                (
+                    "unreachable",
+                    StepError::transient("llm endpoint unreachable"),
+                )
             }
         })?;
         let status = response.status();
@@ -242,12 +245,17 @@ impl LlmClient {
             } else {
                 (
                     "invalid_response",
-                    StepError::permanent("llm endpoint returned a response that is not a chat completion"),
+                    StepError::permanent(
+                        "llm endpoint returned a response that is not a chat completion",
+                    ),
                 )
             }
         })?;
         let Some(choice) = parsed.choices.into_iter().next() else {
-            return Err(("invalid_response", StepError::permanent("llm endpoint returned no choices")));
+            return Err((
+                "invalid_response",
+                StepError::permanent("llm endpoint returned no choices"),
+            ));
         };
         Ok(LlmReply {
             text: choice.message.content.unwrap_or_default(),

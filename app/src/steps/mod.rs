@@ -302,7 +302,8 @@ impl StepRunner {
         ctx: &TemplateContext<'_>,
     ) -> Result<Value, StepError> {
         let render = |text: &str| -> Result<String, StepError> {
-            let template = Template::parse(text).map_err(|e| StepError::permanent(e.to_string()))?;
+            let template =
+                Template::parse(text).map_err(|e| StepError::permanent(e.to_string()))?;
             template
                 .render(index, ctx)
                 .map_err(|e| StepError::permanent(e.to_string()))
@@ -346,6 +347,7 @@ pub fn apply_transform(op: TransformOp, text: &str) -> Value {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -362,21 +364,31 @@ mod tests {
     fn missing_field_names_the_field() {
         let err = parse_steps(&[json!({"kind": "template"})], &json!({})).unwrap_err();
         assert_eq!(err.code, "invalid_step");
-        assert!(err.message.contains("missing field `template`"), "{}", err.message);
+        assert!(
+            err.message.contains("missing field `template`"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
     fn unknown_fields_are_refused_so_typos_do_not_pass_silently() {
         let err =
             parse_steps(&[json!({"kind": "delay", "ms": 1, "msx": 2})], &json!({})).unwrap_err();
-        assert!(err.message.contains("unknown field `msx`"), "{}", err.message);
+        assert!(
+            err.message.contains("unknown field `msx`"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
     fn references_to_later_steps_or_missing_input_are_refused_at_creation() {
         let err = parse_steps(
-            &[json!({"kind": "template", "template": "{{steps.1.output}}"}),
-              json!({"kind": "template", "template": "x"})],
+            &[
+                json!({"kind": "template", "template": "{{steps.1.output}}"}),
+                json!({"kind": "template", "template": "x"}),
+            ],
             &json!({}),
         )
         .unwrap_err();
@@ -387,7 +399,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.message.contains("input.name"), "{}", err.message);
-        let err = parse_steps(&[json!({"kind": "transform", "op": "trim"})], &json!({})).unwrap_err();
+        let err =
+            parse_steps(&[json!({"kind": "transform", "op": "trim"})], &json!({})).unwrap_err();
         assert!(err.message.contains("prev"), "{}", err.message);
     }
 
@@ -398,19 +411,30 @@ mod tests {
             .collect();
         assert!(parse_steps(&too_many, &json!({})).is_err());
         assert!(parse_steps(&[], &json!({})).is_err());
-        assert!(parse_steps(&[json!({"kind": "delay", "ms": MAX_DELAY_MS + 1})], &json!({})).is_err());
-        assert!(parse_steps(
-            &[json!({"kind": "llm", "prompt": "hi", "temperature": 3.0})],
-            &json!({})
-        )
-        .is_err());
+        assert!(
+            parse_steps(
+                &[json!({"kind": "delay", "ms": MAX_DELAY_MS + 1})],
+                &json!({})
+            )
+            .is_err()
+        );
+        assert!(
+            parse_steps(
+                &[json!({"kind": "llm", "prompt": "hi", "temperature": 3.0})],
+                &json!({})
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn transforms_are_deterministic() {
         assert_eq!(apply_transform(TransformOp::Uppercase, "abc"), json!("ABC"));
         assert_eq!(apply_transform(TransformOp::Reverse, "abc"), json!("cba"));
-        assert_eq!(apply_transform(TransformOp::WordCount, " a b  c "), json!(3));
+        assert_eq!(
+            apply_transform(TransformOp::WordCount, " a b  c "),
+            json!(3)
+        );
         assert_eq!(apply_transform(TransformOp::Length, "héllo"), json!(5));
         assert_eq!(apply_transform(TransformOp::Trim, "  x "), json!("x"));
     }

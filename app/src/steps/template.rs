@@ -44,7 +44,9 @@ pub enum TemplateError {
     #[error("unclosed `{{{{` at byte {0}")]
     Unclosed(usize),
     /// A reference that is not `input…`, `steps.N.output…` or `prev…`.
-    #[error("invalid reference `{0}`: expected input, steps.N.output or prev, optionally followed by .key")]
+    #[error(
+        "invalid reference `{0}`: expected input, steps.N.output or prev, optionally followed by .key"
+    )]
     Invalid(String),
     /// A reference to this step or a later one.
     #[error("reference `{0}` points at a step that has not run yet")]
@@ -94,9 +96,12 @@ impl Template {
             let Part::Ref(r) = part else { continue };
             match r.root {
                 Root::Input => {
-                    lookup(input, &r.path).ok_or_else(|| TemplateError::Missing(r.source.clone()))?;
+                    lookup(input, &r.path)
+                        .ok_or_else(|| TemplateError::Missing(r.source.clone()))?;
                 }
-                Root::Step(n) if n >= index => return Err(TemplateError::Forward(r.source.clone())),
+                Root::Step(n) if n >= index => {
+                    return Err(TemplateError::Forward(r.source.clone()));
+                }
                 Root::Prev if index == 0 => return Err(TemplateError::Forward(r.source.clone())),
                 _ => {}
             }
@@ -155,9 +160,7 @@ fn parse_reference(source: &str) -> Result<Reference, TemplateError> {
     let (root, rest) = match segments.as_slice() {
         ["input", rest @ ..] => (Root::Input, rest),
         ["prev", rest @ ..] => (Root::Prev, rest),
-        ["steps", n, "output", rest @ ..] => {
-            (Root::Step(n.parse().map_err(|_| invalid())?), rest)
-        }
+        ["steps", n, "output", rest @ ..] => (Root::Step(n.parse().map_err(|_| invalid())?), rest),
         _ => return Err(invalid()),
     };
     Ok(Reference {
@@ -176,18 +179,30 @@ fn lookup<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    fn render(text: &str, index: usize, input: Value, outputs: &[(usize, Value)]) -> Result<String, TemplateError> {
-        let ctx = TemplateContext { input: &input, outputs };
+    fn render(
+        text: &str,
+        index: usize,
+        input: Value,
+        outputs: &[(usize, Value)],
+    ) -> Result<String, TemplateError> {
+        let ctx = TemplateContext {
+            input: &input,
+            outputs,
+        };
         Template::parse(text)?.render(index, &ctx)
     }
 
     #[test]
     fn renders_input_paths_step_outputs_and_prev() {
-        let outputs = [(0, json!("first")), (1, json!({"text": "second", "n": [1, 2]}))];
+        let outputs = [
+            (0, json!("first")),
+            (1, json!({"text": "second", "n": [1, 2]})),
+        ];
         let out = render(
             "{{input.name}}|{{ steps.0.output }}|{{prev.text}}|{{prev.n.1}}|{{input}}",
             2,
@@ -200,10 +215,22 @@ mod tests {
 
     #[test]
     fn unclosed_and_invalid_references_are_syntax_errors() {
-        assert_eq!(Template::parse("a {{input").unwrap_err(), TemplateError::Unclosed(2));
-        assert!(matches!(Template::parse("{{ env.HOME }}"), Err(TemplateError::Invalid(_))));
-        assert!(matches!(Template::parse("{{steps.x.output}}"), Err(TemplateError::Invalid(_))));
-        assert!(matches!(Template::parse("{{input..a}}"), Err(TemplateError::Invalid(_))));
+        assert_eq!(
+            Template::parse("a {{input").unwrap_err(),
+            TemplateError::Unclosed(2)
+        );
+        assert!(matches!(
+            Template::parse("{{ env.HOME }}"),
+            Err(TemplateError::Invalid(_))
+        ));
+        assert!(matches!(
+            Template::parse("{{steps.x.output}}"),
+            Err(TemplateError::Invalid(_))
+        ));
+        assert!(matches!(
+            Template::parse("{{input..a}}"),
+            Err(TemplateError::Invalid(_))
+        ));
     }
 
     #[test]

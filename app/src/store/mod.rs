@@ -49,7 +49,9 @@ pub enum StoreError {
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The schema is older than this build expects.
-    #[error("database schema is at version {found}, this build needs {expected}: run `vm-webapp migrate`")]
+    #[error(
+        "database schema is at version {found}, this build needs {expected}: run `vm-webapp migrate`"
+    )]
     SchemaBehind {
         /// Applied version.
         found: i64,
@@ -184,14 +186,38 @@ impl<'a> NewEvent<'a> {
 fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 3] {
     match backend {
         DbBackend::Postgres => [
-            (1, "runs and queue", include_str!("../../migrations/postgres/0001_runs_and_queue.sql")),
-            (2, "worker heartbeats", include_str!("../../migrations/postgres/0002_worker_heartbeats.sql")),
-            (3, "audit and webhooks", include_str!("../../migrations/postgres/0003_audit_and_webhooks.sql")),
+            (
+                1,
+                "runs and queue",
+                include_str!("../../migrations/postgres/0001_runs_and_queue.sql"),
+            ),
+            (
+                2,
+                "worker heartbeats",
+                include_str!("../../migrations/postgres/0002_worker_heartbeats.sql"),
+            ),
+            (
+                3,
+                "audit and webhooks",
+                include_str!("../../migrations/postgres/0003_audit_and_webhooks.sql"),
+            ),
         ],
         DbBackend::Sqlite => [
-            (1, "runs and queue", include_str!("../../migrations/sqlite/0001_runs_and_queue.sql")),
-            (2, "worker heartbeats", include_str!("../../migrations/sqlite/0002_worker_heartbeats.sql")),
-            (3, "audit and webhooks", include_str!("../../migrations/sqlite/0003_audit_and_webhooks.sql")),
+            (
+                1,
+                "runs and queue",
+                include_str!("../../migrations/sqlite/0001_runs_and_queue.sql"),
+            ),
+            (
+                2,
+                "worker heartbeats",
+                include_str!("../../migrations/sqlite/0002_worker_heartbeats.sql"),
+            ),
+            (
+                3,
+                "audit and webhooks",
+                include_str!("../../migrations/sqlite/0003_audit_and_webhooks.sql"),
+            ),
         ],
     }
 }
@@ -200,7 +226,13 @@ fn migrator(backend: DbBackend) -> Migrator {
     let migrations = migration_sources(backend)
         .into_iter()
         .map(|(version, description, sql)| {
-            Migration::new(version, Cow::Borrowed(description), MigrationType::Simple, Cow::Borrowed(sql), false)
+            Migration::new(
+                version,
+                Cow::Borrowed(description),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
         })
         .collect::<Vec<_>>();
     Migrator {
@@ -243,12 +275,11 @@ impl Store {
     /// (and its directory) if needed and switches it to WAL.
     pub async fn connect(db: &DatabaseSettings, max_connections: u32) -> Result<Self> {
         sqlx::any::install_default_drivers();
-        if db.backend == DbBackend::Sqlite {
-            if let Some(path) = sqlite_path(db.url.expose()) {
-                if let Some(dir) = std::path::Path::new(&path).parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(e.into()))?;
-                }
-            }
+        if db.backend == DbBackend::Sqlite
+            && let Some(path) = sqlite_path(db.url.expose())
+            && let Some(dir) = std::path::Path::new(&path).parent()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(e.into()))?;
         }
         let backend = db.backend;
         let pool = AnyPoolOptions::new()
@@ -257,8 +288,12 @@ impl Store {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == DbBackend::Sqlite {
-                        sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
                     }
                     Ok(())
                 })
@@ -266,7 +301,9 @@ impl Store {
             .connect(db.url.expose())
             .await?;
         if backend == DbBackend::Sqlite {
-            sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
         }
         Ok(Self { pool, backend })
     }
@@ -295,14 +332,19 @@ impl Store {
 
     /// The newest migration this build knows.
     pub fn expected_schema_version(&self) -> i64 {
-        migrator(self.backend).iter().map(|m| m.version).max().unwrap_or(0)
+        migrator(self.backend)
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The newest applied migration (0 when none).
     pub async fn schema_version(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT MAX(version) AS v FROM _sqlx_migrations WHERE success = TRUE")
-            .fetch_one(&self.pool)
-            .await;
+        let row =
+            sqlx::query("SELECT MAX(version) AS v FROM _sqlx_migrations WHERE success = TRUE")
+                .fetch_one(&self.pool)
+                .await;
         match row {
             Ok(row) => Ok(row.try_get::<Option<i64>, _>("v")?.unwrap_or(0)),
             Err(sqlx::Error::Database(_)) => Ok(0),
@@ -331,7 +373,11 @@ impl Store {
         Ok(self.pool.begin().await?)
     }
 
-    async fn insert_events(tx: &mut Transaction<'static, Any>, events: &[NewEvent<'_>], now: i64) -> Result<()> {
+    async fn insert_events(
+        tx: &mut Transaction<'static, Any>,
+        events: &[NewEvent<'_>],
+        now: i64,
+    ) -> Result<()> {
         for chunk in events.chunks(100) {
             let values: Vec<String> = (0..chunk.len())
                 .map(|i| format!("({})", placeholders(i * 7 + 1, 7)))
@@ -412,7 +458,8 @@ impl Store {
         q.execute(&mut *tx).await?;
         Self::insert_events(
             &mut tx,
-            &[NewEvent::run(&id_text, "run.queued").data(serde_json::json!({"steps": new.steps.len()}))],
+            &[NewEvent::run(&id_text, "run.queued")
+                .data(serde_json::json!({"steps": new.steps.len()}))],
             now,
         )
         .await?;
@@ -481,10 +528,13 @@ impl Store {
     /// A run with the state of each step, or `None`.
     pub async fn get_run(&self, id: Uuid) -> Result<Option<RunDetail>> {
         let id_text = id.to_string();
-        let Some(row) = sqlx::query(&format!("SELECT {} FROM runs WHERE id = $1", Self::RUN_COLUMNS))
-            .bind(&id_text)
-            .fetch_optional(&self.pool)
-            .await?
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {} FROM runs WHERE id = $1",
+            Self::RUN_COLUMNS
+        ))
+        .bind(&id_text)
+        .fetch_optional(&self.pool)
+        .await?
         else {
             return Ok(None);
         };
@@ -492,25 +542,31 @@ impl Store {
         // Jobs are read before results: a completion moves a step from the
         // first to the second in one transaction, so this order never shows a
         // finished step as missing.
-        let jobs = sqlx::query("SELECT step_index, state, attempt, last_error FROM jobs WHERE run_id = $1")
-            .bind(&id_text)
-            .fetch_all(&self.pool)
-            .await?;
-        let results = sqlx::query("SELECT step_index, output, attempt FROM step_results WHERE run_id = $1")
-            .bind(&id_text)
-            .fetch_all(&self.pool)
-            .await?;
-        let dead = sqlx::query("SELECT step_index, attempts, last_error FROM dead_jobs WHERE run_id = $1")
-            .bind(&id_text)
-            .fetch_all(&self.pool)
-            .await?;
+        let jobs = sqlx::query(
+            "SELECT step_index, state, attempt, last_error FROM jobs WHERE run_id = $1",
+        )
+        .bind(&id_text)
+        .fetch_all(&self.pool)
+        .await?;
+        let results =
+            sqlx::query("SELECT step_index, output, attempt FROM step_results WHERE run_id = $1")
+                .bind(&id_text)
+                .fetch_all(&self.pool)
+                .await?;
+        let dead =
+            sqlx::query("SELECT step_index, attempts, last_error FROM dead_jobs WHERE run_id = $1")
+                .bind(&id_text)
+                .fetch_all(&self.pool)
+                .await?;
 
         let mut steps = StepState::all(&run.steps, |_| StepStatus::Skipped);
         let slot = |steps: &mut Vec<StepState>, index: i64| -> Option<usize> {
             usize::try_from(index).ok().filter(|i| *i < steps.len())
         };
         for row in &jobs {
-            let Some(i) = slot(&mut steps, row.try_get("step_index")?) else { continue };
+            let Some(i) = slot(&mut steps, row.try_get("step_index")?) else {
+                continue;
+            };
             let state: String = row.try_get("state")?;
             steps[i].status = match state.as_str() {
                 "waiting" => StepStatus::Pending,
@@ -521,14 +577,21 @@ impl Store {
             steps[i].error = row.try_get("last_error")?;
         }
         for row in &results {
-            let Some(i) = slot(&mut steps, row.try_get("step_index")?) else { continue };
+            let Some(i) = slot(&mut steps, row.try_get("step_index")?) else {
+                continue;
+            };
             steps[i].status = StepStatus::Succeeded;
             steps[i].attempts = row.try_get("attempt")?;
-            steps[i].output = Some(parse_json(&row.try_get::<String, _>("output")?, "step output")?);
+            steps[i].output = Some(parse_json(
+                &row.try_get::<String, _>("output")?,
+                "step output",
+            )?);
             steps[i].error = None;
         }
         for row in &dead {
-            let Some(i) = slot(&mut steps, row.try_get("step_index")?) else { continue };
+            let Some(i) = slot(&mut steps, row.try_get("step_index")?) else {
+                continue;
+            };
             steps[i].status = StepStatus::Failed;
             steps[i].attempts = row.try_get("attempts")?;
             steps[i].error = Some(row.try_get("last_error")?);
@@ -659,7 +722,13 @@ impl Store {
 
     /// Claims up to `limit` claimable jobs for `worker`, leasing them until
     /// `now + lease`, and records the transitions.
-    pub async fn claim(&self, worker: &str, limit: i64, now: i64, lease: Duration) -> Result<Vec<ClaimedJob>> {
+    pub async fn claim(
+        &self,
+        worker: &str,
+        limit: i64,
+        now: i64,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedJob>> {
         let lease_until = now + lease.as_millis() as i64;
         let returning = "RETURNING jobs.id, jobs.run_id, jobs.correlation_id, jobs.step_index, \
                          jobs.step_count, jobs.payload, jobs.attempt, jobs.max_attempts";
@@ -756,7 +825,12 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let mut events = vec![NewEvent::step(&run_id, "step.succeeded", job.step_index, job.attempt)];
+        let mut events = vec![NewEvent::step(
+            &run_id,
+            "step.succeeded",
+            job.step_index,
+            job.attempt,
+        )];
         if job.step_index + 1 < job.step_count {
             sqlx::query(
                 "UPDATE jobs SET state = 'queued', run_at = $3 \
@@ -786,16 +860,24 @@ impl Store {
 
     /// Deletes the claimed job if the claim is still valid.
     async fn take_job(tx: &mut Transaction<'static, Any>, job: &ClaimedJob) -> Result<bool> {
-        Ok(sqlx::query("DELETE FROM jobs WHERE id = $1 AND attempt = $2 AND state = 'running' RETURNING id")
-            .bind(job.id)
-            .bind(job.attempt)
-            .fetch_optional(&mut **tx)
-            .await?
-            .is_some())
+        Ok(sqlx::query(
+            "DELETE FROM jobs WHERE id = $1 AND attempt = $2 AND state = 'running' RETURNING id",
+        )
+        .bind(job.id)
+        .bind(job.attempt)
+        .fetch_optional(&mut **tx)
+        .await?
+        .is_some())
     }
 
     /// Puts a failed delivery back in the queue, claimable from `run_at`.
-    pub async fn retry(&self, job: &ClaimedJob, error: &str, run_at: i64, now: i64) -> Result<Finish> {
+    pub async fn retry(
+        &self,
+        job: &ClaimedJob,
+        error: &str,
+        run_at: i64,
+        now: i64,
+    ) -> Result<Finish> {
         let run_id = job.run_id.to_string();
         let event = NewEvent::step(&run_id, "step.retry_scheduled", job.step_index, job.attempt)
             .message(error)
@@ -870,7 +952,12 @@ impl Store {
             .bind(&run_id)
             .execute(&mut *tx)
             .await?;
-        let reason = format!("step {} ({}) failed after {} attempt(s): {error}", job.step_index, job.step.kind(), job.attempt);
+        let reason = format!(
+            "step {} ({}) failed after {} attempt(s): {error}",
+            job.step_index,
+            job.step.kind(),
+            job.attempt
+        );
         sqlx::query(
             "UPDATE runs SET status = 'failed', error = $2, finished_at = $3, updated_at = $3 \
              WHERE id = $1 AND status IN ('queued', 'running')",
@@ -883,7 +970,8 @@ impl Store {
         Self::insert_events(
             &mut tx,
             &[
-                NewEvent::step(&run_id, "step.dead_lettered", job.step_index, job.attempt).message(error),
+                NewEvent::step(&run_id, "step.dead_lettered", job.step_index, job.attempt)
+                    .message(error),
                 NewEvent::run(&run_id, "run.failed").message(reason.clone()),
             ],
             now,
@@ -938,8 +1026,13 @@ impl Store {
             let mut events = Vec::new();
             for (row, run_id) in rows.iter().zip(&run_ids) {
                 events.push(
-                    NewEvent::step(run_id, "step.lease_expired", row.try_get("step_index")?, row.try_get("attempt")?)
-                        .message("lease expired; the step will be delivered again"),
+                    NewEvent::step(
+                        run_id,
+                        "step.lease_expired",
+                        row.try_get("step_index")?,
+                        row.try_get("attempt")?,
+                    )
+                    .message("lease expired; the step will be delivered again"),
                 );
             }
             Self::insert_events(&mut tx, &events, now).await?;
@@ -984,16 +1077,21 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         let input = parse_json(&row.try_get::<String, _>("input")?, "run input")?;
-        let outputs = sqlx::query("SELECT step_index, output FROM step_results WHERE run_id = $1 ORDER BY step_index")
-            .bind(&id)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                let i: i64 = r.try_get("step_index")?;
-                Ok((i as usize, parse_json(&r.try_get::<String, _>("output")?, "step output")?))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let outputs = sqlx::query(
+            "SELECT step_index, output FROM step_results WHERE run_id = $1 ORDER BY step_index",
+        )
+        .bind(&id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let i: i64 = r.try_get("step_index")?;
+            Ok((
+                i as usize,
+                parse_json(&r.try_get::<String, _>("output")?, "step output")?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
         Ok((input, outputs))
     }
 
@@ -1051,7 +1149,11 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         let oldest: Option<i64> = dead.try_get("oldest")?;
-        rows.push(("dead".to_string(), dead.try_get("n")?, oldest.map_or(0, |o| (now - o).max(0))));
+        rows.push((
+            "dead".to_string(),
+            dead.try_get("n")?,
+            oldest.map_or(0, |o| (now - o).max(0)),
+        ));
         for state in ["waiting", "queued", "running"] {
             if !rows.iter().any(|(s, _, _)| s == state) {
                 rows.push((state.to_string(), 0, 0));
@@ -1086,38 +1188,51 @@ impl Store {
 
     /// Time (ms) of the freshest worker heartbeat, if any worker ever beat.
     pub async fn last_heartbeat(&self) -> Result<Option<i64>> {
-        Ok(sqlx::query("SELECT MAX(last_beat_at) AS t FROM worker_heartbeats")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("t")?)
+        Ok(
+            sqlx::query("SELECT MAX(last_beat_at) AS t FROM worker_heartbeats")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("t")?,
+        )
     }
 
     /// How many results are recorded for one step (the exactly-once check).
     pub async fn result_count(&self, run_id: Uuid, step_index: i64) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM step_results WHERE run_id = $1 AND step_index = $2")
-            .bind(run_id.to_string())
-            .bind(step_index)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("n")?)
+        Ok(sqlx::query(
+            "SELECT COUNT(*) AS n FROM step_results WHERE run_id = $1 AND step_index = $2",
+        )
+        .bind(run_id.to_string())
+        .bind(step_index)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?)
     }
 }
 
 /// The file path of a `sqlite:` URL, if it names a file.
 fn sqlite_path(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next()?;
     (!path.is_empty() && path != ":memory:").then(|| path.to_string())
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn sqlite_paths_are_extracted_from_urls() {
-        assert_eq!(sqlite_path("sqlite://var/vm/x.db?mode=rwc").as_deref(), Some("var/vm/x.db"));
-        assert_eq!(sqlite_path("sqlite:///abs/x.db").as_deref(), Some("/abs/x.db"));
+        assert_eq!(
+            sqlite_path("sqlite://var/vm/x.db?mode=rwc").as_deref(),
+            Some("var/vm/x.db")
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///abs/x.db").as_deref(),
+            Some("/abs/x.db")
+        );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
     }
 

@@ -110,7 +110,9 @@ impl Store {
             n += 1;
             clauses.push(format!("id < ${n}"));
         }
-        let mut sql = "SELECT id, at, actor, action, target, outcome, request_id, detail FROM audit_log".to_string();
+        let mut sql =
+            "SELECT id, at, actor, action, target, outcome, request_id, detail FROM audit_log"
+                .to_string();
         if !clauses.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&clauses.join(" AND "));
@@ -144,7 +146,13 @@ impl Store {
 
     /// Remembers a webhook nonce until `expires_at`; false when it was already
     /// remembered (a replay). Expired nonces are dropped on the way.
-    pub async fn remember_nonce(&self, source: &str, nonce: &str, now: i64, expires_at: i64) -> Result<bool> {
+    pub async fn remember_nonce(
+        &self,
+        source: &str,
+        nonce: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<bool> {
         let inserted = sqlx::query(
             "INSERT INTO webhook_nonces (source, nonce, expires_at) VALUES ($1, $2, $3) \
              ON CONFLICT (source, nonce) DO NOTHING RETURNING nonce",
@@ -208,12 +216,17 @@ impl Store {
             return Ok(());
         }
         if role.is_empty() || !role.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(StoreError::Corrupt("runtime role name must be letters, digits and _".into()));
+            return Err(StoreError::Corrupt(
+                "runtime role name must be letters, digits and _".into(),
+            ));
         }
         let quoted = format!("\"{role}\"");
         let mut statements = vec![
             format!("GRANT USAGE ON SCHEMA public TO {quoted}"),
-            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {quoted}", RUNTIME_TABLES.join(", ")),
+            format!(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {quoted}",
+                RUNTIME_TABLES.join(", ")
+            ),
             format!("GRANT SELECT, INSERT, DELETE ON webhook_nonces TO {quoted}"),
             format!("GRANT SELECT ON _sqlx_migrations TO {quoted}"),
             format!("REVOKE UPDATE, DELETE, TRUNCATE ON audit_log FROM {quoted}"),

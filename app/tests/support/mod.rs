@@ -1,7 +1,7 @@
 //! Test support shared by the integration suites and the benchmark: a real
 //! PostgreSQL server on loopback, per-test databases and settings, a fake
 //! chat-completions server, and small HTTP helpers.
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, clippy::zombie_processes)]
 
 pub mod fake_llm;
 pub mod pg;
@@ -79,14 +79,21 @@ impl TestEnv {
         let mut all: Vec<(&str, &str)> = vec![("VM_DB_URL", &url), ("VM_WORKSPACE_ROOT", &root)];
         all.extend_from_slice(vars);
         let settings = Arc::new(settings_from(&all).expect("test settings are valid"));
-        let store = Store::connect(&settings.database, 10).await.expect("connect");
-        TestEnv { settings, store, dir }
+        let store = Store::connect(&settings.database, 10)
+            .await
+            .expect("connect");
+        TestEnv {
+            settings,
+            store,
+            dir,
+        }
     }
 
     /// A migrated database at `url` (a fresh SQLite file when `None`).
     pub async fn at(url: Option<String>, vars: &[(&str, &str)]) -> TestEnv {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = url.unwrap_or_else(|| format!("sqlite://{}/test.db?mode=rwc", dir.path().display()));
+        let url =
+            url.unwrap_or_else(|| format!("sqlite://{}/test.db?mode=rwc", dir.path().display()));
         let root = dir.path().display().to_string();
         let mut all: Vec<(&str, &str)> = vec![("VM_DB_URL", &url), ("VM_WORKSPACE_ROOT", &root)];
         all.extend_from_slice(vars);
