@@ -317,7 +317,13 @@ async fn process(
     job: ClaimedJob,
 ) -> JobOutcome {
     debug!("step started");
-    let context = match store.run_context(job.run_id).await {
+    // Steps without references (constant templates, delays) skip two reads.
+    let loaded = if job.step.needs_context() {
+        store.run_context(job.run_id).await
+    } else {
+        Ok((serde_json::Value::Null, Vec::new()))
+    };
+    let context = match loaded {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "could not load the run context");

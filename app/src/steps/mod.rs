@@ -100,6 +100,14 @@ impl StepSpec {
         }
     }
 
+    /// Whether executing the step needs the run's input or earlier outputs;
+    /// when not, the worker skips reading them.
+    pub fn needs_context(&self) -> bool {
+        self.templates()
+            .iter()
+            .any(|(_, text)| Template::parse(text).map_or(true, |t| t.has_references()))
+    }
+
     fn templates(&self) -> Vec<(&'static str, &str)> {
         match self {
             StepSpec::Template { template } => vec![("template", template)],
@@ -425,6 +433,22 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn only_steps_with_references_need_the_run_context() {
+        let steps = parse_steps(
+            &[
+                json!({"kind": "template", "template": "constant"}),
+                json!({"kind": "delay", "ms": 1}),
+                json!({"kind": "transform", "op": "trim"}),
+                json!({"kind": "llm", "prompt": "hi", "system": "{{input.x}}"}),
+            ],
+            &json!({"x": 1}),
+        )
+        .unwrap();
+        let needs: Vec<bool> = steps.iter().map(StepSpec::needs_context).collect();
+        assert_eq!(needs, [false, false, true, true]);
     }
 
     #[test]

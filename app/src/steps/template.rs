@@ -89,6 +89,12 @@ impl Template {
         Ok(Self { parts })
     }
 
+    /// Whether the template refers to anything at all (else it renders to
+    /// itself and needs no context).
+    pub fn has_references(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Ref(_)))
+    }
+
     /// Checks, before the run is accepted, that the template of step `index`
     /// only points at earlier steps and at paths that exist in `input`.
     pub fn check_references(&self, index: usize, input: &Value) -> Result<(), TemplateError> {
