@@ -4,9 +4,10 @@
 CARGO ?= cargo
 HOST ?= 127.0.0.1
 PORT ?= 8000
+VENV ?= .venv-test
 
 .DEFAULT_GOAL := help
-.PHONY: help run test deps build bench fmt lint check-config migrate crd render rbac golden e2e run-operator clean
+.PHONY: help run test test-chart deps build bench fmt lint check-config migrate crd render rbac golden e2e run-operator clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -17,9 +18,15 @@ run: ## Run the app locally: embedded SQLite under ./var/vm, in-process worker, 
 test: deps ## Install what the tests need (if missing), then run every test
 	$(CARGO) test --workspace
 	$(CARGO) test --workspace --benches --no-run
+	$(VENV)/bin/python -m pytest -q tests
 
-deps: ## Install the test dependencies (PostgreSQL 15 server binaries, Redis) when missing
+test-chart: ## Chart, alert and docs tests only (pytest with real Helm; needs the built binaries)
+	VENV=$(VENV) ./scripts/install-chart-test-deps.sh
+	$(VENV)/bin/python -m pytest -q tests
+
+deps: ## Install the test dependencies (PostgreSQL 15, Redis, Python venv with Helm's SDK, Lua) when missing
 	./scripts/install-test-deps.sh
+	VENV=$(VENV) ./scripts/install-chart-test-deps.sh
 
 build: ## Build everything
 	$(CARGO) build --workspace --all-targets
@@ -42,6 +49,7 @@ migrate: ## Apply database migrations to VM_DB_URL (or the embedded SQLite)
 
 crd: ## Regenerate the checked-in CRD from the operator's types
 	$(CARGO) run -q -p vm-operator -- crd > crds/vmwebapps.webapp.vm.dev.yaml
+	cp crds/vmwebapps.webapp.vm.dev.yaml charts/vm-operator/files/crds/
 
 render: ## Print what a reconcile of examples/production.yaml applies (no cluster needed)
 	$(CARGO) run -q -p vm-operator -- render -f examples/production.yaml
@@ -60,4 +68,4 @@ run-operator: ## Run the operator against the current kubeconfig (one replica, n
 
 clean: ## Remove build output and local data
 	$(CARGO) clean
-	rm -rf var
+	rm -rf var $(VENV)
