@@ -106,4 +106,12 @@ pub mod app {
     pub const HEALTH_PORT_NAME: &str = "health";
     /// Non-root user and group the containers run as.
     pub const RUN_AS_USER: i64 = 10001;
+    /// The app's `VM_REQUEST_TIMEOUT_MS` default: the longest an in-flight request runs
+    /// after SIGTERM unless `spec.api.requestTimeoutMs` says otherwise.
+    pub const DEFAULT_REQUEST_TIMEOUT_MS: i64 = 30_000;
+    /// The variable bounding how long claimed jobs may run after SIGTERM; settable through
+    /// `spec.env`, so the termination grace periods read it from there.
+    pub const SHUTDOWN_GRACE_VAR: &str = "VM_SHUTDOWN_GRACE_MS";
+    /// The app's `VM_SHUTDOWN_GRACE_MS` default.
+    pub const DEFAULT_SHUTDOWN_GRACE_MS: i64 = 20_000;
 }

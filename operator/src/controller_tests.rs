@@ -79,47 +79,50 @@ fn container(deployment_patch: &Value) -> &Value {
     &deployment_patch["spec"]["template"]["spec"]["containers"][0]
 }
 
-fn prod_secrets(ns: &str) -> [(&'static str, Value); 3] {
-    [
-        (
-            "vm-db",
-            secret(ns, "vm-db", &[("url", "postgres://user:db-password@db/vm")]),
-        ),
-        (
-            "vm-llm",
-            secret(ns, "vm-llm", &[("api-key", "sk-llm-secret")]),
-        ),
-        (
-            "vm-redis",
-            secret(ns, "vm-redis", &[("url", "redis://:redis-password@redis")]),
-        ),
-    ]
+/// The production example's Secrets, in the order a reconcile reads them (by name), with
+/// values whose distinctive parts [`assert_no_secret_values`] looks for in request bodies.
+fn prod_secrets(ns: &str) -> [(&'static str, Value); 6] {
+    PROD_SECRET_DATA.map(|(name, key, value)| (name, secret(ns, name, &[(key, value)])))
 }
+
+const PROD_SECRET_DATA: [(&str, &str, &str); 6] = [
+    ("vm-api-keys", "keys", "ops:api-key-secret-0123456789:admin"),
+    ("vm-db", "url", "postgres://user:db-password@db/vm"),
+    (
+        "vm-db-owner",
+        "url",
+        "postgres://owner:owner-password@db/vm",
+    ),
+    ("vm-llm", "api-key", "sk-llm-secret"),
+    ("vm-redis", "url", "redis://:redis-password@redis"),
+    ("vm-webhooks", "secrets", "github:webhook-secret-0123456789"),
+];
 
 fn prod_desired(app: &VmWebapp, image: &str) -> Desired {
     let mut inputs = Inputs::offline(app);
     inputs.serving_image = image.into();
-    inputs.secret_data = [
-        (
-            ("vm-db".into(), "url".into()),
-            Some(b"postgres://user:db-password@db/vm".to_vec()),
-        ),
-        (
-            ("vm-redis".into(), "url".into()),
-            Some(b"redis://:redis-password@redis".to_vec()),
-        ),
-        (
-            ("vm-llm".into(), "api-key".into()),
-            Some(b"sk-llm-secret".to_vec()),
-        ),
-    ]
-    .into();
+    inputs.secret_data = PROD_SECRET_DATA
+        .iter()
+        .map(|(name, key, value)| {
+            (
+                ((*name).to_owned(), (*key).to_owned()),
+                Some(value.as_bytes().to_vec()),
+            )
+        })
+        .collect();
     builders::build(app, &inputs).expect("builds")
 }
 
 fn assert_no_secret_values(bodies: &[String]) {
     for b in bodies {
-        for secret in ["db-password", "redis-password", "sk-llm-secret"] {
+        for secret in [
+            "db-password",
+            "owner-password",
+            "redis-password",
+            "sk-llm-secret",
+            "api-key-secret",
+            "webhook-secret",
+        ] {
             assert!(
                 !b.contains(secret),
                 "a request body carries a secret value: {b}"
@@ -281,13 +284,18 @@ async fn hand_edited_child_is_restored() {
 
 #[tokio::test]
 async fn missing_secret_degrades_names_it_and_warns_without_touching_children() {
+    // The API keys Secret is the one most likely to be forgotten when moving to
+    // production; without it the new pods would crash-loop on VM_API_KEYS.
     let app = app_from_example(PRODUCTION, "vm-prod");
     let p = Paths::of(&app);
-    let [db, llm, _redis] = prod_secrets("vm-prod");
+    let [_keys, db, owner, llm, redis, hooks] = prod_secrets("vm-prod");
     let script = vec![
-        Expect::get(p.secret("vm-db"), Reply::Object(db.1)),
-        Expect::get(p.secret("vm-llm"), Reply::Object(llm.1)),
-        Expect::get(p.secret("vm-redis"), Reply::NotFound),
+        Expect::get(p.secret("vm-api-keys"), Reply::NotFound),
+        Expect::get(p.secret(db.0), Reply::Object(db.1)),
+        Expect::get(p.secret(owner.0), Reply::Object(owner.1)),
+        Expect::get(p.secret(llm.0), Reply::Object(llm.1)),
+        Expect::get(p.secret(redis.0), Reply::Object(redis.1)),
+        Expect::get(p.secret(hooks.0), Reply::Object(hooks.1)),
         Expect::get(p.deployment(&p.api()), Reply::NotFound),
         Expect::get(p.deployment(&p.worker()), Reply::NotFound),
         Expect::apply(p.status(), |b| {
@@ -300,7 +308,7 @@ async fn missing_secret_degrades_names_it_and_warns_without_touching_children() 
                 d["message"]
                     .as_str()
                     .unwrap_or_default()
-                    .contains("vm-redis/url"),
+                    .contains("vm-api-keys/keys"),
                 "{d}"
             );
             assert_eq!(condition(b, "Ready")["status"], "False");
@@ -314,7 +322,7 @@ async fn missing_secret_degrades_names_it_and_warns_without_touching_children() 
                 b["note"]
                     .as_str()
                     .unwrap_or_default()
-                    .contains("vm-redis/url")
+                    .contains("vm-api-keys/keys")
             );
         }),
     ];
@@ -331,11 +339,11 @@ async fn missing_secret_degrades_names_it_and_warns_without_touching_children() 
 /// Requests up to the migration decision for the production example, with the
 /// Deployments currently running `serving`.
 fn prod_prefix(app: &VmWebapp, serving: &Desired, p: &Paths) -> Vec<Expect> {
-    let [db, llm, redis] = prod_secrets(&p.ns);
-    vec![
-        Expect::get(p.secret(db.0), Reply::Object(db.1)),
-        Expect::get(p.secret(llm.0), Reply::Object(llm.1)),
-        Expect::get(p.secret(redis.0), Reply::Object(redis.1)),
+    let mut script: Vec<Expect> = prod_secrets(&p.ns)
+        .into_iter()
+        .map(|(name, secret)| Expect::get(p.secret(name), Reply::Object(secret)))
+        .collect();
+    script.extend([
         Expect::get(
             p.deployment(&p.api()),
             Reply::Object(live(&serving.api_deployment)),
@@ -349,7 +357,8 @@ fn prod_prefix(app: &VmWebapp, serving: &Desired, p: &Paths) -> Vec<Expect> {
         Expect::get(p.svc(), Reply::Object(live(&serving.service))),
         // The job is named after the spec image.
         Expect::get(p.job(&app.spec.image), Reply::NotFound),
-    ]
+    ]);
+    script
 }
 
 fn prod_suffix(serving: &Desired, p: &Paths) -> Vec<Expect> {

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("has(self.database) || !self.migrations.enabled").message("spec.migrations.enabled needs spec.database: without a shared database the migration Job would migrate a throwaway file"),
     validation = Rule::new("has(self.database) || self.appEnv == 'local'").message("appEnv staging and production need spec.database: only local mode embeds SQLite"),
     validation = Rule::new("self.api.port != self.worker.healthPort").message("spec.api.port and spec.worker.healthPort must differ"),
+    validation = Rule::new("self.appEnv != 'production' || (has(self.auth) && has(self.auth.apiKeys))").message("appEnv production requires spec.auth.apiKeys: the app refuses to start in production without API keys (VM_API_KEYS)").reason(Reason::FieldValueRequired),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VmWebappSpec {
@@ -74,6 +75,14 @@ pub struct VmWebappSpec {
     #[serde(default)]
     pub llm: LlmSpec,
 
+    /// Who may call the API. Required in production (`appEnv: production`).
+    #[serde(default)]
+    pub auth: AuthSpec,
+
+    /// Signed webhook deliveries (`POST /api/v2/webhooks/{source}`), served by the API.
+    #[serde(default)]
+    pub webhooks: WebhooksSpec,
+
     /// Log level of the app, passed as `LOG_LEVEL` (for example `info`, `debug`, `warn`).
     #[serde(default = "default_log_level")]
     #[schemars(length(min = 1, max = 64))]
@@ -96,9 +105,11 @@ pub struct VmWebappSpec {
     pub migrations: MigrationsSpec,
 
     /// Extra environment variables for every container. Names the operator sets itself
-    /// (`APP_ENV`, `VM_*`, `KIMI_*`, `LOG_*`, `PORT`) are rejected.
+    /// (`APP_ENV`, `LOG_*`, `PORT`, `KIMI_*` and the `VM_*` variables behind spec fields)
+    /// are rejected; other app settings (for example `VM_SHUTDOWN_GRACE_MS` or
+    /// `VM_WORKER_STALE_MS`) may be set here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(validation = Rule::new("self.all(e, !(e.name in ['APP_ENV', 'VM_ENABLE_MANAGED_MODE', 'VM_DB_URL', 'VM_REDIS_URL', 'VM_WORKSPACE_ROOT', 'KIMI_MODEL', 'KIMI_BASE_URL', 'KIMI_API_KEY', 'LOG_LEVEL', 'LOG_FORMAT', 'PORT']))").message("spec.env must not set a variable the operator manages"))]
+    #[x_kube(validation = Rule::new("self.all(e, !(e.name in ['APP_ENV', 'VM_ENABLE_MANAGED_MODE', 'VM_DB_URL', 'VM_REDIS_URL', 'VM_WORKSPACE_ROOT', 'KIMI_MODEL', 'KIMI_BASE_URL', 'KIMI_API_KEY', 'LOG_LEVEL', 'LOG_FORMAT', 'PORT', 'VM_API_KEYS', 'VM_WEBHOOK_SECRETS', 'VM_WEBHOOK_TOLERANCE_SECONDS', 'VM_WEBHOOK_ALLOWED_CIDRS', 'VM_TRUSTED_PROXY_HEADER', 'VM_RATE_LIMIT_KEY_RPS', 'VM_RATE_LIMIT_KEY_BURST', 'VM_RATE_LIMIT_IP_RPS', 'VM_RATE_LIMIT_IP_BURST', 'VM_CORS_ALLOWED_ORIGINS', 'VM_REQUEST_TIMEOUT_MS', 'VM_SHUTDOWN_DELAY_MS', 'VM_MIGRATION_DB_URL', 'VM_RUNTIME_DB_ROLE']))").message("spec.env must not set a variable the operator manages"))]
     #[schemars(length(max = 64))]
     pub env: Vec<ExtraEnvVar>,
 
@@ -208,6 +219,44 @@ pub struct LlmSpec {
     pub api_key: Option<SecretKeyRef>,
 }
 
+/// Authentication of API callers.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Secret key holding the API keys, injected as `VM_API_KEYS`: comma-separated
+    /// `id:key[:admin]` entries, each key at least 16 characters. Required when `appEnv` is
+    /// `production` (the app refuses to start without it); without it staging and local run
+    /// the API open, with a warning. Rotate without downtime: add the new entry next to the
+    /// old one, let the pods roll (the config hash covers this key), move the clients, then
+    /// remove the old entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys: Option<SecretKeyRef>,
+}
+
+/// Signed webhook deliveries.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhooksSpec {
+    /// Secret key holding the webhook signing secrets, injected into the API as
+    /// `VM_WEBHOOK_SECRETS`: comma-separated `source:secret` entries, each secret at least
+    /// 16 characters. A source may appear twice while its secret is rotated. Unset: every
+    /// webhook delivery is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<SecretKeyRef>,
+    /// Accepted clock skew and replay window of a signed delivery in seconds
+    /// (`VM_WEBHOOK_TOLERANCE_SECONDS`); the app's default (300) applies when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub tolerance_seconds: Option<i32>,
+    /// Addresses or CIDR blocks webhook senders may come from
+    /// (`VM_WEBHOOK_ALLOWED_CIDRS`); empty allows any sender. Behind a proxy or load
+    /// balancer set `spec.api.trustedProxyHeader` too, or every sender looks like the proxy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(c, c.matches('^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$'))").message("spec.webhooks.allowedCidrs entries must be IP addresses or CIDR blocks such as 10.0.0.0/8"))]
+    #[schemars(length(max = 64), inner(length(min = 2, max = 64)))]
+    pub allowed_cidrs: Vec<String>,
+}
+
 /// The HTTP API Deployment.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -230,6 +279,65 @@ pub struct ApiSpec {
     /// Horizontal pod autoscaling; when set, an HPA owns the replica count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+    /// Request header that carries the client address, set by a trusted proxy or load
+    /// balancer in front of the API (`VM_TRUSTED_PROXY_HEADER`, for example
+    /// `x-forwarded-for`). Per-address rate limits and `spec.webhooks.allowedCidrs` use it.
+    /// Leave unset when clients reach the pods directly: anyone could forge the header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_-]+$')").message("spec.api.trustedProxyHeader must be a header name such as x-forwarded-for"))]
+    #[schemars(length(min = 1, max = 128))]
+    pub trusted_proxy_header: Option<String>,
+    /// Token-bucket rate limits per API key and per client address; the app's defaults
+    /// apply to every field left unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Browser origins allowed to call the API cross-origin
+    /// (`VM_CORS_ALLOWED_ORIGINS`, for example `https://app.example.com`); empty sends no
+    /// CORS headers at all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(o, o.matches('^https?://[^/, ]+/?$'))").message("spec.api.corsAllowedOrigins entries must be origins such as https://app.example.com"))]
+    #[schemars(length(max = 32), inner(length(min = 8, max = 253)))]
+    pub cors_allowed_origins: Vec<String>,
+    /// Upper bound on one request in milliseconds (`VM_REQUEST_TIMEOUT_MS`); the app's
+    /// default (30000) applies when unset. The pod's termination grace period grows with it
+    /// so in-flight requests can finish during a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 600000))]
+    pub request_timeout_ms: Option<i32>,
+    /// After SIGTERM, how long an API pod keeps serving while answering `not_ready`
+    /// (`VM_SHUTDOWN_DELAY_MS`), so that Service endpoints and load balancers stop sending
+    /// it traffic before its listener closes. A few seconds avoids failed requests during
+    /// rollouts; the termination grace period is extended by the same amount.
+    #[serde(default = "default_shutdown_delay_ms")]
+    #[schemars(range(min = 0, max = 120000))]
+    pub shutdown_delay_ms: i32,
+}
+
+/// Token-bucket rate limits of the API. `0` disables a limit.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// Sustained requests per second per API key (`VM_RATE_LIMIT_KEY_RPS`; app default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub per_key_rps: Option<i32>,
+    /// Burst per API key (`VM_RATE_LIMIT_KEY_BURST`; app default 40).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub per_key_burst: Option<i32>,
+    /// Sustained requests per second per client address (`VM_RATE_LIMIT_IP_RPS`; app
+    /// default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub per_ip_rps: Option<i32>,
+    /// Burst per client address (`VM_RATE_LIMIT_IP_BURST`; app default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub per_ip_burst: Option<i32>,
+}
+
+fn default_shutdown_delay_ms() -> i32 {
+    5000
 }
 
 fn default_api_replicas() -> i32 {
@@ -271,6 +379,11 @@ impl Default for ApiSpec {
             resources: default_api_resources(),
             service: ServiceSpec::default(),
             autoscaling: None,
+            trusted_proxy_header: None,
+            rate_limit: None,
+            cors_allowed_origins: Vec::new(),
+            request_timeout_ms: None,
+            shutdown_delay_ms: default_shutdown_delay_ms(),
         }
     }
 }
@@ -422,6 +535,19 @@ pub struct MigrationsSpec {
     #[serde(default = "default_active_deadline")]
     #[schemars(range(min = 30, max = 86400))]
     pub active_deadline_seconds: i64,
+    /// Secret key holding the schema owner's database URL, injected into the migration Job
+    /// only, as `VM_MIGRATION_DB_URL`: migrations run DDL as that role, so the runtime's
+    /// own URL (`spec.database`) can belong to a role without DDL rights. Unset: the Job
+    /// migrates with `spec.database`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<SecretKeyRef>,
+    /// PostgreSQL role of the runtime (the user in `spec.database`), passed to the
+    /// migration Job only as `VM_RUNTIME_DB_ROLE`: `migrate` grants it exactly the
+    /// runtime's rights (read and write data, append-only audit, no DDL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_]+$')").message("spec.migrations.runtimeRole must be a role name of letters, digits and _"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub runtime_role: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -442,6 +568,8 @@ impl Default for MigrationsSpec {
             enabled: default_true(),
             backoff_limit: default_backoff_limit(),
             active_deadline_seconds: default_active_deadline(),
+            database: None,
+            runtime_role: None,
         }
     }
 }
@@ -486,9 +614,17 @@ pub struct VmWebappStatus {
 
 impl VmWebappSpec {
     /// Every Secret key this spec references, in a stable order (database, Redis, LLM
-    /// API key, then `env` entries).
+    /// API key, API keys, webhook secrets, migration database, then `env` entries). All of
+    /// them feed the config hash and the missing-Secret check.
     pub fn secret_refs(&self) -> Vec<&SecretKeyRef> {
-        let fixed = [&self.database, &self.redis, &self.llm.api_key];
+        let fixed = [
+            &self.database,
+            &self.redis,
+            &self.llm.api_key,
+            &self.auth.api_keys,
+            &self.webhooks.secrets,
+            &self.migrations.database,
+        ];
         fixed
             .into_iter()
             .flatten()

@@ -5,9 +5,14 @@
 //! paths of each rendered container are fed to the app's own settings parser
 //! (`Settings::from_lookup`), its own CLI (`Cli::try_parse_from`) and its own routers
 //! (`router`, `health_router`). A change on either side that breaks the other fails here.
+//! Beyond "the app accepts it", the parsed settings must be the ones the spec asked for
+//! (API keys, webhook secrets, rate limits, CORS, shutdown timing, migration role), each on
+//! the workload that uses it, and each pod's termination grace period must cover the
+//! shutdown sequence the app will actually run with those settings.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use clap::Parser;
@@ -20,12 +25,25 @@ use vm_operator::crd::VmWebapp;
 use vm_webapp::cli::{Cli, Command};
 use vm_webapp::config::Settings;
 
+/// API keys in the sample `vm-api-keys` Secret (`id:key[:admin]`).
+const SAMPLE_API_KEYS: &str =
+    "ops:sample-key-0123456789abcdef:admin,ci:sample-key-fedcba9876543210";
+/// Webhook secrets in the sample `vm-webhooks` Secret (`source:secret`), one source
+/// mid-rotation.
+const SAMPLE_WEBHOOK_SECRETS: &str = "github:sample-webhook-0123456789abcdef,github:sample-webhook-fedcba9876543210,billing:sample-webhook-00112233445566778899";
+
 /// Sample values for every Secret key the examples reference.
 fn sample_secrets() -> BTreeMap<(String, String), String> {
     [
         (("vm-db", "url"), "postgres://vm:sample@db:5432/vm"),
+        (
+            ("vm-db-owner", "url"),
+            "postgres://vm_owner:sample@db:5432/vm",
+        ),
         (("vm-redis", "url"), "redis://redis:6379/0"),
         (("vm-llm", "api-key"), "sk-sample"),
+        (("vm-api-keys", "keys"), SAMPLE_API_KEYS),
+        (("vm-webhooks", "secrets"), SAMPLE_WEBHOOK_SECRETS),
     ]
     .into_iter()
     .map(|((n, k), v)| ((n.to_owned(), k.to_owned()), v.to_owned()))
@@ -167,6 +185,8 @@ async fn assert_contract(app: &VmWebapp) {
         let settings = Settings::from_lookup(|k| env.get(k).cloned())
             .unwrap_or_else(|e| panic!("{role}: the app rejects the rendered environment: {e}"));
         assert_eq!(i32::from(settings.port), app.spec.api.port, "{role}: PORT");
+        assert_security(app, role, &settings);
+        assert_grace_covers_shutdown(role, pod, &settings);
         let mounts: Vec<&str> = c
             .volume_mounts
             .iter()
@@ -244,6 +264,131 @@ async fn assert_contract(app: &VmWebapp) {
     }
 }
 
+/// Number of comma-separated entries of a sample Secret value.
+fn entries(value: &str) -> usize {
+    value.split(',').filter(|e| !e.trim().is_empty()).count()
+}
+
+/// The security settings the app parsed are the ones the spec asked for, on the workload
+/// that uses them, and absent from the others.
+fn assert_security(app: &VmWebapp, role: &str, settings: &Settings) {
+    let spec = &app.spec;
+    let sec = &settings.security;
+    let expected_keys = if spec.auth.api_keys.is_some() {
+        entries(SAMPLE_API_KEYS)
+    } else {
+        0
+    };
+    assert_eq!(sec.api_keys.len(), expected_keys, "{role}: API keys");
+    let millis = |d: Duration| i64::try_from(d.as_millis()).expect("fits");
+    if role == "api" {
+        let expected_hooks = if spec.webhooks.secrets.is_some() {
+            entries(SAMPLE_WEBHOOK_SECRETS)
+        } else {
+            0
+        };
+        assert_eq!(sec.webhook_secrets.len(), expected_hooks, "webhook secrets");
+        if let Some(t) = spec.webhooks.tolerance_seconds {
+            assert_eq!(sec.webhook_tolerance, Duration::from_secs(t as u64));
+        }
+        assert_eq!(
+            sec.webhook_allowed.len(),
+            spec.webhooks.allowed_cidrs.len(),
+            "webhook allowed CIDRs"
+        );
+        assert_eq!(
+            sec.trusted_proxy_header,
+            spec.api
+                .trusted_proxy_header
+                .as_ref()
+                .map(|h| h.to_ascii_lowercase()),
+            "trusted proxy header"
+        );
+        if let Some(r) = &spec.api.rate_limit {
+            let pairs = [
+                (r.per_key_rps, sec.rate_per_key.per_second, "per-key rps"),
+                (r.per_ip_rps, sec.rate_per_ip.per_second, "per-ip rps"),
+                (
+                    r.per_key_burst,
+                    f64::from(sec.rate_per_key.burst),
+                    "per-key burst",
+                ),
+                (
+                    r.per_ip_burst,
+                    f64::from(sec.rate_per_ip.burst),
+                    "per-ip burst",
+                ),
+            ];
+            for (asked, got, what) in pairs {
+                if let Some(asked) = asked {
+                    assert_eq!(f64::from(asked), got, "rate limit {what}");
+                }
+            }
+        }
+        assert_eq!(
+            sec.cors_origins.len(),
+            spec.api.cors_allowed_origins.len(),
+            "CORS origins"
+        );
+        if let Some(t) = spec.api.request_timeout_ms {
+            assert_eq!(millis(sec.request_timeout), i64::from(t), "request timeout");
+        }
+        assert_eq!(
+            millis(settings.shutdown_delay),
+            i64::from(spec.api.shutdown_delay_ms),
+            "shutdown delay"
+        );
+    } else {
+        assert!(
+            sec.webhook_secrets.is_empty(),
+            "{role}: webhook secrets reach only the API"
+        );
+        assert!(
+            sec.cors_origins.is_empty() && sec.trusted_proxy_header.is_none(),
+            "{role}: HTTP settings reach only the API"
+        );
+    }
+    if role == "migration" {
+        assert_eq!(
+            sec.migration_db_url.is_some(),
+            spec.migrations.database.is_some(),
+            "migration database URL"
+        );
+        assert_eq!(
+            sec.runtime_db_role, spec.migrations.runtime_role,
+            "runtime role"
+        );
+    } else {
+        assert!(
+            sec.migration_db_url.is_none() && sec.runtime_db_role.is_none(),
+            "{role}: the schema owner's URL and the runtime role reach only the migration Job"
+        );
+    }
+}
+
+/// The kubelet waits `terminationGracePeriodSeconds` before SIGKILL; the app's shutdown
+/// (delay, then draining requests or jobs) must fit inside it.
+fn assert_grace_covers_shutdown(role: &str, pod: &PodSpec, settings: &Settings) {
+    let grace = Duration::from_secs(
+        pod.termination_grace_period_seconds
+            .and_then(|g| u64::try_from(g).ok())
+            .expect("grace period"),
+    );
+    let drain = match role {
+        "api" => settings
+            .security
+            .request_timeout
+            .max(settings.queue.shutdown_grace),
+        "worker" => settings.queue.shutdown_grace,
+        _ => Duration::ZERO,
+    };
+    let needed = settings.shutdown_delay + drain;
+    assert!(
+        grace > needed,
+        "{role}: terminationGracePeriodSeconds {grace:?} does not cover the shutdown delay plus the drain ({needed:?})"
+    );
+}
+
 #[tokio::test]
 async fn minimal_example_renders_what_the_app_accepts_and_serves() {
     assert_contract(&example("minimal.yaml")).await;
@@ -254,15 +399,18 @@ async fn production_example_renders_what_the_app_accepts_and_serves() {
     assert_contract(&example("production.yaml")).await;
 }
 
-/// `minimum` and `maximum` of `spec.<section>.properties.<field>` in the CRD schema.
-fn bounds(section: &str, field: &str) -> (i64, i64) {
+/// `minimum` and `maximum` of the spec field at `path` (for example `["api", "port"]`) in
+/// the CRD schema.
+fn bounds(path: &[&str]) -> (i64, i64) {
     let crd = serde_json::to_value(VmWebapp::crd()).expect("crd");
-    let f = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-        [section]["properties"][field];
+    let mut f = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    for p in path {
+        f = &f["properties"][p];
+    }
     let n = |k: &str| {
         f[k].as_f64()
             .map(|v| v as i64)
-            .unwrap_or_else(|| panic!("{section}.{field} has a {k}"))
+            .unwrap_or_else(|| panic!("spec.{} has a {k}", path.join(".")))
     };
     (n("minimum"), n("maximum"))
 }
@@ -271,10 +419,10 @@ fn bounds(section: &str, field: &str) -> (i64, i64) {
 async fn every_value_the_crd_admits_renders_a_command_line_the_app_accepts() {
     // Without this, the CRD could admit (say) a poll interval the app's CLI refuses, and pods
     // would crash-loop on a spec the API server accepted.
-    let (poll_min, poll_max) = bounds("worker", "pollIntervalMs");
-    let (conc_min, conc_max) = bounds("worker", "concurrency");
-    let (health_min, health_max) = bounds("worker", "healthPort");
-    let (port_min, port_max) = bounds("api", "port");
+    let (poll_min, poll_max) = bounds(&["worker", "pollIntervalMs"]);
+    let (conc_min, conc_max) = bounds(&["worker", "concurrency"]);
+    let (health_min, health_max) = bounds(&["worker", "healthPort"]);
+    let (port_min, port_max) = bounds(&["api", "port"]);
     let extremes = [
         (poll_min, conc_min, health_min, port_max),
         (poll_max, conc_max, health_max, port_min),
@@ -287,4 +435,63 @@ async fn every_value_the_crd_admits_renders_a_command_line_the_app_accepts() {
         app.spec.api.port = i32::try_from(api_port).expect("i32");
         assert_contract(&app).await;
     }
+}
+
+#[tokio::test]
+async fn every_security_and_shutdown_value_the_crd_admits_is_accepted_by_the_app() {
+    // Without this, the CRD could admit (say) a rate limit or a shutdown delay the app's
+    // settings parser refuses, and API pods would crash-loop on an accepted spec.
+    let i32_of = |v: i64| i32::try_from(v).expect("i32");
+    let (delay_min, delay_max) = bounds(&["api", "shutdownDelayMs"]);
+    let (timeout_min, timeout_max) = bounds(&["api", "requestTimeoutMs"]);
+    let (tol_min, tol_max) = bounds(&["webhooks", "toleranceSeconds"]);
+    let (rps_min, rps_max) = bounds(&["api", "rateLimit", "perKeyRps"]);
+    let (burst_min, burst_max) = bounds(&["api", "rateLimit", "perKeyBurst"]);
+    let (ip_rps_min, ip_rps_max) = bounds(&["api", "rateLimit", "perIpRps"]);
+    let (ip_burst_min, ip_burst_max) = bounds(&["api", "rateLimit", "perIpBurst"]);
+    let low = (
+        delay_min,
+        timeout_min,
+        tol_min,
+        [rps_min, burst_min, ip_rps_min, ip_burst_min],
+    );
+    let high = (
+        delay_max,
+        timeout_max,
+        tol_max,
+        [rps_max, burst_max, ip_rps_max, ip_burst_max],
+    );
+    for (delay, timeout, tolerance, [rps, burst, ip_rps, ip_burst]) in [low, high] {
+        let mut app = example("production.yaml");
+        app.spec.api.shutdown_delay_ms = i32_of(delay);
+        app.spec.api.request_timeout_ms = Some(i32_of(timeout));
+        app.spec.webhooks.tolerance_seconds = Some(i32_of(tolerance));
+        app.spec.api.rate_limit = Some(vm_operator::crd::RateLimitSpec {
+            per_key_rps: Some(i32_of(rps)),
+            per_key_burst: Some(i32_of(burst)),
+            per_ip_rps: Some(i32_of(ip_rps)),
+            per_ip_burst: Some(i32_of(ip_burst)),
+        });
+        assert_contract(&app).await;
+    }
+}
+
+#[tokio::test]
+async fn the_app_refuses_production_without_the_api_keys_the_crd_requires() {
+    // The CRD rule "appEnv production requires spec.auth.apiKeys" exists because of this
+    // app behaviour; if the app stopped requiring keys (or the operator stopped rendering
+    // them) this pins which side moved.
+    let mut app = example("production.yaml");
+    app.spec.auth.api_keys = None;
+    let d = render(&app);
+    let api = &pods(&d)[0];
+    assert_eq!(api.0, "api");
+    let env = environment(&d, &api.1.containers[0]);
+    assert!(!env.contains_key("VM_API_KEYS"));
+    let errors = Settings::from_lookup(|k| env.get(k).cloned())
+        .expect_err("production without API keys is refused");
+    assert!(
+        errors.0.iter().any(|e| e.variable == "VM_API_KEYS"),
+        "{errors:?}"
+    );
 }

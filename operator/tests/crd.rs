@@ -37,7 +37,11 @@ fn with_spec(patch: Value) -> Value {
         "apiVersion": "webapp.vm.dev/v1alpha1",
         "kind": "VmWebapp",
         "metadata": {"name": "demo", "namespace": "ns"},
-        "spec": {"image": "img:1", "database": {"name": "db", "key": "url"}}
+        "spec": {
+            "image": "img:1",
+            "database": {"name": "db", "key": "url"},
+            "auth": {"apiKeys": {"name": "keys", "key": "keys"}}
+        }
     });
     if let (Some(spec), Some(p)) = (obj["spec"].as_object_mut(), patch.as_object()) {
         for (k, v) in p {
@@ -222,4 +226,100 @@ fn staging_without_a_database_is_rejected_because_only_local_mode_embeds_sqlite(
     );
     obj["spec"]["appEnv"] = json!("local");
     assert_eq!(validate(&obj), Ok(()));
+}
+
+#[test]
+fn production_without_api_keys_is_rejected() {
+    // appEnv defaults to production, and the app refuses to start there without VM_API_KEYS:
+    // without this rule the API server would accept a spec whose pods crash-loop.
+    let mut obj = with_spec(json!({}));
+    if let Some(spec) = obj["spec"].as_object_mut() {
+        spec.remove("auth");
+    }
+    let errors = validate(&obj).expect_err("production needs API keys");
+    assert!(
+        errors
+            .iter()
+            .any(|m| m.contains("requires spec.auth.apiKeys")),
+        "{errors:?}"
+    );
+    obj["spec"]["auth"] = json!({});
+    assert!(
+        validate(&obj).is_err(),
+        "an empty auth section is not enough"
+    );
+    obj["spec"]["appEnv"] = json!("staging");
+    assert_eq!(validate(&obj), Ok(()), "staging may run the API open");
+}
+
+#[test]
+fn webhook_allowed_cidrs_must_be_addresses_or_blocks() {
+    let ok = with_spec(
+        json!({"webhooks": {"allowedCidrs": ["10.0.0.0/8", "192.0.2.1", "2001:db8::/32"]}}),
+    );
+    assert_eq!(validate(&ok), Ok(()));
+    let bad = with_spec(json!({"webhooks": {"allowedCidrs": ["10.0.0.0/8,192.0.2.1"]}}));
+    let errors = validate(&bad).expect_err("a comma inside one entry");
+    assert!(
+        errors.iter().any(|m| m.contains("allowedCidrs")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn cors_origins_must_be_bare_origins() {
+    let ok = with_spec(
+        json!({"api": {"corsAllowedOrigins": ["https://app.example.com", "http://localhost:3000"]}}),
+    );
+    assert_eq!(validate(&ok), Ok(()));
+    for bad in ["app.example.com", "https://app.example.com/path", "*"] {
+        let obj = with_spec(json!({"api": {"corsAllowedOrigins": [bad]}}));
+        assert!(validate(&obj).is_err(), "{bad} must be rejected");
+    }
+}
+
+#[test]
+fn trusted_proxy_header_and_runtime_role_must_be_names() {
+    let obj = with_spec(json!({"api": {"trustedProxyHeader": "x-forwarded-for: evil"}}));
+    let errors = validate(&obj).expect_err("not a header name");
+    assert!(
+        errors.iter().any(|m| m.contains("trustedProxyHeader")),
+        "{errors:?}"
+    );
+    let obj = with_spec(json!({"migrations": {"runtimeRole": "vm_app; DROP ROLE x"}}));
+    let errors = validate(&obj).expect_err("not a role name");
+    assert!(
+        errors.iter().any(|m| m.contains("runtimeRole")),
+        "{errors:?}"
+    );
+    let obj = with_spec(json!({
+        "api": {"trustedProxyHeader": "X-Forwarded-For"},
+        "migrations": {"runtimeRole": "vm_app"}
+    }));
+    assert_eq!(validate(&obj), Ok(()));
+}
+
+#[test]
+fn extra_env_cannot_set_the_security_variables_behind_spec_fields() {
+    for name in [
+        "VM_API_KEYS",
+        "VM_WEBHOOK_SECRETS",
+        "VM_MIGRATION_DB_URL",
+        "VM_SHUTDOWN_DELAY_MS",
+    ] {
+        let obj = with_spec(json!({"env": [{"name": name, "value": "x"}]}));
+        let errors = validate(&obj).expect_err("managed variable");
+        assert!(
+            errors.iter().any(|m| m.contains("operator manages")),
+            "{name}: {errors:?}"
+        );
+    }
+}
+
+#[test]
+fn shutdown_delay_defaults_to_a_few_seconds() {
+    let schema = schema();
+    let api = &schema["properties"]["spec"]["properties"]["api"];
+    assert_eq!(api["properties"]["shutdownDelayMs"]["default"], json!(5000));
+    assert_eq!(api["default"]["shutdownDelayMs"], json!(5000));
 }

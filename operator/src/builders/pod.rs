@@ -1,6 +1,15 @@
 //! Pod templates of the API, the worker and the migration Job: command line, environment
-//! (ConfigMap via `envFrom`, secrets only via `secretKeyRef`), probes, restricted security
-//! context and the writable emptyDir mounts a read-only root filesystem needs.
+//! (shared ConfigMap via `envFrom`, settings only one workload reads as literal `env`
+//! entries, secrets only via `secretKeyRef`), probes, termination grace periods that cover
+//! the app's shutdown sequence, restricted security context and the writable emptyDir
+//! mounts a read-only root filesystem needs.
+//!
+//! Who gets what beyond the shared ConfigMap:
+//! - API: `VM_WEBHOOK_SECRETS`, webhook tolerance and allowed CIDRs, trusted proxy header,
+//!   rate limits, CORS origins, request timeout, shutdown delay;
+//! - migration Job: `VM_MIGRATION_DB_URL` and `VM_RUNTIME_DB_ROLE`;
+//! - every workload: the database, Redis and LLM secrets, `VM_API_KEYS` (the app validates
+//!   it for every command in production) and the `spec.env` secrets.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{Ident, names};
 use crate::consts::{annotations, app as contract, component};
-use crate::crd::VmWebapp;
+use crate::crd::{SecretKeyRef, VmWebapp};
 
 /// Which program a pod runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +109,7 @@ pub(super) fn template(
             }),
             ..EnvFromSource::default()
         }]),
-        env: Some(secret_env(app)).filter(|e| !e.is_empty()),
+        env: Some(env(app, workload)).filter(|e| !e.is_empty()),
         liveness_probe: probes.liveness,
         readiness_probe: probes.readiness,
         startup_probe: probes.startup,
@@ -130,12 +139,8 @@ pub(super) fn template(
         ]),
         ..Container::default()
     };
-    let (restart_policy, grace) = match workload {
-        Workload::Api => (None, 30),
-        // A worker finishes (or hands back) its claimed jobs before exiting.
-        Workload::Worker => (None, 60),
-        Workload::Migration => (Some("Never".to_owned()), 30),
-    };
+    let restart_policy = (workload == Workload::Migration).then(|| "Never".to_owned());
+    let grace = termination_grace_seconds(app, workload);
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(id.labels(workload.component())),
@@ -176,14 +181,107 @@ pub(super) fn template(
     }
 }
 
-/// Secret-backed variables, each a `secretKeyRef` (never a value).
-fn secret_env(app: &VmWebapp) -> Vec<EnvVar> {
+/// `terminationGracePeriodSeconds` of a workload: long enough for the app's own shutdown
+/// sequence, so the kubelet's SIGKILL never cuts a drain short.
+///
+/// - API: answers `not_ready` for `shutdownDelayMs`, then lets in-flight requests finish
+///   (each bounded by the request timeout) and, in local mode, the in-process worker drain
+///   its jobs (bounded by `VM_SHUTDOWN_GRACE_MS`); plus 5 s of slack.
+/// - Worker: drains its claimed jobs for `VM_SHUTDOWN_GRACE_MS`, then releases the rest;
+///   at least 60 s, or that grace plus 10 s of slack.
+/// - Migration: 30 s (a killed migration is retried by the Job).
+pub(super) fn termination_grace_seconds(app: &VmWebapp, workload: Workload) -> i64 {
     let spec = &app.spec;
-    let fixed = [
+    let seconds = |ms: i64| (ms + 999) / 1000;
+    let job_grace_ms = spec
+        .env
+        .iter()
+        .find(|e| e.name == contract::SHUTDOWN_GRACE_VAR)
+        .and_then(|e| e.value.as_deref())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or(contract::DEFAULT_SHUTDOWN_GRACE_MS);
+    match workload {
+        Workload::Api => {
+            let request_ms = spec
+                .api
+                .request_timeout_ms
+                .map_or(contract::DEFAULT_REQUEST_TIMEOUT_MS, i64::from);
+            seconds(i64::from(spec.api.shutdown_delay_ms))
+                + seconds(request_ms.max(job_grace_ms))
+                + 5
+        }
+        Workload::Worker => (seconds(job_grace_ms) + 10).max(60),
+        Workload::Migration => 30,
+    }
+}
+
+/// Non-secret settings that only `workload` reads, as literal `(name, value)` pairs. They
+/// live on the container rather than in the shared ConfigMap so that, say, a CORS change
+/// rolls only the API pods; being part of the pod template, a change still rolls them.
+pub(super) fn workload_settings(app: &VmWebapp, workload: Workload) -> Vec<(&'static str, String)> {
+    let spec = &app.spec;
+    let mut out: Vec<(&'static str, String)> = Vec::new();
+    let join = |items: &[String]| items.join(",");
+    match workload {
+        Workload::Api => {
+            let api = &spec.api;
+            let hooks = &spec.webhooks;
+            if let Some(t) = hooks.tolerance_seconds {
+                out.push(("VM_WEBHOOK_TOLERANCE_SECONDS", t.to_string()));
+            }
+            if !hooks.allowed_cidrs.is_empty() {
+                out.push(("VM_WEBHOOK_ALLOWED_CIDRS", join(&hooks.allowed_cidrs)));
+            }
+            if let Some(h) = &api.trusted_proxy_header {
+                out.push(("VM_TRUSTED_PROXY_HEADER", h.clone()));
+            }
+            if let Some(r) = &api.rate_limit {
+                let limits = [
+                    ("VM_RATE_LIMIT_KEY_RPS", r.per_key_rps),
+                    ("VM_RATE_LIMIT_KEY_BURST", r.per_key_burst),
+                    ("VM_RATE_LIMIT_IP_RPS", r.per_ip_rps),
+                    ("VM_RATE_LIMIT_IP_BURST", r.per_ip_burst),
+                ];
+                out.extend(
+                    limits
+                        .into_iter()
+                        .filter_map(|(n, v)| v.map(|v| (n, v.to_string()))),
+                );
+            }
+            if !api.cors_allowed_origins.is_empty() {
+                out.push(("VM_CORS_ALLOWED_ORIGINS", join(&api.cors_allowed_origins)));
+            }
+            if let Some(t) = api.request_timeout_ms {
+                out.push(("VM_REQUEST_TIMEOUT_MS", t.to_string()));
+            }
+            out.push(("VM_SHUTDOWN_DELAY_MS", api.shutdown_delay_ms.to_string()));
+        }
+        Workload::Worker => {}
+        Workload::Migration => {
+            if let Some(role) = &spec.migrations.runtime_role {
+                out.push(("VM_RUNTIME_DB_ROLE", role.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Secret-backed variables of `workload`, as `(name, reference)` pairs.
+pub(super) fn workload_secrets(app: &VmWebapp, workload: Workload) -> Vec<(String, &SecretKeyRef)> {
+    let spec = &app.spec;
+    // Every command parses the whole configuration, and in production that includes
+    // VM_API_KEYS, so the worker and the Job need it too even though only `serve` uses it.
+    let mut fixed = vec![
         ("VM_DB_URL", &spec.database),
         ("VM_REDIS_URL", &spec.redis),
         ("KIMI_API_KEY", &spec.llm.api_key),
+        ("VM_API_KEYS", &spec.auth.api_keys),
     ];
+    match workload {
+        Workload::Api => fixed.push(("VM_WEBHOOK_SECRETS", &spec.webhooks.secrets)),
+        Workload::Worker => {}
+        Workload::Migration => fixed.push(("VM_MIGRATION_DB_URL", &spec.migrations.database)),
+    }
     let fixed = fixed
         .into_iter()
         .filter_map(|(n, r)| r.as_ref().map(|r| (n.to_owned(), r)));
@@ -191,8 +289,21 @@ fn secret_env(app: &VmWebapp) -> Vec<EnvVar> {
         .env
         .iter()
         .filter_map(|e| e.secret_key_ref.as_ref().map(|r| (e.name.clone(), r)));
-    fixed
-        .chain(extra)
+    fixed.chain(extra).collect()
+}
+
+/// The container's `env`: workload settings as literal values, then secrets, each a
+/// `secretKeyRef` (never a value).
+fn env(app: &VmWebapp, workload: Workload) -> Vec<EnvVar> {
+    let settings = workload_settings(app, workload)
+        .into_iter()
+        .map(|(name, value)| EnvVar {
+            name: name.to_owned(),
+            value: Some(value),
+            value_from: None,
+        });
+    let secrets = workload_secrets(app, workload)
+        .into_iter()
         .map(|(name, r)| EnvVar {
             name,
             value: None,
@@ -204,8 +315,8 @@ fn secret_env(app: &VmWebapp) -> Vec<EnvVar> {
                 }),
                 ..EnvVarSource::default()
             }),
-        })
-        .collect()
+        });
+    settings.chain(secrets).collect()
 }
 
 fn port(name: &str, number: i32) -> ContainerPort {

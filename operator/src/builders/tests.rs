@@ -116,11 +116,73 @@ fn worker_runs_worker_with_probes_on_its_health_port() {
     );
 }
 
+/// `managed()` with every security setting of the spec filled in.
+fn secured() -> VmWebapp {
+    app(serde_json::json!({
+        "image": "img:2",
+        "managedMode": true,
+        "database": {"name": "db", "key": "url"},
+        "redis": {"name": "redis", "key": "url"},
+        "llm": {"apiKey": {"name": "llm", "key": "key"}, "model": "m"},
+        "auth": {"apiKeys": {"name": "api-keys", "key": "keys"}},
+        "webhooks": {
+            "secrets": {"name": "hooks", "key": "secrets"},
+            "toleranceSeconds": 120,
+            "allowedCidrs": ["10.0.0.0/8", "192.0.2.1"]
+        },
+        "api": {
+            "trustedProxyHeader": "x-forwarded-for",
+            "rateLimit": {"perKeyRps": 5, "perIpBurst": 7},
+            "corsAllowedOrigins": ["https://a.example", "https://b.example"],
+            "requestTimeoutMs": 45000,
+            "shutdownDelayMs": 8000
+        },
+        "migrations": {
+            "database": {"name": "db-owner", "key": "url"},
+            "runtimeRole": "vm_app"
+        }
+    }))
+}
+
+/// A container's env as (name, literal value or `secret:name/key`).
+fn env_of(p: &PodSpec) -> Vec<(String, String)> {
+    p.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let shown = match (
+                &e.value,
+                e.value_from
+                    .as_ref()
+                    .and_then(|v| v.secret_key_ref.as_ref()),
+            ) {
+                (Some(v), None) => v.clone(),
+                (None, Some(r)) => format!("secret:{}/{}", r.name, r.key),
+                other => panic!(
+                    "{} is neither a value nor a secretKeyRef: {other:?}",
+                    e.name
+                ),
+            };
+            (e.name.clone(), shown)
+        })
+        .collect()
+}
+
+const SECRET_VARS: [&str; 6] = [
+    "VM_DB_URL",
+    "VM_REDIS_URL",
+    "KIMI_API_KEY",
+    "VM_API_KEYS",
+    "VM_WEBHOOK_SECRETS",
+    "VM_MIGRATION_DB_URL",
+];
+
 #[test]
 fn secrets_reach_pods_only_through_secret_key_refs() {
-    let d = built(&managed());
+    let d = built(&secured());
     let data = d.config_map.data.clone().unwrap_or_default();
-    for secret_var in ["VM_DB_URL", "VM_REDIS_URL", "KIMI_API_KEY"] {
+    for secret_var in SECRET_VARS {
         assert!(
             !data.contains_key(secret_var),
             "{secret_var} must not be in the ConfigMap"
@@ -128,22 +190,196 @@ fn secrets_reach_pods_only_through_secret_key_refs() {
     }
     for p in all_pods(&d) {
         for e in p.containers[0].env.iter().flatten() {
-            assert!(e.value.is_none(), "{} has a literal value", e.name);
-            assert!(
-                e.value_from
-                    .as_ref()
-                    .and_then(|v| v.secret_key_ref.as_ref())
-                    .is_some()
-            );
+            if SECRET_VARS.contains(&e.name.as_str()) {
+                assert!(e.value.is_none(), "{} has a literal value", e.name);
+                assert!(
+                    e.value_from
+                        .as_ref()
+                        .and_then(|v| v.secret_key_ref.as_ref())
+                        .is_some(),
+                    "{} is not a secretKeyRef",
+                    e.name
+                );
+            }
         }
-        let names: Vec<&str> = p.containers[0]
-            .env
-            .iter()
-            .flatten()
-            .map(|e| e.name.as_str())
-            .collect();
-        assert_eq!(names, ["VM_DB_URL", "VM_REDIS_URL", "KIMI_API_KEY"]);
     }
+}
+
+#[test]
+fn each_workload_gets_only_the_secrets_it_needs() {
+    let d = built(&secured());
+    let secrets = |p: &PodSpec| -> Vec<String> {
+        env_of(p)
+            .into_iter()
+            .filter(|(_, v)| v.starts_with("secret:"))
+            .map(|(n, _)| n)
+            .collect()
+    };
+    assert_eq!(
+        secrets(pod(&d.api_deployment)),
+        [
+            "VM_DB_URL",
+            "VM_REDIS_URL",
+            "KIMI_API_KEY",
+            "VM_API_KEYS",
+            "VM_WEBHOOK_SECRETS"
+        ]
+    );
+    // The worker and the Job parse VM_API_KEYS too (required for every command in
+    // production), but never see webhook secrets; only the Job sees the owner's URL.
+    assert_eq!(
+        secrets(pod(&d.worker_deployment)),
+        ["VM_DB_URL", "VM_REDIS_URL", "KIMI_API_KEY", "VM_API_KEYS"]
+    );
+    let job = d.migration_job.as_ref().expect("job");
+    let job_pod = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod");
+    assert_eq!(
+        secrets(job_pod),
+        [
+            "VM_DB_URL",
+            "VM_REDIS_URL",
+            "KIMI_API_KEY",
+            "VM_API_KEYS",
+            "VM_MIGRATION_DB_URL"
+        ]
+    );
+    assert!(
+        env_of(job_pod).contains(&("VM_MIGRATION_DB_URL".into(), "secret:db-owner/url".into()))
+    );
+    assert!(
+        env_of(pod(&d.api_deployment))
+            .contains(&("VM_API_KEYS".into(), "secret:api-keys/keys".into()))
+    );
+}
+
+#[test]
+fn http_settings_go_to_the_api_container_only() {
+    let d = built(&secured());
+    let literal = |p: &PodSpec| -> Vec<(String, String)> {
+        env_of(p)
+            .into_iter()
+            .filter(|(_, v)| !v.starts_with("secret:"))
+            .collect()
+    };
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        literal(pod(&d.api_deployment)),
+        pairs(&[
+            ("VM_WEBHOOK_TOLERANCE_SECONDS", "120"),
+            ("VM_WEBHOOK_ALLOWED_CIDRS", "10.0.0.0/8,192.0.2.1"),
+            ("VM_TRUSTED_PROXY_HEADER", "x-forwarded-for"),
+            ("VM_RATE_LIMIT_KEY_RPS", "5"),
+            ("VM_RATE_LIMIT_IP_BURST", "7"),
+            (
+                "VM_CORS_ALLOWED_ORIGINS",
+                "https://a.example,https://b.example"
+            ),
+            ("VM_REQUEST_TIMEOUT_MS", "45000"),
+            ("VM_SHUTDOWN_DELAY_MS", "8000"),
+        ])
+    );
+    assert!(literal(pod(&d.worker_deployment)).is_empty());
+    let job = d.migration_job.as_ref().expect("job");
+    let job_pod = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod");
+    assert_eq!(literal(job_pod), pairs(&[("VM_RUNTIME_DB_ROLE", "vm_app")]));
+    let data = d.config_map.data.clone().unwrap_or_default();
+    assert!(
+        data.keys().all(|k| !k.starts_with("VM_RATE")
+            && !k.starts_with("VM_WEBHOOK")
+            && k != "VM_SHUTDOWN_DELAY_MS"),
+        "workload settings stay out of the shared ConfigMap: {data:?}"
+    );
+}
+
+#[test]
+fn the_api_shuts_down_after_a_default_delay_and_its_grace_period_covers_it() {
+    // Defaults: 5 s delay + max(30 s request timeout, 20 s job grace) + 5 s slack.
+    let d = built(&managed());
+    assert!(
+        env_of(pod(&d.api_deployment)).contains(&("VM_SHUTDOWN_DELAY_MS".into(), "5000".into()))
+    );
+    assert_eq!(
+        pod(&d.api_deployment).termination_grace_period_seconds,
+        Some(40)
+    );
+    assert_eq!(
+        pod(&d.worker_deployment).termination_grace_period_seconds,
+        Some(60)
+    );
+    // 8 s delay + 45 s request timeout + 5 s.
+    let d = built(&secured());
+    assert_eq!(
+        pod(&d.api_deployment).termination_grace_period_seconds,
+        Some(58)
+    );
+}
+
+#[test]
+fn a_longer_job_grace_in_extra_env_lengthens_both_grace_periods() {
+    // Without this, raising VM_SHUTDOWN_GRACE_MS through spec.env would let the kubelet
+    // SIGKILL workers mid-drain, turning a clean hand-back into lease expiries.
+    let mut a = managed();
+    a.spec.env.push(ExtraEnvVar {
+        name: "VM_SHUTDOWN_GRACE_MS".into(),
+        value: Some("90000".into()),
+        secret_key_ref: None,
+    });
+    let d = built(&a);
+    assert_eq!(
+        pod(&d.worker_deployment).termination_grace_period_seconds,
+        Some(100)
+    );
+    assert_eq!(
+        pod(&d.api_deployment).termination_grace_period_seconds,
+        Some(100)
+    );
+}
+
+#[test]
+fn new_secret_references_are_hashed_and_checked_like_the_others() {
+    let a = secured();
+    let refs: Vec<(&str, &str)> = a
+        .spec
+        .secret_refs()
+        .iter()
+        .map(|r| (r.name.as_str(), r.key.as_str()))
+        .collect();
+    for wanted in [
+        ("api-keys", "keys"),
+        ("hooks", "secrets"),
+        ("db-owner", "url"),
+    ] {
+        assert!(refs.contains(&wanted), "{wanted:?} missing from {refs:?}");
+    }
+    assert!(
+        a.spec.references_secret("api-keys"),
+        "the Secret watch wakes on it"
+    );
+    // Rotating API keys (add the new one, later drop the old one) rolls the pods.
+    let mut inputs = Inputs::offline(&a);
+    let key = ("api-keys".to_owned(), "keys".to_owned());
+    inputs
+        .secret_data
+        .insert(key.clone(), Some(b"old:0123456789abcdef".to_vec()));
+    let before = build(&a, &inputs).expect("builds");
+    inputs.secret_data.insert(
+        key,
+        Some(b"old:0123456789abcdef,new:fedcba9876543210".to_vec()),
+    );
+    let after = build(&a, &inputs).expect("builds");
+    assert_ne!(before.config_hash, after.config_hash);
 }
 
 #[test]
