@@ -9,7 +9,7 @@
 #
 # Runtime: distroless cc (glibc, libgcc, CA certificates, tzdata; no shell, no
 # package manager), user 10001:10001 as the operator's pod security context
-# expects, workspace /var/data/vm. Expected size: about 60 MB (see
+# expects, workspace /var/data/vm. Expected size: about 55 MB (see
 # docs/operations.md).
 #
 #   docker build -t ghcr.io/vmwebapp/vm-webapp:0.1.0 .

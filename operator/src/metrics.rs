@@ -4,11 +4,17 @@
 //! - `vm_operator_reconcile_errors_total{reason}` — failed passes by a fixed reason label;
 //! - `vm_operator_reconcile_duration_seconds` — histogram of pass durations;
 //! - `vm_operator_managed_objects` — `VmWebapp` resources seen by the controller;
-//! - `vm_operator_child_writes_total{kind}` — server-side applies and deletes of children.
+//! - `vm_operator_child_writes_total{kind}` — server-side applies and deletes of children;
+//! - `vm_operator_vmwebapp_conditions{condition,status,reason}` — `VmWebapp` resources in the
+//!   controller's cache by condition type, status and reason (so alerts can see, for example,
+//!   `Degraded=True, reason=MigrationFailed` without kube-state-metrics). Set by
+//!   [`Metrics::observe_conditions`] from the cache after each reconcile.
 //!
 //! Labels are bounded: never an object name, an id or an error string.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -17,6 +23,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::consts::{condition, reason};
+use crate::crd::VmWebappStatus;
 
 /// Label of the error counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,6 +41,36 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// Labels of the condition gauge; every value comes from a fixed set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ConditionLabels {
+    /// `Ready`, `Progressing` or `Degraded`.
+    pub condition: &'static str,
+    /// `True`, `False` or `Unknown`.
+    pub status: &'static str,
+    /// A reason from `consts::reason`, `NotReported` when the resource has no such condition
+    /// yet, or `Other`.
+    pub reason: &'static str,
+}
+
+/// Condition types the gauge reports, each with every reason it may carry.
+const CONDITIONS: [&str; 3] = [
+    condition::READY,
+    condition::PROGRESSING,
+    condition::DEGRADED,
+];
+const REASONS: [&str; 9] = [
+    reason::AVAILABLE,
+    reason::ROLLING_OUT,
+    reason::MIGRATION_RUNNING,
+    reason::MIGRATION_FAILED,
+    reason::SECRET_MISSING,
+    reason::INVALID_SPEC,
+    reason::SUSPENDED,
+    reason::AS_EXPECTED,
+    reason::RECONCILED,
+];
+
 /// The controller's metric families.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -45,6 +84,10 @@ pub struct Metrics {
     pub managed: Gauge<i64, AtomicI64>,
     /// Child writes by kind.
     pub writes: Family<KindLabels, Counter>,
+    /// `VmWebapp` resources by condition, status and reason.
+    pub conditions: Family<ConditionLabels, Gauge<i64, AtomicI64>>,
+    /// Label sets written to `conditions` so far, zeroed when no resource carries them.
+    conditions_seen: Arc<Mutex<BTreeSet<ConditionLabels>>>,
 }
 
 impl Default for Metrics {
@@ -55,6 +98,8 @@ impl Default for Metrics {
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             managed: Gauge::default(),
             writes: Family::default(),
+            conditions: Family::default(),
+            conditions_seen: Arc::default(),
         }
     }
 }
@@ -84,7 +129,62 @@ impl Metrics {
             "Server-side applies and deletes of children by kind",
             m.writes.clone(),
         );
+        registry.register(
+            "vmwebapp_conditions",
+            "VmWebapp resources by condition type, status and reason",
+            m.conditions.clone(),
+        );
         m
+    }
+
+    /// Recount `vm_operator_vmwebapp_conditions` from the statuses of every `VmWebapp` in
+    /// the cache (`None`: not reconciled yet). A resource without a condition counts as
+    /// `status="Unknown", reason="NotReported"`, so a resource the operator never reached
+    /// still shows up as not ready. Label sets no resource carries any more drop to 0.
+    pub fn observe_conditions<'a>(
+        &self,
+        statuses: impl IntoIterator<Item = Option<&'a VmWebappStatus>>,
+    ) {
+        let mut counts: BTreeMap<ConditionLabels, i64> = BTreeMap::new();
+        for status in statuses {
+            for type_ in CONDITIONS {
+                let found = status.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_));
+                let labels = match found {
+                    Some(c) => ConditionLabels {
+                        condition: type_,
+                        status: match c.status.as_str() {
+                            "True" => "True",
+                            "False" => "False",
+                            _ => "Unknown",
+                        },
+                        reason: REASONS
+                            .iter()
+                            .find(|r| **r == c.reason)
+                            .copied()
+                            .unwrap_or("Other"),
+                    },
+                    None => ConditionLabels {
+                        condition: type_,
+                        status: "Unknown",
+                        reason: "NotReported",
+                    },
+                };
+                *counts.entry(labels).or_insert(0) += 1;
+            }
+        }
+        let mut seen = self
+            .conditions_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for labels in seen.iter() {
+            if !counts.contains_key(labels) {
+                self.conditions.get_or_create(labels).set(0);
+            }
+        }
+        for (labels, n) in counts {
+            self.conditions.get_or_create(&labels).set(n);
+            seen.insert(labels);
+        }
     }
 
     /// Start timing a pass; the duration is recorded when the guard drops.
@@ -146,5 +246,108 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("vm_operator_managed_objects"), "{text}");
+    }
+
+    fn status(conditions: &[(&str, &str, &str)]) -> VmWebappStatus {
+        let conditions: Vec<serde_json::Value> = conditions
+            .iter()
+            .map(|(t, s, r)| {
+                serde_json::json!({"type": t, "status": s, "reason": r, "message": "",
+                    "lastTransitionTime": "2024-01-01T00:00:00Z"})
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({ "conditions": conditions })).expect("status")
+    }
+
+    #[test]
+    fn conditions_are_counted_by_type_status_and_reason_and_cleared_when_gone() {
+        let mut r = registry();
+        let m = Metrics::register(&mut r);
+        let failed = status(&[
+            ("Ready", "True", "Available"),
+            ("Degraded", "True", "MigrationFailed"),
+            ("Progressing", "False", "free text is never a label"),
+        ]);
+        let healthy = status(&[("Ready", "True", "Available")]);
+        m.observe_conditions([Some(&failed), Some(&healthy), None]);
+        let text = encode(&r).expect("encodes");
+        for line in [
+            r#"vm_operator_vmwebapp_conditions{condition="Ready",status="True",reason="Available"} 2"#,
+            r#"vm_operator_vmwebapp_conditions{condition="Ready",status="Unknown",reason="NotReported"} 1"#,
+            r#"vm_operator_vmwebapp_conditions{condition="Degraded",status="True",reason="MigrationFailed"} 1"#,
+            r#"vm_operator_vmwebapp_conditions{condition="Progressing",status="False",reason="Other"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        // The failed migration is fixed: its series drops to 0 instead of staying stale.
+        m.observe_conditions([Some(&healthy)]);
+        let text = encode(&r).expect("encodes");
+        assert!(
+            text.contains(r#"vm_operator_vmwebapp_conditions{condition="Degraded",status="True",reason="MigrationFailed"} 0"#),
+            "{text}"
+        );
+    }
+
+    /// Without this, an alert, SLO or runbook could query an operator metric that does not
+    /// exist (a typo, a rename) and never fire, silently.
+    #[test]
+    fn every_operator_metric_named_in_the_alerts_and_docs_exists() {
+        let mut r = registry();
+        let m = Metrics::register(&mut r);
+        drop(m.start());
+        m.errors
+            .get_or_create(&ErrorLabels { reason: "kube_api" })
+            .inc();
+        m.writes
+            .get_or_create(&KindLabels { kind: "Deployment" })
+            .inc();
+        m.observe_conditions([None]);
+        let text = encode(&r).expect("encodes");
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let exists = |name: &str| {
+            families.iter().any(|f| {
+                name == *f
+                    || ["_total", "_bucket", "_count", "_sum", "_created"]
+                        .iter()
+                        .any(|suffix| name.strip_suffix(suffix) == Some(f))
+            })
+        };
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = vec![
+            root.join("deploy/prometheus-rules.yaml"),
+            root.join("docs/slo.md"),
+        ];
+        for dir in ["docs/runbooks", "docs"] {
+            for entry in std::fs::read_dir(root.join(dir)).expect("docs exist") {
+                let path = entry.expect("entry").path();
+                if path.extension().is_some_and(|e| e == "md") {
+                    files.push(path);
+                }
+            }
+        }
+        let mut checked = 0;
+        for file in files {
+            let doc = std::fs::read_to_string(&file).expect("readable");
+            let mut rest = doc.as_str();
+            while let Some(at) = rest.find("vm_operator_") {
+                let tail = &rest[at..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                let name = &tail[..end];
+                assert!(
+                    exists(name),
+                    "{} names {name}, which the operator does not export; families: {families:?}",
+                    file.display()
+                );
+                checked += 1;
+                rest = &tail[end..];
+            }
+        }
+        assert!(checked > 0, "the alerts name no operator metric");
     }
 }
