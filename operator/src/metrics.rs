@@ -7,8 +7,9 @@
 //! - `vm_operator_child_writes_total{kind}` — server-side applies and deletes of children;
 //! - `vm_operator_vmwebapp_conditions{condition,status,reason}` — `VmWebapp` resources in the
 //!   controller's cache by condition type, status and reason (so alerts can see, for example,
-//!   `Degraded=True, reason=MigrationFailed` without kube-state-metrics). Set by
-//!   [`Metrics::observe_conditions`] from the cache after each reconcile.
+//!   `Degraded=True, reason=MigrationFailed` without kube-state-metrics). The controller
+//!   keeps it current by calling [`Metrics::observe_conditions`] with its cache after each
+//!   reconcile.
 //!
 //! Labels are bounded: never an object name, an id or an error string.
 
