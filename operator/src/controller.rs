@@ -668,7 +668,11 @@ pub async fn run(
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
             let metrics = metrics.clone();
-            let managed = i64::try_from(cache.state().len()).unwrap_or(i64::MAX);
+            let apps = cache.state();
+            let managed = i64::try_from(apps.len()).unwrap_or(i64::MAX);
+            // Conditions as the cache last saw them: a status write comes back
+            // as a watch event, which runs this again with the new status.
+            metrics.observe_conditions(apps.iter().map(|a| a.status.as_ref()));
             async move {
                 metrics.managed.set(managed);
                 match result {
