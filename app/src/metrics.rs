@@ -122,6 +122,8 @@ pub struct Metrics {
     pub http_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Jobs claimed by step kind.
     pub jobs_claimed: Family<KindLabels, Counter>,
+    /// Time from claimable to claimed, by step kind.
+    pub queue_wait: Family<KindLabels, Histogram, fn() -> Histogram>,
     /// Job executions by kind and outcome.
     pub jobs_finished: Family<JobLabels, Counter>,
     /// Job execution time by kind and outcome.
@@ -168,6 +170,7 @@ impl Metrics {
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(latency_buckets as fn() -> Histogram),
             jobs_claimed: Family::default(),
+            queue_wait: Family::new_with_constructor(latency_buckets as fn() -> Histogram),
             jobs_finished: Family::default(),
             job_duration: Family::new_with_constructor(latency_buckets as fn() -> Histogram),
             jobs_rescued: Counter::default(),
@@ -195,6 +198,12 @@ impl Metrics {
             "jobs_claimed",
             "Jobs claimed by workers, by step kind",
             m.jobs_claimed.clone(),
+        );
+        registry.register_with_unit(
+            "job_queue_wait",
+            "Time from a job becoming claimable to its claim, by step kind",
+            Unit::Seconds,
+            m.queue_wait.clone(),
         );
         registry.register(
             "jobs_finished",

@@ -189,6 +189,9 @@ pub struct ClaimedJob {
     pub attempt: i64,
     /// Attempts allowed before dead-lettering.
     pub max_attempts: i64,
+    /// When the job became claimable (ms since the epoch): the time it waited
+    /// in the queue is the claim time minus this.
+    pub available_at: i64,
 }
 
 /// What the caller asks for when creating a run.

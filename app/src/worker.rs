@@ -174,12 +174,12 @@ impl Worker {
                     Ok(jobs) => {
                         claimed_all = !jobs.is_empty() && jobs.len() == free;
                         for job in jobs {
-                            self.metrics
-                                .jobs_claimed
-                                .get_or_create(&KindLabels {
-                                    kind: job.step.kind().to_string(),
-                                })
-                                .inc();
+                            let kind = KindLabels {
+                                kind: job.step.kind().to_string(),
+                            };
+                            self.metrics.jobs_claimed.get_or_create(&kind).inc();
+                            let waited = (now - job.available_at).max(0) as f64 / 1000.0;
+                            self.metrics.queue_wait.get_or_create(&kind).observe(waited);
                             let handle = tasks.spawn(self.job_task(job.clone()));
                             in_flight.insert(handle.id(), job);
                         }

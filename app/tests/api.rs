@@ -579,6 +579,7 @@ async fn metrics_count_requests_jobs_and_queue_with_bounded_labels(backend: Back
         r#"vm_http_request_duration_seconds_count{method="POST",route="/api/v2/runs"} 1"#,
         r#"vm_jobs_claimed_total{kind="template"} 1"#,
         r#"vm_jobs_claimed_total{kind="llm"} 2"#,
+        r#"vm_job_queue_wait_seconds_count{kind="llm"} 2"#,
         r#"vm_jobs_finished_total{kind="llm",outcome="retried"} 1"#,
         r#"vm_jobs_finished_total{kind="llm",outcome="succeeded"} 1"#,
         r#"vm_job_duration_seconds_count{kind="template",outcome="succeeded"} 1"#,

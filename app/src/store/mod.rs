@@ -731,7 +731,7 @@ impl Store {
     ) -> Result<Vec<ClaimedJob>> {
         let lease_until = now + lease.as_millis() as i64;
         let returning = "RETURNING jobs.id, jobs.run_id, jobs.correlation_id, jobs.step_index, \
-                         jobs.step_count, jobs.payload, jobs.attempt, jobs.max_attempts";
+                         jobs.step_count, jobs.payload, jobs.attempt, jobs.max_attempts, jobs.run_at";
         let sql = match self.backend {
             DbBackend::Postgres => format!(
                 "UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, lease_expires_at = $2, locked_by = $3 \
@@ -770,6 +770,7 @@ impl Store {
                 step,
                 attempt: row.try_get("attempt")?,
                 max_attempts: row.try_get("max_attempts")?,
+                available_at: row.try_get("run_at")?,
             });
         }
         jobs.sort_by_key(|j| j.id);
@@ -1040,7 +1041,7 @@ impl Store {
         tx.commit().await?;
 
         let exhausted = sqlx::query(
-            "SELECT id, run_id, correlation_id, step_index, step_count, payload, attempt, max_attempts FROM jobs \
+            "SELECT id, run_id, correlation_id, step_index, step_count, payload, attempt, max_attempts, run_at FROM jobs \
              WHERE state = 'running' AND lease_expires_at < $1 AND attempt >= max_attempts",
         )
         .bind(now)
@@ -1057,6 +1058,7 @@ impl Store {
                     .map_err(|_| StoreError::Corrupt("job payload does not parse".into()))?,
                 attempt: row.try_get("attempt")?,
                 max_attempts: row.try_get("max_attempts")?,
+                available_at: row.try_get("run_at")?,
             };
             if self
                 .dead_letter(&job, "lease expired on the last attempt (worker lost)", now)
