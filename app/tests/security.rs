@@ -820,3 +820,36 @@ async fn the_runtime_role_works_but_cannot_change_the_schema_or_rewrite_the_audi
         .expect("read audit");
     assert_eq!(rows, 1, "the run creation was audited by the runtime role");
 }
+
+#[tokio::test]
+async fn a_request_that_outlives_the_timeout_gets_408_request_timeout() {
+    use axum::middleware::from_fn_with_state;
+    use axum::routing::get;
+    let env = TestEnv::new(Backend::Sqlite, &[("VM_REQUEST_TIMEOUT_MS", "100")]).await;
+    let state = env.state();
+    let slow = Router::new()
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(1_000)).await;
+                "late"
+            }),
+        )
+        .route("/fast", get(|| async { axum::Json(json!({"ok": true})) }))
+        .layer(from_fn_with_state(
+            state.clone(),
+            vm_webapp::http::security::harden,
+        ))
+        .with_state(state);
+    let started = std::time::Instant::now();
+    let r = send(&slow, "GET", "/slow", None, &[]).await;
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (StatusCode::REQUEST_TIMEOUT, Some("request_timeout"))
+    );
+    assert!(started.elapsed() < Duration::from_millis(800));
+    assert_eq!(
+        send(&slow, "GET", "/fast", None, &[]).await.status,
+        StatusCode::OK
+    );
+}
