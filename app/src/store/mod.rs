@@ -83,7 +83,14 @@ impl From<sqlx::Error> for StoreError {
                 let code = db.code().unwrap_or_default();
                 // PostgreSQL connection (08…) and shutdown (57P0…) classes;
                 // SQLite BUSY (5) and LOCKED (6).
-                code.starts_with("08") || code.starts_with("57P0") || code == "5" || code == "6"
+                // Deadlock and serialization failures (40P01, 40001) are
+                // transient too: retrying the transaction succeeds.
+                code.starts_with("08")
+                    || code.starts_with("57P0")
+                    || code == "40P01"
+                    || code == "40001"
+                    || code == "5"
+                    || code == "6"
             }
             _ => false,
         };
@@ -179,6 +186,45 @@ impl<'a> NewEvent<'a> {
     fn data(mut self, data: Value) -> Self {
         self.data = Some(data);
         self
+    }
+}
+
+/// What finishing a claimed job needs, even when its payload cannot be read.
+struct JobRef {
+    id: i64,
+    attempt: i64,
+    max_attempts: i64,
+    run_id: String,
+    step_index: i64,
+    kind: String,
+}
+
+impl JobRef {
+    fn of(job: &ClaimedJob) -> Self {
+        Self {
+            id: job.id,
+            attempt: job.attempt,
+            max_attempts: job.max_attempts,
+            run_id: job.run_id.to_string(),
+            step_index: job.step_index,
+            kind: job.step.kind().to_string(),
+        }
+    }
+
+    fn from_row(row: &AnyRow) -> Result<Self> {
+        let payload: String = row.try_get("payload")?;
+        let kind = serde_json::from_str::<Value>(&payload)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_else(|| "unknown".to_string());
+        Ok(Self {
+            id: row.try_get("id")?,
+            attempt: row.try_get("attempt")?,
+            max_attempts: row.try_get("max_attempts")?,
+            run_id: row.try_get("run_id")?,
+            step_index: row.try_get("step_index")?,
+            kind,
+        })
     }
 }
 
@@ -674,8 +720,32 @@ impl Store {
     /// Cancels a queued or running run and drops its pending jobs. A step in
     /// flight finishes on its worker but its result is discarded (its job is gone).
     pub async fn cancel_run(&self, id: Uuid, now: i64) -> Result<CancelOutcome> {
+        // A deadlock victim is retried: it only means a worker touched the
+        // same run at the same moment.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.try_cancel_run(id, now).await {
+                Err(StoreError::Unavailable(sqlx::Error::Database(db)))
+                    if attempt < 4 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10 * attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_cancel_run(&self, id: Uuid, now: i64) -> Result<CancelOutcome> {
         let id_text = id.to_string();
         let mut tx = self.begin().await?;
+        // Jobs before the run, the order every worker path locks them in, so
+        // a cancel and a completion never wait on each other in a cycle.
+        let dropped = sqlx::query("DELETE FROM jobs WHERE run_id = $1")
+            .bind(&id_text)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         let updated = sqlx::query(
             "UPDATE runs SET status = 'cancelled', finished_at = $2, updated_at = $2 \
              WHERE id = $1 AND status IN ('queued', 'running') RETURNING id",
@@ -685,6 +755,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if updated.is_none() {
+            // Nothing to cancel: the rollback also restores any job deleted above.
             tx.rollback().await?;
             let status = sqlx::query("SELECT status FROM runs WHERE id = $1")
                 .bind(&id_text)
@@ -700,11 +771,6 @@ impl Store {
                 }
             });
         }
-        let dropped = sqlx::query("DELETE FROM jobs WHERE run_id = $1")
-            .bind(&id_text)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
         Self::insert_events(
             &mut tx,
             &[NewEvent::run(&id_text, "run.cancelled")
@@ -757,10 +823,15 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut jobs = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
         for row in &rows {
             let payload: String = row.try_get("payload")?;
-            let step: StepSpec = serde_json::from_str(&payload)
-                .map_err(|_| StoreError::Corrupt("job payload does not parse".into()))?;
+            // One step this build cannot read (written by a newer version
+            // during a rolling upgrade, or damaged) must not block the rest.
+            let Ok(step) = serde_json::from_str::<StepSpec>(&payload) else {
+                unreadable.push(JobRef::from_row(row)?);
+                continue;
+            };
             jobs.push(ClaimedJob {
                 id: row.try_get("id")?,
                 run_id: parse_uuid(&row.try_get::<String, _>("run_id")?)?,
@@ -774,6 +845,11 @@ impl Store {
             });
         }
         jobs.sort_by_key(|j| j.id);
+        if jobs.is_empty() {
+            tx.commit().await?;
+            self.set_aside_unreadable(&unreadable, now).await?;
+            return Ok(jobs);
+        }
         let run_ids: Vec<String> = jobs.iter().map(|j| j.run_id.to_string()).collect();
         let start_sql = format!(
             "UPDATE runs SET status = 'running', started_at = $1, updated_at = $1 \
@@ -802,7 +878,27 @@ impl Store {
         }
         Self::insert_events(&mut tx, &events, now).await?;
         tx.commit().await?;
+        self.set_aside_unreadable(&unreadable, now).await?;
         Ok(jobs)
+    }
+
+    /// Puts claimed jobs whose step this build cannot read back in the queue
+    /// for a while (a newer worker may read them), spending an attempt each
+    /// time, and dead-letters them once the attempts are used up.
+    async fn set_aside_unreadable(&self, jobs: &[JobRef], now: i64) -> Result<()> {
+        const LATER_MS: i64 = 30_000;
+        for job in jobs {
+            let message = format!("this worker cannot read the `{}` step (written by a newer version, or damaged)", job.kind);
+            if job.attempt < job.max_attempts {
+                let event = NewEvent::step(&job.run_id, "step.retry_scheduled", job.step_index, job.attempt)
+                    .message(message.clone())
+                    .data(serde_json::json!({"delay_ms": LATER_MS}));
+                self.requeue(job, now + LATER_MS, 0, Some(&message), event, now).await?;
+            } else {
+                self.dead_letter_ref(job, &message, now).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Records a step's output and moves the run on: queues the next step, or
@@ -879,18 +975,18 @@ impl Store {
         run_at: i64,
         now: i64,
     ) -> Result<Finish> {
-        let run_id = job.run_id.to_string();
-        let event = NewEvent::step(&run_id, "step.retry_scheduled", job.step_index, job.attempt)
+        let job = JobRef::of(job);
+        let event = NewEvent::step(&job.run_id, "step.retry_scheduled", job.step_index, job.attempt)
             .message(error)
             .data(serde_json::json!({"delay_ms": (run_at - now).max(0)}));
-        self.requeue(job, run_at, 0, Some(error), event, now).await
+        self.requeue(&job, run_at, 0, Some(error), event, now).await
     }
 
     /// Puts a claimed job back to `queued` if the claim is still valid, taking
     /// `refund` off its attempt count, and records `event` with it.
     async fn requeue(
         &self,
-        job: &ClaimedJob,
+        job: &JobRef,
         run_at: i64,
         refund: i64,
         error: Option<&str>,
@@ -922,7 +1018,11 @@ impl Store {
 
     /// Moves a job that cannot succeed to the dead-letter table and fails its run.
     pub async fn dead_letter(&self, job: &ClaimedJob, error: &str, now: i64) -> Result<Finish> {
-        let run_id = job.run_id.to_string();
+        self.dead_letter_ref(&JobRef::of(job), error, now).await
+    }
+
+    async fn dead_letter_ref(&self, job: &JobRef, error: &str, now: i64) -> Result<Finish> {
+        let run_id = job.run_id.clone();
         let mut tx = self.begin().await?;
         let taken = sqlx::query(
             "DELETE FROM jobs WHERE id = $1 AND attempt = $2 AND state = 'running' RETURNING payload, created_at",
@@ -955,9 +1055,7 @@ impl Store {
             .await?;
         let reason = format!(
             "step {} ({}) failed after {} attempt(s): {error}",
-            job.step_index,
-            job.step.kind(),
-            job.attempt
+            job.step_index, job.kind, job.attempt
         );
         sqlx::query(
             "UPDATE runs SET status = 'failed', error = $2, finished_at = $3, updated_at = $3 \
@@ -998,10 +1096,10 @@ impl Store {
 
     /// Gives an unfinished job back at shutdown without spending an attempt.
     pub async fn release(&self, job: &ClaimedJob, now: i64) -> Result<Finish> {
-        let run_id = job.run_id.to_string();
-        let event = NewEvent::step(&run_id, "step.released", job.step_index, job.attempt)
+        let job = JobRef::of(job);
+        let event = NewEvent::step(&job.run_id, "step.released", job.step_index, job.attempt)
             .message("worker shutting down; job returned to the queue");
-        self.requeue(job, now, 1, None, event, now).await
+        self.requeue(&job, now, 1, None, event, now).await
     }
 
     /// Returns jobs whose lease expired (their worker died or hung) to the
@@ -1048,20 +1146,9 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         for row in &exhausted {
-            let job = ClaimedJob {
-                id: row.try_get("id")?,
-                run_id: parse_uuid(&row.try_get::<String, _>("run_id")?)?,
-                correlation_id: row.try_get("correlation_id")?,
-                step_index: row.try_get("step_index")?,
-                step_count: row.try_get("step_count")?,
-                step: serde_json::from_str(&row.try_get::<String, _>("payload")?)
-                    .map_err(|_| StoreError::Corrupt("job payload does not parse".into()))?,
-                attempt: row.try_get("attempt")?,
-                max_attempts: row.try_get("max_attempts")?,
-                available_at: row.try_get("run_at")?,
-            };
+            let job = JobRef::from_row(row)?;
             if self
-                .dead_letter(&job, "lease expired on the last attempt (worker lost)", now)
+                .dead_letter_ref(&job, "lease expired on the last attempt (worker lost)", now)
                 .await?
                 == Finish::Recorded
             {
