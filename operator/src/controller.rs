@@ -285,17 +285,20 @@ impl<'a> Pass<'a> {
                     }
                 }
             };
-            let api_changed = self
+            let api_applied = self
                 .ensure(&deployments, &desired.api_deployment, live_api.as_ref())
                 .await?;
-            let worker_changed = self
+            let worker_applied = self
                 .ensure(
                     &deployments,
                     &desired.worker_deployment,
                     live_worker.as_ref(),
                 )
                 .await?;
-            observed.deployments_changed = api_changed || worker_changed;
+            // Only a write that moved a Deployment's generation starts a rollout; a write
+            // that the API server found to change nothing must not hold Ready back.
+            observed.deployments_changed = rolled(live_api.as_ref(), api_applied.as_ref())
+                || rolled(live_worker.as_ref(), worker_applied.as_ref());
             self.ensure_fetched(&desired.api_pdb).await?;
             self.ensure_fetched(&desired.worker_pdb).await?;
             self.ensure_optional(&names::api(&self.name), desired.api_hpa.as_ref())
@@ -395,7 +398,7 @@ impl<'a> Pass<'a> {
     }
 
     /// Apply `desired` when the live object (fetched here) differs.
-    async fn ensure_fetched<K>(&mut self, desired: &K) -> Result<bool, Error>
+    async fn ensure_fetched<K>(&mut self, desired: &K) -> Result<(), Error>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
             + Clone
@@ -405,17 +408,19 @@ impl<'a> Pass<'a> {
     {
         let api: Api<K> = self.api();
         let live = api.get_opt(&desired.name_any()).await?;
-        self.ensure(&api, desired, live.as_ref()).await
+        self.ensure(&api, desired, live.as_ref()).await?;
+        Ok(())
     }
 
     /// Apply `desired` unless `live` already carries the same applied-hash and every desired
-    /// field; returns whether it wrote.
+    /// field (compared as the API server stores them, see [`is_subset`]); returns the object
+    /// the server answered with when it wrote.
     async fn ensure<K>(
         &mut self,
         api: &Api<K>,
         desired: &K,
         live: Option<&K>,
-    ) -> Result<bool, Error>
+    ) -> Result<Option<K>, Error>
     where
         K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
     {
@@ -426,23 +431,22 @@ impl<'a> Pass<'a> {
                 &serde_json::to_value(live)?,
             )
         {
-            return Ok(false);
+            return Ok(None);
         }
-        self.apply(api, desired).await?;
-        Ok(true)
+        self.apply(api, desired).await.map(Some)
     }
 
-    async fn apply<K>(&mut self, api: &Api<K>, desired: &K) -> Result<(), Error>
+    async fn apply<K>(&mut self, api: &Api<K>, desired: &K) -> Result<K, Error>
     where
         K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
     {
         let name = desired.name_any();
         let params = PatchParams::apply(consts::FIELD_MANAGER).force();
-        api.patch(&name, &params, &Patch::Apply(desired)).await?;
+        let returned = api.patch(&name, &params, &Patch::Apply(desired)).await?;
         let kind = K::kind(&());
         self.count_write(static_kind(&kind));
         self.written.push(format!("{kind}/{name}"));
-        Ok(())
+        Ok(returned)
     }
 
     /// HPAs exist only while asked for: apply when desired, delete ours when not.
@@ -594,20 +598,105 @@ fn static_kind(kind: &str) -> &'static str {
     }
 }
 
-/// Whether every field of `want` is present in `have` with the same value (objects
-/// recursively, arrays element by element with equal length). The API server adds
-/// defaults and status; those extra fields do not count as drift.
+/// Whether an apply that answered `returned` changed the Deployment that was `live`:
+/// created it, or moved its `metadata.generation` (the API server bumps it only when the
+/// spec really changed). A server answer without a generation counts as a change.
+fn rolled(live: Option<&Deployment>, returned: Option<&Deployment>) -> bool {
+    match (live, returned) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(l), Some(r)) => {
+            r.metadata.generation.is_none() || l.metadata.generation != r.metadata.generation
+        }
+    }
+}
+
+/// Whether every field of `want` is present in `have` with the same value, as the API server
+/// stores it (objects recursively, arrays element by element with equal length). The server
+/// adds defaults and status, drops empty maps and lists, and rewrites resource quantities in
+/// canonical form (`0.5` becomes `500m`, `1.5Gi` becomes `1536Mi`); none of that is drift.
 pub fn is_subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+    subset_at("", want, have)
+}
+
+/// [`is_subset`] for the value found under the object key `key`.
+fn subset_at(key: &str, want: &serde_json::Value, have: &serde_json::Value) -> bool {
     use serde_json::Value;
     match (want, have) {
-        (Value::Object(w), Value::Object(h)) => w
-            .iter()
-            .all(|(k, v)| h.get(k).is_some_and(|hv| is_subset(v, hv))),
+        (Value::Object(w), Value::Object(h)) => {
+            let quantities = matches!(key, "limits" | "requests");
+            w.iter().all(|(k, v)| match (h.get(k), v) {
+                (None | Some(Value::Null), v) => is_empty(v),
+                (Some(Value::String(hv)), Value::String(wv)) if quantities || k == "sizeLimit" => {
+                    same_quantity(wv, hv)
+                }
+                (Some(hv), v) => subset_at(k, v, hv),
+            })
+        }
         (Value::Array(w), Value::Array(h)) => {
-            w.len() == h.len() && w.iter().zip(h).all(|(a, b)| is_subset(a, b))
+            w.len() == h.len() && w.iter().zip(h).all(|(a, b)| subset_at(key, a, b))
         }
         _ => want == have,
     }
+}
+
+/// Values the API server omits when stored: `null`, `{}` and `[]`.
+fn is_empty(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Object(o) => o.is_empty(),
+        serde_json::Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+/// Whether two Kubernetes resource quantities denote the same amount (`"0.5"` and `"500m"`,
+/// `"1.5Gi"` and `"1536Mi"`). Strings that do not parse are compared as written.
+pub fn same_quantity(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    match (parse_quantity(a), parse_quantity(b)) {
+        (Some(x), Some(y)) => (x - y).abs() <= f64::EPSILON * 16.0 * x.abs().max(y.abs()),
+        _ => false,
+    }
+}
+
+/// The amount a quantity string denotes: a signed decimal number, then an optional binary
+/// suffix (`Ki` … `Ei`), decimal suffix (`n`, `u`, `m`, `k`, `M` … `E`) or exponent (`e3`).
+fn parse_quantity(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '+' | '-')))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(end);
+    if !number.bytes().any(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let value: f64 = number.parse().ok()?;
+    let scale = match suffix {
+        "" => 1.0,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        exp => {
+            let digits = exp.strip_prefix(['e', 'E'])?;
+            10f64.powi(digits.parse::<i32>().ok()?)
+        }
+    };
+    Some(value * scale)
 }
 
 /// Watch `VmWebapp`s (in `namespace`, or everywhere), their children and the Secrets they
@@ -718,5 +807,61 @@ mod tests {
         let extra_port =
             json!({"spec": {"ports": [{"port": 80}, {"port": 90}], "type": "ClusterIP"}});
         assert!(!is_subset(&want, &extra_port));
+    }
+
+    #[test]
+    fn quantities_in_canonical_form_and_dropped_empty_maps_are_not_drift() {
+        // Without this a spec with `cpu: "0.5"` re-applied its Deployments every pass and
+        // never became Ready, because the server stores `500m`.
+        let want = json!({"resources": {"requests": {"cpu": "0.5", "memory": "1.5Gi"}, "limits": {}},
+            "volumes": [{"emptyDir": {"sizeLimit": "1G"}}], "nodeSelector": {}});
+        let have = json!({"resources": {"requests": {"cpu": "500m", "memory": "1536Mi"}},
+            "volumes": [{"emptyDir": {"sizeLimit": "1e9"}}]});
+        assert!(is_subset(&want, &have));
+        let raised = json!({"resources": {"requests": {"cpu": "600m", "memory": "1536Mi"}},
+            "volumes": [{"emptyDir": {"sizeLimit": "1G"}}]});
+        assert!(!is_subset(&want, &raised));
+        // Only quantity fields compare by amount; other strings compare as written.
+        assert!(!is_subset(
+            &json!({"env": {"value": "0.5"}}),
+            &json!({"env": {"value": "500m"}})
+        ));
+    }
+
+    #[test]
+    fn quantities_parse_every_suffix_form() {
+        for (a, b) in [
+            ("1", "1000m"),
+            ("2k", "2000"),
+            ("1Ki", "1024"),
+            ("1E", "1e18"),
+            ("100M", "1e8"),
+            ("250u", "250000n"),
+            ("+1", "1"),
+        ] {
+            assert!(same_quantity(a, b), "{a} = {b}");
+        }
+        for (a, b) in [("1Mi", "1M"), ("1", "x"), ("cpu", "gpu"), ("1m", "1M")] {
+            assert!(!same_quantity(a, b), "{a} != {b}");
+        }
+    }
+
+    #[test]
+    fn only_a_moved_generation_counts_as_a_rollout() {
+        let at = |g: Option<i64>| {
+            let mut d = Deployment::default();
+            d.metadata.generation = g;
+            d
+        };
+        assert!(!rolled(Some(&at(Some(3))), None), "no write");
+        assert!(rolled(None, Some(&at(Some(1)))), "created");
+        assert!(
+            !rolled(Some(&at(Some(3))), Some(&at(Some(3)))),
+            "a no-op apply"
+        );
+        assert!(
+            rolled(Some(&at(Some(3))), Some(&at(Some(4)))),
+            "spec changed"
+        );
     }
 }

@@ -242,6 +242,50 @@ async fn steady_state_reconcile_reads_but_writes_nothing() {
 }
 
 #[tokio::test]
+async fn quantities_the_server_rewrote_are_not_reapplied_and_the_app_becomes_ready() {
+    // Without this, `cpu: "0.5"` (stored as `500m`) re-applied both Deployments every pass
+    // and Ready stayed False with reason RollingOut forever.
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let mut app = app_from_example(MINIMAL, "demo-ns");
+    let requests = app.spec.api.resources.requests.get_or_insert_default();
+    requests.insert("cpu".into(), Quantity("0.5".into()));
+    requests.insert("memory".into(), Quantity("1.5Gi".into()));
+    let p = Paths::of(&app);
+    let desired = builders::build(&app, &Inputs::offline(&app)).expect("builds");
+    // As the API server stores it: canonical quantities, same applied-hash annotation.
+    let mut stored = live(&desired.api_deployment);
+    let res = &mut stored["spec"]["template"]["spec"]["containers"][0]["resources"];
+    res["requests"]["cpu"] = json!("500m");
+    res["requests"]["memory"] = json!("1536Mi");
+    let script = vec![
+        Expect::get(p.deployment(&p.api()), Reply::Object(stored)),
+        Expect::get(
+            p.deployment(&p.worker()),
+            Reply::Object(live(&desired.worker_deployment)),
+        ),
+        Expect::get(p.sa(), Reply::Object(live(&desired.service_account))),
+        Expect::get(p.cm(), Reply::Object(live(&desired.config_map))),
+        Expect::get(p.svc(), Reply::Object(live(&desired.service))),
+        Expect::get(p.pdb(&p.api()), Reply::Object(live(&desired.api_pdb))),
+        Expect::get(p.pdb(&p.worker()), Reply::Object(live(&desired.worker_pdb))),
+        Expect::get(p.hpa(&p.api()), Reply::NotFound),
+        Expect::get(p.hpa(&p.worker()), Reply::NotFound),
+        // No Deployment PATCH and no `Applied` event.
+        Expect::apply(p.status(), |b| {
+            assert_eq!(condition(b, "Ready")["status"], "True");
+            assert_eq!(condition(b, "Progressing")["reason"], "Reconciled");
+        }),
+        Expect::event("demo-ns", |b| assert_eq!(b["reason"], "Ready")),
+    ];
+    let (result, _) = reconcile_with(app, script).await;
+    assert_eq!(
+        result.expect("reconciles"),
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(300)),
+        "steady state, not a rollout"
+    );
+}
+
+#[tokio::test]
 async fn hand_edited_child_is_restored() {
     let app = app_from_example(MINIMAL, "demo-ns");
     let p = Paths::of(&app);
