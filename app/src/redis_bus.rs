@@ -14,23 +14,32 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::{Mutex, Notify};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Secret;
 use crate::metrics::{Dependency, Metrics};
+use crate::model::now_ms;
 
 /// The pub/sub channel that announces new claimable jobs.
 pub const WAKE_CHANNEL: &str = "vm:jobs:wake";
 /// Budget of one Redis command.
-const COMMAND_TIMEOUT: Duration = Duration::from_millis(1_000);
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+/// After a failure, how long every caller skips Redis (and falls back at once)
+/// before one tries again. A hung Redis must never make requests wait.
+const COOLDOWN_MS: i64 = 5_000;
 
 /// A handle on Redis for publishing, pinging and subscribing. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisBus {
     client: redis::Client,
-    conn: Arc<Mutex<Option<ConnectionManager>>>,
+    conn: Arc<std::sync::Mutex<Option<ConnectionManager>>>,
+    /// Until when (ms) Redis is considered down: callers fail fast.
+    open_until: Arc<AtomicI64>,
+    /// One caller at a time establishes the connection; the others fail fast.
+    connecting: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 }
 
@@ -46,36 +55,63 @@ impl RedisBus {
         let client = redis::Client::open(url.expose()).map_err(|_| InvalidRedisUrl)?;
         Ok(Self {
             client,
-            conn: Arc::new(Mutex::new(None)),
+            conn: Arc::new(std::sync::Mutex::new(None)),
+            open_until: Arc::new(AtomicI64::new(0)),
+            connecting: Arc::new(AtomicBool::new(false)),
             metrics,
         })
     }
 
+    /// Whether callers currently skip Redis after a recent failure.
+    pub fn cooling_down(&self) -> bool {
+        now_ms() < self.open_until.load(Ordering::Relaxed)
+    }
+
+    fn trip(&self) {
+        self.open_until
+            .store(now_ms() + COOLDOWN_MS, Ordering::Relaxed);
+    }
+
     async fn connection(&self) -> Result<ConnectionManager, ()> {
-        let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
+        if self.cooling_down() {
+            return Err(());
+        }
+        if let Some(c) = self.conn.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Ok(c.clone());
+        }
+        if self.connecting.swap(true, Ordering::AcqRel) {
+            return Err(());
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_number_of_retries(1);
-        let conn = tokio::time::timeout(
+        let connected = tokio::time::timeout(
             COMMAND_TIMEOUT * 2,
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
-        .await
-        .map_err(|_| ())?
-        .map_err(|_| ())?;
-        *guard = Some(conn.clone());
-        Ok(conn)
+        .await;
+        self.connecting.store(false, Ordering::Release);
+        match connected {
+            Ok(Ok(conn)) => {
+                *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+                Ok(conn)
+            }
+            _ => {
+                self.trip();
+                Err(())
+            }
+        }
     }
 
     async fn command<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, ()> {
         let mut conn = self.connection().await?;
         match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
-            _ => Err(()),
+            _ => {
+                self.trip();
+                Err(())
+            }
         }
     }
 
@@ -197,6 +233,7 @@ impl RedisBus {
             Ok(Ok(0)) => Ok(None),
             Ok(Ok(wait_ms)) => Ok(Some(Duration::from_millis(wait_ms.max(1) as u64))),
             _ => {
+                self.trip();
                 self.metrics.dependency_failed(Dependency::redis);
                 Err(())
             }
@@ -224,5 +261,14 @@ impl RedisBus {
                 Err(())
             }
         }
+    }
+}
+
+impl RedisBus {
+    /// Forgets a webhook nonce. Best effort.
+    pub async fn forget_nonce(&self, source: &str, nonce: &str) {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(format!("vm:webhook:nonce:{source}:{nonce}"));
+        let _ = self.command::<i64>(cmd).await;
     }
 }

@@ -381,10 +381,22 @@ async fn stale_claim_cannot_finish_a_newer_delivery(backend: Backend) {
 /// version's step kind during a rolling upgrade) would block every claim.
 async fn an_unreadable_step_is_set_aside_and_does_not_block_the_queue(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
-    let odd = enqueue(&env, json!({}), json!([{"kind": "template", "template": "x"}])).await;
-    let fine = enqueue(&env, json!({}), json!([{"kind": "template", "template": "y"}])).await;
+    let odd = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "template", "template": "x"}]),
+    )
+    .await;
+    let fine = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "template", "template": "y"}]),
+    )
+    .await;
     sqlx::any::install_default_drivers();
-    let raw = sqlx::AnyPool::connect(env.settings.database.url.expose()).await.expect("raw pool");
+    let raw = sqlx::AnyPool::connect(env.settings.database.url.expose())
+        .await
+        .expect("raw pool");
     sqlx::query("UPDATE jobs SET payload = '{\"kind\":\"future_kind\",\"x\":1}' WHERE run_id = $1")
         .bind(odd.to_string())
         .execute(&raw)
@@ -393,18 +405,43 @@ async fn an_unreadable_step_is_set_aside_and_does_not_block_the_queue(backend: B
     raw.close().await;
 
     let t0 = now_ms();
-    let claimed = env.store.claim("w", 10, t0, Duration::from_secs(60)).await.expect("claim");
-    assert_eq!(claimed.iter().map(|j| j.run_id).collect::<Vec<_>>(), [fine], "the readable job is claimed");
+    let claimed = env
+        .store
+        .claim("w", 10, t0, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    assert_eq!(
+        claimed.iter().map(|j| j.run_id).collect::<Vec<_>>(),
+        [fine],
+        "the readable job is claimed"
+    );
     // Set aside for 30 s, an attempt spent each time; dead-lettered after the last.
     for (i, at) in [t0 + 31_000, t0 + 62_000].into_iter().enumerate() {
-        let again = env.store.claim("w", 10, at, Duration::from_secs(60)).await.expect("claim");
+        let again = env
+            .store
+            .claim("w", 10, at, Duration::from_secs(60))
+            .await
+            .expect("claim");
         assert!(again.is_empty(), "round {i}");
     }
     let detail = env.store.get_run(odd).await.expect("get").expect("run");
     assert_eq!(detail.run.status, RunStatus::Failed);
-    assert!(detail.run.error.unwrap_or_default().contains("cannot read the `future_kind` step"));
+    assert!(
+        detail
+            .run
+            .error
+            .unwrap_or_default()
+            .contains("cannot read the `future_kind` step")
+    );
     let events = env.event_types(odd).await;
-    assert_eq!(events.iter().filter(|e| *e == "step.retry_scheduled").count(), 2, "{events:?}");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| *e == "step.retry_scheduled")
+            .count(),
+        2,
+        "{events:?}"
+    );
 }
 
 /// Cancels racing claims and completions must neither fail nor leave a run or
@@ -425,11 +462,15 @@ async fn cancels_racing_completions_always_settle_cleanly(backend: Backend) {
             .await,
         );
     }
-    let workers: Vec<_> = (0..2).map(|_| env.spawn_worker(8, LlmBackend::Offline)).collect();
+    let workers: Vec<_> = (0..2)
+        .map(|_| env.spawn_worker(8, LlmBackend::Offline))
+        .collect();
     let mut cancels = Vec::new();
     for id in ids.iter().copied() {
         let store = env.store.clone();
-        cancels.push(tokio::spawn(async move { store.cancel_run(id, now_ms()).await }));
+        cancels.push(tokio::spawn(
+            async move { store.cancel_run(id, now_ms()).await },
+        ));
         tokio::task::yield_now().await;
     }
     for c in cancels {
@@ -439,18 +480,26 @@ async fn cancels_racing_completions_always_settle_cleanly(backend: Backend) {
     let deadline = tokio::time::Instant::now() + LONG;
     loop {
         let counts = env.store.run_counts().await.expect("counts");
-        let settled = counts.get(&RunStatus::Succeeded).copied().unwrap_or(0) + counts.get(&RunStatus::Cancelled).copied().unwrap_or(0);
+        let settled = counts.get(&RunStatus::Succeeded).copied().unwrap_or(0)
+            + counts.get(&RunStatus::Cancelled).copied().unwrap_or(0);
         if settled == ids.len() as i64 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "runs not settled: {counts:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "runs not settled: {counts:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for (handle, stop) in workers {
         stop.cancel();
         handle.await.expect("worker");
     }
-    assert_eq!(env.store.queue_counts().await.expect("counts"), QueueCounts::default(), "no job left behind");
+    assert_eq!(
+        env.store.queue_counts().await.expect("counts"),
+        QueueCounts::default(),
+        "no job left behind"
+    );
 }
 
 async fn lease_expiring_on_the_last_attempt_dead_letters_the_job(backend: Backend) {

@@ -771,7 +771,14 @@ async fn the_runtime_role_works_but_cannot_change_the_schema_or_rewrite_the_audi
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let env = TestEnv::at_unmigrated(runtime_url.clone(), &[("APP_ENV", "staging")]).await;
+    let env = TestEnv::at_unmigrated(
+        runtime_url.clone(),
+        &[
+            ("APP_ENV", "staging"),
+            ("VM_WEBHOOK_SECRETS", "github:gh-secret-new-0123456789"),
+        ],
+    )
+    .await;
     env.store
         .ensure_schema()
         .await
@@ -814,10 +821,16 @@ async fn the_runtime_role_works_but_cannot_change_the_schema_or_rewrite_the_audi
             "{forbidden}: {err}"
         );
     }
-    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_log")
-        .fetch_one(&mut runtime)
-        .await
-        .expect("read audit");
+    // Replay detection works with the runtime's rights (it updates nonces).
+    let first = deliver(&app, "github", GH_NEW, now_s(), "role-nonce-1", "{}", &[]).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
+    let replay = deliver(&app, "github", GH_NEW, now_s(), "role-nonce-1", "{}", &[]).await;
+    assert_eq!(replay.body["code"], "replayed_nonce", "{}", replay.body);
+    let rows: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'run.created'")
+            .fetch_one(&mut runtime)
+            .await
+            .expect("read audit");
     assert_eq!(rows, 1, "the run creation was audited by the runtime role");
 }
 
@@ -852,4 +865,175 @@ async fn a_request_that_outlives_the_timeout_gets_408_request_timeout() {
         send(&slow, "GET", "/fast", None, &[]).await.status,
         StatusCode::OK
     );
+}
+
+/// Without this, a delivery refused during a rollout would spend its nonce
+/// and the sender's retry would be refused as a replay.
+#[tokio::test]
+async fn a_delivery_refused_during_shutdown_is_accepted_when_retried_elsewhere() {
+    let env = TestEnv::new(
+        Backend::Postgres,
+        &[("VM_WEBHOOK_SECRETS", "github:gh-secret-new-0123456789")],
+    )
+    .await;
+    let draining = env.state();
+    draining
+        .shutting_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let body = r#"{"run":{"steps":[{"kind":"template","template":"hi"}]}}"#;
+    let ts = now_s();
+    let refused = deliver(
+        &router(draining),
+        "github",
+        GH_NEW,
+        ts,
+        "rollout-nonce-1",
+        body,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (refused.status, refused.body["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("shutting_down"))
+    );
+    let retried = deliver(
+        &env.router(),
+        "github",
+        GH_NEW,
+        ts,
+        "rollout-nonce-1",
+        body,
+        &[],
+    )
+    .await;
+    assert_eq!(retried.status, StatusCode::ACCEPTED, "{}", retried.body);
+    assert!(retried.body["run_id"].is_string());
+    // An invalid run is refused before the nonce is spent, too.
+    let bad = deliver(
+        &env.router(),
+        "github",
+        GH_NEW,
+        ts,
+        "rollout-nonce-2",
+        r#"{"run":{"steps":[{"kind":"nope"}]}}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(bad.body["code"], "unknown_step_kind");
+    let fixed = deliver(
+        &env.router(),
+        "github",
+        GH_NEW,
+        ts,
+        "rollout-nonce-2",
+        body,
+        &[],
+    )
+    .await;
+    assert_eq!(fixed.status, StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn an_absurd_timestamp_is_stale_not_a_panic() {
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        &[("VM_WEBHOOK_SECRETS", "github:gh-secret-new-0123456789")],
+    )
+    .await;
+    for ts in [i64::MIN, i64::MAX, 0] {
+        let r = deliver(
+            &env.router(),
+            "github",
+            GH_NEW,
+            ts,
+            "absurd-nonce",
+            "{}",
+            &[],
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("stale_timestamp")),
+            "{ts}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_keys_only_local_mode_may_read_the_audit_trail() {
+    let local = TestEnv::new(Backend::Sqlite, &[]).await;
+    assert_eq!(
+        send(&local.router(), "GET", "/api/v2/audit", None, &[])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let staging = TestEnv::new(Backend::Sqlite, &[("APP_ENV", "staging")]).await;
+    let r = send(&staging.router(), "GET", "/api/v2/audit", None, &[]).await;
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+}
+
+/// A hung Redis (connections open, no answers) must cost requests at most one
+/// short timeout, then be skipped, and never hold readiness past its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_is_skipped_quickly_and_never_decides_readiness() {
+    let redis = RedisServer::start();
+    let env = TestEnv::new(Backend::Sqlite, &[("VM_API_KEYS", KEYS)]).await;
+    let state = with_redis(&env, &redis);
+    let app = router(state);
+    let auth = bearer(OLD);
+    assert_eq!(
+        send(
+            &app,
+            "GET",
+            "/api/v2/runs",
+            None,
+            &[("authorization", &auth)]
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    redis.pause();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (app, auth) = (app.clone(), auth.clone());
+        tasks.push(tokio::spawn(async move {
+            send(
+                &app,
+                "GET",
+                "/api/v2/runs",
+                None,
+                &[("authorization", &auth)],
+            )
+            .await
+            .status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(
+            t.await.expect("task"),
+            StatusCode::OK,
+            "limits fall back to this process"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
+    let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.body["dependencies"]["redis"]["status"], "error");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "readiness took {:?}",
+        started.elapsed()
+    );
+    redis.resume();
 }

@@ -26,10 +26,11 @@ use uuid::Uuid;
 
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::runs::{NewRunRequest, create_from_body};
+use crate::http::runs::{NewRunRequest, create_from_body, parse_create_body};
 use crate::http::security::client_ip;
 use crate::http::views::ErrorBody;
 use crate::model::now_ms;
+use crate::steps::parse_steps;
 use crate::store::security::NewAudit;
 
 /// Answer to an accepted delivery.
@@ -196,6 +197,11 @@ pub async fn receive(
 }
 
 async fn accept(state: &AppState, source: &str, req: Request) -> Result<WebhookAccepted, ApiError> {
+    // Refused before anything is remembered, so the sender's retry lands
+    // on another instance and succeeds.
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
     let security = &state.settings.security;
     let secrets: Vec<&[u8]> = security
         .webhook_secrets
@@ -216,7 +222,9 @@ async fn accept(state: &AppState, source: &str, req: Request) -> Result<WebhookA
     let (timestamp, seconds, nonce, signature) = signature_headers(req.headers())?;
     let tolerance = security.webhook_tolerance;
     let now = now_ms();
-    if (now / 1000 - seconds).unsigned_abs() > tolerance.as_secs() {
+    // Checked: an absurd timestamp is stale, not an overflow.
+    let skew = (now / 1000).checked_sub(seconds).map(i64::unsigned_abs);
+    if skew.is_none_or(|s| s > tolerance.as_secs()) {
         return Err(ApiError::StaleTimestamp);
     }
     let body: Bytes = axum::body::to_bytes(req.into_body(), state.settings.max_body_bytes)
@@ -225,34 +233,73 @@ async fn accept(state: &AppState, source: &str, req: Request) -> Result<WebhookA
     if !verify_signature(secrets, &timestamp, &nonce, &body, &signature) {
         return Err(ApiError::InvalidSignature);
     }
+    // A requested run is validated before the nonce is spent.
+    let value: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let run = value
+        .as_ref()
+        .and_then(|v| v.get("run"))
+        .map(|run| run.to_string().into_bytes());
+    if let Some(run) = &run {
+        let (input, steps) = parse_create_body(run)?;
+        parse_steps(&steps, &input)?;
+    }
     // Remembered for twice the tolerance: a timestamp can be up to one
     // tolerance in the future or the past.
     let ttl = tolerance * 2;
-    let fresh = match &state.redis {
-        Some(bus) => match bus.remember_nonce(source, &nonce, ttl).await {
-            Ok(fresh) => fresh,
-            Err(()) => {
-                state
-                    .store
-                    .remember_nonce(source, &nonce, now, now + ttl.as_millis() as i64)
-                    .await?
-            }
-        },
-        None => {
-            state
-                .store
-                .remember_nonce(source, &nonce, now, now + ttl.as_millis() as i64)
-                .await?
-        }
-    };
-    if !fresh {
+    if !remember_nonce(state, source, &nonce, now, ttl).await? {
         return Err(ApiError::ReplayedNonce);
     }
+    let done = deliver(state, source, &nonce, &body, run, now).await;
+    if done.is_err() {
+        // The delivery did not happen: let the sender's retry of this very
+        // delivery through instead of calling it a replay.
+        forget_nonce(state, source, &nonce).await;
+    }
+    done
+}
+
+/// Remembers the nonce in the database (the record every instance sharing it
+/// sees) and in Redis when configured (seen by instances sharing only Redis);
+/// fresh only if neither knew it.
+async fn remember_nonce(
+    state: &AppState,
+    source: &str,
+    nonce: &str,
+    now: i64,
+    ttl: std::time::Duration,
+) -> Result<bool, ApiError> {
+    let in_db = state
+        .store
+        .remember_nonce(source, nonce, now, now + ttl.as_millis() as i64)
+        .await?;
+    let in_redis = match &state.redis {
+        Some(bus) => bus.remember_nonce(source, nonce, ttl).await.unwrap_or(true),
+        None => true,
+    };
+    Ok(in_db && in_redis)
+}
+
+async fn forget_nonce(state: &AppState, source: &str, nonce: &str) {
+    if let Err(e) = state.store.forget_nonce(source, nonce).await {
+        tracing::warn!(error = %e, "could not forget a webhook nonce; the sender's retry will be refused as a replay");
+    }
+    if let Some(bus) = &state.redis {
+        bus.forget_nonce(source, nonce).await;
+    }
+}
+
+async fn deliver(
+    state: &AppState,
+    source: &str,
+    nonce: &str,
+    body: &[u8],
+    run: Option<Vec<u8>>,
+    now: i64,
+) -> Result<WebhookAccepted, ApiError> {
     let mut run_id = None;
-    let value: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
-    if let Some(run) = value.as_ref().and_then(|v| v.get("run")) {
+    if let Some(run) = run {
         let request = NewRunRequest {
-            body: run.to_string().into_bytes(),
+            body: run,
             idempotency_key: Some(format!("webhook:{source}:{nonce}")),
             correlation_id: None,
             actor: format!("webhook:{source}"),
@@ -261,12 +308,12 @@ async fn accept(state: &AppState, source: &str, req: Request) -> Result<WebhookA
         let (detail, _) = create_from_body(state, request).await?;
         run_id = Some(detail.run.id);
     }
-    let body_sha256 = hex::encode(Sha256::digest(&body));
+    let body_sha256 = hex::encode(Sha256::digest(body));
     let delivery_id = state
         .store
         .record_delivery(
             source,
-            &nonce,
+            nonce,
             &body_sha256,
             run_id.map(|id| id.to_string()).as_deref(),
             now,

@@ -269,8 +269,16 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
 }
 
 fn migrator(backend: DbBackend) -> Migrator {
+    migrator_upto(backend, i64::MAX)
+}
+
+/// The migrations up to `version`. `ignore_missing`: a build older than the
+/// schema (a rollback of the app) migrates as a no-op instead of failing,
+/// since every migration keeps older builds working.
+fn migrator_upto(backend: DbBackend, version: i64) -> Migrator {
     let migrations = migration_sources(backend)
         .into_iter()
+        .filter(|(v, _, _)| *v <= version)
         .map(|(version, description, sql)| {
             Migration::new(
                 version,
@@ -283,7 +291,7 @@ fn migrator(backend: DbBackend) -> Migrator {
         .collect::<Vec<_>>();
     Migrator {
         migrations: Cow::Owned(migrations),
-        ignore_missing: false,
+        ignore_missing: true,
         locking: true,
         no_tx: false,
     }
@@ -888,12 +896,21 @@ impl Store {
     async fn set_aside_unreadable(&self, jobs: &[JobRef], now: i64) -> Result<()> {
         const LATER_MS: i64 = 30_000;
         for job in jobs {
-            let message = format!("this worker cannot read the `{}` step (written by a newer version, or damaged)", job.kind);
+            let message = format!(
+                "this worker cannot read the `{}` step (written by a newer version, or damaged)",
+                job.kind
+            );
             if job.attempt < job.max_attempts {
-                let event = NewEvent::step(&job.run_id, "step.retry_scheduled", job.step_index, job.attempt)
-                    .message(message.clone())
-                    .data(serde_json::json!({"delay_ms": LATER_MS}));
-                self.requeue(job, now + LATER_MS, 0, Some(&message), event, now).await?;
+                let event = NewEvent::step(
+                    &job.run_id,
+                    "step.retry_scheduled",
+                    job.step_index,
+                    job.attempt,
+                )
+                .message(message.clone())
+                .data(serde_json::json!({"delay_ms": LATER_MS}));
+                self.requeue(job, now + LATER_MS, 0, Some(&message), event, now)
+                    .await?;
             } else {
                 self.dead_letter_ref(job, &message, now).await?;
             }
@@ -976,9 +993,14 @@ impl Store {
         now: i64,
     ) -> Result<Finish> {
         let job = JobRef::of(job);
-        let event = NewEvent::step(&job.run_id, "step.retry_scheduled", job.step_index, job.attempt)
-            .message(error)
-            .data(serde_json::json!({"delay_ms": (run_at - now).max(0)}));
+        let event = NewEvent::step(
+            &job.run_id,
+            "step.retry_scheduled",
+            job.step_index,
+            job.attempt,
+        )
+        .message(error)
+        .data(serde_json::json!({"delay_ms": (run_at - now).max(0)}));
         self.requeue(&job, run_at, 0, Some(error), event, now).await
     }
 
@@ -1323,6 +1345,31 @@ mod tests {
             Some("/abs/x.db")
         );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
+    }
+
+    /// Without `ignore_missing`, rolling the app back to an older image would
+    /// fail its migration Job and keep the bad release serving.
+    #[tokio::test]
+    async fn an_older_build_migrates_a_newer_schema_as_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::config::DatabaseSettings {
+            url: crate::config::Secret::new(format!(
+                "sqlite://{}/m.db?mode=rwc",
+                dir.path().display()
+            )),
+            backend: DbBackend::Sqlite,
+            embedded: false,
+        };
+        let store = Store::connect(&db, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        migrator_upto(DbBackend::Sqlite, 1)
+            .run(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.schema_version().await.unwrap(),
+            store.expected_schema_version()
+        );
     }
 
     #[test]

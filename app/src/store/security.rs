@@ -184,6 +184,16 @@ impl Store {
         Ok(true)
     }
 
+    /// Forgets a nonce (its delivery failed, so a retry must not count as a replay).
+    pub async fn forget_nonce(&self, source: &str, nonce: &str) -> Result<()> {
+        sqlx::query("DELETE FROM webhook_nonces WHERE source = $1 AND nonce = $2")
+            .bind(source)
+            .bind(nonce)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records an accepted webhook delivery; returns its id.
     pub async fn record_delivery(
         &self,
@@ -227,7 +237,7 @@ impl Store {
                 "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {quoted}",
                 RUNTIME_TABLES.join(", ")
             ),
-            format!("GRANT SELECT, INSERT, DELETE ON webhook_nonces TO {quoted}"),
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON webhook_nonces TO {quoted}"),
             format!("GRANT SELECT ON _sqlx_migrations TO {quoted}"),
             format!("REVOKE UPDATE, DELETE, TRUNCATE ON audit_log FROM {quoted}"),
             format!("GRANT SELECT, INSERT ON audit_log TO {quoted}"),

@@ -68,8 +68,28 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the process (SIGSTOP): connections stay open but nothing answers,
+    /// the way a hung or partitioned Redis behaves.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a paused process.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(child) = self.child.lock().expect("lock").as_ref() {
+            let _ = Command::new("kill")
+                .args([sig, &child.id().to_string()])
+                .status();
+        }
+    }
+
     /// Kills the process (an outage).
     pub fn stop(&self) {
+        self.resume();
         if let Some(mut child) = self.child.lock().expect("lock").take() {
             let _ = child.kill();
             let _ = child.wait();
