@@ -134,6 +134,12 @@ impl RateLimiter {
         if buckets.len() >= MAX_LOCAL_BUCKETS {
             let idle = Duration::from_secs_f64(f64::from(limit.burst) / limit.per_second);
             buckets.retain(|_, b| now.duration_since(b.updated) < idle);
+            // Still full of active keys (an address-rotating flood): start
+            // over rather than scan a full map on every request. Memory and
+            // CPU stay bounded; limits are lenient for one refill at worst.
+            if buckets.len() >= MAX_LOCAL_BUCKETS / 2 {
+                buckets.clear();
+            }
         }
         let bucket = buckets.entry(key.to_string()).or_insert(Bucket {
             tokens: f64::from(limit.burst),
