@@ -377,6 +377,23 @@ impl<'a> Pass<'a> {
                 .any(|c| c.type_ == t && c.status == "True")
         };
         if has("Complete") || status.succeeded.unwrap_or(0) > 0 {
+            // Jobs are created without a TTL so that failed ones stay; a succeeded one is
+            // only kept for a while (the field is mutable, the template is not).
+            if live
+                .spec
+                .as_ref()
+                .and_then(|s| s.ttl_seconds_after_finished)
+                .is_none()
+            {
+                let ttl = serde_json::json!({
+                    "spec": {"ttlSecondsAfterFinished": builders::SUCCEEDED_JOB_TTL_SECONDS}
+                });
+                jobs.patch(&name, &PatchParams::default(), &Patch::Merge(&ttl))
+                    .await?;
+                self.count_write("Job");
+                self.written
+                    .push(format!("Job/{name} (expiry after success)"));
+            }
             return Ok(Migration::Succeeded);
         }
         if has("Failed") {

@@ -476,7 +476,13 @@ async fn succeeded_migration_moves_both_deployments_to_the_new_image() {
     job["status"] = json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
     let mut script = prod_prefix(&app, &old, &p);
     script.pop();
-    script.push(Expect::get(p.job(NEW), Reply::Object(job)));
+    script.push(Expect::get(p.job(NEW), Reply::Object(job.clone())));
+    // Created without a TTL (a failed Job must stay); a succeeded one is kept for a day.
+    script.push(Expect::merge_patch(
+        p.job(NEW),
+        |b| assert_eq!(b, &json!({"spec": {"ttlSecondsAfterFinished": 86400}})),
+        job,
+    ));
     script.push(Expect::apply(p.deployment(&p.api()), |b| {
         assert_eq!(container(b)["image"], NEW);
         assert!(b["spec"].get("replicas").is_none(), "the HPA owns replicas");

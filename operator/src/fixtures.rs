@@ -96,6 +96,21 @@ impl Expect {
         }
     }
 
+    /// A JSON merge `PATCH path` (not server-side apply), answered with `reply`.
+    pub fn merge_patch(
+        path: impl Into<String>,
+        check: impl Fn(&Value) + Send + 'static,
+        reply: Value,
+    ) -> Self {
+        Self {
+            method: Method::PATCH,
+            path: path.into(),
+            query: vec![],
+            check: Some(Box::new(check)),
+            reply: Reply::Object(reply),
+        }
+    }
+
     /// `DELETE path`.
     pub fn delete(path: impl Into<String>) -> Self {
         Self {

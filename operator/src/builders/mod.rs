@@ -412,6 +412,10 @@ fn hpa(id: &Ident, name: String, component: &str, a: &AutoscalingSpec) -> Horizo
     }
 }
 
+/// How long a succeeded migration Job is kept (for post-mortems) once the controller has seen
+/// it succeed; failed Jobs have no TTL and stay until the next spec change retries them.
+pub const SUCCEEDED_JOB_TTL_SECONDS: i32 = 86_400;
+
 fn migration_job(app: &VmWebapp, id: &Ident, config_hash: &str) -> Job {
     let image = &app.spec.image;
     let mut meta = id.meta(names::migration_job(&id.name, image), component::MIGRATION);
@@ -427,8 +431,10 @@ fn migration_job(app: &VmWebapp, id: &Ident, config_hash: &str) -> Job {
         spec: Some(JobSpec {
             backoff_limit: Some(app.spec.migrations.backoff_limit),
             active_deadline_seconds: Some(app.spec.migrations.active_deadline_seconds),
-            // Kept a day for post-mortems; the Deployments have moved on long before.
-            ttl_seconds_after_finished: Some(86_400),
+            // No TTL here: a failed Job must stay (logs for the post-mortem, and its presence
+            // is what stops the controller from retrying the same image and generation). The
+            // controller sets [`SUCCEEDED_JOB_TTL_SECONDS`] once the Job has succeeded.
+            ttl_seconds_after_finished: None,
             template: pod::template(app, id, Workload::Migration, image, config_hash),
             ..JobSpec::default()
         }),

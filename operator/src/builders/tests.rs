@@ -577,3 +577,16 @@ fn a_resource_without_namespace_is_rejected() {
         Err(BuildError::MissingNamespace)
     ));
 }
+
+#[test]
+fn migration_job_has_no_ttl_so_a_failed_one_is_not_silently_retried() {
+    // With a TTL the Job controller deleted a failed Job after a day; the operator then found
+    // no Job for the image and ran the failed migration again, every day.
+    let app = crate::fixtures::app_from_example(
+        include_str!("../../../examples/production.yaml"),
+        "vm-prod",
+    );
+    let desired = build(&app, &Inputs::offline(&app)).expect("builds");
+    let job = desired.migration_job.expect("production migrates");
+    assert_eq!(job.spec.and_then(|s| s.ttl_seconds_after_finished), None);
+}
