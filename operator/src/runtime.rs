@@ -111,7 +111,8 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = ()> + Send + Sync + 'static,
 {
-    let mut election = leader::campaign(client.clone(), config)
+    let lease_client = lease_client().await?;
+    let mut election = leader::campaign(lease_client.clone(), config)
         .await
         .context("cannot start leader election")?;
     // A standby is healthy and ready; only the leader writes.
@@ -128,8 +129,18 @@ where
     info!(namespace = ?args.namespace, "leading; starting controller");
     let lost = Arc::new(AtomicBool::new(false));
     let lost_flag = lost.clone();
-    let leadership_lost = Election::lost(election.leading.clone())
-        .map(move |()| lost_flag.store(true, Ordering::Release));
+    // The Lease manager's channel reports a loss it noticed; the deadline also catches
+    // renewals that fail or hang, which the channel never reports.
+    let reported = Election::lost(election.leading.clone());
+    let expired = tokio::spawn(leader::deadline_passed(lease_client, config.clone()));
+    let abort_expired = expired.abort_handle();
+    let leadership_lost = async move {
+        tokio::select! {
+            () = reported => {}
+            _ = expired => {}
+        }
+    }
+    .map(move |()| lost_flag.store(true, Ordering::Release));
     let stop = stopped();
     let shutdown = async move {
         tokio::select! {
@@ -138,11 +149,24 @@ where
         }
     };
     controller::run(client, args.namespace.clone(), ctx, shutdown).await;
+    abort_expired.abort();
     election.release().await;
     if lost.load(Ordering::Acquire) {
         anyhow::bail!("lost the leader Lease; exiting so that a fresh standby takes over");
     }
     Ok(())
+}
+
+/// A client for the election only, with short timeouts: a renewal that hangs must fail fast
+/// enough for the Lease manager to retry (and for the deadline to notice) within one lease.
+async fn lease_client() -> anyhow::Result<Client> {
+    let mut config = kube::Config::infer()
+        .await
+        .context("cannot load the Kubernetes client configuration")?;
+    config.connect_timeout = Some(leader::READ_TIMEOUT);
+    config.read_timeout = Some(leader::READ_TIMEOUT);
+    config.write_timeout = Some(leader::READ_TIMEOUT);
+    Client::try_from(config).context("cannot build the lease client")
 }
 
 async fn shutdown_signal() {
