@@ -5,6 +5,11 @@
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "vm-operator";
 
+/// Field manager that keeps a Deployment's `spec.replicas` when autoscaling is turned on, so
+/// that dropping the field from the operator's apply does not reset it to 1 before the HPA
+/// takes over (Kubernetes "transferring ownership" for server-side apply).
+pub const REPLICAS_HANDOVER_MANAGER: &str = "vm-operator-replicas-handover";
+
 /// Name the operator reports itself as in events.
 pub const CONTROLLER_NAME: &str = "vm-operator";
 

@@ -280,6 +280,14 @@ impl<'a> Pass<'a> {
                 self.ensure(&config_maps, &desired.config_map, live_cm.as_ref())
                     .await?;
             }
+            self.hand_over_replicas(&deployments, &desired.api_deployment, live_api.as_ref())
+                .await?;
+            self.hand_over_replicas(
+                &deployments,
+                &desired.worker_deployment,
+                live_worker.as_ref(),
+            )
+            .await?;
             let api_applied = self
                 .ensure(&deployments, &desired.api_deployment, live_api.as_ref())
                 .await?;
@@ -461,6 +469,40 @@ impl<'a> Pass<'a> {
         Ok(returned)
     }
 
+    /// When autoscaling has just been turned on (`desired` has no `replicas`, but the operator
+    /// still owns the live field), first apply the live `replicas` under a separate field
+    /// manager: the operator's next apply then drops only its own claim and the value stays
+    /// until the HPA changes it, instead of falling back to the default of 1.
+    async fn hand_over_replicas(
+        &mut self,
+        api: &Api<Deployment>,
+        desired: &Deployment,
+        live: Option<&Deployment>,
+    ) -> Result<(), Error> {
+        let Some(live) = live else { return Ok(()) };
+        let replicas = live.spec.as_ref().and_then(|s| s.replicas);
+        let wants = desired.spec.as_ref().and_then(|s| s.replicas);
+        let (None, Some(replicas)) = (wants, replicas) else {
+            return Ok(());
+        };
+        if !manages_replicas(live, consts::FIELD_MANAGER) {
+            return Ok(());
+        }
+        let name = desired.name_any();
+        let body = serde_json::json!({
+            "apiVersion": Deployment::api_version(&()),
+            "kind": Deployment::kind(&()),
+            "metadata": {"name": name},
+            "spec": {"replicas": replicas},
+        });
+        let params = PatchParams::apply(consts::REPLICAS_HANDOVER_MANAGER).force();
+        api.patch(&name, &params, &Patch::Apply(&body)).await?;
+        self.count_write("Deployment");
+        self.written
+            .push(format!("Deployment/{name} (replicas handed to the HPA)"));
+        Ok(())
+    }
+
     /// HPAs exist only while asked for: apply when desired, delete ours when not.
     async fn ensure_optional(
         &mut self,
@@ -621,6 +663,21 @@ fn rolled(live: Option<&Deployment>, returned: Option<&Deployment>) -> bool {
             r.metadata.generation.is_none() || l.metadata.generation != r.metadata.generation
         }
     }
+}
+
+/// Whether `manager` holds `spec.replicas` of `deployment` through server-side apply,
+/// according to its `managedFields`.
+pub fn manages_replicas(deployment: &Deployment, manager: &str) -> bool {
+    deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.manager.as_deref() == Some(manager) && m.operation.as_deref() == Some("Apply")
+        })
+        .filter_map(|m| m.fields_v1.as_ref())
+        .any(|f| f.0.pointer("/f:spec/f:replicas").is_some())
 }
 
 /// Whether every field of `want` is present in `have` with the same value, as the API server
@@ -856,6 +913,37 @@ mod tests {
         for (a, b) in [("1Mi", "1M"), ("1", "x"), ("cpu", "gpu"), ("1m", "1M")] {
             assert!(!same_quantity(a, b), "{a} != {b}");
         }
+    }
+
+    #[test]
+    fn replicas_are_ours_only_when_our_apply_entry_lists_them() {
+        let with = |manager: &str, operation: &str, fields: serde_json::Value| {
+            serde_json::from_value::<Deployment>(json!({"metadata": {"name": "d", "managedFields": [
+                {"manager": manager, "operation": operation, "fieldsType": "FieldsV1", "fieldsV1": fields}
+            ]}}))
+            .expect("deployment")
+        };
+        let replicas = json!({"f:spec": {"f:replicas": {}, "f:template": {}}});
+        assert!(manages_replicas(
+            &with("vm-operator", "Apply", replicas.clone()),
+            "vm-operator"
+        ));
+        assert!(!manages_replicas(
+            &with("vm-operator-replicas-handover", "Apply", replicas.clone()),
+            "vm-operator"
+        ));
+        assert!(!manages_replicas(
+            &with("vm-operator", "Update", replicas),
+            "vm-operator"
+        ));
+        assert!(!manages_replicas(
+            &with(
+                "vm-operator",
+                "Apply",
+                json!({"f:spec": {"f:template": {}}})
+            ),
+            "vm-operator"
+        ));
     }
 
     #[test]

@@ -701,3 +701,64 @@ async fn an_hpa_someone_else_owns_is_left_alone() {
     let (result, _) = reconcile_with(app, script).await;
     assert!(result.is_ok(), "{result:?}");
 }
+
+#[tokio::test]
+async fn turning_autoscaling_on_hands_replicas_over_before_dropping_them() {
+    // Without this the first apply without `replicas` removed the field the operator owned
+    // and the Deployment fell back to 1 replica until the HPA scaled it up again.
+    let mut before = app_from_example(MINIMAL, "demo-ns");
+    before.spec.api.replicas = 3;
+    let was = builders::build(&before, &Inputs::offline(&before)).expect("builds");
+    let mut live_api = live(&was.api_deployment);
+    live_api["metadata"]["managedFields"] = json!([{
+        "manager": "vm-operator", "operation": "Apply", "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": {"f:replicas": {}, "f:template": {}}}
+    }]);
+    let mut app = before.clone();
+    app.spec.api.autoscaling = Some(crate::crd::AutoscalingSpec {
+        min_replicas: 2,
+        max_replicas: 6,
+        target_cpu_utilization_percentage: 70,
+    });
+    let p = Paths::of(&app);
+    let desired = builders::build(&app, &Inputs::offline(&app)).expect("builds");
+    let script = vec![
+        Expect::get(p.deployment(&p.api()), Reply::Object(live_api)),
+        Expect::get(
+            p.deployment(&p.worker()),
+            Reply::Object(live(&desired.worker_deployment)),
+        ),
+        Expect::get(p.sa(), Reply::Object(live(&desired.service_account))),
+        Expect::get(p.cm(), Reply::Object(live(&desired.config_map))),
+        Expect::get(p.svc(), Reply::Object(live(&desired.service))),
+        // 1. The live count, claimed by a second manager, so it survives step 2.
+        Expect::apply_as(
+            p.deployment(&p.api()),
+            "vm-operator-replicas-handover",
+            |b| {
+                assert_eq!(b["spec"], json!({"replicas": 3}));
+                assert_eq!(b["metadata"], json!({"name": "demo-api"}));
+            },
+        ),
+        // 2. The operator's own apply no longer sets replicas.
+        Expect::apply(p.deployment(&p.api()), |b| {
+            assert!(b["spec"].get("replicas").is_none(), "{b}");
+        }),
+        Expect::get(p.pdb(&p.api()), Reply::Object(live(&desired.api_pdb))),
+        Expect::get(p.pdb(&p.worker()), Reply::Object(live(&desired.worker_pdb))),
+        Expect::get(p.hpa(&p.api()), Reply::NotFound),
+        Expect::apply(p.hpa(&p.api()), |b| assert_eq!(b["spec"]["minReplicas"], 2)),
+        Expect::get(p.hpa(&p.worker()), Reply::NotFound),
+        Expect::event("demo-ns", |b| {
+            assert!(
+                b["note"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("replicas handed to the HPA")
+            )
+        }),
+        Expect::apply(p.status(), |_| {}),
+    ];
+    let (result, _) = reconcile_with(app, script).await;
+    assert!(result.is_ok(), "{result:?}");
+}

@@ -68,7 +68,7 @@ pub enum Reply {
 pub struct Expect {
     pub(crate) method: Method,
     path: String,
-    query: Vec<&'static str>,
+    query: Vec<String>,
     pub(crate) check: Option<BodyCheck>,
     reply: Reply,
 }
@@ -90,9 +90,21 @@ impl Expect {
         Self {
             method: Method::PATCH,
             path: path.into(),
-            query: vec!["fieldManager=vm-operator", "force=true"],
+            query: vec!["fieldManager=vm-operator&".into(), "force=true".into()],
             check: Some(Box::new(check)),
             reply: Reply::Echo,
+        }
+    }
+
+    /// A forced server-side apply `PATCH path` under the field manager `manager`.
+    pub fn apply_as(
+        path: impl Into<String>,
+        manager: &str,
+        check: impl Fn(&Value) + Send + 'static,
+    ) -> Self {
+        Self {
+            query: vec![format!("fieldManager={manager}&"), "force=true".into()],
+            ..Self::apply(path, check)
         }
     }
 
@@ -177,9 +189,10 @@ impl ApiServerVerifier {
                         "RBAC rules lack {verb} on {group}/{resource}"
                     );
                 }
+                let query_and = format!("{query}&");
                 for q in &expect.query {
                     assert!(
-                        query.contains(q),
+                        query_and.contains(q.as_str()),
                         "request #{i} {path}: query {query:?} lacks {q}"
                     );
                 }
