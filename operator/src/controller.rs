@@ -7,10 +7,8 @@
 //! 1. `GET` each referenced Secret (sorted by name);
 //! 2. `GET` the API and worker Deployments;
 //! 3. unless suspended or blocked: `GET` (and `PATCH` if different) ServiceAccount,
-//!    ConfigMap, Service; the migration Job when `spec.image` is not serving yet. While that
-//!    Job has not succeeded nothing else is written (the ConfigMap is created if absent but
-//!    not changed). Otherwise: the ConfigMap if held back, the Deployments (`PATCH` only),
-//!    PodDisruptionBudgets, HPAs (`DELETE` when no longer asked);
+//!    ConfigMap, Service; the migration Job when `spec.image` is not serving yet; the
+//!    Deployments (`PATCH` only); PodDisruptionBudgets; HPAs (`DELETE` when no longer asked);
 //! 4. one Normal `Applied` event when something was written;
 //! 5. `PATCH` of the status subresource when the status changed;
 //! 6. events for condition transitions (Warning when Degraded turns on or changes).
@@ -241,7 +239,7 @@ impl<'a> Pass<'a> {
         // 3. Shared children first: the migration Job needs the ServiceAccount and ConfigMap.
         let inputs = Inputs {
             serving_image: spec.image.clone(),
-            secret_data,
+            secret_data: secret_data.clone(),
         };
         let desired = match builders::build(app, &inputs) {
             Ok(d) => d,
@@ -252,34 +250,41 @@ impl<'a> Pass<'a> {
                     .await;
             }
         };
-        // Migration gating: while the Job for a new spec.image has not succeeded, the old
-        // pods keep running exactly as they are: old image *and* old configuration (a new
-        // ConfigMap or config hash would roll the old image with the new settings).
-        let needs_migration = spec.migrations.enabled
-            && desired.migration_job.is_some()
-            && serving.as_deref() != Some(spec.image.as_str());
         self.ensure_fetched(&desired.service_account).await?;
-        let config_maps: Api<ConfigMap> = self.api();
-        let live_cm = config_maps.get_opt(&desired.config_map.name_any()).await?;
-        // A fresh install has no ConfigMap yet and its migration Job needs one.
-        let cm_applied = !needs_migration || live_cm.is_none();
-        if cm_applied {
-            self.ensure(&config_maps, &desired.config_map, live_cm.as_ref())
-                .await?;
-        }
+        self.ensure_fetched(&desired.config_map).await?;
         self.ensure_fetched(&desired.service).await?;
+
+        // Migration gating: the Deployments move to spec.image only after its Job succeeded.
+        let needs_migration =
+            spec.migrations.enabled && serving.as_deref() != Some(spec.image.as_str());
         if let (true, Some(job)) = (needs_migration, &desired.migration_job) {
             observed.migration = self.migrate(job).await?;
         }
+        let target = match observed.migration {
+            Migration::NotNeeded | Migration::Succeeded => Some(spec.image.clone()),
+            Migration::Running | Migration::Failed { .. } => serving.clone(),
+        };
 
-        if matches!(
-            observed.migration,
-            Migration::NotNeeded | Migration::Succeeded
-        ) {
-            if !cm_applied {
-                self.ensure(&config_maps, &desired.config_map, live_cm.as_ref())
-                    .await?;
-            }
+        if let Some(image) = target {
+            let desired = if image == spec.image {
+                desired
+            } else {
+                match builders::build(
+                    app,
+                    &Inputs {
+                        serving_image: image,
+                        secret_data,
+                    },
+                ) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        observed.invalid_spec = Some(e.to_string());
+                        return self
+                            .finish(&observed, Action::requeue(Duration::from_secs(600)))
+                            .await;
+                    }
+                }
+            };
             self.hand_over_replicas(&deployments, &desired.api_deployment, live_api.as_ref())
                 .await?;
             self.hand_over_replicas(
