@@ -129,11 +129,17 @@ pub fn standing(
     }
 }
 
-/// Margin kept before the Lease expires: half the renewal grace, at least a second, so that
-/// a normal renewal (`grace` seconds before expiry) always lands before the deadline.
+/// Margin kept before the Lease expires: one check interval plus one read timeout (so the
+/// check itself cannot notice too late), but never more than half the renewal grace, so a
+/// renewal that needs a few retries still lands before the deadline.
 pub fn margin(config: &LeaseConfig) -> Duration {
-    Duration::from_secs((config.grace_seconds / 2).max(1))
+    let wanted = READ_TIMEOUT + CHECK_EVERY;
+    let cap = Duration::from_secs((config.grace_seconds / 2).max(1));
+    wanted.min(cap)
 }
+
+/// Interval of the deadline check.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Resolves when this replica must stop leading: the Lease names another holder or is gone,
 /// or no successful renewal was seen before the local deadline. Checks every second; each
@@ -147,8 +153,22 @@ pub async fn deadline_passed(client: Client, config: LeaseConfig) {
         .checked_add(SignedDuration::try_from(duration).unwrap_or(SignedDuration::ZERO))
         .unwrap_or_else(|_| Timestamp::now());
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let read = match tokio::time::timeout(READ_TIMEOUT, api.get_opt(&config.name)).await {
+        // The deadline is watched while waiting and while reading, so a hung read
+        // cannot make this replica notice too late.
+        let remaining =
+            Duration::try_from(deadline.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO);
+        let step = async {
+            tokio::time::sleep(CHECK_EVERY).await;
+            tokio::time::timeout(READ_TIMEOUT, api.get_opt(&config.name)).await
+        };
+        let outcome = tokio::select! {
+            _ = tokio::time::sleep(remaining) => {
+                tracing::warn!("leader Lease not renewed before the local deadline");
+                return;
+            }
+            outcome = step => outcome,
+        };
+        let read = match outcome {
             Ok(Ok(Some(lease))) => Read::Lease(Box::new(lease)),
             Ok(Ok(None)) => Read::Missing,
             Ok(Err(e)) => {
@@ -242,6 +262,30 @@ mod tests {
         assert_eq!(
             standing(at(13), &lease("me", 0), "me", MARGIN, at(14)),
             Standing::Lost
+        );
+    }
+
+    #[test]
+    fn with_the_default_lease_a_renewal_has_six_seconds_for_retries() {
+        // Duration 15 s, renewal a third of the way in (grace 10 s): the deadline is
+        // renew + 15 s - 4 s, so a renewal due at +5 s may retry until +11 s.
+        let config = LeaseConfig {
+            namespace: "ns".into(),
+            name: "lease".into(),
+            identity: "me".into(),
+            duration_seconds: 15,
+            grace_seconds: 10,
+        };
+        assert_eq!(margin(&config), Duration::from_secs(4));
+        let short = LeaseConfig {
+            duration_seconds: 6,
+            grace_seconds: 4,
+            ..config
+        };
+        assert_eq!(
+            margin(&short),
+            Duration::from_secs(2),
+            "never more than half the grace"
         );
     }
 

@@ -85,7 +85,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             name: args.lease_name.clone(),
             identity,
             duration_seconds: args.lease_duration_seconds,
-            grace_seconds: (args.lease_duration_seconds / 3).max(2),
+            // Renew a third of the way in: two thirds of the duration remain for
+            // retries before the local deadline stops this replica.
+            grace_seconds: (args.lease_duration_seconds * 2 / 3).max(2),
         };
         lead_then_run(client, &args, &config, ctx, ready.clone(), stopped).await
     };
