@@ -1037,3 +1037,46 @@ async fn a_hung_redis_is_skipped_quickly_and_never_decides_readiness() {
     );
     redis.resume();
 }
+
+#[tokio::test]
+async fn idempotency_keys_are_scoped_to_the_caller() {
+    let env = TestEnv::new(Backend::Sqlite, &[("VM_API_KEYS", KEYS)]).await;
+    let app = env.router();
+    let (old, new) = (bearer(OLD), bearer(NEW));
+    let a = send(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(HELLO),
+        &[("authorization", &old), ("idempotency-key", "same")],
+    )
+    .await;
+    let b = send(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(HELLO),
+        &[("authorization", &new), ("idempotency-key", "same")],
+    )
+    .await;
+    assert_eq!(
+        (a.status, b.status),
+        (StatusCode::ACCEPTED, StatusCode::ACCEPTED)
+    );
+    assert_ne!(
+        a.body["id"], b.body["id"],
+        "another caller's key does not replay my run"
+    );
+    let again = send(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(HELLO),
+        &[("authorization", &old), ("idempotency-key", "same")],
+    )
+    .await;
+    assert_eq!(
+        (again.status, &again.body["id"]),
+        (StatusCode::OK, &a.body["id"])
+    );
+}

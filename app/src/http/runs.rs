@@ -137,11 +137,14 @@ pub async fn create_run(
         .filter(|v| plain_id(v))
         .or(request_id.filter(|v| plain_id(v)))
         .map(str::to_string);
+    let actor = actor.map_or_else(|| "anonymous".to_string(), |Extension(a)| a.id);
     let request = NewRunRequest {
         body: bytes.to_vec(),
-        idempotency_key,
+        // Scoped to the caller: two clients never collide on a key, and no
+        // client can claim the keys webhooks use (`webhook:…`).
+        idempotency_key: idempotency_key.map(|k| format!("key:{actor}:{k}")),
         correlation_id,
-        actor: actor.map_or_else(|| "anonymous".to_string(), |Extension(a)| a.id),
+        actor,
         request_id: request_id.map(str::to_string),
     };
     let (detail, created) = create_from_body(&state, request).await?;
