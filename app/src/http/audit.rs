@@ -2,14 +2,12 @@
 
 use axum::extract::{RawQuery, State};
 use axum::{Extension, Json};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::runs::{parse_limit, parse_query};
+use crate::http::paging::{self, parse_limit, parse_query};
 use crate::http::security::Actor;
 use crate::http::views::ErrorBody;
 use crate::store::security::{AuditEntry, AuditFilter};
@@ -23,15 +21,8 @@ pub struct AuditList {
     pub next_cursor: Option<String>,
 }
 
-fn decode_cursor(c: &str) -> Result<i64, ApiError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(c)
-        .map_err(|_| ApiError::InvalidCursor)?;
-    let text = String::from_utf8(bytes).map_err(|_| ApiError::InvalidCursor)?;
-    text.strip_prefix("a1:")
-        .and_then(|n| n.parse().ok())
-        .ok_or(ApiError::InvalidCursor)
-}
+/// Tag of audit cursors.
+const AUDIT_CURSOR: &str = "a1";
 
 /// Lists the audit trail.
 #[utoipa::path(
@@ -66,18 +57,16 @@ pub async fn list(
         action: query.get("action").cloned(),
         actor: query.get("actor").cloned(),
         outcome: query.get("outcome").cloned(),
-        before: query.get("cursor").map(|c| decode_cursor(c)).transpose()?,
+        before: query
+            .get("cursor")
+            .map(|c| paging::decode_cursor(AUDIT_CURSOR, c))
+            .transpose()?,
         limit: limit + 1,
     };
     let mut entries = state.store.list_audit(&filter).await?;
-    let next_cursor = if entries.len() as i64 > limit {
-        entries.truncate(limit as usize);
-        entries
-            .last()
-            .map(|e| URL_SAFE_NO_PAD.encode(format!("a1:{}", e.id)))
-    } else {
-        None
-    };
+    let next_cursor = paging::next_page(&mut entries, limit, |e| {
+        paging::encode_cursor(AUDIT_CURSOR, e.id)
+    });
     Ok(Json(AuditList {
         entries,
         next_cursor,

@@ -21,6 +21,7 @@ pub mod audit;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod paging;
 pub mod runs;
 pub mod security;
 pub mod views;

@@ -10,21 +10,18 @@
 //! mistake gets our JSON error with a precise message. The body is read as
 //! JSON whatever its `Content-Type`, so `curl -d` works as is.
 
-use std::collections::HashMap;
-
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::config::LlmMode;
+use crate::http::paging::{self, parse_limit, parse_query};
 use crate::http::security::Actor;
 use crate::http::views::{
     CreateRunRequest, ErrorBody, EventList, EventView, RunList, RunSummary, RunView,
@@ -35,6 +32,8 @@ use crate::steps::{StepSpec, parse_steps};
 use crate::store::security::NewAudit;
 use crate::store::{CancelOutcome, CreateOutcome};
 
+/// Tag of run-list cursors.
+const RUNS_CURSOR: &str = "v1";
 /// Default and largest page of `GET /runs`.
 const RUNS_PAGE: (i64, i64) = (50, 200);
 /// Default and largest page of `GET /runs/{id}/events`.
@@ -259,82 +258,14 @@ async fn audit(
     }
 }
 
-pub(crate) fn parse_query(
-    raw: Option<String>,
-    allowed: &[&str],
-) -> Result<HashMap<String, String>, ApiError> {
-    let mut out = HashMap::new();
-    for pair in raw
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let decode = |s: &str| {
-            percent_decode(s)
-                .ok_or_else(|| ApiError::InvalidParameter("query string is not valid UTF-8".into()))
-        };
-        let (k, v) = (decode(k)?, decode(v)?);
-        if !allowed.contains(&k.as_str()) {
-            return Err(ApiError::InvalidParameter(format!(
-                "unknown query parameter `{}`; expected {}",
-                k.chars().take(64).collect::<String>(),
-                allowed.join(", ")
-            )));
-        }
-        out.insert(k, v);
-    }
-    Ok(out)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
-}
-
-pub(crate) fn parse_limit(
-    query: &HashMap<String, String>,
-    (default, max): (i64, i64),
-) -> Result<i64, ApiError> {
-    match query.get("limit") {
-        None => Ok(default),
-        Some(v) => match v.parse::<i64>() {
-            Ok(n) if (1..=max).contains(&n) => Ok(n),
-            _ => Err(ApiError::InvalidParameter(format!(
-                "limit: expected a whole number from 1 to {max}"
-            ))),
-        },
-    }
-}
-
-/// Encodes a page cursor (opaque to clients).
+/// Encodes a run-list cursor (opaque to clients).
 pub fn encode_cursor(last: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(format!("v1:{last}"))
+    paging::encode_cursor(RUNS_CURSOR, last)
 }
 
-/// Decodes a page cursor.
+/// Decodes a run-list cursor.
 pub fn decode_cursor(cursor: &str) -> Result<Uuid, ApiError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(cursor)
-        .map_err(|_| ApiError::InvalidCursor)?;
-    let text = String::from_utf8(bytes).map_err(|_| ApiError::InvalidCursor)?;
-    let id = text.strip_prefix("v1:").ok_or(ApiError::InvalidCursor)?;
-    Uuid::parse_str(id).map_err(|_| ApiError::InvalidCursor)
+    paging::decode_cursor(RUNS_CURSOR, cursor)
 }
 
 /// Lists runs, newest first.
@@ -378,12 +309,7 @@ pub async fn list_runs(
             limit: limit + 1,
         })
         .await?;
-    let next_cursor = if runs.len() as i64 > limit {
-        runs.truncate(limit as usize);
-        runs.last().map(|r| encode_cursor(r.id))
-    } else {
-        None
-    };
+    let next_cursor = paging::next_page(&mut runs, limit, |r| encode_cursor(r.id));
     Ok(Json(RunList {
         runs: runs.iter().map(RunSummary::of).collect(),
         next_cursor,
@@ -511,6 +437,8 @@ pub async fn cancel_run(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     #[test]
     fn cursors_round_trip_and_foreign_ones_are_refused() {
@@ -518,17 +446,5 @@ mod tests {
         assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
         assert!(decode_cursor("not-base64!").is_err());
         assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("v2:x")).is_err());
-    }
-
-    #[test]
-    fn query_strings_are_decoded_and_unknown_keys_refused() {
-        let q = parse_query(
-            Some("status=queued&cursor=a%3Db".into()),
-            &["status", "cursor"],
-        )
-        .unwrap();
-        assert_eq!(q["cursor"], "a=b");
-        assert!(parse_query(Some("stauts=queued".into()), &["status"]).is_err());
-        assert!(parse_query(Some("status=%ZZ".into()), &["status"]).is_err());
     }
 }
