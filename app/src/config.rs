@@ -83,6 +83,17 @@ pub enum DbBackend {
 }
 
 impl DbBackend {
+    /// The backend a connection URL points at, if it is one we support.
+    pub fn of_url(url: &str) -> Option<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(DbBackend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Some(DbBackend::Sqlite)
+        } else {
+            None
+        }
+    }
+
     /// Short name used in logs and `check-config` output.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -455,6 +466,20 @@ impl Settings {
         })
     }
 
+    /// The database `migrate` applies DDL to: the schema owner's
+    /// `VM_MIGRATION_DB_URL` when given, else `VM_DB_URL`.
+    pub fn migration_database(&self) -> DatabaseSettings {
+        match &self.security.migration_db_url {
+            Some(url) => DatabaseSettings {
+                url: url.clone(),
+                // Validated at parse time; PostgreSQL is the only backend with roles.
+                backend: DbBackend::of_url(url.expose()).unwrap_or(DbBackend::Postgres),
+                embedded: false,
+            },
+            None => self.database.clone(),
+        }
+    }
+
     /// How `llm` steps will be served.
     pub fn llm_mode(&self) -> LlmMode {
         match (&self.llm.api_key, self.app_env) {
@@ -663,9 +688,7 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
     let request_timeout = p.millis("VM_REQUEST_TIMEOUT_MS", 30_000, 100, 600_000);
     let migration_db_url = p.get("VM_MIGRATION_DB_URL");
     if let Some(url) = &migration_db_url
-        && !(url.starts_with("postgres://")
-            || url.starts_with("postgresql://")
-            || url.starts_with("sqlite:"))
+        && DbBackend::of_url(url).is_none()
     {
         p.fail(
             "VM_MIGRATION_DB_URL",
@@ -729,11 +752,7 @@ fn parse_database<F: Fn(&str) -> Option<String>>(
         }
         return embedded();
     };
-    let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        DbBackend::Postgres
-    } else if url.starts_with("sqlite:") {
-        DbBackend::Sqlite
-    } else {
+    let Some(backend) = DbBackend::of_url(&url) else {
         p.fail("VM_DB_URL", "expected a postgres:// or sqlite:// URL");
         return embedded();
     };

@@ -323,16 +323,7 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
 async fn migrate(settings: Arc<Settings>) -> Result<(), String> {
     // DDL runs as the schema owner when a separate URL is given, so the
     // runtime's own role never needs those rights.
-    let mut database = settings.database.clone();
-    if let Some(url) = &settings.security.migration_db_url {
-        database.url = url.clone();
-        database.backend = if url.expose().starts_with("sqlite:") {
-            crate::config::DbBackend::Sqlite
-        } else {
-            crate::config::DbBackend::Postgres
-        };
-        database.embedded = false;
-    }
+    let database = settings.migration_database();
     let store = Store::connect(&database, 2)
         .await
         .map_err(|e| format!("cannot open the database: {}", describe(&e)))?;
