@@ -153,7 +153,7 @@ pub async fn receive(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let address = client_ip(&req, &state.settings.security);
-    let outcome = accept(&state, &source, req).await;
+    let outcome = accept(&state, &source, address, req).await;
     let (code, detail) = match &outcome {
         Ok(_) => ("accepted", None),
         Err(e) => (
@@ -196,7 +196,12 @@ pub async fn receive(
     outcome.map(|a| (StatusCode::ACCEPTED, Json(a)))
 }
 
-async fn accept(state: &AppState, source: &str, req: Request) -> Result<WebhookAccepted, ApiError> {
+async fn accept(
+    state: &AppState,
+    source: &str,
+    address: Option<std::net::IpAddr>,
+    req: Request,
+) -> Result<WebhookAccepted, ApiError> {
     // Refused before anything is remembered, so the sender's retry lands
     // on another instance and succeeds.
     if state.is_shutting_down() {
@@ -213,8 +218,8 @@ async fn accept(state: &AppState, source: &str, req: Request) -> Result<WebhookA
         return Err(ApiError::UnknownWebhookSource);
     }
     if !security.webhook_allowed.is_empty() {
-        let allowed = client_ip(&req, security)
-            .is_some_and(|ip| security.webhook_allowed.iter().any(|net| net.contains(&ip)));
+        let allowed =
+            address.is_some_and(|ip| security.webhook_allowed.iter().any(|net| net.contains(&ip)));
         if !allowed {
             return Err(ApiError::AddressNotAllowed);
         }
