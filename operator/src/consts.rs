@@ -67,7 +67,8 @@ pub mod condition {
     pub const READY: &str = "Ready";
     /// A rollout or migration is under way.
     pub const PROGRESSING: &str = "Progressing";
-    /// Something needs a person: a missing Secret, a failed migration, an invalid spec.
+    /// Something needs a person: a missing Secret, a failed migration, an invalid spec, a
+    /// write the API server refused, or an API server that keeps failing.
     pub const DEGRADED: &str = "Degraded";
 }
 
@@ -91,6 +92,13 @@ pub mod reason {
     pub const AS_EXPECTED: &str = "AsExpected";
     /// Everything is in place and nothing is moving.
     pub const RECONCILED: &str = "Reconciled";
+    /// The API server refused a write of a child (a 4xx answer: quota, admission webhook or
+    /// policy, LimitRange, validation); the message names the child and carries the
+    /// server's message.
+    pub const APPLY_FAILED: &str = "ApplyFailed";
+    /// Several passes in a row failed on transport errors or 5xx/429 answers; the operator
+    /// keeps retrying with backoff.
+    pub const API_ERRORS: &str = "ApiErrors";
 }
 
 /// The app's side of the contract.
@@ -101,6 +109,13 @@ pub mod app {
     pub const LIVE_PATH: &str = "/api/v2/health/live";
     /// Readiness probe path.
     pub const READY_PATH: &str = "/api/v2/health/ready";
+    /// `timeoutSeconds` of every rendered HTTP probe.
+    pub const PROBE_TIMEOUT_SECONDS: i32 = 2;
+    /// How long the app's readiness checks may take in total (`READY_CHECK_BUDGET` in the
+    /// app's `http/health.rs`). At most half of [`PROBE_TIMEOUT_SECONDS`], so the kubelet
+    /// receives the 503 with its reason instead of recording a probe timeout; the contract
+    /// test ties the two.
+    pub const READY_CHECK_BUDGET_MS: i64 = 1_000;
     /// `VM_WORKSPACE_ROOT` inside containers (an emptyDir).
     pub const WORKSPACE_ROOT: &str = "/var/data/vm";
     /// Writable scratch directory (an emptyDir), since the root filesystem is read-only.

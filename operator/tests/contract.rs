@@ -495,3 +495,37 @@ async fn the_app_refuses_production_without_the_api_keys_the_crd_requires() {
         "{errors:?}"
     );
 }
+
+/// Issue kind: a readiness check whose budget equals the probe timeout makes the kubelet
+/// record a timeout and never the 503 with its reason. The app's check budget must stay at
+/// most half of the `timeoutSeconds` the operator renders on every readiness probe, and the
+/// operator's documented budget must be the app's.
+#[test]
+fn readiness_check_budget_is_clearly_inside_the_rendered_probe_timeout() {
+    let budget = vm_webapp::http::health::READY_CHECK_BUDGET;
+    assert_eq!(
+        i64::try_from(budget.as_millis()).expect("small"),
+        vm_operator::consts::app::READY_CHECK_BUDGET_MS,
+        "the operator's constant names the app's readiness budget"
+    );
+    for name in ["minimal.yaml", "production.yaml"] {
+        let d = render(&example(name));
+        let mut probed = 0;
+        for (role, pod) in pods(&d) {
+            for c in &pod.containers {
+                let Some(probe) = &c.readiness_probe else {
+                    continue;
+                };
+                probed += 1;
+                let timeout = Duration::from_secs(
+                    u64::try_from(probe.timeout_seconds.unwrap_or(1)).expect("positive"),
+                );
+                assert!(
+                    budget * 2 <= timeout,
+                    "{name} {role}: readiness budget {budget:?} is not clearly inside timeoutSeconds {timeout:?}"
+                );
+            }
+        }
+        assert_eq!(probed, 2, "{name}: the API and the worker have readiness probes");
+    }
+}

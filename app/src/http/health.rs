@@ -8,9 +8,11 @@
 //!   `.redis`, each `{"status": "ok"|"error"|"disabled", "reason": …}`. The
 //!   worker is checked in-process when it runs here, else through the
 //!   freshest heartbeat in the database; only the database, an in-process
-//!   worker and shutdown decide readiness. Each check is bounded in time; the
-//!   answer flips to `not_ready` as soon as shutdown begins. Reasons are fixed
-//!   phrases, never driver messages.
+//!   worker and shutdown decide readiness. The checks run concurrently, each
+//!   bounded by [`READY_CHECK_BUDGET`], so the answer (a 503 with its reason
+//!   included) arrives well inside the readiness probe's `timeoutSeconds` that
+//!   the operator renders; the answer flips to `not_ready` as soon as shutdown
+//!   begins. Reasons are fixed phrases, never driver messages.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -23,8 +25,13 @@ use crate::http::AppState;
 use crate::http::views::{Dependencies, DependencyView, LiveView, ReadyView};
 use crate::model::now_ms;
 
-/// Budget of the database check.
-const DB_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Budget of each readiness check (database, worker heartbeat, Redis). The
+/// checks run concurrently, so this bounds the whole answer. It must stay
+/// clearly inside the readiness probe's `timeoutSeconds` (2 s, rendered by the
+/// operator): a check that used the whole probe timeout would make the kubelet
+/// record a timeout instead of the 503 and its reason. The operator's contract
+/// test holds the budget to at most half the rendered timeout.
+pub const READY_CHECK_BUDGET: Duration = Duration::from_secs(1);
 
 /// Liveness: no dependency I/O at all.
 #[utoipa::path(get, path = "/api/v2/health/live", tag = "health", responses((status = 200, body = LiveView)))]
@@ -37,7 +44,7 @@ fn dep(status: &'static str, reason: &'static str) -> DependencyView {
 }
 
 async fn database(state: &AppState) -> DependencyView {
-    match tokio::time::timeout(DB_CHECK_TIMEOUT, state.store.ping()).await {
+    match tokio::time::timeout(READY_CHECK_BUDGET, state.store.ping()).await {
         Ok(Ok(())) => dep("ok", "reachable"),
         Ok(Err(_)) => dep("error", "database unreachable"),
         Err(_) => dep("error", "database check timed out"),
@@ -47,20 +54,22 @@ async fn database(state: &AppState) -> DependencyView {
 async fn worker(state: &AppState) -> DependencyView {
     let stall_ms = state.worker_stall_after.as_millis() as i64;
     match &state.worker {
-        None => match tokio::time::timeout(DB_CHECK_TIMEOUT, state.store.last_heartbeat()).await {
-            Ok(Ok(Some(t))) if now_ms() - t <= stall_ms => {
-                dep("ok", "a worker reported a recent heartbeat")
+        None => {
+            match tokio::time::timeout(READY_CHECK_BUDGET, state.store.last_heartbeat()).await {
+                Ok(Ok(Some(t))) if now_ms() - t <= stall_ms => {
+                    dep("ok", "a worker reported a recent heartbeat")
+                }
+                Ok(Ok(Some(_))) => dep(
+                    "error",
+                    "no worker heartbeat within the window; runs stay queued",
+                ),
+                Ok(Ok(None)) => dep(
+                    "error",
+                    "no worker has reported a heartbeat; runs stay queued",
+                ),
+                _ => dep("error", "worker heartbeat check failed"),
             }
-            Ok(Ok(Some(_))) => dep(
-                "error",
-                "no worker heartbeat within the window; runs stay queued",
-            ),
-            Ok(Ok(None)) => dep(
-                "error",
-                "no worker has reported a heartbeat; runs stay queued",
-            ),
-            _ => dep("error", "worker heartbeat check failed"),
-        },
+        }
         Some(w) => {
             let last = w.last_pass_ms.load(Ordering::Relaxed);
             if last == 0 {
@@ -77,8 +86,14 @@ async fn worker(state: &AppState) -> DependencyView {
 async fn redis(state: &AppState) -> DependencyView {
     match &state.redis {
         None => dep("disabled", "not configured"),
-        Some(bus) if bus.ping().await => dep("ok", "reachable"),
-        Some(_) => dep("error", "redis unreachable; workers fall back to polling"),
+        Some(bus) => match tokio::time::timeout(READY_CHECK_BUDGET, bus.ping()).await {
+            Ok(true) => dep("ok", "reachable"),
+            Ok(false) => dep("error", "redis unreachable; workers fall back to polling"),
+            Err(_) => dep(
+                "error",
+                "redis check timed out; workers fall back to polling",
+            ),
+        },
     }
 }
 

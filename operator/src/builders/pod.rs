@@ -352,7 +352,7 @@ impl Probes {
                 ..HTTPGetAction::default()
             }),
             period_seconds: Some(period),
-            timeout_seconds: Some(2),
+            timeout_seconds: Some(contract::PROBE_TIMEOUT_SECONDS),
             failure_threshold: Some(failures),
             ..Probe::default()
         };
