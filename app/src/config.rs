@@ -374,14 +374,8 @@ impl Settings {
 
         let redis_url = p.get("VM_REDIS_URL");
         if let Some(url) = &redis_url {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("unix://"))
-            {
-                p.fail(
-                    "VM_REDIS_URL",
-                    "expected a redis://, rediss:// or unix:// URL",
-                );
+            if let Err(problem) = check_redis_url(url) {
+                p.fail("VM_REDIS_URL", problem);
             }
         } else if managed_mode {
             p.fail(
@@ -404,14 +398,25 @@ impl Settings {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
             _ => p.fail("KIMI_BASE_URL", "expected an http:// or https:// URL"),
         }
-
-        let log_level = p.get("LOG_LEVEL").unwrap_or_else(|| "info".to_string());
-        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        if let Some(key) = &llm.api_key
+            && !usable_in_header(key.expose())
+        {
             p.fail(
-                "LOG_LEVEL",
-                "expected a level (error, warn, info, debug, trace) or a tracing filter directive",
+                "KIMI_API_KEY",
+                "contains spaces or other characters an HTTP header cannot carry (expected the key as issued)",
             );
         }
+
+        let log_level = match p.get("LOG_LEVEL") {
+            None => "info".to_string(),
+            Some(raw) => match log_filter(&raw) {
+                Ok(filter) => filter,
+                Err(problem) => {
+                    p.fail("LOG_LEVEL", problem);
+                    "info".to_string()
+                }
+            },
+        };
         let log_format = match p
             .get("LOG_FORMAT")
             .map(|v| v.to_ascii_lowercase())
@@ -524,9 +529,142 @@ impl Settings {
             format!("llm: {llm}"),
             format!("workspace_root: {}", self.workspace_root.display()),
             format!("embedded_worker: {}", self.embedded_worker()),
+            format!(
+                "log: {} ({})",
+                self.log_level,
+                match self.log_format {
+                    LogFormat::Json => "json",
+                    LogFormat::Pretty => "pretty",
+                }
+            ),
+            format!(
+                "api_keys: {}",
+                if self.security.api_keys.is_empty() {
+                    "none (the API is open)".to_string()
+                } else {
+                    let ids: Vec<&str> = self
+                        .security
+                        .api_keys
+                        .iter()
+                        .map(|k| k.id.as_str())
+                        .collect();
+                    ids.join(", ")
+                }
+            ),
         ]
         .join("\n")
     }
+}
+
+/// The non-empty, trimmed entries of a comma-separated list, numbered from 1
+/// (error messages name an entry by its position, never by its text).
+fn entries(value: Option<String>) -> Vec<(usize, String)> {
+    value
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .enumerate()
+        .map(|(i, e)| (i + 1, e))
+        .collect()
+}
+
+/// Whether `value` can be sent as (part of) an HTTP header value as it is:
+/// visible ASCII only, so a key never fails later, at the first request.
+fn usable_in_header(value: &str) -> bool {
+    value.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Checks a database URL without ever repeating it (it may carry a password).
+fn check_database_url(url: &str) -> Result<DbBackend, String> {
+    let backend = DbBackend::of_url(url)
+        .ok_or_else(|| "expected a postgres:// or sqlite:// URL".to_string())?;
+    if backend == DbBackend::Postgres {
+        match reqwest::Url::parse(url) {
+            // A socket directory may come as `?host=/path` instead of a host.
+            Ok(parsed) if parsed.has_host() || parsed.query_pairs().any(|(k, _)| k == "host") => {}
+            // The parser's own words name the part at fault, never the value.
+            Ok(_) => {
+                return Err(
+                    "expected postgres://user:password@host:5432/database (the host is missing)"
+                        .into(),
+                );
+            }
+            Err(e) => {
+                return Err(format!(
+                    "not a valid postgres:// URL ({e}); percent-encode special characters of the user name and password"
+                ));
+            }
+        }
+    }
+    Ok(backend)
+}
+
+/// Checks a Redis URL without ever repeating it (it may carry a password).
+fn check_redis_url(url: &str) -> Result<(), String> {
+    const EXPECTED: &str = "expected a redis://, rediss:// or unix:// URL";
+    let parsed = reqwest::Url::parse(url).map_err(|e| {
+        if url.contains("://") {
+            format!("not a valid URL ({e}); percent-encode special characters of the password")
+        } else {
+            EXPECTED.to_string()
+        }
+    })?;
+    match parsed.scheme() {
+        "redis" | "rediss" if parsed.has_host() => Ok(()),
+        "redis" | "rediss" => {
+            Err("expected redis://[:password@]host[:port][/db] (the host is missing)".into())
+        }
+        "unix" | "redis+unix" => Ok(()),
+        _ => Err(EXPECTED.to_string()),
+    }
+}
+
+/// The log filter `LOG_LEVEL` asks for, or what is wrong with it.
+///
+/// Each comma-separated directive is a level (`error`, `warn`, `info`,
+/// `debug`, `trace`, `off`) or `target=level`. A bare word that is not a
+/// level is refused: the filter library would read it as a target name and
+/// silence everything else. Without a bare level, `info` applies to every
+/// target not named, so a mistyped target never silences the process.
+pub fn log_filter(value: &str) -> Result<String, String> {
+    use std::str::FromStr;
+    use tracing_subscriber::filter::{Directive, LevelFilter};
+    const EXPECTED: &str = "expected a level (error, warn, info, debug, trace, off) or target=level directives, comma-separated";
+    let directives: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let mut has_default = false;
+    for directive in &directives {
+        // Not a secret: the directive is repeated so the typo is easy to find.
+        let shown: String = directive.chars().take(64).collect();
+        match directive.rsplit_once('=') {
+            None if LevelFilter::from_str(directive).is_ok() => has_default = true,
+            None => {
+                return Err(format!("`{shown}` is not a level; {EXPECTED}"));
+            }
+            Some((target, level)) => {
+                if target.is_empty() || LevelFilter::from_str(level).is_err() {
+                    return Err(format!("`{shown}` does not end in =level; {EXPECTED}"));
+                }
+            }
+        }
+        if Directive::from_str(directive).is_err() {
+            return Err(format!("`{shown}` does not parse; {EXPECTED}"));
+        }
+    }
+    if directives.is_empty() {
+        return Err(EXPECTED.to_string());
+    }
+    let filter = directives.join(",");
+    Ok(if has_default {
+        filter
+    } else {
+        format!("info,{filter}")
+    })
 }
 
 fn valid_name(s: &str) -> bool {
@@ -542,34 +680,47 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
 ) -> SecuritySettings {
     use sha2::Digest;
     let mut api_keys: Vec<ApiKey> = Vec::new();
-    for (i, entry) in p
-        .get("VM_API_KEYS")
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .enumerate()
-    {
-        let mut parts = entry.splitn(3, ':');
-        let (id, key, role) = (
-            parts.next().unwrap_or(""),
-            parts.next().unwrap_or(""),
-            parts.next(),
-        );
+    for (i, entry) in entries(p.get("VM_API_KEYS")) {
+        // Until an entry parses as `id:key`, nothing of it is repeated: a
+        // value without its `id:` is the key itself.
+        let Some((id, rest)) = entry.split_once(':') else {
+            p.fail(
+                "VM_API_KEYS",
+                format!("entry {i}: expected id:key[:admin], but the entry has no `:` (is the id missing?)"),
+            );
+            continue;
+        };
         if !valid_name(id) {
             p.fail(
                 "VM_API_KEYS",
-                format!(
-                    "entry {}: expected id:key[:admin] with an id of letters, digits, - or _",
-                    i + 1
-                ),
+                format!("entry {i}: expected id:key[:admin] with an id of 1 to 64 letters, digits, - or _"),
+            );
+            continue;
+        }
+        let (key, role) = match rest.split_once(':') {
+            Some((key, role)) => (key, Some(role)),
+            None => (rest, None),
+        };
+        if key.is_empty() {
+            p.fail(
+                "VM_API_KEYS",
+                format!("entry {i}: expected id:key[:admin], but the key is empty"),
             );
             continue;
         }
         if key.len() < 16 {
             p.fail(
                 "VM_API_KEYS",
-                format!("key `{id}`: keys must be at least 16 characters"),
+                format!("entry {i} (id `{id}`): the key must be at least 16 characters"),
+            );
+            continue;
+        }
+        if !usable_in_header(key) {
+            p.fail(
+                "VM_API_KEYS",
+                format!(
+                    "entry {i} (id `{id}`): the key may hold only visible ASCII characters (it is sent in a header)"
+                ),
             );
             continue;
         }
@@ -579,13 +730,16 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
             Some(_) => {
                 p.fail(
                     "VM_API_KEYS",
-                    format!("key `{id}`: the optional third field must be `admin`"),
+                    format!("entry {i} (id `{id}`): the optional third field must be `admin`"),
                 );
                 false
             }
         };
         if api_keys.iter().any(|k| k.id == id) {
-            p.fail("VM_API_KEYS", format!("key id `{id}` appears twice"));
+            p.fail(
+                "VM_API_KEYS",
+                format!("entry {i} (id `{id}`): the id appears twice"),
+            );
         }
         api_keys.push(ApiKey {
             id: id.to_string(),
@@ -600,24 +754,32 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
         );
     }
     let mut webhook_secrets = Vec::new();
-    for (i, entry) in p
-        .get("VM_WEBHOOK_SECRETS")
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .enumerate()
-    {
-        match entry.split_once(':') {
-            Some((source, secret)) if valid_name(source) && secret.len() >= 16 => webhook_secrets.push(WebhookSecret {
-                source: source.to_string(),
-                secret: Secret::new(secret),
-            }),
-            _ => p.fail(
+    for (i, entry) in entries(p.get("VM_WEBHOOK_SECRETS")) {
+        let Some((source, secret)) = entry.split_once(':') else {
+            p.fail(
                 "VM_WEBHOOK_SECRETS",
-                format!("entry {}: expected source:secret with a source of letters, digits, - or _ and a secret of at least 16 characters", i + 1),
-            ),
+                format!("entry {i}: expected source:secret, but the entry has no `:` (is the source missing?)"),
+            );
+            continue;
+        };
+        if !valid_name(source) {
+            p.fail(
+                "VM_WEBHOOK_SECRETS",
+                format!("entry {i}: expected source:secret with a source of 1 to 64 letters, digits, - or _"),
+            );
+            continue;
         }
+        if secret.len() < 16 {
+            p.fail(
+                "VM_WEBHOOK_SECRETS",
+                format!("entry {i} (source `{source}`): the secret must be at least 16 characters"),
+            );
+            continue;
+        }
+        webhook_secrets.push(WebhookSecret {
+            source: source.to_string(),
+            secret: Secret::new(secret),
+        });
     }
     let mut webhook_allowed = Vec::new();
     for cidr in p
@@ -688,12 +850,9 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
     let request_timeout = p.millis("VM_REQUEST_TIMEOUT_MS", 30_000, 100, 600_000);
     let migration_db_url = p.get("VM_MIGRATION_DB_URL");
     if let Some(url) = &migration_db_url
-        && DbBackend::of_url(url).is_none()
+        && let Err(problem) = check_database_url(url)
     {
-        p.fail(
-            "VM_MIGRATION_DB_URL",
-            "expected a postgres:// or sqlite:// URL",
-        );
+        p.fail("VM_MIGRATION_DB_URL", problem);
     }
     let runtime_db_role = p.get("VM_RUNTIME_DB_ROLE");
     if let Some(role) = &runtime_db_role
@@ -752,9 +911,12 @@ fn parse_database<F: Fn(&str) -> Option<String>>(
         }
         return embedded();
     };
-    let Some(backend) = DbBackend::of_url(&url) else {
-        p.fail("VM_DB_URL", "expected a postgres:// or sqlite:// URL");
-        return embedded();
+    let backend = match check_database_url(&url) {
+        Ok(backend) => backend,
+        Err(problem) => {
+            p.fail("VM_DB_URL", problem);
+            return embedded();
+        }
     };
     if managed_mode && backend != DbBackend::Postgres {
         p.fail(
@@ -900,9 +1062,9 @@ mod tests {
         .unwrap_err();
         let text = err.to_string();
         assert!(
-            text.contains("at least 16")
-                && text.contains("must be `admin`")
-                && text.contains("entry 3"),
+            text.contains("entry 1 (id `ci`): the key must be at least 16")
+                && text.contains("entry 4 (id `ops`): the optional third field must be `admin`")
+                && text.contains("entry 3:"),
             "{text}"
         );
         assert!(!text.contains("ops-key-0123456789abcdef"), "{text}");
@@ -944,6 +1106,108 @@ mod tests {
             assert!(err.mentions(var), "{var} missing from {err}");
         }
         assert!(!err.to_string().contains("short"), "secrets are not echoed");
+    }
+
+    /// Every secret-bearing setting, fed malformed values that carry a
+    /// secret-looking part. Without this, a message that quotes "the bad
+    /// entry" would print the very credential the user meant to protect.
+    #[test]
+    fn errors_about_secret_bearing_settings_never_repeat_any_part_of_the_value() {
+        const SECRET: &str = "Zq7wSecretPartNeverShown";
+        let cases: Vec<(&str, String)> = vec![
+            ("VM_API_KEYS", SECRET.to_string()),
+            ("VM_API_KEYS", format!("{SECRET}:")),
+            ("VM_API_KEYS", format!("bad id {SECRET}:{SECRET}")),
+            ("VM_API_KEYS", format!("ok:{SECRET}:{SECRET}")),
+            ("VM_API_KEYS", format!("ok:{SECRET} {SECRET}")),
+            ("VM_API_KEYS", format!("ci:{}", &SECRET[..8])),
+            ("VM_WEBHOOK_SECRETS", SECRET.to_string()),
+            ("VM_WEBHOOK_SECRETS", format!("bad source:{SECRET}")),
+            ("VM_WEBHOOK_SECRETS", format!("gh:{}", &SECRET[..8])),
+            ("VM_DB_URL", format!("mysql://u:{SECRET}@db/app")),
+            ("VM_DB_URL", format!("postgres://u:{SECRET}@db:port/app")),
+            ("VM_DB_URL", SECRET.to_string()),
+            ("VM_MIGRATION_DB_URL", format!("mysql://u:{SECRET}@db/app")),
+            (
+                "VM_MIGRATION_DB_URL",
+                format!("postgres://u:{SECRET}@[::1/app"),
+            ),
+            ("VM_REDIS_URL", format!("http://:{SECRET}@r:6379")),
+            ("VM_REDIS_URL", format!("redis://:{SECRET}@r:port")),
+            ("VM_REDIS_URL", SECRET.to_string()),
+            ("KIMI_API_KEY", format!("{SECRET} {SECRET}")),
+        ];
+        for (variable, value) in cases {
+            let err = parse(&[(variable, value.as_str()), ("APP_ENV", "staging")])
+                .expect_err(&format!("{variable} accepted a malformed value"));
+            assert!(err.mentions(variable), "{variable}: {err}");
+            let text = format!("{err} {err:?}");
+            // No 6-character window of the secret part may appear.
+            for start in 0..=SECRET.len() - 6 {
+                let window = &SECRET[start..start + 6];
+                assert!(
+                    !text.contains(window),
+                    "{variable} leaks {window:?}: {text}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_api_key_entry_without_an_id_is_diagnosed_as_missing_its_id() {
+        let err = parse(&[("VM_API_KEYS", "averyveryverylongsecretkeywithoutid")]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("entry 1") && text.contains("id missing"),
+            "{text}"
+        );
+        assert!(!text.contains("at least 16"), "wrong diagnosis: {text}");
+    }
+
+    /// `verbose` parses as a *target* for the filter library, which then
+    /// silences every other line: a typo must be an error instead.
+    #[test]
+    fn a_log_level_that_is_not_a_level_or_directive_is_an_error_naming_the_variable() {
+        for bad in ["verbose", "info,verbose", "vm_webapp=loud", "=debug", ","] {
+            let err = parse(&[("LOG_LEVEL", bad)]).expect_err(bad);
+            assert!(err.mentions("LOG_LEVEL"), "{bad}: {err}");
+        }
+        for (good, filter) in [
+            ("INFO", "INFO"),
+            ("warn", "warn"),
+            ("debug,sqlx=warn", "debug,sqlx=warn"),
+            ("vm_webapp=debug", "info,vm_webapp=debug"),
+            (" off ", "off"),
+        ] {
+            let s = parse(&[("LOG_LEVEL", good)]).expect(good);
+            assert_eq!(s.log_level, filter, "{good}");
+            tracing_subscriber::EnvFilter::try_new(&s.log_level).expect("the filter parses");
+        }
+    }
+
+    #[test]
+    fn database_and_redis_urls_that_cannot_be_used_are_refused_at_start() {
+        for (variable, value) in [
+            ("VM_DB_URL", "postgres://u:p@db:notaport/app"),
+            ("VM_DB_URL", "postgres:///app"),
+            ("VM_REDIS_URL", "redis://:p@r:notaport"),
+            ("VM_REDIS_URL", "redis://"),
+            ("VM_REDIS_URL", "r:6379"),
+        ] {
+            let err = parse(&[(variable, value)]).expect_err(value);
+            assert!(err.mentions(variable), "{value}: {err}");
+        }
+        for (variable, value) in [
+            ("VM_DB_URL", "postgres:///app?host=/var/run/postgresql"),
+            (
+                "VM_DB_URL",
+                "postgresql://u:p%40ss@db:5432/app?sslmode=require",
+            ),
+            ("VM_REDIS_URL", "rediss://:p@r:6380/0"),
+            ("VM_REDIS_URL", "unix:///run/redis.sock"),
+        ] {
+            parse(&[(variable, value)]).expect(value);
+        }
     }
 
     #[test]

@@ -157,10 +157,26 @@ pub async fn shutdown_signal() {
     }
 }
 
-async fn bind(host: &str, port: u16) -> Result<tokio::net::TcpListener, String> {
+async fn bind(host: &str, port: u16, hint: &str) -> Result<tokio::net::TcpListener, String> {
     tokio::net::TcpListener::bind((host, port))
         .await
-        .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                format!("cannot listen on {host}:{port}: the port is in use by another process; stop it, or {hint}")
+            } else {
+                format!("cannot listen on {host}:{port}: {e}")
+            }
+        })
+}
+
+/// Resolves once a second SIGTERM or Ctrl-C arrives, after the first one
+/// started a graceful stop: the person at the terminal wants out now.
+async fn second_signal(first: CancellationToken) {
+    first.cancelled().await;
+    shutdown_signal().await;
+    warn!(
+        "second stop signal: not waiting for running steps; their leases expire (VM_JOB_LEASE_MS) and they run again"
+    );
 }
 
 /// Shared state with Redis attached when configured.
@@ -184,14 +200,10 @@ fn forward_wakeups(state: &AppState, shutdown: &CancellationToken) {
 fn log_auth_mode(settings: &Settings) {
     let keys = &settings.security.api_keys;
     if keys.is_empty() {
+        // Once, as a log line: a second, plain copy only repeated it.
         warn!(
             "VM_API_KEYS is not set: THE API IS OPEN TO ANYONE WHO CAN REACH IT (allowed outside production only)"
         );
-        if settings.app_env == AppEnv::Local {
-            println!(
-                "WARNING: no VM_API_KEYS: the API accepts requests without a key (local mode)."
-            );
-        }
     } else {
         let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
         info!(keys = ?ids, "API keys required");
@@ -218,8 +230,32 @@ fn flush_auth_failures(state: &AppState, shutdown: &CancellationToken) {
     });
 }
 
+/// The example run the banner prints, also the README's first run: one step
+/// of each instant kind, `llm` answered offline without a key.
+pub const FIRST_RUN_BODY: &str = r#"{"input":{"name":"Ada"},"steps":[{"kind":"template","template":"Hello, {{input.name}}!"},{"kind":"transform","op":"uppercase"},{"kind":"llm","prompt":"Write one line about {{prev}}"}]}"#;
+
+/// What a local `serve` prints once it listens: where, a first run, and how
+/// to stop.
+pub fn banner(addr: SocketAddr, grace: Duration) -> String {
+    format!(
+        "vm-webapp is listening on http://{addr}\n\
+         Create a first run:\n  \
+         curl -s -X POST http://{addr}/api/v2/runs -d '{FIRST_RUN_BODY}'\n\
+         Then: curl -s http://{addr}/api/v2/runs/<id>  and  curl -s http://{addr}/api/v2/runs/<id>/events\n\
+         Ctrl-C stops after running steps finish (up to {} s, VM_SHUTDOWN_GRACE_MS); press it again to stop at once.",
+        grace.as_secs()
+    )
+}
+
 async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
     let port = args.port.unwrap_or(settings.port);
+    // The port first: when it is taken, nothing else (database, worker) starts.
+    let hint = if settings.app_env == AppEnv::Local {
+        "pick another port: make run PORT=8001 (or serve --port 8001, or PORT=8001)"
+    } else {
+        "pick another port with --port or PORT"
+    };
+    let listener = bind(&args.host, port, hint).await?;
     let store = open_store(&settings, 10).await?;
     log_llm_mode(&settings);
     log_auth_mode(&settings);
@@ -232,24 +268,18 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
         forward_wakeups(&state, &shutdown);
         worker_task = Some(tokio::spawn(worker.run(shutdown.clone())));
     }
-    let listener = bind(&args.host, port).await?;
     let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
     info!(%addr, app_env = settings.app_env.as_str(), database = settings.database.backend.as_str(), embedded_worker = settings.embedded_worker(), "vm-webapp serving");
     if settings.app_env == AppEnv::Local {
-        println!("vm-webapp is listening on http://{addr}");
-        println!("Create a first run:");
-        println!(
-            "  curl -s -X POST http://{addr}/api/v2/runs -d '{{\"input\":{{\"name\":\"Ada\"}},\"steps\":[{{\"kind\":\"template\",\"template\":\"Hello, {{{{input.name}}}}!\"}},{{\"kind\":\"transform\",\"op\":\"uppercase\"}}]}}'"
-        );
-        println!(
-            "Then: curl -s http://{addr}/api/v2/runs/<id>  and  curl -s http://{addr}/api/v2/runs/<id>/events"
-        );
+        println!("{}", banner(addr, settings.queue.shutdown_grace));
     }
 
     flush_auth_failures(&state, &shutdown);
     let flag = state.shutting_down.clone();
     let stop = shutdown.clone();
     let delay = settings.shutdown_delay;
+    let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forced_by_signal = forced.clone();
     let app = http::router(state);
     let server = axum::serve(
         listener,
@@ -261,20 +291,51 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
         // drains (and for the configured delay), so load balancers see
         // `not_ready` and stop sending traffic before the listener closes.
         flag.store(true, Ordering::SeqCst);
-        info!("shutdown requested: not ready, draining requests and jobs");
+        info!("shutdown requested: not ready, draining requests and jobs (a second signal stops at once)");
         stop.cancel();
-        tokio::time::sleep(delay).await;
-        if let Some(task) = worker_task {
-            let _ = task.await;
+        let force = second_signal(stop.clone());
+        tokio::pin!(force);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut force => {
+                forced_by_signal.store(true, Ordering::SeqCst);
+                if let Some(task) = worker_task {
+                    task.abort();
+                }
+                return;
+            }
+        }
+        if let Some(mut task) = worker_task {
+            tokio::select! {
+                _ = &mut task => {}
+                _ = &mut force => {
+                    forced_by_signal.store(true, Ordering::SeqCst);
+                    task.abort();
+                }
+            }
         }
     });
     if let Err(e) = server.await {
         return Err(format!("server error: {e}"));
     }
     shutdown.cancel();
-    store.close().await;
-    info!("stopped cleanly");
+    close_store(&store).await;
+    if forced.load(Ordering::SeqCst) {
+        info!("stopped at once");
+    } else {
+        info!("stopped cleanly");
+    }
     Ok(())
+}
+
+/// Closes the pool, bounded: a forced stop must not hang on a connection.
+async fn close_store(store: &Store) {
+    if tokio::time::timeout(Duration::from_secs(2), store.close())
+        .await
+        .is_err()
+    {
+        warn!("database connections did not close within 2 s");
+    }
 }
 
 async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String> {
@@ -292,7 +353,12 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     state.worker_stall_after = state.worker_stall_after.max(Duration::from_millis(
         args.poll_interval_ms.saturating_mul(3),
     ));
-    let listener = bind(&args.health_host, args.health_port).await?;
+    let listener = bind(
+        &args.health_host,
+        args.health_port,
+        "pick another probe port with --health-port",
+    )
+    .await?;
     info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "worker probes serving");
 
     let shutdown = CancellationToken::new();
@@ -306,17 +372,36 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     });
     let probes = tokio::spawn(async move { probes.await });
     forward_wakeups(&state_for_wakeups, &shutdown);
-    let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    let mut worker_task = tokio::spawn(worker.run(shutdown.clone()));
     shutdown_signal().await;
     flag.store(true, Ordering::SeqCst);
-    info!("shutdown requested: no new claims, draining in-flight jobs");
+    info!(
+        "shutdown requested: no new claims, draining in-flight jobs (a second signal stops at once)"
+    );
     shutdown.cancel();
-    let _ = worker_task.await;
-    tokio::time::sleep(settings.shutdown_delay).await;
+    let force = second_signal(shutdown.clone());
+    tokio::pin!(force);
+    let forced = tokio::select! {
+        _ = &mut worker_task => false,
+        _ = &mut force => {
+            worker_task.abort();
+            true
+        }
+    };
+    if !forced {
+        tokio::select! {
+            _ = tokio::time::sleep(settings.shutdown_delay) => {}
+            _ = &mut force => {}
+        }
+    }
     probes_stop.cancel();
     let _ = probes.await;
-    store.close().await;
-    info!("stopped cleanly");
+    close_store(&store).await;
+    if forced {
+        info!("stopped at once");
+    } else {
+        info!("stopped cleanly");
+    }
     Ok(())
 }
 

@@ -519,6 +519,112 @@ async fn no_secret_is_printed_by_check_config_or_a_failing_serve() {
     assert_no_secret(&output);
 }
 
+/// Kind: an error about a secret-bearing setting names the entry by its
+/// position (and its id only once the entry parsed), never any other part of
+/// the value. Each malformed value below carries a secret-looking part; no
+/// 6-character window of it may reach stdout or stderr. Without this, a
+/// message quoting "the bad entry" prints the credential (an `id:`-less API
+/// key was echoed whole).
+#[tokio::test]
+async fn check_config_never_repeats_any_part_of_a_malformed_secret_setting() {
+    // Random-looking, so that no window of it is an ordinary word of a message.
+    const SECRET: &str = "Xq7vT2mPz9LkW4rB8nJc5yHd3gFs6aE1";
+    const REPORTED: &str = "averyveryverylongsecretkeywithoutid";
+    let short = &SECRET[..10];
+    let cases = [
+        ("VM_API_KEYS", SECRET.to_string()),
+        ("VM_API_KEYS", format!("{SECRET}:")),
+        ("VM_API_KEYS", format!("not an id {SECRET}:{SECRET}")),
+        ("VM_API_KEYS", format!("ci:{short}")),
+        ("VM_API_KEYS", format!("ci:{SECRET}:{SECRET}")),
+        ("VM_API_KEYS", format!("ci:{SECRET}\t{SECRET}")),
+        ("VM_WEBHOOK_SECRETS", SECRET.to_string()),
+        ("VM_WEBHOOK_SECRETS", format!("not a source:{SECRET}")),
+        ("VM_WEBHOOK_SECRETS", format!("github:{short}")),
+        ("VM_DB_URL", format!("mysql://u:{SECRET}@db/app")),
+        ("VM_DB_URL", format!("postgres://u:{SECRET}@db:nope/app")),
+        (
+            "VM_MIGRATION_DB_URL",
+            format!("postgres://u:{SECRET}@[::1/app"),
+        ),
+        ("VM_REDIS_URL", format!("http://:{SECRET}@r:6379")),
+        ("VM_REDIS_URL", format!("redis://:{SECRET}@r:nope")),
+        ("KIMI_API_KEY", format!("{SECRET} {SECRET}")),
+    ];
+    for (variable, value) in cases {
+        let (status, output) = run(
+            "check-config",
+            vm(&["check-config"], &[(variable, value.as_str())]),
+        )
+        .await;
+        assert_eq!(status.code(), Some(2), "{variable}={value:?}:\n{output}");
+        assert!(
+            output.contains(&format!("{variable}:")),
+            "{variable} is not named:\n{output}"
+        );
+        for start in 0..=SECRET.len() - 6 {
+            let window = &SECRET[start..start + 6];
+            assert!(
+                !output.contains(window),
+                "{variable} leaks {window:?}:\n{output}"
+            );
+        }
+    }
+    // The case from the report gets the right diagnosis, by position.
+    let (_, output) = run(
+        "check-config",
+        vm(&["check-config"], &[("VM_API_KEYS", REPORTED)]),
+    )
+    .await;
+    assert!(
+        output.contains("VM_API_KEYS: entry 1:") && output.contains("id missing"),
+        "{output}"
+    );
+    assert!(!output.contains("veryverylong"), "{output}");
+}
+
+/// Kind: every setting is validated, so nothing the app's operator relies on
+/// is silenced by a typo. `LOG_LEVEL=verbose` used to pass check-config and
+/// then hide every log line of `serve`.
+#[tokio::test]
+async fn an_unparsable_log_level_fails_check_config_and_serve_naming_the_variable() {
+    let (status, output) = run(
+        "check-config",
+        vm(&["check-config"], &[("LOG_LEVEL", "verbose")]),
+    )
+    .await;
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert!(
+        output.contains("LOG_LEVEL:") && output.contains("`verbose` is not a level"),
+        "{output}"
+    );
+    assert!(!output.contains("configuration ok"), "{output}");
+    let root = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let (status, output) = run(
+        "serve",
+        vm(
+            &["serve", "--port", &port.to_string()],
+            &[
+                ("LOG_LEVEL", "verbose"),
+                ("VM_WORKSPACE_ROOT", &root.path().display().to_string()),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert!(output.contains("LOG_LEVEL:"), "{output}");
+    // A mistyped target keeps `info` for everything else: start-up warnings
+    // still show.
+    let (status, output) = run(
+        "check-config",
+        vm(&["check-config"], &[("LOG_LEVEL", "vm_webap=debug")]),
+    )
+    .await;
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(output.contains("log: info,vm_webap=debug"), "{output}");
+}
+
 // ---------------------------------------------------------------------------
 // migrate
 // ---------------------------------------------------------------------------
@@ -722,6 +828,69 @@ async fn sigterm_with_a_short_grace_releases_the_step_and_a_restart_completes_th
         "{}",
         again.output()
     );
+}
+
+/// Locally a person presses Ctrl-C twice when the first waits for a long
+/// step: the second signal must end the process at once instead of sitting
+/// out the whole grace (20 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_serve_at_once_while_a_step_runs() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut serve = local_serve(root.path(), port, &[]);
+    wait_live(&mut serve, port).await;
+    assert!(
+        serve.stdout().contains("press it again to stop at once"),
+        "the banner says how to stop:\n{}",
+        serve.output()
+    );
+    let id = create_run(port, json!({"steps": [{"kind": "delay", "ms": 60000}]})).await;
+    wait_event(&mut serve, port, &id, "step.started").await;
+    serve.terminate();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    serve.assert_running();
+    let started = Instant::now();
+    serve.terminate();
+    let status = serve.wait(Duration::from_secs(10)).await;
+    let output = serve.output();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the second signal took {:?} to stop serve\n{output}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(output.contains("second stop signal"), "{output}");
+}
+
+/// A port in use must stop `serve` before it opens the database or starts
+/// the embedded worker (which used to claim jobs for a moment), and say how
+/// to pick another port.
+#[tokio::test]
+async fn a_port_in_use_fails_before_the_database_is_touched_and_says_how_to_move() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let root = tempfile::tempdir().expect("tempdir");
+    let (status, output) = run(
+        "serve",
+        vm(
+            &["serve", "--port", &port.to_string()],
+            &[("VM_WORKSPACE_ROOT", &root.path().display().to_string())],
+        ),
+    )
+    .await;
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output.contains("in use") && output.contains("make run PORT=8001"),
+        "{output}"
+    );
+    assert!(
+        std::fs::read_dir(root.path())
+            .expect("read root")
+            .next()
+            .is_none(),
+        "serve opened the database although it could not listen\n{output}"
+    );
+    drop(taken);
 }
 
 /// Readiness must be observable as `503 not_ready` for as long as the process
