@@ -75,3 +75,96 @@ pub struct RunArgs {
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 }
+
+/// A failure of a command together with what the user can do next. Attach it as the
+/// outermost context of an error (`.context(Failure::new(…, …))`); [`describe`] prints the
+/// step after the cause chain.
+#[derive(Debug)]
+pub struct Failure {
+    /// What could not be done, e.g. "cannot build a Kubernetes client".
+    pub what: String,
+    /// What to try next, e.g. "set KUBECONFIG …".
+    pub next: &'static str,
+}
+
+impl Failure {
+    /// A failure of `what`, followed by the hint `next`.
+    pub fn new(what: impl Into<String>, next: &'static str) -> Self {
+        Self {
+            what: what.into(),
+            next,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+/// Hint when no Kubernetes client can be built.
+pub const NO_CLUSTER_HINT: &str = "point KUBECONFIG at a kubeconfig (or run inside a cluster with a service account); `vm-operator render -f FILE` prints the objects without any cluster";
+
+/// Hint when `render` cannot read or parse its input.
+pub const RENDER_INPUT_HINT: &str = "pass a VmWebapp manifest (apiVersion webapp.vm.dev/v1alpha1, kind VmWebapp), for example `vm-operator render -f examples/minimal.yaml`";
+
+/// The text printed for a command that failed: one line with the error and each cause of
+/// its chain that adds something (libraries often repeat their source's message in their
+/// own, so a cause already contained in what was printed is dropped), then the next step
+/// when the error carries a [`Failure`].
+pub fn describe(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    let mut out = format!("error: {line}\n");
+    if let Some(f) = err.downcast_ref::<Failure>() {
+        out.push_str(&format!("next step: {}\n", f.next));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("failed to infer config: kubeconfig: (failed to read '/nope': No such file)")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("failed to read '/nope': No such file")]
+    struct Inner(#[source] std::io::Error);
+
+    #[test]
+    fn nested_causes_that_repeat_their_source_are_printed_once_with_a_next_step() {
+        // Without the deduplication the same "No such file" reached the user four times.
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = anyhow::Error::new(Outer(Inner(io)))
+            .context(Failure::new("cannot build a Kubernetes client", NO_CLUSTER_HINT));
+        let text = describe(&err);
+        assert_eq!(text.matches("No such file").count(), 1, "{text}");
+        assert_eq!(text.matches("cannot build").count(), 1, "{text}");
+        assert!(text.starts_with("error: cannot build a Kubernetes client: failed to infer config"));
+        assert!(text.contains("next step: point KUBECONFIG"), "{text}");
+        assert_eq!(text.lines().count(), 2, "{text}");
+    }
+
+    #[test]
+    fn a_cause_that_adds_information_is_kept() {
+        let err = anyhow::anyhow!("connection refused").context("cannot list VmWebapps");
+        assert_eq!(
+            describe(&err),
+            "error: cannot list VmWebapps: connection refused\n"
+        );
+    }
+}

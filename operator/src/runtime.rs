@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::cli::RunArgs;
+use crate::cli::{Failure, RunArgs};
 use crate::controller::{self, Context};
 use crate::leader::{self, Election, LeaseConfig};
 use crate::metrics::{self, Metrics};
@@ -25,9 +25,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // kube's TLS uses the process-wide rustls provider; pin ring (never aws-lc-rs or OpenSSL).
     // An error only means a provider is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = Client::try_default()
-        .await
-        .context("cannot build a Kubernetes client")?;
+    let client = Client::try_default().await.context(Failure::new(
+        "cannot build a Kubernetes client",
+        crate::cli::NO_CLUSTER_HINT,
+    ))?;
 
     let lease_namespace = (!args.no_leader_election).then_some(args.lease_namespace.as_str());
     let missing = crate::rbac::missing_permissions(
@@ -36,7 +37,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         lease_namespace,
     )
     .await
-    .context("cannot check the operator's permissions")?;
+    .context(Failure::new(
+        "cannot check the operator's permissions",
+        "check that the API server in KUBECONFIG (or the in-cluster one) is reachable and that the operator's service account exists",
+    ))?;
     if !missing.is_empty() {
         anyhow::bail!(
             "the operator's service account lacks permissions (compare with `vm-operator rbac`): {}",
