@@ -6,6 +6,11 @@
 //! outcome or dependency name, never an id, a raw path or an error string.
 //! Queue depth, oldest-job age and worker heartbeat age are read from the
 //! database at scrape time (bounded in time), so they are true across replicas.
+//!
+//! Families whose label values form a fixed set (dependencies, LLM outcomes,
+//! rate-limit scopes, authentication failures, webhook outcomes) are created
+//! at zero for every value, so dashboards and alerts see them before the first
+//! failure instead of "no data".
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -17,12 +22,67 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+/// Route label of a request that matched no route (a 404 from the fallback):
+/// the raw path never becomes a label value.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// Every `outcome` of [`Metrics::observe_llm`].
+pub const LLM_OUTCOMES: [&str; 7] = [
+    "ok",
+    "timeout",
+    "unreachable",
+    "status_4xx",
+    "status_429",
+    "status_5xx",
+    "invalid_response",
+];
+
+/// Every scope of [`Metrics::rate_limited`].
+pub const RATE_LIMIT_SCOPES: [&str; 2] = ["address", "key"];
+
+/// Every reason of [`Metrics::auth_failed`].
+pub const AUTH_FAILURE_REASONS: [&str; 2] = ["missing", "invalid"];
+
+/// The webhook outcomes created at zero: `accepted` and the rejections a
+/// sender can cause. Rarer codes (a database outage) appear when they occur.
+pub const WEBHOOK_OUTCOMES: [&str; 11] = [
+    "accepted",
+    "unknown_webhook_source",
+    "address_not_allowed",
+    "missing_signature",
+    "invalid_signature",
+    "invalid_timestamp",
+    "invalid_nonce",
+    "stale_timestamp",
+    "replayed_nonce",
+    "payload_too_large",
+    "rate_limited",
+];
+
+/// The `method` label of a request: a standard method's name, else `other`,
+/// so a client inventing methods cannot create label values.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
 /// `method`, `route`, `status_class` of an HTTP request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
-    /// HTTP method.
+    /// HTTP method ([`method_label`]).
     pub method: String,
-    /// Route template (`/api/v2/runs/{id}`), or `unmatched`.
+    /// Route template (`/api/v2/runs/{id}`), or `unmatched` for a 404.
     pub route: String,
     /// `2xx`, `4xx`, `5xx`, …
     pub status_class: String,
@@ -271,11 +331,39 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Build information", build);
+        m.register_known_labels();
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
     }
 
-    /// Records one HTTP request.
+    /// Creates every fixed label set at zero.
+    fn register_known_labels(&self) {
+        for dependency in [Dependency::database, Dependency::redis, Dependency::llm] {
+            drop(
+                self.dependency_failures
+                    .get_or_create(&DependencyLabels { dependency }),
+            );
+        }
+        for outcome in LLM_OUTCOMES {
+            drop(self.llm_duration.get_or_create(&LlmLabels {
+                outcome: outcome.into(),
+            }));
+        }
+        for (family, values) in [
+            (&self.rate_limited, &RATE_LIMIT_SCOPES[..]),
+            (&self.auth_failures, &AUTH_FAILURE_REASONS[..]),
+            (&self.webhooks, &WEBHOOK_OUTCOMES[..]),
+        ] {
+            for value in values {
+                drop(family.get_or_create(&ReasonLabels {
+                    reason: (*value).into(),
+                }));
+            }
+        }
+    }
+
+    /// Records one HTTP request. `method` is a [`method_label`] and `route` a
+    /// route template or [`UNMATCHED_ROUTE`], never a raw path.
     pub fn observe_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
         let status_class = format!("{}xx", status / 100);
         self.http_requests
@@ -355,5 +443,42 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without zero-valued series a family is absent until its first event,
+    /// so `rate()` alerts and dashboards show "no data" instead of 0.
+    #[test]
+    fn families_with_fixed_label_values_are_exported_at_zero_from_the_start() {
+        let text = Metrics::new().encode();
+        for dependency in ["database", "redis", "llm"] {
+            let line = format!("vm_dependency_failures_total{{dependency=\"{dependency}\"}} 0");
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
+        for outcome in LLM_OUTCOMES {
+            let line = format!("vm_llm_request_duration_seconds_count{{outcome=\"{outcome}\"}} 0");
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
+        for (family, values) in [
+            ("vm_rate_limited_total", &RATE_LIMIT_SCOPES[..]),
+            ("vm_auth_failures_total", &AUTH_FAILURE_REASONS[..]),
+            ("vm_webhook_deliveries_total", &WEBHOOK_OUTCOMES[..]),
+        ] {
+            for value in values {
+                let line = format!("{family}{{reason=\"{value}\"}} 0");
+                assert!(text.contains(&line), "{line} missing:\n{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn invented_methods_share_one_label_value() {
+        let custom = axum::http::Method::from_bytes(b"BREW").expect("a token");
+        assert_eq!(method_label(&custom), "other");
+        assert_eq!(method_label(&axum::http::Method::DELETE), "DELETE");
     }
 }

@@ -1080,3 +1080,263 @@ async fn idempotency_keys_are_scoped_to_the_caller() {
         (StatusCode::OK, &a.body["id"])
     );
 }
+
+/// A request whose header values are raw bytes (not visible ASCII allowed).
+async fn send_bytes(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+    headers: &[(&str, &[u8])],
+) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let mut req = axum::http::Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        req = req.header(
+            *name,
+            axum::http::HeaderValue::from_bytes(value).expect("header bytes"),
+        );
+    }
+    let req = req
+        .body(axum::body::Body::from(body.unwrap_or("").to_string()))
+        .expect("request");
+    let res = app.clone().oneshot(req).await.expect("router answers");
+    let (status, headers) = (res.status(), res.headers().clone());
+    let bytes = res.into_body().collect().await.expect("body").to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, headers, value)
+}
+
+/// Kind (issue 11): a header the app reads that is present but unreadable is
+/// `invalid_*`, never `missing_*` and never silently ignored. One case per
+/// header the app reads: the webhook signature headers, the API key headers,
+/// `x-request-id`, `x-correlation-id`, `Idempotency-Key` and the trusted
+/// proxy header. Without it, a sender with a mangled header is told to add a
+/// header it already sends.
+#[tokio::test]
+async fn every_header_present_but_unreadable_is_invalid_not_missing() {
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        &[
+            ("VM_API_KEYS", KEYS),
+            ("VM_WEBHOOK_SECRETS", "github:gh-secret-new-0123456789"),
+            ("VM_TRUSTED_PROXY_HEADER", "x-forwarded-for"),
+        ],
+    )
+    .await;
+    let app = env.router();
+    let ts = now_s().to_string();
+    let good_sig = sign(GH_NEW.as_bytes(), &ts, "nonce-0101", b"{}");
+    let webhook = |ts: &[u8], nonce: &[u8], sig: Vec<u8>| {
+        let (ts, nonce) = (ts.to_vec(), nonce.to_vec());
+        let app = app.clone();
+        async move {
+            send_bytes(
+                &app,
+                "POST",
+                "/api/v2/webhooks/github",
+                Some("{}"),
+                &[
+                    ("x-vm-timestamp", &ts),
+                    ("x-vm-nonce", &nonce),
+                    ("x-vm-signature", &sig),
+                ],
+            )
+            .await
+        }
+    };
+    let ts_bytes = ts.as_bytes();
+    for (case, (status, _, body), code) in [
+        (
+            "non-ASCII signature",
+            webhook(ts_bytes, b"nonce-0101", b"sha256=\xc3\xa9".to_vec()).await,
+            "invalid_signature",
+        ),
+        (
+            "non-ASCII timestamp",
+            webhook(b"17\xff", b"nonce-0101", good_sig.clone().into_bytes()).await,
+            "invalid_timestamp",
+        ),
+        (
+            "timestamp not seconds",
+            webhook(b"yesterday", b"nonce-0101", good_sig.clone().into_bytes()).await,
+            "invalid_timestamp",
+        ),
+        (
+            "non-ASCII nonce",
+            webhook(
+                ts_bytes,
+                b"nonce-\xe2\x82\xac",
+                good_sig.clone().into_bytes(),
+            )
+            .await,
+            "invalid_nonce",
+        ),
+        (
+            "short nonce",
+            webhook(ts_bytes, b"n1", good_sig.clone().into_bytes()).await,
+            "invalid_nonce",
+        ),
+    ] {
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some(code)),
+            "{case}: {body}"
+        );
+    }
+    // Absent is still missing.
+    let (status, _, body) = send_bytes(
+        &app,
+        "POST",
+        "/api/v2/webhooks/github",
+        Some("{}"),
+        &[
+            ("x-vm-timestamp", ts.as_bytes()),
+            ("x-vm-nonce", b"nonce-0102"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("missing_signature"))
+    );
+
+    // API keys: unreadable is counted as invalid and says so.
+    for header in [
+        ("authorization", &b"Bearer caf\xc3\xa9-key-0123456789"[..]),
+        ("x-api-key", &b"\xff\xfe0123456789abcdef"[..]),
+        ("authorization", &b"Basic b2xkOmtleQ=="[..]),
+    ] {
+        let (status, _, body) = send_bytes(&app, "GET", "/api/v2/runs", None, &[header]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{header:?}");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cannot be read")),
+            "{header:?}: {body}"
+        );
+    }
+    let metrics = support::get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains(r#"vm_auth_failures_total{reason="invalid"} 3"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"vm_auth_failures_total{reason="missing"} 0"#),
+        "{metrics}"
+    );
+
+    let key: (&str, &[u8]) = ("x-api-key", NEW.as_bytes());
+    // x-request-id: refused, and the answer carries a generated id instead.
+    let (status, headers, body) = send_bytes(
+        &app,
+        "GET",
+        "/api/v2/runs",
+        None,
+        &[key, ("x-request-id", b"req-\xc3\xa9")],
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request_id")),
+        "{body}"
+    );
+    let echoed = headers["x-request-id"].to_str().expect("ASCII id");
+    assert!(uuid::Uuid::parse_str(echoed).is_ok(), "{echoed}");
+    // x-correlation-id: refused instead of silently dropped.
+    let (status, _, body) = send_bytes(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(HELLO),
+        &[key, ("x-correlation-id", b"order 42/\xff")],
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_correlation_id")),
+        "{body}"
+    );
+    // Idempotency-Key (read by the runs handler).
+    let (status, _, body) = send_bytes(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(HELLO),
+        &[key, ("idempotency-key", b"k-\xc3\xa9")],
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_idempotency_key")),
+        "{body}"
+    );
+    // The trusted proxy header: a last entry that is not an address.
+    let (status, _, body) = send_bytes(
+        &app,
+        "GET",
+        "/api/v2/runs",
+        None,
+        &[key, ("x-forwarded-for", b"10.0.0.1, \xff")],
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_client_address")),
+        "{body}"
+    );
+    // Readable values still pass.
+    let (status, _, body) = send_bytes(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(HELLO),
+        &[
+            key,
+            ("x-request-id", b"req-0001"),
+            ("x-correlation-id", b"order-42"),
+            ("x-forwarded-for", b"10.0.0.1, 198.51.100.7:5123"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["correlation_id"], "order-42", "{body}");
+}
+
+/// Kind (issue 11): 404 and 405 answers count in `vm_http_requests_total`
+/// under fixed labels. Without it a flood of 404s never reaches the
+/// error-rate SLI; with raw paths or methods as labels, a scanner would
+/// create a series per path it tries.
+#[tokio::test]
+async fn unmatched_routes_and_wrong_methods_are_counted_under_fixed_labels() {
+    let env = TestEnv::new(Backend::Sqlite, &[]).await;
+    let app = env.router();
+    for path in [
+        "/wp-admin/setup.php",
+        "/api/v2/nothing/here",
+        "/api/v2/runs/x/y/z",
+    ] {
+        let reply = send(&app, "GET", path, None, &[]).await;
+        assert_eq!(reply.body["code"], "route_not_found", "{path}");
+    }
+    let reply = send(&app, "DELETE", "/api/v2/runs", None, &[]).await;
+    assert_eq!(reply.body["code"], "method_not_allowed");
+    let reply = send(&app, "BREW", "/api/v2/health/live", None, &[]).await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    let reply = send(&app, "BREW", "/coffee", None, &[]).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+
+    let text = support::get_text(&app, "/metrics").await;
+    for line in [
+        r#"vm_http_requests_total{method="GET",route="unmatched",status_class="4xx"} 3"#,
+        r#"vm_http_requests_total{method="DELETE",route="/api/v2/runs",status_class="4xx"} 1"#,
+        r#"vm_http_requests_total{method="other",route="/api/v2/health/live",status_class="4xx"} 1"#,
+        r#"vm_http_requests_total{method="other",route="unmatched",status_class="4xx"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    for raw in ["wp-admin", "nothing/here", "x/y/z", "BREW", "coffee"] {
+        assert!(!text.contains(raw), "{raw} became a label value:\n{text}");
+    }
+}

@@ -43,6 +43,16 @@ pub enum ApiError {
     /// 400 `invalid_idempotency_key`.
     #[error("Idempotency-Key must be 1 to 255 visible ASCII characters")]
     InvalidIdempotencyKey,
+    /// 400 `invalid_request_id`: `x-request-id` is present but unusable.
+    #[error("x-request-id must be 1 to 128 visible ASCII characters")]
+    InvalidRequestId,
+    /// 400 `invalid_correlation_id`: `x-correlation-id` is present but unusable.
+    #[error("x-correlation-id must be 1 to 128 of A-Z a-z 0-9 - _ . :")]
+    InvalidCorrelationId,
+    /// 400 `invalid_client_address`: the trusted proxy header is present, but
+    /// its last entry (the one the proxy added) is not an IP address.
+    #[error("the last entry of the trusted proxy header is not an IP address")]
+    InvalidClientAddress,
     /// 404 `run_not_found`.
     #[error("run not found")]
     RunNotFound,
@@ -82,12 +92,19 @@ pub enum ApiError {
     /// 404 `unknown_webhook_source`.
     #[error("no webhook source of that name is configured")]
     UnknownWebhookSource,
-    /// 401 `missing_signature`: a signature header is absent or malformed.
+    /// 401 `missing_signature`: a signature header is absent.
     #[error("{0}")]
     MissingSignature(&'static str),
-    /// 401 `invalid_signature`.
-    #[error("the signature does not match the body")]
-    InvalidSignature,
+    /// 401 `invalid_signature`: the signature does not match the body, or
+    /// `x-vm-signature` is present but not `sha256=<hex>`.
+    #[error("{0}")]
+    InvalidSignature(&'static str),
+    /// 401 `invalid_timestamp`: `x-vm-timestamp` is present but not Unix seconds.
+    #[error("x-vm-timestamp must be Unix seconds")]
+    InvalidTimestamp,
+    /// 401 `invalid_nonce`: `x-vm-nonce` is present but not 8 to 128 of `A-Z a-z 0-9 - _`.
+    #[error("x-vm-nonce must be 8 to 128 of A-Z a-z 0-9 - _")]
+    InvalidNonce,
     /// 401 `stale_timestamp`.
     #[error("the timestamp is outside the accepted window")]
     StaleTimestamp,
@@ -109,7 +126,10 @@ impl ApiError {
             ApiError::InvalidJson(_)
             | ApiError::InvalidParameter(_)
             | ApiError::InvalidCursor
-            | ApiError::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
+            | ApiError::InvalidIdempotencyKey
+            | ApiError::InvalidRequestId
+            | ApiError::InvalidCorrelationId
+            | ApiError::InvalidClientAddress => StatusCode::BAD_REQUEST,
             ApiError::InvalidRequest(_) | ApiError::InvalidStep(_) | ApiError::LlmUnavailable => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -122,7 +142,9 @@ impl ApiError {
             }
             ApiError::Unauthorized(_)
             | ApiError::MissingSignature(_)
-            | ApiError::InvalidSignature
+            | ApiError::InvalidSignature(_)
+            | ApiError::InvalidTimestamp
+            | ApiError::InvalidNonce
             | ApiError::StaleTimestamp => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden | ApiError::AddressNotAllowed => StatusCode::FORBIDDEN,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -145,6 +167,9 @@ impl ApiError {
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::InvalidCursor => "invalid_cursor",
             ApiError::InvalidIdempotencyKey => "invalid_idempotency_key",
+            ApiError::InvalidRequestId => "invalid_request_id",
+            ApiError::InvalidCorrelationId => "invalid_correlation_id",
+            ApiError::InvalidClientAddress => "invalid_client_address",
             ApiError::RunNotFound => "run_not_found",
             ApiError::RouteNotFound => "route_not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
@@ -159,7 +184,9 @@ impl ApiError {
             ApiError::RequestTimeout => "request_timeout",
             ApiError::UnknownWebhookSource => "unknown_webhook_source",
             ApiError::MissingSignature(_) => "missing_signature",
-            ApiError::InvalidSignature => "invalid_signature",
+            ApiError::InvalidSignature(_) => "invalid_signature",
+            ApiError::InvalidTimestamp => "invalid_timestamp",
+            ApiError::InvalidNonce => "invalid_nonce",
             ApiError::StaleTimestamp => "stale_timestamp",
             ApiError::ReplayedNonce => "replayed_nonce",
             ApiError::AddressNotAllowed => "address_not_allowed",

@@ -15,7 +15,10 @@
 //! [`security`]). Every response carries security headers and
 //! `x-request-id` (the caller's, or a generated UUID),
 //! and every log line of a request is inside a span carrying it. Unknown
-//! routes and methods answer JSON errors like everything else.
+//! routes and methods answer JSON errors like everything else, and are
+//! counted in `vm_http_requests_total` (route `unmatched` for a 404). A
+//! header the app reads that is present but unreadable answers `invalid_*`,
+//! never `missing_*` and never silently ignored.
 
 pub mod audit;
 pub mod error;
@@ -221,34 +224,54 @@ pub fn health_router(state: AppState) -> Router {
     with_common_layers(routes, &state).with_state(state)
 }
 
-/// Counts and times every routed request by its route template.
+/// Where the routed layer leaves the matched route template for [`track`],
+/// which runs outside routing and so cannot see it on the request.
+#[derive(Clone, Default)]
+struct RouteSlot(Arc<std::sync::OnceLock<String>>);
+
+/// Counts and times every request, routed or not: a 404 from the fallback
+/// counts under the fixed route `unmatched`, a 405 under its route template,
+/// a timeout or a panic under the route it hit. Methods outside the standard
+/// set share the label `other`, so no raw path or method becomes a label.
 async fn track(
     axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let started = std::time::Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
-    let method = req.method().as_str().to_string();
+    let slot = RouteSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let method = crate::metrics::method_label(req.method());
     let response = next.run(req).await;
-    metrics.observe_http(
-        &method,
-        &route,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
+    let route = slot
+        .0
+        .get()
+        .map_or(crate::metrics::UNMATCHED_ROUTE, String::as_str);
+    metrics.observe_http(method, route, response.status().as_u16(), started.elapsed());
     response
 }
 
+/// Records the matched route template for [`track`].
+async fn note_route(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let (Some(path), Some(slot)) = (
+        req.extensions().get::<MatchedPath>(),
+        req.extensions().get::<RouteSlot>(),
+    ) {
+        let _ = slot.0.set(path.as_str().to_string());
+    }
+    next.run(req).await
+}
+
 fn with_common_layers(router: Router<AppState>, state: &AppState) -> Router<AppState> {
+    // The 405 fallback is set before the route layer, so that the layer
+    // wraps it and a wrong method is counted under its route template.
     let mut router = router
-        .route_layer(from_fn_with_state(state.metrics.clone(), track))
-        .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .route_layer(axum::middleware::from_fn(note_route))
+        .fallback(|| async { ApiError::RouteNotFound })
         .layer(from_fn_with_state(state.clone(), security::harden))
         .layer(tower::util::option_layer(security::cors(
             &state.settings.security,
@@ -258,6 +281,7 @@ fn with_common_layers(router: Router<AppState>, state: &AppState) -> Router<AppS
     }
     router
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
+        .layer(from_fn_with_state(state.metrics.clone(), track))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http()
@@ -276,4 +300,5 @@ fn with_common_layers(router: Router<AppState>, state: &AppState) -> Router<AppS
                 .on_failure(()),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::from_fn(security::screen_request_id))
 }

@@ -65,43 +65,116 @@ pub fn verify_key<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a ApiKey>
     found
 }
 
-/// The presented key: `Authorization: Bearer …` or `x-api-key`.
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
-        if scheme.eq_ignore_ascii_case("bearer") {
-            return Some(rest.trim());
+/// What a request presents as its API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresentedKey<'a> {
+    /// Neither `Authorization` nor `x-api-key` is there.
+    Missing,
+    /// A key header is there but unusable: not visible ASCII, empty, or an
+    /// `Authorization` scheme other than `Bearer` with no `x-api-key` to
+    /// fall back on. Kind: present but unreadable is invalid, not missing.
+    Unreadable,
+    /// The key's text.
+    Key(&'a str),
+}
+
+/// The presented key: `Authorization: Bearer …`, else `x-api-key`.
+pub fn presented_key(headers: &HeaderMap) -> PresentedKey<'_> {
+    let mut unreadable = false;
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        match value.to_str() {
+            Ok(v) => {
+                let (scheme, rest) = v.trim().split_once(' ').unwrap_or((v.trim(), ""));
+                let key = rest.trim();
+                if scheme.eq_ignore_ascii_case("bearer") && !key.is_empty() {
+                    return PresentedKey::Key(key);
+                }
+                unreadable = true;
+            }
+            Err(_) => unreadable = true,
         }
     }
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+    if let Some(value) = headers.get("x-api-key") {
+        match value.to_str().map(str::trim) {
+            Ok(key) if !key.is_empty() => return PresentedKey::Key(key),
+            _ => unreadable = true,
+        }
+    }
+    if unreadable {
+        PresentedKey::Unreadable
+    } else {
+        PresentedKey::Missing
+    }
+}
+
+/// One entry of a forwarding header: an address, possibly with a port
+/// (`203.0.113.7`, `203.0.113.7:5123`, `[2001:db8::1]:443`).
+fn parse_forwarded_entry(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// The client's address: the peer, or, when a trusted proxy header is
-/// configured, the last address in it (the one our proxy appended; earlier
-/// entries are whatever the client claimed).
-pub fn client_ip(req: &Request, security: &SecuritySettings) -> Option<IpAddr> {
-    if let Some(name) = &security.trusted_proxy_header {
-        let from_header = req
-            .headers()
-            .get_all(name.as_str())
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
-            .next_back();
-        if from_header.is_some() {
-            return from_header;
-        }
+/// configured and present, the last entry of its last line (the one our
+/// proxy appended; earlier entries are whatever the client claimed). A last
+/// entry that is not an address is refused rather than skipped: skipping it
+/// would hand the choice to the client's own entries.
+pub fn client_ip(req: &Request, security: &SecuritySettings) -> Result<Option<IpAddr>, ApiError> {
+    if let Some(name) = &security.trusted_proxy_header
+        && let Some(last_line) = req.headers().get_all(name.as_str()).iter().next_back()
+    {
+        let last_entry = last_line
+            .to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(parse_forwarded_entry);
+        return match last_entry {
+            Some(ip) => Ok(Some(ip)),
+            None => Err(ApiError::InvalidClientAddress),
+        };
     }
-    req.extensions()
+    Ok(req
+        .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+        .map(|c| c.0.ip()))
+}
+
+/// Whether an `x-request-id` can be echoed and logged as it is.
+fn usable_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    (1..=128).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic)
+}
+
+/// Whether an `x-correlation-id` is short and plain enough for log lines.
+fn usable_correlation_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    (1..=128).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+}
+
+/// Set on a request whose `x-request-id` was present but unusable; [`harden`]
+/// answers it `400 invalid_request_id`.
+#[derive(Debug, Clone, Copy)]
+pub struct UnusableRequestId;
+
+/// Runs before a request id is assigned: an unusable `x-request-id` is taken
+/// off (so the answer and the log lines carry a generated one) and the
+/// request is marked, to be refused once inside the logged span.
+pub async fn screen_request_id(mut req: Request, next: Next) -> Response {
+    if req
+        .headers()
+        .get("x-request-id")
+        .is_some_and(|v| !usable_request_id(v))
+    {
+        req.headers_mut().remove("x-request-id");
+        req.extensions_mut().insert(UnusableRequestId);
+    }
+    next.run(req).await
 }
 
 struct Bucket {
@@ -223,7 +296,11 @@ fn retry_after(wait: Duration) -> ApiError {
 /// Per-address limit, before authentication.
 pub async fn limit_by_address(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let security = &state.settings.security;
-    if let Some(ip) = client_ip(&req, security)
+    let ip = match client_ip(&req, security) {
+        Ok(ip) => ip,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(ip) = ip
         && let Err(wait) = state
             .limiter
             .take(
@@ -250,11 +327,24 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             admin: state.settings.app_env == crate::config::AppEnv::Local,
         }
     } else {
-        let Some(presented) = presented_key(req.headers()).filter(|k| !k.is_empty()) else {
-            state.auth_failures.add();
-            state.metrics.auth_failed("missing");
-            return ApiError::Unauthorized("an API key is required: Authorization: Bearer <key>")
+        let presented = match presented_key(req.headers()) {
+            PresentedKey::Key(key) => key,
+            PresentedKey::Missing => {
+                state.auth_failures.add();
+                state.metrics.auth_failed("missing");
+                return ApiError::Unauthorized(
+                    "an API key is required: Authorization: Bearer <key>",
+                )
                 .into_response();
+            }
+            PresentedKey::Unreadable => {
+                state.auth_failures.add();
+                state.metrics.auth_failed("invalid");
+                return ApiError::Unauthorized(
+                    "the API key header cannot be read: send Authorization: Bearer <key> (or x-api-key) in visible ASCII",
+                )
+                .into_response();
+            }
         };
         let Some(key) = verify_key(&security.api_keys, presented) else {
             state.auth_failures.add();
@@ -283,8 +373,19 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     next.run(req).await
 }
 
-/// Request timeout and header limits.
+/// Request timeout, header limits, and the tracing headers every route
+/// reads: present but unusable is a 400, never silently dropped.
 pub async fn harden(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if req.extensions().get::<UnusableRequestId>().is_some() {
+        return ApiError::InvalidRequestId.into_response();
+    }
+    if req
+        .headers()
+        .get("x-correlation-id")
+        .is_some_and(|v| !usable_correlation_id(v))
+    {
+        return ApiError::InvalidCorrelationId.into_response();
+    }
     let headers = req.headers();
     let header_bytes: usize = headers
         .iter()
@@ -381,20 +482,77 @@ mod tests {
         assert!(verify_key(&keys, "").is_none());
     }
 
+    fn headers(pairs: &[(&'static str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(*name, HeaderValue::from_bytes(value).unwrap());
+        }
+        h
+    }
+
     #[test]
     fn bearer_and_header_keys_are_both_accepted() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer abc"),
-        );
-        assert_eq!(presented_key(&h), Some("abc"));
-        let mut h = HeaderMap::new();
-        h.insert("x-api-key", HeaderValue::from_static("xyz"));
-        assert_eq!(presented_key(&h), Some("xyz"));
-        let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        assert_eq!(presented_key(&h), None);
+        let h = headers(&[("authorization", b"Bearer abc")]);
+        assert_eq!(presented_key(&h), PresentedKey::Key("abc"));
+        let h = headers(&[("x-api-key", b"xyz")]);
+        assert_eq!(presented_key(&h), PresentedKey::Key("xyz"));
+        // Another scheme for a proxy, with the key in x-api-key.
+        let h = headers(&[("authorization", b"Basic abc"), ("x-api-key", b"xyz")]);
+        assert_eq!(presented_key(&h), PresentedKey::Key("xyz"));
+        assert_eq!(presented_key(&HeaderMap::new()), PresentedKey::Missing);
+    }
+
+    /// Kind: a key header that is there but cannot be used is reported (and
+    /// counted) as invalid; calling it missing sends people looking for a
+    /// header they did send.
+    #[test]
+    fn a_key_header_present_but_unreadable_is_invalid_not_missing() {
+        for pairs in [
+            &[("authorization", &b"Bearer caf\xc3\xa9-key"[..])][..],
+            &[("authorization", &b"Basic abc"[..])],
+            &[("authorization", &b"Bearer "[..])],
+            &[("x-api-key", &b"\xff\xfe"[..])],
+            &[("x-api-key", &b" "[..])],
+        ] {
+            assert_eq!(
+                presented_key(&headers(pairs)),
+                PresentedKey::Unreadable,
+                "{pairs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_client_address_is_the_last_forwarded_entry_and_a_bad_one_is_refused() {
+        let security = crate::config::Settings::from_lookup(|k| {
+            (k == "VM_TRUSTED_PROXY_HEADER").then(|| "x-forwarded-for".to_string())
+        })
+        .unwrap()
+        .security;
+        let request = |value: &[u8]| {
+            axum::http::Request::builder()
+                .header("x-forwarded-for", HeaderValue::from_bytes(value).unwrap())
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        for (value, ip) in [
+            (&b"10.0.0.1, 198.51.100.7"[..], "198.51.100.7"),
+            (b"10.0.0.1, 198.51.100.7:5123", "198.51.100.7"),
+            (b"[2001:db8::1]:443", "2001:db8::1"),
+        ] {
+            let found = client_ip(&request(value), &security).unwrap();
+            assert_eq!(found, Some(ip.parse().unwrap()));
+        }
+        // Skipping a bad last entry would trust the client's own entries.
+        for value in [&b"10.0.0.1, unknown"[..], b"10.0.0.1, \xff", b""] {
+            assert!(
+                matches!(
+                    client_ip(&request(value), &security),
+                    Err(ApiError::InvalidClientAddress)
+                ),
+                "{value:?}"
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! source's secret and sends `x-vm-timestamp` (Unix seconds), `x-vm-nonce`
 //! (8 to 128 of `A-Z a-z 0-9 - _`) and `x-vm-signature: sha256=<hex>`.
 //! Checks, in order: the source is configured (404), the sender's address is
-//! allowed (403), the headers are present (401), the timestamp is within the
+//! allowed (403), the headers are present (401 `missing_signature`) and
+//! readable (401 `invalid_timestamp`, `invalid_nonce`, `invalid_signature`:
+//! a header that is there but unreadable is never called missing), the
+//! timestamp is within the
 //! tolerance (401), the signature matches one of the source's secrets (401,
 //! several secrets are valid during rotation), and the nonce was not seen in
 //! the window (409; remembered in Redis with a TTL, or in the database). A
@@ -87,31 +90,37 @@ pub fn verify_signature<'a>(
     ok
 }
 
-/// The signature headers, checked for shape only.
+/// A header's state: absent, present but unreadable (not visible ASCII), or
+/// its text. Kind: present but unreadable is `invalid_*`, never `missing_*`.
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ()> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|t| Some(t.trim())).map_err(|_| ()),
+    }
+}
+
+/// The signature headers, checked for shape only: absent is
+/// `missing_signature`; present but unreadable or malformed is
+/// `invalid_timestamp`, `invalid_nonce` or `invalid_signature`.
 pub fn signature_headers(headers: &HeaderMap) -> Result<(String, i64, String, String), ApiError> {
-    let get = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
-    let timestamp =
-        get("x-vm-timestamp").ok_or(ApiError::MissingSignature("x-vm-timestamp is required"))?;
-    let seconds: i64 = timestamp
-        .parse()
-        .map_err(|_| ApiError::MissingSignature("x-vm-timestamp must be Unix seconds"))?;
-    let nonce = get("x-vm-nonce").ok_or(ApiError::MissingSignature("x-vm-nonce is required"))?;
+    let timestamp = header_text(headers, "x-vm-timestamp")
+        .map_err(|()| ApiError::InvalidTimestamp)?
+        .ok_or(ApiError::MissingSignature("x-vm-timestamp is required"))?;
+    let seconds: i64 = timestamp.parse().map_err(|_| ApiError::InvalidTimestamp)?;
+    let nonce = header_text(headers, "x-vm-nonce")
+        .map_err(|()| ApiError::InvalidNonce)?
+        .ok_or(ApiError::MissingSignature("x-vm-nonce is required"))?;
     if !(8..=128).contains(&nonce.len())
         || !nonce
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        return Err(ApiError::MissingSignature(
-            "x-vm-nonce must be 8 to 128 of A-Z a-z 0-9 - _",
-        ));
+        return Err(ApiError::InvalidNonce);
     }
-    let signature =
-        get("x-vm-signature").ok_or(ApiError::MissingSignature("x-vm-signature is required"))?;
+    const SHAPE: &str = "x-vm-signature must be sha256=<hex>";
+    let signature = header_text(headers, "x-vm-signature")
+        .map_err(|()| ApiError::InvalidSignature(SHAPE))?
+        .ok_or(ApiError::MissingSignature("x-vm-signature is required"))?;
     Ok((
         timestamp.to_string(),
         seconds,
@@ -134,7 +143,8 @@ pub fn signature_headers(headers: &HeaderMap) -> Result<(String, i64, String, St
     request_body(content = Object, description = "Any JSON; {\"run\": {\"input\", \"steps\"}} starts a run"),
     responses(
         (status = 202, body = WebhookAccepted),
-        (status = 401, description = "missing_signature, invalid_signature, stale_timestamp", body = ErrorBody),
+        (status = 400, description = "invalid_client_address: the trusted proxy header's last entry is not an address", body = ErrorBody),
+        (status = 401, description = "missing_signature (a header is absent), invalid_timestamp, invalid_nonce, invalid_signature (present but unreadable, malformed or not matching), stale_timestamp", body = ErrorBody),
         (status = 403, description = "address_not_allowed", body = ErrorBody),
         (status = 404, description = "unknown_webhook_source", body = ErrorBody),
         (status = 409, description = "replayed_nonce", body = ErrorBody),
@@ -152,8 +162,10 @@ pub async fn receive(
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let address = client_ip(&req, &state.settings.security);
-    let outcome = accept(&state, &source, address, req).await;
+    let (address, outcome) = match client_ip(&req, &state.settings.security) {
+        Ok(address) => (address, accept(&state, &source, address, req).await),
+        Err(e) => (None, Err(e)),
+    };
     let (code, detail) = match &outcome {
         Ok(_) => ("accepted", None),
         Err(e) => (
@@ -236,7 +248,9 @@ async fn accept(
         .await
         .map_err(|_| ApiError::PayloadTooLarge(state.settings.max_body_bytes))?;
     if !verify_signature(secrets, &timestamp, &nonce, &body, &signature) {
-        return Err(ApiError::InvalidSignature);
+        return Err(ApiError::InvalidSignature(
+            "the signature does not match the body",
+        ));
     }
     // A requested run is validated before the nonce is spent.
     let value: Option<serde_json::Value> = serde_json::from_slice(&body).ok();

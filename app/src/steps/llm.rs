@@ -88,7 +88,16 @@ impl LlmBackend {
     }
 }
 
-/// The offline model: echoes a digest of the prompt, deterministically.
+/// A token count in the usual rule of thumb (about four characters a token),
+/// at least one: what the offline model reports as its usage.
+fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4).max(1)
+}
+
+/// The offline model: echoes a digest of the prompt, deterministically, in
+/// the same shape as a remote answer (`text`, `model`, `finish_reason` and an
+/// OpenAI-style `usage` estimated from the text), so templates and clients
+/// written against one work with the other.
 pub fn offline_reply(request: &LlmRequest) -> LlmReply {
     let words: Vec<&str> = request.prompt.split_whitespace().collect();
     let head: Vec<&str> = words.iter().take(24).copied().collect();
@@ -98,11 +107,18 @@ pub fn offline_reply(request: &LlmRequest) -> LlmReply {
         head.join(" "),
         if words.len() > head.len() { " …" } else { "" }
     );
+    let prompt_tokens =
+        estimate_tokens(&request.prompt) + request.system.as_deref().map_or(0, estimate_tokens);
+    let completion_tokens = estimate_tokens(&text);
     LlmReply {
         text,
         model: OFFLINE_MODEL.to_string(),
         finish_reason: Some("stop".to_string()),
-        usage: None,
+        usage: Some(json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        })),
     }
 }
 
@@ -263,5 +279,48 @@ impl LlmClient {
             finish_reason: choice.finish_reason,
             usage: parsed.usage,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README documents `{"text","model","finish_reason","usage"}`; an
+    /// offline answer without `usage` broke templates reading it.
+    #[test]
+    fn the_offline_model_answers_in_the_remote_shape_with_a_plausible_usage() {
+        let reply = offline_reply(&LlmRequest {
+            prompt: "Write one line about HELLO, ADA!".into(),
+            system: Some("Be brief.".into()),
+            max_tokens: None,
+            temperature: None,
+        });
+        let value = serde_json::to_value(&reply).expect("serializes");
+        let mut keys: Vec<&str> = value
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["finish_reason", "model", "text", "usage"]);
+        let usage = &value["usage"];
+        let prompt = usage["prompt_tokens"].as_u64().expect("prompt_tokens");
+        let completion = usage["completion_tokens"]
+            .as_u64()
+            .expect("completion_tokens");
+        assert!(prompt >= 8 && completion >= 1, "{usage}");
+        assert_eq!(usage["total_tokens"].as_u64(), Some(prompt + completion));
+        assert_eq!(
+            reply,
+            offline_reply(&LlmRequest {
+                prompt: "Write one line about HELLO, ADA!".into(),
+                system: Some("Be brief.".into()),
+                max_tokens: None,
+                temperature: None,
+            }),
+            "deterministic"
+        );
     }
 }
