@@ -6,13 +6,17 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 VENV ?= .venv-test
 
+# Where Cargo puts its output (honours CARGO_TARGET_DIR like Cargo does).
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+BIN := $(TARGET_DIR)/debug
+
 .DEFAULT_GOAL := help
-.PHONY: help run test test-chart deps build bench fmt lint check-config migrate crd render rbac golden e2e run-operator clean
+.PHONY: help run test test-chart deps build bins bench fmt lint check-config migrate crd render rbac golden e2e run-operator clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-run: ## Run the app locally: embedded SQLite under ./var/vm, in-process worker, http://127.0.0.1:8000
+run: ## Run the app locally: embedded SQLite under ./var/vm, in-process worker, http://127.0.0.1:8000 (another port: make run PORT=8001)
 	$(CARGO) run -p vm-webapp -- serve --host $(HOST) --port $(PORT)
 
 test: deps ## Install what the tests need (if missing), then run every test
@@ -41,21 +45,29 @@ lint: ## Check formatting and run clippy
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets
 
-check-config: ## Validate the current environment the way the app will
-	$(CARGO) run -q -p vm-webapp -- check-config
+# The binaries of the targets below come from the very build `make test`
+# runs (`cargo test --workspace`: same profile, same features), so after a
+# `make test` they start at once, and before one they build visibly (Cargo's
+# progress on stderr) what `make test` then reuses. A plain `cargo run` would
+# resolve features without the test dependencies and rebuild most crates.
+bins: ## Build the vm-webapp and vm-operator binaries exactly as `make test` does
+	$(CARGO) test --workspace --no-run
 
-migrate: ## Apply database migrations to VM_DB_URL (or the embedded SQLite)
-	$(CARGO) run -q -p vm-webapp -- migrate
+check-config: bins ## Validate the current environment the way the app will
+	$(BIN)/vm-webapp check-config
 
-crd: ## Regenerate the checked-in CRD from the operator's types
-	$(CARGO) run -q -p vm-operator -- crd > crds/vmwebapps.webapp.vm.dev.yaml
+migrate: bins ## Apply database migrations to VM_DB_URL (or the embedded SQLite)
+	$(BIN)/vm-webapp migrate
+
+crd: bins ## Regenerate the checked-in CRD from the operator's types
+	$(BIN)/vm-operator crd > crds/vmwebapps.webapp.vm.dev.yaml
 	cp crds/vmwebapps.webapp.vm.dev.yaml charts/vm-operator/files/crds/
 
-render: ## Print what a reconcile of examples/production.yaml applies (no cluster needed)
-	$(CARGO) run -q -p vm-operator -- render -f examples/production.yaml
+render: bins ## Print what a reconcile of examples/production.yaml applies (no cluster needed)
+	$(BIN)/vm-operator render -f examples/production.yaml
 
-rbac: ## Print the RBAC rules the operator needs
-	$(CARGO) run -q -p vm-operator -- rbac
+rbac: bins ## Print the RBAC rules the operator needs
+	$(BIN)/vm-operator rbac
 
 golden: ## Regenerate the operator's golden render files and the CRD
 	UPDATE_GOLDEN=1 $(CARGO) test -p vm-operator
