@@ -149,12 +149,16 @@ mod tests {
     fn nested_causes_that_repeat_their_source_are_printed_once_with_a_next_step() {
         // Without the deduplication the same "No such file" reached the user four times.
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
-        let err = anyhow::Error::new(Outer(Inner(io)))
-            .context(Failure::new("cannot build a Kubernetes client", NO_CLUSTER_HINT));
+        let err = anyhow::Error::new(Outer(Inner(io))).context(Failure::new(
+            "cannot build a Kubernetes client",
+            NO_CLUSTER_HINT,
+        ));
         let text = describe(&err);
         assert_eq!(text.matches("No such file").count(), 1, "{text}");
         assert_eq!(text.matches("cannot build").count(), 1, "{text}");
-        assert!(text.starts_with("error: cannot build a Kubernetes client: failed to infer config"));
+        assert!(
+            text.starts_with("error: cannot build a Kubernetes client: failed to infer config")
+        );
         assert!(text.contains("next step: point KUBECONFIG"), "{text}");
         assert_eq!(text.lines().count(), 2, "{text}");
     }

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
     derive = "PartialEq",
     doc = "A vm-webapp installation: API and worker Deployments, configuration, secret references, Service, disruption budgets, autoscaling and migrations, reconciled by vm-operator.",
     validation = Rule::new("self.metadata.name.size() <= 40").message("metadata.name must be at most 40 characters so that child names stay within Kubernetes limits"),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', starting with a letter and ending with a letter or digit): it names the API Service"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Image", type_ = "string", json_path = ".status.servingImage"),
     printcolumn(name = "API", type_ = "integer", json_path = ".status.apiReadyReplicas", description = "Ready API replicas"),

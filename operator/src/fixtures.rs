@@ -2,9 +2,16 @@
 //!
 //! A [`Client`] is built over `tower_test::mock::pair`; [`ApiServerVerifier`] awaits every
 //! expected request in order, asserts its method, path, query (`fieldManager`, `force`) and
-//! body, and answers with a plausible object. A missing request makes the test time out;
-//! an extra request finds the handle dropped and fails the reconcile. Every request is also
-//! checked against the rules `vm-operator rbac` prints.
+//! body, and answers like a real API server: the applied object (a Deployment applied
+//! without `replicas` comes back with the default of 1), or a `Status` failure with the
+//! code and reason a real server uses (422 `Invalid`, 403 `Forbidden` for quota and
+//! admission, 409 `Conflict`, 500, …). A missing request makes the test time out; an extra
+//! request finds the handle dropped and fails the reconcile. Every request is also checked
+//! against the rules `vm-operator rbac` prints.
+//!
+//! The pass reads children and Secret metadata from the controller's caches, so a scenario
+//! names the live objects (the "world") that [`seed`] puts into them; only requests the
+//! pass really makes appear in its script.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +23,10 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
 use kube::{Client, Resource};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -25,7 +35,8 @@ use crate::controller::Context;
 use crate::crd::VmWebapp;
 use crate::metrics::Metrics;
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+/// The test side of the mocked API server.
+pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 type BodyCheck = Box<dyn Fn(&Value) + Send>;
 
 /// The fixed clock of tests.
@@ -37,21 +48,54 @@ pub fn test_now() -> Timestamp {
 pub fn test_context() -> (Arc<Context>, Handle) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
-    let ctx = Context {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "vm-operator".into(),
-                instance: None,
-            },
-        ),
+    let ctx = Context::with_parts(
         client,
-        metrics: Metrics::default(),
-        failures: Mutex::new(Default::default()),
-        now: test_now,
-        concurrency: 1,
-    };
+        Metrics::default(),
+        Reporter {
+            controller: "vm-operator".into(),
+            instance: None,
+        },
+        test_now,
+    )
+    .with_concurrency(1);
     (Arc::new(ctx), handle)
+}
+
+/// Fill the context's caches with `world` (live objects as the API server returns them,
+/// each with its `kind`; Secrets go into the metadata cache only) and mark every cache
+/// ready, as after the watches' first lists.
+pub fn seed(ctx: &Context, world: &[Value]) {
+    fn fill<K>(writer: &mut Writer<K>, world: &[Value], kind: &str)
+    where
+        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned,
+    {
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for obj in world.iter().filter(|o| o["kind"] == kind) {
+            let mut typed: K = serde_json::from_value(obj.clone()).expect("world object parses");
+            crate::controller::caches_slim(&mut typed);
+            writer.apply_watcher_event(&watcher::Event::InitApply(typed));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+    }
+    let mut w = ctx.take_writers().expect("fresh context");
+    fill(&mut w.deployments, world, "Deployment");
+    fill(&mut w.jobs, world, "Job");
+    fill(&mut w.config_maps, world, "ConfigMap");
+    fill(&mut w.services, world, "Service");
+    fill(&mut w.service_accounts, world, "ServiceAccount");
+    fill(&mut w.pdbs, world, "PodDisruptionBudget");
+    fill(&mut w.hpas, world, "HorizontalPodAutoscaler");
+    w.secrets.apply_watcher_event(&watcher::Event::Init);
+    for obj in world.iter().filter(|o| o["kind"] == "Secret") {
+        let meta: PartialObjectMeta<Secret> = PartialObjectMeta {
+            types: None,
+            metadata: serde_json::from_value(obj["metadata"].clone()).expect("metadata"),
+            _phantom: Default::default(),
+        };
+        w.secrets
+            .apply_watcher_event(&watcher::Event::InitApply(meta));
+    }
+    w.secrets.apply_watcher_event(&watcher::Event::InitDone);
 }
 
 /// How the fake API server answers one request.
@@ -62,6 +106,22 @@ pub enum Reply {
     NotFound,
     /// 200 with the request body (what an apply returns, near enough).
     Echo,
+    /// A `Status` failure: HTTP `code`, `reason` (`Invalid`, `Forbidden`, `Conflict`,
+    /// `InternalError`, …) and the server's `message`.
+    Status(u16, &'static str, String),
+}
+
+impl Reply {
+    /// 403 Forbidden from a ResourceQuota, worded as kube-apiserver words it.
+    pub fn quota_exceeded(resource: &str, name: &str) -> Self {
+        Self::Status(
+            403,
+            "Forbidden",
+            format!(
+                "{resource} \"{name}\" is forbidden: exceeded quota: no-deploy, requested: count/{resource}=1, used: count/{resource}=0, limited: count/{resource}=0"
+            ),
+        )
+    }
 }
 
 /// One expected request.
@@ -121,6 +181,11 @@ impl Expect {
             check: Some(Box::new(check)),
             reply: Reply::Object(reply),
         }
+    }
+
+    /// The same request, answered with `reply` instead.
+    pub fn answer(self, reply: Reply) -> Self {
+        Self { reply, ..self }
     }
 
     /// `DELETE path`.
@@ -215,7 +280,9 @@ impl ApiServerVerifier {
                 }
                 let (status, reply) = match expect.reply {
                     Reply::Object(v) => (StatusCode::OK, v),
-                    Reply::Echo if body.get("metadata").is_some() => (StatusCode::OK, body),
+                    Reply::Echo if body.get("metadata").is_some() => {
+                        (StatusCode::OK, as_stored(body))
+                    }
                     // A status apply carries only apiVersion, kind and status; the server
                     // answers with the whole object.
                     Reply::Echo => {
@@ -228,6 +295,11 @@ impl ApiServerVerifier {
                     Reply::NotFound => (
                         StatusCode::NOT_FOUND,
                         json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+                    ),
+                    Reply::Status(code, reason, message) => (
+                        StatusCode::from_u16(code).expect("valid code"),
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                            "reason": reason, "code": code, "message": message}),
                     ),
                 };
                 let response = Response::builder()
@@ -242,15 +314,44 @@ impl ApiServerVerifier {
     }
 }
 
-/// Run `reconcile` against `script`; return its result and every request body.
+/// An applied object as the API server stores it: server-set metadata, and the defaults a
+/// scenario depends on (a Deployment applied without `replicas` runs 1).
+fn as_stored(mut body: Value) -> Value {
+    if body["metadata"].get("generation").is_none() {
+        body["metadata"]["generation"] = json!(1);
+    }
+    body["metadata"]["uid"] = json!("child-uid");
+    if body["kind"] == "Deployment" && body["spec"].get("replicas").is_none() {
+        body["spec"]["replicas"] = json!(1);
+    }
+    body
+}
+
+/// Run `reconcile` with the caches holding `world` against `script`; return its result and
+/// every request body.
 pub async fn reconcile_with(
     app: VmWebapp,
+    world: &[Value],
     script: Vec<Expect>,
 ) -> (
     Result<kube::runtime::controller::Action, crate::controller::Error>,
     Vec<String>,
 ) {
     let (ctx, handle) = test_context();
+    seed(&ctx, world);
+    reconcile_in(app, ctx, handle, script).await
+}
+
+/// Run `reconcile` in a prepared context against `script`.
+pub async fn reconcile_in(
+    app: VmWebapp,
+    ctx: Arc<Context>,
+    handle: Handle,
+    script: Vec<Expect>,
+) -> (
+    Result<kube::runtime::controller::Action, crate::controller::Error>,
+    Vec<String>,
+) {
     let verifier = ApiServerVerifier::new(handle);
     let bodies = verifier.bodies.clone();
     let task = verifier.run(script);
@@ -307,12 +408,13 @@ pub fn live<K: Serialize + Resource>(obj: &K) -> Value {
     v
 }
 
-/// A Secret with string values.
+/// A Secret with string values, as the API server returns it.
 pub fn secret(ns: &str, name: &str, data: &[(&str, &str)]) -> Value {
     let s = Secret {
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some(ns.into()),
+            resource_version: Some("41".into()),
             ..ObjectMeta::default()
         },
         data: Some(

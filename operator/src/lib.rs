@@ -2,8 +2,8 @@
 //! vm-webapp installation.
 //!
 //! Flow: [`crd`] defines the resource; [`builders`] compute every desired child object
-//! from it without I/O; the controller fetches what exists, applies the difference with
-//! server-side apply and writes the status; [`render`] prints the builders' output offline;
+//! from it without I/O; the [`controller`] reads what exists from its caches, applies the
+//! difference with server-side apply and writes the status; [`render`] prints the builders' output offline;
 //! [`runtime`] wires `vm-operator run` (leader election, admin server, telemetry).
 
 pub mod admin;
@@ -14,13 +14,12 @@ pub mod controller;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+pub mod quantity;
 pub mod rbac;
 pub mod render;
 pub mod runtime;
 pub mod status;
 pub mod telemetry;
 
-#[cfg(test)]
-mod controller_tests;
 #[cfg(test)]
 mod fixtures;

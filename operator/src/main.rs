@@ -28,7 +28,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Render { file, secrets } => {
             let read = |p: &std::path::PathBuf| {
                 std::fs::read_to_string(p).with_context(|| {
-                    Failure::new(format!("cannot read {}", p.display()), cli::RENDER_INPUT_HINT)
+                    Failure::new(
+                        format!("cannot read {}", p.display()),
+                        cli::RENDER_INPUT_HINT,
+                    )
                 })
             };
             let secrets = secrets

@@ -5,6 +5,12 @@
 //! - `vm_operator_reconcile_duration_seconds` — histogram of pass durations;
 //! - `vm_operator_managed_objects` — `VmWebapp` resources seen by the controller;
 //! - `vm_operator_child_writes_total{kind}` — server-side applies and deletes of children;
+//! - `vm_operator_refused_writes_total{kind}` — child writes the API server refused with a
+//!   4xx answer (quota, admission, validation), each also reported in the `VmWebapp`'s status
+//!   as `Degraded=True, reason=ApplyFailed` and a Warning event;
+//! - `vm_operator_status_writes_total` — writes of `VmWebapp` status (zero in a steady state);
+//! - `vm_operator_api_reads_total{kind}` — GETs a pass had to make because a cache could not
+//!   answer (a Secret whose data changed); zero with warm caches;
 //! - `vm_operator_vmwebapp_conditions{condition,status,reason}` — `VmWebapp` resources in the
 //!   controller's cache by condition type, status and reason (so alerts can see, for example,
 //!   `Degraded=True, reason=MigrationFailed` without kube-state-metrics). The controller
@@ -60,7 +66,7 @@ const CONDITIONS: [&str; 3] = [
     condition::PROGRESSING,
     condition::DEGRADED,
 ];
-const REASONS: [&str; 9] = [
+const REASONS: [&str; 11] = [
     reason::AVAILABLE,
     reason::ROLLING_OUT,
     reason::MIGRATION_RUNNING,
@@ -70,6 +76,8 @@ const REASONS: [&str; 9] = [
     reason::SUSPENDED,
     reason::AS_EXPECTED,
     reason::RECONCILED,
+    reason::APPLY_FAILED,
+    reason::API_ERRORS,
 ];
 
 /// The controller's metric families.
@@ -85,6 +93,12 @@ pub struct Metrics {
     pub managed: Gauge<i64, AtomicI64>,
     /// Child writes by kind.
     pub writes: Family<KindLabels, Counter>,
+    /// Child writes the API server refused, by kind.
+    pub refused: Family<KindLabels, Counter>,
+    /// Status writes.
+    pub status_writes: Counter,
+    /// GETs made by passes, by kind.
+    pub reads: Family<KindLabels, Counter>,
     /// `VmWebapp` resources by condition, status and reason.
     pub conditions: Family<ConditionLabels, Gauge<i64, AtomicI64>>,
     /// Label sets written to `conditions` so far, zeroed when no resource carries them.
@@ -99,6 +113,9 @@ impl Default for Metrics {
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             managed: Gauge::default(),
             writes: Family::default(),
+            refused: Family::default(),
+            status_writes: Counter::default(),
+            reads: Family::default(),
             conditions: Family::default(),
             conditions_seen: Arc::default(),
         }
@@ -129,6 +146,21 @@ impl Metrics {
             "child_writes",
             "Server-side applies and deletes of children by kind",
             m.writes.clone(),
+        );
+        registry.register(
+            "refused_writes",
+            "Child writes the API server refused (4xx), by kind",
+            m.refused.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "Writes of VmWebapp status",
+            m.status_writes.clone(),
+        );
+        registry.register(
+            "api_reads",
+            "GETs reconcile passes made because a cache could not answer, by kind",
+            m.reads.clone(),
         );
         registry.register(
             "vmwebapp_conditions",

@@ -11,9 +11,10 @@ use crate::consts::{condition, reason};
 use crate::crd::VmWebappStatus;
 
 /// Where the migration for `spec.image` stands.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Migration {
     /// Nothing to migrate: disabled, or the Deployments already run `spec.image`.
+    #[default]
     NotNeeded,
     /// The Job for `spec.image` is running (or was just created).
     Running,
@@ -33,8 +34,13 @@ pub struct Rollout {
     pub exists: bool,
     /// Pods ready.
     pub ready: i32,
+    /// Pods available (ready for `minReadySeconds`).
+    pub available: i32,
     /// Whether the Deployment controller has finished rolling out its current template.
     pub complete: bool,
+    /// Whether every pod runs the current template (no old ReplicaSet left), even while an
+    /// autoscaler is still adding pods: scaling is not a rollout.
+    pub settled: bool,
     /// Image of its first container.
     pub image: Option<String>,
 }
@@ -55,7 +61,9 @@ impl Rollout {
         Self {
             exists: true,
             ready: status.ready_replicas.unwrap_or(0),
+            available,
             complete: seen && updated == wanted && available == wanted && total == wanted,
+            settled: seen && updated == total,
             image: spec
                 .and_then(|s| s.template.spec.as_ref())
                 .and_then(|p| p.containers.first())
@@ -65,7 +73,7 @@ impl Rollout {
 }
 
 /// Everything one reconcile pass observed or did that the status reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     /// `metadata.generation` of the resource.
     pub generation: Option<i64>,
@@ -85,6 +93,17 @@ pub struct Observed {
     pub worker: Rollout,
     /// Whether this pass changed a Deployment (so a rollout has just started).
     pub deployments_changed: bool,
+    /// Fewest API pods the spec asks for (`replicas`, or the HPA's `minReplicas`): never
+    /// Ready below it.
+    pub api_min_ready: i32,
+    /// The same for the worker.
+    pub worker_min_ready: i32,
+    /// Writes the API server refused in this pass, as `Kind/name: message (HTTP code
+    /// reason)`, with no Secret value.
+    pub refused: Vec<String>,
+    /// The last error of a streak of failed passes (transport, 5xx, 429), once it is
+    /// long enough to report.
+    pub api_errors: Option<String>,
 }
 
 /// Compute the status for `observed`, keeping transition times from `previous`.
@@ -104,6 +123,13 @@ pub fn compute(
                 o.missing_secrets.join(", ")
             ),
         ))
+    } else if !o.refused.is_empty() {
+        let mut message = format!(
+            "the API server refused to apply {}. Fix the cause (quota, admission policy, LimitRange or spec); the operator retries with backoff and clears this condition once the write succeeds",
+            o.refused.join("; ")
+        );
+        cut(&mut message, 4000);
+        Some((reason::APPLY_FAILED, message))
     } else if let Migration::Failed { job } = &o.migration {
         Some((
             reason::MIGRATION_FAILED,
@@ -112,11 +138,19 @@ pub fn compute(
                 o.spec_image
             ),
         ))
+    } else if let Some(error) = &o.api_errors {
+        let mut message = format!(
+            "reconcile passes keep failing on API errors; retrying with backoff. Last error: {error}"
+        );
+        cut(&mut message, 4000);
+        Some((reason::API_ERRORS, message))
     } else {
         None
     };
 
-    let rolling = o.deployments_changed || !o.api.complete || !o.worker.complete;
+    let below_minimum =
+        o.api.available < o.api_min_ready || o.worker.available < o.worker_min_ready;
+    let rolling = o.deployments_changed || !o.api.settled || !o.worker.settled || below_minimum;
     let progressing: (bool, &str, String) = if o.suspended {
         (
             false,
@@ -134,6 +168,15 @@ pub fn compute(
             true,
             reason::MIGRATION_RUNNING,
             format!("migrating the database for image {}", o.spec_image),
+        )
+    } else if rolling && !o.deployments_changed && o.api.settled && o.worker.settled {
+        (
+            true,
+            reason::ROLLING_OUT,
+            format!(
+                "waiting for pods: {} of {} API and {} of {} worker pods available",
+                o.api.available, o.api_min_ready, o.worker.available, o.worker_min_ready
+            ),
         )
     } else if rolling {
         (
@@ -154,8 +197,9 @@ pub fn compute(
         (false, r, m.clone())
     } else if o.api.exists
         && o.worker.exists
-        && o.api.complete
-        && o.worker.complete
+        && o.api.settled
+        && o.worker.settled
+        && !below_minimum
         && serving_current
         && !o.deployments_changed
     {
@@ -218,6 +262,17 @@ pub fn compute(
     }
 }
 
+/// Cut `s` to at most `max` bytes on a character boundary.
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
 fn condition(
     previous: Option<&VmWebappStatus>,
     type_: &str,
@@ -255,19 +310,19 @@ mod tests {
         let r = Rollout {
             exists: true,
             ready: 2,
+            available: 2,
             complete: true,
+            settled: true,
             image: Some("img:1".into()),
         };
         Observed {
             generation: Some(4),
             spec_image: "img:1".into(),
-            suspended: false,
-            missing_secrets: vec![],
-            invalid_spec: None,
-            migration: Migration::NotNeeded,
             api: r.clone(),
             worker: r,
-            deployments_changed: false,
+            api_min_ready: 2,
+            worker_min_ready: 2,
+            ..Observed::default()
         }
     }
 
@@ -362,5 +417,58 @@ mod tests {
             ),
             ("True", "False")
         );
+    }
+
+    #[test]
+    fn a_first_install_below_the_autoscaling_minimum_is_not_ready() {
+        // Without this an autoscaled first install turned Ready with one pod, then flipped
+        // to RollingOut when the HPA raised it to minReplicas, then back (a GitOps flap).
+        let mut o = healthy();
+        o.api_min_ready = 3;
+        let s = compute(None, &o, t(1));
+        assert_eq!(get(&s, "Ready").status, "False");
+        assert_eq!(get(&s, "Progressing").reason, "RollingOut");
+        assert!(get(&s, "Ready").message.contains("2 of 3 API"), "{s:?}");
+    }
+
+    #[test]
+    fn an_autoscaler_adding_pods_is_not_a_rollout_and_keeps_ready() {
+        // HPA scale-ups after the install must not flip Ready either.
+        let mut o = healthy();
+        o.api.complete = false; // 4 wanted, 2 available, all on the current template
+        let s = compute(None, &o, t(1));
+        assert_eq!(get(&s, "Ready").status, "True");
+        assert_eq!(get(&s, "Progressing").status, "False");
+    }
+
+    #[test]
+    fn a_refused_write_degrades_with_apply_failed_and_names_the_child() {
+        let mut o = healthy();
+        o.refused = vec![
+            "Deployment/shop-api: deployments.apps \"shop-api\" is forbidden: exceeded quota (HTTP 403 Forbidden)".into(),
+        ];
+        let s = compute(None, &o, t(1));
+        let d = get(&s, "Degraded");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "ApplyFailed")
+        );
+        assert!(d.message.contains("Deployment/shop-api"), "{}", d.message);
+        assert!(d.message.contains("exceeded quota"), "{}", d.message);
+        assert_eq!(get(&s, "Ready").status, "False");
+        // The next pass without the refusal clears it.
+        let cleared = compute(Some(&s), &healthy(), t(2));
+        assert_eq!(get(&cleared, "Degraded").status, "False");
+        assert_eq!(get(&cleared, "Ready").status, "True");
+    }
+
+    #[test]
+    fn a_streak_of_api_errors_degrades_with_api_errors() {
+        let mut o = healthy();
+        o.api_errors =
+            Some("the server is currently unable to handle the request (HTTP 503)".into());
+        let s = compute(None, &o, t(1));
+        assert_eq!(get(&s, "Degraded").reason, "ApiErrors");
+        assert!(get(&s, "Degraded").message.contains("HTTP 503"));
     }
 }

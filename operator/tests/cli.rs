@@ -22,8 +22,14 @@ fn render_of_a_file_that_is_not_a_manifest_prints_its_error_once_with_a_next_ste
     let err = stderr_of(operator().args(["render", "-f", "README.md"]));
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 2, "{err}");
-    assert!(lines[0].starts_with("error: cannot render README.md: invalid manifest"), "{err}");
-    assert!(lines[1].starts_with("next step: pass a VmWebapp manifest"), "{err}");
+    assert!(
+        lines[0].starts_with("error: cannot render README.md: invalid manifest"),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with("next step: pass a VmWebapp manifest"),
+        "{err}"
+    );
     let detail = lines[0].trim_start_matches("error: cannot render README.md: invalid manifest: ");
     assert_eq!(err.matches(detail).count(), 1, "{err}");
 }
@@ -49,9 +55,13 @@ fn run_without_a_cluster_prints_one_error_that_points_at_kubeconfig_and_render()
     );
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 2, "{err}");
-    assert!(lines[0].starts_with("error: cannot build a Kubernetes client"), "{err}");
+    assert!(
+        lines[0].starts_with("error: cannot build a Kubernetes client"),
+        "{err}"
+    );
     assert_eq!(
-        err.matches("/nonexistent/vm-operator-test-kubeconfig").count(),
+        err.matches("/nonexistent/vm-operator-test-kubeconfig")
+            .count(),
         1,
         "{err}"
     );

@@ -526,6 +526,9 @@ fn readiness_check_budget_is_clearly_inside_the_rendered_probe_timeout() {
                 );
             }
         }
-        assert_eq!(probed, 2, "{name}: the API and the worker have readiness probes");
+        assert_eq!(
+            probed, 2,
+            "{name}: the API and the worker have readiness probes"
+        );
     }
 }

@@ -323,3 +323,22 @@ fn shutdown_delay_defaults_to_a_few_seconds() {
     assert_eq!(api["properties"]["shutdownDelayMs"]["default"], json!(5000));
     assert_eq!(api["default"]["shutdownDelayMs"], json!(5000));
 }
+
+#[test]
+fn names_that_cannot_become_a_service_name_are_rejected() {
+    // Issue kind: `my.app` was accepted, then every pass failed on the Service (DNS-1035).
+    for bad in ["my.app", "1demo", "Demo", "demo-", "de_mo"] {
+        let mut obj = with_spec(json!({}));
+        obj["metadata"]["name"] = json!(bad);
+        let errors = validate(&obj).expect_err("not a DNS-1035 label");
+        assert!(
+            errors.iter().any(|m| m.contains("DNS-1035")),
+            "{bad}: {errors:?}"
+        );
+    }
+    for good in ["demo", "a", "shop-2"] {
+        let mut obj = with_spec(json!({}));
+        obj["metadata"]["name"] = json!(good);
+        assert_eq!(validate(&obj), Ok(()), "{good}");
+    }
+}

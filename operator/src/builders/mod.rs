@@ -41,6 +41,51 @@ pub enum BuildError {
     /// The resource has no name.
     #[error("the VmWebapp has no name")]
     MissingName,
+    /// A container would request more than its limit: the API server would refuse the
+    /// Deployment. (The CRD cannot refuse it up front on every supported Kubernetes version:
+    /// CEL's `quantity()` library needs 1.29 or later, and the operator supports 1.26.)
+    #[error(
+        "{field}: requests.{resource} ({request}) exceeds limits.{resource} ({limit}); lower the request or raise the limit"
+    )]
+    RequestAboveLimit {
+        /// `spec.api.resources` or `spec.worker.resources`.
+        field: &'static str,
+        /// `cpu`, `memory`, …
+        resource: String,
+        /// The request as written.
+        request: String,
+        /// The limit as written.
+        limit: String,
+    },
+}
+
+/// Every request of `r` is at most its limit (when both are set and parse).
+fn check_requests(
+    field: &'static str,
+    r: &k8s_openapi::api::core::v1::ResourceRequirements,
+) -> Result<(), BuildError> {
+    let (Some(requests), Some(limits)) = (&r.requests, &r.limits) else {
+        return Ok(());
+    };
+    for (resource, request) in requests {
+        let Some(limit) = limits.get(resource) else {
+            continue;
+        };
+        if let (Some(rq), Some(lim)) = (
+            crate::quantity::parse_quantity(&request.0),
+            crate::quantity::parse_quantity(&limit.0),
+        ) && rq > lim
+            && !crate::quantity::same_quantity(&request.0, &limit.0)
+        {
+            return Err(BuildError::RequestAboveLimit {
+                field,
+                resource: resource.clone(),
+                request: request.0.clone(),
+                limit: limit.0.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Facts about the world the builders need but cannot compute themselves.
@@ -52,10 +97,16 @@ pub struct Inputs {
     /// Data of every referenced Secret key, keyed by (Secret name, key); `None` when the
     /// Secret or key is unknown (missing in the cluster, or not given to `render`).
     pub secret_data: BTreeMap<(String, String), Option<Vec<u8>>>,
+    /// The API Deployment does not exist yet: with autoscaling it is created at
+    /// `minReplicas` (afterwards the HPA owns `replicas`), so a first install never starts,
+    /// and never reports Ready, below what the spec asks for.
+    pub creating_api: bool,
+    /// The same for the worker Deployment.
+    pub creating_worker: bool,
 }
 
 impl Inputs {
-    /// Inputs for a resource whose Deployments run `spec.image` and whose Secrets are
+    /// Inputs for a first install whose Deployments run `spec.image` and whose Secrets are
     /// unknown: what `render` uses when it is given no Secret manifests.
     pub fn offline(app: &VmWebapp) -> Self {
         let secret_data = app
@@ -67,6 +118,8 @@ impl Inputs {
         Self {
             serving_image: app.spec.image.clone(),
             secret_data,
+            creating_api: true,
+            creating_worker: true,
         }
     }
 }
@@ -179,6 +232,8 @@ impl Ident {
 /// Build every desired child of `app`.
 pub fn build(app: &VmWebapp, inputs: &Inputs) -> Result<Desired, BuildError> {
     let id = Ident::of(app)?;
+    check_requests("spec.api.resources", &app.spec.api.resources)?;
+    check_requests("spec.worker.resources", &app.spec.worker.resources)?;
     let config_map = config_map(app, &id);
     let config_hash = config_hash(&config_map, &inputs.secret_data);
     let spec = &app.spec;
@@ -187,7 +242,11 @@ pub fn build(app: &VmWebapp, inputs: &Inputs) -> Result<Desired, BuildError> {
         &id,
         names::api(&id.name),
         component::API,
-        spec.api.autoscaling.is_none().then_some(spec.api.replicas),
+        replicas(
+            spec.api.replicas,
+            spec.api.autoscaling.as_ref(),
+            inputs.creating_api,
+        ),
         Some(RollingUpdateDeployment {
             max_surge: Some(IntOrString::String("25%".into())),
             max_unavailable: Some(IntOrString::Int(0)),
@@ -198,10 +257,11 @@ pub fn build(app: &VmWebapp, inputs: &Inputs) -> Result<Desired, BuildError> {
         &id,
         names::worker(&id.name),
         component::WORKER,
-        spec.worker
-            .autoscaling
-            .is_none()
-            .then_some(spec.worker.replicas),
+        replicas(
+            spec.worker.replicas,
+            spec.worker.autoscaling.as_ref(),
+            inputs.creating_worker,
+        ),
         None,
         pod::template(
             app,
@@ -243,6 +303,16 @@ pub fn build(app: &VmWebapp, inputs: &Inputs) -> Result<Desired, BuildError> {
     };
     desired.stamp();
     Ok(desired)
+}
+
+/// `spec.replicas` of a Deployment: the spec's count without autoscaling; with it, the HPA's
+/// minimum when the Deployment is created and nothing afterwards (the HPA owns the field).
+fn replicas(replicas: i32, autoscaling: Option<&AutoscalingSpec>, creating: bool) -> Option<i32> {
+    match autoscaling {
+        None => Some(replicas),
+        Some(a) if creating => Some(a.min_replicas),
+        Some(_) => None,
+    }
 }
 
 /// The non-secret environment every container loads with `envFrom`.

@@ -431,7 +431,17 @@ fn autoscaling_leaves_replicas_to_the_hpa() {
         max_replicas: 5,
         target_cpu_utilization_percentage: 60,
     });
-    let d = built(&a);
+    // A first install starts at the HPA's minimum: created without `replicas` the
+    // Deployment would run one pod (the API server's default) until the HPA scales it.
+    let first = built(&a);
+    assert_eq!(
+        first.api_deployment.spec.as_ref().and_then(|s| s.replicas),
+        Some(2)
+    );
+    // Once it exists, the HPA owns the field and the operator leaves it out.
+    let mut inputs = Inputs::offline(&a);
+    inputs.creating_api = false;
+    let d = build(&a, &inputs).expect("builds");
     assert_eq!(
         d.api_deployment.spec.as_ref().and_then(|s| s.replicas),
         None
@@ -589,4 +599,26 @@ fn migration_job_has_no_ttl_so_a_failed_one_is_not_silently_retried() {
     let desired = build(&app, &Inputs::offline(&app)).expect("builds");
     let job = desired.migration_job.expect("production migrates");
     assert_eq!(job.spec.and_then(|s| s.ttl_seconds_after_finished), None);
+}
+
+#[test]
+fn a_request_above_its_limit_is_an_invalid_spec_naming_the_field() {
+    // Issue kind: the API server refuses such a Deployment; the operator says why
+    // (InvalidSpec) instead of failing on every pass.
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let mut a = managed();
+    let r = &mut a.spec.worker.resources;
+    r.requests = Some([("memory".to_owned(), Quantity("1Gi".into()))].into());
+    r.limits = Some([("memory".to_owned(), Quantity("512Mi".into()))].into());
+    let err = build(&a, &Inputs::offline(&a)).expect_err("request above limit");
+    let text = err.to_string();
+    assert!(text.contains("spec.worker.resources"), "{text}");
+    assert!(
+        text.contains("requests.memory (1Gi) exceeds limits.memory (512Mi)"),
+        "{text}"
+    );
+    // Equal amounts in different spellings are fine.
+    a.spec.worker.resources.limits =
+        Some([("memory".to_owned(), Quantity("1024Mi".into()))].into());
+    assert!(build(&a, &Inputs::offline(&a)).is_ok());
 }

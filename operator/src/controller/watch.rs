@@ -1,0 +1,175 @@
+//! Watch wiring: the `VmWebapp` watch drives the controller; one watch per child kind (only
+//! objects labelled as managed by the operator) fills its cache and triggers a pass of the
+//! owner; a metadata-only Secret watch fills the Secret cache and triggers a pass of every
+//! `VmWebapp` in the namespace that references the Secret.
+
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tracing::warn;
+
+use super::caches::{Child, slim};
+use super::{Context, error_policy, reconcile};
+use crate::consts::{self, labels};
+use crate::crd::VmWebapp;
+use crate::metrics::ErrorLabels;
+
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The watch of one child kind: slimmed, reflected into its cache, as owner triggers.
+fn child_stream<K: Child>(
+    client: &Client,
+    ns: Option<&str>,
+    config: watcher::Config,
+    writer: Writer<K>,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static {
+    watcher(api::<K>(client, ns), config)
+        .default_backoff()
+        .modify(slim)
+        .reflect(writer)
+        .touched_objects()
+}
+
+/// Watch `VmWebapp`s (in `namespace`, or everywhere), their children and the Secrets they
+/// reference, and reconcile until `shutdown` resolves. Call once per [`Context`]: it takes
+/// the context's cache writers.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let Some(writers) = ctx.take_writers() else {
+        warn!("the controller's caches are already fed by another run; not starting");
+        return;
+    };
+    let ns = namespace.as_deref();
+    let children = watcher::Config::default().labels(&format!(
+        "{}={}",
+        labels::MANAGED_BY,
+        consts::FIELD_MANAGER
+    ));
+    let controller = Controller::new(
+        api::<VmWebapp>(&client, ns),
+        watcher::Config::default().any_semantic(),
+    );
+    let store = controller.store();
+    let cache = store.clone();
+    let metrics = ctx.metrics.clone();
+    // Metadata only: the names and resourceVersions of Secrets, never their data.
+    let secrets = watcher(
+        api::<PartialObjectMeta<Secret>>(&client, ns),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(slim)
+    .reflect(writers.secrets)
+    .touched_objects();
+    let failures_ctx = ctx.clone();
+    controller
+        .owns_stream(child_stream::<Deployment>(
+            &client,
+            ns,
+            children.clone(),
+            writers.deployments,
+        ))
+        .owns_stream(child_stream::<Job>(
+            &client,
+            ns,
+            children.clone(),
+            writers.jobs,
+        ))
+        .owns_stream(child_stream::<ConfigMap>(
+            &client,
+            ns,
+            children.clone(),
+            writers.config_maps,
+        ))
+        .owns_stream(child_stream::<Service>(
+            &client,
+            ns,
+            children.clone(),
+            writers.services,
+        ))
+        .owns_stream(child_stream::<ServiceAccount>(
+            &client,
+            ns,
+            children.clone(),
+            writers.service_accounts,
+        ))
+        .owns_stream(child_stream::<PodDisruptionBudget>(
+            &client,
+            ns,
+            children.clone(),
+            writers.pdbs,
+        ))
+        .owns_stream(child_stream::<HorizontalPodAutoscaler>(
+            &client,
+            ns,
+            children,
+            writers.hpas,
+        ))
+        .watches_stream(secrets, move |secret| {
+            let name = secret.name_any();
+            let ns = secret.namespace();
+            store
+                .state()
+                .into_iter()
+                .filter(|app| app.namespace() == ns && app.spec.references_secret(&name))
+                .map(|app| ObjectRef::from_obj(&*app))
+                .collect::<Vec<_>>()
+        })
+        .with_config(controller::Config::default().concurrency(ctx.concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| {
+            let metrics = metrics.clone();
+            let apps = cache.state();
+            let managed = i64::try_from(apps.len()).unwrap_or(i64::MAX);
+            // Conditions as the cache last saw them: a status write comes back
+            // as a watch event, which runs this again with the new status.
+            metrics.observe_conditions(apps.iter().map(|a| a.status.as_ref()));
+            // Failure counts of resources that are gone would otherwise stay forever.
+            failures_ctx.prune_failures(|key| {
+                let (ns, name) = key.split_once('/').unwrap_or(("", key));
+                cache.get(&ObjectRef::new(name).within(ns)).is_some()
+            });
+            async move {
+                metrics.managed.set(managed);
+                match result {
+                    Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+                    Err(controller::Error::ReconcilerFailed(_, _)) => {}
+                    Err(e) => {
+                        metrics
+                            .errors
+                            .get_or_create(&ErrorLabels {
+                                reason: "controller",
+                            })
+                            .inc();
+                        warn!(error = %e, "controller stream error");
+                    }
+                }
+            }
+        })
+        .await;
+}
