@@ -4,6 +4,7 @@ operator needs, no more, with secure defaults."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from chart import k8s_schema
 from conftest import CHART, ROOT
 
 NAMESPACE = "vm-system"
@@ -321,6 +323,95 @@ class TestRejectedValues:
             chart.render(values, name="vm-operator", namespace=NAMESPACE)
 
 
+class TestPassedThroughKubernetesObjects:
+    """Kind (issue 11): where the chart passes a Kubernetes object through, its
+    schema accepts whatever Kubernetes accepts for that object (and refuses
+    what Kubernetes refuses); where the chart owns the keys it stays strict.
+    `fsGroupChangePolicy: OnRootMismatch` and the quantity "1e3" were refused."""
+
+    @pytest.mark.parametrize(
+        "values, path, expected",
+        [
+            ({"podSecurityContext": {"fsGroup": 10001, "fsGroupChangePolicy": "OnRootMismatch"}},
+             ["spec", "template", "spec", "securityContext", "fsGroupChangePolicy"], "OnRootMismatch"),
+            ({"podSecurityContext": {"seLinuxOptions": {"level": "s0:c123,c456"}, "sysctls": [{"name": "net.ipv4.ip_local_port_range", "value": "1024 65535"}],
+                                     "supplementalGroupsPolicy": "Strict", "appArmorProfile": {"type": "RuntimeDefault"}}},
+             ["spec", "template", "spec", "securityContext", "supplementalGroupsPolicy"], "Strict"),
+            ({"podSecurityContext": {"runAsUser": None, "runAsGroup": None}},
+             ["spec", "template", "spec", "securityContext", "runAsNonRoot"], True),
+            ({"securityContext": {"procMount": "Default", "windowsOptions": {"runAsUserName": "ContainerUser"}}},
+             ["spec", "template", "spec", "containers", 0, "securityContext", "procMount"], "Default"),
+            ({"resources": {"requests": {"cpu": "1e3", "memory": "1.5Gi"}}},
+             ["spec", "template", "spec", "containers", 0, "resources", "requests", "cpu"], "1e3"),
+            ({"resources": {"limits": {"nvidia.com/gpu": 1, "hugepages-2Mi": "100Mi", "cpu": 0.5}}},
+             ["spec", "template", "spec", "containers", 0, "resources", "limits", "nvidia.com/gpu"], 1),
+            ({"resources": {"requests": {"cpu": "+.5", "memory": "128974848e-3"}}},
+             ["spec", "template", "spec", "containers", 0, "resources", "requests", "cpu"], "+.5"),
+            ({"tolerations": [{"operator": "Exists"}, {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30}]},
+             ["spec", "template", "spec", "tolerations", 0, "operator"], "Exists"),
+            ({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}]}]}}}},
+             ["spec", "template", "spec", "affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution", "nodeSelectorTerms", 0, "matchExpressions", 0, "key"],
+             "kubernetes.io/arch"),
+            ({"affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "vm-operator"}}}}]}}},
+             ["spec", "template", "spec", "affinity", "podAntiAffinity", "preferredDuringSchedulingIgnoredDuringExecution", 0, "weight"], 100),
+            ({"extraEnv": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "token", "optional": True}}},
+                           {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}}]},
+             ["spec", "template", "spec", "containers", 0, "env", -1, "valueFrom", "resourceFieldRef", "divisor"], "1Mi"),
+            ({"imagePullSecrets": [{"name": "regcred"}, {}]},
+             ["spec", "template", "spec", "imagePullSecrets", 0, "name"], "regcred"),
+        ],
+    )
+    def test_what_kubernetes_accepts_the_chart_accepts_and_passes_through(
+        self, chart: helm.Chart, values: dict, path: list, expected: object
+    ) -> None:
+        node = one(render(chart, values), "Deployment")
+        for step in path:
+            node = node[step]
+        assert node == expected
+        assert helm.lint(CHART, values)["errors"] == []
+
+    @pytest.mark.parametrize(
+        "values, message",
+        [
+            # Typos inside a passed-through object: Kubernetes would drop them
+            # silently (a lost readOnlyRootFilesystem is a lost protection).
+            ({"securityContext": {"readOnlyRootFileSystem": True}}, "readOnlyRootFileSystem"),
+            ({"podSecurityContext": {"fsGroupChangePolicyy": "OnRootMismatch"}}, "fsGroupChangePolicyy"),
+            ({"resources": {"request": {"cpu": "1"}}}, "request"),
+            ({"resources": {"requests": {"cpu": "1 Gi"}}}, "/resources/requests/cpu"),
+            ({"resources": {"requests": {"memory": "1GB"}}}, "/resources/requests/memory"),
+            ({"tolerations": {"key": "dedicated"}}, "/tolerations"),
+            ({"tolerations": [{"key": "dedicated", "tolerationSeconds": "30"}]}, "/tolerations/0/tolerationSeconds"),
+            ({"affinity": {"nodeAfinity": {}}}, "nodeAfinity"),
+            ({"extraEnv": [{"value": "no name"}]}, "name"),
+            ({"podSecurityContext": {"runAsUser": "10001"}}, "/podSecurityContext/runAsUser"),
+        ],
+    )
+    def test_what_kubernetes_refuses_the_chart_refuses(self, chart: helm.Chart, values: dict, message: str) -> None:
+        with pytest.raises(helm.HelmValuesError, match=message):
+            chart.render(values, name="vm-operator", namespace=NAMESPACE)
+
+    def test_kubernetes_definitions_are_the_generated_ones(self) -> None:
+        """The pass-through parts come from Kubernetes' own schemas; hand edits
+        drift. Regenerate with `.venv-test/bin/python tests/chart/k8s_schema.py`."""
+        import json
+
+        schema = json.loads((CHART / "values.schema.json").read_text())
+        assert schema == k8s_schema.generated(schema)
+        for key, (name, _) in k8s_schema.PASSED_THROUGH.items():
+            assert name in json.dumps(schema["properties"][key]), key
+
+    @pytest.mark.parametrize(
+        "quantity, valid",
+        [("1e3", True), ("100m", True), ("1.5Gi", True), (".5", True), ("-1", True), ("2E-2", True), ("1k", True),
+         ("1 Gi", False), ("1GB", False), ("Gi", False), ("1e", False), ("", False), ("1Mii", False)],
+    )
+    def test_the_quantity_grammar_is_the_api_servers(self, quantity: str, valid: bool) -> None:
+        assert bool(re.fullmatch(k8s_schema.QUANTITY_PATTERN.strip("^$"), quantity)) == valid
+
+
 class TestDocumentation:
     def test_every_value_is_documented_in_values_yaml(self) -> None:
         """A key is documented by the comment right above it. A key without one is a
@@ -349,8 +440,12 @@ class TestDocumentation:
         schema = json.loads((CHART / "values.schema.json").read_text())
         loose = []
 
+        def is_object(node: dict) -> bool:
+            kind = node.get("type")
+            return kind == "object" or (isinstance(kind, list) and "object" in kind)
+
         def walk(node: dict, path: str) -> None:
-            if node.get("type") == "object" and "properties" in node:
+            if is_object(node) and "properties" in node:
                 if node.get("additionalProperties") is not False:
                     loose.append(path or "/")
                 for key, sub in node["properties"].items():
@@ -359,6 +454,10 @@ class TestDocumentation:
                 walk(node["items"], f"{path}[]")
 
         walk(schema, "")
+        # The Kubernetes definitions too: strict like the API server's own
+        # field validation, so a typo inside a security context is refused.
+        for name, definition in schema.get("definitions", {}).items():
+            walk(definition, f"#/definitions/{name}")
         assert loose == []
 
     def test_every_default_value_is_described_by_the_schema(self, chart: helm.Chart) -> None:
