@@ -81,3 +81,7 @@ run-operator: ## Run the operator against the current kubeconfig (one replica, n
 clean: ## Remove build output and local data
 	$(CARGO) clean
 	rm -rf var $(VENV)
+
+.PHONY: bench-operator
+bench-operator: ## Operator at scale on VM_E2E_KUBECONFIG's cluster: converge time of N VmWebapps vs the API server floor, steady-state writes, memory (VM_BENCH_APPS, VM_BENCH_CONCURRENCY)
+	$(CARGO) test -p vm-operator --release --test bench -- --nocapture

@@ -7,10 +7,16 @@
 //! app image (`VM_E2E_IMAGE`, default the examples' image) cannot be pulled, which this
 //! suite does not depend on.
 //!
-//! Steps: apply the CRD; create a namespace and a Secret; apply a VmWebapp; wait for its
-//! children and its status; delete a child and see it restored; rotate the Secret and see
-//! the pod template's config hash change; delete the VmWebapp and see its children
-//! garbage-collected; delete the namespace.
+//! Scenarios:
+//! - lifecycle: apply the CRD; create a namespace and a Secret; apply a VmWebapp; wait for
+//!   its children and its status; delete a child and see it restored; rotate the Secret and
+//!   see the pod template's config hash change; delete the VmWebapp and see its children
+//!   garbage-collected; delete the namespace;
+//! - quota: a ResourceQuota forbids Deployments; the VmWebapp reports `Degraded=True,
+//!   reason=ApplyFailed` naming the Deployment with the API server's "exceeded quota", and
+//!   a Warning event; once the quota is removed the condition clears;
+//! - invalid name: a VmWebapp called `my.app` (not a DNS-1035 label, so no Service could
+//!   carry its name) is refused by `kubectl apply` itself, through the CRD's CEL rule.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -56,25 +62,28 @@ fn config_hash(d: &Deployment) -> Option<String> {
         .and_then(|a| a.get("webapp.vm.dev/config-hash").cloned())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
+/// A client for the cluster named by `VM_E2E_KUBECONFIG`, or `None` (with the reason on
+/// stderr) when it is not set.
+async fn cluster(scenario: &str) -> Option<Client> {
     let Some(path) = std::env::var_os("VM_E2E_KUBECONFIG") else {
         // Written to the stderr handle directly so that it shows even when output is captured.
         let _ = writeln!(
             std::io::stderr(),
-            "e2e skipped: VM_E2E_KUBECONFIG is not set (point it at a kubeconfig of a disposable cluster to run it)"
+            "e2e {scenario} skipped: VM_E2E_KUBECONFIG is not set (point it at a kubeconfig of a disposable cluster to run it)"
         );
-        return;
+        return None;
     };
     let kubeconfig =
         Kubeconfig::read_from(&path).expect("VM_E2E_KUBECONFIG is a readable kubeconfig");
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("kubeconfig is usable");
-    let client = Client::try_from(config).expect("client");
-    let apply = PatchParams::apply(MANAGER).force();
+    Some(Client::try_from(config).expect("client"))
+}
 
-    // CRD, established.
+/// Apply the CRD and wait until it is established.
+async fn install_crd(client: &Client) {
+    let apply = PatchParams::apply(MANAGER).force();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.patch(
         "vmwebapps.webapp.vm.dev",
@@ -93,9 +102,11 @@ async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
         established.then_some(())
     })
     .await;
+}
 
-    // Namespace and Secret.
-    let ns_name = format!("vm-e2e-{}", std::process::id());
+/// Create a fresh namespace called `vm-e2e-<scenario>-<pid>`.
+async fn namespace(client: &Client, scenario: &str) -> String {
+    let ns_name = format!("vm-e2e-{scenario}-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
         .create(
@@ -104,6 +115,20 @@ async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
         )
         .await
         .expect("create namespace");
+    ns_name
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
+    let Some(client) = cluster("lifecycle").await else {
+        return;
+    };
+    let apply = PatchParams::apply(MANAGER).force();
+    install_crd(&client).await;
+
+    // Namespace and Secret.
+    let ns_name = namespace(&client, "life").await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns_name);
     let secret = |url: &str| json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "e2e-db"}, "stringData": {"url": url}});
     secrets
@@ -248,6 +273,146 @@ async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
 
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    namespaces
+        .delete(&ns_name, &DeleteParams::default())
+        .await
+        .expect("delete namespace");
+}
+
+/// A minimal VmWebapp (local mode, no Secret) called `name`.
+fn minimal(name: &str) -> serde_json::Value {
+    let image =
+        std::env::var("VM_E2E_IMAGE").unwrap_or_else(|_| "ghcr.io/vmwebapp/vm-webapp:0.1.0".into());
+    json!({
+        "apiVersion": "webapp.vm.dev/v1alpha1",
+        "kind": "VmWebapp",
+        "metadata": {"name": name},
+        "spec": {
+            "image": image,
+            "appEnv": "local",
+            "api": {"replicas": 1},
+            "worker": {"replicas": 0},
+            "migrations": {"enabled": false},
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_refusal_is_reported_in_status_and_an_event_then_cleared() {
+    // Issue kind: with a quota forbidding Deployments the VmWebapp stayed without any status
+    // or event; Argo CD waited forever and `kubectl wait` timed out without a reason.
+    let Some(client) = cluster("quota").await else {
+        return;
+    };
+    let apply = PatchParams::apply(MANAGER).force();
+    install_crd(&client).await;
+    let ns_name = namespace(&client, "quota").await;
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> =
+        Api::namespaced(client.clone(), &ns_name);
+    quotas
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "no-deploy"},
+                "spec": {"hard": {"count/deployments.apps": "0"}}}))
+            .expect("quota"),
+        )
+        .await
+        .expect("create quota");
+    // The quota controller must have counted usage before it enforces.
+    eventually("the quota to be counted", || async {
+        let q = quotas.get("no-deploy").await.ok()?;
+        q.status?.used.is_some().then_some(())
+    })
+    .await;
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        vm_operator::metrics::Metrics::default(),
+    ));
+    let controller = tokio::spawn(vm_operator::controller::run(
+        client.clone(),
+        Some(ns_name.clone()),
+        ctx,
+        async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        },
+    ));
+    let apps: Api<VmWebapp> = Api::namespaced(client.clone(), &ns_name);
+    apps.patch("demo", &apply, &Patch::Apply(minimal("demo")))
+        .await
+        .expect("apply VmWebapp");
+
+    let message = eventually("Degraded=ApplyFailed in the status", || async {
+        let status = apps.get("demo").await.ok()?.status?;
+        let d = status.conditions.iter().find(|c| c.type_ == "Degraded")?;
+        (status.observed_generation == Some(1) && d.status == "True" && d.reason == "ApplyFailed")
+            .then(|| d.message.clone())
+    })
+    .await;
+    assert!(message.contains("Deployment/demo-api"), "{message}");
+    assert!(message.contains("exceeded quota"), "{message}");
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), &ns_name);
+    eventually("a Warning ApplyFailed event on the VmWebapp", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.type_.as_deref() == Some("Warning")
+                    && e.reason.as_deref() == Some("ApplyFailed")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("demo")
+            })
+            .then_some(())
+    })
+    .await;
+
+    // The cause goes away: the next pass (backoff) applies and clears the condition.
+    quotas
+        .delete("no-deploy", &DeleteParams::default())
+        .await
+        .expect("delete quota");
+    eventually("Degraded to clear once the quota is gone", || async {
+        let status = apps.get("demo").await.ok()?.status?;
+        let d = status.conditions.iter().find(|c| c.type_ == "Degraded")?;
+        (d.status == "False").then_some(())
+    })
+    .await;
+
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .delete(&ns_name, &DeleteParams::default())
+        .await
+        .expect("delete namespace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_cannot_be_a_service_name_is_refused_at_apply_time() {
+    // Issue kind: `my.app` was accepted, then every pass failed on its Service.
+    let Some(client) = cluster("invalid-name").await else {
+        return;
+    };
+    install_crd(&client).await;
+    let ns_name = namespace(&client, "name").await;
+    let apps: Api<VmWebapp> = Api::namespaced(client.clone(), &ns_name);
+    let err = apps
+        .patch(
+            "my.app",
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(minimal("my.app")),
+        )
+        .await
+        .expect_err("the API server refuses the name");
+    match err {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 422, "{s:?}");
+            assert!(s.message.contains("DNS-1035"), "{}", s.message);
+        }
+        other => panic!("expected a 422 Invalid, got {other}"),
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
         .delete(&ns_name, &DeleteParams::default())
         .await
