@@ -844,6 +844,14 @@ async fn a_second_signal_stops_serve_at_once_while_a_step_runs() {
         "the banner says how to stop:\n{}",
         serve.output()
     );
+    // Start-up warnings are printed once (a log line), not twice.
+    let output = serve.output();
+    assert_eq!(
+        output.matches("VM_API_KEYS is not set").count(),
+        1,
+        "{output}"
+    );
+    assert!(!output.contains("WARNING: no VM_API_KEYS"), "{output}");
     let id = create_run(port, json!({"steps": [{"kind": "delay", "ms": 60000}]})).await;
     wait_event(&mut serve, port, &id, "step.started").await;
     serve.terminate();
@@ -860,6 +868,31 @@ async fn a_second_signal_stops_serve_at_once_while_a_step_runs() {
     );
     assert_eq!(status.code(), Some(0), "{output}");
     assert!(output.contains("second stop signal"), "{output}");
+}
+
+/// The README's first run is the one the banner prints: one example, so
+/// what a newcomer reads is what the terminal shows (they once differed in
+/// their steps).
+#[test]
+fn the_readme_first_run_is_the_command_the_banner_prints() {
+    let readme = include_str!("../../README.md");
+    let banner = vm_webapp::runtime::banner(
+        "127.0.0.1:8000".parse().expect("address"),
+        Duration::from_secs(20),
+    );
+    let command = banner
+        .lines()
+        .find(|l| l.contains("curl -s -X POST"))
+        .expect("the banner shows a first run")
+        .trim();
+    assert!(
+        readme.contains(command),
+        "README.md lacks the banner's command:\n{command}"
+    );
+    assert!(
+        command.contains(r#""kind":"llm""#),
+        "the first run shows every instant kind, llm included: {command}"
+    );
 }
 
 /// A port in use must stop `serve` before it opens the database or starts

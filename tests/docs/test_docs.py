@@ -155,6 +155,10 @@ def app_metrics() -> Iterator[str]:
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 202
         get(f"{base}/api/v2/health/ready")
+        try:  # a 404, counted under route="unmatched"
+            get(f"{base}/api/v2/no/such/route")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404
         deadline = time.monotonic() + 30
         text = get(f"{base}/metrics")
         while time.monotonic() < deadline and not all(
@@ -234,6 +238,21 @@ def test_every_app_metric_and_label_queried_exists_in_the_real_output(doc: Path,
                 assert value in label_values.get((family, key), set()), (
                     f"{doc.name}: {name}{{{key}=\"{value}\"}} never appears in the output"
                 )
+
+
+def test_families_with_fixed_label_values_are_exported_before_anything_happened(app_metrics: str) -> None:
+    """Families the alerts and dashboards read exist at 0 before their first
+    event (they used to be absent until then, so `rate()` showed no data)."""
+    for line in [
+        'vm_dependency_failures_total{dependency="database"} 0',
+        'vm_rate_limited_total{reason="address"} 0',
+        'vm_auth_failures_total{reason="missing"} 0',
+        'vm_webhook_deliveries_total{reason="accepted"} 0',
+        'vm_llm_request_duration_seconds_count{outcome="status_429"} 0',
+    ]:
+        assert re.search(rf"^{re.escape(line)}$", app_metrics, re.M), line
+    assert re.search(r'^vm_http_requests_total\{method="GET",route="unmatched",status_class="4xx"\} 1$', app_metrics, re.M)
+    assert "no/such/route" not in app_metrics
 
 
 def test_label_values_the_alerts_rely_on_are_produced(app_metrics: str) -> None:
