@@ -14,8 +14,7 @@
 //! - `vm_operator_vmwebapp_conditions{condition,status,reason}` — `VmWebapp` resources in the
 //!   controller's cache by condition type, status and reason (so alerts can see, for example,
 //!   `Degraded=True, reason=MigrationFailed` without kube-state-metrics). The controller
-//!   keeps it current by calling [`Metrics::observe_conditions`] with its cache after each
-//!   reconcile.
+//!   keeps it current by calling [`Metrics::observe_conditions`] with its cache every 5 s.
 //!
 //! Labels are bounded: never an object name, an id or an error string.
 

@@ -13,9 +13,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::store::Writer;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::warn;
 
@@ -69,13 +69,36 @@ pub async fn run(
         labels::MANAGED_BY,
         consts::FIELD_MANAGER
     ));
-    let controller = Controller::new(
+    // Only a new generation (a spec change) of a VmWebapp triggers a pass: the operator's
+    // own status writes must not, or each would cost one more pass per resource. Changes
+    // of children, Secrets and requeues trigger passes on their own.
+    let (store, app_writer) = reflector::store();
+    let apps = watcher(
         api::<VmWebapp>(&client, ns),
         watcher::Config::default().any_semantic(),
-    );
-    let store = controller.store();
+    )
+    .default_backoff()
+    .reflect(app_writer)
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default());
+    let controller = Controller::for_stream(apps, store.clone());
     let cache = store.clone();
     let metrics = ctx.metrics.clone();
+    // The condition gauge, recounted from the cache every few seconds rather than after
+    // every pass (which would cost O(resources) per pass at a thousand VmWebapps).
+    let gauge_cache = store.clone();
+    let gauge_metrics = metrics.clone();
+    let gauge = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let apps = gauge_cache.state();
+            gauge_metrics
+                .managed
+                .set(i64::try_from(apps.len()).unwrap_or(i64::MAX));
+            gauge_metrics.observe_conditions(apps.iter().map(|a| a.status.as_ref()));
+        }
+    });
     // Metadata only: the names and resourceVersions of Secrets, never their data.
     let secrets = watcher(
         api::<PartialObjectMeta<Secret>>(&client, ns),
@@ -144,18 +167,12 @@ pub async fn run(
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
             let metrics = metrics.clone();
-            let apps = cache.state();
-            let managed = i64::try_from(apps.len()).unwrap_or(i64::MAX);
-            // Conditions as the cache last saw them: a status write comes back
-            // as a watch event, which runs this again with the new status.
-            metrics.observe_conditions(apps.iter().map(|a| a.status.as_ref()));
             // Failure counts of resources that are gone would otherwise stay forever.
             failures_ctx.prune_failures(|key| {
                 let (ns, name) = key.split_once('/').unwrap_or(("", key));
                 cache.get(&ObjectRef::new(name).within(ns)).is_some()
             });
             async move {
-                metrics.managed.set(managed);
                 match result {
                     Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
                     Err(controller::Error::ReconcilerFailed(_, _)) => {}
@@ -172,4 +189,5 @@ pub async fn run(
             }
         })
         .await;
+    gauge.abort();
 }
