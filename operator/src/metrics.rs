@@ -333,6 +333,10 @@ mod tests {
         m.writes
             .get_or_create(&KindLabels { kind: "Deployment" })
             .inc();
+        m.refused
+            .get_or_create(&KindLabels { kind: "Deployment" })
+            .inc();
+        m.reads.get_or_create(&KindLabels { kind: "Secret" }).inc();
         m.observe_conditions([None]);
         let text = encode(&r).expect("encodes");
         let families: Vec<&str> = text
