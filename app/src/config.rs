@@ -14,6 +14,76 @@ use std::time::Duration;
 /// File name of the embedded SQLite database under the workspace root.
 pub const EMBEDDED_DB_FILE: &str = "vmwebapp.db";
 
+/// Every variable the settings read. A variable whose name is close to one of
+/// these but not equal is most likely a typo that would silently leave the
+/// setting at its default (`VM_API_KEY` leaves the API open): see
+/// [`misspelled_variables`].
+pub const KNOWN_VARIABLES: &[&str] = &[
+    "APP_ENV",
+    "VM_ENABLE_MANAGED_MODE",
+    "VM_DB_URL",
+    "VM_REDIS_URL",
+    "VM_WORKSPACE_ROOT",
+    "KIMI_MODEL",
+    "KIMI_BASE_URL",
+    "KIMI_API_KEY",
+    "VM_LLM_TIMEOUT_MS",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "PORT",
+    "VM_JOB_MAX_ATTEMPTS",
+    "VM_JOB_LEASE_MS",
+    "VM_JOB_BACKOFF_BASE_MS",
+    "VM_JOB_BACKOFF_MAX_MS",
+    "VM_SHUTDOWN_GRACE_MS",
+    "VM_WORKER_STALE_MS",
+    "VM_MAX_BODY_BYTES",
+    "VM_SHUTDOWN_DELAY_MS",
+    "VM_API_KEYS",
+    "VM_WEBHOOK_SECRETS",
+    "VM_WEBHOOK_ALLOWED_CIDRS",
+    "VM_TRUSTED_PROXY_HEADER",
+    "VM_RATE_LIMIT_KEY_RPS",
+    "VM_RATE_LIMIT_KEY_BURST",
+    "VM_RATE_LIMIT_IP_RPS",
+    "VM_RATE_LIMIT_IP_BURST",
+    "VM_CORS_ALLOWED_ORIGINS",
+    "VM_REQUEST_TIMEOUT_MS",
+    "VM_MIGRATION_DB_URL",
+    "VM_RUNTIME_DB_ROLE",
+    "VM_WEBHOOK_TOLERANCE_SECONDS",
+];
+
+/// The names among `names` that are not settings but within two edits of
+/// one, each with the setting it probably means. Only names are compared and
+/// returned, never values. Names farther from every setting (other programs'
+/// variables, Kubernetes service variables) are left alone.
+pub fn misspelled_variables<I, S>(names: I) -> Vec<(String, &'static str)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let mut found = Vec::new();
+    for name in names {
+        let name = name.as_ref();
+        if name.len() < 5 || KNOWN_VARIABLES.contains(&name) {
+            continue;
+        }
+        let upper = name.to_ascii_uppercase();
+        let closest = KNOWN_VARIABLES
+            .iter()
+            .map(|known| (strsim::levenshtein(&upper, known), *known))
+            .min();
+        if let Some((distance, known)) = closest
+            && distance <= 2
+        {
+            found.push((name.to_string(), known));
+        }
+    }
+    found.sort();
+    found
+}
+
 /// A value that must never be printed: `Debug` and `Display` redact it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -1208,6 +1278,42 @@ mod tests {
         ] {
             parse(&[(variable, value)]).expect(value);
         }
+    }
+
+    #[test]
+    fn known_variables_are_exactly_the_ones_the_settings_read() {
+        let read = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        let _ = Settings::from_lookup(|name| {
+            read.borrow_mut().insert(name.to_string());
+            None
+        });
+        let known: std::collections::BTreeSet<String> =
+            KNOWN_VARIABLES.iter().map(|v| v.to_string()).collect();
+        assert_eq!(read.into_inner(), known);
+    }
+
+    /// `VM_API_KEY=…` (one letter short) used to leave the API open without a
+    /// word about the variable: a near-miss name is reported with the setting
+    /// it probably means.
+    #[test]
+    fn a_mistyped_variable_name_is_reported_with_the_setting_it_means() {
+        let found = misspelled_variables([
+            "VM_API_KEY",
+            "LOG_LEVLE",
+            "vm_db_url",
+            "VM_API_KEYS",
+            "HOME",
+            "VM_WEBAPP_SERVICE_HOST",
+            "KUBERNETES_PORT",
+        ]);
+        assert_eq!(
+            found,
+            [
+                ("LOG_LEVLE".to_string(), "LOG_LEVEL"),
+                ("VM_API_KEY".to_string(), "VM_API_KEYS"),
+                ("vm_db_url".to_string(), "VM_DB_URL"),
+            ]
+        );
     }
 
     #[test]

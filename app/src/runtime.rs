@@ -27,6 +27,15 @@ pub const EXIT_CONFIG: u8 = 2;
 
 /// Runs one command to completion.
 pub async fn run(cli: Cli) -> ExitCode {
+    // Names only: a variable's value is never read here.
+    let misspelled = crate::config::misspelled_variables(
+        std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()),
+    );
+    for (name, meant) in &misspelled {
+        eprintln!(
+            "vm-webapp: warning: {name} is not a setting and is ignored; did you mean {meant}?"
+        );
+    }
     let settings = match Settings::from_env() {
         Ok(s) => Arc::new(s),
         Err(errors) => {
@@ -43,6 +52,9 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
     crate::install_crypto_provider();
     crate::telemetry::init(&settings);
+    for (name, meant) in &misspelled {
+        warn!(variable = %name, meant = %meant, "a variable that is not a setting is ignored");
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(settings, args).await,
         Command::Worker(args) => worker(settings, args).await,

@@ -583,6 +583,29 @@ async fn check_config_never_repeats_any_part_of_a_malformed_secret_setting() {
     assert!(!output.contains("veryverylong"), "{output}");
 }
 
+/// A mistyped variable name silently left its setting at the default
+/// (`VM_API_KEY` left the API open): check-config names it and the setting
+/// it probably means, without its value.
+#[tokio::test]
+async fn check_config_names_a_mistyped_variable_and_the_setting_it_means() {
+    const KEY: &str = "ci:Xq7vT2mPz9LkW4rB8nJc5yHd3gFs6aE1";
+    let (status, output) = run(
+        "check-config",
+        vm(
+            &["check-config"],
+            &[("VM_API_KEY", KEY), ("LOG_LEVLE", "debug")],
+        ),
+    )
+    .await;
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(
+        output.contains("VM_API_KEY is not a setting and is ignored; did you mean VM_API_KEYS?")
+            && output.contains("did you mean LOG_LEVEL?"),
+        "{output}"
+    );
+    assert!(!output.contains("Xq7vT2"), "{output}");
+}
+
 /// Kind: every setting is validated, so nothing the app's operator relies on
 /// is silenced by a typo. `LOG_LEVEL=verbose` used to pass check-config and
 /// then hide every log line of `serve`.
