@@ -1,6 +1,6 @@
 //! The reconcile loop, split by concern:
 //!
-//! - [`pass`]: one pass over one `VmWebapp` (the orchestration below);
+//! - `pass`: one pass over one `VmWebapp` (the orchestration below);
 //! - `caches`: reflector caches the pass reads instead of making GETs;
 //! - `apply`: server-side apply of what differs, deletes, refused writes;
 //! - [`drift`]: whether a live child already carries the desired fields;

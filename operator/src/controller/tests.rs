@@ -273,54 +273,43 @@ async fn steady_state_pass_with_warm_caches_makes_no_request_at_all() {
 
 #[tokio::test]
 async fn steady_state_pass_of_the_production_example_with_warm_caches_makes_no_request() {
+    // Six referenced Secrets, HPAs and PDBs: with warm caches still not one request.
     let mut app = app_from_example(PRODUCTION, "vm-prod");
     let desired = prod_desired(&app, &app.spec.image.clone());
-    let mut status = settled_status(&app, &desired);
-    // Autoscaled: never Ready below minReplicas; `live` runs each at its spec's count.
-    status.api_ready_replicas = 2;
-    app.status = Some(status);
-    let (ctx, handle) = prod_context(&app, &world_of(&desired, false));
-    let mut observed_app = app.clone();
-    // The status the pass computes must equal the one in place, or it writes.
-    let d = &desired;
     let up = |dep: &k8s_openapi::api::apps::v1::Deployment| {
         Rollout::of(Some(
             &serde_json::from_value(live(dep)).expect("deployment"),
         ))
     };
+    // The status a previous pass wrote for exactly this state.
     let observed = Observed {
         generation: app.metadata.generation,
         spec_image: app.spec.image.clone(),
-        api: up(&d.api_deployment),
-        worker: up(&d.worker_deployment),
+        api: up(&desired.api_deployment),
+        worker: up(&desired.worker_deployment),
         api_min_ready: 2,
         worker_min_ready: 2,
         ..Observed::default()
     };
-    observed_app.status = Some(status::compute(
+    app.status = Some(status::compute(
         None,
         &observed,
         k8s_openapi::jiff::Timestamp::from_second(1_600_000_000).expect("timestamp"),
     ));
-    let (result, bodies) = reconcile_in(observed_app, ctx.clone(), handle, vec![]).await;
+    let (ctx, handle) = prod_context(&app, &world_of(&desired, false));
+    let (result, bodies) = reconcile_in(app, ctx.clone(), handle, vec![]).await;
     assert!(result.is_ok(), "{result:?}");
     assert!(bodies.is_empty());
-    let text = {
-        let mut r = crate::metrics::registry();
-        let _ = &mut r;
-        format!(
-            "{:?}",
-            ctx.metrics
-                .reads
-                .get_or_create(&crate::metrics::KindLabels { kind: "Secret" })
-                .get()
-        )
-    };
-    assert_eq!(text, "0", "no Secret was read: the data cache answered");
+    let reads = ctx
+        .metrics
+        .reads
+        .get_or_create(&crate::metrics::KindLabels { kind: "Secret" })
+        .get();
+    assert_eq!(reads, 0, "no Secret was read: the data cache answered");
 }
 
 #[tokio::test]
-async fn a_secret_whose_resource_version_moved_is_read_once_then_served_from_the_cache() {
+async fn secrets_not_read_yet_are_read_once_each_and_remembered_at_their_version() {
     let app = app_from_example(PRODUCTION, "vm-prod");
     let desired = prod_desired(&app, &app.spec.image.clone());
     let (ctx, handle) = test_context();
@@ -341,6 +330,18 @@ async fn a_secret_whose_resource_version_moved_is_read_once_then_served_from_the
     assert!(result.is_ok(), "{result:?}");
     assert_no_secret_values(&bodies);
     assert_eq!(ctx.caches.cached_secret_count(), 6);
+    assert!(
+        ctx.caches
+            .secret_data("vm-prod", "vm-db", Some("41"))
+            .is_some(),
+        "the next pass finds the data at this resourceVersion"
+    );
+    assert!(
+        ctx.caches
+            .secret_data("vm-prod", "vm-db", Some("42"))
+            .is_none(),
+        "a moved resourceVersion is read again"
+    );
 }
 
 #[tokio::test]
