@@ -25,6 +25,12 @@ use crate::consts::{self, labels};
 use crate::crd::VmWebapp;
 use crate::metrics::ErrorLabels;
 
+/// Triggers for one VmWebapp that arrive within this window become one pass. A first pass
+/// writes up to seven children, whose watch events arrive one by one: without the window the
+/// next pass could start with half of them in the caches and write the rest again. Children
+/// change seldom, so the delay never hides updates for long.
+const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
@@ -162,7 +168,11 @@ pub async fn run(
                 .map(|app| ObjectRef::from_obj(&*app))
                 .collect::<Vec<_>>()
         })
-        .with_config(controller::Config::default().concurrency(ctx.concurrency))
+        .with_config(
+            controller::Config::default()
+                .concurrency(ctx.concurrency)
+                .debounce(DEBOUNCE),
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
