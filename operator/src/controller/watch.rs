@@ -84,6 +84,7 @@ pub async fn run(
         watcher::Config::default().any_semantic(),
     )
     .default_backoff()
+    .modify(slim)
     .reflect(app_writer)
     .applied_objects()
     .predicate_filter(predicates::generation, Default::default());
