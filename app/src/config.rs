@@ -663,7 +663,7 @@ fn check_database_url(url: &str) -> Result<DbBackend, String> {
             }
             Err(e) => {
                 return Err(format!(
-                    "not a valid postgres:// URL ({e}); percent-encode special characters of the user name and password"
+                    "not a valid postgres:// URL ({e}); check the host and port, and percent-encode special characters of the user name and password"
                 ));
             }
         }
@@ -676,7 +676,9 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     const EXPECTED: &str = "expected a redis://, rediss:// or unix:// URL";
     let parsed = reqwest::Url::parse(url).map_err(|e| {
         if url.contains("://") {
-            format!("not a valid URL ({e}); percent-encode special characters of the password")
+            format!(
+                "not a valid URL ({e}); check the host and port, and percent-encode special characters of the password"
+            )
         } else {
             EXPECTED.to_string()
         }

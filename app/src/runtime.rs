@@ -43,6 +43,9 @@ pub async fn run(cli: Cli) -> ExitCode {
             for e in &errors.0 {
                 eprintln!("  - {e}");
             }
+            eprintln!(
+                "Fix these and run `vm-webapp check-config` (or `make check-config`) again; .env.example describes every variable."
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };
