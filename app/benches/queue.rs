@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use vm_webapp::model::{NewRun, RunStatus, now_ms};
+use vm_webapp::model::{NewRun, RunStatus};
 use vm_webapp::steps::llm::LlmBackend;
 use vm_webapp::steps::{StepRunner, parse_steps};
 use vm_webapp::store::{CreateOutcome, Store};
@@ -259,13 +259,15 @@ fn no_op_run(steps: usize) -> NewRun {
         request_hash: "bench".into(),
         correlation_id: String::new(),
         max_attempts: 3,
+        actor: "test".into(),
+        request_id: None,
     }
 }
 
 async fn enqueue(store: &Store, template: &NewRun) -> Uuid {
     let mut new = template.clone();
     new.correlation_id = format!("bench-{}", Uuid::new_v4().simple());
-    match store.create_run(&new, now_ms()).await.expect("create run") {
+    match store.create_run(&new).await.expect("create run") {
         CreateOutcome::Created(run) => run.id,
         other => panic!("expected a new run, got {other:?}"),
     }
@@ -406,10 +408,7 @@ async fn raw_drain(
             let (mut claiming, mut completing) = (Duration::ZERO, Duration::ZERO);
             loop {
                 let t = Instant::now();
-                let claimed = store
-                    .claim(&id, batch, now_ms(), lease)
-                    .await
-                    .expect("claim");
+                let claimed = store.claim(&id, batch, lease).await.expect("claim");
                 claiming += t.elapsed();
                 claims += 1;
                 if claimed.is_empty() {
@@ -417,10 +416,7 @@ async fn raw_drain(
                 }
                 let t = Instant::now();
                 for job in &claimed {
-                    store
-                        .complete(job, &output, now_ms())
-                        .await
-                        .expect("complete");
+                    store.complete(job, &output).await.expect("complete");
                     done += 1;
                 }
                 completing += t.elapsed();

@@ -46,8 +46,9 @@ pub struct WorkerArgs {
     /// Sleep between claims when idle, in milliseconds.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub poll_interval_ms: u64,
-    /// Jobs executed at once.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    /// Jobs executed at once. A waiting step holds no connection, so slow
+    /// (LLM-like) steps can run by the thousand; memory is the bound.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub concurrency: u64,
     /// Port of the worker's own probes.
     #[arg(long, default_value_t = 9091)]

@@ -7,6 +7,87 @@ use uuid::Uuid;
 
 use crate::steps::StepSpec;
 
+/// Where a job is in the queue (the `jobs.state` column). Finished jobs leave
+/// the table: a result goes to `step_results`, a failure to `dead_jobs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobState {
+    /// An earlier step of the run has not finished.
+    Waiting,
+    /// Claimable from its `run_at`.
+    Queued,
+    /// Leased by a worker until `lease_expires_at`.
+    Running,
+}
+
+impl JobState {
+    /// Every state, in queue order.
+    pub const ALL: [JobState; 3] = [JobState::Waiting, JobState::Queued, JobState::Running];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Waiting => "waiting",
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+        }
+    }
+
+    /// Parses a stored name; `None` for a state this build does not know.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// What an event records (the `type` of a run event). Readers keep the stored
+/// text, so an event type written by a newer version still lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    /// The run was accepted.
+    RunQueued,
+    /// Its first step was claimed.
+    RunStarted,
+    /// Its last step succeeded.
+    RunSucceeded,
+    /// A step failed for good.
+    RunFailed,
+    /// Cancelled on request.
+    RunCancelled,
+    /// A worker claimed the step (one per delivery).
+    StepStarted,
+    /// The step's result was recorded.
+    StepSucceeded,
+    /// A delivery failed and the step will be retried after a delay.
+    StepRetryScheduled,
+    /// The step failed for good and moved to the dead letters.
+    StepDeadLettered,
+    /// A worker gave the step back at shutdown without spending an attempt.
+    StepReleased,
+    /// The lease ran out before the step finished; it will be delivered again.
+    StepLeaseExpired,
+    /// The run was cancelled while this step was claimed.
+    StepCancelled,
+}
+
+impl EventType {
+    /// The stored and serialised name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::RunQueued => "run.queued",
+            EventType::RunStarted => "run.started",
+            EventType::RunSucceeded => "run.succeeded",
+            EventType::RunFailed => "run.failed",
+            EventType::RunCancelled => "run.cancelled",
+            EventType::StepStarted => "step.started",
+            EventType::StepSucceeded => "step.succeeded",
+            EventType::StepRetryScheduled => "step.retry_scheduled",
+            EventType::StepDeadLettered => "step.dead_lettered",
+            EventType::StepReleased => "step.released",
+            EventType::StepLeaseExpired => "step.lease_expired",
+            EventType::StepCancelled => "step.cancelled",
+        }
+    }
+}
+
 /// Lifecycle of a run: `queued → running → succeeded | failed | cancelled`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -72,8 +153,10 @@ pub enum StepStatus {
     Succeeded,
     /// Dead-lettered.
     Failed,
-    /// Dropped because the run was cancelled or failed earlier.
+    /// Dropped before it started because the run was cancelled or failed earlier.
     Skipped,
+    /// Claimed by a worker when the run was cancelled; its attempts are kept.
+    Cancelled,
 }
 
 /// A run as stored.
@@ -189,9 +272,9 @@ pub struct ClaimedJob {
     pub attempt: i64,
     /// Attempts allowed before dead-lettering.
     pub max_attempts: i64,
-    /// When the job became claimable (ms since the epoch): the time it waited
-    /// in the queue is the claim time minus this.
-    pub available_at: i64,
+    /// How long the job waited between becoming claimable and this claim
+    /// (ms, measured by the database clock).
+    pub waited_ms: i64,
 }
 
 /// What the caller asks for when creating a run.
@@ -209,6 +292,11 @@ pub struct NewRun {
     pub correlation_id: String,
     /// Attempts each step gets.
     pub max_attempts: i64,
+    /// Who asked (API key id, `anonymous`, or `webhook:<source>`): the audit
+    /// row of the creation is written in the same transaction as the run.
+    pub actor: String,
+    /// The request id, for the audit row.
+    pub request_id: Option<String>,
 }
 
 /// Filter and page for listing runs.

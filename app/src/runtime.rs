@@ -282,6 +282,16 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
         state.worker = Some(worker.state());
         forward_wakeups(&state, &shutdown);
         worker_task = Some(tokio::spawn(worker.run(shutdown.clone())));
+    } else {
+        // No worker here: still contend for queue maintenance, so the queue
+        // gauges stay fresh and expired leases are rescued even while every
+        // worker is down (the leader is whichever process gets there first).
+        tokio::spawn(crate::maintenance::run(
+            store.clone(),
+            crate::store::queue::rescue::MAINTENANCE_EVERY,
+            state.metrics.clone(),
+            shutdown.clone(),
+        ));
     }
     let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
     info!(%addr, app_env = settings.app_env.as_str(), database = settings.database.backend.as_str(), embedded_worker = settings.embedded_worker(), "vm-webapp serving");
@@ -355,7 +365,9 @@ async fn close_store(store: &Store) {
 
 async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String> {
     let concurrency = usize::try_from(args.concurrency).unwrap_or(4);
-    let store = open_store(&settings, (concurrency as u32 + 2).min(50)).await?;
+    // Steps do not hold connections while they run (leases are renewed and
+    // results recorded in batches), so the pool does not grow with concurrency.
+    let store = open_store(&settings, (concurrency as u32 + 2).min(12)).await?;
     log_llm_mode(&settings);
     let mut state = app_state(&store, &settings)?;
     let worker = build_worker(

@@ -441,7 +441,10 @@ async fn llm_steps_are_refused_when_no_endpoint_is_configured(backend: Backend) 
 
 async fn probes_tell_the_truth_and_readiness_flips_on_shutdown(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
-    let state = env.state();
+    let mut state = env.state();
+    // Heartbeats are stamped and aged by the database clock: a short window
+    // lets the test watch one go stale.
+    state.worker_stall_after = Duration::from_millis(600);
     let app = vm_webapp::http::router(state.clone());
     let live = send(
         &app,
@@ -463,20 +466,14 @@ async fn probes_tell_the_truth_and_readiness_flips_on_shutdown(backend: Backend)
     // No worker anywhere: reported, but the API stays ready (runs are durable).
     assert_eq!(ready.body["dependencies"]["worker"]["status"], "error");
     assert_eq!(ready.body["dependencies"]["redis"]["status"], "disabled");
-    env.store
-        .heartbeat("worker-a", 0, vm_webapp::model::now_ms())
-        .await
-        .expect("beat");
+    env.store.heartbeat("worker-a", 0).await.expect("beat");
     let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
     assert_eq!(
         ready.body["dependencies"]["worker"]["status"], "ok",
         "{}",
         ready.body
     );
-    env.store
-        .heartbeat("worker-a", 0, vm_webapp::model::now_ms() - 3_600_000)
-        .await
-        .expect("beat");
+    tokio::time::sleep(Duration::from_millis(900)).await;
     let ready = send(&app, "GET", "/api/v2/health/ready", None, &[]).await;
     assert_eq!(
         ready.body["dependencies"]["worker"]["status"], "error",
@@ -551,6 +548,9 @@ async fn metrics_count_requests_jobs_and_queue_with_bounded_labels(backend: Back
         r#"{"steps":[{"kind":"template","template":"a"},{"kind":"llm","prompt":"{{prev}}"}]}"#,
     )
     .await;
+    // Scrapes read the snapshot the maintenance leader refreshes (no worker
+    // runs yet, so take the leader's turn here).
+    env.store.refresh_queue_stats().await.expect("snapshot");
     let queued = support::get_text(&app, "/metrics").await;
     assert!(
         queued.contains(r#"vm_queue_jobs{state="queued"} 1"#),
@@ -570,7 +570,19 @@ async fn metrics_count_requests_jobs_and_queue_with_bounded_labels(backend: Back
         .await;
     send(&app, "GET", &format!("/api/v2/runs/{id}"), None, &[]).await;
 
-    let text = support::get_text(&app, "/api/v2/metrics/prometheus").await;
+    // The worker's maintenance loop (leader) refreshes the queue snapshot
+    // within a tick: the scrape sees the emptied queue without scanning it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = support::get_text(&app, "/api/v2/metrics/prometheus").await;
+        let empty = ["waiting", "queued", "running"]
+            .iter()
+            .all(|s| text.contains(&format!("vm_queue_jobs{{state=\"{s}\"}} 0")));
+        if empty || tokio::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     stop.cancel();
     handle.await.expect("worker");
     for expected in [

@@ -1085,7 +1085,7 @@ async fn worker_serves_probes_drains_jobs_from_an_api_only_serve_and_exits_on_si
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 
 async fn worker_answers_not_ready_while_it_drains_after_sigterm() {
-    use vm_webapp::model::{NewRun, now_ms};
+    use vm_webapp::model::NewRun;
     use vm_webapp::store::CreateOutcome;
 
     let env = support::TestEnv::new(support::Backend::Sqlite, &[]).await;
@@ -1116,13 +1116,10 @@ async fn worker_answers_not_ready_while_it_drains_after_sigterm() {
         request_hash: "drain".into(),
         correlation_id: "drain".into(),
         max_attempts: 3,
+        actor: "test".into(),
+        request_id: None,
     };
-    let id = match env
-        .store
-        .create_run(&new, now_ms())
-        .await
-        .expect("create run")
-    {
+    let id = match env.store.create_run(&new).await.expect("create run") {
         CreateOutcome::Created(run) => run.id,
         other => panic!("expected a new run, got {other:?}"),
     };

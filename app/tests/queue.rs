@@ -10,10 +10,11 @@ use support::fake_llm::{Answer, FakeLlm};
 use support::{Backend, TestEnv};
 use uuid::Uuid;
 use vm_webapp::config::Secret;
-use vm_webapp::model::{NewRun, RunStatus, StepStatus, now_ms};
+use vm_webapp::model::{NewRun, RunStatus, StepStatus};
 use vm_webapp::steps::llm::{LlmBackend, LlmClient};
 use vm_webapp::steps::parse_steps;
 use vm_webapp::store::{CancelOutcome, CreateOutcome, Finish, QueueCounts};
+use vm_webapp::worker::DrainReport;
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -26,13 +27,15 @@ fn new_run(input: Value, steps: Value, key: Option<&str>) -> NewRun {
         idempotency_key: key.map(str::to_string),
         correlation_id: format!("corr-{}", Uuid::new_v4()),
         max_attempts: 3,
+        actor: "test".into(),
+        request_id: None,
     }
 }
 
 async fn enqueue(env: &TestEnv, input: Value, steps: Value) -> Uuid {
     match env
         .store
-        .create_run(&new_run(input, steps, None), now_ms())
+        .create_run(&new_run(input, steps, None))
         .await
         .expect("create")
     {
@@ -318,17 +321,18 @@ async fn stale_claim_cannot_finish_a_newer_delivery(backend: Backend) {
         json!([{"kind": "template", "template": "x"}]),
     )
     .await;
-    let t0 = now_ms();
     let first = env
         .store
-        .claim("a", 1, t0, Duration::from_millis(10))
+        .claim("a", 1, Duration::from_millis(10))
         .await
         .expect("claim")
         .remove(0);
-    assert_eq!(env.store.rescue_expired(t0 + 100).await.expect("rescue"), 1);
+    // Leases are measured by the database clock: let this one run out.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(env.store.rescue_expired().await.expect("rescue"), 1);
     let second = env
         .store
-        .claim("b", 1, t0 + 100, Duration::from_secs(60))
+        .claim("b", 1, Duration::from_secs(60))
         .await
         .expect("claim")
         .remove(0);
@@ -337,35 +341,50 @@ async fn stale_claim_cannot_finish_a_newer_delivery(backend: Backend) {
     // Without the attempt check, the first worker would overwrite the second's work.
     assert_eq!(
         env.store
-            .complete(&first, &json!("stale"), t0 + 150)
+            .complete(&first, &json!("stale"))
             .await
             .expect("complete"),
         Finish::Stale
     );
     assert_eq!(
-        env.store.retry(&first, "x", t0, t0).await.expect("retry"),
+        env.store
+            .retry(&first, "x", Duration::ZERO)
+            .await
+            .expect("retry"),
         Finish::Stale
     );
     assert_eq!(
-        env.store.dead_letter(&first, "x", t0).await.expect("dead"),
+        env.store.dead_letter(&first, "x").await.expect("dead"),
         Finish::Stale
     );
     assert!(
-        !env.store
-            .extend_lease(&first, t0 + 1_000_000)
+        env.store
+            .extend_leases("a", &[(first.id, first.attempt)], Duration::from_secs(60))
             .await
             .expect("extend")
+            .is_empty(),
+        "the stale worker's renewal renews nothing"
     );
     assert_eq!(
         env.store
-            .complete(&second, &json!("fresh"), t0 + 200)
+            .extend_leases("b", &[(second.id, second.attempt)], Duration::from_secs(60))
+            .await
+            .expect("extend")
+            .into_iter()
+            .collect::<Vec<_>>(),
+        [second.id],
+        "the current holder renews"
+    );
+    assert_eq!(
+        env.store
+            .complete(&second, &json!("fresh"))
             .await
             .expect("complete"),
         Finish::Recorded
     );
     assert_eq!(
         env.store
-            .complete(&second, &json!("again"), t0 + 300)
+            .complete(&second, &json!("again"))
             .await
             .expect("complete"),
         Finish::Stale
@@ -404,10 +423,9 @@ async fn an_unreadable_step_is_set_aside_and_does_not_block_the_queue(backend: B
         .expect("corrupt the payload");
     raw.close().await;
 
-    let t0 = now_ms();
     let claimed = env
         .store
-        .claim("w", 10, t0, Duration::from_secs(60))
+        .claim("w", 10, Duration::from_secs(60))
         .await
         .expect("claim");
     assert_eq!(
@@ -416,10 +434,29 @@ async fn an_unreadable_step_is_set_aside_and_does_not_block_the_queue(backend: B
         "the readable job is claimed"
     );
     // Set aside for 30 s, an attempt spent each time; dead-lettered after the last.
-    for (i, at) in [t0 + 31_000, t0 + 62_000].into_iter().enumerate() {
+    for i in 0..2 {
+        assert!(
+            env.store
+                .claim("w", 10, Duration::from_secs(60))
+                .await
+                .expect("claim")
+                .is_empty(),
+            "set aside, not claimable yet (round {i})"
+        );
+        // The database clock decides when it is due: move its `run_at` back
+        // instead of waiting the 30 s.
+        let raw = sqlx::AnyPool::connect(env.settings.database.url.expose())
+            .await
+            .expect("raw pool");
+        sqlx::query("UPDATE jobs SET run_at = run_at - 31000 WHERE run_id = $1")
+            .bind(odd.to_string())
+            .execute(&raw)
+            .await
+            .expect("rewind");
+        raw.close().await;
         let again = env
             .store
-            .claim("w", 10, at, Duration::from_secs(60))
+            .claim("w", 10, Duration::from_secs(60))
             .await
             .expect("claim");
         assert!(again.is_empty(), "round {i}");
@@ -468,9 +505,9 @@ async fn cancels_racing_completions_always_settle_cleanly(backend: Backend) {
     let mut cancels = Vec::new();
     for id in ids.iter().copied() {
         let store = env.store.clone();
-        cancels.push(tokio::spawn(
-            async move { store.cancel_run(id, now_ms()).await },
-        ));
+        cancels.push(tokio::spawn(async move {
+            store.cancel_run(id, "test", None).await
+        }));
         tokio::task::yield_now().await;
     }
     for c in cancels {
@@ -510,17 +547,15 @@ async fn lease_expiring_on_the_last_attempt_dead_letters_the_job(backend: Backen
         None,
     );
     run.max_attempts = 1;
-    let CreateOutcome::Created(created) =
-        env.store.create_run(&run, now_ms()).await.expect("create")
-    else {
+    let CreateOutcome::Created(created) = env.store.create_run(&run).await.expect("create") else {
         panic!("not created")
     };
-    let t0 = now_ms();
     env.store
-        .claim("a", 1, t0, Duration::from_millis(10))
+        .claim("a", 1, Duration::from_millis(10))
         .await
         .expect("claim");
-    assert_eq!(env.store.rescue_expired(t0 + 100).await.expect("rescue"), 1);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(env.store.rescue_expired().await.expect("rescue"), 1);
     let detail = env
         .store
         .get_run(created.id)
@@ -537,46 +572,73 @@ async fn lease_expiring_on_the_last_attempt_dead_letters_the_job(backend: Backen
     );
 }
 
-async fn cancelling_a_run_stops_its_pending_steps(backend: Backend) {
-    let env = TestEnv::new(backend, &[]).await;
+/// Kind: a cancelled run must not contradict its events, and a running step
+/// must stop within about a second (the lease renewal tick), not finish its
+/// work or hold its slot until the next renewal.
+async fn cancelling_a_run_stops_its_running_step_within_a_second(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_SHUTDOWN_GRACE_MS", "20000")]).await;
     let id = enqueue(
         &env,
         json!({}),
-        json!([{"kind": "delay", "ms": 600}, {"kind": "template", "template": "never"}]),
+        json!([{"kind": "delay", "ms": 25000}, {"kind": "template", "template": "never"}]),
     )
     .await;
     let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
     wait_for_event(&env, id, "step.started").await;
-    let CancelOutcome::Cancelled(detail) =
-        env.store.cancel_run(id, now_ms()).await.expect("cancel")
+    let CancelOutcome::Cancelled(detail) = env
+        .store
+        .cancel_run(id, "test", None)
+        .await
+        .expect("cancel")
     else {
         panic!("expected the run to be cancelled")
     };
     assert_eq!(detail.run.status, RunStatus::Cancelled);
-    // Let the in-flight delay finish: its result must be discarded.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // The step learns of the cancel at the next renewal tick (≤ 1 s): after
+    // that, stopping the worker has nothing to drain or release, although
+    // the grace period would wait 20 s for a step still running.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
     stop.cancel();
-    worker.await.expect("worker");
+    let report = tokio::time::timeout(Duration::from_secs(2), worker)
+        .await
+        .expect("the cancelled step no longer holds the worker")
+        .expect("worker");
+    assert_eq!(report, DrainReport::default());
 
     let detail = env.store.get_run(id).await.expect("get").expect("run");
     assert_eq!(detail.run.status, RunStatus::Cancelled);
-    assert!(
-        detail.steps.iter().all(|s| s.status == StepStatus::Skipped),
-        "{:?}",
-        detail.steps
+    let view: Vec<(StepStatus, i64)> = detail
+        .steps
+        .iter()
+        .map(|s| (s.status, s.attempts))
+        .collect();
+    assert_eq!(
+        view,
+        [(StepStatus::Cancelled, 1), (StepStatus::Skipped, 0)],
+        "the started step shows its attempt, as the events do"
     );
+    let events = env.store.list_events(id, 0, 100).await.expect("events");
+    let cancelled: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "step.cancelled")
+        .map(|e| (e.step_index, e.attempt))
+        .collect();
+    assert_eq!(cancelled, [(Some(0), Some(1))]);
     assert_eq!(env.store.result_count(id, 0).await.expect("count"), 0);
     assert_eq!(
         env.store.queue_counts().await.expect("counts"),
         QueueCounts::default()
     );
     assert!(matches!(
-        env.store.cancel_run(id, now_ms()).await.expect("cancel"),
+        env.store
+            .cancel_run(id, "test", None)
+            .await
+            .expect("cancel"),
         CancelOutcome::NotCancellable(RunStatus::Cancelled)
     ));
     assert!(matches!(
         env.store
-            .cancel_run(Uuid::now_v7(), now_ms())
+            .cancel_run(Uuid::now_v7(), "test", None)
             .await
             .expect("cancel"),
         CancelOutcome::NotFound
@@ -636,29 +698,16 @@ async fn idempotency_key_returns_the_original_run_or_a_conflict(backend: Backend
     let env = TestEnv::new(backend, &[]).await;
     let steps = json!([{"kind": "template", "template": "x"}]);
     let first = new_run(json!({"a": 1}), steps.clone(), Some("key-1"));
-    let CreateOutcome::Created(run) = env
-        .store
-        .create_run(&first, now_ms())
-        .await
-        .expect("create")
-    else {
+    let CreateOutcome::Created(run) = env.store.create_run(&first).await.expect("create") else {
         panic!("not created")
     };
-    match env
-        .store
-        .create_run(&first, now_ms())
-        .await
-        .expect("replay")
-    {
+    match env.store.create_run(&first).await.expect("replay") {
         CreateOutcome::Existing(detail) => assert_eq!(detail.run.id, run.id),
         other => panic!("expected the original run, got {other:?}"),
     }
     let different = new_run(json!({"a": 2}), steps, Some("key-1"));
     assert!(matches!(
-        env.store
-            .create_run(&different, now_ms())
-            .await
-            .expect("conflict"),
+        env.store.create_run(&different).await.expect("conflict"),
         CreateOutcome::Conflict
     ));
     assert_eq!(
@@ -758,7 +807,7 @@ on_both_backends!(
     lease_expiring_on_the_last_attempt_dead_letters_the_job,
     an_unreadable_step_is_set_aside_and_does_not_block_the_queue,
     cancels_racing_completions_always_settle_cleanly,
-    cancelling_a_run_stops_its_pending_steps,
+    cancelling_a_run_stops_its_running_step_within_a_second,
     shutdown_lets_in_flight_jobs_finish_within_the_grace_period,
     shutdown_releases_jobs_that_outlive_the_grace_period,
     idempotency_key_returns_the_original_run_or_a_conflict,

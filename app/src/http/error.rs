@@ -114,6 +114,10 @@ pub enum ApiError {
     /// 403 `address_not_allowed`.
     #[error("the sender's address is not allowed")]
     AddressNotAllowed,
+    /// 400 `invalid_text`: a text value the database cannot store (a NUL
+    /// byte, for PostgreSQL). Refused as the client's mistake, never a 500.
+    #[error("a text value contains a character that cannot be stored (such as a NUL byte)")]
+    InvalidText,
     /// 500 `internal`.
     #[error("internal error")]
     Internal,
@@ -127,6 +131,7 @@ impl ApiError {
             | ApiError::InvalidParameter(_)
             | ApiError::InvalidCursor
             | ApiError::InvalidIdempotencyKey
+            | ApiError::InvalidText
             | ApiError::InvalidRequestId
             | ApiError::InvalidCorrelationId
             | ApiError::InvalidClientAddress => StatusCode::BAD_REQUEST,
@@ -190,6 +195,7 @@ impl ApiError {
             ApiError::StaleTimestamp => "stale_timestamp",
             ApiError::ReplayedNonce => "replayed_nonce",
             ApiError::AddressNotAllowed => "address_not_allowed",
+            ApiError::InvalidText => "invalid_text",
             ApiError::Internal => "internal",
         }
     }
@@ -200,6 +206,8 @@ impl From<StoreError> for ApiError {
         if e.is_unavailable() {
             tracing::warn!(error = %e, "database unavailable");
             ApiError::DependencyUnavailable
+        } else if matches!(e, StoreError::InvalidText(_)) {
+            ApiError::InvalidText
         } else {
             tracing::error!(error = ?e, "store error");
             ApiError::Internal

@@ -55,8 +55,8 @@ async fn worker(state: &AppState) -> DependencyView {
     let stall_ms = state.worker_stall_after.as_millis() as i64;
     match &state.worker {
         None => {
-            match tokio::time::timeout(READY_CHECK_BUDGET, state.store.last_heartbeat()).await {
-                Ok(Ok(Some(t))) if now_ms() - t <= stall_ms => {
+            match tokio::time::timeout(READY_CHECK_BUDGET, state.store.heartbeat_age_ms()).await {
+                Ok(Ok(Some(age))) if age <= stall_ms => {
                     dep("ok", "a worker reported a recent heartbeat")
                 }
                 Ok(Ok(Some(_))) => dep(

@@ -1,6 +1,6 @@
 //! `GET /api/v2/metrics/prometheus` and `GET /metrics`: the process's metrics
-//! in the OpenMetrics text format. Queue and heartbeat gauges are refreshed
-//! from the database first, within a time budget; if the database does not
+//! in the OpenMetrics text format. Queue gauges are read from the snapshot the
+//! queue-maintenance leader keeps fresh, and the heartbeat age from the database, within a time budget; if the database does not
 //! answer, the gauges keep their last values and the failure is counted.
 
 use std::time::Duration;
@@ -11,25 +11,28 @@ use axum::response::IntoResponse;
 
 use crate::http::AppState;
 use crate::metrics::{Dependency, StateLabels};
-use crate::model::now_ms;
 
 const REFRESH_BUDGET: Duration = Duration::from_secs(2);
 
 /// Refreshes the scrape-time gauges from the database.
 async fn refresh(state: &AppState) -> Result<(), ()> {
-    let now = now_ms();
-    let stats = state.store.queue_stats(now).await.map_err(|_| ())?;
-    for (s, count, oldest_ms) in stats {
-        let labels = StateLabels { state: s };
-        state.metrics.queue_jobs.get_or_create(&labels).set(count);
+    // A snapshot the maintenance leader keeps fresh: four rows, no scan.
+    let (stats, _) = state.store.queue_stats().await.map_err(|_| ())?;
+    for stat in stats {
+        let labels = StateLabels { state: stat.state };
+        state
+            .metrics
+            .queue_jobs
+            .get_or_create(&labels)
+            .set(stat.jobs);
         state
             .metrics
             .queue_oldest_age
             .get_or_create(&labels)
-            .set(oldest_ms as f64 / 1000.0);
+            .set(stat.oldest_age_ms as f64 / 1000.0);
     }
-    let age = match state.store.last_heartbeat().await.map_err(|_| ())? {
-        Some(t) => (now - t).max(0) as f64 / 1000.0,
+    let age = match state.store.heartbeat_age_ms().await.map_err(|_| ())? {
+        Some(ms) => ms as f64 / 1000.0,
         None => -1.0,
     };
     state.metrics.worker_heartbeat_age.set(age);

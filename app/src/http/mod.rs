@@ -22,6 +22,7 @@
 
 pub mod audit;
 pub mod error;
+pub mod extract;
 pub mod health;
 pub mod metrics;
 pub mod paging;

@@ -10,9 +10,10 @@
 //! mistake gets our JSON error with a precise message. The body is read as
 //! JSON whatever its `Content-Type`, so `curl -d` works as is.
 
+use crate::http::extract::ApiPath;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -27,9 +28,8 @@ use crate::http::views::{
     CreateRunRequest, ErrorBody, EventList, EventView, RunList, RunSummary, RunView,
 };
 use crate::http::{API_PREFIX, AppState, error::ApiError};
-use crate::model::{NewRun, Run, RunDetail, RunFilter, RunStatus, StepState, StepStatus, now_ms};
+use crate::model::{NewRun, Run, RunDetail, RunFilter, RunStatus, StepState, StepStatus};
 use crate::steps::{StepSpec, parse_steps};
-use crate::store::security::NewAudit;
 use crate::store::{CancelOutcome, CreateOutcome};
 
 /// Tag of run-list cursors.
@@ -209,8 +209,11 @@ pub async fn create_from_body(
             .correlation_id
             .unwrap_or_else(|| Uuid::new_v4().to_string()),
         max_attempts: i64::from(state.settings.queue.max_attempts),
+        actor: request.actor.clone(),
+        request_id: request.request_id.clone(),
     };
-    match state.store.create_run(&new, now_ms()).await? {
+    // The audit row of the creation is written in the run's own transaction.
+    match state.store.create_run(&new).await? {
         CreateOutcome::Created(run) => {
             tracing::info!(run_id = %run.id, correlation_id = %run.correlation_id, steps = run.steps.len(), actor = %request.actor, "run queued");
             state.wake.notify_one();
@@ -218,43 +221,10 @@ pub async fn create_from_body(
                 // Off the request path: a slow Redis must not slow run creation.
                 tokio::spawn(async move { redis.notify_enqueued().await });
             }
-            let id = run.id.to_string();
-            audit(
-                state,
-                &request.actor,
-                "run.created",
-                &id,
-                request.request_id.as_deref(),
-                Some(json!({"steps": run.steps.len()})),
-            )
-            .await;
             Ok((fresh_detail(run), true))
         }
         CreateOutcome::Existing(detail) => Ok((*detail, false)),
         CreateOutcome::Conflict => Err(ApiError::IdempotencyConflict),
-    }
-}
-
-/// Appends a successful state change to the audit trail. The change already
-/// happened, so a failure here is logged, not returned.
-async fn audit(
-    state: &AppState,
-    actor: &str,
-    action: &str,
-    target: &str,
-    request_id: Option<&str>,
-    detail: Option<Value>,
-) {
-    let entry = NewAudit {
-        actor,
-        action,
-        target: Some(target),
-        outcome: "success",
-        request_id,
-        detail: detail.map(|d| d.to_string()),
-    };
-    if let Err(e) = state.store.append_audit(&entry, now_ms()).await {
-        tracing::error!(error = %e, action, "could not write the audit entry");
     }
 }
 
@@ -336,7 +306,7 @@ fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
 )]
 pub async fn get_run(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<RunView>, ApiError> {
     let id = parse_run_id(&id)?;
     let detail = state
@@ -366,7 +336,7 @@ pub async fn get_run(
 )]
 pub async fn list_events(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<EventList>, ApiError> {
     let id = parse_run_id(&id)?;
@@ -409,23 +379,15 @@ pub async fn cancel_run(
     State(state): State<AppState>,
     actor: Option<Extension<Actor>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<RunView>, ApiError> {
     let id = parse_run_id(&id)?;
-    match state.store.cancel_run(id, now_ms()).await? {
+    let actor = actor.map_or_else(|| "anonymous".to_string(), |Extension(a)| a.id);
+    let request_id = header_str(&headers, "x-request-id").ok().flatten();
+    // The audit row of the cancellation is written in its own transaction.
+    match state.store.cancel_run(id, &actor, request_id).await? {
         CancelOutcome::Cancelled(detail) => {
-            let actor = actor.map_or_else(|| "anonymous".to_string(), |Extension(a)| a.id);
             tracing::info!(run_id = %id, correlation_id = %detail.run.correlation_id, %actor, "run cancelled");
-            let request_id = header_str(&headers, "x-request-id").ok().flatten();
-            audit(
-                &state,
-                &actor,
-                "run.cancelled",
-                &id.to_string(),
-                request_id,
-                None,
-            )
-            .await;
             Ok(Json(RunView::of(&detail)))
         }
         CancelOutcome::NotFound => Err(ApiError::RunNotFound),

@@ -32,7 +32,6 @@ use subtle::ConstantTimeEq;
 use crate::config::{ApiKey, RateLimit, SecuritySettings};
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::model::now_ms;
 use crate::redis_bus::RedisBus;
 use crate::store::security::NewAudit;
 
@@ -279,7 +278,7 @@ impl AuthFailures {
                 request_id: None,
                 detail: Some(serde_json::json!({"count": n}).to_string()),
             };
-            if state.store.append_audit(&entry, now_ms()).await.is_err() {
+            if state.store.append_audit(&entry).await.is_err() {
                 // Keep the count for the next flush rather than lose it.
                 self.count.fetch_add(n, Ordering::Relaxed);
                 return 0;

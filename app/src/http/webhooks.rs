@@ -17,9 +17,10 @@
 //! An accepted body `{"run": {"input": {...}, "steps": [...]}}` starts a run
 //! (idempotent on the nonce); any other body is recorded only.
 
+use crate::http::extract::ApiPath;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
 use serde::Serialize;
@@ -154,7 +155,7 @@ pub fn signature_headers(headers: &HeaderMap) -> Result<(String, i64, String, St
 )]
 pub async fn receive(
     State(state): State<AppState>,
-    Path(source): Path<String>,
+    ApiPath(source): ApiPath<String>,
     req: Request,
 ) -> Result<(StatusCode, Json<WebhookAccepted>), ApiError> {
     let request_id = req
@@ -202,7 +203,7 @@ pub async fn receive(
             Err(_) => detail,
         },
     };
-    if let Err(e) = state.store.append_audit(&entry, now_ms()).await {
+    if let Err(e) = state.store.append_audit(&entry).await {
         tracing::warn!(error = %e, "could not audit a webhook delivery");
     }
     outcome.map(|a| (StatusCode::ACCEPTED, Json(a)))
@@ -265,10 +266,10 @@ async fn accept(
     // Remembered for twice the tolerance: a timestamp can be up to one
     // tolerance in the future or the past.
     let ttl = tolerance * 2;
-    if !remember_nonce(state, source, &nonce, now, ttl).await? {
+    if !remember_nonce(state, source, &nonce, ttl).await? {
         return Err(ApiError::ReplayedNonce);
     }
-    let done = deliver(state, source, &nonce, &body, run, now).await;
+    let done = deliver(state, source, &nonce, &body, run).await;
     if done.is_err() {
         // The delivery did not happen: let the sender's retry of this very
         // delivery through instead of calling it a replay.
@@ -284,13 +285,10 @@ async fn remember_nonce(
     state: &AppState,
     source: &str,
     nonce: &str,
-    now: i64,
     ttl: std::time::Duration,
 ) -> Result<bool, ApiError> {
-    let in_db = state
-        .store
-        .remember_nonce(source, nonce, now, now + ttl.as_millis() as i64)
-        .await?;
+    // The window is measured by the database clock, shared by every instance.
+    let in_db = state.store.remember_nonce(source, nonce, ttl).await?;
     let in_redis = match &state.redis {
         Some(bus) => bus.remember_nonce(source, nonce, ttl).await.unwrap_or(true),
         None => true,
@@ -313,7 +311,6 @@ async fn deliver(
     nonce: &str,
     body: &[u8],
     run: Option<Vec<u8>>,
-    now: i64,
 ) -> Result<WebhookAccepted, ApiError> {
     let mut run_id = None;
     if let Some(run) = run {
@@ -335,7 +332,6 @@ async fn deliver(
             nonce,
             &body_sha256,
             run_id.map(|id| id.to_string()).as_deref(),
-            now,
         )
         .await?;
     Ok(WebhookAccepted {

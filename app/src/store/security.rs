@@ -62,7 +62,7 @@ pub struct AuditFilter {
 }
 
 /// Tables the runtime may read and write.
-const RUNTIME_TABLES: [&str; 7] = [
+const RUNTIME_TABLES: [&str; 8] = [
     "runs",
     "jobs",
     "step_results",
@@ -70,23 +70,23 @@ const RUNTIME_TABLES: [&str; 7] = [
     "run_events",
     "worker_heartbeats",
     "webhook_deliveries",
+    "queue_stats",
 ];
 
 impl Store {
     /// Appends one audit entry.
-    pub async fn append_audit(&self, entry: &NewAudit<'_>, now: i64) -> Result<()> {
-        sqlx::query(
+    pub async fn append_audit(&self, entry: &NewAudit<'_>) -> Result<()> {
+        sqlx::query(&self.sql(
             "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(now)
+             VALUES ({now}, $1, $2, $3, $4, $5, $6)",
+        ))
         .bind(entry.actor)
         .bind(entry.action)
         .bind(entry.target)
         .bind(entry.outcome)
         .bind(entry.request_id)
         .bind(entry.detail.clone())
-        .execute(&self.pool)
+        .execute(self.pool())
         .await?;
         Ok(())
     }
@@ -126,7 +126,7 @@ impl Store {
             q = q.bind(before);
         }
         q.bind(filter.limit)
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await?
             .iter()
             .map(|r| {
@@ -144,42 +144,43 @@ impl Store {
             .collect()
     }
 
-    /// Remembers a webhook nonce until `expires_at`; false when it was already
-    /// remembered (a replay). Expired nonces are dropped on the way.
+    /// Remembers a webhook nonce for `window` after the database's now; false
+    /// when it was already remembered (a replay). Expired nonces are dropped on
+    /// the way. The window is measured by the database clock, so processes
+    /// with skewed clocks agree on it.
     pub async fn remember_nonce(
         &self,
         source: &str,
         nonce: &str,
-        now: i64,
-        expires_at: i64,
+        window: std::time::Duration,
     ) -> Result<bool> {
-        let inserted = sqlx::query(
-            "INSERT INTO webhook_nonces (source, nonce, expires_at) VALUES ($1, $2, $3) \
+        let window = super::ms(window);
+        let inserted = sqlx::query(&self.sql(
+            "INSERT INTO webhook_nonces (source, nonce, expires_at) VALUES ($1, $2, {now} + $3) \
              ON CONFLICT (source, nonce) DO NOTHING RETURNING nonce",
-        )
+        ))
         .bind(source)
         .bind(nonce)
-        .bind(expires_at)
-        .fetch_optional(&self.pool)
+        .bind(window)
+        .fetch_optional(self.pool())
         .await?
         .is_some();
         if !inserted {
             // A nonce whose window has passed may be reused: take it over.
-            let n = sqlx::query(
-                "UPDATE webhook_nonces SET expires_at = $3 WHERE source = $1 AND nonce = $2 AND expires_at < $4",
-            )
+            let n = sqlx::query(&self.sql(
+                "UPDATE webhook_nonces SET expires_at = {now} + $3 \
+                 WHERE source = $1 AND nonce = $2 AND expires_at < {now}",
+            ))
             .bind(source)
             .bind(nonce)
-            .bind(expires_at)
-            .bind(now)
-            .execute(&self.pool)
+            .bind(window)
+            .execute(self.pool())
             .await?
             .rows_affected();
             return Ok(n == 1);
         }
-        sqlx::query("DELETE FROM webhook_nonces WHERE expires_at < $1")
-            .bind(now)
-            .execute(&self.pool)
+        sqlx::query(&self.sql("DELETE FROM webhook_nonces WHERE expires_at < {now}"))
+            .execute(self.pool())
             .await?;
         Ok(true)
     }
@@ -189,7 +190,7 @@ impl Store {
         sqlx::query("DELETE FROM webhook_nonces WHERE source = $1 AND nonce = $2")
             .bind(source)
             .bind(nonce)
-            .execute(&self.pool)
+            .execute(self.pool())
             .await?;
         Ok(())
     }
@@ -201,18 +202,16 @@ impl Store {
         nonce: &str,
         body_sha256: &str,
         run_id: Option<&str>,
-        now: i64,
     ) -> Result<i64> {
-        let row = sqlx::query(
+        let row = sqlx::query(&self.sql(
             "INSERT INTO webhook_deliveries (source, nonce, received_at, body_sha256, run_id) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
-        )
+             VALUES ($1, $2, {now}, $3, $4) RETURNING id",
+        ))
         .bind(source)
         .bind(nonce)
-        .bind(now)
         .bind(body_sha256)
         .bind(run_id)
-        .fetch_one(&self.pool)
+        .fetch_one(self.pool())
         .await?;
         Ok(row.try_get("id")?)
     }
@@ -244,7 +243,7 @@ impl Store {
             format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {quoted}"),
         ];
         statements.push(format!("REVOKE CREATE ON SCHEMA public FROM {quoted}"));
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool().begin().await?;
         for sql in &statements {
             sqlx::query(sql).execute(&mut *tx).await?;
         }

@@ -1,24 +1,33 @@
 //! The worker: claims jobs, executes their steps, and records the outcome.
 //!
-//! One loop claims up to `concurrency` jobs at a time, each executed in its own
-//! task that keeps its lease alive while the step runs. Outcomes:
-//! success → result recorded (once) and the run moves on; transient failure →
-//! retried with exponential backoff and jitter; permanent failure or attempts
-//! exhausted → dead-lettered and the run fails with the reason. Each loop pass
-//! also rescues jobs whose lease expired (a worker that died mid-job).
+//! One loop claims up to `concurrency` jobs at a time and executes each in its
+//! own task. Outcomes: success → handed to the [`completer`], which records
+//! results in batches (one transaction for all the steps that finished
+//! meanwhile) and the run moves on; transient failure → retried with
+//! exponential backoff and jitter; permanent failure or attempts exhausted →
+//! dead-lettered and the run fails with the reason.
+//!
+//! Leases: one statement per tick (a third of the lease, at most a second)
+//! renews every job the worker holds ([`Store::extend_leases`]); a job missing
+//! from the answer was lost (its run was cancelled, or its lease expired and it
+//! was rescued) and its task is stopped, so a cancelled step stops within about
+//! a second. Rescue of expired leases and the queue gauges run in
+//! [`crate::maintenance`], which this loop starts and only one process leads.
 //!
 //! Shutdown: when the token is cancelled the loop stops claiming, in-flight
 //! jobs get `shutdown_grace` to finish, and whatever is still running then is
 //! aborted and released back to the queue without spending an attempt.
 
+pub mod completer;
+
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
@@ -27,17 +36,21 @@ use crate::model::{ClaimedJob, now_ms};
 use crate::steps::template::TemplateContext;
 use crate::steps::{StepError, StepRunner};
 use crate::store::{Finish, Store, StoreError};
+use completer::Completer;
 
 /// Worker tuning.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Identifies this worker in leases and logs.
     pub id: String,
-    /// Jobs executed at once.
+    /// Jobs executed at once. Not capped by a constant: a waiting step costs a
+    /// task (a few KB), no connection and no timer, so thousands of slow
+    /// (LLM-like) steps fit in one worker; memory is the bound.
     pub concurrency: usize,
     /// Sleep between claims when the queue is empty and nobody wakes us.
     pub poll_interval: Duration,
-    /// Lease length; renewed every third of it while a step runs.
+    /// Lease length; every held job's lease is renewed each tick (a third of
+    /// it, at most a second), in one statement.
     pub lease: Duration,
     /// First retry delay.
     pub backoff_base: Duration,
@@ -125,41 +138,39 @@ impl Worker {
         self.state.clone()
     }
 
+    /// The lease renewal tick: a third of the lease, at most a second (so a
+    /// cancel reaches a running step within about a second).
+    fn renew_every(&self) -> Duration {
+        (self.config.lease / 3).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
     /// Runs until `shutdown` is cancelled, then drains.
     pub async fn run(self, shutdown: CancellationToken) -> DrainReport {
         let cfg = &self.config;
         info!(worker = %cfg.id, concurrency = cfg.concurrency, poll_interval_ms = cfg.poll_interval.as_millis() as u64, "worker started");
+        let maintenance_stop = CancellationToken::new();
+        let maintenance = tokio::spawn(crate::maintenance::run(
+            self.store.clone(),
+            cfg.poll_interval
+                .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+            self.metrics.clone(),
+            maintenance_stop.clone(),
+        ));
+        let completer = Completer::start(self.store.clone());
         let mut tasks: JoinSet<()> = JoinSet::new();
-        let mut in_flight: HashMap<tokio::task::Id, ClaimedJob> = HashMap::new();
-        let mut last_rescue = 0i64;
+        let mut in_flight: HashMap<tokio::task::Id, InFlight> = HashMap::new();
         let mut last_beat = 0i64;
-        let rescue_every_ms = (cfg.poll_interval.as_millis() as i64).clamp(100, 5_000);
+        let mut renew = tokio::time::interval(self.renew_every());
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
 
         while !shutdown.is_cancelled() {
             while let Some(done) = tasks.try_join_next_with_id() {
                 Self::forget(&mut in_flight, done);
             }
             let now = now_ms();
-            if now - last_rescue >= rescue_every_ms {
-                last_rescue = now;
-                match self.store.rescue_expired(now).await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        self.metrics.jobs_rescued.inc_by(n);
-                        info!(jobs = n, "rescued jobs whose lease expired");
-                    }
-                    Err(e) => {
-                        self.metrics.dependency_failed(Dependency::database);
-                        warn!(error = %e, "could not rescue expired leases");
-                    }
-                }
-            }
             if now - last_beat >= HEARTBEAT_EVERY_MS {
-                match self
-                    .store
-                    .heartbeat(&cfg.id, in_flight.len() as i64, now)
-                    .await
-                {
+                match self.store.heartbeat(&cfg.id, in_flight.len() as i64).await {
                     Ok(()) => last_beat = now,
                     Err(e) => {
                         self.metrics.dependency_failed(Dependency::database);
@@ -170,7 +181,7 @@ impl Worker {
             let free = cfg.concurrency.saturating_sub(in_flight.len());
             let mut claimed_all = false;
             if free > 0 {
-                match self.store.claim(&cfg.id, free as i64, now, cfg.lease).await {
+                match self.store.claim(&cfg.id, free as i64, cfg.lease).await {
                     Ok(jobs) => {
                         claimed_all = !jobs.is_empty() && jobs.len() == free;
                         for job in jobs {
@@ -178,10 +189,25 @@ impl Worker {
                                 kind: job.step.kind().to_string(),
                             };
                             self.metrics.jobs_claimed.get_or_create(&kind).inc();
-                            let waited = (now - job.available_at).max(0) as f64 / 1000.0;
-                            self.metrics.queue_wait.get_or_create(&kind).observe(waited);
-                            let handle = tasks.spawn(self.job_task(job.clone()));
-                            in_flight.insert(handle.id(), job);
+                            self.metrics
+                                .queue_wait
+                                .get_or_create(&kind)
+                                .observe(job.waited_ms as f64 / 1000.0);
+                            let executing = Arc::new(AtomicBool::new(true));
+                            let handle = tasks.spawn(self.job_task(
+                                job.clone(),
+                                completer.clone(),
+                                executing.clone(),
+                            ));
+                            in_flight.insert(
+                                handle.id(),
+                                InFlight {
+                                    job,
+                                    abort: handle,
+                                    executing,
+                                    started: Instant::now(),
+                                },
+                            );
                         }
                     }
                     Err(e) => {
@@ -203,13 +229,20 @@ impl Worker {
                 _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(cfg.poll_interval) => {}
+                _ = renew.tick() => self.renew_leases(&mut in_flight).await,
                 Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => Self::forget(&mut in_flight, done),
             }
         }
 
         let report = self.drain(tasks, in_flight).await;
-        let day_ago = now_ms() - 86_400_000;
-        if let Err(e) = self.store.forget_worker(&cfg.id, day_ago).await {
+        completer.close().await;
+        maintenance_stop.cancel();
+        let _ = maintenance.await;
+        if let Err(e) = self
+            .store
+            .forget_worker(&cfg.id, Duration::from_secs(86_400))
+            .await
+        {
             warn!(error = %e, "could not remove the worker heartbeat");
         }
         info!(
@@ -220,8 +253,47 @@ impl Worker {
         report
     }
 
+    /// Renews every held lease in one statement and stops the steps whose
+    /// claim was lost.
+    async fn renew_leases(&self, in_flight: &mut HashMap<tokio::task::Id, InFlight>) {
+        let held: Vec<(i64, i64)> = in_flight
+            .values()
+            .filter(|f| f.executing.load(Ordering::Acquire))
+            .map(|f| (f.job.id, f.job.attempt))
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let kept = match self
+            .store
+            .extend_leases(&self.config.id, &held, self.config.lease)
+            .await
+        {
+            Ok(kept) => kept,
+            Err(e) => {
+                self.metrics.dependency_failed(Dependency::database);
+                warn!(error = %e, jobs = held.len(), "could not renew leases; retrying next tick");
+                return;
+            }
+        };
+        for f in in_flight.values() {
+            // A step that finished executing meanwhile may already be recorded
+            // (its job row gone): only a step still running has lost anything.
+            if !kept.contains(&f.job.id) && f.executing.swap(false, Ordering::AcqRel) {
+                f.abort.abort();
+                self.metrics.observe_job(
+                    f.job.step.kind(),
+                    JobOutcome::abandoned,
+                    f.started.elapsed(),
+                );
+                info!(job_id = f.job.id, run_id = %f.job.run_id, correlation_id = %f.job.correlation_id,
+                    "claim lost (run cancelled or lease taken over); step stopped");
+            }
+        }
+    }
+
     fn forget(
-        in_flight: &mut HashMap<tokio::task::Id, ClaimedJob>,
+        in_flight: &mut HashMap<tokio::task::Id, InFlight>,
         done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
     ) {
         let id = match done {
@@ -241,7 +313,7 @@ impl Worker {
     async fn drain(
         &self,
         mut tasks: JoinSet<()>,
-        mut in_flight: HashMap<tokio::task::Id, ClaimedJob>,
+        mut in_flight: HashMap<tokio::task::Id, InFlight>,
     ) -> DrainReport {
         let mut report = DrainReport::default();
         if !in_flight.is_empty() {
@@ -270,8 +342,9 @@ impl Worker {
                 report.drained += 1;
             }
         }
-        for job in in_flight.values() {
-            match self.store.release(job, now_ms()).await {
+        for f in in_flight.values() {
+            let job = &f.job;
+            match self.store.release(job).await {
                 Ok(Finish::Recorded) => {
                     report.released += 1;
                     info!(job_id = job.id, run_id = %job.run_id, correlation_id = %job.correlation_id, "released unfinished job to the queue");
@@ -286,7 +359,12 @@ impl Worker {
         report
     }
 
-    fn job_task(&self, job: ClaimedJob) -> impl std::future::Future<Output = ()> + Send + 'static {
+    fn job_task(
+        &self,
+        job: ClaimedJob,
+        completer: Completer,
+        executing: Arc<AtomicBool>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let store = self.store.clone();
         let runner = self.runner.clone();
         let cfg = self.config.clone();
@@ -301,21 +379,37 @@ impl Worker {
             attempt = job.attempt,
         );
         async move {
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let kind = job.step.kind();
-            let outcome = process(store, runner, cfg, job).await;
-            metrics.observe_job(kind, outcome, started.elapsed());
+            let outcome = process(store, runner, cfg, job, completer, executing).await;
+            if let Some(outcome) = outcome {
+                metrics.observe_job(kind, outcome, started.elapsed());
+            }
         }
         .instrument(span)
     }
 }
 
+/// A job this worker holds.
+struct InFlight {
+    job: ClaimedJob,
+    abort: AbortHandle,
+    /// True while the step executes; cleared (once) when it finishes or is
+    /// stopped, so a finished step is never counted as lost.
+    executing: Arc<AtomicBool>,
+    started: Instant,
+}
+
+/// Executes one claimed job and records its outcome; `None` when the step was
+/// stopped by the loop (which counted it).
 async fn process(
     store: Store,
     runner: StepRunner,
     cfg: WorkerConfig,
     job: ClaimedJob,
-) -> JobOutcome {
+    completer: Completer,
+    executing: Arc<AtomicBool>,
+) -> Option<JobOutcome> {
     debug!("step started");
     // Steps without references (constant templates, delays) skip two reads.
     let loaded = if job.step.needs_context() {
@@ -327,17 +421,19 @@ async fn process(
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "could not load the run context");
+            if !executing.swap(false, Ordering::AcqRel) {
+                return None;
+            }
             let delay = backoff(job.attempt, cfg.backoff_base, cfg.backoff_max);
             persist(|| {
                 store.retry(
                     &job,
                     "could not load run context (database unavailable)",
-                    now_ms() + delay.as_millis() as i64,
-                    now_ms(),
+                    delay,
                 )
             })
             .await;
-            return JobOutcome::retried;
+            return Some(JobOutcome::retried);
         }
     };
     let ctx = TemplateContext {
@@ -345,37 +441,23 @@ async fn process(
         outputs: &context.1,
     };
     let index = usize::try_from(job.step_index).unwrap_or(usize::MAX);
-    let execute = runner.execute(&job.step, index, &ctx);
-    let keep_lease = async {
-        loop {
-            tokio::time::sleep(cfg.lease / 3).await;
-            match store
-                .extend_lease(&job, now_ms() + cfg.lease.as_millis() as i64)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => warn!(error = %e, "could not renew the lease"),
-            }
-        }
-    };
-    let outcome = tokio::select! {
-        outcome = execute => outcome,
-        () = keep_lease => {
-            info!("claim lost (run cancelled or lease taken over); abandoning the step");
-            return JobOutcome::abandoned;
-        }
-    };
+    let outcome = runner.execute(&job.step, index, &ctx).await;
+    // From here the loop no longer stops this task: the outcome is recorded
+    // (or found stale by its fencing token).
+    if !executing.swap(false, Ordering::AcqRel) {
+        return None;
+    }
     match outcome {
-        Ok(output) => {
-            if persist(|| store.complete(&job, &output, now_ms())).await == Some(Finish::Stale) {
+        Ok(output) => match completer.complete(job, output).await {
+            Some(Finish::Stale) => {
                 info!("step finished but its claim was no longer valid; result discarded");
-                JobOutcome::abandoned
-            } else {
-                info!("step succeeded");
-                JobOutcome::succeeded
+                Some(JobOutcome::abandoned)
             }
-        }
+            _ => {
+                debug!("step succeeded");
+                Some(JobOutcome::succeeded)
+            }
+        },
         Err(StepError::Transient {
             message,
             retry_after,
@@ -383,15 +465,14 @@ async fn process(
             let delay = backoff(job.attempt, cfg.backoff_base, cfg.backoff_max)
                 .max(retry_after.unwrap_or_default());
             warn!(error = %message, delay_ms = delay.as_millis() as u64, "step failed; retry scheduled");
-            let now = now_ms();
-            persist(|| store.retry(&job, &message, now + delay.as_millis() as i64, now)).await;
-            JobOutcome::retried
+            persist(|| store.retry(&job, &message, delay)).await;
+            Some(JobOutcome::retried)
         }
         Err(e) => {
             let message = e.to_string();
             warn!(error = %message, "step failed for good; dead-lettered");
-            persist(|| store.dead_letter(&job, &message, now_ms())).await;
-            JobOutcome::dead_lettered
+            persist(|| store.dead_letter(&job, &message)).await;
+            Some(JobOutcome::dead_lettered)
         }
     }
 }
@@ -399,10 +480,10 @@ async fn process(
 /// Records an outcome, retrying briefly while the database is unavailable.
 /// If it still cannot, the lease runs out and the job is delivered again, so
 /// giving up here loses nothing.
-async fn persist<F, Fut>(mut write: F) -> Option<Finish>
+pub(crate) async fn persist<F, Fut, T>(mut write: F) -> Option<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Finish, StoreError>>,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let mut delay = Duration::from_millis(100);
     for _ in 0..6 {

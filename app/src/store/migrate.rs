@@ -1,0 +1,170 @@
+//! The schema: migrations of each backend, embedded in the binary, applied by
+//! `vm-webapp migrate` (and by `serve` in local mode), and the check that a
+//! process which only reads and writes data finds the schema it was built for.
+
+use std::borrow::Cow;
+
+use sqlx::Row;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+use super::{Result, Store, StoreError};
+use crate::config::DbBackend;
+
+/// The migrations of one backend, in order: (version, description, SQL).
+fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 4] {
+    match backend {
+        DbBackend::Postgres => [
+            (
+                1,
+                "runs and queue",
+                include_str!("../../migrations/postgres/0001_runs_and_queue.sql"),
+            ),
+            (
+                2,
+                "worker heartbeats",
+                include_str!("../../migrations/postgres/0002_worker_heartbeats.sql"),
+            ),
+            (
+                3,
+                "audit and webhooks",
+                include_str!("../../migrations/postgres/0003_audit_and_webhooks.sql"),
+            ),
+            (
+                4,
+                "queue maintenance",
+                include_str!("../../migrations/postgres/0004_queue_maintenance.sql"),
+            ),
+        ],
+        DbBackend::Sqlite => [
+            (
+                1,
+                "runs and queue",
+                include_str!("../../migrations/sqlite/0001_runs_and_queue.sql"),
+            ),
+            (
+                2,
+                "worker heartbeats",
+                include_str!("../../migrations/sqlite/0002_worker_heartbeats.sql"),
+            ),
+            (
+                3,
+                "audit and webhooks",
+                include_str!("../../migrations/sqlite/0003_audit_and_webhooks.sql"),
+            ),
+            (
+                4,
+                "queue maintenance",
+                include_str!("../../migrations/sqlite/0004_queue_maintenance.sql"),
+            ),
+        ],
+    }
+}
+
+fn migrator(backend: DbBackend) -> Migrator {
+    migrator_upto(backend, i64::MAX)
+}
+
+/// The migrations up to `version`. `ignore_missing`: a build older than the
+/// schema (a rollback of the app) migrates as a no-op instead of failing,
+/// since every migration keeps older builds working.
+fn migrator_upto(backend: DbBackend, version: i64) -> Migrator {
+    let migrations = migration_sources(backend)
+        .into_iter()
+        .filter(|(v, _, _)| *v <= version)
+        .map(|(version, description, sql)| {
+            Migration::new(
+                version,
+                Cow::Borrowed(description),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
+        })
+        .collect::<Vec<_>>();
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        ignore_missing: true,
+        locking: true,
+        no_tx: false,
+    }
+}
+
+impl Store {
+    /// Applies pending migrations and returns their versions. Idempotent;
+    /// concurrent runs serialise on the migrator's lock.
+    pub async fn migrate(&self) -> Result<Vec<i64>> {
+        let migrator = migrator(self.backend);
+        let before = self.schema_version().await.unwrap_or(0);
+        migrator.run(self.pool()).await?;
+        Ok(migrator
+            .iter()
+            .map(|m| m.version)
+            .filter(|v| *v > before)
+            .collect())
+    }
+
+    /// The newest migration this build knows.
+    pub fn expected_schema_version(&self) -> i64 {
+        migrator(self.backend)
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The newest applied migration (0 when none).
+    pub async fn schema_version(&self) -> Result<i64> {
+        let row =
+            sqlx::query("SELECT MAX(version) AS v FROM _sqlx_migrations WHERE success = TRUE")
+                .fetch_one(self.pool())
+                .await;
+        match row {
+            Ok(row) => Ok(row.try_get::<Option<i64>, _>("v")?.unwrap_or(0)),
+            Err(sqlx::Error::Database(_)) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Fails with [`StoreError::SchemaBehind`] unless the schema is fully
+    /// migrated: processes that only read and write data never apply DDL
+    /// themselves outside local mode.
+    pub async fn ensure_schema(&self) -> Result<()> {
+        let found = self.schema_version().await?;
+        let expected = self.expected_schema_version();
+        if found < expected {
+            return Err(StoreError::SchemaBehind { found, expected });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Without `ignore_missing`, rolling the app back to an older image would
+    /// fail its migration Job and keep the bad release serving.
+    #[tokio::test]
+    async fn an_older_build_migrates_a_newer_schema_as_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::config::DatabaseSettings {
+            url: crate::config::Secret::new(format!(
+                "sqlite://{}/m.db?mode=rwc",
+                dir.path().display()
+            )),
+            backend: DbBackend::Sqlite,
+            embedded: false,
+        };
+        let store = Store::connect(&db, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        migrator_upto(DbBackend::Sqlite, 1)
+            .run(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.schema_version().await.unwrap(),
+            store.expected_schema_version()
+        );
+    }
+}

@@ -1,0 +1,49 @@
+//! Lease renewal: one statement per worker per tick renews every job the
+//! worker still holds, and tells it which it lost (rescued after an expiry,
+//! or deleted by a cancel), so a cancelled step stops within a tick.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use crate::store::{Result, Store, ms, recordset};
+
+impl Store {
+    /// Pushes the leases of `held` (job id, attempt) claimed by `worker` out
+    /// to `lease` after the database's now. Returns the ids still held; a job
+    /// missing from the answer was lost (its lease expired and it was rescued,
+    /// or its run was cancelled) and its step should stop.
+    pub async fn extend_leases(
+        &self,
+        worker: &str,
+        held: &[(i64, i64)],
+        lease: Duration,
+    ) -> Result<HashSet<i64>> {
+        if held.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let batch = Value::Array(
+            held.iter()
+                .map(|(id, attempt)| json!({"id": id, "attempt": attempt}))
+                .collect(),
+        )
+        .to_string();
+        let sql = self.sql(&format!(
+            "UPDATE jobs SET lease_expires_at = {{now}} + $2 \
+             WHERE locked_by = $3 AND state = 'running' \
+               AND (id, attempt) IN (SELECT id, attempt FROM ({}) h) RETURNING id",
+            recordset(self.backend(), &[("id", "bigint"), ("attempt", "bigint")])
+        ));
+        sqlx::query(&sql)
+            .bind(batch)
+            .bind(ms(lease))
+            .bind(worker)
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .map(|r| Ok(r.try_get::<i64, _>("id")?))
+            .collect()
+    }
+}

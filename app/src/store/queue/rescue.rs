@@ -1,0 +1,219 @@
+//! Maintenance that runs once per database, not once per pod: returning jobs
+//! whose lease expired to the queue (or to the dead letters on their last
+//! attempt) and keeping the queue-gauge snapshot fresh. One process leads,
+//! elected with `pg_try_advisory_lock` on a connection it keeps (River's
+//! leader-only rescuer and queue statistics); the lock goes with the
+//! connection, so a leader that dies frees it at once. On SQLite, which only
+//! processes on one host share, every process may lead: the statements are
+//! fenced and idempotent.
+
+use std::time::Duration;
+
+use sqlx::{AnyConnection, Connection, Row};
+
+use super::{JobRef, QueueCounts};
+use crate::config::DbBackend;
+use crate::model::{EventType, JobState};
+use crate::store::events::NewEvent;
+use crate::store::{Result, Store};
+
+/// The advisory-lock key of queue maintenance ("vmwebapp" in ASCII).
+const MAINTENANCE_LOCK: i64 = 0x766d_7765_6261_7070;
+
+/// One row of the queue-gauge snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStat {
+    /// `waiting`, `queued`, `running` or `dead`.
+    pub state: String,
+    /// Jobs in that state.
+    pub jobs: i64,
+    /// Age of the oldest (ms, database clock): for `queued` since it became
+    /// claimable, for `dead` since it failed, otherwise since creation.
+    pub oldest_age_ms: i64,
+}
+
+/// Leadership of queue maintenance. Dropping it gives leadership up.
+pub struct MaintenanceLease {
+    conn: Option<AnyConnection>,
+}
+
+impl MaintenanceLease {
+    /// True while the lock's connection answers (always on SQLite).
+    pub async fn still_held(&mut self) -> bool {
+        match &mut self.conn {
+            None => true,
+            Some(conn) => conn.ping().await.is_ok(),
+        }
+    }
+}
+
+impl Store {
+    /// Tries to become the maintenance leader for this database; `None` when
+    /// another process leads.
+    pub async fn try_lead_maintenance(&self) -> Result<Option<MaintenanceLease>> {
+        if self.backend() == DbBackend::Sqlite {
+            return Ok(Some(MaintenanceLease { conn: None }));
+        }
+        let mut conn = self.pool().acquire().await?.detach();
+        let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS held")
+            .bind(MAINTENANCE_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if row.try_get::<bool, _>("held")? {
+            Ok(Some(MaintenanceLease { conn: Some(conn) }))
+        } else {
+            let _ = conn.close().await;
+            Ok(None)
+        }
+    }
+
+    /// Returns jobs whose lease expired (their worker died or hung) to the
+    /// queue, and dead-letters those that have used all their attempts.
+    /// Returns how many jobs were rescued or dead-lettered.
+    pub async fn rescue_expired(&self) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(&self.sql(
+            "UPDATE jobs SET state = 'queued', run_at = {now}, lease_expires_at = NULL, locked_by = NULL, \
+             last_error = 'lease expired before the step finished (worker lost)' \
+             WHERE state = 'running' AND lease_expires_at < {now} AND attempt < max_attempts \
+             RETURNING run_id, step_index, attempt",
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut count = rows.len() as u64;
+        if !rows.is_empty() {
+            let run_ids: Vec<String> = rows
+                .iter()
+                .map(|r| r.try_get::<String, _>("run_id"))
+                .collect::<Result<_, _>>()?;
+            let mut events = Vec::new();
+            for (row, run_id) in rows.iter().zip(&run_ids) {
+                events.push(
+                    NewEvent::step(
+                        run_id,
+                        EventType::StepLeaseExpired,
+                        row.try_get("step_index")?,
+                        row.try_get("attempt")?,
+                    )
+                    .message("lease expired; the step will be delivered again"),
+                );
+            }
+            self.insert_events(&mut tx, &events).await?;
+        }
+        tx.commit().await?;
+
+        let exhausted = sqlx::query(&self.sql(
+            "SELECT id, run_id, step_index, payload, attempt, max_attempts FROM jobs \
+             WHERE state = 'running' AND lease_expires_at < {now} AND attempt >= max_attempts",
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        for row in &exhausted {
+            let job = JobRef::from_row(row)?;
+            if self
+                .dead_letter_ref(&job, "lease expired on the last attempt (worker lost)")
+                .await?
+                == super::Finish::Recorded
+            {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Recounts the queue and stores the snapshot that scrapes read. Run by
+    /// the maintenance leader; the only GROUP BY over the queue.
+    pub async fn refresh_queue_stats(&self) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let upsert = self.sql(
+            "INSERT INTO queue_stats (state, jobs, oldest_age_ms, updated_at) \
+             SELECT s.state, s.n, s.age, {now} FROM ( \
+               SELECT state, COUNT(*) AS n, \
+                 COALESCE({now} - MIN(CASE WHEN state = 'queued' THEN run_at ELSE created_at END), 0) AS age \
+               FROM jobs GROUP BY state \
+               UNION ALL \
+               SELECT 'dead', COUNT(*), COALESCE({now} - MIN(failed_at), 0) FROM dead_jobs \
+             ) s WHERE true \
+             ON CONFLICT (state) DO UPDATE SET jobs = excluded.jobs, \
+               oldest_age_ms = excluded.oldest_age_ms, updated_at = excluded.updated_at",
+        );
+        // States with no job left keep no stale count.
+        sqlx::query(
+            &self.sql("UPDATE queue_stats SET jobs = 0, oldest_age_ms = 0, updated_at = {now}"),
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&upsert).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The queue-gauge snapshot (four rows, no scan): every state, with the
+    /// oldest job's age advanced by the snapshot's own age. Also returns the
+    /// snapshot's age in ms (`None` before the first snapshot).
+    pub async fn queue_stats(&self) -> Result<(Vec<QueueStat>, Option<i64>)> {
+        let rows = sqlx::query(&self.sql(
+            "SELECT state, jobs, oldest_age_ms, {now} - updated_at AS stale_ms FROM queue_stats",
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        let mut stale = None;
+        let mut stats = Vec::new();
+        for row in &rows {
+            let stale_ms: i64 = row.try_get::<i64, _>("stale_ms")?.max(0);
+            stale = Some(stale.map_or(stale_ms, |s: i64| s.max(stale_ms)));
+            let jobs: i64 = row.try_get("jobs")?;
+            let oldest: i64 = row.try_get("oldest_age_ms")?;
+            stats.push(QueueStat {
+                state: row.try_get("state")?,
+                jobs,
+                oldest_age_ms: if jobs > 0 { oldest + stale_ms } else { 0 },
+            });
+        }
+        for state in JobState::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .chain(std::iter::once("dead"))
+        {
+            if !stats.iter().any(|s| s.state == state) {
+                stats.push(QueueStat {
+                    state: state.to_string(),
+                    jobs: 0,
+                    oldest_age_ms: 0,
+                });
+            }
+        }
+        Ok((stats, stale))
+    }
+
+    /// Jobs by state, counted now (a scan: for tests and benchmarks).
+    pub async fn queue_counts(&self) -> Result<QueueCounts> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+            .fetch_all(self.pool())
+            .await?;
+        let mut counts = QueueCounts::default();
+        for r in &rows {
+            let state: String = r.try_get("state")?;
+            let n: i64 = r.try_get("n")?;
+            match JobState::parse(&state) {
+                Some(JobState::Waiting) => counts.waiting = n,
+                Some(JobState::Queued) => counts.queued = n,
+                Some(JobState::Running) => counts.running = n,
+                None => {
+                    return Err(crate::store::StoreError::Corrupt(format!(
+                        "unknown job state {state}"
+                    )));
+                }
+            }
+        }
+        counts.dead = sqlx::query("SELECT COUNT(*) AS n FROM dead_jobs")
+            .fetch_one(self.pool())
+            .await?
+            .try_get("n")?;
+        Ok(counts)
+    }
+}
+
+/// How often the leader rescues and refreshes the snapshot: often enough that
+/// a lost job waits little beyond its lease and the gauges are seconds fresh.
+pub const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);

@@ -1,0 +1,51 @@
+//! Worker heartbeats, stamped with the database clock: readiness and
+//! `/metrics` read their age to tell whether anything drains the queue.
+
+use std::time::Duration;
+
+use sqlx::Row;
+
+use super::{Result, Store, ms};
+
+impl Store {
+    /// Records that `worker` is alive with `in_flight` jobs.
+    pub async fn heartbeat(&self, worker: &str, in_flight: i64) -> Result<()> {
+        sqlx::query(&self.sql(
+            "INSERT INTO worker_heartbeats (worker_id, started_at, last_beat_at, in_flight) \
+             VALUES ($1, {now}, {now}, $2) \
+             ON CONFLICT (worker_id) DO UPDATE SET last_beat_at = excluded.last_beat_at, \
+             in_flight = excluded.in_flight",
+        ))
+        .bind(worker)
+        .bind(in_flight)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Removes `worker`'s heartbeat (clean stop) and any not renewed within `stale_after`.
+    pub async fn forget_worker(&self, worker: &str, stale_after: Duration) -> Result<()> {
+        sqlx::query(&self.sql(
+            "DELETE FROM worker_heartbeats WHERE worker_id = $1 OR last_beat_at < {now} - $2",
+        ))
+        .bind(worker)
+        .bind(ms(stale_after))
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Age (ms, database clock) of the freshest worker heartbeat, `None` when
+    /// no worker ever beat.
+    pub async fn heartbeat_age_ms(&self) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query(
+                &self.sql("SELECT {now} - MAX(last_beat_at) AS age FROM worker_heartbeats"),
+            )
+            .fetch_one(self.pool())
+            .await?
+            .try_get::<Option<i64>, _>("age")?
+            .map(|a| a.max(0)),
+        )
+    }
+}
