@@ -148,6 +148,18 @@ fn build_worker(
     )
 }
 
+/// Makes `flag` (readiness's "shutting down") true from inside the signal
+/// handler of SIGTERM and SIGINT, so a probe answered after the signal arrives
+/// already says `not_ready`, before the async shutdown path has even run.
+fn not_ready_on_signal(flag: &Arc<std::sync::atomic::AtomicBool>) {
+    #[cfg(unix)]
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(signal, flag.clone()) {
+            warn!(error = %e, "cannot watch shutdown signals; readiness flips when shutdown starts instead");
+        }
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -301,6 +313,7 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
 
     flush_auth_failures(&state, &shutdown);
     let flag = state.shutting_down.clone();
+    not_ready_on_signal(&flag);
     let stop = shutdown.clone();
     let delay = settings.shutdown_delay;
     let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -392,6 +405,7 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     // The probes outlive the drain, so `not_ready` is visible while it lasts.
     let probes_stop = CancellationToken::new();
     let flag = state.shutting_down.clone();
+    not_ready_on_signal(&flag);
     let state_for_wakeups = state.clone();
     let probes = axum::serve(listener, http::health_router(state)).with_graceful_shutdown({
         let probes_stop = probes_stop.clone();
