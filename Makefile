@@ -35,8 +35,9 @@ deps: ## Install the test dependencies (PostgreSQL 15, Redis, Python venv with H
 build: ## Build everything
 	$(CARGO) build --workspace --all-targets
 
-bench: deps ## Queue throughput and latency on SQLite and PostgreSQL (prints figures, asserts nothing)
-	$(CARGO) bench -p vm-webapp --bench queue
+bench: deps ## Queue, API and slow-step figures beside pgqueuer and a FastAPI anchor on one stock PostgreSQL (prints the ratios; fails only if a run did not succeed)
+	./app/benches/peers/setup.sh
+	VM_TEST_PG_STOCK=1 $(CARGO) bench -p vm-webapp --bench queue
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -80,7 +81,7 @@ run-operator: ## Run the operator against the current kubeconfig (one replica, n
 
 clean: ## Remove build output and local data
 	$(CARGO) clean
-	rm -rf var $(VENV)
+	rm -rf var $(VENV) .venv-bench
 
 .PHONY: bench-operator
 bench-operator: ## Operator at scale on VM_E2E_KUBECONFIG's cluster: converge time of N VmWebapps vs the API server floor, steady-state writes, memory (VM_BENCH_APPS, VM_BENCH_CONCURRENCY)

@@ -19,6 +19,7 @@
 //! scenario; `VM_BENCH_BACKENDS=sqlite` or `=postgres` runs one backend only.
 //! See `docs/benchmarks.md`.
 
+mod peers;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -172,8 +173,8 @@ impl Plan {
             raw_tasks: 4,
             raw_batch: 64,
             workers: 2,
-            concurrency: 16,
-            producers: 4,
+            concurrency: 256,
+            producers: 16,
             warmup: if quick {
                 Duration::from_millis(500)
             } else {
@@ -339,7 +340,9 @@ async fn spawn_workers(
 ) -> Vec<(JoinHandle<DrainReport>, CancellationToken)> {
     let mut workers = Vec::new();
     for i in 0..plan.workers {
-        let pool = (plan.concurrency as u32 + 2).min(50);
+        // As the `worker` command sizes it: steps hold no connection while
+        // they run, so the pool does not grow with concurrency.
+        let pool = (plan.concurrency as u32 + 2).min(12);
         let store = Store::connect(&env.settings.database, pool)
             .await
             .expect("worker pool");
@@ -691,6 +694,326 @@ async fn postgres_settings() -> String {
     shown.join(", ")
 }
 
+/// One line of the side-by-side table.
+struct Compare {
+    figure: &'static str,
+    ours: Option<f64>,
+    peer: Option<f64>,
+    unit: &'static str,
+    note: String,
+}
+
+impl Compare {
+    fn print_header() {
+        println!(
+            "{:<44} {:>12} {:>12} {:>7}  notes",
+            "figure", "vm-webapp", "peer", "ratio"
+        );
+        println!("{}", "-".repeat(100));
+    }
+
+    fn print(&self) {
+        let v =
+            |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.0} {}", self.unit));
+        let ratio = match (self.ours, self.peer) {
+            (Some(o), Some(p)) if p > 0.0 => format!("{:.2}x", o / p),
+            _ => "-".to_string(),
+        };
+        println!(
+            "{:<44} {:>12} {:>12} {:>7}  {}",
+            self.figure,
+            v(self.ours),
+            v(self.peer),
+            ratio,
+            self.note
+        );
+    }
+}
+
+/// The environment of a `vm-webapp serve` or `worker` under test: no embedded
+/// worker (staging), no rate limits, quiet logs.
+fn app_env(db_url: &str, root: &std::path::Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("APP_ENV", "staging".into()),
+        ("VM_DB_URL", db_url.into()),
+        ("VM_WORKSPACE_ROOT", root.display().to_string()),
+        ("VM_RATE_LIMIT_IP_RPS", "0".into()),
+        ("VM_RATE_LIMIT_KEY_RPS", "0".into()),
+        ("VM_JOB_LEASE_MS", LEASE_MS.into()),
+        ("LOG_LEVEL", "error".into()),
+        ("LOG_FORMAT", "json".into()),
+    ]
+}
+
+/// Migrates `db_url` with the real binary, then starts `serve` on it.
+fn start_serve(db_url: &str, root: &std::path::Path) -> Result<peers::Server, String> {
+    let bin = env!("CARGO_BIN_EXE_vm-webapp");
+    let migrated = std::process::Command::new(bin)
+        .arg("migrate")
+        .envs(app_env(db_url, root))
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !migrated.status.success() {
+        return Err(format!(
+            "migrate failed: {}",
+            String::from_utf8_lossy(&migrated.stderr)
+        ));
+    }
+    let port = peers::free_port();
+    let child = std::process::Command::new(bin)
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .envs(app_env(db_url, root))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    peers::Server::ready(child, port)
+}
+
+const CREATE_BODY: &str =
+    r#"{"input":{"name":"Ada"},"steps":[{"kind":"template","template":"Hello, {{input.name}}!"}]}"#;
+
+/// `wrk` figure of one server, or why there is none.
+fn wrk_rate(
+    server: &Result<peers::Server, String>,
+    path: &str,
+    body: Option<&str>,
+    secs: u64,
+) -> (Option<f64>, String) {
+    match server {
+        Err(e) => (None, e.clone()),
+        Ok(s) => match peers::wrk(s.port, path, body, secs) {
+            Ok(r) if r.errors > 0 => (Some(r.rate), format!("CHECK: {} non-2xx answers", r.errors)),
+            Ok(r) => (Some(r.rate), String::new()),
+            Err(e) => (None, e),
+        },
+    }
+}
+
+/// HTTP figures: run creation and liveness against the FastAPI anchor on
+/// SQLite, and run creation on PostgreSQL, with the same wrk flags.
+fn http_side_by_side(quick: bool, pg_url: Option<String>) -> Vec<Compare> {
+    let secs = if quick { 3 } else { 10 };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ours = start_serve(
+        &format!("sqlite://{}/bench.db", dir.path().display()),
+        dir.path(),
+    );
+    let anchor = peers::Peers::find()
+        .and_then(|p| p.fastapi(peers::free_port(), &dir.path().join("anchor.db")));
+    let mut rows = Vec::new();
+    let (o, on) = wrk_rate(&ours, "/api/v2/runs", Some(CREATE_BODY), secs);
+    let (p, pn) = wrk_rate(&anchor, "/api/v2/runs", Some(CREATE_BODY), secs);
+    rows.push(Compare {
+        figure: "POST /api/v2/runs, SQLite (wrk -t1 -c32)",
+        ours: o,
+        peer: p,
+        unit: "/s",
+        note: format!("peer: FastAPI + uvicorn x2 on SQLite. {on} {pn}")
+            .trim()
+            .to_string(),
+    });
+    let (o, on) = wrk_rate(&ours, "/api/v2/health/live", None, secs);
+    let (p, pn) = wrk_rate(&anchor, "/api/v2/health/live", None, secs);
+    rows.push(Compare {
+        figure: "GET /api/v2/health/live (wrk -t1 -c32)",
+        ours: o,
+        peer: p,
+        unit: "/s",
+        note: format!("{on} {pn}").trim().to_string(),
+    });
+    drop(ours);
+    drop(anchor);
+    if let Some(url) = pg_url {
+        let ours = start_serve(&url, dir.path());
+        let (o, on) = wrk_rate(&ours, "/api/v2/runs", Some(CREATE_BODY), secs);
+        rows.push(Compare {
+            figure: "POST /api/v2/runs, PostgreSQL (wrk -t1 -c32)",
+            ours: o,
+            peer: None,
+            unit: "/s",
+            note: format!("no peer; goal 5000/s. {on}").trim().to_string(),
+        });
+    }
+    rows
+}
+
+/// Slow (LLM-like) steps: `runs` one-step runs of a `delay_ms` step drained by
+/// one `vm-webapp worker` process at `concurrency`; returns the elapsed time,
+/// the ideal time and the worker's peak RSS.
+async fn slow_steps(
+    runs: usize,
+    delay_ms: u64,
+    concurrency: usize,
+) -> Result<(f64, f64, f64), String> {
+    let url = support::pg::shared().create_database().await;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let env = TestEnv::at(Some(url.clone()), &[("LOG_LEVEL", "error")]).await;
+    let input = json!({});
+    let template = NewRun {
+        steps: parse_steps(&[json!({"kind": "delay", "ms": delay_ms})], &input)
+            .map_err(|e| format!("{e:?}"))?,
+        ..no_op_run(1)
+    };
+    let mut tasks = JoinSet::new();
+    for p in 0..64 {
+        let store = env.store.clone();
+        let template = template.clone();
+        let mine = runs / 64 + usize::from(p < runs % 64);
+        tasks.spawn(async move {
+            for _ in 0..mine {
+                enqueue(&store, &template).await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let health = peers::free_port();
+    let started = Instant::now();
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_vm-webapp"))
+        .args([
+            "worker",
+            "--concurrency",
+            &concurrency.to_string(),
+            "--poll-interval-ms",
+            "100",
+            "--health-host",
+            "127.0.0.1",
+            "--health-port",
+            &health.to_string(),
+        ])
+        .envs(app_env(&url, dir.path()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let pid = worker.id();
+    let mut peak = 0.0f64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let done = loop {
+        peak = peak.max(peers::peak_rss_mb(pid).unwrap_or(0.0));
+        let counts = env.store.run_counts().await.map_err(|e| e.to_string())?;
+        let finished: i64 = counts
+            .iter()
+            .filter(|(s, _)| s.is_terminal())
+            .map(|(_, n)| n)
+            .sum();
+        if finished as usize >= runs || Instant::now() > deadline {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let succeeded = done.get(&RunStatus::Succeeded).copied().unwrap_or(0);
+    if succeeded as usize != runs {
+        return Err(format!("CHECK: {succeeded} of {runs} runs succeeded"));
+    }
+    let ideal = (runs as f64 / concurrency as f64).ceil() * delay_ms as f64 / 1000.0;
+    Ok((secs, ideal, peak))
+}
+
+/// The figures issue-level goals are stated in, each beside its peer.
+async fn side_by_side(quick: bool, rows: &[Row]) -> Vec<Compare> {
+    let peers = peers::Peers::find();
+    let mut out = Vec::new();
+    let pg_rate = |mode: &str| {
+        rows.iter()
+            .find(|r| r.backend == "postgres" && r.mode == mode)
+            .map(Row::rate)
+    };
+    let has_pg = rows.iter().any(|r| r.backend == "postgres");
+    if has_pg {
+        let jobs = if quick { "5000" } else { "20000" };
+        let drain = match &peers {
+            Ok(p) => {
+                let url = support::pg::shared().create_database().await;
+                tokio::task::block_in_place(|| {
+                    p.pgqueuer(
+                        &url,
+                        &["-s", "drain", "--dequeue-batch-size", "100", "--jobs", jobs],
+                    )
+                })
+            }
+            Err(e) => Err(e.clone()),
+        };
+        out.push(Compare {
+            figure: "drain, one-step runs (PostgreSQL)",
+            ours: pg_rate("worker drain 1-step"),
+            peer: drain.as_ref().ok().copied(),
+            unit: "/s",
+            note: drain.err().unwrap_or_else(|| {
+                "peer: pgqueuer 1.6.0 drain, 5 consumers x batches of 100".into()
+            }),
+        });
+        let secs = if quick { "5" } else { "15" };
+        let steady = match &peers {
+            Ok(p) => {
+                let url = support::pg::shared().create_database().await;
+                tokio::task::block_in_place(|| p.pgqueuer(&url, &["-t", secs]))
+            }
+            Err(e) => Err(e.clone()),
+        };
+        out.push(Compare {
+            figure: "steady state, saturated (PostgreSQL)",
+            ours: pg_rate("steady (saturated)"),
+            peer: steady.as_ref().ok().copied(),
+            unit: "/s",
+            note: steady.err().unwrap_or_else(|| {
+                "peer: pgqueuer 1.6.0 defaults (5x10 consumers, 1x10 producer)".into()
+            }),
+        });
+        if let Some(paced) = rows
+            .iter()
+            .find(|r| r.backend == "postgres" && r.mode == "steady (paced)")
+        {
+            out.push(Compare {
+                figure: "p99 enqueue->start at half rate (PostgreSQL)",
+                ours: paced.p99_ms.map(|v| v as f64),
+                peer: None,
+                unit: "ms",
+                note: format!("goal < 50 ms; p50 {} ms", paced.p50_ms.unwrap_or(-1)),
+            });
+        }
+    }
+    let pg_url = if has_pg {
+        Some(support::pg::shared().create_database().await)
+    } else {
+        None
+    };
+    out.extend(tokio::task::block_in_place(|| {
+        http_side_by_side(quick, pg_url)
+    }));
+    if has_pg {
+        let (runs, concurrency) = if quick {
+            (2_000, 2_000)
+        } else {
+            (10_000, 2_500)
+        };
+        match slow_steps(runs, 5_000, concurrency).await {
+            Ok((secs, ideal, rss)) => {
+                out.push(Compare {
+                    figure: "slow steps (5 s delay), one worker",
+                    ours: Some(secs),
+                    peer: Some(ideal),
+                    unit: "s",
+                    note: format!(
+                        "{runs} steps, --concurrency {concurrency}; peer column = ideal time; worker peak RSS {rss:.1} MB"
+                    ),
+                });
+            }
+            Err(e) => out.push(Compare {
+                figure: "slow steps (5 s delay), one worker",
+                ours: None,
+                peer: None,
+                unit: "s",
+                note: e,
+            }),
+        }
+    }
+    out
+}
+
 async fn bench(quick: bool, backends: Vec<Backend>) {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
@@ -721,6 +1044,22 @@ async fn bench(quick: bool, backends: Vec<Backend>) {
     Row::print_header();
     for row in &rows {
         row.print();
+    }
+    let compared = side_by_side(quick, &rows).await;
+    println!();
+    println!(
+        "side by side, same machine and PostgreSQL server (load average after: {}):",
+        load_average()
+    );
+    Compare::print_header();
+    for row in &compared {
+        row.print();
+    }
+    let failed = rows.iter().any(|r| r.note.contains("CHECK"))
+        || compared.iter().any(|r| r.note.contains("CHECK"));
+    if failed {
+        eprintln!("a run did not succeed (CHECK above)");
+        std::process::exit(1);
     }
 }
 

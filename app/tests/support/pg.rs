@@ -119,6 +119,25 @@ impl PgServer {
     /// Starts (or restarts) the postmaster and waits until it accepts connections.
     pub fn launch(&self) {
         let log = std::fs::File::create(self.base.join("server.log")).expect("log file");
+        // `VM_TEST_PG_STOCK=1` (the benchmark) keeps PostgreSQL's own settings
+        // (fsync on, full page writes, 128 MB shared buffers), as users run it.
+        let stock = std::env::var("VM_TEST_PG_STOCK").is_ok_and(|v| v == "1");
+        let tuning: &[&str] = if stock {
+            &["-c", "max_connections=300"]
+        } else {
+            // fsync off keeps tests fast; commits stay synchronous so that an
+            // immediate stop (the outage tests) never loses acknowledged work.
+            &[
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "shared_buffers=64MB",
+            ]
+        };
         self.command("postgres")
             .arg("-D")
             .arg(self.data())
@@ -126,10 +145,7 @@ impl PgServer {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.base.display()))
-            // fsync off keeps tests fast; commits stay synchronous so that an
-            // immediate stop (the outage tests) never loses acknowledged work.
-            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
-            .args(["-c", "max_connections=300", "-c", "shared_buffers=64MB"])
+            .args(tuning)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
