@@ -174,7 +174,7 @@ impl Plan {
             raw_batch: 64,
             workers: 2,
             concurrency: 256,
-            producers: 16,
+            producers: 64,
             warmup: if quick {
                 Duration::from_millis(500)
             } else {

@@ -11,7 +11,7 @@ use super::{Result, Store, StoreError};
 use crate::config::DbBackend;
 
 /// The migrations of one backend, in order: (version, description, SQL).
-fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 4] {
+fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 5] {
     match backend {
         DbBackend::Postgres => [
             (
@@ -34,6 +34,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 "queue maintenance",
                 include_str!("../../migrations/postgres/0004_queue_maintenance.sql"),
             ),
+            (
+                5,
+                "events keyed by run",
+                include_str!("../../migrations/postgres/0005_events_keyed_by_run.sql"),
+            ),
         ],
         DbBackend::Sqlite => [
             (
@@ -55,6 +60,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 4,
                 "queue maintenance",
                 include_str!("../../migrations/sqlite/0004_queue_maintenance.sql"),
+            ),
+            (
+                5,
+                "events keyed by run",
+                include_str!("../../migrations/sqlite/0005_events_keyed_by_run.sql"),
             ),
         ],
     }
