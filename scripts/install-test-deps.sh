@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suites need when it is missing: PostgreSQL 15 server
-# binaries (the tests start their own server on loopback) and redis-server.
+# binaries (the tests start their own server on loopback), redis-server and
+# libfaketime.
 # Safe to run repeatedly; does nothing when everything is present.
 set -euo pipefail
 
@@ -10,6 +11,10 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${VM_TEST_PG_B
 fi
 if ! command -v redis-server >/dev/null 2>&1; then
   missing+=(redis-server)
+fi
+# libfaketime: the clock-skew tests run workers with their clock moved.
+if ! compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null && [ ! -e /usr/lib/faketime/libfaketime.so.1 ]; then
+  missing+=(faketime)
 fi
 if ! command -v runuser >/dev/null 2>&1; then
   missing+=(util-linux)
