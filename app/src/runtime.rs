@@ -202,8 +202,25 @@ async fn second_signal(first: CancellationToken) {
     first.cancelled().await;
     shutdown_signal().await;
     warn!(
-        "second stop signal: not waiting for running steps; their leases expire (VM_JOB_LEASE_MS) and they run again"
+        "second stop signal: not waiting for running steps; they are released to the queue and run again"
     );
+}
+
+/// Ends the worker's grace period now: its running steps are released to the
+/// queue (no attempt spent). Bounded, so an unreachable database cannot hold
+/// the exit: whatever is not released then comes back when its lease expires.
+async fn release_at_once(
+    force: &CancellationToken,
+    worker: tokio::task::JoinHandle<crate::worker::DrainReport>,
+) {
+    force.cancel();
+    let abort = worker.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(3), worker)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
 }
 
 /// Shared state with Redis attached when configured.
@@ -289,11 +306,14 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
     let mut state = app_state(&store, &settings)?;
     let shutdown = CancellationToken::new();
     let mut worker_task = None;
+    let force_stop = CancellationToken::new();
     if settings.embedded_worker() {
         let worker = build_worker(&state, Duration::from_millis(500), 4)?;
         state.worker = Some(worker.state());
         forward_wakeups(&state, &shutdown);
-        worker_task = Some(tokio::spawn(worker.run(shutdown.clone())));
+        worker_task = Some(tokio::spawn(
+            worker.with_force(force_stop.clone()).run(shutdown.clone()),
+        ));
     } else {
         // No worker here: still contend for queue maintenance, so the queue
         // gauges stay fresh and expired leases are rescued even while every
@@ -338,7 +358,7 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
             _ = &mut force => {
                 forced_by_signal.store(true, Ordering::SeqCst);
                 if let Some(task) = worker_task {
-                    task.abort();
+                    release_at_once(&force_stop, task).await;
                 }
                 return;
             }
@@ -348,7 +368,7 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
                 _ = &mut task => {}
                 _ = &mut force => {
                     forced_by_signal.store(true, Ordering::SeqCst);
-                    task.abort();
+                    release_at_once(&force_stop, task).await;
                 }
             }
         }
@@ -413,7 +433,8 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     });
     let probes = tokio::spawn(async move { probes.await });
     forward_wakeups(&state_for_wakeups, &shutdown);
-    let mut worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    let force_stop = CancellationToken::new();
+    let mut worker_task = tokio::spawn(worker.with_force(force_stop.clone()).run(shutdown.clone()));
     shutdown_signal().await;
     flag.store(true, Ordering::SeqCst);
     info!(
@@ -425,7 +446,7 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     let forced = tokio::select! {
         _ = &mut worker_task => false,
         _ = &mut force => {
-            worker_task.abort();
+            release_at_once(&force_stop, worker_task).await;
             true
         }
     };

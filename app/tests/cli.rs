@@ -855,9 +855,10 @@ async fn sigterm_with_a_short_grace_releases_the_step_and_a_restart_completes_th
 
 /// Locally a person presses Ctrl-C twice when the first waits for a long
 /// step: the second signal must end the process at once instead of sitting
-/// out the whole grace (20 s by default).
+/// out the whole grace (20 s by default), and give the step back to the queue
+/// (released, no attempt spent) rather than leave it to a lease expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_signal_stops_serve_at_once_while_a_step_runs() {
+async fn a_second_signal_stops_serve_at_once_and_releases_the_running_step() {
     let root = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let mut serve = local_serve(root.path(), port, &[]);
@@ -891,6 +892,37 @@ async fn a_second_signal_stops_serve_at_once_while_a_step_runs() {
     );
     assert_eq!(status.code(), Some(0), "{output}");
     assert!(output.contains("second stop signal"), "{output}");
+
+    let db = vm_webapp::config::DatabaseSettings {
+        url: vm_webapp::config::Secret::new(format!(
+            "sqlite://{}/{}",
+            root.path().display(),
+            vm_webapp::config::EMBEDDED_DB_FILE
+        )),
+        backend: vm_webapp::config::DbBackend::Sqlite,
+        embedded: true,
+    };
+    let store = vm_webapp::store::Store::connect(&db, 1)
+        .await
+        .expect("open the database");
+    let run_id = uuid::Uuid::parse_str(&id).expect("run id");
+    let events: Vec<String> = store
+        .list_events(run_id, 0, 100)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert!(
+        events.contains(&"step.released".to_string()),
+        "the running step goes back to the queue: {events:?}"
+    );
+    let detail = store.get_run(run_id).await.expect("run").expect("exists");
+    assert_eq!(
+        (detail.steps[0].status, detail.steps[0].attempts),
+        (vm_webapp::model::StepStatus::Queued, 0),
+        "released without spending an attempt"
+    );
 }
 
 /// The README's first run is the one the banner prints: one example, so

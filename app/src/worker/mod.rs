@@ -95,6 +95,7 @@ pub struct Worker {
     wake: Arc<Notify>,
     state: Arc<WorkerState>,
     metrics: Arc<Metrics>,
+    force: CancellationToken,
 }
 
 /// How often a worker records its heartbeat.
@@ -123,7 +124,16 @@ impl Worker {
             wake,
             state: Arc::new(WorkerState::default()),
             metrics: Arc::new(Metrics::new()),
+            force: CancellationToken::new(),
         }
+    }
+
+    /// `force`, once cancelled during the drain, ends the grace period at
+    /// once: running steps are stopped and released to the queue without
+    /// spending an attempt (a second Ctrl-C locally).
+    pub fn with_force(mut self, force: CancellationToken) -> Self {
+        self.force = force;
+        self
     }
 
     /// Records claims, outcomes and durations in `metrics` (shared with the
@@ -332,6 +342,10 @@ impl Worker {
                     report.drained += 1;
                 }
                 _ = &mut deadline => break,
+                _ = self.force.cancelled() => {
+                    info!(jobs = tasks.len(), "stopping at once: releasing running steps");
+                    break;
+                }
             }
         }
         tasks.abort_all();
