@@ -98,21 +98,7 @@ impl Handle {
 }
 
 async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>) {
-    loop {
-        let mut batch = Vec::new();
-        {
-            let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else {
-                return;
-            };
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
-        }
+    while let Some(mut batch) = crate::batch::next_batch(&rx, MAX_BATCH).await {
         let news: Vec<&NewRun> = batch.iter().map(|r| &r.new).collect();
         match write_batch(&store, &news).await {
             Ok(stored) => {

@@ -26,14 +26,14 @@ type Reply = oneshot::Sender<Option<Finish>>;
 /// The job tasks' side; cheap to clone.
 #[derive(Clone)]
 pub struct Completer {
-    tx: mpsc::UnboundedSender<(Completion, Reply)>,
+    tx: mpsc::Sender<(Completion, Reply)>,
     flushers: Arc<Mutex<JoinSet<()>>>,
 }
 
 impl Completer {
     /// Starts the flushers over `store`.
     pub fn start(store: Store) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let rx = Arc::new(Mutex::new(rx));
         let mut flushers = JoinSet::new();
         for _ in 0..FLUSHERS {
@@ -50,7 +50,10 @@ impl Completer {
     /// job will be delivered again).
     pub async fn complete(&self, job: ClaimedJob, output: Value) -> Option<Finish> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send((Completion { job, output }, reply)).ok()?;
+        self.tx
+            .send((Completion { job, output }, reply))
+            .await
+            .ok()?;
         answer.await.ok().flatten()
     }
 
@@ -66,22 +69,8 @@ impl Completer {
     }
 }
 
-async fn flush(store: Store, rx: Arc<Mutex<mpsc::UnboundedReceiver<(Completion, Reply)>>>) {
-    loop {
-        let mut batch = Vec::new();
-        {
-            let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else {
-                return;
-            };
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(item) => batch.push(item),
-                    Err(_) => break,
-                }
-            }
-        }
+async fn flush(store: Store, rx: Arc<Mutex<mpsc::Receiver<(Completion, Reply)>>>) {
+    while let Some(batch) = crate::batch::next_batch(&rx, MAX_BATCH).await {
         let (done, replies): (Vec<Completion>, Vec<Reply>) = batch.into_iter().unzip();
         match persist(|| store.complete_batch(&done)).await {
             Some(finishes) => {

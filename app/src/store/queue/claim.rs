@@ -3,6 +3,14 @@
 //! transaction. On PostgreSQL that is one statement (`FOR UPDATE SKIP LOCKED`
 //! in a data-modifying CTE), so workers never queue behind each other and a
 //! claim costs one round trip whatever its size.
+//!
+//! On PostgreSQL a claim commits with `synchronous_commit = off`: it does not
+//! wait for its WAL flush. Nothing is lost by that: if the server crashed
+//! before the flush, the claim never happened, the job is `queued` again with
+//! its old attempt, and the worker's completion is refused by the fencing
+//! token (a stale claim), so the step runs again: at least once, and its
+//! result recorded once. Results and new runs still commit synchronously.
+//! Under a moderate load this turns one disk flush per small claim into none.
 
 use std::time::Duration;
 
@@ -97,12 +105,18 @@ impl Store {
             run_started = EventType::RunStarted.as_str(),
             step_started = EventType::StepStarted.as_str(),
         ));
-        Ok(sqlx::query(&sql)
+        let mut tx = self.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(&sql)
             .bind(limit)
             .bind(ms(lease))
             .bind(worker)
-            .fetch_all(self.pool())
-            .await?)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(rows)
     }
 
     /// SQLite has one writer: the statements share one transaction.

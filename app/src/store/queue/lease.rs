@@ -36,14 +36,24 @@ impl Store {
                AND (id, attempt) IN (SELECT id, attempt FROM ({}) h) RETURNING id",
             recordset(self.backend(), &[("id", "bigint"), ("attempt", "bigint")])
         ));
-        sqlx::query(&sql)
+        let mut tx = self.begin().await?;
+        if self.backend() == crate::config::DbBackend::Postgres {
+            // A renewal lost in a server crash only shortens the lease: the job
+            // may be delivered again, which the fencing token makes safe.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let kept = sqlx::query(&sql)
             .bind(batch)
             .bind(ms(lease))
             .bind(worker)
-            .fetch_all(self.pool())
+            .fetch_all(&mut *tx)
             .await?
             .iter()
             .map(|r| Ok(r.try_get::<i64, _>("id")?))
-            .collect()
+            .collect::<Result<HashSet<i64>>>()?;
+        tx.commit().await?;
+        Ok(kept)
     }
 }
