@@ -39,6 +39,7 @@ const AUDIT_CURSOR: &str = "a1";
     ),
     responses(
         (status = 200, body = AuditList),
+        (status = 400, description = "invalid_parameter, invalid_cursor, invalid_text (a filter the database cannot store, such as a NUL byte)", body = ErrorBody),
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden: not an admin key", body = ErrorBody),
     )

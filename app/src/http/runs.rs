@@ -106,7 +106,7 @@ pub fn parse_create_body(bytes: &[u8]) -> Result<(Value, Vec<Value>), ApiError> 
     responses(
         (status = 202, description = "Run queued", body = RunView),
         (status = 200, description = "Idempotent replay of the original run", body = RunView),
-        (status = 400, description = "invalid_json, invalid_idempotency_key", body = ErrorBody),
+        (status = 400, description = "invalid_json, invalid_idempotency_key, invalid_correlation_id, invalid_request_id, invalid_text (a text the database cannot store, such as a NUL byte)", body = ErrorBody),
         (status = 409, description = "idempotency_key_conflict", body = ErrorBody),
         (status = 413, description = "payload_too_large", body = ErrorBody),
         (status = 422, description = "invalid_request, invalid_step, unknown_step_kind, llm_unavailable", body = ErrorBody),
@@ -300,6 +300,7 @@ fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
     params(("id" = Uuid, Path, description = "Run id")),
     responses(
         (status = 200, body = RunView),
+        (status = 400, description = "invalid_parameter: the id is not valid percent-encoded UTF-8 (a well-formed id that is not a UUID is run_not_found)", body = ErrorBody),
         (status = 404, description = "run_not_found", body = ErrorBody),
         (status = 503, description = "dependency_unavailable", body = ErrorBody),
     )
@@ -371,6 +372,7 @@ pub async fn list_events(
     params(("id" = Uuid, Path, description = "Run id")),
     responses(
         (status = 200, description = "Cancelled", body = RunView),
+        (status = 400, description = "invalid_parameter: the id is not valid percent-encoded UTF-8 (a well-formed id that is not a UUID is run_not_found)", body = ErrorBody),
         (status = 404, description = "run_not_found", body = ErrorBody),
         (status = 409, description = "run_not_cancellable", body = ErrorBody),
     )
