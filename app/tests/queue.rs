@@ -795,7 +795,72 @@ async fn several_workers_drain_hundreds_of_jobs_exactly_once(backend: Backend) {
     }
 }
 
+/// Without a single leader, every worker pod would rescue and recount the
+/// queue (the GROUP BY every scrape used to run). On PostgreSQL one store of
+/// several leads, and leadership passes on when the leader lets go; the
+/// snapshot it writes is what scrapes read.
+async fn queue_maintenance_has_one_leader_and_keeps_the_gauge_snapshot(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let other = vm_webapp::store::Store::connect(&env.settings.database, 2)
+        .await
+        .expect("second store");
+    let first = env.store.try_lead_maintenance().await.expect("contend");
+    assert!(first.is_some(), "an uncontended store leads");
+    let second = other.try_lead_maintenance().await.expect("contend");
+    match backend {
+        Backend::Postgres => {
+            assert!(second.is_none(), "one leader per database");
+            drop(first);
+            // The lock goes with the leader's connection.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                if other
+                    .try_lead_maintenance()
+                    .await
+                    .expect("contend")
+                    .is_some()
+                {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "leadership never passed on"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // SQLite is shared only by processes on one host: every one may lead.
+        Backend::Sqlite => assert!(second.is_some()),
+    }
+
+    enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "template", "template": "a"}, {"kind": "template", "template": "b"}]),
+    )
+    .await;
+    let (before, _) = env.store.queue_stats().await.expect("stats");
+    assert!(
+        before.iter().all(|s| s.jobs == 0),
+        "no snapshot yet: {before:?}"
+    );
+    env.store.refresh_queue_stats().await.expect("refresh");
+    let (after, stale) = env.store.queue_stats().await.expect("stats");
+    let jobs = |state: &str| after.iter().find(|s| s.state == state).map(|s| s.jobs);
+    assert_eq!(
+        (
+            jobs("queued"),
+            jobs("waiting"),
+            jobs("running"),
+            jobs("dead")
+        ),
+        (Some(1), Some(1), Some(0), Some(0))
+    );
+    assert!(stale.is_some_and(|ms| ms < 5_000), "{stale:?}");
+}
+
 on_both_backends!(
+    queue_maintenance_has_one_leader_and_keeps_the_gauge_snapshot,
     run_executes_steps_in_order_and_records_every_transition,
     transient_llm_failure_is_retried_with_backoff_then_succeeds,
     rejected_credentials_fail_the_run_without_retry,
