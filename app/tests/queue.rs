@@ -859,7 +859,47 @@ async fn queue_maintenance_has_one_leader_and_keeps_the_gauge_snapshot(backend: 
     assert!(stale.is_some_and(|ms| ms < 5_000), "{stale:?}");
 }
 
+/// Without renewals during the drain, a grace period longer than the lease
+/// let the step's lease run out while it finished: it was rescued and run
+/// again by another delivery, and its own result was refused as stale.
+async fn leases_are_renewed_while_steps_drain_at_shutdown(backend: Backend) {
+    let env = TestEnv::new(
+        backend,
+        &[
+            ("VM_JOB_LEASE_MS", "600"),
+            ("VM_SHUTDOWN_GRACE_MS", "10000"),
+        ],
+    )
+    .await;
+    let id = enqueue(&env, json!({}), json!([{"kind": "delay", "ms": 2500}])).await;
+    let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
+    wait_for_event(&env, id, "step.started").await;
+    stop.cancel();
+    let report = worker.await.expect("worker");
+    assert_eq!(
+        report,
+        DrainReport {
+            drained: 1,
+            released: 0
+        }
+    );
+    let detail = env.store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(
+        detail.run.status,
+        RunStatus::Succeeded,
+        "{:?}",
+        detail.steps
+    );
+    assert_eq!(detail.steps[0].attempts, 1);
+    let events = env.event_types(id).await;
+    assert!(
+        !events.contains(&"step.lease_expired".to_string()),
+        "{events:?}"
+    );
+}
+
 on_both_backends!(
+    leases_are_renewed_while_steps_drain_at_shutdown,
     queue_maintenance_has_one_leader_and_keeps_the_gauge_snapshot,
     run_executes_steps_in_order_and_records_every_transition,
     transient_llm_failure_is_retried_with_backoff_then_succeeds,

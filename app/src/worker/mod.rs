@@ -335,12 +335,18 @@ impl Worker {
         }
         let deadline = tokio::time::sleep(self.config.shutdown_grace);
         tokio::pin!(deadline);
+        // Leases are still renewed while steps drain: a grace period longer
+        // than the lease must not hand a finishing step to another worker.
+        let mut renew = tokio::time::interval(self.renew_every());
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
         while !tasks.is_empty() {
             tokio::select! {
                 Some(done) = tasks.join_next_with_id() => {
                     Self::forget(&mut in_flight, done);
                     report.drained += 1;
                 }
+                _ = renew.tick() => self.renew_leases(&mut in_flight).await,
                 _ = &mut deadline => break,
                 _ = self.force.cancelled() => {
                     info!(jobs = tasks.len(), "stopping at once: releasing running steps");
