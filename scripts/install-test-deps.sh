@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suites need when it is missing: PostgreSQL 15 server
-# binaries (the tests start their own server on loopback), redis-server and
-# libfaketime.
+# binaries (the tests start their own server on loopback), redis-server,
+# libfaketime, and Prometheus with promtool and Alertmanager with amtool (the
+# alert and dashboard tests run their own on loopback).
 # Safe to run repeatedly; does nothing when everything is present.
 set -euo pipefail
 
@@ -15,6 +16,16 @@ fi
 # libfaketime: the clock-skew tests run workers with their clock moved.
 if ! compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null && [ ! -e /usr/lib/faketime/libfaketime.so.1 ]; then
   missing+=(faketime)
+fi
+# prometheus (with promtool) and prometheus-alertmanager (Debian names the
+# server prometheus-alertmanager; amtool comes with it): the
+# alert rules are unit-tested with promtool, and the incident drills run a real
+# Prometheus and Alertmanager against the real app.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  missing+=(prometheus)
+fi
+if ! command -v prometheus-alertmanager >/dev/null 2>&1 || ! command -v amtool >/dev/null 2>&1; then
+  missing+=(prometheus-alertmanager)
 fi
 if ! command -v runuser >/dev/null 2>&1; then
   missing+=(util-linux)
@@ -31,5 +42,13 @@ fi
 
 echo "installing test dependencies: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
+# The tests start their own servers; the packages' system services are not
+# needed, so they are not started by this installation (a policy-rc.d that
+# already exists is left as it is).
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+  chmod 755 /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
