@@ -54,15 +54,19 @@ impl Store {
         if self.backend() == DbBackend::Sqlite {
             return Ok(Some(MaintenanceLease { conn: None }));
         }
-        let mut conn = self.pool().acquire().await?.detach();
+        // Contend on a pooled connection; only the winner takes it out of the
+        // pool (the lock lives as long as that session), so a process that
+        // does not lead opens no connection of its own every tick.
+        let mut conn = self.pool().acquire().await?;
         let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS held")
             .bind(MAINTENANCE_LOCK)
-            .fetch_one(&mut conn)
+            .fetch_one(&mut *conn)
             .await?;
         if row.try_get::<bool, _>("held")? {
-            Ok(Some(MaintenanceLease { conn: Some(conn) }))
+            Ok(Some(MaintenanceLease {
+                conn: Some(conn.detach()),
+            }))
         } else {
-            let _ = conn.close().await;
             Ok(None)
         }
     }
