@@ -492,8 +492,24 @@ async fn worker_drain(backend: Backend, plan: &Plan, runs: usize, steps: usize) 
 /// steady state rather than a growing queue.
 async fn steady(backend: Backend, plan: &Plan, rate: Option<f64>) -> Row {
     let env = fresh(backend).await;
-    // As `serve` does: every enqueue in this process wakes a sleeping worker.
+    // PostgreSQL is the clustered set-up: producers (the API) publish a
+    // wake-up on Redis per new run and the workers' process subscribes, as
+    // separate `serve` and `worker` processes do. SQLite is local mode: the
+    // enqueue wakes the in-process worker directly.
     let wake = Arc::new(Notify::new());
+    let redis = (backend == Backend::Postgres).then(support::redis::RedisServer::start);
+    let bus = redis.as_ref().map(|r| {
+        vm_webapp::redis_bus::RedisBus::new(
+            &vm_webapp::config::Secret::new(r.url()),
+            Arc::new(vm_webapp::metrics::Metrics::new()),
+        )
+        .expect("redis url")
+    });
+    let subscription = CancellationToken::new();
+    if let Some(bus) = bus.clone() {
+        tokio::spawn(bus.forward_wakeups(wake.clone(), subscription.clone()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let workers = spawn_workers(&env, plan, &wake).await;
     let cap = (4 * plan.workers * plan.concurrency) as i64;
     let backlog = Arc::new(AtomicI64::new(0));
@@ -517,6 +533,7 @@ async fn steady(backend: Backend, plan: &Plan, rate: Option<f64>) -> Row {
     let mut producers = JoinSet::new();
     for _ in 0..plan.producers {
         let (store, wake, stop) = (env.store.clone(), wake.clone(), stop.clone());
+        let bus = bus.clone();
         let (backlog, recording, sampled) = (backlog.clone(), recording.clone(), sampled.clone());
         let (tickets, produced) = (tickets.clone(), produced.clone());
         let template = no_op_run(1);
@@ -538,7 +555,10 @@ async fn steady(backend: Backend, plan: &Plan, rate: Option<f64>) -> Row {
                     None => {}
                 }
                 let id = enqueue(&store, &template).await;
-                wake.notify_one();
+                match &bus {
+                    Some(bus) => bus.notify_enqueued().await,
+                    None => wake.notify_one(),
+                }
                 produced.fetch_add(1, Ordering::Relaxed);
                 if recording.load(Ordering::Relaxed) {
                     sampled.lock().expect("samples").push(id);
@@ -581,6 +601,8 @@ async fn steady(backend: Backend, plan: &Plan, rate: Option<f64>) -> Row {
     // survivor bias, then stop the workers.
     let emptied = wait_empty(&env.store, DRAIN_TIMEOUT).await;
     stop_workers(workers).await;
+    subscription.cancel();
+    drop(redis);
 
     let ids = std::mem::take(&mut *sampled.lock().expect("samples"));
     let (p50, p99, unstarted) = enqueue_to_start(&env.store, &ids).await;
@@ -590,8 +612,13 @@ async fn steady(backend: Backend, plan: &Plan, rate: Option<f64>) -> Row {
         None => format!("producers flat out (backlog cap {cap}), enqueued {offered:.0}/s"),
     };
     note.push_str(&format!(
-        "; {cpu}; latency of {} samples",
-        ids.len().min(MAX_SAMPLES)
+        "; {cpu}; latency of {} samples{}",
+        ids.len().min(MAX_SAMPLES),
+        if bus.is_some() {
+            "; wake-ups via Redis"
+        } else {
+            ""
+        }
     ));
     if unstarted > 0 || !emptied {
         note.push_str(&format!("; CHECK: {unstarted} sampled runs never started"));
