@@ -27,6 +27,45 @@ pub enum Command {
     Migrate,
     /// Validate the environment, print what is wrong (never a secret), and exit.
     CheckConfig,
+    /// Write a consistent logical snapshot of the database (either backend)
+    /// to a file. Uses the migration credentials when they are set.
+    Backup(BackupArgs),
+    /// Load a snapshot into an empty, migrated database of either backend.
+    Restore(RestoreArgs),
+}
+
+/// `backup` options: one file, or a directory of timestamped files pruned to
+/// the newest `--keep`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The file to write (written as FILE.partial, renamed when complete).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "output_dir",
+        conflicts_with = "output_dir"
+    )]
+    pub output: Option<std::path::PathBuf>,
+    /// A directory to write `vm-webapp-backup-<UTC time>.jsonl` into (the
+    /// operator's CronJob uses this with a PVC).
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<std::path::PathBuf>,
+    /// With --output-dir: complete backups to keep, newest first; older ones
+    /// are deleted after a successful backup.
+    #[arg(long, requires = "output_dir", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub keep: Option<u32>,
+}
+
+/// `restore` options.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The snapshot written by `vm-webapp backup`.
+    #[arg(long, value_name = "FILE")]
+    pub input: std::path::PathBuf,
+    /// Replace the content of a database that is not empty (deleted in the
+    /// same transaction as the load) instead of refusing.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `serve` options.

@@ -5,6 +5,7 @@
 //! the commands that wire them ([`runtime`]). Settings come from the
 //! environment, validated once ([`config`]).
 
+pub mod backup_cmd;
 pub mod batch;
 pub mod cli;
 pub mod config;

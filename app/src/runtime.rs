@@ -1,4 +1,5 @@
-//! The commands: settings first, then the store, then the servers and the
+//! The commands (`backup` and `restore` live in [`crate::backup_cmd`]):
+//! settings first, then the store, then the servers and the
 //! worker, then a graceful stop on SIGTERM or Ctrl-C.
 //!
 //! Exit codes: 0 success, 1 runtime failure (database unreachable, port in
@@ -63,6 +64,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Worker(args) => worker(settings, args).await,
         Command::Migrate => migrate(settings).await,
         Command::CheckConfig => Ok(()),
+        Command::Backup(args) => crate::backup_cmd::backup(&settings, &args).await,
+        Command::Restore(args) => crate::backup_cmd::restore(&settings, &args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,7 +103,7 @@ pub async fn open_store(settings: &Settings, pool_size: u32) -> Result<Store, St
 
 /// A store error for a person, without connection strings or driver detail
 /// that might echo them.
-fn describe(e: &StoreError) -> String {
+pub(crate) fn describe(e: &StoreError) -> String {
     match e {
         StoreError::Unavailable(_) => {
             "database unreachable (check VM_DB_URL, network and credentials)".into()

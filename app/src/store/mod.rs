@@ -34,7 +34,8 @@
 //! Files: [`migrate`] (schema), [`events`] (the event log), [`runs`] (create,
 //! read, cancel), [`group_commit`] (batched run creation), [`queue`] (claim,
 //! complete, retry, rescue, leases, maintenance), [`workers`] (heartbeats),
-//! [`security`] (audit trail, webhook nonces, grants).
+//! [`security`] (audit trail, webhook nonces, grants), [`backup`] (logical
+//! snapshot and restore, either backend).
 
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ use uuid::Uuid;
 
 use crate::config::{DatabaseSettings, DbBackend};
 
+pub mod backup;
 pub mod events;
 pub mod group_commit;
 pub mod migrate;
