@@ -57,6 +57,8 @@ pub mod component {
     pub const WORKER: &str = "worker";
     /// The database migration Job.
     pub const MIGRATION: &str = "migration";
+    /// The scheduled backup CronJob and its Jobs.
+    pub const BACKUP: &str = "backup";
     /// Shared objects (ConfigMap, ServiceAccount).
     pub const CONFIG: &str = "config";
 }
@@ -118,6 +120,9 @@ pub mod app {
     pub const READY_CHECK_BUDGET_MS: i64 = 1_000;
     /// `VM_WORKSPACE_ROOT` inside containers (an emptyDir).
     pub const WORKSPACE_ROOT: &str = "/var/data/vm";
+    /// Where the backup PersistentVolumeClaim is mounted in backup pods
+    /// (`backup --output-dir`).
+    pub const BACKUP_DIR: &str = "/var/backups/vm";
     /// Writable scratch directory (an emptyDir), since the root filesystem is read-only.
     pub const TMP_DIR: &str = "/tmp";
     /// Name of the API container port.

@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("has(self.database) || !self.migrations.enabled").message("spec.migrations.enabled needs spec.database: without a shared database the migration Job would migrate a throwaway file"),
     validation = Rule::new("has(self.database) || self.appEnv == 'local'").message("appEnv staging and production need spec.database: only local mode embeds SQLite"),
     validation = Rule::new("self.api.port != self.worker.healthPort").message("spec.api.port and spec.worker.healthPort must differ"),
+    validation = Rule::new("!has(self.backup) || has(self.database)").message("spec.backup needs spec.database: without a shared database a backup pod would back up an empty throwaway file").reason(Reason::FieldValueRequired),
     validation = Rule::new("self.appEnv != 'production' || (has(self.auth) && has(self.auth.apiKeys))").message("appEnv production requires spec.auth.apiKeys: the app refuses to start in production without API keys (VM_API_KEYS)").reason(Reason::FieldValueRequired),
 )]
 #[serde(rename_all = "camelCase")]
@@ -104,6 +105,12 @@ pub struct VmWebappSpec {
     /// Database migrations (`vm-webapp migrate`), run as a Job before a new image rolls out.
     #[serde(default)]
     pub migrations: MigrationsSpec,
+
+    /// Scheduled logical backups (`vm-webapp backup`) to a PersistentVolumeClaim, run by a
+    /// CronJob with the migration credentials. Unset: no backups (rely on the database
+    /// provider's point-in-time recovery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
 
     /// Extra environment variables for every container. Names the operator sets itself
     /// (`APP_ENV`, `LOG_*`, `PORT`, `KIMI_*` and the `VM_*` variables behind spec fields)
@@ -575,6 +582,45 @@ impl Default for MigrationsSpec {
     }
 }
 
+/// Scheduled backups: a CronJob runs `vm-webapp backup --output-dir <mount> --keep
+/// <retention>` with the image the Deployments serve and the migration credentials
+/// (`spec.migrations.database`, else `spec.database`), writing
+/// `vm-webapp-backup-<UTC time>.jsonl` files to the claim.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// Cron schedule in UTC, five fields (`minute hour day-of-month month day-of-week`,
+    /// with `*`, lists, ranges and steps) or `@hourly`, `@daily`, `@weekly`, `@monthly`.
+    /// The longest gap between two scheduled times plus `activeDeadlineSeconds` is how old
+    /// the last successful backup may get before `VmWebappBackupStale` fires.
+    #[schemars(length(min = 1, max = 128))]
+    pub schedule: String,
+    /// Complete backup files kept on the claim, newest first; older ones are deleted after
+    /// each successful backup.
+    #[serde(default = "default_backup_retention")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub retention: i32,
+    /// Name of an existing PersistentVolumeClaim in the namespace the backups are written
+    /// to (ReadWriteOnce is enough: one backup runs at a time).
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Deadline of one backup Job in seconds.
+    #[serde(default = "default_backup_deadline")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub active_deadline_seconds: i64,
+    /// Stop scheduling new backups (running ones finish).
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_backup_retention() -> i32 {
+    7
+}
+
+fn default_backup_deadline() -> i64 {
+    3600
+}
+
 /// An extra environment variable: a literal value or a Secret key, exactly one of them.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -611,6 +657,33 @@ pub struct VmWebappStatus {
     /// The image the API Deployment actually runs (may lag `spec.image` during a migration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving_image: Option<String>,
+    /// Scheduled backups, when `spec.backup` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupStatus>,
+}
+
+/// What the operator knows of the scheduled backups (from the CronJob's status).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    /// The CronJob that runs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron_job: Option<String>,
+    /// When the last backup Job succeeded (RFC 3339), from the CronJob's
+    /// `status.lastSuccessfulTime`; unset until one has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_time: Option<String>,
+    /// When the CronJob was created (RFC 3339): before the first success, backups count as
+    /// stale once this is older than `maxAgeSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configured_time: Option<String>,
+    /// When the CronJob last started a backup Job (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<String>,
+    /// How old the last successful backup may get before it counts as stale, in seconds:
+    /// the longest gap of `spec.backup.schedule` plus the Job's deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_seconds: Option<i64>,
 }
 
 impl VmWebappSpec {

@@ -85,6 +85,7 @@ pub fn seed(ctx: &Context, world: &[Value]) {
     fill(&mut w.service_accounts, world, "ServiceAccount");
     fill(&mut w.pdbs, world, "PodDisruptionBudget");
     fill(&mut w.hpas, world, "HorizontalPodAutoscaler");
+    fill(&mut w.cron_jobs, world, "CronJob");
     w.secrets.apply_watcher_event(&watcher::Event::Init);
     for obj in world.iter().filter(|o| o["kind"] == "Secret") {
         let meta: PartialObjectMeta<Secret> = PartialObjectMeta {

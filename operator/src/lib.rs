@@ -4,6 +4,7 @@
 //! Flow: [`crd`] defines the resource; [`builders`] compute every desired child object
 //! from it without I/O; the [`controller`] reads what exists from its caches, applies the
 //! difference with server-side apply and writes the status; [`render`] prints the builders' output offline;
+//! [`schedule`] reads `spec.backup`'s cron schedule;
 //! [`runtime`] wires `vm-operator run` (leader election, admin server, telemetry).
 
 pub mod admin;
@@ -18,6 +19,7 @@ pub mod quantity;
 pub mod rbac;
 pub mod render;
 pub mod runtime;
+pub mod schedule;
 pub mod status;
 pub mod telemetry;
 

@@ -15,6 +15,11 @@
 //!   controller's cache by condition type, status and reason (so alerts can see, for example,
 //!   `Degraded=True, reason=MigrationFailed` without kube-state-metrics). The controller
 //!   keeps it current by calling [`Metrics::observe_conditions`] with its cache every 5 s.
+//! - `vm_operator_backups_configured` — `VmWebapp` resources with `spec.backup`;
+//! - `vm_operator_backups_stale` — those whose last successful backup (or, before the first
+//!   success, the creation of their backup CronJob) is older than their schedule allows
+//!   (`status.backup.maxAgeSeconds`); recounted with the conditions every 5 s, so the
+//!   `VmWebappBackupStale` alert needs no per-object label.
 //!
 //! Labels are bounded: never an object name, an id or an error string.
 
@@ -100,6 +105,10 @@ pub struct Metrics {
     pub reads: Family<KindLabels, Counter>,
     /// `VmWebapp` resources by condition, status and reason.
     pub conditions: Family<ConditionLabels, Gauge<i64, AtomicI64>>,
+    /// `VmWebapp` resources with `spec.backup`.
+    pub backups_configured: Gauge<i64, AtomicI64>,
+    /// Those whose last successful backup is older than their schedule allows.
+    pub backups_stale: Gauge<i64, AtomicI64>,
     /// Label sets written to `conditions` so far, zeroed when no resource carries them.
     conditions_seen: Arc<Mutex<BTreeSet<ConditionLabels>>>,
 }
@@ -116,6 +125,8 @@ impl Default for Metrics {
             status_writes: Counter::default(),
             reads: Family::default(),
             conditions: Family::default(),
+            backups_configured: Gauge::default(),
+            backups_stale: Gauge::default(),
             conditions_seen: Arc::default(),
         }
     }
@@ -166,7 +177,48 @@ impl Metrics {
             "VmWebapp resources by condition type, status and reason",
             m.conditions.clone(),
         );
+        registry.register(
+            "backups_configured",
+            "VmWebapp resources with scheduled backups",
+            m.backups_configured.clone(),
+        );
+        registry.register(
+            "backups_stale",
+            "VmWebapp resources whose last successful backup is older than their schedule allows",
+            m.backups_stale.clone(),
+        );
         m
+    }
+
+    /// Recount `vm_operator_backups_configured` and `vm_operator_backups_stale` from the
+    /// statuses of every `VmWebapp` in the cache, at `now`. A backup status without a
+    /// success counts from `configuredTime` (when its CronJob was created), so backups
+    /// that never succeed turn stale too; one without either is not judged yet.
+    pub fn observe_backups<'a>(
+        &self,
+        statuses: impl IntoIterator<Item = Option<&'a VmWebappStatus>>,
+        now: k8s_openapi::jiff::Timestamp,
+    ) {
+        let (mut configured, mut stale) = (0, 0);
+        for backup in statuses
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.backup.as_ref())
+        {
+            configured += 1;
+            let since = backup
+                .last_successful_time
+                .as_deref()
+                .or(backup.configured_time.as_deref())
+                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+            if let (Some(since), Some(max)) = (since, backup.max_age_seconds)
+                && now.as_second() - since.as_second() > max
+            {
+                stale += 1;
+            }
+        }
+        self.backups_configured.set(configured);
+        self.backups_stale.set(stale);
     }
 
     /// Recount `vm_operator_vmwebapp_conditions` from the statuses of every `VmWebapp` in
@@ -258,6 +310,42 @@ pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `VmWebappBackupStale` alert is `vm_operator_backups_stale > 0`: a backup that
+    /// never succeeds must count too, or a broken CronJob stays silent forever.
+    #[test]
+    fn backups_older_than_their_schedule_allows_count_as_stale() {
+        use crate::crd::BackupStatus;
+        let status = |success: Option<&str>, configured: &str| VmWebappStatus {
+            backup: Some(BackupStatus {
+                last_successful_time: success.map(str::to_owned),
+                configured_time: Some(configured.to_owned()),
+                max_age_seconds: Some(90_000),
+                ..BackupStatus::default()
+            }),
+            ..VmWebappStatus::default()
+        };
+        let fresh = status(Some("2025-06-01T02:30:00Z"), "2025-01-01T00:00:00Z");
+        let old = status(Some("2025-05-30T02:30:00Z"), "2025-01-01T00:00:00Z");
+        let never_new = status(None, "2025-06-01T00:00:00Z");
+        let never_old = status(None, "2025-05-01T00:00:00Z");
+        let none = VmWebappStatus::default();
+        let m = Metrics::default();
+        let now: k8s_openapi::jiff::Timestamp = "2025-06-01T12:00:00Z".parse().expect("time");
+        m.observe_backups(
+            [
+                Some(&fresh),
+                Some(&old),
+                Some(&never_new),
+                Some(&never_old),
+                Some(&none),
+                None,
+            ],
+            now,
+        );
+        assert_eq!(m.backups_configured.get(), 4);
+        assert_eq!(m.backups_stale.get(), 2);
+    }
 
     #[test]
     fn registered_families_appear_with_prefix_and_units() {

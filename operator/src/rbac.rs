@@ -36,7 +36,7 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
     ),
     (
         "batch",
-        &["jobs"],
+        &["jobs", "cronjobs"],
         &["get", "list", "watch", "create", "patch", "delete"],
     ),
     (
@@ -200,6 +200,7 @@ mod tests {
             ("webapp.vm.dev", "vmwebapps"),
             ("apps", "deployments"),
             ("batch", "jobs"),
+            ("batch", "cronjobs"),
             ("", "configmaps"),
             ("", "services"),
             ("", "serviceaccounts"),

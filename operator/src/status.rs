@@ -104,6 +104,8 @@ pub struct Observed {
     /// The last error of a streak of failed passes (transport, 5xx, 429), once it is
     /// long enough to report.
     pub api_errors: Option<String>,
+    /// Scheduled backups as the CronJob reports them, when `spec.backup` is set.
+    pub backup: Option<crate::crd::BackupStatus>,
 }
 
 /// Compute the status for `observed`, keeping transition times from `previous`.
@@ -259,6 +261,7 @@ pub fn compute(
         api_ready_replicas: o.api.ready,
         worker_ready_replicas: o.worker.ready,
         serving_image: o.api.image.clone(),
+        backup: o.backup.clone(),
     }
 }
 

@@ -97,6 +97,13 @@ fn pods(d: &Desired) -> Vec<(&'static str, &PodSpec)> {
             spec(&job.spec.as_ref().expect("spec").template),
         ));
     }
+    if let Some(cron) = &d.backup_cron_job {
+        let job = &cron.spec.as_ref().expect("spec").job_template;
+        out.push((
+            "backup",
+            spec(&job.spec.as_ref().expect("job spec").template),
+        ));
+    }
     out
 }
 
@@ -240,6 +247,30 @@ async fn assert_contract(app: &VmWebapp) {
                 Some(vm_webapp::http::health_router(state.clone()))
             }
             (Command::Migrate, "migration") => None,
+            (Command::Backup(args), "backup") => {
+                let backup = app.spec.backup.as_ref().expect("spec.backup");
+                assert_eq!(args.keep, Some(backup.retention as u32), "backup --keep");
+                let dir = args.output_dir.as_ref().expect("backup --output-dir");
+                let claim = pod
+                    .volumes
+                    .iter()
+                    .flatten()
+                    .find(|v| {
+                        v.persistent_volume_claim
+                            .as_ref()
+                            .is_some_and(|p| p.claim_name == backup.claim_name)
+                    })
+                    .expect("the claim is a volume");
+                assert!(
+                    c.volume_mounts
+                        .iter()
+                        .flatten()
+                        .any(|m| m.name == claim.name
+                            && std::path::Path::new(&m.mount_path) == dir.as_path()),
+                    "backup --output-dir is the claim's mount"
+                );
+                None
+            }
             (other, _) => panic!("{role}: renders the wrong subcommand {other:?}"),
         };
         let paths = probe_paths(c);
@@ -348,16 +379,18 @@ fn assert_security(app: &VmWebapp, role: &str, settings: &Settings) {
             "{role}: HTTP settings reach only the API"
         );
     }
-    if role == "migration" {
+    if role == "migration" || role == "backup" {
         assert_eq!(
             sec.migration_db_url.is_some(),
             spec.migrations.database.is_some(),
-            "migration database URL"
+            "{role}: migration database URL"
         );
-        assert_eq!(
-            sec.runtime_db_role, spec.migrations.runtime_role,
-            "runtime role"
-        );
+        let role_expected = if role == "migration" {
+            spec.migrations.runtime_role.clone()
+        } else {
+            None
+        };
+        assert_eq!(sec.runtime_db_role, role_expected, "{role}: runtime role");
     } else {
         assert!(
             sec.migration_db_url.is_none() && sec.runtime_db_role.is_none(),
@@ -392,6 +425,13 @@ fn assert_grace_covers_shutdown(role: &str, pod: &PodSpec, settings: &Settings) 
 #[tokio::test]
 async fn minimal_example_renders_what_the_app_accepts_and_serves() {
     assert_contract(&example("minimal.yaml")).await;
+}
+
+#[tokio::test]
+async fn backup_example_renders_a_cron_job_the_app_accepts() {
+    let app = example("backup.yaml");
+    assert!(render(&app).backup_cron_job.is_some());
+    assert_contract(&app).await;
 }
 
 #[tokio::test]
@@ -508,7 +548,7 @@ fn readiness_check_budget_is_clearly_inside_the_rendered_probe_timeout() {
         vm_operator::consts::app::READY_CHECK_BUDGET_MS,
         "the operator's constant names the app's readiness budget"
     );
-    for name in ["minimal.yaml", "production.yaml"] {
+    for name in ["minimal.yaml", "production.yaml", "backup.yaml"] {
         let d = render(&example(name));
         let mut probed = 0;
         for (role, pod) in pods(&d) {

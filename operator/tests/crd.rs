@@ -124,9 +124,31 @@ fn every_cel_rule_compiles() {
 
 #[test]
 fn both_examples_pass_the_schema_rules() {
-    for name in ["minimal.yaml", "production.yaml"] {
+    for name in ["minimal.yaml", "production.yaml", "backup.yaml"] {
         assert_eq!(validate(&example(name)), Ok(()), "{name}");
     }
+}
+
+#[test]
+fn backups_without_a_shared_database_are_rejected() {
+    let mut obj = with_spec(json!({
+        "backup": {"schedule": "@daily", "claimName": "vm-backups"}
+    }));
+    assert_eq!(validate(&obj), Ok(()));
+    if let Some(spec) = obj["spec"].as_object_mut() {
+        spec.remove("database");
+        spec.insert("appEnv".into(), json!("local"));
+        spec.insert("migrations".into(), json!({"enabled": false}));
+        spec.insert("api".into(), json!({"replicas": 1}));
+        spec.insert("worker".into(), json!({"replicas": 0}));
+    }
+    let errors = validate(&obj).expect_err("must be rejected");
+    assert!(
+        errors
+            .iter()
+            .any(|m| m.contains("spec.backup needs spec.database")),
+        "{errors:?}"
+    );
 }
 
 #[test]

@@ -35,6 +35,11 @@ fn production_example_renders_as_its_golden_file() {
 }
 
 #[test]
+fn backup_example_renders_as_its_golden_file() {
+    check_golden("backup.yaml");
+}
+
+#[test]
 fn every_example_has_a_golden_file() {
     for entry in std::fs::read_dir(root().join("examples")).expect("examples dir") {
         let name = entry.expect("dir entry").file_name();

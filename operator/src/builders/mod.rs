@@ -5,8 +5,10 @@
 //!
 //! Children (all owned by the `VmWebapp`, all carrying the `app.kubernetes.io/*` labels):
 //! ServiceAccount, ConfigMap (non-secret env), API Service, migration Job, API and worker
-//! Deployments, PodDisruptionBudgets, and HorizontalPodAutoscalers when autoscaling is set.
+//! Deployments, PodDisruptionBudgets, HorizontalPodAutoscalers when autoscaling is set, and
+//! the backup CronJob when `spec.backup` is set.
 
+mod backup;
 mod pod;
 
 use std::collections::BTreeMap;
@@ -18,7 +20,7 @@ use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
     MetricTarget, ResourceMetricSource,
 };
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{CronJob, Job, JobSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount, ServicePort, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -57,6 +59,9 @@ pub enum BuildError {
         /// The limit as written.
         limit: String,
     },
+    /// `spec.backup.schedule` cannot be read or never fires.
+    #[error(transparent)]
+    BackupSchedule(#[from] crate::schedule::ScheduleError),
 }
 
 /// Every request of `r` is at most its limit (when both are set and parse).
@@ -147,6 +152,8 @@ pub struct Desired {
     pub api_hpa: Option<HorizontalPodAutoscaler>,
     /// HPA of the worker when `spec.worker.autoscaling` is set.
     pub worker_hpa: Option<HorizontalPodAutoscaler>,
+    /// The backup CronJob when `spec.backup` is set.
+    pub backup_cron_job: Option<CronJob>,
     /// The pod-template hash of ConfigMap and Secret data.
     pub config_hash: String,
 }
@@ -168,6 +175,10 @@ pub mod names {
     /// Worker Deployment, PDB and HPA.
     pub fn worker(name: &str) -> String {
         format!("{name}-worker")
+    }
+    /// The backup CronJob (at most 47 characters: CronJob names may have 52).
+    pub fn backup(name: &str) -> String {
+        format!("{name}-backup")
     }
     /// Migration Job for an image (a new image is a new Job, since Job templates are immutable).
     pub fn migration_job(name: &str, image: &str) -> String {
@@ -276,6 +287,8 @@ pub fn build(app: &VmWebapp, inputs: &Inputs) -> Result<Desired, BuildError> {
         .enabled
         .then(|| migration_job(app, &id, &config_hash));
 
+    let backup_cron_job = backup::cron_job(app, &id, &inputs.serving_image, &config_hash)?;
+
     let mut desired = Desired {
         service_account: ServiceAccount {
             metadata: id.meta(names::base(&id.name), component::CONFIG),
@@ -296,6 +309,7 @@ pub fn build(app: &VmWebapp, inputs: &Inputs) -> Result<Desired, BuildError> {
             .autoscaling
             .as_ref()
             .map(|a| hpa(&id, names::worker(&id.name), component::WORKER, a)),
+        backup_cron_job,
         api_deployment,
         worker_deployment,
         config_map,
@@ -528,6 +542,9 @@ impl Desired {
         for hpa in self.api_hpa.iter_mut().chain(self.worker_hpa.iter_mut()) {
             stamp(hpa);
         }
+        if let Some(cron) = &mut self.backup_cron_job {
+            stamp(cron);
+        }
     }
 
     /// All objects in apply order, as JSON values with `apiVersion` and `kind`.
@@ -546,6 +563,9 @@ impl Desired {
         out.push(to_value(&self.worker_pdb)?);
         for hpa in self.api_hpa.iter().chain(self.worker_hpa.iter()) {
             out.push(to_value(hpa)?);
+        }
+        if let Some(cron) = &self.backup_cron_job {
+            out.push(to_value(cron)?);
         }
         Ok(out)
     }

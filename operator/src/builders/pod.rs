@@ -8,6 +8,8 @@
 //! - API: `VM_WEBHOOK_SECRETS`, webhook tolerance and allowed CIDRs, trusted proxy header,
 //!   rate limits, CORS origins, request timeout, shutdown delay;
 //! - migration Job: `VM_MIGRATION_DB_URL` and `VM_RUNTIME_DB_ROLE`;
+//! - backup CronJob: `VM_MIGRATION_DB_URL` and the backup claim mounted at
+//!   `/var/backups/vm`;
 //! - every workload: the database, Redis and LLM secrets, `VM_API_KEYS` (the app validates
 //!   it for every command in production) and the `spec.env` secrets.
 
@@ -15,9 +17,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
-    SecurityContext, Volume, VolumeMount,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -35,6 +37,8 @@ pub enum Workload {
     Worker,
     /// `vm-webapp migrate`.
     Migration,
+    /// `vm-webapp backup --output-dir … --keep …` (the backup CronJob).
+    Backup,
 }
 
 impl Workload {
@@ -43,6 +47,7 @@ impl Workload {
             Self::Api => component::API,
             Self::Worker => component::WORKER,
             Self::Migration => component::MIGRATION,
+            Self::Backup => component::BACKUP,
         }
     }
 
@@ -67,6 +72,13 @@ impl Workload {
                 spec.worker.health_port.to_string(),
             ],
             Self::Migration => vec!["migrate".into()],
+            Self::Backup => vec![
+                "backup".into(),
+                "--output-dir".into(),
+                contract::BACKUP_DIR.into(),
+                "--keep".into(),
+                spec.backup.as_ref().map_or(1, |b| b.retention).to_string(),
+            ],
         };
         v
     }
@@ -93,7 +105,9 @@ pub(super) fn template(
                 Probes::http(contract::HEALTH_PORT_NAME),
                 spec.worker.resources.clone(),
             ),
-            Workload::Migration => (Vec::new(), Probes::default(), spec.worker.resources.clone()),
+            Workload::Migration | Workload::Backup => {
+                (Vec::new(), Probes::default(), spec.worker.resources.clone())
+            }
         };
     let container = Container {
         name: workload.component().to_owned(),
@@ -125,21 +139,11 @@ pub(super) fn template(
             seccomp_profile: Some(runtime_default()),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "data".into(),
-                mount_path: contract::WORKSPACE_ROOT.into(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".into(),
-                mount_path: contract::TMP_DIR.into(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(mounts(workload)),
         ..Container::default()
     };
-    let restart_policy = (workload == Workload::Migration).then(|| "Never".to_owned());
+    let restart_policy =
+        matches!(workload, Workload::Migration | Workload::Backup).then(|| "Never".to_owned());
     let grace = termination_grace_seconds(app, workload);
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
@@ -164,21 +168,49 @@ pub(super) fn template(
                 ..PodSecurityContext::default()
             }),
             containers: vec![container],
-            volumes: Some(vec![
-                Volume {
-                    name: "data".into(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Volume::default()
-                },
-                Volume {
-                    name: "tmp".into(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Volume::default()
-                },
-            ]),
+            volumes: Some(volumes(app, workload)),
             ..PodSpec::default()
         }),
     }
+}
+
+/// Volumes of a workload's pod: the emptyDirs a read-only root filesystem needs, and for
+/// backups the claim named in `spec.backup`.
+fn volumes(app: &VmWebapp, workload: Workload) -> Vec<Volume> {
+    let empty = |name: &str| Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    };
+    let mut out = vec![empty("data"), empty("tmp")];
+    if let (Workload::Backup, Some(backup)) = (workload, &app.spec.backup) {
+        out.push(Volume {
+            name: "backups".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: backup.claim_name.clone(),
+                read_only: Some(false),
+            }),
+            ..Volume::default()
+        });
+    }
+    out
+}
+
+/// Mounts matching [`volumes`].
+fn mounts(workload: Workload) -> Vec<VolumeMount> {
+    let mount = |name: &str, path: &str| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        ..VolumeMount::default()
+    };
+    let mut out = vec![
+        mount("data", contract::WORKSPACE_ROOT),
+        mount("tmp", contract::TMP_DIR),
+    ];
+    if workload == Workload::Backup {
+        out.push(mount("backups", contract::BACKUP_DIR));
+    }
+    out
 }
 
 /// `terminationGracePeriodSeconds` of a workload: long enough for the app's own shutdown
@@ -189,7 +221,8 @@ pub(super) fn template(
 ///   its jobs (bounded by `VM_SHUTDOWN_GRACE_MS`); plus 5 s of slack.
 /// - Worker: drains its claimed jobs for `VM_SHUTDOWN_GRACE_MS`, then releases the rest;
 ///   at least 60 s, or that grace plus 10 s of slack.
-/// - Migration: 30 s (a killed migration is retried by the Job).
+/// - Migration and backup: 30 s (a killed one is retried by the Job; a killed backup
+///   leaves only a `.partial` file, deleted by the next one).
 pub(super) fn termination_grace_seconds(app: &VmWebapp, workload: Workload) -> i64 {
     let spec = &app.spec;
     let seconds = |ms: i64| (ms + 999) / 1000;
@@ -211,7 +244,7 @@ pub(super) fn termination_grace_seconds(app: &VmWebapp, workload: Workload) -> i
                 + 5
         }
         Workload::Worker => (seconds(job_grace_ms) + 10).max(60),
-        Workload::Migration => 30,
+        Workload::Migration | Workload::Backup => 30,
     }
 }
 
@@ -256,7 +289,7 @@ pub(super) fn workload_settings(app: &VmWebapp, workload: Workload) -> Vec<(&'st
             }
             out.push(("VM_SHUTDOWN_DELAY_MS", api.shutdown_delay_ms.to_string()));
         }
-        Workload::Worker => {}
+        Workload::Worker | Workload::Backup => {}
         Workload::Migration => {
             if let Some(role) = &spec.migrations.runtime_role {
                 out.push(("VM_RUNTIME_DB_ROLE", role.clone()));
@@ -280,7 +313,11 @@ pub(super) fn workload_secrets(app: &VmWebapp, workload: Workload) -> Vec<(Strin
     match workload {
         Workload::Api => fixed.push(("VM_WEBHOOK_SECRETS", &spec.webhooks.secrets)),
         Workload::Worker => {}
-        Workload::Migration => fixed.push(("VM_MIGRATION_DB_URL", &spec.migrations.database)),
+        // Backups read every table and restores write the append-only audit trail: both
+        // need the schema owner, like migrations.
+        Workload::Migration | Workload::Backup => {
+            fixed.push(("VM_MIGRATION_DB_URL", &spec.migrations.database))
+        }
     }
     let fixed = fixed
         .into_iter()

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
@@ -60,6 +60,7 @@ child!(Service, "Service", services);
 child!(ServiceAccount, "ServiceAccount", service_accounts);
 child!(PodDisruptionBudget, "PodDisruptionBudget", pdbs);
 child!(HorizontalPodAutoscaler, "HorizontalPodAutoscaler", hpas);
+child!(CronJob, "CronJob", cron_jobs);
 
 /// Read side of every cache.
 pub struct Caches {
@@ -70,6 +71,7 @@ pub struct Caches {
     service_accounts: Store<ServiceAccount>,
     pdbs: Store<PodDisruptionBudget>,
     hpas: Store<HorizontalPodAutoscaler>,
+    cron_jobs: Store<CronJob>,
     /// Secret metadata (no data).
     pub(super) secrets: Store<PartialObjectMeta<Secret>>,
     /// Data of referenced Secrets, keyed by (namespace, name), with the `resourceVersion` it
@@ -98,6 +100,8 @@ pub struct Writers {
     pub pdbs: Writer<PodDisruptionBudget>,
     /// HorizontalPodAutoscalers.
     pub hpas: Writer<HorizontalPodAutoscaler>,
+    /// CronJobs (scheduled backups).
+    pub cron_jobs: Writer<CronJob>,
     /// Secret metadata.
     pub secrets: Writer<PartialObjectMeta<Secret>>,
 }
@@ -112,6 +116,7 @@ impl Caches {
         let (service_accounts, service_accounts_w) = reflector::store();
         let (pdbs, pdbs_w) = reflector::store();
         let (hpas, hpas_w) = reflector::store();
+        let (cron_jobs, cron_jobs_w) = reflector::store();
         let (secrets, secrets_w) = reflector::store();
         (
             Self {
@@ -122,6 +127,7 @@ impl Caches {
                 service_accounts,
                 pdbs,
                 hpas,
+                cron_jobs,
                 secrets,
                 secret_data: Mutex::default(),
             },
@@ -133,6 +139,7 @@ impl Caches {
                 service_accounts: service_accounts_w,
                 pdbs: pdbs_w,
                 hpas: hpas_w,
+                cron_jobs: cron_jobs_w,
                 secrets: secrets_w,
             },
         )
@@ -149,6 +156,7 @@ impl Caches {
         self.service_accounts.wait_until_ready().await?;
         self.pdbs.wait_until_ready().await?;
         self.hpas.wait_until_ready().await?;
+        self.cron_jobs.wait_until_ready().await?;
         self.secrets.wait_until_ready().await
     }
 

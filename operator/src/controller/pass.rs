@@ -7,13 +7,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 
 use super::Context;
+use super::caches::Child;
 use super::error::{Error, Refusal};
 use super::replicas::rolled;
 use crate::builders::{self, Desired, Inputs, names};
@@ -97,6 +98,7 @@ impl<'a> Pass<'a> {
         self.observed.missing_secrets = missing;
         self.observed.api = Rollout::of(live_api.as_deref());
         self.observed.worker = Rollout::of(live_worker.as_deref());
+        self.observed.backup = self.backup_status();
         if spec.suspend {
             return self.finish(Action::requeue(Duration::from_secs(600))).await;
         }
@@ -156,13 +158,15 @@ impl<'a> Pass<'a> {
                 self.ensure_against(desired, live).await
             };
             let (api_name, worker_name) = (names::api(&self.name), names::worker(&self.name));
-            let (api_applied, worker_applied, (), (), (), ()) = tokio::try_join!(
+            let backup_name = names::backup(&self.name);
+            let (api_applied, worker_applied, (), (), (), (), ()) = tokio::try_join!(
                 deployment(&desired.api_deployment, live_api.as_deref()),
                 deployment(&desired.worker_deployment, live_worker.as_deref()),
                 async { self.ensure(&desired.api_pdb).await.map(drop) },
                 async { self.ensure(&desired.worker_pdb).await.map(drop) },
                 self.ensure_optional(&api_name, desired.api_hpa.as_ref()),
                 self.ensure_optional(&worker_name, desired.worker_hpa.as_ref()),
+                self.ensure_optional(&backup_name, desired.backup_cron_job.as_ref()),
             )?;
             // Only a write that moved a Deployment's generation starts a rollout; a write
             // that the API server found to change nothing must not hold Ready back.
@@ -198,26 +202,51 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// HPAs exist only while asked for: apply when desired, delete ours when not.
-    async fn ensure_optional(
+    /// HPAs and the backup CronJob exist only while asked for: apply when desired, delete
+    /// ours when not.
+    async fn ensure_optional<K: Child>(
         &self,
         name: &str,
-        desired: Option<&HorizontalPodAutoscaler>,
+        desired: Option<&K>,
     ) -> Result<(), Error> {
-        match (desired, self.cached::<HorizontalPodAutoscaler>(name)) {
+        match (desired, self.cached::<K>(name)) {
             (Some(d), live) => {
                 self.ensure_against(d, live.as_deref()).await?;
             }
             (None, Some(live)) if self.owns(&*live) => {
-                self.delete::<HorizontalPodAutoscaler>(
-                    name,
-                    format!("deleted HorizontalPodAutoscaler/{name}"),
-                )
-                .await?;
+                self.delete::<K>(name, format!("deleted {}/{name}", K::KIND))
+                    .await?;
             }
             (None, _) => {}
         }
         Ok(())
+    }
+
+    /// What the status says of scheduled backups: the CronJob's last successful and last
+    /// scheduled times (from the cache, so a backup finishing triggers a pass that copies
+    /// them) and the age after which the last success counts as stale.
+    fn backup_status(&self) -> Option<crate::crd::BackupStatus> {
+        let backup = self.app.spec.backup.as_ref()?;
+        let name = names::backup(&self.name);
+        let live = self.cached::<CronJob>(&name);
+        let status = live.as_ref().and_then(|c| c.status.as_ref());
+        let time = |t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+            t.map(|t| t.0.to_string())
+        };
+        Some(crate::crd::BackupStatus {
+            configured_time: time(
+                live.as_ref()
+                    .and_then(|c| c.metadata.creation_timestamp.as_ref()),
+            ),
+            cron_job: live.is_some().then_some(name),
+            last_successful_time: time(status.and_then(|s| s.last_successful_time.as_ref())),
+            last_schedule_time: time(status.and_then(|s| s.last_schedule_time.as_ref())),
+            max_age_seconds: crate::schedule::max_backup_age_seconds(
+                &backup.schedule,
+                backup.active_deadline_seconds,
+            )
+            .ok(),
+        })
     }
 
     /// The data of every referenced Secret key and the `secret/key` names that are missing.

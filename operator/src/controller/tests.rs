@@ -1103,3 +1103,134 @@ async fn a_secret_deleted_after_the_cache_saw_it_counts_as_missing() {
     assert!(result.is_ok(), "{result:?}");
     assert_no_secret_values(&bodies);
 }
+
+// ---------------------------------------------------------------------------
+// Scheduled backups (spec.backup)
+// ---------------------------------------------------------------------------
+
+/// The minimal example with nightly backups to the claim `vm-backups`, already settled.
+fn with_backup() -> (VmWebapp, Desired) {
+    let mut app = app_from_example(MINIMAL, "demo-ns");
+    app.spec.backup = Some(crate::crd::BackupSpec {
+        schedule: "30 2 * * *".into(),
+        retention: 14,
+        claim_name: "vm-backups".into(),
+        active_deadline_seconds: 3600,
+        suspend: false,
+    });
+    let desired = minimal_desired(&app);
+    app.status = Some(settled_status(&app, &desired));
+    (app, desired)
+}
+
+fn cron_path(p: &Paths) -> String {
+    p.group("batch/v1", "cronjobs", &names::backup(&p.name))
+}
+
+#[tokio::test]
+async fn spec_backup_creates_a_cron_job_writing_to_the_claim_and_reports_it() {
+    let (app, desired) = with_backup();
+    let p = Paths::of(&app);
+    let script = vec![
+        Expect::apply(cron_path(&p), |b| {
+            assert_eq!(b["kind"], "CronJob");
+            assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "VmWebapp");
+            assert_eq!(b["spec"]["schedule"], "30 2 * * *");
+            assert_eq!(b["spec"]["timeZone"], "Etc/UTC");
+            assert_eq!(b["spec"]["concurrencyPolicy"], "Forbid");
+            let pod = &b["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+            assert_eq!(
+                pod["containers"][0]["args"],
+                json!(["backup", "--output-dir", "/var/backups/vm", "--keep", "14"])
+            );
+            assert_eq!(pod["restartPolicy"], "Never");
+            let claim = pod["volumes"]
+                .as_array()
+                .and_then(|v| v.iter().find(|v| v["name"] == "backups"))
+                .expect("backups volume");
+            assert_eq!(claim["persistentVolumeClaim"]["claimName"], "vm-backups");
+        }),
+        Expect::event("demo-ns", |b| {
+            assert!(note(b).contains("CronJob/demo-backup"), "{b}")
+        }),
+        Expect::apply(p.status(), |b| {
+            let backup = &b["status"]["backup"];
+            // The cache did not hold the CronJob yet; its watch triggers the next pass.
+            assert_eq!(backup["maxAgeSeconds"], 86_400 + 3600);
+            assert!(backup.get("lastSuccessfulTime").is_none(), "{b}");
+            assert_eq!(condition(b, "Ready")["status"], "True");
+        }),
+    ];
+    let (result, _) = reconcile_with(app, &world_of(&desired, false), script).await;
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
+async fn the_cron_jobs_last_successful_time_reaches_the_status_and_then_nothing_is_written() {
+    // Without this the status (and the VmWebappBackupStale alert, which reads it) never
+    // learns that backups succeed.
+    let (mut app, desired) = with_backup();
+    let p = Paths::of(&app);
+    let mut cron = live(desired.backup_cron_job.as_ref().expect("cron job"));
+    cron["status"] = json!({
+        "lastScheduleTime": "2025-06-01T02:30:00Z",
+        "lastSuccessfulTime": "2025-06-01T02:30:41Z"
+    });
+    let mut world = world_of(&desired, false);
+    world.push(cron);
+    let script = vec![Expect::apply(p.status(), |b| {
+        let backup = &b["status"]["backup"];
+        assert_eq!(backup["cronJob"], "demo-backup");
+        assert_eq!(backup["lastSuccessfulTime"], "2025-06-01T02:30:41Z");
+        assert_eq!(backup["lastScheduleTime"], "2025-06-01T02:30:00Z");
+        assert_eq!(backup["configuredTime"], "2025-01-01T00:00:00Z");
+    })];
+    let (result, bodies) = reconcile_with(app.clone(), &world, script).await;
+    assert!(result.is_ok(), "{result:?}");
+
+    // The next pass sees its own status: a steady state makes no request at all.
+    let written: Value = serde_json::from_str(&bodies[0]).expect("status body");
+    app.status = Some(serde_json::from_value(written["status"].clone()).expect("status"));
+    let (result, bodies) = reconcile_with(app, &world, vec![]).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(bodies.is_empty(), "{bodies:?}");
+}
+
+#[tokio::test]
+async fn removing_spec_backup_deletes_our_cron_job() {
+    let (with, desired) = with_backup();
+    let mut app = app_from_example(MINIMAL, "demo-ns");
+    app.status = with.status.clone();
+    let p = Paths::of(&app);
+    let mut world = world_of(&desired, false);
+    world.push(live(desired.backup_cron_job.as_ref().expect("cron job")));
+    let script = vec![
+        Expect::delete(cron_path(&p)),
+        Expect::event("demo-ns", |b| {
+            assert!(note(b).contains("deleted CronJob/demo-backup"), "{b}")
+        }),
+    ];
+    let (result, _) = reconcile_with(app, &world, script).await;
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
+async fn an_unreadable_backup_schedule_degrades_with_invalid_spec_and_applies_nothing() {
+    let (mut app, desired) = with_backup();
+    if let Some(b) = app.spec.backup.as_mut() {
+        b.schedule = "every night".into();
+    }
+    let p = Paths::of(&app);
+    let script = vec![
+        Expect::apply(p.status(), |b| {
+            assert_eq!(condition(b, "Degraded")["reason"], "InvalidSpec");
+            let message = condition(b, "Degraded")["message"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(message.contains("spec.backup.schedule"), "{message}");
+        }),
+        Expect::event("demo-ns", |b| assert_eq!(b["type"], "Warning")),
+    ];
+    let (result, _) = reconcile_with(app, &world_of(&desired, false), script).await;
+    assert!(result.is_ok(), "{result:?}");
+}

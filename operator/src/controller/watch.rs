@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::PartialObjectMeta;
@@ -104,6 +104,10 @@ pub async fn run(
                 .managed
                 .set(i64::try_from(apps.len()).unwrap_or(i64::MAX));
             gauge_metrics.observe_conditions(apps.iter().map(|a| a.status.as_ref()));
+            gauge_metrics.observe_backups(
+                apps.iter().map(|a| a.status.as_ref()),
+                k8s_openapi::jiff::Timestamp::now(),
+            );
         }
     });
     // Metadata only: the names and resourceVersions of Secrets, never their data.
@@ -156,8 +160,16 @@ pub async fn run(
         .owns_stream(child_stream::<HorizontalPodAutoscaler>(
             &client,
             ns,
-            children,
+            children.clone(),
             writers.hpas,
+        ))
+        // A CronJob's status moves when a backup starts and succeeds: the pass copies
+        // `lastSuccessfulTime` into the VmWebapp's status.
+        .owns_stream(child_stream::<CronJob>(
+            &client,
+            ns,
+            children,
+            writers.cron_jobs,
         ))
         .watches_stream(secrets, move |secret| {
             let name = secret.name_any();
