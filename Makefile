@@ -24,11 +24,11 @@ test: deps ## Install what the tests need (if missing), then run every test
 	$(CARGO) test --workspace --benches --no-run
 	$(VENV)/bin/python -m pytest -q tests
 
-test-chart: ## Chart, alert and docs tests only (pytest with real Helm; needs the built binaries)
+test-chart: ## Chart, alert and docs tests only (pytest with real Helm, Prometheus and Alertmanager; the incident drills take about 3 minutes; needs the built binaries)
 	VENV=$(VENV) ./scripts/install-chart-test-deps.sh
 	$(VENV)/bin/python -m pytest -q tests
 
-deps: ## Install the test dependencies (PostgreSQL 15, Redis, Python venv with Helm's SDK, Lua) when missing
+deps: ## Install the test dependencies (PostgreSQL 15, Redis, libfaketime, Prometheus and Alertmanager, Python venv with Helm's SDK, Lua) when missing
 	./scripts/install-test-deps.sh
 	VENV=$(VENV) ./scripts/install-chart-test-deps.sh
 

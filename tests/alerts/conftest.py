@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
-from .stack import Postgres, Stack, scratch
+from .stack import Postgres, Stack, http, scratch, wait_until
 
 # Every drill must page within this time of its fault (the go-live criterion).
 PAGE_WITHIN_S = 120
@@ -87,12 +87,18 @@ def database_outage(stack: Stack, pg: Postgres) -> dict:
     fault = time.monotonic()
     pg.stop()
     at, receiver, alert = stack.webhook.wait_for("VmWebappDatabaseUnavailable", "firing", fault, PAGE_WITHIN_S + 60)
+    restarted = time.monotonic()
     pg.start()
+    # The app recovers by itself: ready again, and accepting runs.
+    wait_until("serve ready after the database is back", lambda: http(f"{stack.api}/api/v2/health/ready")[0] == 200, 60)
+    accepted = len(stack.load_results)
+    wait_until("runs accepted after the database is back", lambda: 202 in stack.load_results[accepted:], 60)
+    recovered = time.monotonic() - restarted
     stack.stop_load()
     paged = at - fault
     MEASURED.append(f"database outage (PostgreSQL stopped): VmWebappDatabaseUnavailable delivered to {receiver} "
-                    f"{paged:.0f} s after the fault")
-    return {"paged_after": paged, "receiver": receiver, "alert": alert}
+                    f"{paged:.0f} s after the fault; the app ready and accepting runs {recovered:.0f} s after the restart")
+    return {"paged_after": paged, "receiver": receiver, "alert": alert, "recovered_after": recovered}
 
 
 def quiet_run(stack: Stack) -> dict:

@@ -40,6 +40,8 @@ def test_a_database_outage_pages_within_two_minutes(drills: dict[str, Any]) -> N
     assert alert["labels"]["severity"] == "critical"
     assert (alert["labels"]["namespace"], alert["labels"]["vmwebapp"]) == ("drill", "outage")
     assert alert["annotations"]["runbook_url"] == f"{RUNBOOKS}VmWebappDatabaseUnavailable.md"
+    # Once PostgreSQL is back, the app serves again without a restart.
+    assert result["recovered_after"] < 60
 
 
 def test_normal_load_fires_nothing(drills: dict[str, Any]) -> None:
