@@ -220,9 +220,14 @@ async fn a_snapshot_fails_cleanly_on_an_unmigrated_target() {
 
 /// Clones the rows of a template run under `ids` (JSON array of new run ids),
 /// in plain SQL, so 10,000 realistic runs cost a second, not minutes of API.
-async fn clone_runs(db: &AnyPool, template: &str, ids: &[String], offset: i64) {
+async fn clone_runs(backend: Backend, db: &AnyPool, template: &str, ids: &[String], offset: i64) {
     let ids = serde_json::to_string(ids).expect("ids");
-    let with = "WITH n AS (SELECT value AS id, ord FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY AS t(value, ord))";
+    let with = match backend {
+        Backend::Postgres => {
+            "WITH n AS (SELECT value AS id, ord FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY AS t(value, ord))"
+        }
+        Backend::Sqlite => "WITH n AS (SELECT value AS id, key + 1 AS ord FROM json_each($1))",
+    };
     let statements = [
         "INSERT INTO runs (id, status, input, steps, step_count, idempotency_key, request_hash, correlation_id, output, error, created_at, updated_at, started_at, finished_at) \
          SELECT n.id, r.status, r.input, r.steps, r.step_count, NULL, r.request_hash, 'corr-' || n.ord, r.output, r.error, r.created_at + n.ord, r.updated_at + n.ord, r.started_at + n.ord, r.finished_at + n.ord FROM n, runs r WHERE r.id = $2",
@@ -252,8 +257,18 @@ async fn clone_runs(db: &AnyPool, template: &str, ids: &[String], offset: i64) {
 /// sequence fix the restored database would refuse its first new job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restore_drill_10k_runs_backed_up_while_serving_writes_restores_and_serves() {
-    const RUNS: usize = 10_000;
-    let a = TestEnv::new(Backend::Postgres, &[]).await;
+    drill(Backend::Postgres, 10_000).await;
+}
+
+/// The same on the embedded SQLite (one read transaction is its snapshot),
+/// smaller, restored into PostgreSQL: the move off SQLite under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_drill_backed_up_while_serving_writes_restores_into_postgres() {
+    drill(Backend::Sqlite, 1_000).await;
+}
+
+async fn drill(backend: Backend, runs: usize) {
+    let a = TestEnv::new(backend, &[]).await;
     let app = a.router();
     // Templates: a succeeded and a dead-lettered run, made by the real worker.
     let ok = create(&app, HELLO).await;
@@ -263,7 +278,7 @@ async fn restore_drill_10k_runs_backed_up_while_serving_writes_restores_and_serv
     a.wait_for(doomed, RunStatus::Failed, LONG).await;
     let db = pool(&a).await;
     let started = Instant::now();
-    let mut ids: Vec<String> = (0..RUNS)
+    let mut ids: Vec<String> = (0..runs)
         .map(|_| uuid::Uuid::now_v7().to_string())
         .collect();
     ids.sort();
@@ -275,10 +290,10 @@ async fn restore_drill_10k_runs_backed_up_while_serving_writes_restores_and_serv
         .filter(|(i, _)| i % 10 != 0)
         .map(|(_, id)| id.clone())
         .collect();
-    clone_runs(&db, &ok.to_string(), &succeeded, 10_000_000).await;
-    clone_runs(&db, &doomed.to_string(), &failed, 20_000_000).await;
+    clone_runs(backend, &db, &ok.to_string(), &succeeded, 10_000_000).await;
+    clone_runs(backend, &db, &doomed.to_string(), &failed, 20_000_000).await;
     println!(
-        "drill: seeded {RUNS} runs in {} ms",
+        "drill ({backend:?}): seeded {runs} runs in {} ms",
         started.elapsed().as_millis()
     );
 
@@ -333,7 +348,7 @@ async fn restore_drill_10k_runs_backed_up_while_serving_writes_restores_and_serv
     let restore_ms = started.elapsed().as_millis();
     let size = std::fs::metadata(&path).expect("size").len();
     println!(
-        "drill: backup of {} rows ({:.1} MB) in {backup_ms} ms while {created_meanwhile} runs were created; restore in {restore_ms} ms",
+        "drill ({backend:?} to PostgreSQL): backup of {} rows ({:.1} MB) in {backup_ms} ms while {created_meanwhile} runs were created; restore in {restore_ms} ms",
         written.total_rows(),
         size as f64 / 1e6,
     );
@@ -348,7 +363,7 @@ async fn restore_drill_10k_runs_backed_up_while_serving_writes_restores_and_serv
         .iter()
         .map(|r| r.get::<String, _>(0))
         .collect();
-    assert!(in_b.len() > RUNS, "{}", in_b.len());
+    assert!(in_b.len() > runs, "{}", in_b.len());
     for (id, before) in acked.lock().expect("lock").iter() {
         assert!(
             !before || in_b.contains(id),
