@@ -11,7 +11,7 @@ use super::{Result, Store, StoreError};
 use crate::config::DbBackend;
 
 /// The migrations of one backend, in order: (version, description, SQL).
-fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 5] {
+fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 6] {
     match backend {
         DbBackend::Postgres => [
             (
@@ -39,6 +39,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 "events keyed by run",
                 include_str!("../../migrations/postgres/0005_events_keyed_by_run.sql"),
             ),
+            (
+                6,
+                "no foreign keys on hot tables",
+                include_str!("../../migrations/postgres/0006_no_foreign_keys_on_hot_tables.sql"),
+            ),
         ],
         DbBackend::Sqlite => [
             (
@@ -65,6 +70,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 5,
                 "events keyed by run",
                 include_str!("../../migrations/sqlite/0005_events_keyed_by_run.sql"),
+            ),
+            (
+                6,
+                "no foreign keys on hot tables",
+                include_str!("../../migrations/sqlite/0006_no_foreign_keys_on_hot_tables.sql"),
             ),
         ],
     }

@@ -190,6 +190,15 @@ impl Store {
         Ok((stats, stale))
     }
 
+    /// Whether any job is waiting, queued or running (cheap: stops at the
+    /// first row; for tests and benchmarks that wait for a drain).
+    pub async fn has_unfinished_jobs(&self) -> Result<bool> {
+        Ok(sqlx::query("SELECT 1 AS one FROM jobs LIMIT 1")
+            .fetch_optional(self.pool())
+            .await?
+            .is_some())
+    }
+
     /// Jobs by state, counted now (a scan: for tests and benchmarks).
     pub async fn queue_counts(&self) -> Result<QueueCounts> {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
