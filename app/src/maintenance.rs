@@ -1,8 +1,10 @@
 //! Queue maintenance, once per database: every process that touches the queue
 //! (workers, and `serve` without an embedded worker) runs this loop, but only
-//! the elected leader ([`Store::try_lead_maintenance`]) acts: it returns jobs
-//! whose lease expired to the queue and refreshes the queue-gauge snapshot
-//! that `/metrics` reads, so a scrape never scans the queue.
+//! the holder of the maintenance lease ([`Store::lead_maintenance`], on the
+//! database clock) acts: it returns jobs whose lease expired to the queue and
+//! refreshes the queue-gauge snapshot that `/metrics` reads, so a scrape never
+//! scans the queue. A leader that stops (dies, hangs, is paused) loses the
+//! lease after [`LEASE_TICKS`] ticks and another process takes over.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,41 +14,45 @@ use tracing::{info, warn};
 
 use crate::metrics::{Dependency, Metrics};
 use crate::store::Store;
-use crate::store::queue::MaintenanceLease;
 
-/// Runs until `shutdown`: each `every`, becomes leader if nobody is, and as
-/// leader rescues expired leases and refreshes the gauges. A database outage
-/// is counted and logged; the loop goes on and recovers by itself.
+/// The maintenance lease lasts this many ticks: one late tick does not lose it,
+/// a stopped leader is replaced within a few.
+pub const LEASE_TICKS: u32 = 3;
+
+/// Runs until `shutdown`: each `every`, takes or renews the maintenance lease
+/// as `holder` (a process-unique id), and while leading rescues expired
+/// leases and refreshes the gauges. A database outage is counted and logged;
+/// the loop goes on and recovers by itself. Gives the lease up on shutdown.
 pub async fn run(
     store: Store,
+    holder: String,
     every: Duration,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut lease: Option<MaintenanceLease> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leading = false;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        if let Some(held) = lease.as_mut()
-            && !held.still_held().await
-        {
-            warn!("lost the queue-maintenance leadership (its connection failed)");
-            lease = None;
-        }
-        if lease.is_none() {
-            match store.try_lead_maintenance().await {
-                Ok(Some(l)) => lease = Some(l),
-                Ok(None) => continue,
-                Err(e) => {
-                    metrics.dependency_failed(Dependency::database);
-                    warn!(error = %e, "could not contend for queue maintenance");
-                    continue;
+        match store.lead_maintenance(&holder, every * LEASE_TICKS).await {
+            Ok(now_leading) => {
+                if now_leading != leading {
+                    info!(holder = %holder, leading = now_leading, "queue-maintenance leadership changed");
                 }
+                leading = now_leading;
             }
+            Err(e) => {
+                metrics.dependency_failed(Dependency::database);
+                warn!(error = %e, "could not renew or contend for queue maintenance");
+                continue;
+            }
+        }
+        if !leading {
+            continue;
         }
         match store.rescue_expired().await {
             Ok(0) => {}
@@ -63,5 +69,8 @@ pub async fn run(
             metrics.dependency_failed(Dependency::database);
             warn!(error = %e, "could not refresh the queue gauges");
         }
+    }
+    if leading && let Err(e) = store.resign_maintenance(&holder).await {
+        warn!(error = %e, "could not give up queue maintenance; another process leads once the lease expires");
     }
 }

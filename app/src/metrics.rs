@@ -200,6 +200,10 @@ pub struct Metrics {
     pub queue_oldest_age: Family<StateLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Age of the freshest worker heartbeat, seconds (scrape time; -1 when none).
     pub worker_heartbeat_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Age of the queue-gauge snapshot the maintenance leader refreshes every
+    /// second, seconds (scrape time; -1 before the first snapshot). Growing
+    /// means no process leads maintenance: expired leases are not rescued.
+    pub queue_snapshot_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Requests refused by a rate limit, by scope (`address`, `key`).
     pub rate_limited: Family<ReasonLabels, Counter>,
     /// Failed authentications, by reason (`missing`, `invalid`).
@@ -239,6 +243,7 @@ impl Metrics {
             queue_jobs: Family::default(),
             queue_oldest_age: Family::default(),
             worker_heartbeat_age: Gauge::default(),
+            queue_snapshot_age: Gauge::default(),
             rate_limited: Family::default(),
             auth_failures: Family::default(),
             webhooks: Family::default(),
@@ -308,6 +313,12 @@ impl Metrics {
             "Age of the most recent worker heartbeat (-1: none)",
             Unit::Seconds,
             m.worker_heartbeat_age.clone(),
+        );
+        registry.register_with_unit(
+            "queue_snapshot_age",
+            "Age of the queue-gauge snapshot kept by the maintenance leader (-1: none yet)",
+            Unit::Seconds,
+            m.queue_snapshot_age.clone(),
         );
         registry.register(
             "rate_limited",

@@ -323,6 +323,7 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
         // worker is down (the leader is whichever process gets there first).
         tokio::spawn(crate::maintenance::run(
             store.clone(),
+            format!("api-{}", crate::worker::WorkerConfig::default_id()),
             crate::store::queue::rescue::MAINTENANCE_EVERY,
             state.metrics.clone(),
             shutdown.clone(),

@@ -585,6 +585,13 @@ async fn metrics_count_requests_jobs_and_queue_with_bounded_labels(backend: Back
     };
     stop.cancel();
     handle.await.expect("worker");
+    assert!(
+        text.lines().any(|l| l
+            .strip_prefix("vm_queue_snapshot_age_seconds ")
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|age| (0.0..5.0).contains(&age))),
+        "a fresh snapshot is reported: {text}"
+    );
     for expected in [
         r#"vm_http_requests_total{method="POST",route="/api/v2/runs",status_class="2xx"} 1"#,
         r#"vm_http_requests_total{method="GET",route="/api/v2/runs/{id}",status_class="2xx"} 1"#,

@@ -796,42 +796,42 @@ async fn several_workers_drain_hundreds_of_jobs_exactly_once(backend: Backend) {
 }
 
 /// Without a single leader, every worker pod would rescue and recount the
-/// queue (the GROUP BY every scrape used to run). On PostgreSQL one store of
-/// several leads, and leadership passes on when the leader lets go; the
-/// snapshot it writes is what scrapes read.
+/// queue (the GROUP BY every scrape used to run). One holder of several leads;
+/// leadership passes on when the leader gives it up, and also when it simply
+/// stops renewing (a hung process kept a session advisory lock forever). The
+/// snapshot the leader writes is what scrapes read.
 async fn queue_maintenance_has_one_leader_and_keeps_the_gauge_snapshot(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
-    let other = vm_webapp::store::Store::connect(&env.settings.database, 2)
-        .await
-        .expect("second store");
-    let first = env.store.try_lead_maintenance().await.expect("contend");
-    assert!(first.is_some(), "an uncontended store leads");
-    let second = other.try_lead_maintenance().await.expect("contend");
-    match backend {
-        Backend::Postgres => {
-            assert!(second.is_none(), "one leader per database");
-            drop(first);
-            // The lock goes with the leader's connection.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            loop {
-                if other
-                    .try_lead_maintenance()
-                    .await
-                    .expect("contend")
-                    .is_some()
-                {
-                    break;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "leadership never passed on"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        // SQLite is shared only by processes on one host: every one may lead.
-        Backend::Sqlite => assert!(second.is_some()),
-    }
+    let ttl = Duration::from_millis(400);
+    let store = &env.store;
+    assert!(
+        store.lead_maintenance("a", ttl).await.expect("lead"),
+        "an uncontended holder leads"
+    );
+    assert!(
+        !store.lead_maintenance("b", ttl).await.expect("lead"),
+        "one leader per database"
+    );
+    assert!(
+        store.lead_maintenance("a", ttl).await.expect("lead"),
+        "the leader renews"
+    );
+    store.resign_maintenance("a").await.expect("resign");
+    assert!(
+        store.lead_maintenance("b", ttl).await.expect("lead"),
+        "passed on when given up"
+    );
+    // "b" stops renewing (hung): "a" takes over once the lease has expired.
+    assert!(!store.lead_maintenance("a", ttl).await.expect("lead"));
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert!(
+        store.lead_maintenance("a", ttl).await.expect("lead"),
+        "taken over after expiry"
+    );
+    assert!(
+        !store.lead_maintenance("b", ttl).await.expect("lead"),
+        "the former leader does not come back"
+    );
 
     enqueue(
         &env,

@@ -17,7 +17,11 @@ const REFRESH_BUDGET: Duration = Duration::from_secs(2);
 /// Refreshes the scrape-time gauges from the database.
 async fn refresh(state: &AppState) -> Result<(), ()> {
     // A snapshot the maintenance leader keeps fresh: four rows, no scan.
-    let (stats, _) = state.store.queue_stats().await.map_err(|_| ())?;
+    let (stats, snapshot_age) = state.store.queue_stats().await.map_err(|_| ())?;
+    state
+        .metrics
+        .queue_snapshot_age
+        .set(snapshot_age.map_or(-1.0, |ms| ms as f64 / 1000.0));
     for stat in stats {
         let labels = StateLabels { state: stat.state };
         state

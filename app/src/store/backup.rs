@@ -27,8 +27,9 @@
 //! moved past the loaded ids; any failure leaves the target as it was.
 //!
 //! Not in the snapshot: `worker_heartbeats` (liveness of processes that will
-//! not exist on the restored side) and `queue_stats` (a cache the maintenance
-//! leader rebuilds within seconds). Jobs that were leased at backup time are
+//! not exist on the restored side), `queue_stats` (a cache the maintenance
+//! leader rebuilds within seconds) and `maintenance_leader` (a lease of a
+//! process of the old side; the first process on the restored side takes it). Jobs that were leased at backup time are
 //! restored leased with their old expiry, so the rescuer hands them out again
 //! (delivery is at least once; the attempt fencing token keeps it safe).
 
@@ -212,7 +213,12 @@ const TABLES: &[TableSpec] = &[
 
 /// Tables the app owns that a snapshot leaves out on purpose (see the module
 /// docs), plus the migrator's own table.
-pub const NOT_BACKED_UP: [&str; 3] = ["worker_heartbeats", "queue_stats", "_sqlx_migrations"];
+pub const NOT_BACKED_UP: [&str; 4] = [
+    "worker_heartbeats",
+    "queue_stats",
+    "maintenance_leader",
+    "_sqlx_migrations",
+];
 
 /// Names of the tables a snapshot carries, in restore order.
 pub fn backed_up_tables() -> Vec<&'static str> {

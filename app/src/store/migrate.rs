@@ -11,7 +11,7 @@ use super::{Result, Store, StoreError};
 use crate::config::DbBackend;
 
 /// The migrations of one backend, in order: (version, description, SQL).
-fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 6] {
+fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 7] {
     match backend {
         DbBackend::Postgres => [
             (
@@ -44,6 +44,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 "no foreign keys on hot tables",
                 include_str!("../../migrations/postgres/0006_no_foreign_keys_on_hot_tables.sql"),
             ),
+            (
+                7,
+                "maintenance leader lease",
+                include_str!("../../migrations/postgres/0007_maintenance_leader_lease.sql"),
+            ),
         ],
         DbBackend::Sqlite => [
             (
@@ -75,6 +80,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 6,
                 "no foreign keys on hot tables",
                 include_str!("../../migrations/sqlite/0006_no_foreign_keys_on_hot_tables.sql"),
+            ),
+            (
+                7,
+                "maintenance leader lease",
+                include_str!("../../migrations/sqlite/0007_maintenance_leader_lease.sql"),
             ),
         ],
     }

@@ -62,7 +62,7 @@ pub struct AuditFilter {
 }
 
 /// Tables the runtime may read and write.
-const RUNTIME_TABLES: [&str; 8] = [
+const RUNTIME_TABLES: [&str; 9] = [
     "runs",
     "jobs",
     "step_results",
@@ -71,6 +71,7 @@ const RUNTIME_TABLES: [&str; 8] = [
     "worker_heartbeats",
     "webhook_deliveries",
     "queue_stats",
+    "maintenance_leader",
 ];
 
 impl Store {

@@ -161,6 +161,7 @@ impl Worker {
         let maintenance_stop = CancellationToken::new();
         let maintenance = tokio::spawn(crate::maintenance::run(
             self.store.clone(),
+            cfg.id.clone(),
             cfg.poll_interval
                 .clamp(Duration::from_millis(100), Duration::from_secs(1)),
             self.metrics.clone(),

@@ -16,7 +16,7 @@ use sqlx::any::AnyRow;
 use super::Result;
 use crate::model::ClaimedJob;
 
-pub use rescue::{MaintenanceLease, QueueStat};
+pub use rescue::QueueStat;
 
 /// Result of finishing a claimed job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

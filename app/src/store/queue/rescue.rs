@@ -1,24 +1,21 @@
 //! Maintenance that runs once per database, not once per pod: returning jobs
 //! whose lease expired to the queue (or to the dead letters on their last
-//! attempt) and keeping the queue-gauge snapshot fresh. One process leads,
-//! elected with `pg_try_advisory_lock` on a connection it keeps (River's
-//! leader-only rescuer and queue statistics); the lock goes with the
-//! connection, so a leader that dies frees it at once. On SQLite, which only
-//! processes on one host share, every process may lead: the statements are
-//! fenced and idempotent.
+//! attempt) and keeping the queue-gauge snapshot fresh. One process leads
+//! (River's leader-only rescuer and queue statistics), holding a lease row
+//! stamped with the database clock and renewed every tick. A leader that
+//! stops renewing loses it when it expires, whether it died or hangs with its
+//! connection open (a session advisory lock, tried first, stayed held by a
+//! stopped process forever). The statements are fenced and idempotent, so a
+//! former leader waking up late does no harm.
 
 use std::time::Duration;
 
-use sqlx::{AnyConnection, Connection, Row};
+use sqlx::Row;
 
 use super::{JobRef, QueueCounts};
-use crate::config::DbBackend;
 use crate::model::{EventType, JobState};
 use crate::store::events::NewEvent;
-use crate::store::{Result, Store};
-
-/// The advisory-lock key of queue maintenance ("vmwebapp" in ASCII).
-const MAINTENANCE_LOCK: i64 = 0x766d_7765_6261_7070;
+use crate::store::{Result, Store, ms};
 
 /// One row of the queue-gauge snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,43 +29,34 @@ pub struct QueueStat {
     pub oldest_age_ms: i64,
 }
 
-/// Leadership of queue maintenance. Dropping it gives leadership up.
-pub struct MaintenanceLease {
-    conn: Option<AnyConnection>,
-}
-
-impl MaintenanceLease {
-    /// True while the lock's connection answers (always on SQLite).
-    pub async fn still_held(&mut self) -> bool {
-        match &mut self.conn {
-            None => true,
-            Some(conn) => conn.ping().await.is_ok(),
-        }
-    }
-}
-
 impl Store {
-    /// Tries to become the maintenance leader for this database; `None` when
-    /// another process leads.
-    pub async fn try_lead_maintenance(&self) -> Result<Option<MaintenanceLease>> {
-        if self.backend() == DbBackend::Sqlite {
-            return Ok(Some(MaintenanceLease { conn: None }));
-        }
-        // Contend on a pooled connection; only the winner takes it out of the
-        // pool (the lock lives as long as that session), so a process that
-        // does not lead opens no connection of its own every tick.
-        let mut conn = self.pool().acquire().await?;
-        let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS held")
-            .bind(MAINTENANCE_LOCK)
-            .fetch_one(&mut *conn)
-            .await?;
-        if row.try_get::<bool, _>("held")? {
-            Ok(Some(MaintenanceLease {
-                conn: Some(conn.detach()),
-            }))
-        } else {
-            Ok(None)
-        }
+    /// Takes or renews the queue-maintenance lease for `holder` until `ttl`
+    /// after the database's now; true when `holder` leads. The lease passes to
+    /// another holder only once it has expired (or was given up).
+    pub async fn lead_maintenance(&self, holder: &str, ttl: Duration) -> Result<bool> {
+        Ok(sqlx::query(&self.sql(
+            "INSERT INTO maintenance_leader (name, holder, expires_at) VALUES ('queue', $1, {now} + $2) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE maintenance_leader.holder = excluded.holder OR maintenance_leader.expires_at < {now} \
+             RETURNING holder",
+        ))
+        .bind(holder)
+        .bind(ms(ttl))
+        .fetch_optional(self.pool())
+        .await?
+        .is_some())
+    }
+
+    /// Gives the lease up (clean shutdown), so another process leads at its
+    /// next tick instead of after the expiry.
+    pub async fn resign_maintenance(&self, holder: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE maintenance_leader SET expires_at = 0 WHERE name = 'queue' AND holder = $1",
+        )
+        .bind(holder)
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     /// Returns jobs whose lease expired (their worker died or hung) to the
