@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Image", type_ = "string", json_path = ".status.servingImage"),
     printcolumn(name = "API", type_ = "integer", json_path = ".status.apiReadyReplicas", description = "Ready API replicas"),
     printcolumn(name = "Worker", type_ = "integer", json_path = ".status.workerReadyReplicas", description = "Ready worker replicas"),
+    printcolumn(name = "Last Backup", type_ = "date", json_path = ".status.backup.lastSuccessfulTime", description = "When the last scheduled backup succeeded", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(

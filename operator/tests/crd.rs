@@ -77,7 +77,10 @@ fn crd_has_status_subresource_short_name_and_printer_columns() {
         .flatten()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(columns, ["Ready", "Image", "API", "Worker", "Age"]);
+    assert_eq!(
+        columns,
+        ["Ready", "Image", "API", "Worker", "Last Backup", "Age"]
+    );
 }
 
 #[test]
