@@ -4,8 +4,9 @@
 //! Both connect with the migration credentials when they are set
 //! (`VM_MIGRATION_DB_URL`, the schema owner: it may read every table and
 //! write the append-only audit trail), else with `VM_DB_URL`. A backup is
-//! written to `FILE.partial` and renamed when complete and synced, so a file
-//! with the final name is always a whole snapshot.
+//! written to `FILE.partial` (mode 0600: it holds every run's data) and
+//! renamed when complete and synced, so a file with the final name is always
+//! a whole snapshot.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -117,7 +118,13 @@ async fn write_backup(
     store: &Store,
     partial: &Path,
 ) -> Result<crate::store::backup::BackupSummary, String> {
-    let file = tokio::fs::File::create(partial)
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    // Backups hold every run's input and output: readable by their owner only.
+    #[cfg(unix)]
+    options.mode(0o600);
+    let file = options
+        .open(partial)
         .await
         .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
     let mut out = BufWriter::with_capacity(IO_BUFFER_BYTES, file);

@@ -486,6 +486,19 @@ async fn the_commands_back_up_to_a_directory_prune_and_restore_into_a_fresh_file
     files.sort();
     assert_eq!(files.len(), 2, "pruned to --keep: {files:?}");
     let newest = files[1].display().to_string();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&files[1])
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "a backup is readable by its owner only: {mode:o}"
+        );
+    }
 
     let url_b = format!("sqlite://{}/b.db?mode=rwc", dir.path().display());
     let env_b = [("VM_DB_URL", url_b.as_str()), ("APP_ENV", "local")];
