@@ -625,3 +625,44 @@ fn damaged_backups_are_refused_whole_and_never_panic() {
         })
         .expect("every damaged file is refused");
 }
+
+/// Run with the runtime's role (no DELETE on the append-only audit trail),
+/// `restore --force` fails naming what it was doing and the database's
+/// reason; before, the operator read only "database error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_restore_without_the_owners_rights_says_which_table_and_why() {
+    let owner = TestEnv::new(Backend::Postgres, &[]).await;
+    create(&owner.router(), HELLO).await;
+    let file = backup(&owner.store).await;
+    let role = format!("rt_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let db = pool(&owner).await;
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
+        .execute(&db)
+        .await
+        .expect("role");
+    owner.store.grant_runtime_role(&role).await.expect("grants");
+    let url = owner
+        .settings
+        .database
+        .url
+        .expose()
+        .replacen("postgres@", &format!("{role}@"), 1);
+    let runtime = TestEnv::at_unmigrated(url, &[]).await;
+    let err = runtime
+        .store
+        .restore_from(
+            &file[..],
+            RestoreOptions {
+                replace_existing: true,
+            },
+        )
+        .await
+        .expect_err("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("empty table audit_log") && text.contains("permission denied"),
+        "{text}"
+    );
+    // Nothing changed: the owner still sees its run.
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM runs").await, 1);
+}

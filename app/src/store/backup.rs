@@ -291,6 +291,15 @@ pub enum BackupError {
         /// The first non-empty table found.
         table: &'static str,
     },
+    /// The database refused a statement of the backup or restore (a missing
+    /// privilege, a lock timeout), with its own message.
+    #[error("the database refused to {action}: {message}")]
+    Refused {
+        /// What was being done, e.g. `read table runs`.
+        action: String,
+        /// The database's own message (never the URL).
+        message: String,
+    },
     /// The database refused rows of the snapshot.
     #[error("the database refused rows of table {table} (file lines up to {line}): {message}")]
     Load {
@@ -358,6 +367,19 @@ fn db_message(e: &sqlx::Error) -> String {
     }
 }
 
+/// Maps a failed statement to [`BackupError::Refused`] with the database's
+/// message when the database answered, else to [`BackupError::Store`]
+/// (unreachable, …).
+fn refused(action: impl Into<String>) -> impl FnOnce(sqlx::Error) -> BackupError {
+    move |e| match StoreError::from(e) {
+        StoreError::Database(e) | StoreError::InvalidText(e) => BackupError::Refused {
+            action: action.into(),
+            message: db_message(&e),
+        },
+        other => BackupError::Store(other),
+    }
+}
+
 /// A writer that hashes what it writes and counts the bytes.
 struct HashingWriter<W> {
     inner: W,
@@ -411,7 +433,7 @@ impl Store {
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 .execute(&mut *tx)
                 .await
-                .map_err(StoreError::from)?;
+                .map_err(refused("start a snapshot transaction"))?;
         }
         // The first read fixes the snapshot (and, on SQLite, the WAL mark).
         let created_at_ms: i64 = sqlx::query(&format!("SELECT {} AS t", self.now_sql()))
@@ -462,7 +484,11 @@ impl Store {
             let mut n: u64 = 0;
             {
                 let mut stream = sqlx::query(&sql).fetch(&mut *tx);
-                while let Some(row) = stream.try_next().await.map_err(StoreError::from)? {
+                while let Some(row) = stream
+                    .try_next()
+                    .await
+                    .map_err(refused(format!("read table {}", table.name)))?
+                {
                     let mut values = Vec::with_capacity(table.columns.len());
                     for (i, (_, ty)) in table.columns.iter().enumerate() {
                         let v = match ty {
@@ -555,12 +581,12 @@ impl Store {
         sqlx::query("DELETE FROM queue_stats")
             .execute(&mut *tx)
             .await
-            .map_err(StoreError::from)?;
+            .map_err(refused("clear table queue_stats"))?;
         for table in TABLES {
             let any = sqlx::query(&format!("SELECT 1 AS x FROM {} LIMIT 1", table.name))
                 .fetch_optional(&mut *tx)
                 .await
-                .map_err(StoreError::from)?
+                .map_err(refused(format!("read table {}", table.name)))?
                 .is_some();
             if any && !options.replace_existing {
                 return Err(BackupError::NotEmpty { table: table.name });
@@ -571,7 +597,7 @@ impl Store {
                 sqlx::query(&format!("DELETE FROM {}", table.name))
                     .execute(&mut *tx)
                     .await
-                    .map_err(StoreError::from)?;
+                    .map_err(refused(format!("empty table {} (--force)", table.name)))?;
             }
         }
 
@@ -603,7 +629,7 @@ impl Store {
             loaded.push((table.spec.name.to_string(), n));
         }
         self.fix_sequences(&mut tx).await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        tx.commit().await.map_err(refused("commit the restore"))?;
         Ok(RestoreSummary {
             schema_version,
             source_backend,
@@ -724,10 +750,11 @@ impl Store {
                      UNION ALL SELECT COALESCE(MAX(job_id), 0) FROM step_results) AS ids"
                     .to_string();
             }
+            let action = format!("move the id sequence of table {}", table.name);
             let max: i64 = sqlx::query(&max_sql)
                 .fetch_one(&mut **tx)
                 .await
-                .map_err(StoreError::from)?
+                .map_err(refused(action.clone()))?
                 .try_get("m")
                 .map_err(StoreError::from)?;
             match self.backend {
@@ -741,20 +768,20 @@ impl Store {
                     .bind(max > 0)
                     .fetch_one(&mut **tx)
                     .await
-                    .map_err(StoreError::from)?;
+                    .map_err(refused(action))?;
                 }
                 DbBackend::Sqlite => {
                     sqlx::query("DELETE FROM sqlite_sequence WHERE name = $1")
                         .bind(table.name)
                         .execute(&mut **tx)
                         .await
-                        .map_err(StoreError::from)?;
+                        .map_err(refused(action.clone()))?;
                     sqlx::query("INSERT INTO sqlite_sequence (name, seq) VALUES ($1, $2)")
                         .bind(table.name)
                         .bind(max)
                         .execute(&mut **tx)
                         .await
-                        .map_err(StoreError::from)?;
+                        .map_err(refused(action))?;
                 }
             }
         }
