@@ -484,9 +484,11 @@ pub struct WorkerSpec {
     #[serde(default = "default_poll_interval_ms")]
     #[schemars(range(min = 10, max = 60000))]
     pub poll_interval_ms: i32,
-    /// Jobs one worker pod runs at once (`worker --concurrency`).
+    /// Jobs one worker pod runs at once (`worker --concurrency`; the app
+    /// accepts 1 to 100,000: a waiting step holds no connection, so slow LLM
+    /// steps can run by the thousand, bounded by the pod's memory).
     #[serde(default = "default_concurrency")]
-    #[schemars(range(min = 1, max = 256))]
+    #[schemars(range(min = 1, max = 100000))]
     pub concurrency: i32,
     /// Port of the worker's own probes and metrics (`worker --health-port`).
     #[serde(default = "default_health_port")]
