@@ -1244,48 +1244,37 @@ async fn every_header_present_but_unreadable_is_invalid_not_missing() {
     );
     let echoed = headers["x-request-id"].to_str().expect("ASCII id");
     assert!(uuid::Uuid::parse_str(echoed).is_ok(), "{echoed}");
-    // x-correlation-id: refused instead of silently dropped.
-    let (status, _, body) = send_bytes(
-        &app,
-        "POST",
-        "/api/v2/runs",
-        Some(HELLO),
-        &[key, ("x-correlation-id", b"order 42/\xff")],
-    )
-    .await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_correlation_id")),
-        "{body}"
-    );
-    // Idempotency-Key (read by the runs handler).
-    let (status, _, body) = send_bytes(
-        &app,
-        "POST",
-        "/api/v2/runs",
-        Some(HELLO),
-        &[key, ("idempotency-key", b"k-\xc3\xa9")],
-    )
-    .await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_idempotency_key")),
-        "{body}"
-    );
-    // The trusted proxy header: a last entry that is not an address.
-    let (status, _, body) = send_bytes(
-        &app,
-        "GET",
-        "/api/v2/runs",
-        None,
-        &[key, ("x-forwarded-for", b"10.0.0.1, \xff")],
-    )
-    .await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_client_address")),
-        "{body}"
-    );
+    // x-correlation-id (refused instead of silently dropped), Idempotency-Key
+    // (read by the runs handler), and the trusted proxy header whose last
+    // entry is not an address.
+    for (method, body, header, code) in [
+        (
+            "POST",
+            Some(HELLO),
+            ("x-correlation-id", &b"order 42/\xff"[..]),
+            "invalid_correlation_id",
+        ),
+        (
+            "POST",
+            Some(HELLO),
+            ("idempotency-key", &b"k-\xc3\xa9"[..]),
+            "invalid_idempotency_key",
+        ),
+        (
+            "GET",
+            None,
+            ("x-forwarded-for", &b"10.0.0.1, \xff"[..]),
+            "invalid_client_address",
+        ),
+    ] {
+        let (status, _, reply) =
+            send_bytes(&app, method, "/api/v2/runs", body, &[key, header]).await;
+        assert_eq!(
+            (status, reply["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code)),
+            "{header:?}: {reply}"
+        );
+    }
     // Readable values still pass.
     let (status, _, body) = send_bytes(
         &app,
