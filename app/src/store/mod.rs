@@ -280,6 +280,20 @@ impl Store {
     pub(crate) async fn begin(&self) -> Result<Transaction<'static, Any>> {
         Ok(self.pool.begin().await?)
     }
+
+    /// A transaction whose commit does not wait for its WAL flush on
+    /// PostgreSQL (`synchronous_commit = off`; SQLite is unchanged). Only for
+    /// writes that a server crash may lose safely: a lost claim or lease
+    /// renewal is a redelivery, which the fencing token makes safe.
+    pub(crate) async fn begin_unflushed(&self) -> Result<Transaction<'static, Any>> {
+        let mut tx = self.begin().await?;
+        if self.backend == DbBackend::Postgres {
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
+    }
 }
 
 /// The database clock expression of `backend`.

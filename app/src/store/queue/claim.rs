@@ -105,10 +105,7 @@ impl Store {
             run_started = EventType::RunStarted.as_str(),
             step_started = EventType::StepStarted.as_str(),
         ));
-        let mut tx = self.begin().await?;
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = self.begin_unflushed().await?;
         let rows = sqlx::query(&sql)
             .bind(limit)
             .bind(ms(lease))

@@ -36,14 +36,9 @@ impl Store {
                AND (id, attempt) IN (SELECT id, attempt FROM ({}) h) RETURNING id",
             recordset(self.backend(), &[("id", "bigint"), ("attempt", "bigint")])
         ));
-        let mut tx = self.begin().await?;
-        if self.backend() == crate::config::DbBackend::Postgres {
-            // A renewal lost in a server crash only shortens the lease: the job
-            // may be delivered again, which the fencing token makes safe.
-            sqlx::query("SET LOCAL synchronous_commit = off")
-                .execute(&mut *tx)
-                .await?;
-        }
+        // A renewal lost in a server crash only shortens the lease: the job
+        // may be delivered again, which the fencing token makes safe.
+        let mut tx = self.begin_unflushed().await?;
         let kept = sqlx::query(&sql)
             .bind(batch)
             .bind(ms(lease))
