@@ -40,17 +40,21 @@ impl Store {
         if done.is_empty() {
             return Ok(Vec::new());
         }
+        // Each output is serialised once, for the batch parameter and (on
+        // SQLite) for the rows written after the fenced delete.
+        let outputs: HashMap<i64, String> = done
+            .iter()
+            .map(|c| (c.job.id, json_text(&c.output)))
+            .collect();
         let input = Value::Array(
             done.iter()
-                .map(|c| {
-                    json!({"id": c.job.id, "attempt": c.job.attempt, "output": json_text(&c.output)})
-                })
+                .map(|c| json!({"id": c.job.id, "attempt": c.job.attempt, "output": outputs[&c.job.id]}))
                 .collect(),
         )
         .to_string();
         let recorded: Vec<(i64, i64)> = match self.backend() {
             DbBackend::Postgres => self.complete_postgres(input).await?,
-            DbBackend::Sqlite => self.complete_sqlite(input).await?,
+            DbBackend::Sqlite => self.complete_sqlite(input, &outputs).await?,
         };
         let recorded: std::collections::HashSet<(i64, i64)> = recorded.into_iter().collect();
         Ok(done
@@ -126,17 +130,11 @@ impl Store {
     }
 
     /// The same transitions as statements in one SQLite transaction.
-    async fn complete_sqlite(&self, input: String) -> Result<Vec<(i64, i64)>> {
-        let outputs: HashMap<i64, String> = serde_json::from_str::<Vec<Value>>(&input)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|v| {
-                Some((
-                    v.get("id")?.as_i64()?,
-                    v.get("output")?.as_str()?.to_string(),
-                ))
-            })
-            .collect();
+    async fn complete_sqlite(
+        &self,
+        input: String,
+        outputs: &HashMap<i64, String>,
+    ) -> Result<Vec<(i64, i64)>> {
         let mut tx = self.begin().await?;
         let rows = sqlx::query(
             "DELETE FROM jobs WHERE state = 'running' AND (id, attempt) IN \
