@@ -412,15 +412,37 @@ async fn an_unreadable_step_is_set_aside_and_does_not_block_the_queue(backend: B
         json!([{"kind": "template", "template": "y"}]),
     )
     .await;
+    // Damaged beyond JSON, or with a kind that is not a string: the claim
+    // statement itself must not fail on them (the step.started event reads
+    // the kind in SQL).
+    let garbled = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "template", "template": "z"}]),
+    )
+    .await;
+    let odd_kind = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "template", "template": "w"}]),
+    )
+    .await;
     sqlx::any::install_default_drivers();
     let raw = sqlx::AnyPool::connect(env.settings.database.url.expose())
         .await
         .expect("raw pool");
-    sqlx::query("UPDATE jobs SET payload = '{\"kind\":\"future_kind\",\"x\":1}' WHERE run_id = $1")
-        .bind(odd.to_string())
-        .execute(&raw)
-        .await
-        .expect("corrupt the payload");
+    for (run, payload) in [
+        (odd, "{\"kind\":\"future_kind\",\"x\":1}"),
+        (garbled, "not json at all"),
+        (odd_kind, "{\"kind\":5}"),
+    ] {
+        sqlx::query("UPDATE jobs SET payload = $2 WHERE run_id = $1")
+            .bind(run.to_string())
+            .bind(payload)
+            .execute(&raw)
+            .await
+            .expect("corrupt the payload");
+    }
     raw.close().await;
 
     let claimed = env

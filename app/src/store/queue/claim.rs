@@ -129,7 +129,10 @@ impl Store {
              WHERE id IN (SELECT id FROM jobs WHERE state = 'queued' AND run_at <= {now} \
                ORDER BY run_at, id LIMIT $1) \
              RETURNING id, run_id, correlation_id, step_index, step_count, payload, attempt, \
-               max_attempts, {now} - run_at AS waited_ms",
+               max_attempts, {now} - run_at AS waited_ms, \
+               CASE WHEN json_valid(payload) THEN \
+                 CASE WHEN json_type(payload, '$.kind') = 'text' THEN json_extract(payload, '$.kind') END \
+               END AS kind",
         );
         let mut tx = self.begin().await?;
         let mut rows = sqlx::query(&sql)
@@ -162,11 +165,19 @@ impl Store {
             .iter()
             .map(|id| NewEvent::run(id, EventType::RunStarted))
             .collect();
+        // The kind comes from SQLite's JSON functions (`unknown` for a damaged
+        // payload, which is then set aside), not from a parse here that
+        // `claim` repeats for the step itself.
         for (row, run_id) in rows.iter().zip(&run_ids) {
-            let job = JobRef::from_row(row)?;
+            let kind: Option<String> = row.try_get("kind")?;
             events.push(
-                NewEvent::step(run_id, EventType::StepStarted, job.step_index, job.attempt)
-                    .data(json!({"kind": job.kind})),
+                NewEvent::step(
+                    run_id,
+                    EventType::StepStarted,
+                    row.try_get("step_index")?,
+                    row.try_get("attempt")?,
+                )
+                .data(json!({"kind": kind.as_deref().unwrap_or("unknown")})),
             );
         }
         self.insert_events(&mut tx, &events).await?;
