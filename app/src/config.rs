@@ -233,8 +233,21 @@ pub struct ApiKey {
     pub id: String,
     /// SHA-256 of the key.
     pub hash: [u8; 32],
-    /// May read the audit trail.
+    /// Role `admin`: reads the audit trail, changes plans, exports usage, and
+    /// may do everything an `approver` may.
     pub admin: bool,
+    /// Role `approver`: may approve or reject approval steps.
+    pub approver: bool,
+    /// The tenant that owns what this key creates: `tenant=NAME` in the
+    /// entry, else the key's own id (a key without a tenant is its own tenant).
+    pub tenant: String,
+}
+
+impl ApiKey {
+    /// Whether this key may decide approval steps (`approver` or `admin`).
+    pub fn may_approve(&self) -> bool {
+        self.admin || self.approver
+    }
 }
 
 impl fmt::Debug for ApiKey {
@@ -242,6 +255,8 @@ impl fmt::Debug for ApiKey {
         f.debug_struct("ApiKey")
             .field("id", &self.id)
             .field("admin", &self.admin)
+            .field("approver", &self.approver)
+            .field("tenant", &self.tenant)
             .finish_non_exhaustive()
     }
 }
@@ -274,7 +289,8 @@ impl RateLimit {
 /// Authentication, webhooks, rate limits and HTTP hardening.
 #[derive(Debug, Clone)]
 pub struct SecuritySettings {
-    /// `VM_API_KEYS`: `id:key[:admin]`, comma-separated. Empty: open (local only).
+    /// `VM_API_KEYS`: `id:key[:roles][:tenant=NAME]`, comma-separated, roles
+    /// `admin` and `approver` joined by `+`. Empty: open (local only).
     pub api_keys: Vec<ApiKey>,
     /// `VM_WEBHOOK_SECRETS`: `source:secret`, comma-separated; repeat a source to rotate.
     pub webhook_secrets: Vec<WebhookSecret>,
@@ -746,6 +762,80 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// What follows `id:key` in a `VM_API_KEYS` entry.
+struct KeyOptions {
+    admin: bool,
+    approver: bool,
+    tenant: Option<String>,
+}
+
+/// Reads the optional fields after `id:key`: at most one roles field
+/// (`admin`, `approver`, or both joined by `+`) and at most one
+/// `tenant=NAME` (1 to 64 letters, digits, `-` or `_`), in either order.
+/// Reports each mistake against `VM_API_KEYS` and returns `None` on any.
+fn parse_key_options<F: Fn(&str) -> Option<String>>(
+    p: &mut Parser<F>,
+    i: usize,
+    id: &str,
+    fields: &[&str],
+) -> Option<KeyOptions> {
+    let mut out = KeyOptions {
+        admin: false,
+        approver: false,
+        tenant: None,
+    };
+    let mut roles_seen = false;
+    for field in fields {
+        if let Some(tenant) = field.strip_prefix("tenant=") {
+            if out.tenant.is_some() {
+                p.fail(
+                    "VM_API_KEYS",
+                    format!("entry {i} (id `{id}`): `tenant=` appears twice"),
+                );
+                return None;
+            }
+            if !valid_name(tenant) {
+                p.fail(
+                    "VM_API_KEYS",
+                    format!(
+                        "entry {i} (id `{id}`): the tenant must be 1 to 64 letters, digits, - or _"
+                    ),
+                );
+                return None;
+            }
+            out.tenant = Some(tenant.to_string());
+            continue;
+        }
+        if roles_seen {
+            p.fail(
+                "VM_API_KEYS",
+                format!(
+                    "entry {i} (id `{id}`): expected id:key[:roles][:tenant=NAME], but there is more than one roles field"
+                ),
+            );
+            return None;
+        }
+        roles_seen = true;
+        for role in field.split('+') {
+            match role {
+                "admin" => out.admin = true,
+                "approver" => out.approver = true,
+                // Never repeat the field itself: it may be a mistyped key.
+                _ => {
+                    p.fail(
+                        "VM_API_KEYS",
+                        format!(
+                            "entry {i} (id `{id}`): the roles field must be `admin`, `approver` or `admin+approver`"
+                        ),
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
 fn parse_security<F: Fn(&str) -> Option<String>>(
     p: &mut Parser<F>,
     app_env: AppEnv,
@@ -758,25 +848,24 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
         let Some((id, rest)) = entry.split_once(':') else {
             p.fail(
                 "VM_API_KEYS",
-                format!("entry {i}: expected id:key[:admin], but the entry has no `:` (is the id missing?)"),
+                format!("entry {i}: expected id:key[:roles][:tenant=NAME], but the entry has no `:` (is the id missing?)"),
             );
             continue;
         };
         if !valid_name(id) {
             p.fail(
                 "VM_API_KEYS",
-                format!("entry {i}: expected id:key[:admin] with an id of 1 to 64 letters, digits, - or _"),
+                format!("entry {i}: expected id:key[:roles][:tenant=NAME] with an id of 1 to 64 letters, digits, - or _"),
             );
             continue;
         }
-        let (key, role) = match rest.split_once(':') {
-            Some((key, role)) => (key, Some(role)),
-            None => (rest, None),
-        };
+        let mut fields = rest.split(':');
+        let key = fields.next().unwrap_or_default();
+        let options: Vec<&str> = fields.collect();
         if key.is_empty() {
             p.fail(
                 "VM_API_KEYS",
-                format!("entry {i}: expected id:key[:admin], but the key is empty"),
+                format!("entry {i}: expected id:key[:roles][:tenant=NAME], but the key is empty"),
             );
             continue;
         }
@@ -796,16 +885,8 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
             );
             continue;
         }
-        let admin = match role {
-            None => false,
-            Some("admin") => true,
-            Some(_) => {
-                p.fail(
-                    "VM_API_KEYS",
-                    format!("entry {i} (id `{id}`): the optional third field must be `admin`"),
-                );
-                false
-            }
+        let Some(options) = parse_key_options(p, i, id, &options) else {
+            continue;
         };
         if api_keys.iter().any(|k| k.id == id) {
             p.fail(
@@ -816,13 +897,15 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
         api_keys.push(ApiKey {
             id: id.to_string(),
             hash: sha2::Sha256::digest(key.as_bytes()).into(),
-            admin,
+            admin: options.admin,
+            approver: options.approver,
+            tenant: options.tenant.unwrap_or_else(|| id.to_string()),
         });
     }
     if api_keys.is_empty() && app_env == AppEnv::Production {
         p.fail(
             "VM_API_KEYS",
-            "required when APP_ENV is production (id:key[:admin], comma-separated)",
+            "required when APP_ENV is production (id:key[:roles][:tenant=NAME], comma-separated)",
         );
     }
     let mut webhook_secrets = Vec::new();
@@ -1135,7 +1218,7 @@ mod tests {
         let text = err.to_string();
         assert!(
             text.contains("entry 1 (id `ci`): the key must be at least 16")
-                && text.contains("entry 4 (id `ops`): the optional third field must be `admin`")
+                && text.contains("entry 4 (id `ops`): the roles field must be `admin`, `approver` or `admin+approver`")
                 && text.contains("entry 3:"),
             "{text}"
         );
@@ -1146,6 +1229,64 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.mentions("VM_API_KEYS"));
+    }
+
+    #[test]
+    fn api_key_roles_and_tenants_are_parsed_in_either_order() {
+        let s = parse(&[(
+            "VM_API_KEYS",
+            "a:a-key-0123456789abcdef:approver:tenant=acme, \
+             b:b-key-0123456789abcdef:tenant=acme:admin+approver, \
+             c:c-key-0123456789abcdef:admin, d:d-key-0123456789abcdef",
+        )])
+        .expect("valid");
+        let keys: Vec<_> = s
+            .security
+            .api_keys
+            .iter()
+            .map(|k| {
+                (
+                    k.id.as_str(),
+                    k.admin,
+                    k.approver,
+                    k.may_approve(),
+                    k.tenant.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("a", false, true, true, "acme"),
+                ("b", true, true, true, "acme"),
+                // An admin may approve; a key without a tenant is its own tenant.
+                ("c", true, false, true, "c"),
+                ("d", false, false, false, "d"),
+            ]
+        );
+        for (entry, expected) in [
+            ("e:e-key-0123456789abcdef:root", "the roles field must be"),
+            (
+                "e:e-key-0123456789abcdef:admin:approver",
+                "more than one roles field",
+            ),
+            (
+                "e:e-key-0123456789abcdef:tenant=a:tenant=b",
+                "`tenant=` appears twice",
+            ),
+            (
+                "e:e-key-0123456789abcdef:tenant=",
+                "the tenant must be 1 to 64",
+            ),
+            (
+                "e:e-key-0123456789abcdef:tenant=a b",
+                "the tenant must be 1 to 64",
+            ),
+        ] {
+            let text = parse(&[("VM_API_KEYS", entry)]).unwrap_err().to_string();
+            assert!(text.contains(expected), "{entry}: {text}");
+            assert!(!text.contains("e-key-0123456789abcdef"), "{text}");
+        }
     }
 
     #[test]

@@ -47,8 +47,13 @@ const MAX_LOCAL_BUCKETS: usize = 100_000;
 pub struct Actor {
     /// The API key's id, or `anonymous` when the API runs open.
     pub id: String,
-    /// May read the audit trail.
+    /// Role `admin` (see [`ApiKey::admin`]).
     pub admin: bool,
+    /// May decide approval steps: role `approver` or `admin`.
+    pub approver: bool,
+    /// The tenant that owns what this caller creates ([`ApiKey::tenant`]);
+    /// `anonymous` when the API runs open.
+    pub tenant: String,
 }
 
 /// Finds the key whose hash matches `presented`, comparing against every
@@ -324,6 +329,8 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             // Reading the audit trail without a key is for a developer's own
             // machine only.
             admin: state.settings.app_env == crate::config::AppEnv::Local,
+            approver: state.settings.app_env == crate::config::AppEnv::Local,
+            tenant: "anonymous".to_string(),
         }
     } else {
         let presented = match presented_key(req.headers()) {
@@ -365,6 +372,8 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         Actor {
             id: key.id.clone(),
             admin: key.admin,
+            approver: key.may_approve(),
+            tenant: key.tenant.clone(),
         }
     };
     tracing::Span::current().record("actor", actor.id.as_str());
@@ -460,6 +469,8 @@ mod tests {
             id: id.into(),
             hash: Sha256::digest(secret.as_bytes()).into(),
             admin: false,
+            approver: false,
+            tenant: id.into(),
         }
     }
 
