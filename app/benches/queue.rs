@@ -262,6 +262,7 @@ fn no_op_run(steps: usize) -> NewRun {
         max_attempts: 3,
         actor: "test".into(),
         request_id: None,
+        tenant: "anonymous".to_string(),
     }
 }
 

@@ -32,6 +32,28 @@ pub enum Command {
     Backup(BackupArgs),
     /// Load a snapshot into an empty, migrated database of either backend.
     Restore(RestoreArgs),
+    /// Usage metering tools (`usage verify --period YYYY-MM`).
+    Usage(UsageArgs),
+}
+
+/// `usage` options.
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: UsageCommand,
+}
+
+/// `usage` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UsageCommand {
+    /// Recompute a period's usage from the ledger and from the runs and
+    /// results, print every difference, exit non-zero on any.
+    Verify {
+        /// The UTC month, YYYY-MM.
+        #[arg(long, value_name = "YYYY-MM")]
+        period: String,
+    },
 }
 
 /// `backup` options: one file, or a directory of timestamped files pruned to

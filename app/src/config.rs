@@ -52,6 +52,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "VM_MIGRATION_DB_URL",
     "VM_RUNTIME_DB_ROLE",
     "VM_WEBHOOK_TOLERANCE_SECONDS",
+    "VM_PLANS_FILE",
+    "VM_METRICS_TENANT_LABELS",
 ];
 
 /// The names among `names` that are not settings but within two edits of
@@ -346,6 +348,15 @@ pub struct Settings {
     /// (`not_ready`) before closing the listener, so that endpoints are
     /// updated before connections are refused.
     pub shutdown_delay: Duration,
+    /// `VM_PLANS_FILE`: the validated plans file; `None` (unset) means no
+    /// limits, while usage is still metered.
+    pub plans: Option<std::sync::Arc<crate::plans::Plans>>,
+    /// `VM_PLANS_FILE` as given, for the summary.
+    pub plans_file: Option<PathBuf>,
+    /// `VM_METRICS_TENANT_LABELS`: usage gauges per tenant (a `tenant`
+    /// label) instead of summed over tenants. Off by default: one series per
+    /// tenant and meter is unbounded cardinality.
+    pub metrics_tenant_labels: bool,
 }
 
 /// One problem with one variable.
@@ -536,6 +547,20 @@ impl Settings {
         let max_body_bytes = p.number("VM_MAX_BODY_BYTES", 1_048_576usize, 1_024, 64 << 20);
         let shutdown_delay = p.millis("VM_SHUTDOWN_DELAY_MS", 0, 0, 120_000);
         let security = parse_security(&mut p, app_env);
+        let plans_file = p.get("VM_PLANS_FILE").map(PathBuf::from);
+        let plans = match &plans_file {
+            None => None,
+            Some(path) => match crate::plans::Plans::load(path) {
+                Ok(plans) => Some(std::sync::Arc::new(plans)),
+                Err(problems) => {
+                    for problem in problems {
+                        p.fail("VM_PLANS_FILE", problem);
+                    }
+                    None
+                }
+            },
+        };
+        let metrics_tenant_labels = p.bool("VM_METRICS_TENANT_LABELS", false);
 
         if !p.errors.is_empty() {
             return Err(ConfigErrors(p.errors));
@@ -554,6 +579,9 @@ impl Settings {
             max_body_bytes,
             shutdown_delay,
             security,
+            plans,
+            plans_file,
+            metrics_tenant_labels,
         })
     }
 
@@ -621,6 +649,18 @@ impl Settings {
                 match self.log_format {
                     LogFormat::Json => "json",
                     LogFormat::Pretty => "pretty",
+                }
+            ),
+            format!(
+                "plans: {}",
+                match (&self.plans, &self.plans_file) {
+                    (Some(plans), Some(file)) => format!(
+                        "{} plan(s) from {}, default {}",
+                        plans.plans.len(),
+                        file.display(),
+                        plans.default_plan
+                    ),
+                    _ => "none (VM_PLANS_FILE not set: no limits, usage is still metered)".into(),
                 }
             ),
             format!(

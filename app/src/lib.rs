@@ -13,11 +13,14 @@ pub mod http;
 pub mod maintenance;
 pub mod metrics;
 pub mod model;
+pub mod period;
+pub mod plans;
 pub mod redis_bus;
 pub mod runtime;
 pub mod steps;
 pub mod store;
 pub mod telemetry;
+pub mod usage_cmd;
 pub mod worker;
 
 /// Makes `ring` the process-wide TLS crypto provider (the one stack shared by

@@ -161,6 +161,31 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// `threshold` label of `vm_tenant_usage_threshold_total`: a fraction of an
+/// allowance from the plans file (`0.8`, `1.0`), a bounded set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThresholdLabels {
+    /// The threshold, as in the plans file.
+    pub threshold: String,
+}
+
+/// `meter` label of the usage gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MeterLabels {
+    /// `runs`, `steps`, `llm_tokens`, `approval_decisions`.
+    pub meter: String,
+}
+
+/// `tenant` and `meter` labels of the usage gauges, only with
+/// `VM_METRICS_TENANT_LABELS=true` (one series per tenant: unbounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantMeterLabels {
+    /// The tenant.
+    pub tenant: String,
+    /// The meter.
+    pub meter: String,
+}
+
 /// `version` label of the build-info gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -210,6 +235,18 @@ pub struct Metrics {
     pub auth_failures: Family<ReasonLabels, Counter>,
     /// Webhook deliveries by outcome (`accepted` or the rejection code).
     pub webhooks: Family<ReasonLabels, Counter>,
+    /// Usage of the current period per meter, summed over tenants (scrape time).
+    pub usage_used: Family<MeterLabels, Gauge>,
+    /// Allowances of the current period per meter, summed over the tenants
+    /// with usage on a limited meter (scrape time).
+    pub usage_allowance: Family<MeterLabels, Gauge>,
+    /// Usage per tenant and meter (only with `VM_METRICS_TENANT_LABELS`).
+    pub usage_used_by_tenant: Family<TenantMeterLabels, Gauge>,
+    /// Allowance per tenant and meter (only with `VM_METRICS_TENANT_LABELS`).
+    pub usage_allowance_by_tenant: Family<TenantMeterLabels, Gauge>,
+    /// Whether the usage families are labelled by tenant; `None` until
+    /// [`Metrics::register_usage`].
+    usage_by_tenant: std::sync::OnceLock<bool>,
 }
 
 /// A fixed reason, scope or outcome name.
@@ -247,6 +284,11 @@ impl Metrics {
             rate_limited: Family::default(),
             auth_failures: Family::default(),
             webhooks: Family::default(),
+            usage_used: Family::default(),
+            usage_allowance: Family::default(),
+            usage_used_by_tenant: Family::default(),
+            usage_allowance_by_tenant: Family::default(),
+            usage_by_tenant: std::sync::OnceLock::new(),
         };
         registry.register(
             "http_requests",
@@ -369,6 +411,93 @@ impl Metrics {
                 drop(family.get_or_create(&ReasonLabels {
                     reason: (*value).into(),
                 }));
+            }
+        }
+    }
+
+    /// Registers the usage families once: `vm_tenant_usage_threshold_total
+    /// {threshold}` (the store's `thresholds` counter, created at zero for
+    /// every threshold in `known`), and the gauges `vm_tenant_usage_used` and
+    /// `vm_tenant_usage_allowance`, labelled `{meter}`, or `{tenant, meter}`
+    /// when `by_tenant`. Later calls do nothing.
+    pub fn register_usage(
+        &self,
+        thresholds: Family<ThresholdLabels, Counter>,
+        known: &[String],
+        by_tenant: bool,
+    ) {
+        if self.usage_by_tenant.set(by_tenant).is_err() {
+            return;
+        }
+        for threshold in known {
+            drop(thresholds.get_or_create(&ThresholdLabels {
+                threshold: threshold.clone(),
+            }));
+        }
+        // The registry carries the `vm` prefix already.
+        let mut vm = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        vm.register(
+            "tenant_usage_threshold",
+            "Warning thresholds of allowances reached (once per tenant, period, meter and threshold)",
+            thresholds,
+        );
+        if by_tenant {
+            vm.register(
+                "tenant_usage_used",
+                "Usage in the current UTC month by tenant and meter",
+                self.usage_used_by_tenant.clone(),
+            );
+            vm.register(
+                "tenant_usage_allowance",
+                "Allowance in the current UTC month by tenant and meter (limited meters only)",
+                self.usage_allowance_by_tenant.clone(),
+            );
+        } else {
+            vm.register(
+                "tenant_usage_used",
+                "Usage in the current UTC month by meter, summed over tenants",
+                self.usage_used.clone(),
+            );
+            vm.register(
+                "tenant_usage_allowance",
+                "Allowances in the current UTC month by meter, summed over tenants with usage (limited meters only)",
+                self.usage_allowance.clone(),
+            );
+        }
+    }
+
+    /// Sets the usage gauges from `(tenant, meter, used, allowance)` rows of
+    /// the current period (previous values are dropped).
+    pub fn set_usage(&self, rows: &[(String, crate::plans::Meter, i64, Option<i64>)]) {
+        if self.usage_by_tenant.get().copied().unwrap_or(false) {
+            self.usage_used_by_tenant.clear();
+            self.usage_allowance_by_tenant.clear();
+            for (tenant, meter, used, allowance) in rows {
+                let labels = TenantMeterLabels {
+                    tenant: tenant.clone(),
+                    meter: meter.as_str().into(),
+                };
+                self.usage_used_by_tenant.get_or_create(&labels).set(*used);
+                if let Some(a) = allowance {
+                    self.usage_allowance_by_tenant
+                        .get_or_create(&labels)
+                        .set(*a);
+                }
+            }
+        } else {
+            self.usage_used.clear();
+            self.usage_allowance.clear();
+            for meter in crate::plans::Meter::ALL {
+                let labels = MeterLabels {
+                    meter: meter.as_str().into(),
+                };
+                let of_meter = rows.iter().filter(|r| r.1 == meter);
+                self.usage_used
+                    .get_or_create(&labels)
+                    .set(of_meter.clone().map(|r| r.2).sum());
+                self.usage_allowance
+                    .get_or_create(&labels)
+                    .set(of_meter.filter_map(|r| r.3).sum());
             }
         }
     }

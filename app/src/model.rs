@@ -66,6 +66,9 @@ pub enum EventType {
     StepLeaseExpired,
     /// The run was cancelled while this step was claimed.
     StepCancelled,
+    /// The run's tenant reached a warning threshold of an allowance (once
+    /// per tenant, period, meter and threshold; on the run that reached it).
+    TenantUsageThreshold,
 }
 
 impl EventType {
@@ -84,6 +87,7 @@ impl EventType {
             EventType::StepReleased => "step.released",
             EventType::StepLeaseExpired => "step.lease_expired",
             EventType::StepCancelled => "step.cancelled",
+            EventType::TenantUsageThreshold => "tenant.usage_threshold",
         }
     }
 }
@@ -297,10 +301,13 @@ pub struct NewRun {
     pub actor: String,
     /// The request id, for the audit row.
     pub request_id: Option<String>,
+    /// The tenant that owns the run and is charged for it (the key's
+    /// tenant; `anonymous` in the open local mode).
+    pub tenant: String,
 }
 
 /// Filter and page for listing runs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RunFilter {
     /// Only runs in this status.
     pub status: Option<RunStatus>,
@@ -308,6 +315,8 @@ pub struct RunFilter {
     pub before: Option<Uuid>,
     /// Page size.
     pub limit: i64,
+    /// Whose runs: [`crate::store::Scope::All`] or one tenant's.
+    pub scope: crate::store::Scope,
 }
 
 /// Current time in ms since the Unix epoch.

@@ -1,4 +1,5 @@
-//! The commands (`backup` and `restore` live in [`crate::backup_cmd`]):
+//! The commands (`backup` and `restore` live in [`crate::backup_cmd`],
+//! `usage verify` in [`crate::usage_cmd`]):
 //! settings first, then the store, then the servers and the
 //! worker, then a graceful stop on SIGTERM or Ctrl-C.
 //!
@@ -66,6 +67,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig => Ok(()),
         Command::Backup(args) => crate::backup_cmd::backup(&settings, &args).await,
         Command::Restore(args) => crate::backup_cmd::restore(&settings, &args).await,
+        Command::Usage(args) => crate::usage_cmd::run(&settings, &args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,7 +100,7 @@ pub async fn open_store(settings: &Settings, pool_size: u32) -> Result<Store, St
     } else {
         store.ensure_schema().await.map_err(|e| describe(&e))?;
     }
-    Ok(store)
+    Ok(store.with_plans(settings.plans.clone()))
 }
 
 /// A store error for a person, without connection strings or driver detail

@@ -667,6 +667,9 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
         ("POST", "/api/v2/runs/{id}/cancel"),
         ("GET", "/api/v2/audit"),
         ("POST", "/api/v2/webhooks/{source}"),
+        ("PUT", "/api/v2/tenants/{tenant}/plan"),
+        ("GET", "/api/v2/tenants/{tenant}/usage"),
+        ("GET", "/api/v2/usage/export"),
     ]
     .iter()
     .map(|(m, p)| (m.to_string(), p.to_string()))
@@ -679,9 +682,11 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
     for (method, path) in &documented {
         let uri = path
             .replace("{id}", &id.to_string())
-            .replace("{source}", "github");
+            .replace("{source}", "github")
+            .replace("{tenant}", "anonymous");
         let body = (method == "POST" && uri.ends_with("/runs")).then_some(HELLO);
-        if uri.contains("metrics") {
+        // Not JSON on success: metrics text and the usage CSV.
+        if uri.contains("metrics") || uri.ends_with("/usage/export") {
             assert_eq!(
                 support::send_raw(&app, method, &uri, body).await,
                 StatusCode::OK,

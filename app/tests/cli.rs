@@ -1150,6 +1150,7 @@ async fn worker_answers_not_ready_while_it_drains_after_sigterm() {
         max_attempts: 3,
         actor: "test".into(),
         request_id: None,
+        tenant: "anonymous".to_string(),
     };
     let id = match env.store.create_run(&new).await.expect("create run") {
         CreateOutcome::Created(run) => run.id,

@@ -100,6 +100,7 @@ async fn a_skewed_worker_never_takes_over_a_healthy_lease(
         max_attempts: 3,
         actor: "test".into(),
         request_id: None,
+        tenant: "anonymous".to_string(),
     };
     let CreateOutcome::Created(run) = env.store.create_run(&new).await.expect("create") else {
         panic!("not created")

@@ -29,6 +29,7 @@ fn new_run(input: Value, steps: Value, key: Option<&str>) -> NewRun {
         max_attempts: 3,
         actor: "test".into(),
         request_id: None,
+        tenant: "anonymous".to_string(),
     }
 }
 

@@ -118,6 +118,21 @@ pub enum ApiError {
     /// byte, for PostgreSQL). Refused as the client's mistake, never a 500.
     #[error("a text value contains a character that cannot be stored (such as a NUL byte)")]
     InvalidText,
+    /// 402 `quota_exceeded`: the tenant's `block` allowance is used up for
+    /// the period; the body adds `meter`, `allowance`, `used`, `period` and
+    /// `resets_at`.
+    #[error("the {} allowance of {} for {} is used up; it resets at {}", .0.meter.as_str(), .0.allowance, .0.period, .0.resets_at())]
+    QuotaExceeded(Box<crate::store::QuotaRefusal>),
+    /// 422 `unknown_plan`: the plan is not in the plans file (or there is no
+    /// plans file).
+    #[error("{0}")]
+    UnknownPlan(String),
+    /// 400 `invalid_period`: `period` is not a `YYYY-MM` month.
+    #[error("period must be a month as YYYY-MM (UTC), such as 2026-11")]
+    InvalidPeriod,
+    /// 404 `tenant_not_found`: not a tenant name, or not one this key may see.
+    #[error("tenant not found")]
+    TenantNotFound,
     /// 500 `internal`.
     #[error("internal error")]
     Internal,
@@ -135,9 +150,13 @@ impl ApiError {
             | ApiError::InvalidRequestId
             | ApiError::InvalidCorrelationId
             | ApiError::InvalidClientAddress => StatusCode::BAD_REQUEST,
-            ApiError::InvalidRequest(_) | ApiError::InvalidStep(_) | ApiError::LlmUnavailable => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            ApiError::InvalidRequest(_)
+            | ApiError::InvalidStep(_)
+            | ApiError::LlmUnavailable
+            | ApiError::UnknownPlan(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::QuotaExceeded(_) => StatusCode::PAYMENT_REQUIRED,
+            ApiError::InvalidPeriod => StatusCode::BAD_REQUEST,
+            ApiError::TenantNotFound => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RunNotFound | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -196,6 +215,10 @@ impl ApiError {
             ApiError::ReplayedNonce => "replayed_nonce",
             ApiError::AddressNotAllowed => "address_not_allowed",
             ApiError::InvalidText => "invalid_text",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
+            ApiError::UnknownPlan(_) => "unknown_plan",
+            ApiError::InvalidPeriod => "invalid_period",
+            ApiError::TenantNotFound => "tenant_not_found",
             ApiError::Internal => "internal",
         }
     }
@@ -218,11 +241,15 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut response = (
-            status,
-            Json(json!({"code": self.code(), "message": self.to_string()})),
-        )
-            .into_response();
+        let mut body = json!({"code": self.code(), "message": self.to_string()});
+        if let ApiError::QuotaExceeded(refusal) = &self {
+            body["meter"] = json!(refusal.meter.as_str());
+            body["allowance"] = json!(refusal.allowance);
+            body["used"] = json!(refusal.used);
+            body["period"] = json!(refusal.period);
+            body["resets_at"] = json!(refusal.resets_at());
+        }
+        let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();
         match &self {
             ApiError::RateLimited(seconds) => {

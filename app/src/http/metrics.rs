@@ -40,6 +40,8 @@ async fn refresh(state: &AppState) -> Result<(), ()> {
         None => -1.0,
     };
     state.metrics.worker_heartbeat_age.set(age);
+    let usage = state.store.usage_gauges().await.map_err(|_| ())?;
+    state.metrics.set_usage(&usage);
     Ok(())
 }
 

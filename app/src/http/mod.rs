@@ -6,6 +6,8 @@
 //! - `GET /metrics/prometheus`, and `GET /metrics` at the root (see [`metrics`])
 //! - `POST /webhooks/{source}`: signed deliveries (see [`webhooks`])
 //! - `GET /audit`: the audit trail, admin keys only (see [`audit`])
+//! - `PUT /tenants/{tenant}/plan`, `GET /tenants/{tenant}/usage`,
+//!   `GET /usage/export`: plans and usage (see [`tenants`])
 //! - `GET /openapi.json`: the OpenAPI document, generated from the same
 //!   registrations that build the router, so the two cannot drift apart
 //! - `views`: the JSON shapes
@@ -28,6 +30,7 @@ pub mod metrics;
 pub mod paging;
 pub mod runs;
 pub mod security;
+pub mod tenants;
 pub mod views;
 pub mod webhooks;
 
@@ -86,7 +89,26 @@ pub struct AppState {
 
 impl AppState {
     /// State for a process serving `store` with `settings`.
+    /// Installs the settings' plans in `store` and registers its usage
+    /// metrics.
     pub fn new(store: Store, settings: Arc<Settings>) -> Self {
+        let store = store.with_plans(settings.plans.clone());
+        let metrics = Arc::new(Metrics::new());
+        let thresholds: Vec<String> = settings
+            .plans
+            .as_ref()
+            .map(|p| {
+                p.all_thresholds()
+                    .into_iter()
+                    .map(crate::plans::threshold_label)
+                    .collect()
+            })
+            .unwrap_or_default();
+        metrics.register_usage(
+            store.threshold_family(),
+            &thresholds,
+            settings.metrics_tenant_labels,
+        );
         Self {
             store,
             worker_stall_after: settings.queue.worker_stale_after,
@@ -94,7 +116,7 @@ impl AppState {
             wake: Arc::new(Notify::new()),
             shutting_down: Arc::new(AtomicBool::new(false)),
             worker: None,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             redis: None,
             limiter: Arc::new(security::RateLimiter::new()),
             auth_failures: Arc::new(security::AuthFailures::default()),
@@ -120,6 +142,7 @@ impl AppState {
         (name = "health", description = "Kubernetes probes"),
         (name = "webhooks", description = "Signed deliveries from other systems"),
         (name = "audit", description = "The audit trail"),
+        (name = "tenants", description = "Plans, quotas and usage per tenant"),
         (name = "operations", description = "Metrics and this document"),
     )
 )]
@@ -166,7 +189,10 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(runs::get_run))
         .routes(routes!(runs::list_events))
         .routes(routes!(runs::cancel_run))
-        .routes(routes!(audit::list));
+        .routes(routes!(audit::list))
+        .routes(routes!(tenants::set_plan))
+        .routes(routes!(tenants::usage))
+        .routes(routes!(tenants::export));
     let mut signed = OpenApiRouter::new().routes(routes!(webhooks::receive));
     if let Some(state) = state {
         // The last layer added runs first: the address limit, then the key.

@@ -6,6 +6,11 @@
 //! - `GET /api/v2/runs/{id}/events?after=&limit=`: transitions in order
 //! - `POST /api/v2/runs/{id}/cancel`: cancel a queued or running run
 //!
+//! A key sees and touches only its tenant's runs (another tenant's run is
+//! `404 run_not_found`, like a missing one); admin keys see every tenant's
+//! ([`scope_of`]). Creation is charged to the key's tenant and refused with
+//! `402 quota_exceeded` past a `block` allowance.
+//!
 //! Bodies are parsed by hand (not by an extractor) so that every client
 //! mistake gets our JSON error with a precise message. The body is read as
 //! JSON whatever its `Content-Type`, so `curl -d` works as is.
@@ -30,7 +35,7 @@ use crate::http::views::{
 use crate::http::{API_PREFIX, AppState, error::ApiError};
 use crate::model::{NewRun, Run, RunDetail, RunFilter, RunStatus, StepState, StepStatus};
 use crate::steps::{StepSpec, parse_steps};
-use crate::store::{CancelOutcome, CreateOutcome};
+use crate::store::{CancelOutcome, CreateOutcome, Scope};
 
 /// Tag of run-list cursors.
 const RUNS_CURSOR: &str = "v1";
@@ -107,6 +112,7 @@ pub fn parse_create_body(bytes: &[u8]) -> Result<(Value, Vec<Value>), ApiError> 
         (status = 202, description = "Run queued", body = RunView),
         (status = 200, description = "Idempotent replay of the original run", body = RunView),
         (status = 400, description = "invalid_json, invalid_idempotency_key, invalid_correlation_id, invalid_request_id, invalid_text (a text the database cannot store, such as a NUL byte)", body = ErrorBody),
+        (status = 402, description = "quota_exceeded: the tenant's `block` allowance of runs is used up for the period; the body adds `meter`, `allowance`, `used`, `period` and `resets_at` (start of the next UTC month). Nothing was created or counted.", body = ErrorBody),
         (status = 409, description = "idempotency_key_conflict", body = ErrorBody),
         (status = 413, description = "payload_too_large", body = ErrorBody),
         (status = 422, description = "invalid_request, invalid_step, unknown_step_kind, llm_unavailable", body = ErrorBody),
@@ -136,7 +142,10 @@ pub async fn create_run(
         .filter(|v| plain_id(v))
         .or(request_id.filter(|v| plain_id(v)))
         .map(str::to_string);
-    let actor = actor.map_or_else(|| "anonymous".to_string(), |Extension(a)| a.id);
+    let (actor, tenant) = actor.map_or_else(
+        || ("anonymous".to_string(), "anonymous".to_string()),
+        |Extension(a)| (a.id, a.tenant),
+    );
     let request = NewRunRequest {
         body: bytes.to_vec(),
         // Scoped to the caller: two clients never collide on a key, and no
@@ -144,6 +153,7 @@ pub async fn create_run(
         idempotency_key: idempotency_key.map(|k| format!("key:{actor}:{k}")),
         correlation_id,
         actor,
+        tenant,
         request_id: request_id.map(str::to_string),
     };
     let (detail, created) = create_from_body(&state, request).await?;
@@ -175,6 +185,8 @@ pub struct NewRunRequest {
     pub correlation_id: Option<String>,
     /// Who asks (for the audit trail).
     pub actor: String,
+    /// The tenant that will own the run and be charged for it.
+    pub tenant: String,
     /// The request it came in (for the audit trail).
     pub request_id: Option<String>,
 }
@@ -211,6 +223,7 @@ pub async fn create_from_body(
         max_attempts: i64::from(state.settings.queue.max_attempts),
         actor: request.actor.clone(),
         request_id: request.request_id.clone(),
+        tenant: request.tenant.clone(),
     };
     // The audit row of the creation is written in the run's own transaction.
     match state.store.create_run(&new).await? {
@@ -225,6 +238,10 @@ pub async fn create_from_body(
         }
         CreateOutcome::Existing(detail) => Ok((*detail, false)),
         CreateOutcome::Conflict => Err(ApiError::IdempotencyConflict),
+        CreateOutcome::QuotaExceeded(refusal) => {
+            tracing::info!(tenant = %refusal.tenant, meter = refusal.meter.as_str(), allowance = refusal.allowance, period = %refusal.period, actor = %request.actor, "run refused: allowance used up");
+            Err(ApiError::QuotaExceeded(Box::new(refusal)))
+        }
     }
 }
 
@@ -257,6 +274,7 @@ pub fn decode_cursor(cursor: &str) -> Result<Uuid, ApiError> {
 )]
 pub async fn list_runs(
     State(state): State<AppState>,
+    actor: Option<Extension<Actor>>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<RunList>, ApiError> {
     let query = parse_query(raw, &["status", "limit", "cursor"])?;
@@ -277,6 +295,7 @@ pub async fn list_runs(
             status,
             before,
             limit: limit + 1,
+            scope: scope_of(actor.as_ref()),
         })
         .await?;
     let next_cursor = paging::next_page(&mut runs, limit, |r| encode_cursor(r.id));
@@ -284,6 +303,26 @@ pub async fn list_runs(
         runs: runs.iter().map(RunSummary::of).collect(),
         next_cursor,
     }))
+}
+
+/// Which runs the caller may see: admin keys (and the open local mode) all,
+/// any other key its tenant's only. Every run route applies it.
+pub fn scope_of(actor: Option<&Extension<Actor>>) -> Scope {
+    match actor {
+        Some(Extension(a)) if !a.admin => Scope::Tenant(a.tenant.clone()),
+        Some(_) => Scope::All,
+        // Protected routes always carry an actor; without one, see nothing.
+        None => Scope::Tenant(String::new()),
+    }
+}
+
+/// 404 unless run `id` exists and the caller's scope admits it.
+async fn visible(state: &AppState, id: Uuid, scope: &Scope) -> Result<(), ApiError> {
+    if state.store.run_visible(id, scope).await? {
+        Ok(())
+    } else {
+        Err(ApiError::RunNotFound)
+    }
 }
 
 fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
@@ -307,9 +346,11 @@ fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
 )]
 pub async fn get_run(
     State(state): State<AppState>,
+    actor: Option<Extension<Actor>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<RunView>, ApiError> {
     let id = parse_run_id(&id)?;
+    visible(&state, id, &scope_of(actor.as_ref())).await?;
     let detail = state
         .store
         .get_run(id)
@@ -337,6 +378,7 @@ pub async fn get_run(
 )]
 pub async fn list_events(
     State(state): State<AppState>,
+    actor: Option<Extension<Actor>>,
     ApiPath(id): ApiPath<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<EventList>, ApiError> {
@@ -349,10 +391,8 @@ pub async fn list_events(
         })?,
     };
     let limit = parse_limit(&query, EVENTS_PAGE)?;
+    visible(&state, id, &scope_of(actor.as_ref())).await?;
     let events = state.store.list_events(id, after, limit).await?;
-    if events.is_empty() && !state.store.run_exists(id).await? {
-        return Err(ApiError::RunNotFound);
-    }
     let next_after = (events.len() as i64 == limit)
         .then(|| events.last().map(|e| e.id))
         .flatten();
@@ -384,6 +424,7 @@ pub async fn cancel_run(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<RunView>, ApiError> {
     let id = parse_run_id(&id)?;
+    visible(&state, id, &scope_of(actor.as_ref())).await?;
     let actor = actor.map_or_else(|| "anonymous".to_string(), |Extension(a)| a.id);
     let request_id = header_str(&headers, "x-request-id").ok().flatten();
     // The audit row of the cancellation is written in its own transaction.

@@ -319,6 +319,8 @@ async fn deliver(
             idempotency_key: Some(format!("webhook:{source}:{nonce}")),
             correlation_id: None,
             actor: format!("webhook:{source}"),
+            // Runs from a webhook belong to the tenant `webhook:<source>`.
+            tenant: format!("webhook:{source}"),
             request_id: None,
         };
         let (detail, _) = create_from_body(state, request).await?;

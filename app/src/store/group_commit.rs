@@ -11,6 +11,7 @@
 //! never fails its neighbours. Without a Tokio runtime at connect time (or once
 //! the writers are gone) requests are written directly.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -19,9 +20,12 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::events::NewEvent;
+use super::tenancy::{assigned_plan, resolve};
+use super::usage::{QuotaRefusal, UsageRow, touched_of};
 use super::{CreateOutcome, Result, Store, StoreError, recordset};
 use crate::config::DbBackend;
 use crate::model::{EventType, NewRun, Run, RunStatus};
+use crate::plans::{Meter, Overage};
 
 /// Most runs one transaction stores.
 pub const MAX_BATCH: usize = 128;
@@ -30,7 +34,18 @@ const QUEUE_DEPTH: usize = 4 * MAX_BATCH;
 
 struct Request {
     new: NewRun,
-    reply: oneshot::Sender<Result<Option<Run>>>,
+    reply: oneshot::Sender<Result<Stored>>,
+}
+
+/// What became of one request of a batch.
+#[derive(Debug, Clone)]
+pub(crate) enum Stored {
+    /// Stored now.
+    Created(Run),
+    /// Its idempotency key was taken: the caller looks the original up.
+    Taken,
+    /// A `block` allowance is used up: nothing was stored or counted.
+    Refused(QuotaRefusal),
 }
 
 /// The callers' side of the writers; cheap to clone.
@@ -42,7 +57,12 @@ pub(crate) struct Handle {
 impl Handle {
     /// Starts the writers: one on SQLite (one writer at a time anyway), up to
     /// four on PostgreSQL (leaving half the pool to readers and workers).
-    pub(crate) fn start(pool: AnyPool, backend: DbBackend, max_connections: u32) -> Self {
+    pub(crate) fn start(
+        pool: AnyPool,
+        backend: DbBackend,
+        max_connections: u32,
+        usage: Arc<super::usage::Shared>,
+    ) -> Self {
         if tokio::runtime::Handle::try_current().is_err() {
             return Self::disabled();
         }
@@ -58,6 +78,7 @@ impl Handle {
             pool,
             backend,
             creates: Self::disabled(),
+            usage,
         };
         for _ in 0..writers {
             tokio::spawn(writer(store.clone(), rx.clone()));
@@ -91,8 +112,9 @@ impl Handle {
             None => write_alone(store, new).await,
         }?;
         match stored {
-            Some(run) => Ok(CreateOutcome::Created(run)),
-            None => store.existing_for_key(new).await,
+            Stored::Created(run) => Ok(CreateOutcome::Created(run)),
+            Stored::Taken => store.existing_for_key(new).await,
+            Stored::Refused(refusal) => Ok(CreateOutcome::QuotaExceeded(refusal)),
         }
     }
 }
@@ -121,157 +143,319 @@ async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>) {
     }
 }
 
-async fn write_alone(store: &Store, new: &NewRun) -> Result<Option<Run>> {
-    Ok(write_batch(store, &[new]).await?.pop().flatten())
+async fn write_alone(store: &Store, new: &NewRun) -> Result<Stored> {
+    write_batch(store, &[new])
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("a batch of one stored nothing".into()))
 }
 
-/// Stores `news` in one transaction; `None` for a run whose idempotency key
-/// was already taken (the caller looks the original up).
-async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Option<Run>>> {
+/// Stores `news` in one transaction, one [`Stored`] each, in order.
+///
+/// Admission comes first. Per tenant of the batch, in name order (so that
+/// concurrent batches, on any replica, lock counters in one order), the
+/// tenant's `runs` counter row of the period is locked by an upsert and read;
+/// under a `block` allowance only as many new runs as remain are admitted and
+/// the others are refused: not stored, not counted, audited as
+/// `quota.blocked`. The lock is held to the commit, which is what makes the
+/// allowance exact across writers and replicas. A request whose idempotency
+/// key is already taken is a replay and consumes nothing.
+async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Stored>> {
     let backend = store.backend();
+    let plans = store.plans();
+    let mut tx = store.begin().await?;
+
+    let mut tenants: Vec<&str> = news.iter().map(|n| n.tenant.as_str()).collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    let mut period: Option<String> = None;
+    let mut used_of: HashMap<&str, i64> = HashMap::with_capacity(tenants.len());
+    // The first statement writes (SQLite takes its write lock up front).
+    let lock = store.sql(
+        "INSERT INTO usage_counters (tenant, period, meter, used, updated_at) \
+         VALUES ($1, COALESCE($2, {period}), 'runs', 0, {now}) \
+         ON CONFLICT (tenant, period, meter) DO UPDATE SET updated_at = excluded.updated_at \
+         RETURNING used, period",
+    );
+    for tenant in &tenants {
+        let row = sqlx::query(&lock)
+            .bind(*tenant)
+            .bind(period.as_deref())
+            .fetch_one(&mut *tx)
+            .await?;
+        period = Some(row.try_get("period")?);
+        used_of.insert(tenant, row.try_get("used")?);
+    }
+    let period = period.unwrap_or_default();
+
+    let keys: Vec<&str> = news
+        .iter()
+        .filter_map(|n| n.idempotency_key.as_deref())
+        .collect();
+    let mut taken: HashSet<String> = HashSet::new();
+    if !keys.is_empty() {
+        let sql = format!(
+            "SELECT idempotency_key FROM runs WHERE idempotency_key IN (SELECT k FROM ({}) s)",
+            recordset(backend, &[("k", "text")])
+        );
+        let list = Value::Array(keys.iter().map(|k| json!({ "k": k })).collect()).to_string();
+        for row in sqlx::query(&sql).bind(list).fetch_all(&mut *tx).await? {
+            taken.insert(row.try_get("idempotency_key")?);
+        }
+    }
+
+    let mut refused: Vec<Option<QuotaRefusal>> = vec![None; news.len()];
+    if let Some(plans) = &plans {
+        for tenant in &tenants {
+            let assigned = assigned_plan(&mut *tx, tenant).await?;
+            let Some(rule) =
+                resolve(plans, assigned.as_deref(), tenant).and_then(|p| p.rule(Meter::Runs))
+            else {
+                continue;
+            };
+            if rule.overage != Overage::Block {
+                continue;
+            }
+            let used = used_of.get(tenant).copied().unwrap_or(0);
+            let mut remaining = (rule.allowance - used).max(0);
+            for (i, new) in news.iter().enumerate() {
+                if new.tenant != *tenant
+                    || new
+                        .idempotency_key
+                        .as_ref()
+                        .is_some_and(|k| taken.contains(k))
+                {
+                    continue;
+                }
+                if remaining > 0 {
+                    remaining -= 1;
+                } else {
+                    refused[i] = Some(QuotaRefusal {
+                        tenant: tenant.to_string(),
+                        meter: Meter::Runs,
+                        allowance: rule.allowance,
+                        used,
+                        period: period.clone(),
+                    });
+                }
+            }
+        }
+    }
+
     let ids: Vec<Uuid> = news.iter().map(|_| Uuid::now_v7()).collect();
+    let id_texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
     let mut runs = Vec::with_capacity(news.len());
-    for (id, new) in ids.iter().zip(news) {
+    for (i, (id, new)) in id_texts.iter().zip(news).enumerate() {
+        if refused[i].is_some() {
+            continue;
+        }
         let steps = serde_json::to_string(&new.steps)
             .map_err(|_| StoreError::Corrupt("steps do not serialise".into()))?;
         runs.push(json!({
-            "id": id.to_string(),
+            "id": id,
             "input": new.input.to_string(),
             "steps": steps,
             "step_count": new.steps.len(),
             "idempotency_key": new.idempotency_key,
             "request_hash": new.request_hash,
             "correlation_id": new.correlation_id,
+            "tenant": new.tenant,
         }));
     }
-    let insert_runs = store.sql(&format!(
-        "INSERT INTO runs (id, status, input, steps, step_count, idempotency_key, request_hash, \
-         correlation_id, created_at, updated_at) \
-         SELECT id, 'queued', input, steps, step_count, idempotency_key, request_hash, correlation_id, {{now}}, {{now}} \
-         FROM ({}) s WHERE true ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, created_at",
-        recordset(
-            backend,
-            &[
-                ("id", "text"),
-                ("input", "text"),
-                ("steps", "text"),
-                ("step_count", "bigint"),
-                ("idempotency_key", "text"),
-                ("request_hash", "text"),
-                ("correlation_id", "text"),
-            ]
-        )
-    ));
-    let mut tx = store.begin().await?;
-    let inserted = sqlx::query(&insert_runs)
-        .bind(Value::Array(runs).to_string())
-        .fetch_all(&mut *tx)
-        .await?;
-    let mut created_at = std::collections::HashMap::with_capacity(inserted.len());
-    for row in &inserted {
-        created_at.insert(
-            row.try_get::<String, _>("id")?,
-            row.try_get::<i64, _>("created_at")?,
-        );
-    }
-    if created_at.is_empty() {
-        tx.commit().await?;
-        return Ok(vec![None; news.len()]);
+    let mut created_at = HashMap::with_capacity(runs.len());
+    if !runs.is_empty() {
+        let insert_runs = store.sql(&format!(
+            "INSERT INTO runs (id, status, input, steps, step_count, idempotency_key, request_hash, \
+             correlation_id, tenant, created_at, updated_at) \
+             SELECT id, 'queued', input, steps, step_count, idempotency_key, request_hash, correlation_id, \
+             tenant, {{now}}, {{now}} \
+             FROM ({}) s WHERE true ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, created_at",
+            recordset(
+                backend,
+                &[
+                    ("id", "text"),
+                    ("input", "text"),
+                    ("steps", "text"),
+                    ("step_count", "bigint"),
+                    ("idempotency_key", "text"),
+                    ("request_hash", "text"),
+                    ("correlation_id", "text"),
+                    ("tenant", "text"),
+                ]
+            )
+        ));
+        let inserted = sqlx::query(&insert_runs)
+            .bind(Value::Array(runs).to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in &inserted {
+            created_at.insert(
+                row.try_get::<String, _>("id")?,
+                row.try_get::<i64, _>("created_at")?,
+            );
+        }
     }
 
-    let mut jobs = Vec::new();
-    let mut audits = Vec::new();
-    let id_texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-    for (id, new) in id_texts.iter().zip(news) {
-        if !created_at.contains_key(id) {
-            continue;
-        }
-        for (i, step) in new.steps.iter().enumerate() {
-            jobs.push(json!({
-                "run_id": id,
-                "correlation_id": new.correlation_id,
-                "step_index": i,
-                "step_count": new.steps.len(),
-                "payload": serde_json::to_string(step).unwrap_or_default(),
-                "state": if i == 0 { "queued" } else { "waiting" },
-                "max_attempts": new.max_attempts,
-            }));
-        }
-        audits.push(json!({
-            "actor": new.actor,
-            "target": id,
-            "request_id": new.request_id,
-            "detail": json!({"steps": new.steps.len()}).to_string(),
-        }));
-    }
-    let insert_jobs = store.sql(&format!(
-        "INSERT INTO jobs (run_id, correlation_id, step_index, step_count, payload, state, \
-         max_attempts, run_at, created_at) \
-         SELECT run_id, correlation_id, step_index, step_count, payload, state, max_attempts, {{now}}, {{now}} \
-         FROM ({}) s",
-        recordset(
-            backend,
-            &[
-                ("run_id", "text"),
-                ("correlation_id", "text"),
-                ("step_index", "bigint"),
-                ("step_count", "bigint"),
-                ("payload", "text"),
-                ("state", "text"),
-                ("max_attempts", "bigint"),
-            ]
-        )
-    ));
-    sqlx::query(&insert_jobs)
-        .bind(Value::Array(jobs).to_string())
-        .execute(&mut *tx)
-        .await?;
-    let events: Vec<NewEvent<'_>> = id_texts
+    let created: Vec<(&String, &&NewRun)> = id_texts
         .iter()
         .zip(news)
         .filter(|(id, _)| created_at.contains_key(*id))
-        .map(|(id, new)| {
-            NewEvent::run(id, EventType::RunQueued).data(json!({"steps": new.steps.len()}))
+        .collect();
+    let mut crossed = Vec::new();
+    if !created.is_empty() {
+        let usage: Vec<UsageRow> = created
+            .iter()
+            .map(|(id, new)| UsageRow {
+                tenant: new.tenant.clone(),
+                meter: Meter::Runs,
+                quantity: 1,
+                run_id: Some((*id).clone()),
+                step_index: None,
+                source: "run.created",
+            })
+            .collect();
+        store.add_usage(&mut tx, &usage, Some(&period)).await?;
+        let mut jobs = Vec::new();
+        let mut audits = Vec::new();
+        for (id, new) in &created {
+            for (i, step) in new.steps.iter().enumerate() {
+                jobs.push(json!({
+                    "run_id": id,
+                    "correlation_id": new.correlation_id,
+                    "step_index": i,
+                    "step_count": new.steps.len(),
+                    "payload": serde_json::to_string(step).unwrap_or_default(),
+                    "state": if i == 0 { "queued" } else { "waiting" },
+                    "max_attempts": new.max_attempts,
+                }));
+            }
+            audits.push(json!({
+                "actor": new.actor,
+                "target": id,
+                "request_id": new.request_id,
+                "detail": json!({"steps": new.steps.len()}).to_string(),
+                "tenant": new.tenant,
+            }));
+        }
+        let insert_jobs = store.sql(&format!(
+            "INSERT INTO jobs (run_id, correlation_id, step_index, step_count, payload, state, \
+             max_attempts, run_at, created_at) \
+             SELECT run_id, correlation_id, step_index, step_count, payload, state, max_attempts, {{now}}, {{now}} \
+             FROM ({}) s",
+            recordset(
+                backend,
+                &[
+                    ("run_id", "text"),
+                    ("correlation_id", "text"),
+                    ("step_index", "bigint"),
+                    ("step_count", "bigint"),
+                    ("payload", "text"),
+                    ("state", "text"),
+                    ("max_attempts", "bigint"),
+                ]
+            )
+        ));
+        sqlx::query(&insert_jobs)
+            .bind(Value::Array(jobs).to_string())
+            .execute(&mut *tx)
+            .await?;
+        let events: Vec<NewEvent<'_>> = created
+            .iter()
+            .map(|(id, new)| {
+                NewEvent::run(id, EventType::RunQueued).data(json!({"steps": new.steps.len()}))
+            })
+            .collect();
+        store.insert_events(&mut tx, &events).await?;
+        insert_audits(store, &mut tx, "run.created", "success", audits).await?;
+        let touched = touched_of(
+            created
+                .iter()
+                .map(|(id, new)| (new.tenant.as_str(), Meter::Runs, Some(id.as_str()))),
+            &period,
+        );
+        crossed = store.note_thresholds(&mut tx, &touched).await?;
+    }
+    let blocked: Vec<Value> = news
+        .iter()
+        .zip(&refused)
+        .filter_map(|(new, r)| {
+            r.as_ref().map(|r| {
+                json!({
+                    "actor": new.actor,
+                    "target": r.tenant,
+                    "request_id": new.request_id,
+                    "detail": json!({
+                        "meter": r.meter.as_str(), "allowance": r.allowance,
+                        "used": r.used, "period": r.period,
+                    }).to_string(),
+                    "tenant": r.tenant,
+                })
+            })
         })
         .collect();
-    store.insert_events(&mut tx, &events).await?;
-    let insert_audit = store.sql(&format!(
-        "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail) \
-         SELECT {{now}}, actor, 'run.created', target, 'success', request_id, detail FROM ({}) s",
-        recordset(
-            backend,
-            &[
-                ("actor", "text"),
-                ("target", "text"),
-                ("request_id", "text"),
-                ("detail", "text"),
-            ]
-        )
-    ));
-    sqlx::query(&insert_audit)
-        .bind(Value::Array(audits).to_string())
-        .execute(&mut *tx)
-        .await?;
+    if !blocked.is_empty() {
+        insert_audits(store, &mut tx, "quota.blocked", "denied", blocked).await?;
+    }
     tx.commit().await?;
+    store.count_crossings(&crossed);
 
     Ok(ids
         .iter()
         .zip(id_texts)
         .zip(news)
-        .map(|((id, text), new)| {
-            created_at.get(&text).map(|at| Run {
-                id: *id,
-                status: RunStatus::Queued,
-                correlation_id: new.correlation_id.clone(),
-                input: new.input.clone(),
-                steps: new.steps.clone(),
-                output: None,
-                error: None,
-                created_at: *at,
-                updated_at: *at,
-                started_at: None,
-                finished_at: None,
-            })
+        .zip(refused)
+        .map(|(((id, text), new), refusal)| {
+            if let Some(refusal) = refusal {
+                return Stored::Refused(refusal);
+            }
+            match created_at.get(&text) {
+                Some(at) => Stored::Created(Run {
+                    id: *id,
+                    status: RunStatus::Queued,
+                    correlation_id: new.correlation_id.clone(),
+                    input: new.input.clone(),
+                    steps: new.steps.clone(),
+                    output: None,
+                    error: None,
+                    created_at: *at,
+                    updated_at: *at,
+                    started_at: None,
+                    finished_at: None,
+                }),
+                None => Stored::Taken,
+            }
         })
         .collect())
+}
+
+/// Audit rows of one `action` and `outcome` from a JSON batch of
+/// `{actor, target, request_id, detail, tenant}`.
+async fn insert_audits(
+    store: &Store,
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    action: &str,
+    outcome: &str,
+    rows: Vec<Value>,
+) -> Result<()> {
+    let sql = store.sql(&format!(
+        "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail, tenant) \
+         SELECT {{now}}, actor, $2, target, $3, request_id, detail, tenant FROM ({}) s",
+        recordset(
+            store.backend(),
+            &[
+                ("actor", "text"),
+                ("target", "text"),
+                ("request_id", "text"),
+                ("detail", "text"),
+                ("tenant", "text"),
+            ]
+        )
+    ));
+    sqlx::query(&sql)
+        .bind(Value::Array(rows).to_string())
+        .bind(action)
+        .bind(outcome)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

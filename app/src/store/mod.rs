@@ -52,10 +52,15 @@ pub mod migrate;
 pub mod queue;
 pub mod runs;
 pub mod security;
+pub mod tenancy;
+pub mod usage;
+pub mod usage_verify;
 pub mod workers;
 
 pub use queue::{Completion, Finish, QueueCounts, QueueStat};
 pub use runs::{CancelOutcome, CreateOutcome};
+pub use tenancy::Scope;
+pub use usage::{QuotaRefusal, UsageRecord};
 
 /// Errors of the store boundary.
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +186,7 @@ pub struct Store {
     pool: AnyPool,
     backend: DbBackend,
     creates: group_commit::Handle,
+    usage: std::sync::Arc<usage::Shared>,
 }
 
 impl Store {
@@ -230,11 +236,14 @@ impl Store {
                 .execute(&pool)
                 .await?;
         }
-        let creates = group_commit::Handle::start(pool.clone(), backend, max_connections);
+        let usage = std::sync::Arc::new(usage::Shared::default());
+        let creates =
+            group_commit::Handle::start(pool.clone(), backend, max_connections, usage.clone());
         Ok(Self {
             pool,
             backend,
             creates,
+            usage,
         })
     }
 
@@ -268,9 +277,12 @@ impl Store {
         now_sql(self.backend)
     }
 
-    /// `template` with every `{now}` replaced by the database clock expression.
+    /// `template` with every `{period}` replaced by the UTC month (`YYYY-MM`)
+    /// of the database clock and every `{now}` by the database clock.
     pub(crate) fn sql(&self, template: &str) -> String {
-        template.replace("{now}", self.now_sql())
+        template
+            .replace("{period}", &usage::period_sql(self.backend, self.now_sql()))
+            .replace("{now}", self.now_sql())
     }
 
     pub(crate) fn pool(&self) -> &AnyPool {

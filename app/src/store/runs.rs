@@ -25,6 +25,9 @@ pub enum CreateOutcome {
     Existing(Box<RunDetail>),
     /// The idempotency key was seen before with a different request.
     Conflict,
+    /// The tenant's `block` allowance is used up: nothing was stored or
+    /// counted (the refusal is audited as `quota.blocked`).
+    QuotaExceeded(super::QuotaRefusal),
 }
 
 /// Result of cancelling a run.
@@ -195,6 +198,10 @@ impl Store {
         let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs");
         let mut clauses = Vec::new();
         let mut n = 0;
+        if filter.scope.tenant().is_some() {
+            n += 1;
+            clauses.push(format!("tenant = ${n}"));
+        }
         if filter.status.is_some() {
             n += 1;
             clauses.push(format!("status = ${n}"));
@@ -209,6 +216,9 @@ impl Store {
         }
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", n + 1));
         let mut q = sqlx::query(&sql);
+        if let Some(tenant) = filter.scope.tenant() {
+            q = q.bind(tenant);
+        }
         if let Some(status) = filter.status {
             q = q.bind(status.as_str());
         }
@@ -316,8 +326,9 @@ impl Store {
         );
         self.insert_events(&mut tx, &events).await?;
         sqlx::query(&self.sql(
-            "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail) \
-             VALUES ({now}, $1, 'run.cancelled', $2, 'success', $3, NULL)",
+            "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail, tenant) \
+             VALUES ({now}, $1, 'run.cancelled', $2, 'success', $3, NULL, \
+             (SELECT tenant FROM runs WHERE id = $2))",
         ))
         .bind(actor)
         .bind(&id_text)

@@ -62,7 +62,7 @@ pub struct AuditFilter {
 }
 
 /// Tables the runtime may read and write.
-const RUNTIME_TABLES: [&str; 9] = [
+const RUNTIME_TABLES: [&str; 11] = [
     "runs",
     "jobs",
     "step_results",
@@ -72,7 +72,13 @@ const RUNTIME_TABLES: [&str; 9] = [
     "webhook_deliveries",
     "queue_stats",
     "maintenance_leader",
+    "usage_counters",
+    "usage_thresholds",
 ];
+
+/// Append-only tables: the runtime may add rows and read them, never
+/// rewrite or delete them (like the audit trail).
+const APPEND_ONLY_TABLES: [&str; 3] = ["audit_log", "usage_ledger", "tenant_plan_changes"];
 
 impl Store {
     /// Appends one audit entry.
@@ -239,8 +245,14 @@ impl Store {
             ),
             format!("GRANT SELECT, INSERT, UPDATE, DELETE ON webhook_nonces TO {quoted}"),
             format!("GRANT SELECT ON _sqlx_migrations TO {quoted}"),
-            format!("REVOKE UPDATE, DELETE, TRUNCATE ON audit_log FROM {quoted}"),
-            format!("GRANT SELECT, INSERT ON audit_log TO {quoted}"),
+            format!(
+                "REVOKE UPDATE, DELETE, TRUNCATE ON {} FROM {quoted}",
+                APPEND_ONLY_TABLES.join(", ")
+            ),
+            format!(
+                "GRANT SELECT, INSERT ON {} TO {quoted}",
+                APPEND_ONLY_TABLES.join(", ")
+            ),
             format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {quoted}"),
         ];
         statements.push(format!("REVOKE CREATE ON SCHEMA public FROM {quoted}"));

@@ -100,7 +100,8 @@ impl TestEnv {
         let settings = Arc::new(settings_from(&all).expect("test settings are valid"));
         let store = Store::connect(&settings.database, 10)
             .await
-            .expect("connect");
+            .expect("connect")
+            .with_plans(settings.plans.clone());
         store.migrate().await.expect("migrate");
         TestEnv {
             settings,
@@ -219,6 +220,22 @@ pub async fn get_text(app: &Router, uri: &str) -> String {
     assert_eq!(res.status(), StatusCode::OK, "GET {uri}");
     let bytes = res.into_body().collect().await.expect("body").to_bytes();
     String::from_utf8(bytes.to_vec()).expect("utf-8")
+}
+
+/// GETs `uri` with an `Authorization` header and returns the body as text
+/// (for non-JSON answers such as the usage CSV).
+pub async fn get_text_as(app: &Router, uri: &str, authorization: &str) -> String {
+    let req = Request::builder()
+        .uri(uri)
+        .header("authorization", authorization)
+        .body(Body::empty())
+        .expect("request");
+    let res = app.clone().oneshot(req).await.expect("router answers");
+    let status = res.status();
+    let bytes = res.into_body().collect().await.expect("body").to_bytes();
+    let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
+    assert_eq!(status, StatusCode::OK, "GET {uri}: {text}");
+    text
 }
 
 /// A response, decoded.

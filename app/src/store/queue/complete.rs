@@ -14,7 +14,10 @@ use sqlx::Row;
 use super::{Completion, Finish, JobRef};
 use crate::config::DbBackend;
 use crate::model::{ClaimedJob, EventType};
+use crate::plans::Meter;
+use crate::steps::StepSpec;
 use crate::store::events::NewEvent;
+use crate::store::usage::{UsageRow, touched_of};
 use crate::store::{Result, Store, json_text, ms, recordset};
 
 impl Store {
@@ -46,17 +49,23 @@ impl Store {
             .iter()
             .map(|c| (c.job.id, json_text(&c.output)))
             .collect();
+        let tokens: HashMap<i64, i64> = done
+            .iter()
+            .map(|c| (c.job.id, llm_tokens(&c.job.step, &c.output)))
+            .collect();
         let input = Value::Array(
             done.iter()
-                .map(|c| json!({"id": c.job.id, "attempt": c.job.attempt, "output": outputs[&c.job.id]}))
+                .map(|c| json!({"id": c.job.id, "attempt": c.job.attempt, "output": outputs[&c.job.id], "tokens": tokens[&c.job.id]}))
                 .collect(),
         )
         .to_string();
-        let recorded: Vec<(i64, i64)> = match self.backend() {
+        let recorded: Vec<Metered> = match self.backend() {
             DbBackend::Postgres => self.complete_postgres(input).await?,
-            DbBackend::Sqlite => self.complete_sqlite(input, &outputs).await?,
+            DbBackend::Sqlite => self.complete_sqlite(input, &outputs, &tokens).await?,
         };
-        let recorded: std::collections::HashSet<(i64, i64)> = recorded.into_iter().collect();
+        self.thresholds_after_completion(&recorded, &tokens).await;
+        let recorded: std::collections::HashSet<(i64, i64)> =
+            recorded.iter().map(|m| (m.id, m.attempt)).collect();
         Ok(done
             .iter()
             .map(|c| {
@@ -69,14 +78,66 @@ impl Store {
             .collect())
     }
 
+    /// Records the warning thresholds the usage of `recorded` reached, in a
+    /// transaction of its own after the completion's. A failure is logged
+    /// and skipped: thresholds are level-based, so the next usage of the
+    /// same meter in the period records what was missed.
+    async fn thresholds_after_completion(&self, recorded: &[Metered], tokens: &HashMap<i64, i64>) {
+        if recorded.is_empty() || self.plans().is_none() {
+            return;
+        }
+        let Some(period) = recorded.first().map(|m| m.period.clone()) else {
+            return;
+        };
+        let rows = recorded.iter().flat_map(|m| {
+            let t = tokens.get(&m.id).copied().unwrap_or(0);
+            let steps = (m.tenant.as_str(), Meter::Steps, Some(m.run_id.as_str()));
+            let llm =
+                (t > 0).then_some((m.tenant.as_str(), Meter::LlmTokens, Some(m.run_id.as_str())));
+            std::iter::once(steps).chain(llm)
+        });
+        let touched = touched_of(rows, &period);
+        let result = async {
+            let mut tx = self.begin().await?;
+            let crossed = self.note_thresholds(&mut tx, &touched).await?;
+            tx.commit().await?;
+            Ok::<_, crate::store::StoreError>(crossed)
+        }
+        .await;
+        match result {
+            Ok(crossed) => self.count_crossings(&crossed),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record usage thresholds; the next usage will")
+            }
+        }
+    }
+
     /// One statement (a data-modifying CTE): every part sees the same
-    /// snapshot and commits together.
-    async fn complete_postgres(&self, input: String) -> Result<Vec<(i64, i64)>> {
+    /// snapshot and commits together, the usage ledger rows and counters
+    /// of the recorded steps included.
+    async fn complete_postgres(&self, input: String) -> Result<Vec<Metered>> {
         let sql = self.sql(&format!(
             "WITH input AS ({input}), done AS ( \
                DELETE FROM jobs USING input \
                WHERE jobs.id = input.id AND jobs.attempt = input.attempt AND jobs.state = 'running' \
-               RETURNING jobs.id, jobs.run_id, jobs.step_index, jobs.step_count, jobs.attempt, input.output \
+               RETURNING jobs.id, jobs.run_id, jobs.step_index, jobs.step_count, jobs.attempt, input.output, input.tokens \
+             ), owner AS ( \
+               SELECT done.id, done.attempt, done.run_id, done.step_index, done.tokens, \
+                 COALESCE(runs.tenant, 'anonymous') AS tenant \
+               FROM done LEFT JOIN runs ON runs.id = done.run_id \
+             ), used AS ( \
+               SELECT tenant, 'steps' AS meter, 1::BIGINT AS quantity, run_id, step_index FROM owner \
+               UNION ALL \
+               SELECT tenant, 'llm_tokens', tokens, run_id, step_index FROM owner WHERE tokens > 0 \
+             ), ledger AS ( \
+               INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
+               SELECT tenant, meter, quantity, {{period}}, run_id, step_index, 'step.succeeded', {{now}} FROM used \
+             ), counted AS ( \
+               INSERT INTO usage_counters (tenant, period, meter, used, updated_at) \
+               SELECT tenant, {{period}}, meter, SUM(quantity), {{now}} FROM used \
+               GROUP BY tenant, meter ORDER BY tenant, meter \
+               ON CONFLICT (tenant, period, meter) DO UPDATE \
+               SET used = usage_counters.used + excluded.used, updated_at = excluded.updated_at \
              ), results AS ( \
                INSERT INTO step_results (run_id, step_index, output, attempt, job_id, finished_at) \
                SELECT run_id, step_index, output, attempt, id, {{now}} FROM done \
@@ -96,10 +157,10 @@ impl Store {
                SELECT run_id, '{step_succeeded}', step_index, attempt, NULL, NULL, {{now}} FROM done \
                UNION ALL \
                SELECT id, '{run_succeeded}', NULL::BIGINT, NULL::BIGINT, NULL, NULL, {{now}} FROM finished \
-             ) SELECT id, attempt FROM done",
+             ) SELECT id, attempt, run_id, tenant, {{period}} AS period FROM owner",
             input = recordset(
                 DbBackend::Postgres,
-                &[("id", "bigint"), ("attempt", "bigint"), ("output", "text")]
+                &[("id", "bigint"), ("attempt", "bigint"), ("output", "text"), ("tokens", "bigint")]
             ),
             step_succeeded = EventType::StepSucceeded.as_str(),
             run_succeeded = EventType::RunSucceeded.as_str(),
@@ -116,7 +177,15 @@ impl Store {
                 Ok(rows) => {
                     return rows
                         .iter()
-                        .map(|r| Ok((r.try_get("id")?, r.try_get("attempt")?)))
+                        .map(|r| {
+                            Ok(Metered {
+                                id: r.try_get("id")?,
+                                attempt: r.try_get("attempt")?,
+                                run_id: r.try_get("run_id")?,
+                                tenant: r.try_get("tenant")?,
+                                period: r.try_get("period")?,
+                            })
+                        })
                         .collect();
                 }
                 // A deadlock victim (a cancel of the same run at the same
@@ -134,7 +203,8 @@ impl Store {
         &self,
         input: String,
         outputs: &HashMap<i64, String>,
-    ) -> Result<Vec<(i64, i64)>> {
+        tokens: &HashMap<i64, i64>,
+    ) -> Result<Vec<Metered>> {
         let mut tx = self.begin().await?;
         let rows = sqlx::query(
             "DELETE FROM jobs WHERE state = 'running' AND (id, attempt) IN \
@@ -217,8 +287,62 @@ impl Store {
             }
         }
         self.insert_events(&mut tx, &events).await?;
+        // Usage of the recorded steps, charged to their runs' tenants.
+        let run_ids = Value::Array(
+            events_of
+                .iter()
+                .map(|(run_id, ..)| json!({"id": run_id}))
+                .collect(),
+        )
+        .to_string();
+        let mut tenant_of: HashMap<String, String> = HashMap::new();
+        for row in sqlx::query(
+            "SELECT id, tenant FROM runs WHERE id IN (SELECT json_extract(value, '$.id') FROM json_each($1))",
+        )
+        .bind(&run_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            tenant_of.insert(row.try_get("id")?, row.try_get("tenant")?);
+        }
+        let mut usage = Vec::with_capacity(recorded.len() * 2);
+        let mut owners = Vec::with_capacity(recorded.len());
+        for ((id, attempt), (run_id, step_index, _, _)) in recorded.iter().zip(&events_of) {
+            let tenant = tenant_of
+                .get(run_id)
+                .cloned()
+                .unwrap_or_else(|| "anonymous".to_string());
+            let t = tokens.get(id).copied().unwrap_or(0);
+            for (meter, quantity) in [(Meter::Steps, 1), (Meter::LlmTokens, t)] {
+                if quantity > 0 {
+                    usage.push(UsageRow {
+                        tenant: tenant.clone(),
+                        meter,
+                        quantity,
+                        run_id: Some(run_id.clone()),
+                        step_index: Some(*step_index),
+                        source: "step.succeeded",
+                    });
+                }
+            }
+            owners.push((*id, *attempt, run_id.clone(), tenant));
+        }
+        let touched = self.add_usage(&mut tx, &usage, None).await?;
         tx.commit().await?;
-        Ok(recorded)
+        let period = touched
+            .first()
+            .map(|t| t.period.clone())
+            .unwrap_or_default();
+        Ok(owners
+            .into_iter()
+            .map(|(id, attempt, run_id, tenant)| Metered {
+                id,
+                attempt,
+                run_id,
+                tenant,
+                period: period.clone(),
+            })
+            .collect())
     }
 
     /// Puts a failed delivery back in the queue, claimable `delay` after the
@@ -348,6 +472,30 @@ impl Store {
         )
         .message("worker shutting down; job returned to the queue");
         self.requeue(&job, Duration::ZERO, 1, None, event).await
+    }
+}
+
+/// A recorded completion with what its usage was charged to.
+struct Metered {
+    id: i64,
+    attempt: i64,
+    run_id: String,
+    tenant: String,
+    period: String,
+}
+
+/// The tokens an `llm` step's output reports in its `usage`: prompt plus
+/// completion tokens, else `total_tokens`; 0 for other step kinds or when
+/// the endpoint reported nothing usable.
+pub(crate) fn llm_tokens(step: &StepSpec, output: &Value) -> i64 {
+    if !matches!(step, StepSpec::Llm { .. }) {
+        return 0;
+    }
+    let usage = &output["usage"];
+    let count = |key: &str| usage.get(key).and_then(Value::as_i64).filter(|n| *n >= 0);
+    match (count("prompt_tokens"), count("completion_tokens")) {
+        (Some(p), Some(c)) => p.saturating_add(c),
+        _ => count("total_tokens").unwrap_or(0),
     }
 }
 

@@ -1,0 +1,780 @@
+//! Usage metering: the append-only ledger, the counters kept with it, the
+//! warning thresholds, and the per-tenant reports built from them.
+//!
+//! Every counted thing is one `usage_ledger` row (tenant, meter, quantity,
+//! period, source run and step, database time) written in the same
+//! transaction as what it counts, together with the `usage_counters` row of
+//! its tenant, period and meter, so the two always agree (`vm-webapp usage
+//! verify` checks that, and checks the ledger against runs and results):
+//!
+//! - `runs`: in the run-creation transaction ([`super::group_commit`]), which
+//!   also enforces `block` allowances under a lock of the counter row;
+//! - `steps` and `llm_tokens`: with the step's result, in the batched
+//!   completion ([`super::queue::complete`]), only for deliveries whose fenced
+//!   delete succeeded, so a redelivered step is counted once (and a unique
+//!   index refuses a second row for the same step and meter);
+//! - `approval_decisions`: [`Store::record_usage`] in the decision's
+//!   transaction.
+//!
+//! The period (`YYYY-MM`, UTC) is computed by the database from its own clock
+//! in the statement that writes the row ([`period_sql`]), never by a process.
+//! Warning thresholds are level-based: after usage is added, every threshold
+//! the counter has reached and that is not yet recorded for the period is
+//! recorded once (a primary key on tenant, period, meter and threshold),
+//! with a `tenant.usage_threshold` event on the run that reached it and an
+//! audit row.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::{Any, Row, Transaction};
+
+use super::events::NewEvent;
+use super::tenancy::{assigned_plan, resolve};
+use super::{Result, Store, recordset};
+use crate::config::DbBackend;
+use crate::metrics::ThresholdLabels;
+use crate::model::EventType;
+use crate::period::Period;
+use crate::plans::{Meter, Overage, Plan, Plans, threshold_label};
+
+/// State shared by every clone of a store (its group-commit writers too).
+#[derive(Default)]
+pub(crate) struct Shared {
+    pub(crate) plans: RwLock<Option<Arc<Plans>>>,
+    /// `vm_tenant_usage_threshold_total{threshold}`, registered by the
+    /// process's metrics.
+    pub(crate) crossed: Family<ThresholdLabels, Counter>,
+}
+
+/// The UTC month (`YYYY-MM`) of the ms timestamp expression `ms`.
+pub(crate) fn period_sql(backend: DbBackend, ms: &str) -> String {
+    match backend {
+        DbBackend::Postgres => {
+            format!("to_char(to_timestamp(({ms}) / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM')")
+        }
+        DbBackend::Sqlite => format!("strftime('%Y-%m', ({ms}) / 1000, 'unixepoch')"),
+    }
+}
+
+/// One usage to record with [`Store::record_usage`].
+#[derive(Debug, Clone)]
+pub struct UsageRecord<'a> {
+    /// The run it belongs to; its tenant is charged.
+    pub run_id: &'a str,
+    /// The step, if the usage is a step's.
+    pub step_index: Option<i64>,
+    /// What is counted.
+    pub meter: Meter,
+    /// How much (≥ 1; zero is skipped).
+    pub quantity: i64,
+    /// What caused it, for the ledger: `approval.decided`, …
+    pub source: &'a str,
+}
+
+/// A run refused because a `block` allowance is used up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaRefusal {
+    /// The tenant.
+    pub tenant: String,
+    /// The meter whose allowance is used up (`runs`).
+    pub meter: Meter,
+    /// The allowance of the period.
+    pub allowance: i64,
+    /// Used so far in the period.
+    pub used: i64,
+    /// The period (`YYYY-MM`, from the database clock).
+    pub period: String,
+}
+
+impl QuotaRefusal {
+    /// When the allowance resets: the start of the next UTC month (RFC 3339).
+    pub fn resets_at(&self) -> String {
+        Period::parse(&self.period).map_or_else(String::new, Period::resets_at)
+    }
+}
+
+/// A row for the ledger, with its tenant known.
+#[derive(Debug, Clone)]
+pub(crate) struct UsageRow {
+    pub(crate) tenant: String,
+    pub(crate) meter: Meter,
+    pub(crate) quantity: i64,
+    pub(crate) run_id: Option<String>,
+    pub(crate) step_index: Option<i64>,
+    pub(crate) source: &'static str,
+}
+
+/// Where usage was added: the threshold check's input.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Touched {
+    pub(crate) tenant: String,
+    pub(crate) meter: Meter,
+    pub(crate) period: String,
+    /// The run that reached a threshold gets the event.
+    pub(crate) run_id: String,
+}
+
+/// One meter of a tenant's period.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct MeterUsage {
+    /// `runs`, `steps`, `llm_tokens`, `approval_decisions`.
+    pub meter: String,
+    /// Used in the period.
+    pub used: i64,
+    /// The allowance of the plan in force (now, or at the end of a past
+    /// period); absent when the meter is unlimited.
+    pub allowance: Option<i64>,
+    /// `allowance − used`, at least 0; absent when unlimited.
+    pub remaining: Option<i64>,
+    /// `used − allowance`, at least 0.
+    pub overage: i64,
+    /// `block` or `allow`; absent when unlimited.
+    pub overage_policy: Option<String>,
+    /// Price of one unit past the allowance.
+    pub unit_price: f64,
+    /// The allowance prorated by the time each plan was in force during the
+    /// period (equals `allowance` without a plan change); absent when
+    /// unlimited at some point of the period.
+    pub prorated_allowance: Option<f64>,
+    /// `used − ⌈prorated_allowance⌉`, at least 0: what the preview bills.
+    pub billable_overage: i64,
+    /// `billable_overage × unit_price`, rounded to 6 decimals.
+    pub preview: f64,
+}
+
+/// A plan in force during part of a period.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct PlanSegment {
+    /// The plan.
+    pub plan: String,
+    /// From (ms since the epoch, database clock).
+    pub from: i64,
+    /// Until (exclusive).
+    pub until: i64,
+}
+
+/// A warning threshold reached in the period.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ThresholdReached {
+    /// The meter.
+    pub meter: String,
+    /// The fraction of the allowance (`0.8`, `1.0`).
+    pub threshold: String,
+    /// Usage when it was reached.
+    pub used: i64,
+    /// The allowance then.
+    pub allowance: i64,
+    /// The run that reached it.
+    pub run_id: Option<String>,
+    /// When (ms, database clock).
+    pub crossed_at: i64,
+}
+
+/// A tenant's usage in one period.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UsageReport {
+    /// The tenant.
+    pub tenant: String,
+    /// `YYYY-MM`.
+    pub period: String,
+    /// When the period's allowances reset (RFC 3339).
+    pub resets_at: String,
+    /// The plan in force (now, or at the end of a past period); absent
+    /// without plans.
+    pub plan: Option<String>,
+    /// The plans in force during the period, in order.
+    pub plan_segments: Vec<PlanSegment>,
+    /// Every meter.
+    pub meters: Vec<MeterUsage>,
+    /// Sum of the meters' previews.
+    pub preview_total: f64,
+    /// Warning thresholds reached.
+    pub thresholds: Vec<ThresholdReached>,
+}
+
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+/// Builds the meters of a report from the counters and the plan segments
+/// (pure: the billing rules in one place).
+pub(crate) fn meter_usage(
+    used: &BTreeMap<Meter, i64>,
+    segments: &[(Option<&Plan>, i64, i64)],
+    period_ms: i64,
+) -> Vec<MeterUsage> {
+    let last = segments.last().and_then(|(p, _, _)| *p);
+    Meter::ALL
+        .iter()
+        .map(|&meter| {
+            let used = used.get(&meter).copied().unwrap_or(0);
+            let rule = last.and_then(|p| p.rule(meter));
+            let mut prorated = Some(0.0);
+            for (plan, from, until) in segments {
+                let share = (until - from) as f64 / period_ms.max(1) as f64;
+                prorated = match (prorated, plan.and_then(|p| p.rule(meter))) {
+                    (Some(sum), Some(r)) => Some(sum + r.allowance as f64 * share),
+                    _ => None,
+                };
+            }
+            if segments.is_empty() {
+                prorated = None;
+            }
+            let prorated = prorated.map(round6);
+            let billable = prorated.map_or(0, |a| (used - a.ceil() as i64).max(0));
+            let unit_price = rule.map_or(0.0, |r| r.unit_price);
+            MeterUsage {
+                meter: meter.as_str().to_string(),
+                used,
+                allowance: rule.map(|r| r.allowance),
+                remaining: rule.map(|r| (r.allowance - used).max(0)),
+                overage: rule.map_or(0, |r| (used - r.allowance).max(0)),
+                overage_policy: rule.map(|r| r.overage.as_str().to_string()),
+                unit_price,
+                prorated_allowance: prorated,
+                billable_overage: billable,
+                preview: round6(billable as f64 * unit_price),
+            }
+        })
+        .collect()
+}
+
+impl Store {
+    /// Records `records` inside the caller's transaction `tx` (the
+    /// approval-decision meter uses this in the decision's transaction): one
+    /// ledger row each, charged to the run's tenant, the counters updated
+    /// with them, and any warning threshold reached recorded once. Call
+    /// [`Store::count_crossings`] with the result after `tx` commits.
+    ///
+    /// Errors: [`super::StoreError`] from the database; the transaction
+    /// should then be rolled back.
+    pub async fn record_usage(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        records: &[UsageRecord<'_>],
+    ) -> Result<Vec<String>> {
+        self.record_usage_at(tx, records, None).await
+    }
+
+    /// [`Store::record_usage`] in its own transaction, in `period` instead
+    /// of the database clock's month when given (imports, corrections and
+    /// tests of the month boundary). Returns the thresholds reached, already
+    /// counted in the metrics.
+    pub async fn record_usage_in_period(
+        &self,
+        records: &[UsageRecord<'_>],
+        period: Option<&str>,
+    ) -> Result<Vec<String>> {
+        let mut tx = self.begin().await?;
+        let crossed = self.record_usage_at(&mut tx, records, period).await?;
+        tx.commit().await?;
+        self.count_crossings(&crossed);
+        Ok(crossed)
+    }
+
+    async fn record_usage_at(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        records: &[UsageRecord<'_>],
+        period: Option<&str>,
+    ) -> Result<Vec<String>> {
+        let mut rows = Vec::with_capacity(records.len());
+        for r in records.iter().filter(|r| r.quantity > 0) {
+            let tenant: Option<String> = sqlx::query("SELECT tenant FROM runs WHERE id = $1")
+                .bind(r.run_id)
+                .fetch_optional(&mut **tx)
+                .await?
+                .map(|row| row.try_get("tenant"))
+                .transpose()?;
+            let Some(tenant) = tenant else {
+                return Err(super::StoreError::Corrupt(format!(
+                    "usage for run {} which does not exist",
+                    r.run_id
+                )));
+            };
+            rows.push(UsageRow {
+                tenant,
+                meter: r.meter,
+                quantity: r.quantity,
+                run_id: Some(r.run_id.to_string()),
+                step_index: r.step_index,
+                source: leak_source(r.source),
+            });
+        }
+        let touched = self.add_usage(tx, &rows, period).await?;
+        self.note_thresholds(tx, &touched).await
+    }
+
+    /// Adds ledger rows and their counters in `tx`; `period` overrides the
+    /// database clock's month. Returns what was touched, for thresholds.
+    pub(crate) async fn add_usage(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        rows: &[UsageRow],
+        period: Option<&str>,
+    ) -> Result<Vec<Touched>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = Value::Array(
+            rows.iter()
+                .map(|r| {
+                    json!({
+                        "tenant": r.tenant, "meter": r.meter.as_str(), "quantity": r.quantity,
+                        "run_id": r.run_id, "step_index": r.step_index, "source": r.source,
+                    })
+                })
+                .collect(),
+        )
+        .to_string();
+        let source = recordset(
+            self.backend(),
+            &[
+                ("tenant", "text"),
+                ("meter", "text"),
+                ("quantity", "bigint"),
+                ("run_id", "text"),
+                ("step_index", "bigint"),
+                ("source", "text"),
+            ],
+        );
+        // The counters first: on SQLite the first statement of a write
+        // transaction must write; on PostgreSQL rows are locked in key order.
+        let counted = sqlx::query(&self.sql(&format!(
+            "INSERT INTO usage_counters (tenant, period, meter, used, updated_at) \
+             SELECT tenant, COALESCE($2, {{period}}), meter, SUM(quantity), {{now}} FROM ({source}) s \
+             WHERE true GROUP BY tenant, meter ORDER BY tenant, meter \
+             ON CONFLICT (tenant, period, meter) DO UPDATE SET used = usage_counters.used + excluded.used, \
+             updated_at = excluded.updated_at RETURNING period"
+        )))
+        .bind(&batch)
+        .bind(period)
+        .fetch_all(&mut **tx)
+        .await?;
+        let period: String = match counted.first() {
+            Some(row) => row.try_get("period")?,
+            None => return Ok(Vec::new()),
+        };
+        sqlx::query(&self.sql(&format!(
+            "INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
+             SELECT tenant, meter, quantity, $2, run_id, step_index, source, {{now}} FROM ({source}) s"
+        )))
+        .bind(&batch)
+        .bind(&period)
+        .execute(&mut **tx)
+        .await?;
+        Ok(touched_of(
+            rows.iter()
+                .map(|r| (r.tenant.as_str(), r.meter, r.run_id.as_deref())),
+            &period,
+        ))
+    }
+
+    /// Records every warning threshold the counters of `touched` have reached
+    /// and that is not yet recorded for the period: a `usage_thresholds` row
+    /// (once, by its primary key), a `tenant.usage_threshold` event on the
+    /// run that reached it and a `usage.threshold_reached` audit row, all in
+    /// `tx`. Returns the threshold labels newly reached (for the metric,
+    /// counted after commit).
+    pub(crate) async fn note_thresholds(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        touched: &[Touched],
+    ) -> Result<Vec<String>> {
+        let Some(plans) = self.plans() else {
+            return Ok(Vec::new());
+        };
+        let mut crossed = Vec::new();
+        let mut plan_cache: BTreeMap<String, Option<Plan>> = BTreeMap::new();
+        for t in touched {
+            if !plan_cache.contains_key(&t.tenant) {
+                let assigned = assigned_plan(&mut **tx, &t.tenant).await?;
+                let plan = resolve(&plans, assigned.as_deref(), &t.tenant).cloned();
+                plan_cache.insert(t.tenant.clone(), plan);
+            }
+            let Some(plan) = plan_cache.get(&t.tenant).and_then(Option::as_ref) else {
+                continue;
+            };
+            let Some(rule) = plan.rule(t.meter) else {
+                continue;
+            };
+            let used: i64 = match sqlx::query(
+                "SELECT used FROM usage_counters WHERE tenant = $1 AND period = $2 AND meter = $3",
+            )
+            .bind(&t.tenant)
+            .bind(&t.period)
+            .bind(t.meter.as_str())
+            .fetch_optional(&mut **tx)
+            .await?
+            {
+                Some(row) => row.try_get("used")?,
+                None => continue,
+            };
+            for &threshold in &plan.warn_at {
+                if used <= 0 || (used as f64) < threshold * rule.allowance as f64 {
+                    continue;
+                }
+                let label = threshold_label(threshold);
+                let inserted = sqlx::query(&self.sql(
+                    "INSERT INTO usage_thresholds (tenant, period, meter, threshold, used, allowance, run_id, crossed_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, {now}) \
+                     ON CONFLICT (tenant, period, meter, threshold) DO NOTHING RETURNING tenant",
+                ))
+                .bind(&t.tenant)
+                .bind(&t.period)
+                .bind(t.meter.as_str())
+                .bind(&label)
+                .bind(used)
+                .bind(rule.allowance)
+                .bind(&t.run_id)
+                .fetch_optional(&mut **tx)
+                .await?
+                .is_some();
+                if !inserted {
+                    continue;
+                }
+                let data = json!({
+                    "tenant": t.tenant, "period": t.period, "meter": t.meter.as_str(),
+                    "threshold": label, "used": used, "allowance": rule.allowance,
+                    "plan": plan.name, "overage": rule.overage.as_str(),
+                });
+                let message = format!(
+                    "tenant {} reached {}% of its {} allowance ({used} of {}) in {}{}",
+                    t.tenant,
+                    (threshold * 100.0).round(),
+                    t.meter.as_str(),
+                    rule.allowance,
+                    t.period,
+                    if rule.overage == Overage::Block && used >= rule.allowance {
+                        ": new runs are refused until the allowance resets"
+                    } else {
+                        ""
+                    }
+                );
+                self.insert_events(
+                    tx,
+                    &[NewEvent::run(&t.run_id, EventType::TenantUsageThreshold)
+                        .message(message)
+                        .data(data.clone())],
+                )
+                .await?;
+                sqlx::query(&self.sql(
+                    "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail, tenant) \
+                     VALUES ({now}, 'system', 'usage.threshold_reached', $1, 'success', NULL, $2, $1)",
+                ))
+                .bind(&t.tenant)
+                .bind(data.to_string())
+                .execute(&mut **tx)
+                .await?;
+                crossed.push(label);
+            }
+        }
+        Ok(crossed)
+    }
+
+    /// Counts newly reached thresholds in `vm_tenant_usage_threshold_total`.
+    pub fn count_crossings(&self, labels: &[String]) {
+        for label in labels {
+            self.usage
+                .crossed
+                .get_or_create(&ThresholdLabels {
+                    threshold: label.clone(),
+                })
+                .inc();
+        }
+    }
+
+    /// The threshold counter family, for the process's metrics registry.
+    pub fn threshold_family(&self) -> Family<ThresholdLabels, Counter> {
+        self.usage.crossed.clone()
+    }
+
+    /// The database clock's current period (`YYYY-MM`, UTC).
+    pub async fn current_period(&self) -> Result<String> {
+        Ok(sqlx::query(&self.sql("SELECT {period} AS p"))
+            .fetch_one(self.pool())
+            .await?
+            .try_get("p")?)
+    }
+
+    /// The period (`YYYY-MM`, UTC) the database assigns to the instant `ms`
+    /// (ms since the Unix epoch), by the same expression that stamps usage
+    /// rows: for tests of the month boundary and for tools.
+    pub async fn period_at(&self, ms: i64) -> Result<String> {
+        Ok(sqlx::query(&format!(
+            "SELECT {} AS p",
+            period_sql(self.backend(), "CAST($1 AS BIGINT)")
+        ))
+        .bind(ms)
+        .fetch_one(self.pool())
+        .await?
+        .try_get("p")?)
+    }
+
+    /// Used per meter of `tenant` in `period` (the counters).
+    pub async fn usage_counts(&self, tenant: &str, period: &str) -> Result<BTreeMap<Meter, i64>> {
+        let rows =
+            sqlx::query("SELECT meter, used FROM usage_counters WHERE tenant = $1 AND period = $2")
+                .bind(tenant)
+                .bind(period)
+                .fetch_all(self.pool())
+                .await?;
+        let mut out = BTreeMap::new();
+        for row in &rows {
+            let meter: String = row.try_get("meter")?;
+            if let Some(m) = Meter::parse(&meter) {
+                out.insert(m, row.try_get::<i64, _>("used")?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tenants with usage in `period`, in name order.
+    pub async fn tenants_with_usage(&self, period: &str) -> Result<Vec<String>> {
+        sqlx::query("SELECT DISTINCT tenant FROM usage_counters WHERE period = $1 ORDER BY tenant")
+            .bind(period)
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .map(|r| Ok(r.try_get("tenant")?))
+            .collect()
+    }
+
+    /// The plans in force for `tenant` during `period`, with their bounds
+    /// (clipped to the period and to the database's now for the current
+    /// period's preview denominator, which stays the whole month).
+    async fn plan_segments(
+        &self,
+        plans: &Plans,
+        tenant: &str,
+        period: Period,
+    ) -> Result<Vec<(String, i64, i64)>> {
+        let (start, end) = (period.start_ms(), period.end_ms());
+        let changes = self.plan_changes(tenant).await?;
+        let before = changes
+            .iter()
+            .rev()
+            .find(|c| c.changed_at < start)
+            .map(|c| c.plan.as_str());
+        let mut current = resolve(plans, before, tenant).map(|p| p.name.clone());
+        let mut from = start;
+        let mut out = Vec::new();
+        for c in changes
+            .iter()
+            .filter(|c| c.changed_at >= start && c.changed_at < end)
+        {
+            if let Some(plan) = current.take() {
+                if c.changed_at > from {
+                    out.push((plan, from, c.changed_at));
+                }
+            }
+            from = c.changed_at;
+            current = resolve(plans, Some(&c.plan), tenant).map(|p| p.name.clone());
+        }
+        if let Some(plan) = current {
+            out.push((plan, from, end));
+        }
+        Ok(out)
+    }
+
+    /// `tenant`'s usage in `period`: per meter used, allowance, remaining,
+    /// overage and the invoice preview (allowances prorated by the time each
+    /// plan was in force), and the thresholds reached.
+    pub async fn usage_report(&self, tenant: &str, period: Period) -> Result<UsageReport> {
+        let name = period.to_string();
+        let used = self.usage_counts(tenant, &name).await?;
+        let plans = self.plans();
+        let segments = match &plans {
+            Some(plans) => self.plan_segments(plans, tenant, period).await?,
+            None => Vec::new(),
+        };
+        let resolved: Vec<(Option<&Plan>, i64, i64)> = segments
+            .iter()
+            .map(|(name, from, until)| (plans.as_ref().and_then(|p| p.plan(name)), *from, *until))
+            .collect();
+        let meters = meter_usage(&used, &resolved, period.end_ms() - period.start_ms());
+        let thresholds = sqlx::query(
+            "SELECT meter, threshold, used, allowance, run_id, crossed_at FROM usage_thresholds \
+             WHERE tenant = $1 AND period = $2 ORDER BY crossed_at, meter, threshold",
+        )
+        .bind(tenant)
+        .bind(&name)
+        .fetch_all(self.pool())
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(ThresholdReached {
+                meter: r.try_get("meter")?,
+                threshold: r.try_get("threshold")?,
+                used: r.try_get("used")?,
+                allowance: r.try_get("allowance")?,
+                run_id: r.try_get("run_id")?,
+                crossed_at: r.try_get("crossed_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+        Ok(UsageReport {
+            tenant: tenant.to_string(),
+            period: name,
+            resets_at: period.resets_at(),
+            plan: segments.last().map(|(p, _, _)| p.clone()),
+            plan_segments: segments
+                .iter()
+                .map(|(plan, from, until)| PlanSegment {
+                    plan: plan.clone(),
+                    from: *from,
+                    until: *until,
+                })
+                .collect(),
+            preview_total: round6(meters.iter().map(|m| m.preview).sum()),
+            meters,
+            thresholds,
+        })
+    }
+
+    /// Writes a `usage.exported` or `quota.blocked`-style audit row of
+    /// `actor` (tenant `tenant`) outside any other transaction.
+    pub async fn audit_usage(
+        &self,
+        actor: &str,
+        tenant: Option<&str>,
+        action: &str,
+        target: Option<&str>,
+        outcome: &str,
+        request_id: Option<&str>,
+        detail: Value,
+    ) -> Result<()> {
+        sqlx::query(&self.sql(
+            "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail, tenant) \
+             VALUES ({now}, $1, $2, $3, $4, $5, $6, $7)",
+        ))
+        .bind(actor)
+        .bind(action)
+        .bind(target)
+        .bind(outcome)
+        .bind(request_id)
+        .bind(detail.to_string())
+        .bind(tenant)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Used and allowance per tenant and meter in the current period, for
+    /// the gauges: (tenant, meter, used, allowance or `None` if unlimited).
+    pub async fn usage_gauges(&self) -> Result<Vec<(String, Meter, i64, Option<i64>)>> {
+        let rows = sqlx::query(&self.sql(
+            "SELECT tenant, meter, used FROM usage_counters WHERE period = {period} ORDER BY tenant",
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        let plans = self.plans();
+        let mut plan_of: BTreeMap<String, Option<Plan>> = BTreeMap::new();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let tenant: String = row.try_get("tenant")?;
+            let Some(meter) = Meter::parse(&row.try_get::<String, _>("meter")?) else {
+                continue;
+            };
+            if !plan_of.contains_key(&tenant) {
+                let plan = match &plans {
+                    Some(_) => self.plan_of(&tenant).await?,
+                    None => None,
+                };
+                plan_of.insert(tenant.clone(), plan);
+            }
+            let allowance = plan_of
+                .get(&tenant)
+                .and_then(Option::as_ref)
+                .and_then(|p| p.rule(meter))
+                .map(|r| r.allowance);
+            out.push((tenant, meter, row.try_get("used")?, allowance));
+        }
+        Ok(out)
+    }
+}
+
+/// The distinct (tenant, meter) pairs of `rows`, each with the last run.
+pub(crate) fn touched_of<'a>(
+    rows: impl Iterator<Item = (&'a str, Meter, Option<&'a str>)>,
+    period: &str,
+) -> Vec<Touched> {
+    let mut last: BTreeMap<(String, Meter), String> = BTreeMap::new();
+    for (tenant, meter, run) in rows {
+        if let Some(run) = run {
+            last.insert((tenant.to_string(), meter), run.to_string());
+        }
+    }
+    last.into_iter()
+        .map(|((tenant, meter), run_id)| Touched {
+            tenant,
+            meter,
+            period: period.to_string(),
+            run_id,
+        })
+        .collect()
+}
+
+/// Ledger sources are a fixed vocabulary; an unknown one is kept as `other`
+/// rather than letting a caller's text into a `'static` slot.
+fn leak_source(source: &str) -> &'static str {
+    match source {
+        "approval.decided" => "approval.decided",
+        "run.created" => "run.created",
+        "step.succeeded" => "step.succeeded",
+        "import" => "import",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn plans() -> Plans {
+        Plans::parse(
+            "default_plan: free\nplans:\n  free:\n    meters:\n      runs: {allowance: 100}\n  pro:\n    meters:\n      runs: {allowance: 1000, overage: allow, unit_price: 0.5}\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_whole_period_on_one_plan_bills_the_overage_at_the_unit_price() {
+        let plans = plans();
+        let used = BTreeMap::from([(Meter::Runs, 1010)]);
+        let m = meter_usage(&used, &[(plans.plan("pro"), 0, 100)], 100);
+        let runs = &m[0];
+        assert_eq!(runs.allowance, Some(1000));
+        assert_eq!(runs.remaining, Some(0));
+        assert_eq!(runs.overage, 10);
+        assert_eq!(runs.billable_overage, 10);
+        assert_eq!(runs.preview, 5.0);
+        assert_eq!(m[1].allowance, None, "steps are unlimited");
+    }
+
+    #[test]
+    fn an_upgrade_half_way_prorates_the_allowance_by_time() {
+        let plans = plans();
+        let used = BTreeMap::from([(Meter::Runs, 600)]);
+        let m = meter_usage(
+            &used,
+            &[(plans.plan("free"), 0, 50), (plans.plan("pro"), 50, 100)],
+            100,
+        );
+        assert_eq!(m[0].prorated_allowance, Some(550.0));
+        assert_eq!(m[0].billable_overage, 50);
+        assert_eq!(m[0].preview, 25.0);
+        assert_eq!(
+            m[0].allowance,
+            Some(1000),
+            "the plan in force now is enforced"
+        );
+        assert_eq!(m[0].overage, 0);
+    }
+}

@@ -1,0 +1,45 @@
+//! The `usage verify` command: recomputes a period's usage from the ledger
+//! and from the runs and results ([`crate::store::usage_verify`]) and
+//! reports every difference. Exit code 0 when all agree, 1 on any difference
+//! (or when the database cannot be read), 2 for an invalid configuration.
+
+use crate::cli::{UsageArgs, UsageCommand};
+use crate::config::Settings;
+use crate::period::Period;
+use crate::runtime::describe;
+use crate::store::Store;
+
+/// Runs a `usage` subcommand. Prints what it found on stdout; the error
+/// (differences found, bad period, database unreachable) goes back to the
+/// caller, which prints it and exits non-zero.
+pub async fn run(settings: &Settings, args: &UsageArgs) -> Result<(), String> {
+    match &args.command {
+        UsageCommand::Verify { period } => verify(settings, period).await,
+    }
+}
+
+async fn verify(settings: &Settings, period: &str) -> Result<(), String> {
+    let period = Period::parse(period)
+        .ok_or_else(|| format!("--period must be a month as YYYY-MM (UTC), such as 2026-11"))?;
+    let store = Store::connect(&settings.database, 2).await.map_err(|e| {
+        format!(
+            "cannot open the {} database: {}",
+            settings.database.backend.as_str(),
+            describe(&e)
+        )
+    })?;
+    let result = store.verify_usage(period).await;
+    store.close().await;
+    let differences = result.map_err(|e| format!("cannot verify usage: {}", describe(&e)))?;
+    if differences.is_empty() {
+        println!("usage {period}: counters, ledger, runs and results agree");
+        return Ok(());
+    }
+    for d in &differences {
+        println!("difference: {d}");
+    }
+    Err(format!(
+        "usage {period}: {} difference(s) between counters, ledger, runs and results",
+        differences.len()
+    ))
+}
