@@ -409,6 +409,15 @@ tenants:
         assert!(err[0].contains("allowance"), "{err:?}");
     }
 
+    /// The documented example must stay loadable.
+    #[test]
+    fn the_example_plans_file_is_valid() {
+        let plans = Plans::parse(include_str!("../../examples/plans.yaml")).unwrap();
+        assert_eq!(plans.file_plan_of("acme"), "pro");
+        assert!(plans.plan("enterprise").unwrap().meters.is_empty());
+        assert_eq!(plans.plan("pro").unwrap().warn_at, vec![0.5, 0.8, 1.0]);
+    }
+
     #[test]
     fn thresholds_render_as_stable_labels() {
         assert_eq!(threshold_label(1.0), "1.0");

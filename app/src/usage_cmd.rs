@@ -20,7 +20,7 @@ pub async fn run(settings: &Settings, args: &UsageArgs) -> Result<(), String> {
 
 async fn verify(settings: &Settings, period: &str) -> Result<(), String> {
     let period = Period::parse(period)
-        .ok_or_else(|| format!("--period must be a month as YYYY-MM (UTC), such as 2026-11"))?;
+        .ok_or_else(|| "--period must be a month as YYYY-MM (UTC), such as 2026-11".to_string())?;
     let store = Store::connect(&settings.database, 2).await.map_err(|e| {
         format!(
             "cannot open the {} database: {}",

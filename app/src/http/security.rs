@@ -282,6 +282,7 @@ impl AuthFailures {
                 outcome: "denied",
                 request_id: None,
                 detail: Some(serde_json::json!({"count": n}).to_string()),
+                tenant: None,
             };
             if state.store.append_audit(&entry).await.is_err() {
                 // Keep the count for the next flush rather than lose it.

@@ -32,6 +32,7 @@ use crate::http::security::Actor;
 use crate::http::views::ErrorBody;
 use crate::period::Period;
 use crate::plans::valid_name;
+use crate::store::security::NewAudit;
 use crate::store::usage::UsageReport;
 
 /// Body of `PUT /tenants/{tenant}/plan`.
@@ -226,15 +227,17 @@ pub async fn export(
     let actor_id = actor.map_or_else(|| "anonymous".to_string(), |Extension(a)| a.id);
     state
         .store
-        .audit_usage(
-            &actor_id,
-            None,
-            "usage.exported",
-            Some(&period.to_string()),
-            "success",
-            request_id(&headers),
-            json!({"period": period.to_string(), "tenants": tenants.len()}),
-        )
+        .append_audit(&NewAudit {
+            actor: &actor_id,
+            action: "usage.exported",
+            target: Some(&period.to_string()),
+            outcome: "success",
+            request_id: request_id(&headers),
+            detail: Some(
+                json!({"period": period.to_string(), "tenants": tenants.len()}).to_string(),
+            ),
+            tenant: None,
+        })
         .await?;
     // One tenant's report at a time: memory stays flat whatever the tenants.
     let store = state.store.clone();

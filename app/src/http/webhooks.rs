@@ -188,6 +188,8 @@ pub async fn receive(
     };
     let entry = NewAudit {
         actor: &actor,
+        // Runs from a webhook belong to the tenant `webhook:<source>`.
+        tenant: known.then_some(actor.as_str()),
         action: if outcome.is_ok() {
             "webhook.accepted"
         } else {

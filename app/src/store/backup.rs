@@ -176,41 +176,6 @@ const TABLES: &[TableSpec] = &[
         ],
         serial: Some("id"),
     },
-    TableSpec {
-        name: "audit_log",
-        order_by: &["id"],
-        columns: &[
-            ("id", BigInt),
-            ("at", BigInt),
-            ("actor", Text),
-            ("action", Text),
-            ("target", Text),
-            ("outcome", Text),
-            ("request_id", Text),
-            ("detail", Text),
-            ("tenant", Text),
-        ],
-        serial: Some("id"),
-    },
-    TableSpec {
-        name: "webhook_deliveries",
-        order_by: &["id"],
-        columns: &[
-            ("id", BigInt),
-            ("source", Text),
-            ("nonce", Text),
-            ("received_at", BigInt),
-            ("body_sha256", Text),
-            ("run_id", Text),
-        ],
-        serial: Some("id"),
-    },
-    TableSpec {
-        name: "webhook_nonces",
-        order_by: &["source", "nonce"],
-        columns: &[("source", Text), ("nonce", Text), ("expires_at", BigInt)],
-        serial: None,
-    },
     // Billing data: the ledger is the record of what each tenant used.
     TableSpec {
         name: "usage_ledger",
@@ -265,6 +230,41 @@ const TABLES: &[TableSpec] = &[
             ("run_id", Text),
             ("crossed_at", BigInt),
         ],
+        serial: None,
+    },
+    TableSpec {
+        name: "audit_log",
+        order_by: &["id"],
+        columns: &[
+            ("id", BigInt),
+            ("at", BigInt),
+            ("actor", Text),
+            ("action", Text),
+            ("target", Text),
+            ("outcome", Text),
+            ("request_id", Text),
+            ("detail", Text),
+            ("tenant", Text),
+        ],
+        serial: Some("id"),
+    },
+    TableSpec {
+        name: "webhook_deliveries",
+        order_by: &["id"],
+        columns: &[
+            ("id", BigInt),
+            ("source", Text),
+            ("nonce", Text),
+            ("received_at", BigInt),
+            ("body_sha256", Text),
+            ("run_id", Text),
+        ],
+        serial: Some("id"),
+    },
+    TableSpec {
+        name: "webhook_nonces",
+        order_by: &["source", "nonce"],
+        columns: &[("source", Text), ("nonce", Text), ("expires_at", BigInt)],
         serial: None,
     },
 ];
@@ -1160,6 +1160,7 @@ mod tests {
             outcome: "success",
             request_id: None,
             detail: None,
+            tenant: None,
         })
         .await
         .unwrap();

@@ -207,7 +207,7 @@ async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Stored>> {
     let mut refused: Vec<Option<QuotaRefusal>> = vec![None; news.len()];
     if let Some(plans) = &plans {
         for tenant in &tenants {
-            let assigned = assigned_plan(&mut *tx, tenant).await?;
+            let assigned = assigned_plan(&mut tx, tenant).await?;
             let Some(rule) =
                 resolve(plans, assigned.as_deref(), tenant).and_then(|p| p.rule(Meter::Runs))
             else {

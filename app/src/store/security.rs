@@ -23,6 +23,8 @@ pub struct NewAudit<'a> {
     pub request_id: Option<&'a str>,
     /// Short non-secret detail (JSON text).
     pub detail: Option<String>,
+    /// The tenant of the actor, if it has one.
+    pub tenant: Option<&'a str>,
 }
 
 /// A stored audit entry.
@@ -44,6 +46,9 @@ pub struct AuditEntry {
     pub request_id: Option<String>,
     /// Detail (JSON text).
     pub detail: Option<String>,
+    /// The tenant of the actor (absent for system rows and failed
+    /// authentications).
+    pub tenant: Option<String>,
 }
 
 /// Filters of the audit listing.
@@ -84,8 +89,8 @@ impl Store {
     /// Appends one audit entry.
     pub async fn append_audit(&self, entry: &NewAudit<'_>) -> Result<()> {
         sqlx::query(&self.sql(
-            "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail) \
-             VALUES ({now}, $1, $2, $3, $4, $5, $6)",
+            "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail, tenant) \
+             VALUES ({now}, $1, $2, $3, $4, $5, $6, $7)",
         ))
         .bind(entry.actor)
         .bind(entry.action)
@@ -93,6 +98,7 @@ impl Store {
         .bind(entry.outcome)
         .bind(entry.request_id)
         .bind(entry.detail.clone())
+        .bind(entry.tenant)
         .execute(self.pool())
         .await?;
         Ok(())
@@ -118,7 +124,7 @@ impl Store {
             clauses.push(format!("id < ${n}"));
         }
         let mut sql =
-            "SELECT id, at, actor, action, target, outcome, request_id, detail FROM audit_log"
+            "SELECT id, at, actor, action, target, outcome, request_id, detail, tenant FROM audit_log"
                 .to_string();
         if !clauses.is_empty() {
             sql.push_str(" WHERE ");
@@ -146,6 +152,7 @@ impl Store {
                     outcome: r.try_get("outcome")?,
                     request_id: r.try_get("request_id")?,
                     detail: r.try_get("detail")?,
+                    tenant: r.try_get("tenant")?,
                 })
             })
             .collect()

@@ -393,7 +393,7 @@ impl Store {
         let mut plan_cache: BTreeMap<String, Option<Plan>> = BTreeMap::new();
         for t in touched {
             if !plan_cache.contains_key(&t.tenant) {
-                let assigned = assigned_plan(&mut **tx, &t.tenant).await?;
+                let assigned = assigned_plan(tx, &t.tenant).await?;
                 let plan = resolve(&plans, assigned.as_deref(), &t.tenant).cloned();
                 plan_cache.insert(t.tenant.clone(), plan);
             }
@@ -568,10 +568,10 @@ impl Store {
             .iter()
             .filter(|c| c.changed_at >= start && c.changed_at < end)
         {
-            if let Some(plan) = current.take() {
-                if c.changed_at > from {
-                    out.push((plan, from, c.changed_at));
-                }
+            if let Some(plan) = current.take()
+                && c.changed_at > from
+            {
+                out.push((plan, from, c.changed_at));
             }
             from = c.changed_at;
             current = resolve(plans, Some(&c.plan), tenant).map(|p| p.name.clone());
@@ -635,34 +635,6 @@ impl Store {
             meters,
             thresholds,
         })
-    }
-
-    /// Writes a `usage.exported` or `quota.blocked`-style audit row of
-    /// `actor` (tenant `tenant`) outside any other transaction.
-    pub async fn audit_usage(
-        &self,
-        actor: &str,
-        tenant: Option<&str>,
-        action: &str,
-        target: Option<&str>,
-        outcome: &str,
-        request_id: Option<&str>,
-        detail: Value,
-    ) -> Result<()> {
-        sqlx::query(&self.sql(
-            "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail, tenant) \
-             VALUES ({now}, $1, $2, $3, $4, $5, $6, $7)",
-        ))
-        .bind(actor)
-        .bind(action)
-        .bind(target)
-        .bind(outcome)
-        .bind(request_id)
-        .bind(detail.to_string())
-        .bind(tenant)
-        .execute(self.pool())
-        .await?;
-        Ok(())
     }
 
     /// Used and allowance per tenant and meter in the current period, for
