@@ -170,10 +170,26 @@ async fn at_the_allowance_the_last_run_is_admitted_and_the_next_is_refused_with_
 ) {
     let (env, _dir) = env_with(backend, PLANS, &[]).await;
     let app = env.router();
-    for _ in 0..3 {
+    let keyed = |key: &'static str| {
+        let app = app.clone();
+        async move {
+            send(
+                &app,
+                "POST",
+                "/api/v2/runs",
+                Some(HELLO),
+                &[("authorization", &bearer(ACME)), ("idempotency-key", key)],
+            )
+            .await
+        }
+    };
+    assert_eq!(keyed("first").await.status, StatusCode::ACCEPTED);
+    for _ in 0..2 {
         assert_eq!(create_as(&app, ACME).await.status, StatusCode::ACCEPTED);
     }
     let period = env.store.current_period().await.expect("period");
+    // A replay of an admitted run is not a new run: answered, not refused.
+    assert_eq!(keyed("first").await.status, StatusCode::OK);
     let refused = create_as(&app, ACME).await;
     assert_eq!(
         refused.status,

@@ -646,23 +646,28 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         let plans = self.plans();
-        let mut plan_of: BTreeMap<String, Option<Plan>> = BTreeMap::new();
+        // The newest API assignment of every tenant, in one query.
+        let mut assigned: BTreeMap<String, String> = BTreeMap::new();
+        if plans.is_some() {
+            for row in sqlx::query(
+                "SELECT tenant, plan FROM tenant_plan_changes c \
+                 WHERE id = (SELECT MAX(id) FROM tenant_plan_changes WHERE tenant = c.tenant)",
+            )
+            .fetch_all(self.pool())
+            .await?
+            {
+                assigned.insert(row.try_get("tenant")?, row.try_get("plan")?);
+            }
+        }
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let tenant: String = row.try_get("tenant")?;
             let Some(meter) = Meter::parse(&row.try_get::<String, _>("meter")?) else {
                 continue;
             };
-            if !plan_of.contains_key(&tenant) {
-                let plan = match &plans {
-                    Some(_) => self.plan_of(&tenant).await?,
-                    None => None,
-                };
-                plan_of.insert(tenant.clone(), plan);
-            }
-            let allowance = plan_of
-                .get(&tenant)
-                .and_then(Option::as_ref)
+            let allowance = plans
+                .as_ref()
+                .and_then(|p| resolve(p, assigned.get(&tenant).map(String::as_str), &tenant))
                 .and_then(|p| p.rule(meter))
                 .map(|r| r.allowance);
             out.push((tenant, meter, row.try_get("used")?, allowance));
