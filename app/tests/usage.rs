@@ -502,6 +502,16 @@ async fn steps_and_llm_tokens_are_metered_and_an_admitted_run_always_finishes(ba
         Value::Null,
         "runs unlimited on metered"
     );
+    // The steps allowance (block) is used up: no new run, though runs are unlimited.
+    let refused = call(&app, "POST", "/api/v2/runs", Some(HELLO), ACME).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::PAYMENT_REQUIRED,
+        "{}",
+        refused.body
+    );
+    assert_eq!(refused.body["meter"], "steps");
+    assert_eq!(refused.body["allowance"], 1);
 }
 
 /// Two API replicas (two routers, two stores, one database) on PostgreSQL;

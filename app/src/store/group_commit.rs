@@ -157,7 +157,8 @@ async fn write_alone(store: &Store, new: &NewRun) -> Result<Stored> {
 /// tenant's `runs` counter row of the period is locked by an upsert and read;
 /// under a `block` allowance only as many new runs as remain are admitted and
 /// the others are refused: not stored, not counted, audited as
-/// `quota.blocked`. The lock is held to the commit, which is what makes the
+/// `quota.blocked`. A tenant whose `block` allowance of steps, LLM tokens or
+/// approval decisions is used up gets no new run either. The lock is held to the commit, which is what makes the
 /// allowance exact across writers and replicas. A request whose idempotency
 /// key is already taken is a replay and consumes nothing.
 async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Stored>> {
@@ -208,16 +209,57 @@ async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Stored>> {
     if let Some(plans) = &plans {
         for tenant in &tenants {
             let assigned = assigned_plan(&mut tx, tenant).await?;
-            let Some(rule) =
-                resolve(plans, assigned.as_deref(), tenant).and_then(|p| p.rule(Meter::Runs))
-            else {
+            let Some(plan) = resolve(plans, assigned.as_deref(), tenant) else {
                 continue;
             };
-            if rule.overage != Overage::Block {
-                continue;
+            // Per new run: how many more it may have, and the refusal past that.
+            let mut limit: Option<(i64, QuotaRefusal)> = None;
+            if let Some(rule) = plan
+                .rule(Meter::Runs)
+                .filter(|r| r.overage == Overage::Block)
+            {
+                let used = used_of.get(tenant).copied().unwrap_or(0);
+                let refusal = QuotaRefusal {
+                    tenant: tenant.to_string(),
+                    meter: Meter::Runs,
+                    allowance: rule.allowance,
+                    used,
+                    period: period.clone(),
+                };
+                limit = Some(((rule.allowance - used).max(0), refusal));
             }
-            let used = used_of.get(tenant).copied().unwrap_or(0);
-            let mut remaining = (rule.allowance - used).max(0);
+            // A used-up `block` allowance of another meter refuses new runs
+            // too (those already admitted finish whatever they use).
+            for meter in [Meter::Steps, Meter::LlmTokens, Meter::ApprovalDecisions] {
+                let Some(rule) = plan.rule(meter).filter(|r| r.overage == Overage::Block) else {
+                    continue;
+                };
+                let used: i64 = sqlx::query(
+                    "SELECT used FROM usage_counters WHERE tenant = $1 AND period = $2 AND meter = $3",
+                )
+                .bind(*tenant)
+                .bind(&period)
+                .bind(meter.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get("used"))
+                .transpose()?
+                .unwrap_or(0);
+                if used >= rule.allowance {
+                    let refusal = QuotaRefusal {
+                        tenant: tenant.to_string(),
+                        meter,
+                        allowance: rule.allowance,
+                        used,
+                        period: period.clone(),
+                    };
+                    limit = Some((0, refusal));
+                    break;
+                }
+            }
+            let Some((mut remaining, refusal)) = limit else {
+                continue;
+            };
             for (i, new) in news.iter().enumerate() {
                 if new.tenant != *tenant
                     || new
@@ -230,13 +272,7 @@ async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Stored>> {
                 if remaining > 0 {
                     remaining -= 1;
                 } else {
-                    refused[i] = Some(QuotaRefusal {
-                        tenant: tenant.to_string(),
-                        meter: Meter::Runs,
-                        allowance: rule.allowance,
-                        used,
-                        period: period.clone(),
-                    });
+                    refused[i] = Some(refusal.clone());
                 }
             }
         }
