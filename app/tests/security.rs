@@ -810,6 +810,10 @@ async fn the_runtime_role_works_but_cannot_change_the_schema_or_rewrite_the_audi
         "UPDATE audit_log SET actor = 'someone else'",
         "DELETE FROM audit_log",
         "TRUNCATE audit_log",
+        // The usage ledger and plan history are append-only like the audit trail.
+        "UPDATE usage_ledger SET quantity = 0",
+        "DELETE FROM usage_ledger",
+        "DELETE FROM tenant_plan_changes",
     ] {
         let err = sqlx::query(forbidden)
             .execute(&mut runtime)
@@ -832,6 +836,15 @@ async fn the_runtime_role_works_but_cannot_change_the_schema_or_rewrite_the_audi
             .await
             .expect("read audit");
     assert_eq!(rows, 1, "the run creation was audited by the runtime role");
+    let metered: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM usage_ledger WHERE meter IN ('runs', 'steps')")
+            .fetch_one(&mut runtime)
+            .await
+            .expect("read the usage ledger");
+    assert_eq!(
+        metered, 2,
+        "the run and its step were metered by the runtime role"
+    );
 }
 
 #[tokio::test]

@@ -851,7 +851,48 @@ async fn a_threshold_writes_one_event_and_audit_row_per_period(backend: Backend)
     assert!(!metrics.contains("tenant=\"globex\""), "{metrics}");
 }
 
+async fn an_approval_decision_recorded_by_the_store_is_charged_to_the_runs_tenant(
+    backend: Backend,
+) {
+    let (env, _dir) = env_with(backend, PLANS, &[]).await;
+    let app = env.router();
+    let id = run_id(&create_as(&app, GLOBEX).await).to_string();
+    // What the approval transaction calls, with the database clock's month.
+    env.store
+        .record_usage_in_period(
+            &[UsageRecord {
+                run_id: &id,
+                step_index: Some(0),
+                meter: Meter::ApprovalDecisions,
+                quantity: 1,
+                source: "approval.decided",
+            }],
+            None,
+        )
+        .await
+        .expect("record");
+    let report = usage_of(&app, "globex", GLOBEX).await;
+    assert_eq!(meter(&report, "approval_decisions")["used"], 1);
+    let missing = Uuid::now_v7().to_string();
+    let err = env
+        .store
+        .record_usage_in_period(
+            &[UsageRecord {
+                run_id: &missing,
+                step_index: None,
+                meter: Meter::ApprovalDecisions,
+                quantity: 1,
+                source: "approval.decided",
+            }],
+            None,
+        )
+        .await
+        .expect_err("no such run");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
 on_both_backends!(
+    an_approval_decision_recorded_by_the_store_is_charged_to_the_runs_tenant,
     under_the_allowance_runs_are_admitted_counted_and_remaining_shrinks,
     at_the_allowance_the_last_run_is_admitted_and_the_next_is_refused_with_402,
     over_an_allow_allowance_runs_are_admitted_and_the_preview_bills_the_overage,

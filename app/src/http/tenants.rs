@@ -106,8 +106,13 @@ pub async fn set_plan(
             "tenant: expected 1 to 64 of letters, digits, -, _ or :".into(),
         ));
     }
-    let bytes =
-        body.map_err(|_| ApiError::InvalidRequest("request body could not be read".into()))?;
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(state.settings.max_body_bytes)
+        } else {
+            ApiError::InvalidRequest("request body could not be read".into())
+        }
+    })?;
     let request: PlanRequest = serde_json::from_slice(&bytes).map_err(|e| {
         if e.is_data() {
             ApiError::InvalidRequest(e.to_string())

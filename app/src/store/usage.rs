@@ -251,8 +251,12 @@ impl Store {
     /// with them, and any warning threshold reached recorded once. Call
     /// [`Store::count_crossings`] with the result after `tx` commits.
     ///
-    /// Errors: [`super::StoreError`] from the database; the transaction
-    /// should then be rolled back.
+    /// On SQLite, call it after the transaction's first write (its first
+    /// statement reads the runs' tenants, and a write transaction must take
+    /// its lock with a write).
+    ///
+    /// Errors: [`super::StoreError`] from the database (`Corrupt` for a run
+    /// that does not exist); the transaction should then be rolled back.
     pub async fn record_usage(
         &self,
         tx: &mut Transaction<'static, Any>,
