@@ -32,6 +32,9 @@ pub enum Command {
         /// without them referenced keys hash as unknown.
         #[arg(long = "secret")]
         secrets: Vec<PathBuf>,
+        /// The ConfigMap manifest `spec.plans` names, whose data feeds the config hash too.
+        #[arg(long = "config-map")]
+        config_maps: Vec<PathBuf>,
     },
     /// Print the RBAC rules the operator needs, as a ClusterRole.
     Rbac {

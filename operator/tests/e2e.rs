@@ -16,7 +16,11 @@
 //!   reason=ApplyFailed` naming the Deployment with the API server's "exceeded quota", and
 //!   a Warning event; once the quota is removed the condition clears;
 //! - invalid name: a VmWebapp called `my.app` (not a DNS-1035 label, so no Service could
-//!   carry its name) is refused by `kubectl apply` itself, through the CRD's CEL rule.
+//!   carry its name) is refused by `kubectl apply` itself, through the CRD's CEL rule;
+//! - plans: a VmWebapp whose `spec.plans` ConfigMap does not exist yet reports
+//!   `Degraded=True, reason=ConfigMapMissing` and gets no Deployment; once the ConfigMap is
+//!   created the API Deployment mounts it and names it by `VM_PLANS_FILE`; editing it
+//!   changes the pod template's config hash.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -417,4 +421,106 @@ async fn a_name_that_cannot_be_a_service_name_is_refused_at_apply_time() {
         .delete(&ns_name, &DeleteParams::default())
         .await
         .expect("delete namespace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plans_config_map_is_awaited_then_mounted_and_its_edit_rolls_the_pods() {
+    let Some(client) = cluster("plans").await else {
+        return;
+    };
+    let apply = PatchParams::apply(MANAGER).force();
+    install_crd(&client).await;
+    let ns_name = namespace(&client, "plans").await;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        vm_operator::metrics::Metrics::default(),
+    ));
+    let controller = tokio::spawn(vm_operator::controller::run(
+        client.clone(),
+        Some(ns_name.clone()),
+        ctx,
+        async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        },
+    ));
+    let apps: Api<VmWebapp> = Api::namespaced(client.clone(), &ns_name);
+    let mut app = minimal("billing");
+    app["spec"]["plans"] = json!({"name": "plans"});
+    apps.patch("billing", &apply, &Patch::Apply(&app))
+        .await
+        .expect("apply VmWebapp");
+
+    // Before the ConfigMap exists: Degraded with the reason, and no Deployment.
+    eventually("Degraded=ConfigMapMissing", || async {
+        let status = apps.get("billing").await.ok()?.status?;
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.reason == "ConfigMapMissing")
+            .then_some(())
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns_name);
+    assert!(
+        deployments
+            .get_opt("billing-api")
+            .await
+            .expect("get")
+            .is_none()
+    );
+
+    // Creating it lets the reconcile go on: the key is mounted and named by VM_PLANS_FILE.
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns_name);
+    let plans = |text: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "plans"},
+               "data": {"plans.yaml": text}})
+    };
+    config_maps
+        .patch(
+            "plans",
+            &apply,
+            &Patch::Apply(plans(
+                "default_plan: free\nplans:\n  free:\n    meters: {}\n",
+            )),
+        )
+        .await
+        .expect("create plans");
+    let api = eventually("the API Deployment with the plans mounted", || async {
+        let d = deployments.get_opt("billing-api").await.ok().flatten()?;
+        let pod = d.spec.as_ref()?.template.spec.as_ref()?;
+        let mounted = pod
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.config_map.as_ref().is_some_and(|c| c.name == "plans"));
+        let named = pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "VM_PLANS_FILE");
+        (mounted && named).then_some(d)
+    })
+    .await;
+    let before = config_hash(&api).expect("config hash");
+
+    // Editing the plans rolls the pods (the app reads the file at start-up).
+    config_maps
+        .patch(
+            "plans",
+            &apply,
+            &Patch::Apply(plans("default_plan: free\nplans:\n  free:\n    meters: {runs: {allowance: 5, overage: block}}\n")),
+        )
+        .await
+        .expect("edit plans");
+    eventually("the pod template to change after the edit", || async {
+        let d = deployments.get("billing-api").await.ok()?;
+        (config_hash(&d)? != before).then_some(())
+    })
+    .await;
+
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(&ns_name, &DeleteParams::default()).await;
 }
