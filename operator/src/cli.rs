@@ -139,6 +139,24 @@ pub fn describe(err: &anyhow::Error) -> String {
     out
 }
 
+/// `--log-level`: a level name, or comma-separated `tracing` directives in which every bare
+/// word is a level name (`warn,vm_operator=debug`). A bare word that is not a level is
+/// refused: `tracing` would read it as a target name and log nothing.
+fn parse_level(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let hint =
+        "use off, error, warn, info, debug or trace, or directives such as warn,vm_operator=debug";
+    for directive in s.split(',').map(str::trim) {
+        let bare = !directive.contains('=') && !directive.contains('[');
+        if bare && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!("`{directive}` is not a log level: {hint}"));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map_err(|e| format!("`{s}` is not a log filter ({e}): {hint}"))?;
+    Ok(s.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,22 +195,4 @@ mod tests {
             "error: cannot list VmWebapps: connection refused\n"
         );
     }
-}
-
-/// `--log-level`: a level name, or comma-separated `tracing` directives in which every bare
-/// word is a level name (`warn,vm_operator=debug`). A bare word that is not a level is
-/// refused: `tracing` would read it as a target name and log nothing.
-fn parse_level(s: &str) -> Result<String, String> {
-    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-    let hint =
-        "use off, error, warn, info, debug or trace, or directives such as warn,vm_operator=debug";
-    for directive in s.split(',').map(str::trim) {
-        let bare = !directive.contains('=') && !directive.contains('[');
-        if bare && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
-            return Err(format!("`{directive}` is not a log level: {hint}"));
-        }
-    }
-    tracing_subscriber::EnvFilter::try_new(s)
-        .map_err(|e| format!("`{s}` is not a log filter ({e}): {hint}"))?;
-    Ok(s.to_owned())
 }
