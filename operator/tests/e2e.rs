@@ -108,6 +108,37 @@ async fn install_crd(client: &Client) {
     .await;
 }
 
+/// The controller, run in-process and watching one namespace only.
+struct Controller {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Controller {
+    fn start(client: &Client, ns: &str) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            vm_operator::metrics::Metrics::default(),
+        ));
+        let task = tokio::spawn(vm_operator::controller::run(
+            client.clone(),
+            Some(ns.to_owned()),
+            ctx,
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+        Self { stop, task }
+    }
+
+    /// Stop it and wait (at most 10 s) for its watches to end.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
 /// Create a fresh namespace called `vm-e2e-<scenario>-<pid>`.
 async fn namespace(client: &Client, scenario: &str) -> String {
     let ns_name = format!("vm-e2e-{scenario}-{}", std::process::id());
@@ -145,19 +176,7 @@ async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
         .expect("create secret");
 
     // The controller, in-process, watching only this namespace.
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        vm_operator::metrics::Metrics::default(),
-    ));
-    let controller = tokio::spawn(vm_operator::controller::run(
-        client.clone(),
-        Some(ns_name.clone()),
-        ctx,
-        async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        },
-    ));
+    let controller = Controller::start(&client, &ns_name);
 
     // The resource.
     let image =
@@ -275,8 +294,7 @@ async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
     })
     .await;
 
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    controller.stop().await;
     namespaces
         .delete(&ns_name, &DeleteParams::default())
         .await
@@ -329,19 +347,7 @@ async fn a_quota_refusal_is_reported_in_status_and_an_event_then_cleared() {
     })
     .await;
 
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        vm_operator::metrics::Metrics::default(),
-    ));
-    let controller = tokio::spawn(vm_operator::controller::run(
-        client.clone(),
-        Some(ns_name.clone()),
-        ctx,
-        async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        },
-    ));
+    let controller = Controller::start(&client, &ns_name);
     let apps: Api<VmWebapp> = Api::namespaced(client.clone(), &ns_name);
     apps.patch("demo", &apply, &Patch::Apply(minimal("demo")))
         .await
@@ -383,8 +389,7 @@ async fn a_quota_refusal_is_reported_in_status_and_an_event_then_cleared() {
     })
     .await;
 
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    controller.stop().await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
         .delete(&ns_name, &DeleteParams::default())
@@ -431,19 +436,7 @@ async fn a_plans_config_map_is_awaited_then_mounted_and_its_edit_rolls_the_pods(
     let apply = PatchParams::apply(MANAGER).force();
     install_crd(&client).await;
     let ns_name = namespace(&client, "plans").await;
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        vm_operator::metrics::Metrics::default(),
-    ));
-    let controller = tokio::spawn(vm_operator::controller::run(
-        client.clone(),
-        Some(ns_name.clone()),
-        ctx,
-        async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        },
-    ));
+    let controller = Controller::start(&client, &ns_name);
     let apps: Api<VmWebapp> = Api::namespaced(client.clone(), &ns_name);
     let mut app = minimal("billing");
     app["spec"]["plans"] = json!({"name": "plans"});
@@ -519,8 +512,7 @@ async fn a_plans_config_map_is_awaited_then_mounted_and_its_edit_rolls_the_pods(
     })
     .await;
 
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    controller.stop().await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let _ = namespaces.delete(&ns_name, &DeleteParams::default()).await;
 }
