@@ -51,7 +51,10 @@ fn fresh_detail(run: Run) -> RunDetail {
     RunDetail { run, steps }
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(limit)
@@ -61,7 +64,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes
     })
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ()> {
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ()> {
     match headers.get(name) {
         None => Ok(None),
         Some(v) => v.to_str().map(Some).map_err(|_| ()),
@@ -286,7 +289,7 @@ pub async fn list_runs(
     }))
 }
 
-fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
     // A malformed id cannot name a run, so it is simply not found.
     Uuid::parse_str(id).map_err(|_| ApiError::RunNotFound)
 }
