@@ -173,23 +173,20 @@ pub struct DecisionLabels {
 
 fn approval_wait_buckets() -> Histogram {
     // 1 s … 30 days: a decision may take seconds or days.
-    Histogram::new(
-        [
-            1.0,
-            10.0,
-            60.0,
-            300.0,
-            900.0,
-            3_600.0,
-            4.0 * 3_600.0,
-            12.0 * 3_600.0,
-            86_400.0,
-            2.0 * 86_400.0,
-            7.0 * 86_400.0,
-            30.0 * 86_400.0,
-        ]
-        .into_iter(),
-    )
+    Histogram::new([
+        1.0,
+        10.0,
+        60.0,
+        300.0,
+        900.0,
+        3_600.0,
+        4.0 * 3_600.0,
+        12.0 * 3_600.0,
+        86_400.0,
+        2.0 * 86_400.0,
+        7.0 * 86_400.0,
+        30.0 * 86_400.0,
+    ])
 }
 
 /// `version` label of the build-info gauge.

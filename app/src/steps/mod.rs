@@ -555,7 +555,7 @@ mod tests {
             json!({"kind": "approval", "prompt": "  "}),
             json!({"kind": "approval", "prompt": "{{prev}}"}),
         ] {
-            let err = parse_steps(&[bad.clone()], &json!({})).unwrap_err();
+            let err = parse_steps(std::slice::from_ref(&bad), &json!({})).unwrap_err();
             assert_eq!(err.code, "invalid_step", "{bad}");
         }
     }
