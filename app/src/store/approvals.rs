@@ -585,10 +585,14 @@ impl Store {
     /// (database clock), oldest deadline first, each in its own transaction
     /// through [`Store::decide_approval`] by [`SYSTEM_ACTOR`]. Run by the
     /// maintenance leader; safe to run anywhere at once, since a decision
-    /// that lost its race changes nothing. Returns the decisions made.
+    /// that lost its race changes nothing. Only approvals whose job still
+    /// awaits are swept, so a row left pending by some other path cannot make
+    /// every tick retry it. Returns the decisions made.
     pub async fn expire_due_approvals(&self, limit: i64) -> Result<Vec<Decided>> {
         let due = sqlx::query(&self.sql(
             "SELECT run_id, step_index FROM approvals WHERE decision IS NULL AND expires_at <= {now} \
+             AND EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = approvals.run_id \
+               AND j.step_index = approvals.step_index AND j.state = 'awaiting_approval') \
              ORDER BY expires_at LIMIT $1",
         ))
         .bind(limit)
