@@ -129,6 +129,14 @@ async fn approving_records_the_decision_and_the_run_goes_on(backend: Backend) {
     assert_eq!(bad_json.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad_json.body["code"], "invalid_json");
 
+    // The deadline is a day away on the database clock: an expiry now is refused.
+    let early = env
+        .store
+        .decide_approval(id, 1, Decision::Expire, "system", None, None)
+        .await
+        .expect("decide");
+    assert!(matches!(early, DecideOutcome::NotDue), "{early:?}");
+
     let approved = decide(
         &app,
         id,
@@ -215,6 +223,54 @@ async fn rejecting_with_on_reject_continue_goes_on_with_approved_false(backend: 
     assert_eq!(detail.steps[2].status, StepStatus::Succeeded);
     let events = env.event_types(id).await;
     assert_eq!(count(&events, "step.rejected"), 1, "{events:?}");
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn an_approval_as_the_last_step_gives_the_run_its_output(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let last =
+        json!([{"kind": "approval", "prompt": "Ship {{input.title}}?", "on_reject": "continue"}]);
+    let approved = create(&app, last.clone()).await;
+    let rejected = create(&app, last).await;
+    env.wait_for(approved, RunStatus::Waiting, WAIT).await;
+    env.wait_for(rejected, RunStatus::Waiting, WAIT).await;
+    let reply = call(
+        &app,
+        "POST",
+        &step_uri(approved, 0, "approve"),
+        None,
+        APPROVER,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["prompt"], "Ship Q3 report?");
+    let reply = call(
+        &app,
+        "POST",
+        &step_uri(rejected, 0, "reject"),
+        None,
+        APPROVER,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let approved = env.wait_for(approved, RunStatus::Succeeded, WAIT).await;
+    assert_eq!(
+        approved.run.output,
+        Some(json!({"approved": true, "by": "appr", "comment": null}))
+    );
+    let rejected = env.wait_for(rejected, RunStatus::Succeeded, WAIT).await;
+    assert_eq!(
+        rejected.run.output,
+        Some(json!({"approved": false, "by": "appr", "comment": null}))
+    );
+    assert_eq!(
+        count(&env.event_types(rejected.run.id).await, "run.succeeded"),
+        1
+    );
+    assert!(!env.store.has_unfinished_jobs().await.expect("jobs"));
     stop.cancel();
     worker.await.expect("worker");
 }
@@ -650,6 +706,7 @@ on_both_backends!(
     approving_records_the_decision_and_the_run_goes_on,
     rejecting_fails_the_run_with_reason_rejected,
     rejecting_with_on_reject_continue_goes_on_with_approved_false,
+    an_approval_as_the_last_step_gives_the_run_its_output,
     deadlines_apply_on_timeout_once_with_several_workers,
     a_decision_racing_the_deadline_has_exactly_one_winner,
     two_approvers_racing_get_one_200_and_one_409,
