@@ -657,6 +657,44 @@ async fn metrics_report_pending_approvals_and_decisions(backend: Backend) {
     worker.await.expect("worker");
 }
 
+async fn a_pending_approval_survives_backup_and_restore_and_is_decided_there(backend: Backend) {
+    let source = env(backend).await;
+    let app = source.router();
+    let (worker, stop) = source.spawn_worker(1, LlmBackend::Offline);
+    let id = create(&app, gated(json!({}))).await;
+    source.wait_for(id, RunStatus::Waiting, WAIT).await;
+    stop.cancel();
+    worker.await.expect("worker");
+    let mut file = Vec::new();
+    source.store.backup_to(&mut file).await.expect("backup");
+
+    let target = env(backend).await;
+    let summary = target
+        .store
+        .restore_from(&file[..], Default::default())
+        .await
+        .expect("restore");
+    assert!(
+        summary
+            .rows
+            .iter()
+            .any(|(table, n)| table == "approvals" && *n == 1),
+        "{:?}",
+        summary.rows
+    );
+    let app = target.router();
+    let inbox = call(&app, "GET", "/api/v2/approvals", None, PLAIN).await;
+    assert_eq!(inbox.body["approvals"][0]["run_id"], id.to_string());
+    let (worker, stop) = target.spawn_worker(1, LlmBackend::Offline);
+    assert_eq!(
+        decide(&app, id, "approve", None, APPROVER).await.status,
+        StatusCode::OK
+    );
+    target.wait_for(id, RunStatus::Succeeded, WAIT).await;
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
 async fn approval_steps_are_validated_at_creation(backend: Backend) {
     let env = env(backend).await;
     let app = env.router();
@@ -715,5 +753,6 @@ on_both_backends!(
     a_waiting_approval_holds_no_worker_slot_and_no_lease,
     the_inbox_lists_oldest_first_in_cursor_pages,
     metrics_report_pending_approvals_and_decisions,
+    a_pending_approval_survives_backup_and_restore_and_is_decided_there,
     approval_steps_are_validated_at_creation,
 );
