@@ -255,9 +255,9 @@ impl Store {
     /// Cancels a queued, running or waiting run: drops its pending jobs,
     /// closes a pending approval (decision `cancelled`, so a later decision
     /// answers 409), records `step.cancelled` (with its attempt) for a step a
-    /// worker holds or that awaits approval; a worker holding one
-    /// worker learns of it at its next lease renewal (about a second) and
-    /// stops, and writes the `run.cancelled` audit row by `actor` in the same
+    /// worker holds or that awaits approval (a worker holding a step learns
+    /// of it at its next lease renewal, about a second, and stops), and
+    /// writes the `run.cancelled` audit row by `actor` in the same
     /// transaction. A deadlock victim is retried: it only means a worker
     /// touched the same run at the same moment.
     pub async fn cancel_run(
