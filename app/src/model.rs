@@ -235,6 +235,8 @@ pub struct StepState {
     pub output: Option<Value>,
     /// The last error seen (a retry reason or the final failure).
     pub error: Option<String>,
+    /// For an approval step that was reached: its prompt, deadline and decision.
+    pub approval: Option<ApprovalRecord>,
 }
 
 impl StepState {
@@ -251,9 +253,37 @@ impl StepState {
                 attempts: 0,
                 output: None,
                 error: None,
+                approval: None,
             })
             .collect()
     }
+}
+
+/// One approval as stored (`store::approvals`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApprovalRecord {
+    /// The run.
+    pub run_id: Uuid,
+    /// The approval step's index.
+    pub step_index: i64,
+    /// The rendered prompt.
+    pub prompt: String,
+    /// When the step began waiting, ms since the epoch (database clock).
+    pub requested_at: i64,
+    /// When `on_timeout` applies, ms since the epoch (database clock).
+    pub expires_at: i64,
+    /// `reject` or `approve`.
+    pub on_timeout: String,
+    /// `fail` or `continue`.
+    pub on_reject: String,
+    /// `None` while pending; else a [`DecisionKind`] name or `cancelled`.
+    pub decision: Option<String>,
+    /// The deciding API key id, `system` for an expiry.
+    pub decided_by: Option<String>,
+    /// The approver's comment.
+    pub comment: Option<String>,
+    /// When decided, ms since the epoch (database clock).
+    pub decided_at: Option<i64>,
 }
 
 /// A run with the state of each of its steps.

@@ -106,6 +106,15 @@ async fn approving_records_the_decision_and_the_run_goes_on(backend: Backend) {
     let run = call(&app, "GET", &format!("/api/v2/runs/{id}"), None, PLAIN).await;
     assert_eq!(run.body["status"], "waiting");
     assert_eq!(run.body["steps"][1]["status"], "awaiting_approval");
+    let approval = &run.body["steps"][1]["approval"];
+    assert_eq!(approval["prompt"], "Publish draft of Q3 report?");
+    assert_eq!(approval["status"], "pending");
+    assert_eq!(approval["expires_at"], data["expires_at"]);
+    assert!(
+        run.body["steps"][0].get("approval").is_none(),
+        "{}",
+        run.body
+    );
 
     // Not an approval step, an index past the end, an unknown run.
     let not_approval = call(&app, "POST", &step_uri(id, 0, "approve"), None, APPROVER).await;
@@ -195,6 +204,10 @@ async fn rejecting_fails_the_run_with_reason_rejected(backend: Backend) {
     let detail = env.wait_for(id, RunStatus::Failed, WAIT).await;
     assert_eq!(detail.run.error.as_deref(), Some("rejected"));
     assert_eq!(detail.steps[1].status, StepStatus::Rejected);
+    let approval = detail.steps[1].approval.as_ref().expect("approval");
+    assert_eq!(approval.decision.as_deref(), Some("rejected"));
+    assert_eq!(approval.comment.as_deref(), Some("wrong numbers"));
+    assert_eq!(approval.decided_by.as_deref(), Some("boss"));
     assert_eq!(detail.steps[2].status, StepStatus::Skipped);
     let events = env.event_types(id).await;
     assert_eq!(events[events.len() - 2..], ["step.rejected", "run.failed"]);

@@ -73,6 +73,10 @@ pub struct StepView {
     pub error: Option<String>,
     /// The step as submitted.
     pub spec: StepSpec,
+    /// For an approval step that was reached: its rendered prompt, deadline
+    /// and decision (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalView>,
 }
 
 /// Links of a run.
@@ -205,7 +209,7 @@ pub struct ApprovalList {
 
 impl ApprovalView {
     /// From a stored approval.
-    pub fn of(a: &crate::store::approvals::ApprovalRecord) -> Self {
+    pub fn of(a: &crate::model::ApprovalRecord) -> Self {
         let step = format!("{API_PREFIX}/runs/{}/steps/{}", a.run_id, a.step_index);
         Self {
             run_id: a.run_id,
@@ -303,6 +307,7 @@ impl RunView {
                     output: state.output.clone(),
                     error: state.error.clone(),
                     spec: spec.clone(),
+                    approval: state.approval.as_ref().map(ApprovalView::of),
                 })
                 .collect(),
             output: run.output.clone(),

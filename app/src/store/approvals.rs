@@ -30,6 +30,7 @@ use uuid::Uuid;
 
 use super::events::NewEvent;
 use super::{Result, Store, StoreError, json_text, parse_uuid};
+pub use crate::model::ApprovalRecord;
 use crate::model::{ClaimedJob, EventType, rfc3339};
 use crate::steps::{OnReject, OnTimeout, StepSpec};
 
@@ -116,33 +117,6 @@ pub enum DecideOutcome {
     NotAwaiting,
     /// [`Decision::Expire`] before the deadline: nothing changed.
     NotDue,
-}
-
-/// One approval as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApprovalRecord {
-    /// The run.
-    pub run_id: Uuid,
-    /// The approval step's index.
-    pub step_index: i64,
-    /// The rendered prompt.
-    pub prompt: String,
-    /// When the step began waiting, ms since the epoch (database clock).
-    pub requested_at: i64,
-    /// When `on_timeout` applies, ms since the epoch (database clock).
-    pub expires_at: i64,
-    /// `reject` or `approve`.
-    pub on_timeout: String,
-    /// `fail` or `continue`.
-    pub on_reject: String,
-    /// `None` while pending; else a [`DecisionKind`] name or `cancelled`.
-    pub decision: Option<String>,
-    /// The deciding API key id, `system` for an expiry.
-    pub decided_by: Option<String>,
-    /// The approver's comment.
-    pub comment: Option<String>,
-    /// When decided, ms since the epoch (database clock).
-    pub decided_at: Option<i64>,
 }
 
 /// Which approvals [`Store::list_approvals`] returns.
@@ -669,18 +643,16 @@ impl Store {
         .transpose()
     }
 
-    /// Indexes of the approval steps of a run that were rejected (by a person
-    /// or a deadline), for the run's step view.
-    pub(crate) async fn rejected_steps(&self, run: &str) -> Result<Vec<i64>> {
-        sqlx::query(
-            "SELECT step_index FROM approvals WHERE run_id = $1 \
-             AND decision IN ('rejected', 'expired_rejected')",
-        )
+    /// Every approval of a run (pending or decided), by step index.
+    pub(crate) async fn approvals_of_run(&self, run: &str) -> Result<Vec<ApprovalRecord>> {
+        sqlx::query(&format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE run_id = $1 ORDER BY step_index"
+        ))
         .bind(run)
         .fetch_all(self.pool())
         .await?
         .iter()
-        .map(|r| Ok(r.try_get("step_index")?))
+        .map(approval_from_row)
         .collect()
     }
 }

@@ -188,23 +188,28 @@ impl Store {
             steps[i].attempts = row.try_get("attempts")?;
             steps[i].error = Some(row.try_get("last_error")?);
         }
-        // An approval step rejected with `on_reject: fail` leaves no job, no
-        // result and no dead letter: the approval row says what happened.
-        if run.status == RunStatus::Failed
-            && run
-                .steps
-                .iter()
-                .any(|s| matches!(s, crate::steps::StepSpec::Approval { .. }))
+        // An approval step carries its approval row; one rejected with
+        // `on_reject: fail` leaves no job, no result and no dead letter, so
+        // that row is what says it was rejected.
+        if run
+            .steps
+            .iter()
+            .any(|s| matches!(s, crate::steps::StepSpec::Approval { .. }))
         {
-            for index in self.rejected_steps(&id_text).await? {
-                let Some(i) = slot(&mut steps, index) else {
+            for approval in self.approvals_of_run(&id_text).await? {
+                let Some(i) = slot(&mut steps, approval.step_index) else {
                     continue;
                 };
-                if steps[i].output.is_none() {
+                let rejected = matches!(
+                    approval.decision.as_deref(),
+                    Some("rejected" | "expired_rejected")
+                );
+                if rejected && run.status == RunStatus::Failed && steps[i].output.is_none() {
                     steps[i].status = StepStatus::Rejected;
                     steps[i].attempts = steps[i].attempts.max(1);
                     steps[i].error = Some("rejected".into());
                 }
+                steps[i].approval = Some(approval);
             }
         }
         Ok(Some(RunDetail { run, steps }))
