@@ -4,7 +4,7 @@
 //! - `GET /api/v2/runs?status=&limit=&cursor=`: list, newest first
 //! - `GET /api/v2/runs/{id}`: one run with the state and output of each step
 //! - `GET /api/v2/runs/{id}/events?after=&limit=`: transitions in order
-//! - `POST /api/v2/runs/{id}/cancel`: cancel a queued or running run
+//! - `POST /api/v2/runs/{id}/cancel`: cancel a queued, running or waiting run
 //!
 //! Bodies are parsed by hand (not by an extractor) so that every client
 //! mistake gets our JSON error with a precise message. The body is read as
@@ -366,7 +366,8 @@ pub async fn list_events(
     }))
 }
 
-/// Cancels a queued or running run; pending steps are dropped.
+/// Cancels a queued, running or waiting run; pending steps are dropped and
+/// a pending approval closes as `cancelled`.
 #[utoipa::path(
     post,
     path = "/api/v2/runs/{id}/cancel",
