@@ -667,6 +667,9 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
         ("POST", "/api/v2/runs/{id}/cancel"),
         ("GET", "/api/v2/audit"),
         ("POST", "/api/v2/webhooks/{source}"),
+        ("POST", "/api/v2/runs/{id}/steps/{index}/approve"),
+        ("POST", "/api/v2/runs/{id}/steps/{index}/reject"),
+        ("GET", "/api/v2/approvals"),
     ]
     .iter()
     .map(|(m, p)| (m.to_string(), p.to_string()))
@@ -679,7 +682,8 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
     for (method, path) in &documented {
         let uri = path
             .replace("{id}", &id.to_string())
-            .replace("{source}", "github");
+            .replace("{source}", "github")
+            .replace("{index}", "0");
         let body = (method == "POST" && uri.ends_with("/runs")).then_some(HELLO);
         if uri.contains("metrics") {
             assert_eq!(
@@ -720,7 +724,17 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
         "StepSpec",
         "ReadyView",
         "CreateRunRequest",
+        "ApprovalView",
+        "ApprovalList",
+        "DecisionRequest",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
+    assert!(
+        schemas["RunStatus"]["enum"]
+            .as_array()
+            .is_some_and(|v| v.contains(&json!("waiting"))),
+        "{}",
+        schemas["RunStatus"]
+    );
 }
