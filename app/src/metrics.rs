@@ -116,6 +116,8 @@ pub enum JobOutcome {
     dead_lettered,
     /// Claim lost or released at shutdown.
     abandoned,
+    /// An approval step now waits for a decision (without the worker).
+    awaiting_approval,
 }
 
 /// Step kind and outcome.
@@ -186,6 +188,32 @@ pub struct TenantMeterLabels {
     pub meter: String,
 }
 
+/// `decision` label of approval decisions: `approved`, `rejected`,
+/// `expired_approved`, `expired_rejected`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// A [`crate::store::approvals::DecisionKind`] name.
+    pub decision: String,
+}
+
+fn approval_wait_buckets() -> Histogram {
+    // 1 s … 30 days: a decision may take seconds or days.
+    Histogram::new([
+        1.0,
+        10.0,
+        60.0,
+        300.0,
+        900.0,
+        3_600.0,
+        4.0 * 3_600.0,
+        12.0 * 3_600.0,
+        86_400.0,
+        2.0 * 86_400.0,
+        7.0 * 86_400.0,
+        30.0 * 86_400.0,
+    ])
+}
+
 /// `version` label of the build-info gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -247,6 +275,16 @@ pub struct Metrics {
     /// Whether the usage families are labelled by tenant; `None` until
     /// [`Metrics::register_usage`].
     usage_by_tenant: std::sync::OnceLock<bool>,
+    /// Approval steps waiting for a decision (scrape time, from the
+    /// maintenance snapshot).
+    pub approvals_pending: Gauge,
+    /// How long the oldest pending approval has waited, seconds (scrape
+    /// time, from the maintenance snapshot; 0 when none waits).
+    pub approval_oldest_pending: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Approval decisions made by this process, by decision.
+    pub approval_decisions: Family<DecisionLabels, Counter>,
+    /// Time from an approval step starting to wait to its decision.
+    pub approval_wait: Histogram,
 }
 
 /// A fixed reason, scope or outcome name.
@@ -289,6 +327,10 @@ impl Metrics {
             usage_used_by_tenant: Family::default(),
             usage_allowance_by_tenant: Family::default(),
             usage_by_tenant: std::sync::OnceLock::new(),
+            approvals_pending: Gauge::default(),
+            approval_oldest_pending: Gauge::default(),
+            approval_decisions: Family::default(),
+            approval_wait: approval_wait_buckets(),
         };
         registry.register(
             "http_requests",
@@ -377,6 +419,28 @@ impl Metrics {
             "Webhook deliveries by outcome (accepted or rejection code)",
             m.webhooks.clone(),
         );
+        registry.register(
+            "approvals_pending",
+            "Approval steps waiting for a decision",
+            m.approvals_pending.clone(),
+        );
+        registry.register_with_unit(
+            "approval_oldest_pending",
+            "How long the oldest pending approval has waited (0: none waits)",
+            Unit::Seconds,
+            m.approval_oldest_pending.clone(),
+        );
+        registry.register(
+            "approval_decisions",
+            "Approval decisions by decision (approved, rejected, expired_approved, expired_rejected)",
+            m.approval_decisions.clone(),
+        );
+        registry.register_with_unit(
+            "approval_wait",
+            "Time from an approval step starting to wait to its decision",
+            Unit::Seconds,
+            m.approval_wait.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
@@ -413,6 +477,21 @@ impl Metrics {
                 }));
             }
         }
+        for kind in crate::store::approvals::DecisionKind::ALL {
+            drop(self.approval_decisions.get_or_create(&DecisionLabels {
+                decision: kind.as_str().into(),
+            }));
+        }
+    }
+
+    /// Records one approval decision and how long the step waited for it.
+    pub fn observe_approval(&self, kind: crate::store::approvals::DecisionKind, waited_ms: i64) {
+        self.approval_decisions
+            .get_or_create(&DecisionLabels {
+                decision: kind.as_str().into(),
+            })
+            .inc();
+        self.approval_wait.observe(waited_ms.max(0) as f64 / 1000.0);
     }
 
     /// Registers the usage families once: `vm_tenant_usage_threshold_total
@@ -612,6 +691,13 @@ mod tests {
                 let line = format!("{family}{{reason=\"{value}\"}} 0");
                 assert!(text.contains(&line), "{line} missing:\n{text}");
             }
+        }
+        for kind in crate::store::approvals::DecisionKind::ALL {
+            let line = format!(
+                "vm_approval_decisions_total{{decision=\"{}\"}} 0",
+                kind.as_str()
+            );
+            assert!(text.contains(&line), "{line} missing:\n{text}");
         }
     }
 

@@ -667,6 +667,9 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
         ("POST", "/api/v2/runs/{id}/cancel"),
         ("GET", "/api/v2/audit"),
         ("POST", "/api/v2/webhooks/{source}"),
+        ("POST", "/api/v2/runs/{id}/steps/{index}/approve"),
+        ("POST", "/api/v2/runs/{id}/steps/{index}/reject"),
+        ("GET", "/api/v2/approvals"),
         ("PUT", "/api/v2/tenants/{tenant}/plan"),
         ("GET", "/api/v2/tenants/{tenant}/usage"),
         ("GET", "/api/v2/usage/export"),
@@ -683,6 +686,7 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
         let uri = path
             .replace("{id}", &id.to_string())
             .replace("{source}", "github")
+            .replace("{index}", "0")
             .replace("{tenant}", "anonymous");
         let body = (method == "POST" && uri.ends_with("/runs")).then_some(HELLO);
         // Not JSON on success: metrics text and the usage CSV.
@@ -725,7 +729,17 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
         "StepSpec",
         "ReadyView",
         "CreateRunRequest",
+        "ApprovalView",
+        "ApprovalList",
+        "DecisionRequest",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
+    assert!(
+        schemas["RunStatus"]["enum"]
+            .as_array()
+            .is_some_and(|v| v.contains(&json!("waiting"))),
+        "{}",
+        schemas["RunStatus"]
+    );
 }

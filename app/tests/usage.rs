@@ -27,8 +27,10 @@ const ADMIN: &str = "admin-key-0123456789";
 const ACME: &str = "acme-key-0123456789a";
 const ACME2: &str = "acme-key-0123456789b";
 const GLOBEX: &str = "globex-key-0123456789";
+const APPROVER: &str = "acme-appr-0123456789";
 const KEYS: &str = "root:admin-key-0123456789:admin,acme1:acme-key-0123456789a:tenant=acme,\
-                    acme2:acme-key-0123456789b:tenant=acme,globex:globex-key-0123456789:tenant=globex";
+                    acme2:acme-key-0123456789b:tenant=acme,globex:globex-key-0123456789:tenant=globex,\
+                    acmeappr:acme-appr-0123456789:approver:tenant=acme";
 
 /// The plans of these cases: `free` blocks past 3 runs, `pro` bills past 5
 /// runs at 0.5 each, `metered` blocks steps at 1 (to show that admitted runs
@@ -891,7 +893,40 @@ async fn an_approval_decision_recorded_by_the_store_is_charged_to_the_runs_tenan
     assert!(err.to_string().contains("does not exist"), "{err}");
 }
 
+async fn an_approval_decided_through_the_api_is_metered_once_with_its_step(backend: Backend) {
+    let (env, _dir) = env_with(backend, PLANS, &[]).await;
+    let app = env.router();
+    let body = json!({"steps": [
+        {"kind": "template", "template": "draft"},
+        {"kind": "approval", "prompt": "Publish?"},
+        {"kind": "template", "template": "published"},
+    ]})
+    .to_string();
+    let created = call(&app, "POST", "/api/v2/runs", Some(&body), ACME).await;
+    assert_eq!(created.status, StatusCode::ACCEPTED, "{}", created.body);
+    let id = run_id(&created);
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    env.wait_for(id, RunStatus::Waiting, Duration::from_secs(20))
+        .await;
+    let uri = format!("/api/v2/runs/{id}/steps/1/approve");
+    let approved = call(&app, "POST", &uri, None, APPROVER).await;
+    assert_eq!(approved.status, StatusCode::OK, "{}", approved.body);
+    let again = call(&app, "POST", &uri, None, APPROVER).await;
+    assert_ne!(again.status, StatusCode::OK, "{}", again.body);
+    env.wait_for(id, RunStatus::Succeeded, Duration::from_secs(20))
+        .await;
+    stop.cancel();
+    let _ = worker.await;
+    let report = usage_of(&app, "acme", ACME).await;
+    assert_eq!(meter(&report, "approval_decisions")["used"], 1);
+    assert_eq!(meter(&report, "steps")["used"], 3);
+    let period = Period::parse(&env.store.current_period().await.expect("period")).expect("period");
+    let differences = env.store.verify_usage(period).await.expect("verify");
+    assert!(differences.is_empty(), "{differences:?}");
+}
+
 on_both_backends!(
+    an_approval_decided_through_the_api_is_metered_once_with_its_step,
     an_approval_decision_recorded_by_the_store_is_charged_to_the_runs_tenant,
     under_the_allowance_runs_are_admitted_counted_and_remaining_shrinks,
     at_the_allowance_the_last_run_is_admitted_and_the_next_is_refused_with_402,

@@ -4,6 +4,8 @@
 //! - `POST /runs`, `GET /runs`, `GET /runs/{id}`, `GET /runs/{id}/events`,
 //!   `POST /runs/{id}/cancel` (see [`runs`])
 //! - `GET /metrics/prometheus`, and `GET /metrics` at the root (see [`metrics`])
+//! - `POST /runs/{id}/steps/{index}/approve`, `POST /runs/{id}/steps/{index}/reject`,
+//!   `GET /approvals`: approval steps (see [`approvals`])
 //! - `POST /webhooks/{source}`: signed deliveries (see [`webhooks`])
 //! - `GET /audit`: the audit trail, admin keys only (see [`audit`])
 //! - `PUT /tenants/{tenant}/plan`, `GET /tenants/{tenant}/usage`,
@@ -22,6 +24,7 @@
 //! header the app reads that is present but unreadable answers `invalid_*`,
 //! never `missing_*` and never silently ignored.
 
+pub mod approvals;
 pub mod audit;
 pub mod error;
 pub mod extract;
@@ -139,6 +142,7 @@ impl AppState {
     ),
     tags(
         (name = "runs", description = "Run lifecycle"),
+        (name = "approvals", description = "Approval steps: the inbox and the decisions"),
         (name = "health", description = "Kubernetes probes"),
         (name = "webhooks", description = "Signed deliveries from other systems"),
         (name = "audit", description = "The audit trail"),
@@ -189,6 +193,9 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(runs::get_run))
         .routes(routes!(runs::list_events))
         .routes(routes!(runs::cancel_run))
+        .routes(routes!(approvals::approve))
+        .routes(routes!(approvals::reject))
+        .routes(routes!(approvals::list))
         .routes(routes!(audit::list))
         .routes(routes!(tenants::set_plan))
         .routes(routes!(tenants::usage))

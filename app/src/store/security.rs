@@ -67,9 +67,10 @@ pub struct AuditFilter {
 }
 
 /// Tables the runtime may read and write.
-const RUNTIME_TABLES: [&str; 11] = [
+const RUNTIME_TABLES: [&str; 12] = [
     "runs",
     "jobs",
+    "approvals",
     "step_results",
     "dead_jobs",
     "run_events",
