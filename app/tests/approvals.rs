@@ -20,8 +20,10 @@ use support::{Backend, Reply, TestEnv, send};
 const PLAIN: &str = "plain-key-0123456789abcdef";
 const APPROVER: &str = "appr-key-0123456789abcdef";
 const ADMIN: &str = "boss-key-0123456789abcdef";
-const KEYS: &str = "plain:plain-key-0123456789abcdef,\
-                    appr:appr-key-0123456789abcdef:approver,\
+// The plain and approver keys share a tenant: a key sees and decides only
+// its own tenant's runs.
+const KEYS: &str = "plain:plain-key-0123456789abcdef:tenant=team,\
+                    appr:appr-key-0123456789abcdef:approver:tenant=team,\
                     boss:boss-key-0123456789abcdef:admin";
 const WAIT: Duration = Duration::from_secs(15);
 

@@ -30,7 +30,9 @@ const GLOBEX: &str = "globex-key-0123456789";
 const APPROVER: &str = "acme-appr-0123456789";
 const KEYS: &str = "root:admin-key-0123456789:admin,acme1:acme-key-0123456789a:tenant=acme,\
                     acme2:acme-key-0123456789b:tenant=acme,globex:globex-key-0123456789:tenant=globex,\
-                    acmeappr:acme-appr-0123456789:approver:tenant=acme";
+                    acmeappr:acme-appr-0123456789:approver:tenant=acme,\
+                    globexappr:globex-appr-0123456789:approver:tenant=globex";
+const GLOBEX_APPROVER: &str = "globex-appr-0123456789";
 
 /// The plans of these cases: `free` blocks past 3 runs, `pro` bills past 5
 /// runs at 0.5 each, `metered` blocks steps at 1 (to show that admitted runs
@@ -909,6 +911,20 @@ async fn an_approval_decided_through_the_api_is_metered_once_with_its_step(backe
     env.wait_for(id, RunStatus::Waiting, Duration::from_secs(20))
         .await;
     let uri = format!("/api/v2/runs/{id}/steps/1/approve");
+    // Another tenant's approver neither sees nor decides it.
+    let inbox = |key: &'static str| {
+        let app = app.clone();
+        async move {
+            call(&app, "GET", "/api/v2/approvals", None, key).await.body["approvals"]
+                .as_array()
+                .map_or(0, Vec::len)
+        }
+    };
+    assert_eq!(inbox(GLOBEX_APPROVER).await, 0);
+    assert_eq!(inbox(APPROVER).await, 1);
+    let foreign = call(&app, "POST", &uri, None, GLOBEX_APPROVER).await;
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND, "{}", foreign.body);
+    assert_eq!(foreign.body["code"], "run_not_found");
     let approved = call(&app, "POST", &uri, None, APPROVER).await;
     assert_eq!(approved.status, StatusCode::OK, "{}", approved.body);
     let again = call(&app, "POST", &uri, None, APPROVER).await;

@@ -9,7 +9,9 @@
 //!   inbox, oldest request first
 //!
 //! Deciding needs a key with the `approver` or `admin` role (403
-//! `approver_required` otherwise); listing needs any key. The decision is one
+//! `approver_required` otherwise); listing needs any key. Like every run
+//! route, a key sees and decides only its tenant's runs' approvals (another
+//! tenant's run is `404 run_not_found`); admin keys see all. The decision is one
 //! store transaction ([`crate::store::Store::decide_approval`]): of two
 //! approvers racing, or an approver racing the deadline, exactly one wins and
 //! the other answers 409.
@@ -22,10 +24,11 @@ use axum::{Extension, Json};
 
 use crate::http::extract::ApiPath;
 use crate::http::paging::{self, parse_limit, parse_query};
-use crate::http::runs::{body_bytes, header_str, parse_run_id};
+use crate::http::runs::{body_bytes, header_str, parse_run_id, scope_of};
 use crate::http::security::Actor;
 use crate::http::views::{ApprovalList, ApprovalView, DecisionRequest, ErrorBody};
 use crate::http::{AppState, error::ApiError};
+use crate::store::Scope;
 use crate::store::approvals::{ApprovalFilter, ApprovalStatus, DecideOutcome, Decision};
 
 /// Longest accepted comment, in characters.
@@ -81,6 +84,15 @@ async fn decide(
     let comment = parse_comment(&bytes)?;
     let run_id = parse_run_id(&id)?;
     let step_index = parse_index(&index)?;
+    // Another tenant's run is not found, as on every run route.
+    let scope = if actor.admin {
+        Scope::All
+    } else {
+        Scope::Tenant(actor.tenant.clone())
+    };
+    if !state.store.run_visible(run_id, &scope).await? {
+        return Err(ApiError::RunNotFound);
+    }
     let request_id = header_str(&headers, "x-request-id").ok().flatten();
     match state
         .store
@@ -200,6 +212,7 @@ pub async fn reject(
 )]
 pub async fn list(
     State(state): State<AppState>,
+    actor: Option<Extension<Actor>>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<ApprovalList>, ApiError> {
     let query = parse_query(raw, &["status", "limit", "cursor"])?;
@@ -224,6 +237,7 @@ pub async fn list(
             status,
             after,
             limit: limit + 1,
+            scope: scope_of(actor.as_ref()),
         })
         .await?;
     let next_cursor = paging::next_page(&mut approvals, limit, |a| {

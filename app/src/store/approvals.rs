@@ -179,6 +179,8 @@ pub struct ApprovalFilter {
     pub after: Option<ApprovalKey>,
     /// Page size.
     pub limit: i64,
+    /// Whose runs' approvals: [`super::Scope::All`] or one tenant's.
+    pub scope: super::Scope,
 }
 
 const APPROVAL_COLUMNS: &str = "run_id, step_index, prompt, requested_at, expires_at, on_timeout, \
@@ -635,6 +637,12 @@ impl Store {
         if filter.after.is_some() {
             clauses.push("(requested_at, run_id, step_index) > ($2, $3, $4)".into());
         }
+        if filter.scope.tenant().is_some() {
+            let n = if filter.after.is_some() { 5 } else { 2 };
+            clauses.push(format!(
+                "run_id IN (SELECT id FROM runs WHERE tenant = ${n})"
+            ));
+        }
         let sql = format!(
             "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE {} \
              ORDER BY requested_at, run_id, step_index LIMIT $1",
@@ -646,6 +654,9 @@ impl Store {
                 .bind(after.requested_at)
                 .bind(after.run_id.to_string())
                 .bind(after.step_index);
+        }
+        if let Some(tenant) = filter.scope.tenant() {
+            q = q.bind(tenant);
         }
         q.fetch_all(self.pool())
             .await?
