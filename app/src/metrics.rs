@@ -210,6 +210,8 @@ pub struct Metrics {
     pub auth_failures: Family<ReasonLabels, Counter>,
     /// Webhook deliveries by outcome (`accepted` or the rejection code).
     pub webhooks: Family<ReasonLabels, Counter>,
+    /// Live-update streams ([`crate::stream`]).
+    pub stream: crate::stream::metrics::StreamMetrics,
 }
 
 /// A fixed reason, scope or outcome name.
@@ -247,6 +249,7 @@ impl Metrics {
             rate_limited: Family::default(),
             auth_failures: Family::default(),
             webhooks: Family::default(),
+            stream: Default::default(),
         };
         registry.register(
             "http_requests",
@@ -342,6 +345,7 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Build information", build);
+        m.stream.register(&mut registry);
         m.register_known_labels();
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m

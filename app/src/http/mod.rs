@@ -4,6 +4,8 @@
 //! - `POST /runs`, `GET /runs`, `GET /runs/{id}`, `GET /runs/{id}/events`,
 //!   `POST /runs/{id}/cancel` (see [`runs`])
 //! - `GET /metrics/prometheus`, and `GET /metrics` at the root (see [`metrics`])
+//! - `GET /runs/{id}/events/stream`, `GET /events/stream`: live updates as
+//!   Server-Sent Events (see [`stream`])
 //! - `POST /webhooks/{source}`: signed deliveries (see [`webhooks`])
 //! - `GET /audit`: the audit trail, admin keys only (see [`audit`])
 //! - `GET /openapi.json`: the OpenAPI document, generated from the same
@@ -28,6 +30,7 @@ pub mod metrics;
 pub mod paging;
 pub mod runs;
 pub mod security;
+pub mod stream;
 pub mod views;
 pub mod webhooks;
 
@@ -82,19 +85,27 @@ pub struct AppState {
     pub limiter: Arc<security::RateLimiter>,
     /// Authentication failures since the last audit flush.
     pub auth_failures: Arc<security::AuthFailures>,
+    /// Live updates: this process's event hub (see [`crate::stream`]).
+    pub streams: crate::stream::Hub,
 }
 
 impl AppState {
     /// State for a process serving `store` with `settings`.
     pub fn new(store: Store, settings: Arc<Settings>) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Self {
+            streams: crate::stream::Hub::new(
+                store.clone(),
+                settings.stream.clone(),
+                metrics.clone(),
+            ),
             store,
             worker_stall_after: settings.queue.worker_stale_after,
             settings,
             wake: Arc::new(Notify::new()),
             shutting_down: Arc::new(AtomicBool::new(false)),
             worker: None,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             redis: None,
             limiter: Arc::new(security::RateLimiter::new()),
             auth_failures: Arc::new(security::AuthFailures::default()),
@@ -166,6 +177,8 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(runs::get_run))
         .routes(routes!(runs::list_events))
         .routes(routes!(runs::cancel_run))
+        .routes(routes!(stream::run_stream))
+        .routes(routes!(stream::all_stream))
         .routes(routes!(audit::list));
     let mut signed = OpenApiRouter::new().routes(routes!(webhooks::receive));
     if let Some(state) = state {

@@ -42,7 +42,12 @@ pub(crate) struct Handle {
 impl Handle {
     /// Starts the writers: one on SQLite (one writer at a time anyway), up to
     /// four on PostgreSQL (leaving half the pool to readers and workers).
-    pub(crate) fn start(pool: AnyPool, backend: DbBackend, max_connections: u32) -> Self {
+    pub(crate) fn start(
+        pool: AnyPool,
+        backend: DbBackend,
+        max_connections: u32,
+        events: super::feed::CommitSignal,
+    ) -> Self {
         if tokio::runtime::Handle::try_current().is_err() {
             return Self::disabled();
         }
@@ -58,6 +63,7 @@ impl Handle {
             pool,
             backend,
             creates: Self::disabled(),
+            events,
         };
         for _ in 0..writers {
             tokio::spawn(writer(store.clone(), rx.clone()));
@@ -253,6 +259,7 @@ async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Option<Run>>
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    store.events.raise();
 
     Ok(ids
         .iter()

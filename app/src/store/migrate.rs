@@ -11,7 +11,7 @@ use super::{Result, Store, StoreError};
 use crate::config::DbBackend;
 
 /// The migrations of one backend, in order: (version, description, SQL).
-fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 7] {
+fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 8] {
     match backend {
         DbBackend::Postgres => [
             (
@@ -49,6 +49,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 "maintenance leader lease",
                 include_str!("../../migrations/postgres/0007_maintenance_leader_lease.sql"),
             ),
+            (
+                8,
+                "events by id",
+                include_str!("../../migrations/postgres/0008_events_by_id.sql"),
+            ),
         ],
         DbBackend::Sqlite => [
             (
@@ -85,6 +90,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 7,
                 "maintenance leader lease",
                 include_str!("../../migrations/sqlite/0007_maintenance_leader_lease.sql"),
+            ),
+            (
+                8,
+                "events by id",
+                include_str!("../../migrations/sqlite/0008_events_by_id.sql"),
             ),
         ],
     }

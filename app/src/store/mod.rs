@@ -34,6 +34,7 @@
 //! Files: [`migrate`] (schema), [`events`] (the event log), [`runs`] (create,
 //! read, cancel), [`group_commit`] (batched run creation), [`queue`] (claim,
 //! complete, retry, rescue, leases, maintenance), [`workers`] (heartbeats),
+//! [`feed`] (the event log read by live streams),
 //! [`security`] (audit trail, webhook nonces, grants), [`backup`] (logical
 //! snapshot and restore, either backend).
 
@@ -47,6 +48,7 @@ use crate::config::{DatabaseSettings, DbBackend};
 
 pub mod backup;
 pub mod events;
+pub mod feed;
 pub mod group_commit;
 pub mod migrate;
 pub mod queue;
@@ -181,6 +183,8 @@ pub struct Store {
     pool: AnyPool,
     backend: DbBackend,
     creates: group_commit::Handle,
+    /// Raised after a transaction that wrote events commits.
+    events: feed::CommitSignal,
 }
 
 impl Store {
@@ -230,11 +234,14 @@ impl Store {
                 .execute(&pool)
                 .await?;
         }
-        let creates = group_commit::Handle::start(pool.clone(), backend, max_connections);
+        let events = feed::CommitSignal::default();
+        let creates =
+            group_commit::Handle::start(pool.clone(), backend, max_connections, events.clone());
         Ok(Self {
             pool,
             backend,
             creates,
+            events,
         })
     }
 

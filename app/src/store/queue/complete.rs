@@ -114,6 +114,9 @@ impl Store {
                 .map_err(crate::store::StoreError::from)
             {
                 Ok(rows) => {
+                    if !rows.is_empty() {
+                        self.events.raise();
+                    }
                     return rows
                         .iter()
                         .map(|r| Ok((r.try_get("id")?, r.try_get("attempt")?)))
@@ -218,6 +221,7 @@ impl Store {
         }
         self.insert_events(&mut tx, &events).await?;
         tx.commit().await?;
+        self.events.raise();
         Ok(recorded)
     }
 
@@ -267,6 +271,7 @@ impl Store {
         }
         self.insert_events(&mut tx, &[event]).await?;
         tx.commit().await?;
+        self.events.raise();
         Ok(Finish::Recorded)
     }
 
@@ -334,6 +339,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
+        self.events.raise();
         Ok(Finish::Recorded)
     }
 
