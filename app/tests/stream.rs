@@ -586,3 +586,89 @@ async fn two_replicas_on_one_postgresql_deliver_every_event_by_polling() {
 async fn two_replicas_on_one_postgresql_deliver_every_event_with_redis_nudges() {
     two_replicas_deliver_every_event_to_a_subscriber_of_either(true).await;
 }
+
+/// The console's page and assets come from the binary with a CSP that
+/// allows only them; the API keeps its own stricter CSP. A console served
+/// under the API's `default-src 'none'` would load nothing, and one with a
+/// loose CSP would let injected script run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_and_its_assets_are_served_with_a_csp_that_allows_only_them() {
+    let env = TestEnv::new(Backend::Sqlite, &[("VM_API_KEYS", KEYS)]).await;
+    let app = env.router();
+    let get = |uri: &'static str| {
+        let app = app.clone();
+        async move {
+            let res = app
+                .oneshot(
+                    Request::builder()
+                        .uri(uri)
+                        .body(Body::empty())
+                        .expect("request"),
+                )
+                .await
+                .expect("router answers");
+            let headers = res.headers().clone();
+            let status = res.status();
+            let body = res.into_body().collect().await.expect("body").to_bytes();
+            (
+                status,
+                headers,
+                String::from_utf8(body.to_vec()).expect("utf-8"),
+            )
+        }
+    };
+    let (status, headers, html) = get("/console").await;
+    assert_eq!(status, StatusCode::OK, "no key needed for the page itself");
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/html")
+    );
+    let csp = headers["content-security-policy"].to_str().expect("csp");
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "connect-src 'self'",
+        "img-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{directive} in {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    // No inline script or style for the CSP to block, no external resource.
+    assert!(html.contains(r#"<script src="/console/assets/console.js" defer></script>"#));
+    assert!(!html.contains("<style") && !html.contains("style=") && !html.contains("onclick"));
+    assert!(!html.contains("http://") && !html.contains("https://"));
+    assert!(html.contains(r#"<label for="key">API key</label>"#));
+    for (uri, kind) in [
+        ("/console/assets/console.js", "text/javascript"),
+        ("/console/assets/console.css", "text/css"),
+    ] {
+        let (status, headers, body) = get(uri).await;
+        assert_eq!(status, StatusCode::OK, "{uri}");
+        assert!(
+            headers["content-type"]
+                .to_str()
+                .unwrap_or("")
+                .starts_with(kind),
+            "{uri}"
+        );
+        assert_eq!(headers["content-security-policy"], csp);
+        assert!(!body.is_empty());
+    }
+    let (_, _, script) = get("/console/assets/console.js").await;
+    assert!(script.contains("sessionStorage") && script.contains("Authorization"));
+    assert!(!script.contains("localStorage") && !script.contains("EventSource("));
+    let (status, _, _) = get("/console/assets/missing.js").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The API's own answers keep the strict policy.
+    let (_, headers, _) = get("/api/v2/health/live").await;
+    assert_eq!(
+        headers["content-security-policy"],
+        "default-src 'none'; frame-ancestors 'none'"
+    );
+}

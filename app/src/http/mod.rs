@@ -8,6 +8,7 @@
 //!   Server-Sent Events (see [`stream`])
 //! - `POST /webhooks/{source}`: signed deliveries (see [`webhooks`])
 //! - `GET /audit`: the audit trail, admin keys only (see [`audit`])
+//! - `GET /console` at the root: the web console (see [`console`])
 //! - `GET /openapi.json`: the OpenAPI document, generated from the same
 //!   registrations that build the router, so the two cannot drift apart
 //! - `views`: the JSON shapes
@@ -23,6 +24,7 @@
 //! never `missing_*` and never silently ignored.
 
 pub mod audit;
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -229,7 +231,10 @@ async fn openapi_json() -> axum::Json<serde_json::Value> {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
     let (routes, _) = api_routes(Some(&state)).split_for_parts();
-    with_common_layers(routes.layer(DefaultBodyLimit::max(body_limit)), &state).with_state(state)
+    let routes = routes
+        .merge(console::routes())
+        .layer(DefaultBodyLimit::max(body_limit));
+    with_common_layers(routes, &state).with_state(state)
 }
 
 /// The worker's health router: probes and metrics only.
