@@ -178,6 +178,8 @@ async fn a_run_stream_replays_the_history_then_follows_live(backend: Backend) {
     assert_eq!(data["type"], "run.queued");
     assert_eq!(data["run_id"], id.to_string());
     assert!(data["at"].is_string(), "{data}");
+    // Another run's events interleave in the log, never on this stream.
+    let other = create(&app, HELLO).await;
     let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
     let mut ids = vec![first];
     let mut types = vec!["run.queued".to_string()];
@@ -186,8 +188,17 @@ async fn a_run_stream_replays_the_history_then_follows_live(backend: Backend) {
         ids.push(id);
         types.push(data["type"].as_str().expect("type").to_string());
     }
+    env.wait_for(other, RunStatus::Succeeded, Duration::from_secs(20))
+        .await;
     stop.cancel();
     worker.await.expect("worker");
+    assert!(
+        reader
+            .event_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing of the other run"
+    );
     // Exactly the run's stored events, in order.
     let stored = env.store.list_events(id, 0, 1000).await.expect("events");
     assert_eq!(ids, stored.iter().map(|e| e.id).collect::<Vec<_>>());
