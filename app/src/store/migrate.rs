@@ -50,9 +50,9 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 include_str!("../../migrations/postgres/0007_maintenance_leader_lease.sql"),
             ),
             (
-                8,
+                10,
                 "events by id",
-                include_str!("../../migrations/postgres/0008_events_by_id.sql"),
+                include_str!("../../migrations/postgres/0010_events_by_id.sql"),
             ),
         ],
         DbBackend::Sqlite => [
@@ -92,9 +92,9 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 include_str!("../../migrations/sqlite/0007_maintenance_leader_lease.sql"),
             ),
             (
-                8,
+                10,
                 "events by id",
-                include_str!("../../migrations/sqlite/0008_events_by_id.sql"),
+                include_str!("../../migrations/sqlite/0010_events_by_id.sql"),
             ),
         ],
     }
