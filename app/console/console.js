@@ -13,7 +13,8 @@
   const KEY = "vm.console.apiKey";
   const $ = (id) => document.getElementById(id);
 
-  let view = null; // { name, cleanup }
+  let view = null; // { cleanup }
+  let unique = 0; // for element ids
 
   // --- key and requests --------------------------------------------------
 
@@ -263,7 +264,8 @@
   }
 
   function decisionForm(runId, index, prompt, after) {
-    const comment = el("textarea", { id: `comment-${runId}-${index}`, name: "comment", maxlength: "2000" });
+    unique += 1;
+    const comment = el("textarea", { id: `comment-${unique}`, name: "comment", maxlength: "2000" });
     const error = el("p", { class: "error", role: "alert" });
     const approve = el("button", { type: "button", text: "Approve" });
     const reject = el("button", { type: "button", class: "danger", text: "Reject" });
@@ -299,6 +301,8 @@
     $("steps-body").replaceChildren();
     $("run-decision").replaceChildren();
     $("timeline").replaceChildren();
+    // Rendered prompts, from each step.awaiting_approval event.
+    const prompts = new Map();
     const render = async () => {
       let run;
       try {
@@ -329,28 +333,49 @@
       });
       $("steps-body").replaceChildren(...rows);
       const waiting = run.steps.find((s) => s.status === "awaiting_approval");
-      if (waiting) {
-        $("run-decision").replaceChildren(el("section", { class: "decision", "aria-label": "Decision" },
-          el("h2", { text: `Step ${waiting.index} waits for approval` }),
-          decisionForm(run.id, waiting.index, waiting.spec && waiting.spec.prompt, () => render())));
-      } else {
-        $("run-decision").replaceChildren();
+      const holder = $("run-decision");
+      const shown = holder.firstElementChild;
+      if (!waiting) {
+        holder.replaceChildren();
+      } else if (!shown || shown.dataset.step !== String(waiting.index) || (!shown.dataset.rendered && prompts.has(waiting.index))) {
+        // A form already shown for this step stays, with what was typed in it.
+        const prompt = prompts.get(waiting.index) || (waiting.spec && waiting.spec.prompt);
+        holder.replaceChildren(el("section", {
+          class: "decision",
+          "aria-label": "Decision",
+          "data-step": String(waiting.index),
+          "data-rendered": prompts.has(waiting.index) ? "1" : null,
+        },
+        el("h2", { text: `Step ${waiting.index} waits for approval` }),
+        decisionForm(run.id, waiting.index, prompt, () => render())));
       }
     };
     const refresh = debounce(render, 150);
     await render();
     follow(`/runs/${encodeURIComponent(id)}/events/stream`, (ev) => {
+      const data = ev.data || {};
+      if (ev.type === "step.awaiting_approval" && typeof data.prompt === "string") prompts.set(ev.step_index, data.prompt);
+      let detail = "";
+      if (ev.type === "step.approved" || ev.type === "step.rejected") {
+        detail = ` · by ${data.by || "?"}${data.comment ? `: “${data.comment}”` : ""}`;
+      } else if (ev.type === "step.awaiting_approval" && data.prompt) {
+        detail = ` · “${data.prompt}”`;
+      }
       const item = el("li", { "data-event": ev.type },
         el("span", { class: "when", text: when(ev.at) }),
         el("span", { class: "mono", text: ev.type }),
         ev.step_index === null || ev.step_index === undefined ? "" : ` · step ${ev.step_index}`,
         ev.attempt ? ` · attempt ${ev.attempt}` : "",
         ev.message ? ` · ${ev.message}` : "",
+        detail,
       );
       $("timeline").append(item);
       refresh();
     }, abort.signal);
-    return () => abort.abort();
+    return () => {
+      abort.abort();
+      $("run-decision").replaceChildren();
+    };
   }
 
   async function approvalsView() {
@@ -369,18 +394,26 @@
         return;
       }
       $("approvals-note").hidden = true;
-      const items = page.approvals || page.items || [];
+      const items = page.approvals || [];
       const list = $("approvals-list");
-      list.replaceChildren(...items.map((a) => {
-        const runId = a.run_id;
-        const index = a.step_index;
-        const since = a.waiting_since || a.since || a.created_at;
-        return el("li", { class: "card", "data-run": runId, "data-step": String(index) },
-          el("h2", {}, el("a", { href: `#/runs/${runId}`, text: `Run ${runId}` }), ` · step ${index}`),
-          el("p", { class: "meta", text: `Waiting since ${when(since)}${a.expires_at ? ` · expires ${when(a.expires_at)}` : ""}` }),
-          decisionForm(runId, index, a.prompt, () => render()),
+      // Cards already shown stay as they are (with a comment being typed);
+      // new ones are added and decided or expired ones removed.
+      const shown = new Map([...list.children].map((c) => [c.dataset.key, c]));
+      const cards = items.map((a) => {
+        const key = `${a.run_id}:${a.step_index}`;
+        return shown.get(key) || el("li", { class: "card", "data-key": key, "data-run": a.run_id, "data-step": String(a.step_index) },
+          el("h2", {}, el("a", { href: `#/runs/${a.run_id}`, text: `Run ${a.run_id}` }), ` · step ${a.step_index}`),
+          el("p", { class: "meta", text: `Waiting since ${when(a.waiting_since)} · expires ${when(a.expires_at)}` }),
+          decisionForm(a.run_id, a.step_index, a.prompt, () => render()),
         );
-      }));
+      });
+      const same = cards.length === list.children.length && cards.every((c, i) => c === list.children[i]);
+      if (!same) {
+        for (const c of [...list.children]) if (!cards.includes(c)) c.remove();
+        cards.forEach((c, i) => {
+          if (list.children[i] !== c) list.insertBefore(c, list.children[i] || null);
+        });
+      }
       $("approvals-empty").hidden = items.length > 0;
     };
     const refresh = debounce(render, 200);
@@ -388,7 +421,10 @@
     follow("/events/stream", (ev) => {
       if (/^step\.(awaiting_approval|approved|rejected|approval_expired)$/.test(ev.type) || /^run\.(cancelled|failed)$/.test(ev.type)) refresh();
     }, abort.signal);
-    return () => abort.abort();
+    return () => {
+      abort.abort();
+      $("approvals-list").replaceChildren();
+    };
   }
 
   // --- routing -----------------------------------------------------------------
