@@ -59,3 +59,21 @@ impl StreamMetrics {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Alerts on `rate(vm_stream_drops_total[5m])` see 0, not "no data",
+    /// before the first drop.
+    #[test]
+    fn every_drop_reason_and_the_gauge_are_exported_at_zero_from_the_start() {
+        let text = crate::metrics::Metrics::new().encode();
+        for reason in DROP_REASONS {
+            let line = format!("vm_stream_drops_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
+        assert!(text.contains("vm_stream_subscribers 0"), "{text}");
+        assert!(text.contains("vm_stream_gap_ids_given_up_total 0"), "{text}");
+    }
+}
