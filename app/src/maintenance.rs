@@ -1,8 +1,9 @@
 //! Queue maintenance, once per database: every process that touches the queue
 //! (workers, and `serve` without an embedded worker) runs this loop, but only
 //! the holder of the maintenance lease ([`Store::lead_maintenance`], on the
-//! database clock) acts: it returns jobs whose lease expired to the queue and
-//! refreshes the queue-gauge snapshot that `/metrics` reads, so a scrape never
+//! database clock) acts: it returns jobs whose lease expired to the queue,
+//! applies `on_timeout` to approval steps whose deadline passed (once: a
+//! decision racing it is decided by one conditional delete), and refreshes the queue-gauge snapshot that `/metrics` reads, so a scrape never
 //! scans the queue. A leader that stops (dies, hangs, is paused) loses the
 //! lease after [`LEASE_TICKS`] ticks and another process takes over.
 
@@ -14,6 +15,9 @@ use tracing::{info, warn};
 
 use crate::metrics::{Dependency, Metrics};
 use crate::store::Store;
+
+/// Most approval deadlines applied per tick (the rest wait a tick).
+pub const EXPIRE_BATCH: i64 = 200;
 
 /// The maintenance lease lasts this many ticks: one late tick does not lose it,
 /// a stopped leader is replaced within a few.
@@ -63,6 +67,23 @@ pub async fn run(
             Err(e) => {
                 metrics.dependency_failed(Dependency::database);
                 warn!(error = %e, "could not rescue expired leases");
+            }
+        }
+        match store.expire_due_approvals(EXPIRE_BATCH).await {
+            Ok(decided) => {
+                for d in &decided {
+                    metrics.observe_approval(d.kind, d.waited_ms);
+                    info!(
+                        run_id = %d.approval.run_id,
+                        step = d.approval.step_index,
+                        decision = d.kind.as_str(),
+                        "approval deadline passed; on_timeout applied"
+                    );
+                }
+            }
+            Err(e) => {
+                metrics.dependency_failed(Dependency::database);
+                warn!(error = %e, "could not apply approval deadlines");
             }
         }
         if let Err(e) = store.refresh_queue_stats().await {

@@ -116,6 +116,8 @@ pub enum JobOutcome {
     dead_lettered,
     /// Claim lost or released at shutdown.
     abandoned,
+    /// An approval step now waits for a decision (without the worker).
+    awaiting_approval,
 }
 
 /// Step kind and outcome.
@@ -159,6 +161,32 @@ pub struct LlmLabels {
 pub struct StateLabels {
     /// `waiting`, `queued`, `running`, `dead`.
     pub state: String,
+}
+
+/// `decision` label of approval decisions: `approved`, `rejected`,
+/// `expired_approved`, `expired_rejected`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// A [`crate::store::approvals::DecisionKind`] name.
+    pub decision: String,
+}
+
+fn approval_wait_buckets() -> Histogram {
+    // 1 s … 30 days: a decision may take seconds or days.
+    Histogram::new([
+        1.0,
+        10.0,
+        60.0,
+        300.0,
+        900.0,
+        3_600.0,
+        4.0 * 3_600.0,
+        12.0 * 3_600.0,
+        86_400.0,
+        2.0 * 86_400.0,
+        7.0 * 86_400.0,
+        30.0 * 86_400.0,
+    ])
 }
 
 /// `version` label of the build-info gauge.
@@ -212,6 +240,16 @@ pub struct Metrics {
     pub webhooks: Family<ReasonLabels, Counter>,
     /// Live-update streams ([`crate::stream`]).
     pub stream: crate::stream::metrics::StreamMetrics,
+    /// Approval steps waiting for a decision (scrape time, from the
+    /// maintenance snapshot).
+    pub approvals_pending: Gauge,
+    /// How long the oldest pending approval has waited, seconds (scrape
+    /// time, from the maintenance snapshot; 0 when none waits).
+    pub approval_oldest_pending: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Approval decisions made by this process, by decision.
+    pub approval_decisions: Family<DecisionLabels, Counter>,
+    /// Time from an approval step starting to wait to its decision.
+    pub approval_wait: Histogram,
 }
 
 /// A fixed reason, scope or outcome name.
@@ -250,6 +288,10 @@ impl Metrics {
             auth_failures: Family::default(),
             webhooks: Family::default(),
             stream: Default::default(),
+            approvals_pending: Gauge::default(),
+            approval_oldest_pending: Gauge::default(),
+            approval_decisions: Family::default(),
+            approval_wait: approval_wait_buckets(),
         };
         registry.register(
             "http_requests",
@@ -338,6 +380,28 @@ impl Metrics {
             "Webhook deliveries by outcome (accepted or rejection code)",
             m.webhooks.clone(),
         );
+        registry.register(
+            "approvals_pending",
+            "Approval steps waiting for a decision",
+            m.approvals_pending.clone(),
+        );
+        registry.register_with_unit(
+            "approval_oldest_pending",
+            "How long the oldest pending approval has waited (0: none waits)",
+            Unit::Seconds,
+            m.approval_oldest_pending.clone(),
+        );
+        registry.register(
+            "approval_decisions",
+            "Approval decisions by decision (approved, rejected, expired_approved, expired_rejected)",
+            m.approval_decisions.clone(),
+        );
+        registry.register_with_unit(
+            "approval_wait",
+            "Time from an approval step starting to wait to its decision",
+            Unit::Seconds,
+            m.approval_wait.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
@@ -375,6 +439,21 @@ impl Metrics {
                 }));
             }
         }
+        for kind in crate::store::approvals::DecisionKind::ALL {
+            drop(self.approval_decisions.get_or_create(&DecisionLabels {
+                decision: kind.as_str().into(),
+            }));
+        }
+    }
+
+    /// Records one approval decision and how long the step waited for it.
+    pub fn observe_approval(&self, kind: crate::store::approvals::DecisionKind, waited_ms: i64) {
+        self.approval_decisions
+            .get_or_create(&DecisionLabels {
+                decision: kind.as_str().into(),
+            })
+            .inc();
+        self.approval_wait.observe(waited_ms.max(0) as f64 / 1000.0);
     }
 
     /// Records one HTTP request. `method` is a [`method_label`] and `route` a
@@ -487,6 +566,13 @@ mod tests {
                 let line = format!("{family}{{reason=\"{value}\"}} 0");
                 assert!(text.contains(&line), "{line} missing:\n{text}");
             }
+        }
+        for kind in crate::store::approvals::DecisionKind::ALL {
+            let line = format!(
+                "vm_approval_decisions_total{{decision=\"{}\"}} 0",
+                kind.as_str()
+            );
+            assert!(text.contains(&line), "{line} missing:\n{text}");
         }
     }
 

@@ -17,11 +17,20 @@ pub enum JobState {
     Queued,
     /// Leased by a worker until `lease_expires_at`.
     Running,
+    /// An approval step waiting for a person's decision: not claimable, no
+    /// lease; `run_at` is when the wait began. The decision (or its expiry)
+    /// takes the job out of the queue (see `store::approvals`).
+    AwaitingApproval,
 }
 
 impl JobState {
     /// Every state, in queue order.
-    pub const ALL: [JobState; 3] = [JobState::Waiting, JobState::Queued, JobState::Running];
+    pub const ALL: [JobState; 4] = [
+        JobState::Waiting,
+        JobState::Queued,
+        JobState::Running,
+        JobState::AwaitingApproval,
+    ];
 
     /// The stored name.
     pub fn as_str(self) -> &'static str {
@@ -29,6 +38,7 @@ impl JobState {
             JobState::Waiting => "waiting",
             JobState::Queued => "queued",
             JobState::Running => "running",
+            JobState::AwaitingApproval => "awaiting_approval",
         }
     }
 
@@ -64,8 +74,17 @@ pub enum EventType {
     StepReleased,
     /// The lease ran out before the step finished; it will be delivered again.
     StepLeaseExpired,
-    /// The run was cancelled while this step was claimed.
+    /// The run was cancelled while this step was claimed or awaited approval.
     StepCancelled,
+    /// An approval step waits for a decision (data: `prompt`, `expires_at`).
+    StepAwaitingApproval,
+    /// An approval step was approved (by a person, or by expiry with
+    /// `on_timeout: approve`).
+    StepApproved,
+    /// An approval step was rejected (by a person, or by expiry).
+    StepRejected,
+    /// An approval step's deadline passed; its `on_timeout` was applied.
+    StepApprovalExpired,
 }
 
 impl EventType {
@@ -84,11 +103,16 @@ impl EventType {
             EventType::StepReleased => "step.released",
             EventType::StepLeaseExpired => "step.lease_expired",
             EventType::StepCancelled => "step.cancelled",
+            EventType::StepAwaitingApproval => "step.awaiting_approval",
+            EventType::StepApproved => "step.approved",
+            EventType::StepRejected => "step.rejected",
+            EventType::StepApprovalExpired => "step.approval_expired",
         }
     }
 }
 
-/// Lifecycle of a run: `queued → running → succeeded | failed | cancelled`.
+/// Lifecycle of a run: `queued → running → succeeded | failed | cancelled`,
+/// with `running ⇄ waiting` while an approval step waits for a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -96,6 +120,8 @@ pub enum RunStatus {
     Queued,
     /// At least one step has been claimed by a worker.
     Running,
+    /// An approval step waits for a person's decision; no worker holds it.
+    Waiting,
     /// Every step succeeded.
     Succeeded,
     /// A step failed permanently or exhausted its attempts.
@@ -106,9 +132,10 @@ pub enum RunStatus {
 
 impl RunStatus {
     /// All statuses, in lifecycle order.
-    pub const ALL: [RunStatus; 5] = [
+    pub const ALL: [RunStatus; 6] = [
         RunStatus::Queued,
         RunStatus::Running,
+        RunStatus::Waiting,
         RunStatus::Succeeded,
         RunStatus::Failed,
         RunStatus::Cancelled,
@@ -119,6 +146,7 @@ impl RunStatus {
         match self {
             RunStatus::Queued => "queued",
             RunStatus::Running => "running",
+            RunStatus::Waiting => "waiting",
             RunStatus::Succeeded => "succeeded",
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
@@ -149,14 +177,20 @@ pub enum StepStatus {
     Queued,
     /// Claimed by a worker.
     Running,
+    /// An approval step waiting for a decision.
+    AwaitingApproval,
     /// Its result is recorded.
     Succeeded,
     /// Dead-lettered.
     Failed,
     /// Dropped before it started because the run was cancelled or failed earlier.
     Skipped,
-    /// Claimed by a worker when the run was cancelled; its attempts are kept.
+    /// Claimed by a worker (or awaiting approval) when the run was
+    /// cancelled; its attempts are kept.
     Cancelled,
+    /// An approval step that was rejected (by a person or by expiry) and
+    /// failed its run (`on_reject: fail`).
+    Rejected,
 }
 
 /// A run as stored.
@@ -201,6 +235,8 @@ pub struct StepState {
     pub output: Option<Value>,
     /// The last error seen (a retry reason or the final failure).
     pub error: Option<String>,
+    /// For an approval step that was reached: its prompt, deadline and decision.
+    pub approval: Option<ApprovalRecord>,
 }
 
 impl StepState {
@@ -217,9 +253,37 @@ impl StepState {
                 attempts: 0,
                 output: None,
                 error: None,
+                approval: None,
             })
             .collect()
     }
+}
+
+/// One approval as stored (`store::approvals`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApprovalRecord {
+    /// The run.
+    pub run_id: Uuid,
+    /// The approval step's index.
+    pub step_index: i64,
+    /// The rendered prompt.
+    pub prompt: String,
+    /// When the step began waiting, ms since the epoch (database clock).
+    pub requested_at: i64,
+    /// When `on_timeout` applies, ms since the epoch (database clock).
+    pub expires_at: i64,
+    /// `reject` or `approve`.
+    pub on_timeout: String,
+    /// `fail` or `continue`.
+    pub on_reject: String,
+    /// `None` while pending; else a [`DecisionKind`] name or `cancelled`.
+    pub decision: Option<String>,
+    /// The deciding API key id, `system` for an expiry.
+    pub decided_by: Option<String>,
+    /// The approver's comment.
+    pub comment: Option<String>,
+    /// When decided, ms since the epoch (database clock).
+    pub decided_at: Option<i64>,
 }
 
 /// A run with the state of each of its steps.

@@ -669,6 +669,9 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
         ("POST", "/api/v2/runs/{id}/cancel"),
         ("GET", "/api/v2/audit"),
         ("POST", "/api/v2/webhooks/{source}"),
+        ("POST", "/api/v2/runs/{id}/steps/{index}/approve"),
+        ("POST", "/api/v2/runs/{id}/steps/{index}/reject"),
+        ("GET", "/api/v2/approvals"),
     ]
     .iter()
     .map(|(m, p)| (m.to_string(), p.to_string()))
@@ -681,7 +684,8 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
     for (method, path) in &documented {
         let uri = path
             .replace("{id}", &id.to_string())
-            .replace("{source}", "github");
+            .replace("{source}", "github")
+            .replace("{index}", "0");
         let body = (method == "POST" && uri.ends_with("/runs")).then_some(HELLO);
         // Streams never end: only their status is read.
         if uri.contains("metrics") || uri.ends_with("/stream") {
@@ -723,7 +727,17 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
         "StepSpec",
         "ReadyView",
         "CreateRunRequest",
+        "ApprovalView",
+        "ApprovalList",
+        "DecisionRequest",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
+    assert!(
+        schemas["RunStatus"]["enum"]
+            .as_array()
+            .is_some_and(|v| v.contains(&json!("waiting"))),
+        "{}",
+        schemas["RunStatus"]
+    );
 }

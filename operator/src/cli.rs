@@ -32,6 +32,9 @@ pub enum Command {
         /// without them referenced keys hash as unknown.
         #[arg(long = "secret")]
         secrets: Vec<PathBuf>,
+        /// The ConfigMap manifest `spec.plans` names, whose data feeds the config hash too.
+        #[arg(long = "config-map")]
+        config_maps: Vec<PathBuf>,
     },
     /// Print the RBAC rules the operator needs, as a ClusterRole.
     Rbac {
@@ -71,8 +74,11 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
-    /// Log level (overridden by `RUST_LOG`).
-    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    /// Log level: `off`, `error`, `warn`, `info`, `debug` or `trace`, or `tracing`
+    /// directives such as `warn,vm_operator=debug` (overridden by `RUST_LOG`). A bare word
+    /// that is not a level is refused at start-up: a typo must not silently turn the logs
+    /// off.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info", value_parser = parse_level)]
     pub log_level: String,
 }
 
@@ -131,6 +137,24 @@ pub fn describe(err: &anyhow::Error) -> String {
         out.push_str(&format!("next step: {}\n", f.next));
     }
     out
+}
+
+/// `--log-level`: a level name, or comma-separated `tracing` directives in which every bare
+/// word is a level name (`warn,vm_operator=debug`). A bare word that is not a level is
+/// refused: `tracing` would read it as a target name and log nothing.
+fn parse_level(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let hint =
+        "use off, error, warn, info, debug or trace, or directives such as warn,vm_operator=debug";
+    for directive in s.split(',').map(str::trim) {
+        let bare = !directive.contains('=') && !directive.contains('[');
+        if bare && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!("`{directive}` is not a log level: {hint}"));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map_err(|e| format!("`{s}` is not a log filter ({e}): {hint}"))?;
+    Ok(s.to_owned())
 }
 
 #[cfg(test)]

@@ -86,6 +86,8 @@ pub mod reason {
     pub const MIGRATION_FAILED: &str = "MigrationFailed";
     /// A referenced Secret or key does not exist.
     pub const SECRET_MISSING: &str = "SecretMissing";
+    /// `Degraded`: the plans ConfigMap (`spec.plans`) or its key does not exist.
+    pub const CONFIG_MAP_MISSING: &str = "ConfigMapMissing";
     /// The spec cannot be turned into objects.
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// `spec.suspend` is true.
@@ -123,6 +125,11 @@ pub mod app {
     /// Where the backup PersistentVolumeClaim is mounted in backup pods
     /// (`backup --output-dir`).
     pub const BACKUP_DIR: &str = "/var/backups/vm";
+    /// Where the plans ConfigMap key (`spec.plans`) is mounted, read-only, in API and worker
+    /// pods.
+    pub const PLANS_DIR: &str = "/etc/vm-webapp/plans";
+    /// `VM_PLANS_FILE` in API and worker pods: the mounted key under [`PLANS_DIR`].
+    pub const PLANS_FILE: &str = "/etc/vm-webapp/plans/plans.yaml";
     /// Writable scratch directory (an emptyDir), since the root filesystem is read-only.
     pub const TMP_DIR: &str = "/tmp";
     /// Name of the API container port.

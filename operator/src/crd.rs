@@ -113,12 +113,19 @@ pub struct VmWebappSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSpec>,
 
+    /// Tenant plans (allowances, overage policy and prices per meter): a key of a ConfigMap
+    /// in this namespace holding the plans YAML. It is mounted read-only into the API and
+    /// worker pods and named by `VM_PLANS_FILE`; a change to it rolls those pods, since the
+    /// app validates the file at start-up. Unset: no quotas, usage is still metered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plans: Option<ConfigMapKeyRef>,
+
     /// Extra environment variables for every container. Names the operator sets itself
     /// (`APP_ENV`, `LOG_*`, `PORT`, `KIMI_*` and the `VM_*` variables behind spec fields)
     /// are rejected; other app settings (for example `VM_SHUTDOWN_GRACE_MS` or
     /// `VM_WORKER_STALE_MS`) may be set here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(validation = Rule::new("self.all(e, !(e.name in ['APP_ENV', 'VM_ENABLE_MANAGED_MODE', 'VM_DB_URL', 'VM_REDIS_URL', 'VM_WORKSPACE_ROOT', 'KIMI_MODEL', 'KIMI_BASE_URL', 'KIMI_API_KEY', 'LOG_LEVEL', 'LOG_FORMAT', 'PORT', 'VM_API_KEYS', 'VM_WEBHOOK_SECRETS', 'VM_WEBHOOK_TOLERANCE_SECONDS', 'VM_WEBHOOK_ALLOWED_CIDRS', 'VM_TRUSTED_PROXY_HEADER', 'VM_RATE_LIMIT_KEY_RPS', 'VM_RATE_LIMIT_KEY_BURST', 'VM_RATE_LIMIT_IP_RPS', 'VM_RATE_LIMIT_IP_BURST', 'VM_CORS_ALLOWED_ORIGINS', 'VM_REQUEST_TIMEOUT_MS', 'VM_SHUTDOWN_DELAY_MS', 'VM_MIGRATION_DB_URL', 'VM_RUNTIME_DB_ROLE']))").message("spec.env must not set a variable the operator manages"))]
+    #[x_kube(validation = Rule::new("self.all(e, !(e.name in ['APP_ENV', 'VM_ENABLE_MANAGED_MODE', 'VM_DB_URL', 'VM_REDIS_URL', 'VM_WORKSPACE_ROOT', 'KIMI_MODEL', 'KIMI_BASE_URL', 'KIMI_API_KEY', 'LOG_LEVEL', 'LOG_FORMAT', 'PORT', 'VM_API_KEYS', 'VM_WEBHOOK_SECRETS', 'VM_WEBHOOK_TOLERANCE_SECONDS', 'VM_WEBHOOK_ALLOWED_CIDRS', 'VM_TRUSTED_PROXY_HEADER', 'VM_RATE_LIMIT_KEY_RPS', 'VM_RATE_LIMIT_KEY_BURST', 'VM_RATE_LIMIT_IP_RPS', 'VM_RATE_LIMIT_IP_BURST', 'VM_CORS_ALLOWED_ORIGINS', 'VM_REQUEST_TIMEOUT_MS', 'VM_SHUTDOWN_DELAY_MS', 'VM_MIGRATION_DB_URL', 'VM_RUNTIME_DB_ROLE', 'VM_PLANS_FILE']))").message("spec.env must not set a variable the operator manages"))]
     #[schemars(length(max = 64))]
     pub env: Vec<ExtraEnvVar>,
 
@@ -210,6 +217,22 @@ pub struct SecretKeyRef {
     /// Key inside the Secret's data.
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
+}
+
+/// A key of a ConfigMap in the resource's namespace.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+pub struct ConfigMapKeyRef {
+    /// Name of the ConfigMap.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the ConfigMap's data.
+    #[serde(default = "default_plans_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_plans_key() -> String {
+    "plans.yaml".to_owned()
 }
 
 /// The LLM endpoint.
@@ -707,6 +730,12 @@ impl VmWebappSpec {
             .flatten()
             .chain(self.env.iter().filter_map(|e| e.secret_key_ref.as_ref()))
             .collect()
+    }
+
+    /// Whether this spec references the ConfigMap called `name` (not counting the one the
+    /// operator owns).
+    pub fn references_config_map(&self, name: &str) -> bool {
+        self.plans.as_ref().is_some_and(|p| p.name == name)
     }
 
     /// Whether this spec references the Secret called `name`.

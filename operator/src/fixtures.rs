@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
@@ -86,17 +86,26 @@ pub fn seed(ctx: &Context, world: &[Value]) {
     fill(&mut w.pdbs, world, "PodDisruptionBudget");
     fill(&mut w.hpas, world, "HorizontalPodAutoscaler");
     fill(&mut w.cron_jobs, world, "CronJob");
-    w.secrets.apply_watcher_event(&watcher::Event::Init);
-    for obj in world.iter().filter(|o| o["kind"] == "Secret") {
-        let meta: PartialObjectMeta<Secret> = PartialObjectMeta {
+    fill_meta::<Secret>(&mut w.secrets, world, "Secret");
+    fill_meta::<ConfigMap>(&mut w.config_map_meta, world, "ConfigMap");
+}
+
+/// Fill a metadata-only cache with the metadata of `world`'s objects of `kind`.
+fn fill_meta<K>(writer: &mut Writer<PartialObjectMeta<K>>, world: &[Value], kind: &str)
+where
+    K: Resource<DynamicType = ()> + Clone,
+    PartialObjectMeta<K>: Resource<DynamicType = ()> + Clone,
+{
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for obj in world.iter().filter(|o| o["kind"] == kind) {
+        let meta: PartialObjectMeta<K> = PartialObjectMeta {
             types: None,
             metadata: serde_json::from_value(obj["metadata"].clone()).expect("metadata"),
             _phantom: Default::default(),
         };
-        w.secrets
-            .apply_watcher_event(&watcher::Event::InitApply(meta));
+        writer.apply_watcher_event(&watcher::Event::InitApply(meta));
     }
-    w.secrets.apply_watcher_event(&watcher::Event::InitDone);
+    writer.apply_watcher_event(&watcher::Event::InitDone);
 }
 
 /// How the fake API server answers one request.

@@ -25,7 +25,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => return vm_operator::runtime::run(args).await,
         Command::Crd => vm_operator::render::crd_yaml()?,
         Command::Rbac { name } => serde_yaml::to_string(&vm_operator::rbac::cluster_role(&name))?,
-        Command::Render { file, secrets } => {
+        Command::Render {
+            file,
+            secrets,
+            config_maps,
+        } => {
             let read = |p: &std::path::PathBuf| {
                 std::fs::read_to_string(p).with_context(|| {
                     Failure::new(
@@ -34,11 +38,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     )
                 })
             };
-            let secrets = secrets
+            let referenced = secrets
                 .iter()
+                .chain(&config_maps)
                 .map(read)
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            vm_operator::render::render(&read(&file)?, &secrets).with_context(|| {
+            vm_operator::render::render(&read(&file)?, &referenced).with_context(|| {
                 Failure::new(
                     format!("cannot render {}", file.display()),
                     cli::RENDER_INPUT_HINT,

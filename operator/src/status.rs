@@ -83,6 +83,8 @@ pub struct Observed {
     pub suspended: bool,
     /// Missing Secrets or keys, as `secret/key` (names only, never values).
     pub missing_secrets: Vec<String>,
+    /// The plans ConfigMap key (`spec.plans`) when it is missing, as `configmap/key`.
+    pub missing_config_map: Option<String>,
     /// A spec mistake the schema could not catch.
     pub invalid_spec: Option<String>,
     /// Migration state for `spec.image`.
@@ -117,6 +119,13 @@ pub fn compute(
     let o = observed;
     let degraded: Option<(&str, String)> = if let Some(msg) = &o.invalid_spec {
         Some((reason::INVALID_SPEC, msg.clone()))
+    } else if let Some(missing) = &o.missing_config_map {
+        Some((
+            reason::CONFIG_MAP_MISSING,
+            format!(
+                "the plans ConfigMap key {missing} (spec.plans) was not found, or is not UTF-8 text; create it in this namespace (pods are not changed until it exists)"
+            ),
+        ))
     } else if !o.missing_secrets.is_empty() {
         Some((
             reason::SECRET_MISSING,

@@ -13,12 +13,17 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// Install the global subscriber. Fails when one is already installed.
+/// Install the global subscriber. Fails when one is already installed, or when `RUST_LOG`
+/// is set but is not a valid filter (it is not silently replaced by `level`).
 pub fn init(
     format: LogFormat,
     level: &str,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(level))?;
+    let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
+            .map_err(|e| format!("RUST_LOG is not a valid log filter: {e}"))?,
+        _ => EnvFilter::try_new(level)?,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -68,3 +68,47 @@ fn run_without_a_cluster_prints_one_error_that_points_at_kubeconfig_and_render()
     assert!(lines[1].contains("KUBECONFIG"), "{err}");
     assert!(lines[1].contains("vm-operator render"), "{err}");
 }
+
+#[test]
+fn a_mistyped_log_level_is_refused_before_anything_starts() {
+    // Without this, `--log-level infoo` was read as a filter for a target called `infoo`:
+    // the operator ran with no logs at all.
+    for (args, env) in [
+        (vec!["run", "--log-level", "infoo"], None),
+        (vec!["run", "--log-level", "warn,vm_operatr"], None),
+        (vec!["run"], Some("verbose")),
+    ] {
+        let mut c = operator();
+        c.args(&args).env_remove("RUST_LOG");
+        if let Some(level) = env {
+            c.env("LOG_LEVEL", level);
+        }
+        let out = c.output().expect("the binary runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("is not a log level"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn an_invalid_rust_log_is_refused_not_replaced_silently() {
+    let mut c = operator();
+    c.args(["run", "--no-leader-election", "--log-format", "pretty"])
+        .env("RUST_LOG", "info,=[")
+        .env("KUBECONFIG", "/nonexistent/kubeconfig");
+    let err = stderr_of(&mut c);
+    assert!(err.contains("RUST_LOG is not a valid log filter"), "{err}");
+}
+
+#[test]
+fn level_names_and_target_directives_are_accepted_as_log_levels() {
+    for level in ["debug", "WARN", "warn,vm_operator=debug"] {
+        let mut c = operator();
+        c.args(["run", "--no-leader-election", "--log-level", level])
+            .env_remove("RUST_LOG")
+            .env("KUBECONFIG", "/nonexistent/kubeconfig");
+        // Past argument parsing: it fails later, for want of a cluster.
+        let err = stderr_of(&mut c);
+        assert!(!err.contains("is not a log level"), "{level}: {err}");
+    }
+}

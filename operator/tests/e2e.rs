@@ -16,7 +16,11 @@
 //!   reason=ApplyFailed` naming the Deployment with the API server's "exceeded quota", and
 //!   a Warning event; once the quota is removed the condition clears;
 //! - invalid name: a VmWebapp called `my.app` (not a DNS-1035 label, so no Service could
-//!   carry its name) is refused by `kubectl apply` itself, through the CRD's CEL rule.
+//!   carry its name) is refused by `kubectl apply` itself, through the CRD's CEL rule;
+//! - plans: a VmWebapp whose `spec.plans` ConfigMap does not exist yet reports
+//!   `Degraded=True, reason=ConfigMapMissing` and gets no Deployment; once the ConfigMap is
+//!   created the API Deployment mounts it and names it by `VM_PLANS_FILE`; editing it
+//!   changes the pod template's config hash.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -104,6 +108,37 @@ async fn install_crd(client: &Client) {
     .await;
 }
 
+/// The controller, run in-process and watching one namespace only.
+struct Controller {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Controller {
+    fn start(client: &Client, ns: &str) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            vm_operator::metrics::Metrics::default(),
+        ));
+        let task = tokio::spawn(vm_operator::controller::run(
+            client.clone(),
+            Some(ns.to_owned()),
+            ctx,
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+        Self { stop, task }
+    }
+
+    /// Stop it and wait (at most 10 s) for its watches to end.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
 /// Create a fresh namespace called `vm-e2e-<scenario>-<pid>`.
 async fn namespace(client: &Client, scenario: &str) -> String {
     let ns_name = format!("vm-e2e-{scenario}-{}", std::process::id());
@@ -141,19 +176,7 @@ async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
         .expect("create secret");
 
     // The controller, in-process, watching only this namespace.
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        vm_operator::metrics::Metrics::default(),
-    ));
-    let controller = tokio::spawn(vm_operator::controller::run(
-        client.clone(),
-        Some(ns_name.clone()),
-        ctx,
-        async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        },
-    ));
+    let controller = Controller::start(&client, &ns_name);
 
     // The resource.
     let image =
@@ -271,8 +294,7 @@ async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
     })
     .await;
 
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    controller.stop().await;
     namespaces
         .delete(&ns_name, &DeleteParams::default())
         .await
@@ -325,19 +347,7 @@ async fn a_quota_refusal_is_reported_in_status_and_an_event_then_cleared() {
     })
     .await;
 
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        vm_operator::metrics::Metrics::default(),
-    ));
-    let controller = tokio::spawn(vm_operator::controller::run(
-        client.clone(),
-        Some(ns_name.clone()),
-        ctx,
-        async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        },
-    ));
+    let controller = Controller::start(&client, &ns_name);
     let apps: Api<VmWebapp> = Api::namespaced(client.clone(), &ns_name);
     apps.patch("demo", &apply, &Patch::Apply(minimal("demo")))
         .await
@@ -379,8 +389,7 @@ async fn a_quota_refusal_is_reported_in_status_and_an_event_then_cleared() {
     })
     .await;
 
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    controller.stop().await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
         .delete(&ns_name, &DeleteParams::default())
@@ -417,4 +426,93 @@ async fn a_name_that_cannot_be_a_service_name_is_refused_at_apply_time() {
         .delete(&ns_name, &DeleteParams::default())
         .await
         .expect("delete namespace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plans_config_map_is_awaited_then_mounted_and_its_edit_rolls_the_pods() {
+    let Some(client) = cluster("plans").await else {
+        return;
+    };
+    let apply = PatchParams::apply(MANAGER).force();
+    install_crd(&client).await;
+    let ns_name = namespace(&client, "plans").await;
+    let controller = Controller::start(&client, &ns_name);
+    let apps: Api<VmWebapp> = Api::namespaced(client.clone(), &ns_name);
+    let mut app = minimal("billing");
+    app["spec"]["plans"] = json!({"name": "plans"});
+    apps.patch("billing", &apply, &Patch::Apply(&app))
+        .await
+        .expect("apply VmWebapp");
+
+    // Before the ConfigMap exists: Degraded with the reason, and no Deployment.
+    eventually("Degraded=ConfigMapMissing", || async {
+        let status = apps.get("billing").await.ok()?.status?;
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.reason == "ConfigMapMissing")
+            .then_some(())
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns_name);
+    assert!(
+        deployments
+            .get_opt("billing-api")
+            .await
+            .expect("get")
+            .is_none()
+    );
+
+    // Creating it lets the reconcile go on: the key is mounted and named by VM_PLANS_FILE.
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns_name);
+    let plans = |text: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "plans"},
+               "data": {"plans.yaml": text}})
+    };
+    config_maps
+        .patch(
+            "plans",
+            &apply,
+            &Patch::Apply(plans(
+                "default_plan: free\nplans:\n  free:\n    meters: {}\n",
+            )),
+        )
+        .await
+        .expect("create plans");
+    let api = eventually("the API Deployment with the plans mounted", || async {
+        let d = deployments.get_opt("billing-api").await.ok().flatten()?;
+        let pod = d.spec.as_ref()?.template.spec.as_ref()?;
+        let mounted = pod
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.config_map.as_ref().is_some_and(|c| c.name == "plans"));
+        let named = pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "VM_PLANS_FILE");
+        (mounted && named).then_some(d)
+    })
+    .await;
+    let before = config_hash(&api).expect("config hash");
+
+    // Editing the plans rolls the pods (the app reads the file at start-up).
+    config_maps
+        .patch(
+            "plans",
+            &apply,
+            &Patch::Apply(plans("default_plan: free\nplans:\n  free:\n    meters: {runs: {allowance: 5, overage: block}}\n")),
+        )
+        .await
+        .expect("edit plans");
+    eventually("the pod template to change after the edit", || async {
+        let d = deployments.get("billing-api").await.ok()?;
+        (config_hash(&d)? != before).then_some(())
+    })
+    .await;
+
+    controller.stop().await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(&ns_name, &DeleteParams::default()).await;
 }

@@ -101,7 +101,7 @@ try {
       steps: [
         { kind: "template", template: "Hello, {{input.name}}!" },
         { kind: "approval", prompt: "Publish {{prev}}?", timeout_s: 3600, on_timeout: "reject" },
-        { kind: "transform", op: "uppercase" },
+        { kind: "template", template: "Published: {{steps.0.output}}" },
       ],
     });
     const waiting = page.locator(`tr[data-run="${run.id}"]`);
@@ -120,6 +120,7 @@ try {
     await page.locator('#timeline li[data-event="step.approved"]').waitFor();
     const detail = await api("GET", `/runs/${run.id}`);
     if (detail.status !== "succeeded") fail(`the approved run is ${detail.status}`);
+    if (detail.output !== "Published: Hello, Ada!") fail(`the approved run's output is ${JSON.stringify(detail.output)}`);
     if (!detail.steps[1].output || detail.steps[1].output.approved !== true) {
       fail(`the approval step's output is ${JSON.stringify(detail.steps[1].output)}`);
     }

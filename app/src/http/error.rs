@@ -56,6 +56,21 @@ pub enum ApiError {
     /// 404 `run_not_found`.
     #[error("run not found")]
     RunNotFound,
+    /// 404 `step_not_found`: the run has no step with that index.
+    #[error("the run has no step with that index")]
+    StepNotFound,
+    /// 409 `approval_already_decided`: the approval step was already
+    /// approved, rejected or expired.
+    #[error("this approval step was already decided")]
+    ApprovalAlreadyDecided,
+    /// 409 `step_not_awaiting_approval`: the step is not an approval step,
+    /// has not been reached yet, or its run ended while it waited.
+    #[error("this step is not waiting for an approval")]
+    StepNotAwaitingApproval,
+    /// 403 `approver_required`: deciding approvals needs a key with the
+    /// `approver` or `admin` role.
+    #[error("deciding approvals needs an API key with the approver or admin role")]
+    ApproverRequired,
     /// 404 `route_not_found`.
     #[error("no such route")]
     RouteNotFound,
@@ -143,7 +158,13 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RunNotFound | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
+            ApiError::RunNotFound | ApiError::RouteNotFound | ApiError::StepNotFound => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::ApprovalAlreadyDecided | ApiError::StepNotAwaitingApproval => {
+                StatusCode::CONFLICT
+            }
+            ApiError::ApproverRequired => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::IdempotencyConflict | ApiError::NotCancellable(_) => StatusCode::CONFLICT,
             ApiError::DependencyUnavailable | ApiError::ShuttingDown | ApiError::TooManyStreams => {
@@ -181,6 +202,10 @@ impl ApiError {
             ApiError::InvalidClientAddress => "invalid_client_address",
             ApiError::RunNotFound => "run_not_found",
             ApiError::RouteNotFound => "route_not_found",
+            ApiError::StepNotFound => "step_not_found",
+            ApiError::ApprovalAlreadyDecided => "approval_already_decided",
+            ApiError::StepNotAwaitingApproval => "step_not_awaiting_approval",
+            ApiError::ApproverRequired => "approver_required",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::IdempotencyConflict => "idempotency_key_conflict",
             ApiError::NotCancellable(_) => "run_not_cancellable",

@@ -23,6 +23,13 @@ async fn refresh(state: &AppState) -> Result<(), ()> {
         .queue_snapshot_age
         .set(snapshot_age.map_or(-1.0, |ms| ms as f64 / 1000.0));
     for stat in stats {
+        if stat.state == crate::model::JobState::AwaitingApproval.as_str() {
+            state.metrics.approvals_pending.set(stat.jobs);
+            state
+                .metrics
+                .approval_oldest_pending
+                .set(stat.oldest_age_ms as f64 / 1000.0);
+        }
         let labels = StateLabels { state: stat.state };
         state
             .metrics

@@ -6,6 +6,8 @@
 //! - `GET /metrics/prometheus`, and `GET /metrics` at the root (see [`metrics`])
 //! - `GET /runs/{id}/events/stream`, `GET /events/stream`: live updates as
 //!   Server-Sent Events (see [`stream`])
+//! - `POST /runs/{id}/steps/{index}/approve`, `POST /runs/{id}/steps/{index}/reject`,
+//!   `GET /approvals`: approval steps (see [`approvals`])
 //! - `POST /webhooks/{source}`: signed deliveries (see [`webhooks`])
 //! - `GET /audit`: the audit trail, admin keys only (see [`audit`])
 //! - `GET /console` at the root: the web console (see [`console`])
@@ -23,6 +25,7 @@
 //! header the app reads that is present but unreadable answers `invalid_*`,
 //! never `missing_*` and never silently ignored.
 
+pub mod approvals;
 pub mod audit;
 pub mod console;
 pub mod error;
@@ -130,6 +133,7 @@ impl AppState {
     ),
     tags(
         (name = "runs", description = "Run lifecycle"),
+        (name = "approvals", description = "Approval steps: the inbox and the decisions"),
         (name = "health", description = "Kubernetes probes"),
         (name = "webhooks", description = "Signed deliveries from other systems"),
         (name = "audit", description = "The audit trail"),
@@ -181,6 +185,9 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(runs::cancel_run))
         .routes(routes!(stream::run_stream))
         .routes(routes!(stream::all_stream))
+        .routes(routes!(approvals::approve))
+        .routes(routes!(approvals::reject))
+        .routes(routes!(approvals::list))
         .routes(routes!(audit::list));
     let mut signed = OpenApiRouter::new().routes(routes!(webhooks::receive));
     if let Some(state) = state {

@@ -4,7 +4,7 @@
 //! - `GET /api/v2/runs?status=&limit=&cursor=`: list, newest first
 //! - `GET /api/v2/runs/{id}`: one run with the state and output of each step
 //! - `GET /api/v2/runs/{id}/events?after=&limit=`: transitions in order
-//! - `POST /api/v2/runs/{id}/cancel`: cancel a queued or running run
+//! - `POST /api/v2/runs/{id}/cancel`: cancel a queued, running or waiting run
 //!
 //! Bodies are parsed by hand (not by an extractor) so that every client
 //! mistake gets our JSON error with a precise message. The body is read as
@@ -51,7 +51,10 @@ fn fresh_detail(run: Run) -> RunDetail {
     RunDetail { run, steps }
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(limit)
@@ -61,7 +64,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes
     })
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ()> {
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ()> {
     match headers.get(name) {
         None => Ok(None),
         Some(v) => v.to_str().map(Some).map_err(|_| ()),
@@ -286,7 +289,7 @@ pub async fn list_runs(
     }))
 }
 
-fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
     // A malformed id cannot name a run, so it is simply not found.
     Uuid::parse_str(id).map_err(|_| ApiError::RunNotFound)
 }
@@ -363,7 +366,8 @@ pub async fn list_events(
     }))
 }
 
-/// Cancels a queued or running run; pending steps are dropped.
+/// Cancels a queued, running or waiting run; pending steps are dropped and
+/// a pending approval closes as `cancelled`.
 #[utoipa::path(
     post,
     path = "/api/v2/runs/{id}/cancel",

@@ -73,6 +73,10 @@ pub struct StepView {
     pub error: Option<String>,
     /// The step as submitted.
     pub spec: StepSpec,
+    /// For an approval step that was reached: its rendered prompt, deadline
+    /// and decision (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalView>,
 }
 
 /// Links of a run.
@@ -142,6 +146,90 @@ pub struct EventList {
     pub events: Vec<EventView>,
     /// Pass as `after` for the next page; absent on the last page.
     pub next_after: Option<i64>,
+}
+
+/// Body of `POST /runs/{id}/steps/{index}/approve` and `…/reject` (optional).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionRequest {
+    /// Why, in the approver's words; at most 2,000 characters.
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// One approval step, pending or decided.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApprovalView {
+    /// The run.
+    pub run_id: Uuid,
+    /// The approval step's index in the run.
+    pub step_index: i64,
+    /// The prompt, rendered when the step was reached.
+    pub prompt: String,
+    /// `pending`, `approved`, `rejected`, `expired_approved`,
+    /// `expired_rejected` or `cancelled`.
+    pub status: String,
+    /// RFC 3339, when the step began waiting.
+    pub waiting_since: String,
+    /// RFC 3339, when `on_timeout` applies.
+    pub expires_at: String,
+    /// `reject` or `approve`.
+    pub on_timeout: String,
+    /// `fail` or `continue`.
+    pub on_reject: String,
+    /// The deciding API key id (`system` for an expiry).
+    pub decided_by: Option<String>,
+    /// The approver's comment.
+    pub comment: Option<String>,
+    /// RFC 3339, when decided.
+    pub decided_at: Option<String>,
+    /// Related resources.
+    pub links: ApprovalLinks,
+}
+
+/// Links of an approval.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApprovalLinks {
+    /// The run.
+    pub run: String,
+    /// `POST` here to approve.
+    pub approve: String,
+    /// `POST` here to reject.
+    pub reject: String,
+}
+
+/// A page of approvals.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApprovalList {
+    /// Oldest request first.
+    pub approvals: Vec<ApprovalView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+impl ApprovalView {
+    /// From a stored approval.
+    pub fn of(a: &crate::model::ApprovalRecord) -> Self {
+        let step = format!("{API_PREFIX}/runs/{}/steps/{}", a.run_id, a.step_index);
+        Self {
+            run_id: a.run_id,
+            step_index: a.step_index,
+            prompt: a.prompt.clone(),
+            status: a.decision.clone().unwrap_or_else(|| "pending".into()),
+            waiting_since: rfc3339(a.requested_at),
+            expires_at: rfc3339(a.expires_at),
+            on_timeout: a.on_timeout.clone(),
+            on_reject: a.on_reject.clone(),
+            decided_by: a.decided_by.clone(),
+            comment: a.comment.clone(),
+            decided_at: a.decided_at.map(rfc3339),
+            links: ApprovalLinks {
+                run: format!("{API_PREFIX}/runs/{}", a.run_id),
+                approve: format!("{step}/approve"),
+                reject: format!("{step}/reject"),
+            },
+        }
+    }
 }
 
 /// One dependency in a readiness answer.
@@ -219,6 +307,7 @@ impl RunView {
                     output: state.output.clone(),
                     error: state.error.clone(),
                     spec: spec.clone(),
+                    approval: state.approval.as_ref().map(ApprovalView::of),
                 })
                 .collect(),
             output: run.output.clone(),

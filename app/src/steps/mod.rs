@@ -8,6 +8,8 @@
 //!   `reverse`, `word_count`, `length`) to a rendered template, deterministic.
 //! - `delay`: waits a number of milliseconds (pacing, and a slow step for drills).
 //! - `llm`: one chat completion against the configured OpenAI-compatible endpoint.
+//! - `approval`: renders a prompt and waits, without a worker or a lease, for
+//!   a person's decision or its deadline (see `store::approvals`).
 
 pub mod llm;
 pub mod template;
@@ -27,7 +29,35 @@ pub const MAX_DELAY_MS: u64 = 300_000;
 /// Most steps in one run.
 pub const MAX_STEPS: usize = 50;
 /// Names of the step kinds, as accepted in requests.
-pub const KINDS: [&str; 4] = ["template", "transform", "delay", "llm"];
+pub const KINDS: [&str; 5] = ["template", "transform", "delay", "llm", "approval"];
+/// Shortest accepted approval `timeout_s`, seconds.
+pub const MIN_APPROVAL_TIMEOUT_S: u64 = 1;
+/// Longest accepted approval `timeout_s`, seconds (30 days).
+pub const MAX_APPROVAL_TIMEOUT_S: u64 = 30 * 86_400;
+/// The approval `timeout_s` when the step does not say (one day).
+pub const DEFAULT_APPROVAL_TIMEOUT_S: u64 = 86_400;
+
+/// What an approval step's deadline does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// The step is rejected (then `on_reject` applies). The default.
+    #[default]
+    Reject,
+    /// The step is approved.
+    Approve,
+}
+
+/// What a rejection of an approval step does to its run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnReject {
+    /// The run fails with reason `rejected`. The default.
+    #[default]
+    Fail,
+    /// The step succeeds with `approved: false` and the run goes on.
+    Continue,
+}
 
 /// Text operations of the `transform` step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -83,6 +113,25 @@ pub enum StepSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         temperature: Option<f32>,
     },
+    /// Waits for a person to approve or reject `prompt` (rendered), or for
+    /// `timeout_s` to pass. Output: `{"approved", "by", "comment"}`.
+    Approval {
+        /// What the approver is asked (a template).
+        prompt: String,
+        /// Seconds to wait for a decision, 1 to 2,592,000 (default 86,400).
+        #[serde(default = "default_approval_timeout")]
+        timeout_s: u64,
+        /// What the deadline does: `reject` (default) or `approve`.
+        #[serde(default)]
+        on_timeout: OnTimeout,
+        /// What a rejection does: `fail` the run (default) or `continue`.
+        #[serde(default)]
+        on_reject: OnReject,
+    },
+}
+
+fn default_approval_timeout() -> u64 {
+    DEFAULT_APPROVAL_TIMEOUT_S
 }
 
 fn default_transform_input() -> String {
@@ -97,6 +146,7 @@ impl StepSpec {
             StepSpec::Transform { .. } => "transform",
             StepSpec::Delay { .. } => "delay",
             StepSpec::Llm { .. } => "llm",
+            StepSpec::Approval { .. } => "approval",
         }
     }
 
@@ -120,6 +170,7 @@ impl StepSpec {
                 }
                 t
             }
+            StepSpec::Approval { prompt, .. } => vec![("prompt", prompt)],
         }
     }
 }
@@ -219,6 +270,13 @@ fn parse_step(i: usize, value: &Value, input: &Value) -> Result<StepSpec, StepVa
                     "steps[{i}].temperature: expected 0 to 2"
                 )));
             }
+        }
+        StepSpec::Approval { timeout_s, .. }
+            if !(MIN_APPROVAL_TIMEOUT_S..=MAX_APPROVAL_TIMEOUT_S).contains(timeout_s) =>
+        {
+            return Err(StepValidationError::invalid(format!(
+                "steps[{i}].timeout_s: expected {MIN_APPROVAL_TIMEOUT_S} to {MAX_APPROVAL_TIMEOUT_S} seconds"
+            )));
         }
         _ => {}
     }
@@ -338,6 +396,9 @@ impl StepRunner {
                 let reply = self.llm.complete(&request).await?;
                 Ok(serde_json::to_value(reply).unwrap_or(Value::Null))
             }
+            // The worker does not record this as the step's output: it is the
+            // prompt the step then waits on (see `Store::await_approval`).
+            StepSpec::Approval { prompt, .. } => Ok(Value::String(render(prompt)?)),
         }
     }
 }
@@ -365,7 +426,10 @@ mod tests {
         let err = parse_steps(&[json!({"kind": "teleport"})], &json!({})).unwrap_err();
         assert_eq!(err.code, "unknown_step_kind");
         assert!(err.message.starts_with("steps[0].kind"), "{}", err.message);
-        assert!(err.message.contains("template, transform, delay, llm"));
+        assert!(
+            err.message
+                .contains("template, transform, delay, llm, approval")
+        );
     }
 
     #[test]
@@ -449,6 +513,51 @@ mod tests {
         .unwrap();
         let needs: Vec<bool> = steps.iter().map(StepSpec::needs_context).collect();
         assert_eq!(needs, [false, false, true, true]);
+    }
+
+    #[test]
+    fn approval_steps_take_defaults_and_refuse_timeouts_out_of_bounds() {
+        let steps = parse_steps(
+            &[
+                json!({"kind": "template", "template": "draft"}),
+                json!({"kind": "approval", "prompt": "Publish {{prev}}?"}),
+            ],
+            &json!({}),
+        )
+        .unwrap();
+        assert_eq!(
+            steps[1],
+            StepSpec::Approval {
+                prompt: "Publish {{prev}}?".into(),
+                timeout_s: DEFAULT_APPROVAL_TIMEOUT_S,
+                on_timeout: OnTimeout::Reject,
+                on_reject: OnReject::Fail,
+            }
+        );
+        assert!(steps[1].needs_context());
+        for timeout in [0, MAX_APPROVAL_TIMEOUT_S + 1] {
+            let err = parse_steps(
+                &[json!({"kind": "approval", "prompt": "ok?", "timeout_s": timeout})],
+                &json!({}),
+            )
+            .unwrap_err();
+            assert_eq!(err.code, "invalid_step");
+            assert!(
+                err.message.starts_with("steps[0].timeout_s"),
+                "{}",
+                err.message
+            );
+        }
+        for bad in [
+            json!({"kind": "approval", "prompt": "ok?", "on_timeout": "maybe"}),
+            json!({"kind": "approval", "prompt": "ok?", "on_reject": "retry"}),
+            json!({"kind": "approval", "prompt": "ok?", "timeout_s": -1}),
+            json!({"kind": "approval", "prompt": "  "}),
+            json!({"kind": "approval", "prompt": "{{prev}}"}),
+        ] {
+            let err = parse_steps(std::slice::from_ref(&bad), &json!({})).unwrap_err();
+            assert_eq!(err.code, "invalid_step", "{bad}");
+        }
     }
 
     #[test]

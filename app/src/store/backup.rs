@@ -146,6 +146,24 @@ const TABLES: &[TableSpec] = &[
         serial: None,
     },
     TableSpec {
+        name: "approvals",
+        order_by: &["run_id", "step_index"],
+        columns: &[
+            ("run_id", Text),
+            ("step_index", BigInt),
+            ("prompt", Text),
+            ("on_timeout", Text),
+            ("on_reject", Text),
+            ("requested_at", BigInt),
+            ("expires_at", BigInt),
+            ("decision", Text),
+            ("decided_by", Text),
+            ("comment", Text),
+            ("decided_at", BigInt),
+        ],
+        serial: None,
+    },
+    TableSpec {
         name: "dead_jobs",
         order_by: &["id"],
         columns: &[

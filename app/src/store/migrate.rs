@@ -11,7 +11,7 @@ use super::{Result, Store, StoreError};
 use crate::config::DbBackend;
 
 /// The migrations of one backend, in order: (version, description, SQL).
-fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 8] {
+fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 9] {
     match backend {
         DbBackend::Postgres => [
             (
@@ -48,6 +48,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 7,
                 "maintenance leader lease",
                 include_str!("../../migrations/postgres/0007_maintenance_leader_lease.sql"),
+            ),
+            (
+                8,
+                "approvals",
+                include_str!("../../migrations/postgres/0008_approvals.sql"),
             ),
             (
                 10,
@@ -90,6 +95,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 7,
                 "maintenance leader lease",
                 include_str!("../../migrations/sqlite/0007_maintenance_leader_lease.sql"),
+            ),
+            (
+                8,
+                "approvals",
+                include_str!("../../migrations/sqlite/0008_approvals.sql"),
             ),
             (
                 10,

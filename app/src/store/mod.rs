@@ -19,7 +19,9 @@
 //!
 //! Queue invariants:
 //! - a job is `waiting` (an earlier step has not finished), `queued` (claimable
-//!   from `run_at`) or `running` (leased until `lease_expires_at`); finished jobs
+//!   from `run_at`), `running` (leased until `lease_expires_at`) or
+//!   `awaiting_approval` (an approval step waiting, since `run_at`, for a
+//!   decision: never claimed, no lease); finished jobs
 //!   leave the table, which keeps the claim index free of dead rows;
 //! - every claim bumps `attempt`, and every completion, retry, release or
 //!   dead-letter requires the attempt it claimed (a fencing token), so a worker
@@ -36,7 +38,8 @@
 //! complete, retry, rescue, leases, maintenance), [`workers`] (heartbeats),
 //! [`feed`] (the event log read by live streams),
 //! [`security`] (audit trail, webhook nonces, grants), [`backup`] (logical
-//! snapshot and restore, either backend).
+//! snapshot and restore, either backend), [`approvals`] (approval steps:
+//! waiting without a lease, decisions, expiry, the inbox).
 
 use std::time::Duration;
 
@@ -46,6 +49,7 @@ use uuid::Uuid;
 
 use crate::config::{DatabaseSettings, DbBackend};
 
+pub mod approvals;
 pub mod backup;
 pub mod events;
 pub mod feed;

@@ -155,6 +155,7 @@ impl Store {
                 Some(JobState::Waiting) => StepStatus::Pending,
                 Some(JobState::Queued) => StepStatus::Queued,
                 Some(JobState::Running) => StepStatus::Running,
+                Some(JobState::AwaitingApproval) => StepStatus::AwaitingApproval,
                 None => return Err(StoreError::Corrupt(format!("unknown job state {state}"))),
             };
             steps[i].attempts = row.try_get("attempt")?;
@@ -186,6 +187,30 @@ impl Store {
             steps[i].status = StepStatus::Failed;
             steps[i].attempts = row.try_get("attempts")?;
             steps[i].error = Some(row.try_get("last_error")?);
+        }
+        // An approval step carries its approval row; one rejected with
+        // `on_reject: fail` leaves no job, no result and no dead letter, so
+        // that row is what says it was rejected.
+        if run
+            .steps
+            .iter()
+            .any(|s| matches!(s, crate::steps::StepSpec::Approval { .. }))
+        {
+            for approval in self.approvals_of_run(&id_text).await? {
+                let Some(i) = slot(&mut steps, approval.step_index) else {
+                    continue;
+                };
+                let rejected = matches!(
+                    approval.decision.as_deref(),
+                    Some("rejected" | "expired_rejected")
+                );
+                if rejected && run.status == RunStatus::Failed && steps[i].output.is_none() {
+                    steps[i].status = StepStatus::Rejected;
+                    steps[i].attempts = steps[i].attempts.max(1);
+                    steps[i].error = Some("rejected".into());
+                }
+                steps[i].approval = Some(approval);
+            }
         }
         Ok(Some(RunDetail { run, steps }))
     }
@@ -232,10 +257,12 @@ impl Store {
             .is_some())
     }
 
-    /// Cancels a queued or running run: drops its pending jobs, records
-    /// `step.cancelled` (with its attempt) for a step a worker holds, whose
-    /// worker learns of it at its next lease renewal (about a second) and
-    /// stops, and writes the `run.cancelled` audit row by `actor` in the same
+    /// Cancels a queued, running or waiting run: drops its pending jobs,
+    /// closes a pending approval (decision `cancelled`, so a later decision
+    /// answers 409), records `step.cancelled` (with its attempt) for a step a
+    /// worker holds or that awaits approval (a worker holding a step learns
+    /// of it at its next lease renewal, about a second, and stops), and
+    /// writes the `run.cancelled` audit row by `actor` in the same
     /// transaction. A deadlock victim is retried: it only means a worker
     /// touched the same run at the same moment.
     pub async fn cancel_run(
@@ -270,9 +297,17 @@ impl Store {
                 .bind(&id_text)
                 .fetch_all(&mut *tx)
                 .await?;
+        sqlx::query(&self.sql(
+            "UPDATE approvals SET decision = 'cancelled', decided_by = $2, decided_at = {now} \
+             WHERE run_id = $1 AND decision IS NULL",
+        ))
+        .bind(&id_text)
+        .bind(actor)
+        .execute(&mut *tx)
+        .await?;
         let updated = sqlx::query(&self.sql(
             "UPDATE runs SET status = 'cancelled', finished_at = {now}, updated_at = {now} \
-             WHERE id = $1 AND status IN ('queued', 'running') RETURNING id",
+             WHERE id = $1 AND status IN ('queued', 'running', 'waiting') RETURNING id",
         ))
         .bind(&id_text)
         .fetch_optional(&mut *tx)
@@ -297,17 +332,22 @@ impl Store {
         let mut events = Vec::new();
         for row in &dropped {
             let state: String = row.try_get("state")?;
-            if JobState::parse(&state) == Some(JobState::Running) {
-                events.push(
-                    NewEvent::step(
-                        &id_text,
-                        EventType::StepCancelled,
-                        row.try_get("step_index")?,
-                        row.try_get("attempt")?,
-                    )
-                    .message("run cancelled while this step was running"),
-                );
-            }
+            let message = match JobState::parse(&state) {
+                Some(JobState::Running) => "run cancelled while this step was running",
+                Some(JobState::AwaitingApproval) => {
+                    "run cancelled while this step awaited approval"
+                }
+                _ => continue,
+            };
+            events.push(
+                NewEvent::step(
+                    &id_text,
+                    EventType::StepCancelled,
+                    row.try_get("step_index")?,
+                    row.try_get("attempt")?,
+                )
+                .message(message),
+            );
         }
         events.push(
             NewEvent::run(&id_text, EventType::RunCancelled)

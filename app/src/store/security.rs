@@ -62,9 +62,10 @@ pub struct AuditFilter {
 }
 
 /// Tables the runtime may read and write.
-const RUNTIME_TABLES: [&str; 9] = [
+const RUNTIME_TABLES: [&str; 10] = [
     "runs",
     "jobs",
+    "approvals",
     "step_results",
     "dead_jobs",
     "run_events",

@@ -74,6 +74,9 @@ mod tests {
             assert!(text.contains(&line), "{line} missing:\n{text}");
         }
         assert!(text.contains("vm_stream_subscribers 0"), "{text}");
-        assert!(text.contains("vm_stream_gap_ids_given_up_total 0"), "{text}");
+        assert!(
+            text.contains("vm_stream_gap_ids_given_up_total 0"),
+            "{text}"
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! results in batches (one transaction for all the steps that finished
 //! meanwhile) and the run moves on; transient failure → retried with
 //! exponential backoff and jitter; permanent failure or attempts exhausted →
-//! dead-lettered and the run fails with the reason.
+//! dead-lettered and the run fails with the reason; an approval step →
+//! handed over to the approvers ([`Store::await_approval`]): its slot frees at
+//! once and no lease is held while it waits.
 //!
 //! Leases: one statement per tick (a third of the lease, at most a second)
 //! renews every job the worker holds ([`Store::extend_leases`]); a job missing
@@ -34,7 +36,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::metrics::{Dependency, JobOutcome, KindLabels, Metrics};
 use crate::model::{ClaimedJob, now_ms};
 use crate::steps::template::TemplateContext;
-use crate::steps::{StepError, StepRunner};
+use crate::steps::{StepError, StepRunner, StepSpec};
 use crate::store::{Finish, Store, StoreError};
 use completer::Completer;
 
@@ -469,6 +471,25 @@ async fn process(
         return None;
     }
     match outcome {
+        // An approval step's "output" is its rendered prompt: the step now
+        // waits for a decision without this worker (no slot, no lease).
+        Ok(serde_json::Value::String(prompt)) if matches!(job.step, StepSpec::Approval { .. }) => {
+            match persist(|| store.await_approval(&job, &prompt)).await {
+                Some(Some(expires_at)) => {
+                    info!(
+                        expires_at = %crate::model::rfc3339(expires_at),
+                        "approval step waiting for a decision"
+                    );
+                    Some(JobOutcome::awaiting_approval)
+                }
+                Some(None) => {
+                    info!("approval step reached but its claim was no longer valid");
+                    Some(JobOutcome::abandoned)
+                }
+                // Not recorded: the lease runs out and the step is delivered again.
+                None => Some(JobOutcome::abandoned),
+            }
+        }
         Ok(output) => match completer.complete(job, output).await {
             Some(Finish::Stale) => {
                 info!("step finished but its claim was no longer valid; result discarded");

@@ -102,6 +102,9 @@ pub struct Inputs {
     /// Data of every referenced Secret key, keyed by (Secret name, key); `None` when the
     /// Secret or key is unknown (missing in the cluster, or not given to `render`).
     pub secret_data: BTreeMap<(String, String), Option<Vec<u8>>>,
+    /// The plans YAML under `spec.plans`' ConfigMap key; `None` when `spec.plans` is unset
+    /// or the key is unknown (not given to `render`).
+    pub plans: Option<String>,
     /// The API Deployment does not exist yet: with autoscaling it is created at
     /// `minReplicas` (afterwards the HPA owns `replicas`), so a first install never starts,
     /// and never reports Ready, below what the spec asks for.
@@ -123,6 +126,7 @@ impl Inputs {
         Self {
             serving_image: app.spec.image.clone(),
             secret_data,
+            plans: None,
             creating_api: true,
             creating_worker: true,
         }
@@ -246,7 +250,7 @@ pub fn build(app: &VmWebapp, inputs: &Inputs) -> Result<Desired, BuildError> {
     check_requests("spec.api.resources", &app.spec.api.resources)?;
     check_requests("spec.worker.resources", &app.spec.worker.resources)?;
     let config_map = config_map(app, &id);
-    let config_hash = config_hash(&config_map, &inputs.secret_data);
+    let config_hash = config_hash(&config_map, &inputs.secret_data, inputs.plans.as_deref());
     let spec = &app.spec;
 
     let api_deployment = deployment(
@@ -368,11 +372,13 @@ fn config_map(app: &VmWebapp, id: &Ident) -> ConfigMap {
     }
 }
 
-/// SHA-256 over the ConfigMap data and the data of every referenced Secret key, in a stable
-/// order. Unknown keys hash as a distinct marker, so creating a missing Secret rolls pods.
+/// SHA-256 over the ConfigMap data, the data of every referenced Secret key and the plans
+/// YAML, in a stable order. Unknown Secret keys hash as a distinct marker, so creating a
+/// missing Secret rolls pods; so does any change to the plans.
 pub fn config_hash(
     cm: &ConfigMap,
     secrets: &BTreeMap<(String, String), Option<Vec<u8>>>,
+    plans: Option<&str>,
 ) -> String {
     let mut h = Sha256::new();
     for (k, v) in cm.data.iter().flatten() {
@@ -396,6 +402,12 @@ pub fn config_hash(
             }
             None => h.update(b"0"),
         }
+    }
+    // Absent plans add nothing, so that adding the field leaves existing hashes unchanged.
+    if let Some(plans) = plans {
+        h.update(b"plans\0");
+        h.update((plans.len() as u64).to_be_bytes());
+        h.update(plans.as_bytes());
     }
     hex::encode(h.finalize())
 }

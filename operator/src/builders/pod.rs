@@ -16,10 +16,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapEnvSource, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -139,7 +139,7 @@ pub(super) fn template(
             seccomp_profile: Some(runtime_default()),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(mounts(workload)),
+        volume_mounts: Some(mounts(app, workload)),
         ..Container::default()
     };
     let restart_policy =
@@ -183,6 +183,24 @@ fn volumes(app: &VmWebapp, workload: Workload) -> Vec<Volume> {
         ..Volume::default()
     };
     let mut out = vec![empty("data"), empty("tmp")];
+    if let (Workload::Api | Workload::Worker, Some(plans)) = (workload, &app.spec.plans) {
+        out.push(Volume {
+            name: "plans".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: plans.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: plans.key.clone(),
+                    path: "plans.yaml".into(),
+                    mode: None,
+                }]),
+                // A missing ConfigMap keeps the pod Pending with an event, but the
+                // operator reports it first (ConfigMapMissing) and changes no pod.
+                optional: Some(false),
+                default_mode: None,
+            }),
+            ..Volume::default()
+        });
+    }
     if let (Workload::Backup, Some(backup)) = (workload, &app.spec.backup) {
         out.push(Volume {
             name: "backups".into(),
@@ -197,7 +215,7 @@ fn volumes(app: &VmWebapp, workload: Workload) -> Vec<Volume> {
 }
 
 /// Mounts matching [`volumes`].
-fn mounts(workload: Workload) -> Vec<VolumeMount> {
+fn mounts(app: &VmWebapp, workload: Workload) -> Vec<VolumeMount> {
     let mount = |name: &str, path: &str| VolumeMount {
         name: name.into(),
         mount_path: path.into(),
@@ -207,6 +225,12 @@ fn mounts(workload: Workload) -> Vec<VolumeMount> {
         mount("data", contract::WORKSPACE_ROOT),
         mount("tmp", contract::TMP_DIR),
     ];
+    if matches!(workload, Workload::Api | Workload::Worker) && app.spec.plans.is_some() {
+        out.push(VolumeMount {
+            read_only: Some(true),
+            ..mount("plans", contract::PLANS_DIR)
+        });
+    }
     if workload == Workload::Backup {
         out.push(mount("backups", contract::BACKUP_DIR));
     }
@@ -295,6 +319,11 @@ pub(super) fn workload_settings(app: &VmWebapp, workload: Workload) -> Vec<(&'st
                 out.push(("VM_RUNTIME_DB_ROLE", role.clone()));
             }
         }
+    }
+    // Quotas are checked by the API (run creation) and usage thresholds by the worker
+    // (step results); migrations and backups never read the plans.
+    if matches!(workload, Workload::Api | Workload::Worker) && spec.plans.is_some() {
+        out.push(("VM_PLANS_FILE", contract::PLANS_FILE.to_owned()));
     }
     out
 }

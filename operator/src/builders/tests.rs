@@ -622,3 +622,73 @@ fn a_request_above_its_limit_is_an_invalid_spec_naming_the_field() {
         Some([("memory".to_owned(), Quantity("1024Mi".into()))].into());
     assert!(build(&a, &Inputs::offline(&a)).is_ok());
 }
+
+#[test]
+fn plans_are_mounted_read_only_for_the_api_and_worker_and_their_change_rolls_the_pods() {
+    let mut a = managed();
+    a.spec.plans = Some(crate::crd::ConfigMapKeyRef {
+        name: "billing".into(),
+        key: "plans.yaml".into(),
+    });
+    let mut inputs = Inputs::offline(&a);
+    inputs.plans = Some("default_plan: free\n".into());
+    let d = build(&a, &inputs).expect("builds");
+    for deployment in [&d.api_deployment, &d.worker_deployment] {
+        let p = pod(deployment);
+        let volume = p
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "plans")
+            .and_then(|v| v.config_map.as_ref())
+            .expect("plans volume");
+        assert_eq!(volume.name, "billing");
+        let items = volume.items.clone().unwrap_or_default();
+        assert_eq!(
+            (items[0].key.as_str(), items[0].path.as_str()),
+            ("plans.yaml", "plans.yaml")
+        );
+        let mount = container(deployment)
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "plans")
+            .expect("plans mount");
+        assert_eq!(mount.read_only, Some(true));
+        // The file the app is told to read is the mounted key.
+        assert_eq!(
+            crate::consts::app::PLANS_FILE,
+            format!("{}/{}", mount.mount_path, items[0].path)
+        );
+        assert!(
+            env_of(p).contains(&(
+                "VM_PLANS_FILE".into(),
+                crate::consts::app::PLANS_FILE.into()
+            )),
+            "{:?}",
+            env_of(p)
+        );
+    }
+    let job = d.migration_job.as_ref().expect("migration job");
+    let job_pod = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("job pod");
+    assert!(job_pod.volumes.iter().flatten().all(|v| v.name != "plans"));
+    assert!(env_of(job_pod).iter().all(|(n, _)| n != "VM_PLANS_FILE"));
+
+    inputs.plans = Some("default_plan: pro\n".into());
+    let changed = build(&a, &inputs).expect("builds");
+    assert_ne!(d.config_hash, changed.config_hash);
+    // Without plans, the hash is what it was before the field existed.
+    let plain = managed();
+    assert_eq!(
+        built(&plain).config_hash,
+        config_hash(
+            &built(&plain).config_map,
+            &Inputs::offline(&plain).secret_data,
+            None
+        )
+    );
+}

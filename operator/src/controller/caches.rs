@@ -1,8 +1,9 @@
 //! Reflector caches of everything a pass reads: the children of every `VmWebapp` (by kind,
-//! filtered on the operator's `managed-by` label) and the metadata of Secrets. A pass reads
-//! from here, never with a GET, except for the data of a referenced Secret whose
-//! `resourceVersion` moved since it was last read (the Secret watch carries metadata only,
-//! so Secret values of unrelated Secrets never stream into the operator).
+//! filtered on the operator's `managed-by` label) and the metadata of Secrets and
+//! ConfigMaps. A pass reads from here, never with a GET, except for the data of a referenced
+//! Secret or plans ConfigMap whose `resourceVersion` moved since it was last read (those
+//! watches carry metadata only, so the values of unrelated Secrets never stream into the
+//! operator, and unrelated ConfigMaps cost no memory beyond their names).
 //!
 //! Cached objects are slimmed before they are stored: `managedFields` go (for Deployments
 //! only the fact "this manager holds `spec.replicas`" is kept, which the replica handover
@@ -74,12 +75,33 @@ pub struct Caches {
     cron_jobs: Store<CronJob>,
     /// Secret metadata (no data).
     pub(super) secrets: Store<PartialObjectMeta<Secret>>,
-    /// Data of referenced Secrets, keyed by (namespace, name), with the `resourceVersion` it
-    /// was read at.
-    secret_data: Mutex<HashMap<(String, String), CachedSecret>>,
+    /// ConfigMap metadata (no data), of every ConfigMap, for references such as `spec.plans`.
+    pub(super) config_map_meta: Store<PartialObjectMeta<ConfigMap>>,
+    /// Data of referenced Secrets and ConfigMaps, keyed by (kind, namespace, name), with the
+    /// `resourceVersion` it was read at.
+    referenced_data: Mutex<HashMap<(Referenced, String, String), CachedData>>,
 }
 
-struct CachedSecret {
+/// The kind of an object a `VmWebapp` references by name and whose data a pass reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Referenced {
+    /// A Secret (database URL, API keys, …).
+    Secret,
+    /// A ConfigMap (`spec.plans`).
+    ConfigMap,
+}
+
+impl Referenced {
+    /// The kind, as a fixed metric label.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Secret => "Secret",
+            Self::ConfigMap => "ConfigMap",
+        }
+    }
+}
+
+struct CachedData {
     resource_version: Option<String>,
     data: Arc<BTreeMap<String, Vec<u8>>>,
 }
@@ -104,6 +126,8 @@ pub struct Writers {
     pub cron_jobs: Writer<CronJob>,
     /// Secret metadata.
     pub secrets: Writer<PartialObjectMeta<Secret>>,
+    /// ConfigMap metadata.
+    pub config_map_meta: Writer<PartialObjectMeta<ConfigMap>>,
 }
 
 impl Caches {
@@ -118,6 +142,7 @@ impl Caches {
         let (hpas, hpas_w) = reflector::store();
         let (cron_jobs, cron_jobs_w) = reflector::store();
         let (secrets, secrets_w) = reflector::store();
+        let (config_map_meta, config_map_meta_w) = reflector::store();
         (
             Self {
                 deployments,
@@ -129,7 +154,8 @@ impl Caches {
                 hpas,
                 cron_jobs,
                 secrets,
-                secret_data: Mutex::default(),
+                config_map_meta,
+                referenced_data: Mutex::default(),
             },
             Writers {
                 deployments: deployments_w,
@@ -141,6 +167,7 @@ impl Caches {
                 hpas: hpas_w,
                 cron_jobs: cron_jobs_w,
                 secrets: secrets_w,
+                config_map_meta: config_map_meta_w,
             },
         )
     }
@@ -157,7 +184,8 @@ impl Caches {
         self.pdbs.wait_until_ready().await?;
         self.hpas.wait_until_ready().await?;
         self.cron_jobs.wait_until_ready().await?;
-        self.secrets.wait_until_ready().await
+        self.secrets.wait_until_ready().await?;
+        self.config_map_meta.wait_until_ready().await
     }
 
     /// The cached child `name` in `ns`.
@@ -165,37 +193,54 @@ impl Caches {
         K::store(self).get(&ObjectRef::new(name).within(ns))
     }
 
-    /// The cached metadata of the Secret `name` in `ns`.
-    pub fn secret_meta(&self, ns: &str, name: &str) -> Option<Arc<PartialObjectMeta<Secret>>> {
-        self.secrets.get(&ObjectRef::new(name).within(ns))
+    /// The `resourceVersion` of the referenced object `name` in `ns`, as its metadata cache
+    /// has it; `None` when the object does not exist.
+    pub fn referenced_version(
+        &self,
+        kind: Referenced,
+        ns: &str,
+        name: &str,
+    ) -> Option<Option<String>> {
+        match kind {
+            Referenced::Secret => self
+                .secrets
+                .get(&ObjectRef::new(name).within(ns))
+                .map(|m| m.metadata.resource_version.clone()),
+            Referenced::ConfigMap => self
+                .config_map_meta
+                .get(&ObjectRef::new(name).within(ns))
+                .map(|m| m.metadata.resource_version.clone()),
+        }
     }
 
-    /// Data of a Secret read earlier at `resource_version`.
-    pub fn secret_data(
+    /// Data of a referenced object read earlier at `resource_version`.
+    pub fn referenced_data(
         &self,
+        kind: Referenced,
         ns: &str,
         name: &str,
         resource_version: Option<&str>,
     ) -> Option<Arc<BTreeMap<String, Vec<u8>>>> {
-        let map = self.secret_data.lock().ok()?;
-        map.get(&(ns.to_owned(), name.to_owned()))
+        let map = self.referenced_data.lock().ok()?;
+        map.get(&(kind, ns.to_owned(), name.to_owned()))
             .filter(|c| c.resource_version.as_deref() == resource_version)
             .map(|c| c.data.clone())
     }
 
-    /// Remember the data of a Secret read at `resource_version`.
-    pub fn remember_secret(
+    /// Remember the data of a referenced object read at `resource_version`.
+    pub fn remember_referenced(
         &self,
+        kind: Referenced,
         ns: &str,
         name: &str,
         resource_version: Option<String>,
         data: BTreeMap<String, Vec<u8>>,
     ) -> Arc<BTreeMap<String, Vec<u8>>> {
         let data = Arc::new(data);
-        if let Ok(mut map) = self.secret_data.lock() {
+        if let Ok(mut map) = self.referenced_data.lock() {
             map.insert(
-                (ns.to_owned(), name.to_owned()),
-                CachedSecret {
+                (kind, ns.to_owned(), name.to_owned()),
+                CachedData {
                     resource_version,
                     data: data.clone(),
                 },
@@ -204,16 +249,19 @@ impl Caches {
         data
     }
 
-    /// Drop the data of a Secret that no longer exists.
-    pub fn forget_secret(&self, ns: &str, name: &str) {
-        if let Ok(mut map) = self.secret_data.lock() {
-            map.remove(&(ns.to_owned(), name.to_owned()));
+    /// Drop the data of a referenced object that no longer exists.
+    pub fn forget_referenced(&self, kind: Referenced, ns: &str, name: &str) {
+        if let Ok(mut map) = self.referenced_data.lock() {
+            map.remove(&(kind, ns.to_owned(), name.to_owned()));
         }
     }
 
-    /// Secrets whose data is cached (for tests and memory accounting).
-    pub fn cached_secret_count(&self) -> usize {
-        self.secret_data.lock().map(|m| m.len()).unwrap_or(0)
+    /// Referenced objects of `kind` whose data is cached (for tests and memory accounting).
+    pub fn cached_count(&self, kind: Referenced) -> usize {
+        self.referenced_data
+            .lock()
+            .map(|m| m.keys().filter(|(k, _, _)| *k == kind).count())
+            .unwrap_or(0)
     }
 }
 

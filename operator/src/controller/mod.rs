@@ -50,7 +50,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::{Client, ResourceExt};
 use tracing::{Instrument, field, info_span, warn};
 
-pub use caches::{Caches, Writers};
+pub use caches::{Caches, Referenced, Writers};
 pub use drift::{is_subset, same_quantity};
 pub use error::{Error, Refusal};
 pub use replicas::manages_replicas;

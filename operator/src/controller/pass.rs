@@ -3,18 +3,18 @@
 //! then report: the status (written only when it changed) and events.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::CronJob;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 
 use super::Context;
-use super::caches::Child;
+use super::caches::{Child, Referenced};
 use super::error::{Error, Refusal};
 use super::replicas::rolled;
 use crate::builders::{self, Desired, Inputs, names};
@@ -25,6 +25,8 @@ use crate::status::{self, Migration, Observed, Rollout};
 
 /// Secret data of every referenced key, keyed by (Secret name, key).
 type SecretData = BTreeMap<(String, String), Option<Vec<u8>>>;
+/// A referenced object as read: its `resourceVersion` and its data by key.
+type Fetched = (Option<String>, BTreeMap<String, Vec<u8>>);
 
 /// One pass; methods live with their concern (`apply`, `migration`, `replicas`, `events`).
 pub(super) struct Pass<'a> {
@@ -83,9 +85,11 @@ impl<'a> Pass<'a> {
         }
         let spec = &app.spec;
 
-        // 1. Referenced Secrets (data feeds the config hash; only names reach status).
+        // 1. Referenced Secrets and plans (data feeds the config hash; only names reach
+        //    status).
         let (secret_data, missing) = self.read_secrets().await?;
         self.secret_values = secret_data.values().flatten().cloned().collect();
+        let plans = self.read_plans().await?;
 
         // 2. The Deployments as they are.
         let live_api = self.cached::<Deployment>(&names::api(&self.name));
@@ -96,12 +100,17 @@ impl<'a> Pass<'a> {
             .image
             .or_else(|| Rollout::of(live_worker.as_deref()).image);
         self.observed.missing_secrets = missing;
+        self.observed.missing_config_map = plans.as_ref().err().cloned();
         self.observed.api = Rollout::of(live_api.as_deref());
         self.observed.worker = Rollout::of(live_worker.as_deref());
         self.observed.backup = self.backup_status();
         if spec.suspend {
             return self.finish(Action::requeue(Duration::from_secs(600))).await;
         }
+        let Ok(plans) = plans else {
+            // Not retried hot: the ConfigMap watch triggers a pass as soon as it appears.
+            return self.finish(Action::requeue(Duration::from_secs(300))).await;
+        };
         if !self.observed.missing_secrets.is_empty() {
             // Not retried hot: the Secret watch triggers a pass as soon as it appears.
             return self.finish(Action::requeue(Duration::from_secs(300))).await;
@@ -112,6 +121,7 @@ impl<'a> Pass<'a> {
         let inputs = Inputs {
             serving_image: spec.image.clone(),
             secret_data,
+            plans,
             creating_api: live_api.is_none(),
             creating_worker: live_worker.is_none(),
         };
@@ -249,59 +259,74 @@ impl<'a> Pass<'a> {
         })
     }
 
-    /// The data of every referenced Secret key and the `secret/key` names that are missing.
-    /// Which Secrets exist comes from the metadata cache; their data from the data cache when
-    /// the Secret's `resourceVersion` has not moved, else from one GET each (in parallel).
-    async fn read_secrets(&self) -> Result<(SecretData, Vec<String>), Error> {
+    /// The data of the referenced objects of `kind` called `names`; `None` for one that
+    /// does not exist. Which exist comes from the metadata cache; their data from the data
+    /// cache when the `resourceVersion` has not moved, else from one GET each (in parallel).
+    async fn read_referenced<'n>(
+        &self,
+        kind: Referenced,
+        mut names: Vec<&'n str>,
+    ) -> Result<BTreeMap<&'n str, Option<Arc<BTreeMap<String, Vec<u8>>>>>, Error> {
         let caches = &self.ctx.caches;
-        let mut names: Vec<&str> = self
-            .app
-            .spec
-            .secret_refs()
-            .iter()
-            .map(|r| r.name.as_str())
-            .collect();
         names.sort_unstable();
         names.dedup();
-        let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.ns);
-        let reads = names.into_iter().map(|name| {
-            let secrets = secrets.clone();
-            async move {
-                let Some(meta) = caches.secret_meta(&self.ns, name) else {
-                    caches.forget_secret(&self.ns, name);
-                    return Ok::<_, Error>((name, None));
-                };
-                let version = meta.metadata.resource_version.clone();
-                if let Some(data) = caches.secret_data(&self.ns, name, version.as_deref()) {
-                    return Ok((name, Some(data)));
-                }
-                self.ctx
-                    .metrics
-                    .reads
-                    .get_or_create(&KindLabels { kind: "Secret" })
-                    .inc();
-                let Some(secret) = secrets.get_opt(name).await? else {
-                    caches.forget_secret(&self.ns, name);
-                    return Ok((name, None));
-                };
-                let data = secret
-                    .data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.0))
-                    .collect();
-                let stored =
-                    caches.remember_secret(&self.ns, name, secret.metadata.resource_version, data);
-                Ok((name, Some(stored)))
+        let reads = names.into_iter().map(|name| async move {
+            let Some(version) = caches.referenced_version(kind, &self.ns, name) else {
+                caches.forget_referenced(kind, &self.ns, name);
+                return Ok::<_, Error>((name, None));
+            };
+            if let Some(data) = caches.referenced_data(kind, &self.ns, name, version.as_deref()) {
+                return Ok((name, Some(data)));
             }
+            self.ctx
+                .metrics
+                .reads
+                .get_or_create(&KindLabels { kind: kind.kind() })
+                .inc();
+            let client = self.ctx.client.clone();
+            let fetched: Option<Fetched> = match kind {
+                Referenced::Secret => Api::<Secret>::namespaced(client, &self.ns)
+                    .get_opt(name)
+                    .await?
+                    .map(|s| {
+                        let data = s.data.unwrap_or_default();
+                        let data = data.into_iter().map(|(k, v)| (k, v.0)).collect();
+                        (s.metadata.resource_version, data)
+                    }),
+                Referenced::ConfigMap => Api::<ConfigMap>::namespaced(client, &self.ns)
+                    .get_opt(name)
+                    .await?
+                    .map(|c| {
+                        let text = c.data.unwrap_or_default().into_iter();
+                        let binary = c.binary_data.unwrap_or_default().into_iter();
+                        let data = text
+                            .map(|(k, v)| (k, v.into_bytes()))
+                            .chain(binary.map(|(k, v)| (k, v.0)))
+                            .collect();
+                        (c.metadata.resource_version, data)
+                    }),
+            };
+            let Some((version, data)) = fetched else {
+                caches.forget_referenced(kind, &self.ns, name);
+                return Ok((name, None));
+            };
+            let stored = caches.remember_referenced(kind, &self.ns, name, version, data);
+            Ok((name, Some(stored)))
         });
-        let fetched: BTreeMap<&str, _> = futures::future::try_join_all(reads)
+        Ok(futures::future::try_join_all(reads)
             .await?
             .into_iter()
-            .collect();
+            .collect())
+    }
+
+    /// The data of every referenced Secret key and the `secret/key` names that are missing.
+    async fn read_secrets(&self) -> Result<(SecretData, Vec<String>), Error> {
+        let refs = self.app.spec.secret_refs();
+        let names = refs.iter().map(|r| r.name.as_str()).collect();
+        let fetched = self.read_referenced(Referenced::Secret, names).await?;
         let mut data = BTreeMap::new();
         let mut missing = Vec::new();
-        for r in self.app.spec.secret_refs() {
+        for r in refs {
             let value = fetched
                 .get(r.name.as_str())
                 .and_then(Option::as_ref)
@@ -316,6 +341,25 @@ impl<'a> Pass<'a> {
             data.insert((r.name.clone(), r.key.clone()), value);
         }
         Ok((data, missing))
+    }
+
+    /// The plans YAML of `spec.plans` (`Ok(None)` when unset), or the `configmap/key` that
+    /// is missing (a missing ConfigMap, a missing key, or a value that is not UTF-8).
+    async fn read_plans(&self) -> Result<Result<Option<String>, String>, Error> {
+        let Some(plans) = &self.app.spec.plans else {
+            return Ok(Ok(None));
+        };
+        let fetched = self
+            .read_referenced(Referenced::ConfigMap, vec![plans.name.as_str()])
+            .await?;
+        let value = fetched
+            .get(plans.name.as_str())
+            .and_then(Option::as_ref)
+            .and_then(|d| d.get(&plans.key))
+            .and_then(|v| String::from_utf8(v.clone()).ok());
+        Ok(value
+            .map(Some)
+            .ok_or_else(|| format!("{}/{}", plans.name, plans.key)))
     }
 
     /// `text` with every referenced Secret value (of 4 bytes or more) replaced, so that an

@@ -6,6 +6,7 @@
 use serde_json::{Value, json};
 
 use crate::builders::{self, Desired, Inputs, names};
+use crate::controller::Referenced;
 use crate::crd::VmWebapp;
 use crate::fixtures::{
     Expect, Reply, app_from_example, live, reconcile_in, reconcile_with, secret, seed, test_context,
@@ -198,7 +199,7 @@ fn prod_context(
             .map(|(_, k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
             .collect();
         ctx.caches
-            .remember_secret(&ns, name, Some("41".into()), data);
+            .remember_referenced(Referenced::Secret, &ns, name, Some("41".into()), data);
     }
     seed(&ctx, &world);
     (ctx, handle)
@@ -329,16 +330,16 @@ async fn secrets_not_read_yet_are_read_once_each_and_remembered_at_their_version
     let (result, bodies) = reconcile_in(app.clone(), ctx.clone(), handle, script).await;
     assert!(result.is_ok(), "{result:?}");
     assert_no_secret_values(&bodies);
-    assert_eq!(ctx.caches.cached_secret_count(), 6);
+    assert_eq!(ctx.caches.cached_count(Referenced::Secret), 6);
     assert!(
         ctx.caches
-            .secret_data("vm-prod", "vm-db", Some("41"))
+            .referenced_data(Referenced::Secret, "vm-prod", "vm-db", Some("41"))
             .is_some(),
         "the next pass finds the data at this resourceVersion"
     );
     assert!(
         ctx.caches
-            .secret_data("vm-prod", "vm-db", Some("42"))
+            .referenced_data(Referenced::Secret, "vm-prod", "vm-db", Some("42"))
             .is_none(),
         "a moved resourceVersion is read again"
     );
@@ -1232,5 +1233,137 @@ async fn an_unreadable_backup_schedule_degrades_with_invalid_spec_and_applies_no
         Expect::event("demo-ns", |b| assert_eq!(b["type"], "Warning")),
     ];
     let (result, _) = reconcile_with(app, &world_of(&desired, false), script).await;
+    assert!(result.is_ok(), "{result:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Tenant plans (spec.plans)
+// ---------------------------------------------------------------------------
+
+/// A ConfigMap `plans` holding `text` under `plans.yaml`, at `resource_version`.
+fn plans_config_map(ns: &str, resource_version: &str, text: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "plans", "namespace": ns, "resourceVersion": resource_version},
+        "data": {"plans.yaml": text},
+    })
+}
+
+/// The minimal example with `spec.plans`, its children built and settled with `text`.
+fn with_plans(text: &str) -> (VmWebapp, Desired) {
+    let mut app = app_from_example(MINIMAL, "demo-ns");
+    app.spec.plans = Some(crate::crd::ConfigMapKeyRef {
+        name: "plans".into(),
+        key: "plans.yaml".into(),
+    });
+    let mut inputs = Inputs::offline(&app);
+    inputs.plans = Some(text.into());
+    let desired = builders::build(&app, &inputs).expect("builds");
+    app.status = Some(settled_status(&app, &desired));
+    (app, desired)
+}
+
+#[tokio::test]
+async fn an_edited_plans_config_map_is_read_once_and_rolls_the_api_and_worker() {
+    // Without the hash the app would keep enforcing the old allowances: it reads the
+    // plans file only at start-up.
+    let (app, before) = with_plans("default_plan: free\n");
+    let (_, after) = with_plans("default_plan: pro\n");
+    assert_ne!(before.config_hash, after.config_hash);
+    let p = Paths::of(&app);
+    let edited = plans_config_map("demo-ns", "8", "default_plan: pro\n");
+    let mut world = world_of(&before, false);
+    world.push(edited.clone());
+    let hash = after.config_hash.clone();
+    let annotation = |b: &Value| {
+        b["spec"]["template"]["metadata"]["annotations"]["webapp.vm.dev/config-hash"].clone()
+    };
+    let script = vec![
+        Expect::get(p.core("configmaps", "plans"), Reply::Object(edited)),
+        Expect::apply(p.deployment(&p.api()), {
+            let hash = hash.clone();
+            move |b| {
+                assert_eq!(annotation(b), json!(hash));
+                assert_eq!(
+                    container(b)["env"]
+                        .as_array()
+                        .map(|e| e.iter().any(|v| v["name"] == "VM_PLANS_FILE")),
+                    Some(true)
+                );
+            }
+        }),
+        Expect::apply(p.deployment(&p.worker()), move |b| {
+            assert_eq!(annotation(b), json!(hash))
+        }),
+        Expect::event("demo-ns", |b| assert_eq!(b["reason"], "Applied")),
+        Expect::apply(p.status(), |b| {
+            assert_eq!(condition(b, "Progressing")["reason"], "RollingOut")
+        }),
+    ];
+    let (ctx, handle) = test_context();
+    seed(&ctx, &world);
+    let (result, _) = reconcile_in(app.clone(), ctx.clone(), handle, script).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(ctx.caches.cached_count(Referenced::ConfigMap), 1);
+    assert!(
+        ctx.caches
+            .referenced_data(Referenced::ConfigMap, "demo-ns", "plans", Some("8"))
+            .is_some(),
+        "the next pass finds the plans at this resourceVersion without a GET"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_plans_config_map_degrades_and_warns_without_touching_children() {
+    let (app, before) = with_plans("default_plan: free\n");
+    let p = Paths::of(&app);
+    let script = vec![
+        Expect::apply(p.status(), |b| {
+            let d = condition(b, "Degraded");
+            assert_eq!(
+                (d["status"].as_str(), d["reason"].as_str()),
+                (Some("True"), Some("ConfigMapMissing"))
+            );
+            assert!(
+                d["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("plans/plans.yaml"),
+                "{d}"
+            );
+        }),
+        Expect::event("demo-ns", |b| {
+            assert_eq!(
+                (b["type"].as_str(), b["reason"].as_str()),
+                (Some("Warning"), Some("ConfigMapMissing"))
+            )
+        }),
+    ];
+    // The ConfigMap is absent from the metadata cache: no GET, no child write.
+    let (result, _) = reconcile_with(app, &world_of(&before, false), script).await;
+    assert_eq!(
+        result.expect("a missing ConfigMap is not a reconcile error"),
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(300)),
+        "not retried hot"
+    );
+}
+
+#[tokio::test]
+async fn a_plans_config_map_without_the_key_counts_as_missing() {
+    let (app, before) = with_plans("default_plan: free\n");
+    let p = Paths::of(&app);
+    let mut wrong_key = plans_config_map("demo-ns", "9", "x");
+    wrong_key["data"] = json!({"other.yaml": "default_plan: free\n"});
+    let mut world = world_of(&before, false);
+    world.push(wrong_key.clone());
+    let script = vec![
+        Expect::get(p.core("configmaps", "plans"), Reply::Object(wrong_key)),
+        Expect::apply(p.status(), |b| {
+            assert_eq!(condition(b, "Degraded")["reason"], "ConfigMapMissing")
+        }),
+        Expect::event("demo-ns", |b| assert_eq!(b["reason"], "ConfigMapMissing")),
+    ];
+    let (result, _) = reconcile_with(app, &world, script).await;
     assert!(result.is_ok(), "{result:?}");
 }

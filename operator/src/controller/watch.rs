@@ -1,7 +1,7 @@
 //! Watch wiring: the `VmWebapp` watch drives the controller; one watch per child kind (only
 //! objects labelled as managed by the operator) fills its cache and triggers a pass of the
-//! owner; a metadata-only Secret watch fills the Secret cache and triggers a pass of every
-//! `VmWebapp` in the namespace that references the Secret.
+//! owner; metadata-only Secret and ConfigMap watches fill their caches and trigger a pass of
+//! every `VmWebapp` in the namespace that references the object.
 
 use std::sync::Arc;
 
@@ -119,6 +119,16 @@ pub async fn run(
     .modify(slim)
     .reflect(writers.secrets)
     .touched_objects();
+    // Metadata only as well: every ConfigMap's name and resourceVersion, for `spec.plans`.
+    let config_maps = watcher(
+        api::<PartialObjectMeta<ConfigMap>>(&client, ns),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(slim)
+    .reflect(writers.config_map_meta)
+    .touched_objects();
+    let referencing = store.clone();
     let failures_ctx = ctx.clone();
     controller
         .owns_stream(child_stream::<Deployment>(
@@ -178,6 +188,16 @@ pub async fn run(
                 .state()
                 .into_iter()
                 .filter(|app| app.namespace() == ns && app.spec.references_secret(&name))
+                .map(|app| ObjectRef::from_obj(&*app))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(config_maps, move |cm| {
+            let name = cm.name_any();
+            let ns = cm.namespace();
+            referencing
+                .state()
+                .into_iter()
+                .filter(|app| app.namespace() == ns && app.spec.references_config_map(&name))
                 .map(|app| ObjectRef::from_obj(&*app))
                 .collect::<Vec<_>>()
         })

@@ -45,6 +45,8 @@ pub struct QueueCounts {
     pub queued: i64,
     /// Leased by a worker.
     pub running: i64,
+    /// Approval steps waiting for a decision (no lease).
+    pub awaiting_approval: i64,
     /// Dead-lettered.
     pub dead: i64,
 }

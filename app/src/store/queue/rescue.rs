@@ -20,12 +20,13 @@ use crate::store::{Result, Store, ms};
 /// One row of the queue-gauge snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueStat {
-    /// `waiting`, `queued`, `running` or `dead`.
+    /// `waiting`, `queued`, `running`, `awaiting_approval` or `dead`.
     pub state: String,
     /// Jobs in that state.
     pub jobs: i64,
     /// Age of the oldest (ms, database clock): for `queued` since it became
-    /// claimable, for `dead` since it failed, otherwise since creation.
+    /// claimable, for `awaiting_approval` since it began waiting, for `dead`
+    /// since it failed, otherwise since creation.
     pub oldest_age_ms: i64,
 }
 
@@ -124,7 +125,7 @@ impl Store {
             "INSERT INTO queue_stats (state, jobs, oldest_age_ms, updated_at) \
              SELECT s.state, s.n, s.age, {now} FROM ( \
                SELECT state, COUNT(*) AS n, \
-                 COALESCE({now} - MIN(CASE WHEN state = 'queued' THEN run_at ELSE created_at END), 0) AS age \
+                 COALESCE({now} - MIN(CASE WHEN state IN ('queued', 'awaiting_approval') THEN run_at ELSE created_at END), 0) AS age \
                FROM jobs GROUP BY state \
                UNION ALL \
                SELECT 'dead', COUNT(*), COALESCE({now} - MIN(failed_at), 0) FROM dead_jobs \
@@ -143,7 +144,7 @@ impl Store {
         Ok(())
     }
 
-    /// The queue-gauge snapshot (four rows, no scan): every state, with the
+    /// The queue-gauge snapshot (five rows, no scan): every state, with the
     /// oldest job's age advanced by the snapshot's own age. Also returns the
     /// snapshot's age in ms (`None` before the first snapshot).
     pub async fn queue_stats(&self) -> Result<(Vec<QueueStat>, Option<i64>)> {
@@ -203,6 +204,7 @@ impl Store {
                 Some(JobState::Waiting) => counts.waiting = n,
                 Some(JobState::Queued) => counts.queued = n,
                 Some(JobState::Running) => counts.running = n,
+                Some(JobState::AwaitingApproval) => counts.awaiting_approval = n,
                 None => {
                     return Err(crate::store::StoreError::Corrupt(format!(
                         "unknown job state {state}"

@@ -1,0 +1,771 @@
+//! Approval steps end to end, on SQLite and PostgreSQL: a run reaches an
+//! approval step and waits without a worker slot or a lease; approvers decide
+//! through the API; deadlines apply `on_timeout` once; races have one winner.
+
+mod support;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use uuid::Uuid;
+use vm_webapp::model::{RunStatus, StepStatus};
+use vm_webapp::steps::llm::LlmBackend;
+use vm_webapp::store::approvals::{DecideOutcome, Decision};
+use vm_webapp::store::security::AuditFilter;
+
+use support::{Backend, Reply, TestEnv, send};
+
+const PLAIN: &str = "plain-key-0123456789abcdef";
+const APPROVER: &str = "appr-key-0123456789abcdef";
+const ADMIN: &str = "boss-key-0123456789abcdef";
+const KEYS: &str = "plain:plain-key-0123456789abcdef,\
+                    appr:appr-key-0123456789abcdef:approver,\
+                    boss:boss-key-0123456789abcdef:admin";
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn env(backend: Backend) -> TestEnv {
+    TestEnv::new(backend, &[("VM_API_KEYS", KEYS)]).await
+}
+
+async fn call(app: &Router, method: &str, uri: &str, body: Option<&str>, key: &str) -> Reply {
+    let auth = format!("Bearer {key}");
+    send(app, method, uri, body, &[("authorization", &auth)]).await
+}
+
+/// Creates a run as the plain key and returns its id.
+async fn create(app: &Router, steps: Value) -> Uuid {
+    let body = json!({"input": {"title": "Q3 report"}, "steps": steps}).to_string();
+    let reply = call(app, "POST", "/api/v2/runs", Some(&body), PLAIN).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    reply.body["id"]
+        .as_str()
+        .expect("id")
+        .parse()
+        .expect("uuid")
+}
+
+/// draft → approval → publish, with the approval's options merged in.
+fn gated(options: Value) -> Value {
+    let mut approval = json!({"kind": "approval", "prompt": "Publish {{prev}}?"});
+    if let (Some(a), Some(o)) = (approval.as_object_mut(), options.as_object()) {
+        a.extend(o.clone());
+    }
+    json!([
+        {"kind": "template", "template": "draft of {{input.title}}"},
+        approval,
+        {"kind": "template", "template": "published after {{prev}}"},
+    ])
+}
+
+fn step_uri(id: Uuid, index: i64, action: &str) -> String {
+    format!("/api/v2/runs/{id}/steps/{index}/{action}")
+}
+
+async fn decide(app: &Router, id: Uuid, action: &str, body: Option<&str>, key: &str) -> Reply {
+    call(app, "POST", &step_uri(id, 1, action), body, key).await
+}
+
+fn count(events: &[String], kind: &str) -> usize {
+    events.iter().filter(|e| *e == kind).count()
+}
+
+async fn audit_actions(env: &TestEnv, run: Uuid) -> Vec<(String, String)> {
+    env.store
+        .list_audit(&AuditFilter {
+            limit: 1_000,
+            ..AuditFilter::default()
+        })
+        .await
+        .expect("audit")
+        .into_iter()
+        .filter(|e| {
+            e.target.as_deref() == Some(&run.to_string()) && e.action.starts_with("approval.")
+        })
+        .map(|e| (e.action, e.actor))
+        .collect()
+}
+
+async fn approving_records_the_decision_and_the_run_goes_on(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let id = create(&app, gated(json!({}))).await;
+    let detail = env.wait_for(id, RunStatus::Waiting, WAIT).await;
+    assert_eq!(detail.steps[1].status, StepStatus::AwaitingApproval);
+    assert_eq!(detail.steps[2].status, StepStatus::Pending);
+    let events = env.store.list_events(id, 0, 100).await.expect("events");
+    let waiting = events
+        .iter()
+        .find(|e| e.event_type == "step.awaiting_approval")
+        .expect("step.awaiting_approval recorded");
+    let data = waiting.data.clone().expect("data");
+    assert_eq!(data["prompt"], "Publish draft of Q3 report?");
+    assert!(data["expires_at"].as_str().is_some(), "{data}");
+    let run = call(&app, "GET", &format!("/api/v2/runs/{id}"), None, PLAIN).await;
+    assert_eq!(run.body["status"], "waiting");
+    assert_eq!(run.body["steps"][1]["status"], "awaiting_approval");
+    let approval = &run.body["steps"][1]["approval"];
+    assert_eq!(approval["prompt"], "Publish draft of Q3 report?");
+    assert_eq!(approval["status"], "pending");
+    assert_eq!(approval["expires_at"], data["expires_at"]);
+    assert!(
+        run.body["steps"][0].get("approval").is_none(),
+        "{}",
+        run.body
+    );
+
+    // Not an approval step, an index past the end, an unknown run.
+    let not_approval = call(&app, "POST", &step_uri(id, 0, "approve"), None, APPROVER).await;
+    assert_eq!(not_approval.status, StatusCode::CONFLICT);
+    assert_eq!(not_approval.body["code"], "step_not_awaiting_approval");
+    let not_reached = call(&app, "POST", &step_uri(id, 2, "approve"), None, APPROVER).await;
+    assert_eq!(not_reached.body["code"], "step_not_awaiting_approval");
+    let past_end = call(&app, "POST", &step_uri(id, 3, "approve"), None, APPROVER).await;
+    assert_eq!(past_end.status, StatusCode::NOT_FOUND);
+    assert_eq!(past_end.body["code"], "step_not_found");
+    let unknown = call(
+        &app,
+        "POST",
+        &step_uri(Uuid::now_v7(), 1, "approve"),
+        None,
+        APPROVER,
+    )
+    .await;
+    assert_eq!(unknown.body["code"], "run_not_found");
+    let bad_json = decide(&app, id, "approve", Some("{nope"), APPROVER).await;
+    assert_eq!(bad_json.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad_json.body["code"], "invalid_json");
+
+    // The deadline is a day away on the database clock: an expiry now is refused.
+    let early = env
+        .store
+        .decide_approval(id, 1, Decision::Expire, "system", None, None)
+        .await
+        .expect("decide");
+    assert!(matches!(early, DecideOutcome::NotDue), "{early:?}");
+
+    let approved = decide(
+        &app,
+        id,
+        "approve",
+        Some(r#"{"comment":"looks right"}"#),
+        APPROVER,
+    )
+    .await;
+    assert_eq!(approved.status, StatusCode::OK, "{}", approved.body);
+    assert_eq!(approved.body["status"], "approved");
+    assert_eq!(approved.body["decided_by"], "appr");
+    assert_eq!(approved.body["comment"], "looks right");
+
+    let done = env.wait_for(id, RunStatus::Succeeded, WAIT).await;
+    let output = json!({"approved": true, "by": "appr", "comment": "looks right"});
+    assert_eq!(done.steps[1].output, Some(output.clone()));
+    assert_eq!(
+        done.steps[2].output,
+        Some(json!(format!("published after {output}")))
+    );
+    let events = env.event_types(id).await;
+    for kind in ["step.awaiting_approval", "step.approved", "run.succeeded"] {
+        assert_eq!(count(&events, kind), 1, "{kind} in {events:?}");
+    }
+    assert_eq!(
+        audit_actions(&env, id).await,
+        [("approval.approved".to_string(), "appr".to_string())]
+    );
+
+    for action in ["approve", "reject"] {
+        let again = decide(&app, id, action, None, ADMIN).await;
+        assert_eq!(again.status, StatusCode::CONFLICT);
+        assert_eq!(again.body["code"], "approval_already_decided");
+    }
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn rejecting_fails_the_run_with_reason_rejected(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let id = create(&app, gated(json!({}))).await;
+    env.wait_for(id, RunStatus::Waiting, WAIT).await;
+    let rejected = decide(
+        &app,
+        id,
+        "reject",
+        Some(r#"{"comment":"wrong numbers"}"#),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(rejected.status, StatusCode::OK, "{}", rejected.body);
+    assert_eq!(rejected.body["status"], "rejected");
+
+    let detail = env.wait_for(id, RunStatus::Failed, WAIT).await;
+    assert_eq!(detail.run.error.as_deref(), Some("rejected"));
+    assert_eq!(detail.steps[1].status, StepStatus::Rejected);
+    let approval = detail.steps[1].approval.as_ref().expect("approval");
+    assert_eq!(approval.decision.as_deref(), Some("rejected"));
+    assert_eq!(approval.comment.as_deref(), Some("wrong numbers"));
+    assert_eq!(approval.decided_by.as_deref(), Some("boss"));
+    assert_eq!(detail.steps[2].status, StepStatus::Skipped);
+    let events = env.event_types(id).await;
+    assert_eq!(events[events.len() - 2..], ["step.rejected", "run.failed"]);
+    assert!(!env.store.has_unfinished_jobs().await.expect("jobs"));
+    assert_eq!(
+        audit_actions(&env, id).await,
+        [("approval.rejected".to_string(), "boss".to_string())]
+    );
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn rejecting_with_on_reject_continue_goes_on_with_approved_false(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let id = create(&app, gated(json!({"on_reject": "continue"}))).await;
+    env.wait_for(id, RunStatus::Waiting, WAIT).await;
+    let rejected = decide(&app, id, "reject", None, APPROVER).await;
+    assert_eq!(rejected.status, StatusCode::OK, "{}", rejected.body);
+    let detail = env.wait_for(id, RunStatus::Succeeded, WAIT).await;
+    assert_eq!(
+        detail.steps[1].output,
+        Some(json!({"approved": false, "by": "appr", "comment": null}))
+    );
+    assert_eq!(detail.steps[2].status, StepStatus::Succeeded);
+    let events = env.event_types(id).await;
+    assert_eq!(count(&events, "step.rejected"), 1, "{events:?}");
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn an_approval_as_the_last_step_gives_the_run_its_output(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let last =
+        json!([{"kind": "approval", "prompt": "Ship {{input.title}}?", "on_reject": "continue"}]);
+    let approved = create(&app, last.clone()).await;
+    let rejected = create(&app, last).await;
+    env.wait_for(approved, RunStatus::Waiting, WAIT).await;
+    env.wait_for(rejected, RunStatus::Waiting, WAIT).await;
+    let reply = call(
+        &app,
+        "POST",
+        &step_uri(approved, 0, "approve"),
+        None,
+        APPROVER,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["prompt"], "Ship Q3 report?");
+    let reply = call(
+        &app,
+        "POST",
+        &step_uri(rejected, 0, "reject"),
+        None,
+        APPROVER,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let approved = env.wait_for(approved, RunStatus::Succeeded, WAIT).await;
+    assert_eq!(
+        approved.run.output,
+        Some(json!({"approved": true, "by": "appr", "comment": null}))
+    );
+    let rejected = env.wait_for(rejected, RunStatus::Succeeded, WAIT).await;
+    assert_eq!(
+        rejected.run.output,
+        Some(json!({"approved": false, "by": "appr", "comment": null}))
+    );
+    assert_eq!(
+        count(&env.event_types(rejected.run.id).await, "run.succeeded"),
+        1
+    );
+    assert!(!env.store.has_unfinished_jobs().await.expect("jobs"));
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn deadlines_apply_on_timeout_once_with_several_workers(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    // Two workers, so two maintenance loops contend for the expiry.
+    let (w1, s1) = env.spawn_worker(2, LlmBackend::Offline);
+    let (w2, s2) = env.spawn_worker(2, LlmBackend::Offline);
+    let approve = create(
+        &app,
+        gated(json!({"timeout_s": 1, "on_timeout": "approve"})),
+    )
+    .await;
+    let reject = create(&app, gated(json!({"timeout_s": 1}))).await;
+
+    let approved = env.wait_for(approve, RunStatus::Succeeded, WAIT).await;
+    assert_eq!(
+        approved.steps[1].output,
+        Some(json!({"approved": true, "by": "system", "comment": null}))
+    );
+    let rejected = env.wait_for(reject, RunStatus::Failed, WAIT).await;
+    assert_eq!(rejected.run.error.as_deref(), Some("rejected"));
+    // Let both leaders tick again: nothing is applied twice.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let events = env.event_types(approve).await;
+    assert_eq!(count(&events, "step.approval_expired"), 1, "{events:?}");
+    assert_eq!(count(&events, "step.approved"), 1, "{events:?}");
+    assert_eq!(count(&events, "step.succeeded"), 3, "{events:?}");
+    let events = env.event_types(reject).await;
+    assert_eq!(count(&events, "step.approval_expired"), 1, "{events:?}");
+    assert_eq!(count(&events, "step.rejected"), 1, "{events:?}");
+    assert_eq!(count(&events, "run.failed"), 1, "{events:?}");
+    assert_eq!(
+        audit_actions(&env, approve).await,
+        [(
+            "approval.expired_approved".to_string(),
+            "system".to_string()
+        )]
+    );
+    assert_eq!(
+        audit_actions(&env, reject).await,
+        [(
+            "approval.expired_rejected".to_string(),
+            "system".to_string()
+        )]
+    );
+    let late = decide(&app, approve, "reject", None, APPROVER).await;
+    assert_eq!(late.body["code"], "approval_already_decided");
+    s1.cancel();
+    s2.cancel();
+    w1.await.expect("worker");
+    w2.await.expect("worker");
+}
+
+async fn a_decision_racing_the_deadline_has_exactly_one_winner(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(4, LlmBackend::Offline);
+    let runs: Vec<Uuid> = {
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(create(&app, gated(json!({"timeout_s": 1}))).await);
+        }
+        ids
+    };
+    for id in &runs {
+        env.wait_for(*id, RunStatus::Waiting, WAIT).await;
+    }
+    // No leader from here on: the race below is between the request and
+    // explicit expiry sweeps only.
+    stop.cancel();
+    worker.await.expect("worker");
+    let deadline = runs.len();
+    let mut pending = Vec::new();
+    for id in &runs {
+        pending.push(
+            env.store
+                .get_approval(*id, 1)
+                .await
+                .expect("read")
+                .expect("approval"),
+        );
+    }
+    let expires = pending.iter().map(|a| a.expires_at).max().expect("some");
+    let wait_ms = (expires - env.store.db_now().await.expect("now")).max(0) as u64;
+    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+
+    let sweeps = (0..3).map(|_| {
+        let store = env.store.clone();
+        tokio::spawn(async move { store.expire_due_approvals(100).await.expect("sweep").len() })
+    });
+    let requests = runs.iter().map(|id| {
+        let app = app.clone();
+        let id = *id;
+        tokio::spawn(async move { decide(&app, id, "approve", None, APPROVER).await.status })
+    });
+    let sweeps: Vec<tokio::task::JoinHandle<usize>> = sweeps.collect();
+    let requests: Vec<tokio::task::JoinHandle<StatusCode>> = requests.collect();
+    let mut expired = 0;
+    for s in sweeps {
+        expired += s.await.expect("sweep task");
+    }
+    let mut approved = 0;
+    for r in requests {
+        match r.await.expect("request task") {
+            StatusCode::OK => approved += 1,
+            StatusCode::CONFLICT => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        expired + approved,
+        deadline,
+        "each approval decided exactly once"
+    );
+    for id in &runs {
+        let events = env.event_types(*id).await;
+        let decisions = count(&events, "step.approved") + count(&events, "step.rejected");
+        assert_eq!(decisions, 1, "{events:?}");
+        assert_eq!(audit_actions(&env, *id).await.len(), 1);
+        assert!(env.store.result_count(*id, 1).await.expect("results") <= 1);
+    }
+}
+
+async fn two_approvers_racing_get_one_200_and_one_409(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(4, LlmBackend::Offline);
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        runs.push(create(&app, gated(json!({}))).await);
+    }
+    for id in &runs {
+        env.wait_for(*id, RunStatus::Waiting, WAIT).await;
+    }
+    for id in &runs {
+        let (a, b) = tokio::join!(
+            decide(&app, *id, "approve", None, APPROVER),
+            decide(&app, *id, "reject", None, ADMIN),
+        );
+        let mut statuses = [a.status, b.status];
+        statuses.sort();
+        assert_eq!(statuses, [StatusCode::OK, StatusCode::CONFLICT]);
+        let loser = if a.status == StatusCode::CONFLICT {
+            &a
+        } else {
+            &b
+        };
+        assert_eq!(loser.body["code"], "approval_already_decided");
+        assert_eq!(audit_actions(&env, *id).await.len(), 1);
+    }
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn only_approver_and_admin_keys_may_decide(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let first = create(&app, gated(json!({}))).await;
+    let second = create(&app, gated(json!({}))).await;
+    env.wait_for(first, RunStatus::Waiting, WAIT).await;
+    env.wait_for(second, RunStatus::Waiting, WAIT).await;
+
+    for action in ["approve", "reject"] {
+        let denied = decide(&app, first, action, None, PLAIN).await;
+        assert_eq!(denied.status, StatusCode::FORBIDDEN);
+        assert_eq!(denied.body["code"], "approver_required");
+    }
+    let anonymous = send(&app, "POST", &step_uri(first, 1, "approve"), None, &[]).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    // Any key may read the inbox.
+    let inbox = call(&app, "GET", "/api/v2/approvals", None, PLAIN).await;
+    assert_eq!(inbox.status, StatusCode::OK);
+    assert_eq!(inbox.body["approvals"].as_array().map(Vec::len), Some(2));
+
+    assert_eq!(
+        decide(&app, first, "approve", None, APPROVER).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        decide(&app, second, "approve", None, ADMIN).await.status,
+        StatusCode::OK
+    );
+    env.wait_for(first, RunStatus::Succeeded, WAIT).await;
+    let second = env.wait_for(second, RunStatus::Succeeded, WAIT).await;
+    assert_eq!(
+        second.steps[1].output.as_ref().map(|o| o["by"].clone()),
+        Some(json!("boss"))
+    );
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn a_run_cancelled_while_waiting_is_cancelled_and_later_decisions_are_refused(
+    backend: Backend,
+) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let id = create(&app, gated(json!({}))).await;
+    env.wait_for(id, RunStatus::Waiting, WAIT).await;
+    let cancelled = call(
+        &app,
+        "POST",
+        &format!("/api/v2/runs/{id}/cancel"),
+        None,
+        PLAIN,
+    )
+    .await;
+    assert_eq!(cancelled.status, StatusCode::OK, "{}", cancelled.body);
+    assert_eq!(cancelled.body["status"], "cancelled");
+    assert_eq!(cancelled.body["steps"][1]["status"], "cancelled");
+
+    let late = decide(&app, id, "approve", None, APPROVER).await;
+    assert_eq!(late.status, StatusCode::CONFLICT);
+    assert_eq!(late.body["code"], "step_not_awaiting_approval");
+    let pending = call(&app, "GET", "/api/v2/approvals", None, PLAIN).await;
+    assert_eq!(pending.body["approvals"], json!([]));
+    let decided = call(&app, "GET", "/api/v2/approvals?status=decided", None, PLAIN).await;
+    assert_eq!(decided.body["approvals"][0]["status"], "cancelled");
+    assert!(!env.store.has_unfinished_jobs().await.expect("jobs"));
+    assert!(audit_actions(&env, id).await.is_empty());
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn a_waiting_approval_holds_no_worker_slot_and_no_lease(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    // One slot: if the waiting step held it, the second run could not run.
+    let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
+    let waiting = create(&app, gated(json!({}))).await;
+    env.wait_for(waiting, RunStatus::Waiting, WAIT).await;
+    let other = create(
+        &app,
+        json!([{"kind": "template", "template": "a"}, {"kind": "delay", "ms": 10}]),
+    )
+    .await;
+    env.wait_for(other, RunStatus::Succeeded, WAIT).await;
+    let counts = env.store.queue_counts().await.expect("counts");
+    assert_eq!(counts.awaiting_approval, 1, "{counts:?}");
+    assert_eq!(counts.running, 0, "no lease is held: {counts:?}");
+    assert_eq!(counts.queued, 0, "not claimable: {counts:?}");
+    assert_eq!(
+        env.store
+            .get_run(waiting)
+            .await
+            .expect("run")
+            .expect("exists")
+            .run
+            .status,
+        RunStatus::Waiting
+    );
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn the_inbox_lists_oldest_first_in_cursor_pages(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let id = create(&app, gated(json!({}))).await;
+        // One at a time, so that their waits begin in creation order.
+        env.wait_for(id, RunStatus::Waiting, WAIT).await;
+        runs.push(id);
+    }
+    let first = call(
+        &app,
+        "GET",
+        "/api/v2/approvals?status=pending&limit=2",
+        None,
+        PLAIN,
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let page: Vec<Value> = first.body["approvals"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(page.len(), 2);
+    assert_eq!(page[0]["prompt"], "Publish draft of Q3 report?");
+    assert_eq!(page[0]["step_index"], 1);
+    assert_eq!(page[0]["status"], "pending");
+    assert!(page[0]["waiting_since"].as_str() <= page[1]["waiting_since"].as_str());
+    assert!(page[0]["expires_at"].as_str().is_some());
+    let cursor = first.body["next_cursor"].as_str().expect("a next page");
+    let second = call(
+        &app,
+        "GET",
+        &format!("/api/v2/approvals?limit=2&cursor={cursor}"),
+        None,
+        PLAIN,
+    )
+    .await;
+    let rest: Vec<Value> = second.body["approvals"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(rest.len(), 1);
+    assert!(second.body["next_cursor"].is_null());
+    let listed: Vec<String> = page
+        .iter()
+        .chain(&rest)
+        .map(|a| a["run_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let created: Vec<String> = runs.iter().map(Uuid::to_string).collect();
+    assert_eq!(listed, created, "oldest first");
+
+    assert_eq!(
+        decide(&app, runs[0], "approve", None, APPROVER)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let sizes = |r: Reply| r.body["approvals"].as_array().map(Vec::len);
+    assert_eq!(
+        sizes(call(&app, "GET", "/api/v2/approvals", None, PLAIN).await),
+        Some(2)
+    );
+    assert_eq!(
+        sizes(call(&app, "GET", "/api/v2/approvals?status=decided", None, PLAIN).await),
+        Some(1)
+    );
+    assert_eq!(
+        sizes(call(&app, "GET", "/api/v2/approvals?status=all", None, PLAIN).await),
+        Some(3)
+    );
+    let bad = call(&app, "GET", "/api/v2/approvals?status=late", None, PLAIN).await;
+    assert_eq!(bad.body["code"], "invalid_parameter");
+    let bad = call(&app, "GET", "/api/v2/approvals?cursor=abc", None, PLAIN).await;
+    assert_eq!(bad.body["code"], "invalid_cursor");
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn metrics_report_pending_approvals_and_decisions(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let id = create(&app, gated(json!({}))).await;
+    env.wait_for(id, RunStatus::Waiting, WAIT).await;
+    // The gauge comes from the maintenance snapshot (refreshed every tick).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = support::get_text(&app, "/metrics").await;
+        if text.contains("vm_approvals_pending 1\n") {
+            assert!(
+                text.contains("vm_approval_oldest_pending_seconds "),
+                "{text}"
+            );
+            assert!(
+                text.contains("vm_queue_jobs{state=\"awaiting_approval\"} 1"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        decide(&app, id, "approve", None, APPROVER).await.status,
+        StatusCode::OK
+    );
+    let text = support::get_text(&app, "/metrics").await;
+    assert!(
+        text.contains("vm_approval_decisions_total{decision=\"approved\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vm_approval_decisions_total{decision=\"expired_rejected\"} 0"),
+        "{text}"
+    );
+    assert!(text.contains("vm_approval_wait_seconds_count 1"), "{text}");
+    assert!(
+        text.contains("vm_approval_wait_seconds_bucket{le=\"2592000.0\"} 1"),
+        "{text}"
+    );
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn a_pending_approval_survives_backup_and_restore_and_is_decided_there(backend: Backend) {
+    let source = env(backend).await;
+    let app = source.router();
+    let (worker, stop) = source.spawn_worker(1, LlmBackend::Offline);
+    let id = create(&app, gated(json!({}))).await;
+    source.wait_for(id, RunStatus::Waiting, WAIT).await;
+    stop.cancel();
+    worker.await.expect("worker");
+    let mut file = Vec::new();
+    source.store.backup_to(&mut file).await.expect("backup");
+
+    let target = env(backend).await;
+    let summary = target
+        .store
+        .restore_from(&file[..], Default::default())
+        .await
+        .expect("restore");
+    assert!(
+        summary
+            .rows
+            .iter()
+            .any(|(table, n)| table == "approvals" && *n == 1),
+        "{:?}",
+        summary.rows
+    );
+    let app = target.router();
+    let inbox = call(&app, "GET", "/api/v2/approvals", None, PLAIN).await;
+    assert_eq!(inbox.body["approvals"][0]["run_id"], id.to_string());
+    let (worker, stop) = target.spawn_worker(1, LlmBackend::Offline);
+    assert_eq!(
+        decide(&app, id, "approve", None, APPROVER).await.status,
+        StatusCode::OK
+    );
+    target.wait_for(id, RunStatus::Succeeded, WAIT).await;
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+async fn approval_steps_are_validated_at_creation(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    for (step, needle) in [
+        (
+            json!({"kind": "approval", "prompt": "ok?", "timeout_s": 0}),
+            "timeout_s",
+        ),
+        (
+            json!({"kind": "approval", "prompt": "ok?", "timeout_s": 2_592_001}),
+            "timeout_s",
+        ),
+        (
+            json!({"kind": "approval", "prompt": "ok?", "on_timeout": "later"}),
+            "`reject` or `approve`",
+        ),
+        (
+            json!({"kind": "approval", "prompt": "{{steps.3.output}}"}),
+            "steps.3",
+        ),
+        (json!({"kind": "approval"}), "prompt"),
+    ] {
+        let body = json!({"steps": [step]}).to_string();
+        let reply = call(&app, "POST", "/api/v2/runs", Some(&body), PLAIN).await;
+        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{step}");
+        assert_eq!(reply.body["code"], "invalid_step", "{step}");
+        let message = reply.body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{message}");
+    }
+    // Nothing was stored, and a store-level expiry of nothing decides nothing.
+    assert!(
+        env.store
+            .expire_due_approvals(10)
+            .await
+            .expect("sweep")
+            .is_empty()
+    );
+    let outcome = env
+        .store
+        .decide_approval(Uuid::now_v7(), 0, Decision::Approve, "x", None, None)
+        .await
+        .expect("decide");
+    assert!(matches!(outcome, DecideOutcome::RunNotFound), "{outcome:?}");
+}
+
+on_both_backends!(
+    approving_records_the_decision_and_the_run_goes_on,
+    rejecting_fails_the_run_with_reason_rejected,
+    rejecting_with_on_reject_continue_goes_on_with_approved_false,
+    an_approval_as_the_last_step_gives_the_run_its_output,
+    deadlines_apply_on_timeout_once_with_several_workers,
+    a_decision_racing_the_deadline_has_exactly_one_winner,
+    two_approvers_racing_get_one_200_and_one_409,
+    only_approver_and_admin_keys_may_decide,
+    a_run_cancelled_while_waiting_is_cancelled_and_later_decisions_are_refused,
+    a_waiting_approval_holds_no_worker_slot_and_no_lease,
+    the_inbox_lists_oldest_first_in_cursor_pages,
+    metrics_report_pending_approvals_and_decisions,
+    a_pending_approval_survives_backup_and_restore_and_is_decided_there,
+    approval_steps_are_validated_at_creation,
+);
