@@ -1,8 +1,9 @@
 //! Live updates (Server-Sent Events) through the real router, on SQLite and
 //! PostgreSQL: history then live events, resuming with `Last-Event-ID`, two
 //! API replicas on one database (with and without Redis), the late-commit
-//! gap, slow subscribers, heartbeats, the limits and the error answers; and
-//! the console's page and assets with their CSP.
+//! gap, slow subscribers, heartbeats, approval events delivered at once, the
+//! limits and the error answers; and the console's page and assets with
+//! their CSP.
 
 mod support;
 
@@ -577,7 +578,53 @@ async fn streams_beyond_the_process_limit_are_refused_with_503(backend: Backend)
     assert!(metrics.contains("vm_stream_subscribers 1"), "{metrics}");
 }
 
+/// Every write path raises the commit signal: with the timer at a minute,
+/// only those nudges can deliver a run's events in seconds, through the
+/// wait for an approver and the decision. A path that forgot it would show
+/// its events a poll interval late.
+async fn approval_waits_and_decisions_reach_streams_at_once_not_at_the_next_poll(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_STREAM_POLL_MS", "60000")]).await;
+    let app = env.router();
+    let mut all = open(&app, "/api/v2/events/stream", &[]).await;
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let id = create(
+        &app,
+        // The approval is the last step: its decision writes the run's last
+        // events in its own transaction, with no worker activity after it.
+        r#"{"steps":[{"kind":"template","template":"draft"},{"kind":"approval","prompt":"Publish {{prev}}?"}]}"#,
+    )
+    .await;
+    let mut types = Vec::new();
+    while types.last().map(String::as_str) != Some("step.awaiting_approval") {
+        let (_, data) = all.event(Duration::from_secs(5)).await.expect("event");
+        types.push(data["type"].as_str().expect("type").to_string());
+        if data["type"] == "step.awaiting_approval" {
+            assert_eq!(data["data"]["prompt"], "Publish draft?");
+        }
+    }
+    let reply = send(
+        &app,
+        "POST",
+        &format!("/api/v2/runs/{id}/steps/1/approve"),
+        Some(r#"{"comment":"fine"}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    while types.last().map(String::as_str) != Some("run.succeeded") {
+        let (_, data) = all.event(Duration::from_secs(5)).await.expect("event");
+        if data["type"] == "step.approved" {
+            assert_eq!(data["data"]["comment"], "fine");
+        }
+        types.push(data["type"].as_str().expect("type").to_string());
+    }
+    stop.cancel();
+    worker.await.expect("worker");
+    assert_eq!(types, env.event_types(id).await);
+}
+
 on_both_backends!(
+    approval_waits_and_decisions_reach_streams_at_once_not_at_the_next_poll,
     a_run_stream_replays_the_history_then_follows_live,
     resuming_with_last_event_id_after_a_disconnect_loses_and_repeats_nothing,
     a_subscriber_that_does_not_read_is_cut_off_and_its_stream_ends,
