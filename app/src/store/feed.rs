@@ -21,7 +21,9 @@ use crate::model::RunEvent;
 
 /// Which runs' events a reader may see: the "runs the key may see" of
 /// `GET /api/v2/events/stream`, as one parameter of every feed read, so that
-/// a narrower scope (a tenant's runs) is one new variant and one SQL clause.
+/// a narrower scope (a tenant's runs) is one new variant with its SQL
+/// condition here and its test in [`Visibility::allows`] (which then needs
+/// the run's owner on the rows [`Store::feed_after`] reads).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Visibility {
     /// Every run.
@@ -29,11 +31,12 @@ pub enum Visibility {
 }
 
 impl Visibility {
-    /// An SQL condition on the run id column `run_column` (no parameters),
-    /// ANDed into the feed reads.
-    fn sql_condition(&self, _run_column: &str) -> &'static str {
+    /// An SQL condition on the run id column `run_column`, ANDed into the
+    /// catch-up reads; when it needs a value, it is placeholder `$param` and
+    /// the value is returned with it, for the caller to bind.
+    fn sql_condition(&self, _run_column: &str, _param: usize) -> (String, Option<String>) {
         match self {
-            Visibility::All => "TRUE",
+            Visibility::All => ("TRUE".to_string(), None),
         }
     }
 
@@ -141,32 +144,29 @@ impl Store {
         upto: i64,
         limit: i64,
     ) -> Result<Vec<RunEvent>> {
-        let visible = filter.visible.sql_condition("run_id");
-        let rows = match filter.run {
-            Some(run) => {
-                sqlx::query(&format!(
-                    "SELECT {FEED_COLUMNS} FROM run_events \
-                     WHERE run_id = $1 AND id > $2 AND id <= $3 AND {visible} ORDER BY id LIMIT $4"
-                ))
-                .bind(run.to_string())
-                .bind(after)
-                .bind(upto)
-                .bind(limit)
-                .fetch_all(self.pool())
-                .await?
-            }
-            None => {
-                sqlx::query(&format!(
-                    "SELECT {FEED_COLUMNS} FROM run_events \
-                     WHERE id > $1 AND id <= $2 AND {visible} ORDER BY id LIMIT $3"
-                ))
-                .bind(after)
-                .bind(upto)
-                .bind(limit)
-                .fetch_all(self.pool())
-                .await?
-            }
+        // Two statements, not one with `($1 = '' OR run_id = $1)`: a run's
+        // catch-up must use the (run_id, id) key, not scan by id.
+        let sql = match filter.run {
+            Some(_) => format!(
+                "SELECT {FEED_COLUMNS} FROM run_events \
+                 WHERE id > $1 AND id <= $2 AND run_id = $4 AND {{visible}} ORDER BY id LIMIT $3"
+            ),
+            None => format!(
+                "SELECT {FEED_COLUMNS} FROM run_events \
+                 WHERE id > $1 AND id <= $2 AND {{visible}} ORDER BY id LIMIT $3"
+            ),
         };
+        let next_param = if filter.run.is_some() { 5 } else { 4 };
+        let (visible, value) = filter.visible.sql_condition("run_id", next_param);
+        let sql = sql.replace("{visible}", &visible);
+        let mut query = sqlx::query(&sql).bind(after).bind(upto).bind(limit);
+        if let Some(run) = filter.run {
+            query = query.bind(run.to_string());
+        }
+        if let Some(value) = value {
+            query = query.bind(value);
+        }
+        let rows = query.fetch_all(self.pool()).await?;
         rows.iter().map(event_from_row).collect()
     }
 }
