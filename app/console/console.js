@@ -337,14 +337,14 @@
       const shown = holder.firstElementChild;
       if (!waiting) {
         holder.replaceChildren();
-      } else if (!shown || shown.dataset.step !== String(waiting.index) || (!shown.dataset.rendered && prompts.has(waiting.index))) {
+      } else if (!shown || shown.dataset.step !== String(waiting.index) || (!shown.dataset.rendered && (waiting.approval || prompts.has(waiting.index)))) {
         // A form already shown for this step stays, with what was typed in it.
-        const prompt = prompts.get(waiting.index) || (waiting.spec && waiting.spec.prompt);
+        const prompt = (waiting.approval && waiting.approval.prompt) || prompts.get(waiting.index) || (waiting.spec && waiting.spec.prompt);
         holder.replaceChildren(el("section", {
           class: "decision",
           "aria-label": "Decision",
           "data-step": String(waiting.index),
-          "data-rendered": prompts.has(waiting.index) ? "1" : null,
+          "data-rendered": waiting.approval || prompts.has(waiting.index) ? "1" : null,
         },
         el("h2", { text: `Step ${waiting.index} waits for approval` }),
         decisionForm(run.id, waiting.index, prompt, () => render())));

@@ -106,6 +106,11 @@ try {
     });
     const waiting = page.locator(`tr[data-run="${run.id}"]`);
     await waiting.locator(".status-waiting").waitFor();
+    // The run page offers the decision too, with the rendered prompt.
+    await waiting.getByRole("link").click();
+    await page.locator('#run-facts[data-status="waiting"]').waitFor();
+    const offered = await page.locator("#run-decision .prompt").textContent();
+    if (offered !== "Publish Hello, Ada!?") fail(`the run page offers ${JSON.stringify(offered)}`);
     await page.getByRole("link", { name: "Approvals" }).click();
     const card = page.locator(`li.card[data-run="${run.id}"]`);
     await card.waitFor();
