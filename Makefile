@@ -28,7 +28,7 @@ test-chart: ## Chart, alert and docs tests only (pytest with real Helm, Promethe
 	VENV=$(VENV) ./scripts/install-chart-test-deps.sh
 	$(VENV)/bin/python -m pytest -q tests
 
-deps: ## Install the test dependencies (PostgreSQL 15, Redis, libfaketime, Prometheus and Alertmanager, Python venv with Helm's SDK, Lua) when missing
+deps: ## Install the test dependencies (PostgreSQL 15, Redis, libfaketime, Prometheus and Alertmanager, Python venv with Helm's SDK, Lua, Chromium with node and playwright-core) when missing
 	./scripts/install-test-deps.sh
 	VENV=$(VENV) ./scripts/install-chart-test-deps.sh
 

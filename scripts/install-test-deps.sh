@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # Installs what the test suites need when it is missing: PostgreSQL 15 server
 # binaries (the tests start their own server on loopback), redis-server,
-# libfaketime, and Prometheus with promtool and Alertmanager with amtool (the
-# alert and dashboard tests run their own on loopback).
+# libfaketime, Prometheus with promtool and Alertmanager with amtool (the
+# alert and dashboard tests run their own on loopback), and for the console's
+# browser test Debian's chromium, node with npm, and playwright-core (npm ci
+# in tests/browser, from its lock file; no browser download).
 # Safe to run repeatedly; does nothing when everything is present.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# playwright-core for tests/browser, once node is there.
+browser_test_modules() {
+  if [ ! -d tests/browser/node_modules/playwright-core ]; then
+    echo "installing playwright-core for the browser test (npm ci in tests/browser)"
+    npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error >/dev/null
+  fi
+}
 
 missing=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${VM_TEST_PG_BINDIR:-}" ]; then
@@ -30,8 +41,19 @@ fi
 if ! command -v runuser >/dev/null 2>&1; then
   missing+=(util-linux)
 fi
+# The console's browser test: headless Chromium driven from node.
+if [ ! -x /usr/bin/chromium ]; then
+  missing+=(chromium)
+fi
+if ! command -v node >/dev/null 2>&1; then
+  missing+=(nodejs)
+fi
+if ! command -v npm >/dev/null 2>&1; then
+  missing+=(npm)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
+  browser_test_modules
   exit 0
 fi
 
@@ -52,3 +74,4 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
 fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+browser_test_modules

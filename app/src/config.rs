@@ -54,6 +54,11 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "VM_WEBHOOK_TOLERANCE_SECONDS",
     "VM_PLANS_FILE",
     "VM_METRICS_TENANT_LABELS",
+    "VM_STREAM_HEARTBEAT_MS",
+    "VM_STREAM_POLL_MS",
+    "VM_STREAM_GAP_TIMEOUT_MS",
+    "VM_STREAM_BUFFER",
+    "VM_STREAM_MAX_SUBSCRIBERS",
 ];
 
 /// The names among `names` that are not settings but within two edits of
@@ -228,6 +233,29 @@ pub struct QueueSettings {
     pub worker_stale_after: Duration,
 }
 
+/// Live updates (`GET /api/v2/…/events/stream`).
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// A comment line on an idle stream this often, so proxies keep it open
+    /// (`VM_STREAM_HEARTBEAT_MS`, default 15 s).
+    pub heartbeat: Duration,
+    /// How often each process reads new events from the database when
+    /// nothing nudges it (`VM_STREAM_POLL_MS`, default 500 ms); a commit in
+    /// this process, or a Redis message from another, polls at once.
+    pub poll_interval: Duration,
+    /// How long a missing event id holds later events back before it is
+    /// taken for one that will never commit (`VM_STREAM_GAP_TIMEOUT_MS`,
+    /// default 5 s; see `stream::highwater`).
+    pub gap_timeout: Duration,
+    /// Events buffered per subscriber; a subscriber that falls this far
+    /// behind is cut off and resumes with `Last-Event-ID`
+    /// (`VM_STREAM_BUFFER`, default 256).
+    pub buffer: usize,
+    /// Open streams a process serves at most; more answer
+    /// `503 too_many_streams` (`VM_STREAM_MAX_SUBSCRIBERS`, default 1000).
+    pub max_subscribers: usize,
+}
+
 /// One API key: only its SHA-256 is kept after start-up.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey {
@@ -344,6 +372,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Authentication, webhooks, rate limits and HTTP hardening.
     pub security: SecuritySettings,
+    /// Live updates.
+    pub stream: StreamSettings,
     /// `VM_SHUTDOWN_DELAY_MS`: after SIGTERM, how long to keep answering
     /// (`not_ready`) before closing the listener, so that endpoints are
     /// updated before connections are refused.
@@ -561,6 +591,13 @@ impl Settings {
             },
         };
         let metrics_tenant_labels = p.bool("VM_METRICS_TENANT_LABELS", false);
+        let stream = StreamSettings {
+            heartbeat: p.millis("VM_STREAM_HEARTBEAT_MS", 15_000, 10, 300_000),
+            poll_interval: p.millis("VM_STREAM_POLL_MS", 500, 10, 60_000),
+            gap_timeout: p.millis("VM_STREAM_GAP_TIMEOUT_MS", 5_000, 10, 600_000),
+            buffer: p.number("VM_STREAM_BUFFER", 256usize, 1, 100_000),
+            max_subscribers: p.number("VM_STREAM_MAX_SUBSCRIBERS", 1_000usize, 1, 1_000_000),
+        };
 
         if !p.errors.is_empty() {
             return Err(ConfigErrors(p.errors));
@@ -582,6 +619,7 @@ impl Settings {
             plans,
             plans_file,
             metrics_tenant_labels,
+            stream,
         })
     }
 

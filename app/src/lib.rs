@@ -2,8 +2,9 @@
 //!
 //! An HTTP API that accepts runs ([`http`]), a durable queue of their steps in
 //! SQLite or PostgreSQL ([`store`]), a worker that drains it ([`worker`]), and
-//! the commands that wire them ([`runtime`]). Settings come from the
-//! environment, validated once ([`config`]).
+//! the commands that wire them ([`runtime`]), live updates of run events
+//! ([`stream`]) and the web console ([`http::console`]). Settings come from
+//! the environment, validated once ([`config`]).
 
 pub mod backup_cmd;
 pub mod batch;
@@ -19,6 +20,7 @@ pub mod redis_bus;
 pub mod runtime;
 pub mod steps;
 pub mod store;
+pub mod stream;
 pub mod telemetry;
 pub mod usage_cmd;
 pub mod worker;

@@ -275,6 +275,8 @@ pub struct Metrics {
     /// Whether the usage families are labelled by tenant; `None` until
     /// [`Metrics::register_usage`].
     usage_by_tenant: std::sync::OnceLock<bool>,
+    /// Live-update streams ([`crate::stream`]).
+    pub stream: crate::stream::metrics::StreamMetrics,
     /// Approval steps waiting for a decision (scrape time, from the
     /// maintenance snapshot).
     pub approvals_pending: Gauge,
@@ -327,6 +329,7 @@ impl Metrics {
             usage_used_by_tenant: Family::default(),
             usage_allowance_by_tenant: Family::default(),
             usage_by_tenant: std::sync::OnceLock::new(),
+            stream: Default::default(),
             approvals_pending: Gauge::default(),
             approval_oldest_pending: Gauge::default(),
             approval_decisions: Family::default(),
@@ -448,6 +451,7 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Build information", build);
+        m.stream.register(&mut registry);
         m.register_known_labels();
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m

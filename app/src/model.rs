@@ -319,6 +319,10 @@ pub struct RunEvent {
     pub data: Option<Value>,
     /// When, ms since the Unix epoch.
     pub created_at: i64,
+    /// The run's tenant, when the read carried it (the live feed's reads
+    /// do, for [`crate::store::feed::Visibility::allows`]); never serialised.
+    #[serde(skip)]
+    pub tenant: Option<String>,
 }
 
 /// A job a worker has claimed, with the fencing token it must present to finish it.

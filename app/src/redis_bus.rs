@@ -7,7 +7,8 @@
 //! fails quietly (counted in `vm_dependency_failures_total{dependency="redis"}`),
 //! subscribers retry with backoff, and workers keep polling, so nothing is
 //! lost or delayed beyond the poll interval; when Redis returns, wake-ups
-//! resume by themselves.
+//! resume by themselves. Live updates use the same pattern on
+//! `vm:events:new` (see [`crate::stream`]): a nudge to poll the event log.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,17 +127,38 @@ impl RedisBus {
 
     /// Announces new work. Best effort: a failure only costs latency.
     pub async fn notify_enqueued(&self) {
+        self.publish(WAKE_CHANNEL).await;
+    }
+
+    /// Publishes a nudge on `channel`. Best effort: a failure only costs
+    /// latency (the listeners poll anyway).
+    pub async fn publish(&self, channel: &'static str) {
         let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(WAKE_CHANNEL).arg("1");
+        cmd.arg(channel).arg("1");
         if self.command::<i64>(cmd).await.is_err() {
             self.metrics.dependency_failed(Dependency::redis);
-            debug!("could not publish a wake-up; workers will find the job by polling");
+            debug!(
+                channel,
+                "could not publish a nudge; listeners will find the change by polling"
+            );
         }
     }
 
     /// Forwards wake-ups to `wake` until `shutdown`, reconnecting with
     /// backoff whenever the subscription breaks.
     pub async fn forward_wakeups(self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        self.forward(WAKE_CHANNEL, wake, shutdown).await;
+    }
+
+    /// Notifies `wake` for each message on `channel` (and once on each
+    /// (re)subscription, for what was missed meanwhile) until `shutdown`,
+    /// reconnecting with backoff whenever the subscription breaks.
+    pub async fn forward(
+        self,
+        channel: &'static str,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
         let mut delay = Duration::from_millis(200);
         while !shutdown.is_cancelled() {
             let subscribed = async {
@@ -145,7 +167,7 @@ impl RedisBus {
                         .await
                         .map_err(|_| ())?
                         .map_err(|_| ())?;
-                tokio::time::timeout(COMMAND_TIMEOUT, pubsub.subscribe(WAKE_CHANNEL))
+                tokio::time::timeout(COMMAND_TIMEOUT, pubsub.subscribe(channel))
                     .await
                     .map_err(|_| ())?
                     .map_err(|_| ())?;
@@ -157,7 +179,7 @@ impl RedisBus {
             };
             match pubsub {
                 Ok(pubsub) => {
-                    info!(channel = WAKE_CHANNEL, "subscribed to wake-ups");
+                    info!(channel, "subscribed to nudges");
                     delay = Duration::from_millis(200);
                     // Something may have been queued while we were away.
                     wake.notify_one();
@@ -171,14 +193,17 @@ impl RedisBus {
                             },
                         }
                     }
-                    warn!("wake-up subscription lost; polling until Redis is back");
+                    warn!(
+                        channel,
+                        "nudge subscription lost; polling until Redis is back"
+                    );
                     self.metrics.dependency_failed(Dependency::redis);
                 }
                 Err(()) => {
                     self.metrics.dependency_failed(Dependency::redis);
                     debug!(
                         retry_in_ms = delay.as_millis() as u64,
-                        "cannot subscribe to wake-ups"
+                        channel, "cannot subscribe to nudges"
                     );
                 }
             }

@@ -245,6 +245,18 @@ fn forward_wakeups(state: &AppState, shutdown: &CancellationToken) {
     }
 }
 
+/// With Redis, announces this process's event commits so that every API
+/// replica's live updates poll at once (they poll on a timer regardless).
+fn announce_commits(state: &AppState, shutdown: &CancellationToken) {
+    if let Some(redis) = state.redis.clone() {
+        tokio::spawn(crate::stream::publish_commits(
+            state.store.clone(),
+            redis,
+            shutdown.clone(),
+        ));
+    }
+}
+
 /// Says loudly when the API runs without keys.
 fn log_auth_mode(settings: &Settings) {
     let keys = &settings.security.api_keys;
@@ -310,6 +322,8 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
     log_auth_mode(&settings);
     let mut state = app_state(&store, &settings)?;
     let shutdown = CancellationToken::new();
+    announce_commits(&state, &shutdown);
+    let streams = state.streams.clone();
     let mut worker_task = None;
     let force_stop = CancellationToken::new();
     if settings.embedded_worker() {
@@ -357,6 +371,9 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
         flag.store(true, Ordering::SeqCst);
         info!("shutdown requested: not ready, draining requests and jobs (a second signal stops at once)");
         stop.cancel();
+        // Live-update streams never end by themselves: end them, so the
+        // drain waits only for real requests. Clients resume elsewhere.
+        streams.close();
         let force = second_signal(stop.clone());
         tokio::pin!(force);
         tokio::select! {
@@ -439,6 +456,7 @@ async fn worker(settings: Arc<Settings>, args: WorkerArgs) -> Result<(), String>
     });
     let probes = tokio::spawn(async move { probes.await });
     forward_wakeups(&state_for_wakeups, &shutdown);
+    announce_commits(&state_for_wakeups, &shutdown);
     let force_stop = CancellationToken::new();
     let mut worker_task = tokio::spawn(worker.with_force(force_stop.clone()).run(shutdown.clone()));
     shutdown_signal().await;

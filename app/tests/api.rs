@@ -664,6 +664,8 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
         ("GET", "/api/v2/runs"),
         ("GET", "/api/v2/runs/{id}"),
         ("GET", "/api/v2/runs/{id}/events"),
+        ("GET", "/api/v2/runs/{id}/events/stream"),
+        ("GET", "/api/v2/events/stream"),
         ("POST", "/api/v2/runs/{id}/cancel"),
         ("GET", "/api/v2/audit"),
         ("POST", "/api/v2/webhooks/{source}"),
@@ -689,8 +691,9 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
             .replace("{index}", "0")
             .replace("{tenant}", "anonymous");
         let body = (method == "POST" && uri.ends_with("/runs")).then_some(HELLO);
-        // Not JSON on success: metrics text and the usage CSV.
-        if uri.contains("metrics") || uri.ends_with("/usage/export") {
+        // Not JSON on success: metrics text and the usage CSV; streams never
+        // end: only their status is read.
+        if uri.contains("metrics") || uri.ends_with("/usage/export") || uri.ends_with("/stream") {
             assert_eq!(
                 support::send_raw(&app, method, &uri, body).await,
                 StatusCode::OK,

@@ -21,6 +21,7 @@ use vm_webapp::model::RunStatus;
 use vm_webapp::period::Period;
 use vm_webapp::plans::Meter;
 use vm_webapp::steps::llm::LlmBackend;
+use vm_webapp::store::feed::{FeedFilter, Visibility};
 use vm_webapp::store::{Finish, UsageRecord};
 
 const ADMIN: &str = "admin-key-0123456789";
@@ -647,6 +648,7 @@ async fn a_key_sees_only_its_tenants_runs_and_usage_and_admin_sees_all(backend: 
         ("GET", format!("/api/v2/runs/{acme_run}")),
         ("GET", format!("/api/v2/runs/{acme_run}/events")),
         ("POST", format!("/api/v2/runs/{acme_run}/cancel")),
+        ("GET", format!("/api/v2/runs/{acme_run}/events/stream")),
     ] {
         let reply = call(&app, method, &uri, None, GLOBEX).await;
         assert_eq!(reply.status, StatusCode::NOT_FOUND, "{method} {uri}");
@@ -682,6 +684,26 @@ async fn a_key_sees_only_its_tenants_runs_and_usage_and_admin_sees_all(backend: 
         ids(call(&app, "GET", "/api/v2/runs", None, ADMIN).await).len(),
         2
     );
+    // The live feed: a tenant's streams carry its runs' events only, both in
+    // the catch-up read and in the process-wide poll.
+    let globex_only = FeedFilter {
+        run: None,
+        visible: Visibility::Tenant("globex".into()),
+    };
+    let page = env
+        .store
+        .feed_page(&globex_only, 0, i64::MAX, 1_000)
+        .await
+        .expect("feed page");
+    assert!(
+        !page.is_empty() && page.iter().all(|e| e.run_id == globex_run),
+        "{page:?}"
+    );
+    let polled = env.store.feed_after(0, 1_000).await.expect("feed");
+    assert!(polled.iter().any(|e| e.run_id == acme_run));
+    let followed: Vec<_> = polled.iter().filter(|e| globex_only.matches(e)).collect();
+    assert_eq!(followed.len(), page.len());
+    assert!(followed.iter().all(|e| e.run_id == globex_run));
     // Usage: own tenant or admin; export: admin only; plan changes: admin only.
     let other = call(&app, "GET", "/api/v2/tenants/acme/usage", None, GLOBEX).await;
     assert_eq!(other.status, StatusCode::NOT_FOUND);

@@ -89,6 +89,10 @@ pub enum ApiError {
     /// 503 `shutting_down`.
     #[error("the server is shutting down; retry on another instance")]
     ShuttingDown,
+    /// 503 `too_many_streams`: this instance serves as many live-update
+    /// streams as it may (`VM_STREAM_MAX_SUBSCRIBERS`).
+    #[error("this instance serves as many live-update streams as it may; retry later")]
+    TooManyStreams,
     /// 401 `unauthorized`: no or wrong API key.
     #[error("{0}")]
     Unauthorized(&'static str),
@@ -182,7 +186,7 @@ impl ApiError {
             ApiError::ApproverRequired => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::IdempotencyConflict | ApiError::NotCancellable(_) => StatusCode::CONFLICT,
-            ApiError::DependencyUnavailable | ApiError::ShuttingDown => {
+            ApiError::DependencyUnavailable | ApiError::ShuttingDown | ApiError::TooManyStreams => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Unauthorized(_)
@@ -226,6 +230,7 @@ impl ApiError {
             ApiError::NotCancellable(_) => "run_not_cancellable",
             ApiError::DependencyUnavailable => "dependency_unavailable",
             ApiError::ShuttingDown => "shutting_down",
+            ApiError::TooManyStreams => "too_many_streams",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::RateLimited(_) => "rate_limited",

@@ -4,12 +4,15 @@
 //! - `POST /runs`, `GET /runs`, `GET /runs/{id}`, `GET /runs/{id}/events`,
 //!   `POST /runs/{id}/cancel` (see [`runs`])
 //! - `GET /metrics/prometheus`, and `GET /metrics` at the root (see [`metrics`])
+//! - `GET /runs/{id}/events/stream`, `GET /events/stream`: live updates as
+//!   Server-Sent Events (see [`stream`])
 //! - `POST /runs/{id}/steps/{index}/approve`, `POST /runs/{id}/steps/{index}/reject`,
 //!   `GET /approvals`: approval steps (see [`approvals`])
 //! - `POST /webhooks/{source}`: signed deliveries (see [`webhooks`])
 //! - `GET /audit`: the audit trail, admin keys only (see [`audit`])
 //! - `PUT /tenants/{tenant}/plan`, `GET /tenants/{tenant}/usage`,
 //!   `GET /usage/export`: plans and usage (see [`tenants`])
+//! - `GET /console` at the root: the web console (see [`console`])
 //! - `GET /openapi.json`: the OpenAPI document, generated from the same
 //!   registrations that build the router, so the two cannot drift apart
 //! - `views`: the JSON shapes
@@ -26,6 +29,7 @@
 
 pub mod approvals;
 pub mod audit;
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -33,6 +37,7 @@ pub mod metrics;
 pub mod paging;
 pub mod runs;
 pub mod security;
+pub mod stream;
 pub mod tenants;
 pub mod views;
 pub mod webhooks;
@@ -88,6 +93,8 @@ pub struct AppState {
     pub limiter: Arc<security::RateLimiter>,
     /// Authentication failures since the last audit flush.
     pub auth_failures: Arc<security::AuthFailures>,
+    /// Live updates: this process's event hub (see [`crate::stream`]).
+    pub streams: crate::stream::Hub,
 }
 
 impl AppState {
@@ -113,6 +120,11 @@ impl AppState {
             settings.metrics_tenant_labels,
         );
         Self {
+            streams: crate::stream::Hub::new(
+                store.clone(),
+                settings.stream.clone(),
+                metrics.clone(),
+            ),
             store,
             worker_stall_after: settings.queue.worker_stale_after,
             settings,
@@ -193,6 +205,8 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(runs::get_run))
         .routes(routes!(runs::list_events))
         .routes(routes!(runs::cancel_run))
+        .routes(routes!(stream::run_stream))
+        .routes(routes!(stream::all_stream))
         .routes(routes!(approvals::approve))
         .routes(routes!(approvals::reject))
         .routes(routes!(approvals::list))
@@ -249,7 +263,10 @@ async fn openapi_json() -> axum::Json<serde_json::Value> {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
     let (routes, _) = api_routes(Some(&state)).split_for_parts();
-    with_common_layers(routes.layer(DefaultBodyLimit::max(body_limit)), &state).with_state(state)
+    let routes = routes
+        .merge(console::routes())
+        .layer(DefaultBodyLimit::max(body_limit));
+    with_common_layers(routes, &state).with_state(state)
 }
 
 /// The worker's health router: probes and metrics only.

@@ -293,6 +293,8 @@ impl Store {
         }));
         self.insert_events(&mut tx, &[event]).await?;
         tx.commit().await?;
+        // Live updates poll at once (see `stream`).
+        self.events.raise();
         Ok(Some(expires_at))
     }
 
@@ -543,6 +545,8 @@ impl Store {
         let crossed = self.record_usage(&mut tx, &usage).await?;
         tx.commit().await?;
         self.count_crossings(&crossed);
+        // Live updates poll at once (see `stream`).
+        self.events.raise();
         Ok(DecideOutcome::Decided(Box::new(Decided {
             kind,
             waited_ms,

@@ -127,6 +127,7 @@ impl Store {
                         .map(|d: String| parse_json(&d, "event data"))
                         .transpose()?,
                     created_at: row.try_get("created_at")?,
+                    tenant: None,
                 })
             })
             .collect()

@@ -62,6 +62,7 @@ impl Handle {
         backend: DbBackend,
         max_connections: u32,
         usage: Arc<super::usage::Shared>,
+        events: super::feed::CommitSignal,
     ) -> Self {
         if tokio::runtime::Handle::try_current().is_err() {
             return Self::disabled();
@@ -79,6 +80,7 @@ impl Handle {
             backend,
             creates: Self::disabled(),
             usage,
+            events,
         };
         for _ in 0..writers {
             tokio::spawn(writer(store.clone(), rx.clone()));
@@ -434,6 +436,7 @@ async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Stored>> {
     }
     tx.commit().await?;
     store.count_crossings(&crossed);
+    store.events.raise();
 
     Ok(ids
         .iter()

@@ -11,7 +11,7 @@ use super::{Result, Store, StoreError};
 use crate::config::DbBackend;
 
 /// The migrations of one backend, in order: (version, description, SQL).
-fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 9] {
+fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 10] {
     match backend {
         DbBackend::Postgres => [
             (
@@ -59,6 +59,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 "tenants and usage",
                 include_str!("../../migrations/postgres/0009_tenants_and_usage.sql"),
             ),
+            (
+                10,
+                "events by id",
+                include_str!("../../migrations/postgres/0010_events_by_id.sql"),
+            ),
         ],
         DbBackend::Sqlite => [
             (
@@ -105,6 +110,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 9,
                 "tenants and usage",
                 include_str!("../../migrations/sqlite/0009_tenants_and_usage.sql"),
+            ),
+            (
+                10,
+                "events by id",
+                include_str!("../../migrations/sqlite/0010_events_by_id.sql"),
             ),
         ],
     }

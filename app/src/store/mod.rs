@@ -36,6 +36,7 @@
 //! Files: [`migrate`] (schema), [`events`] (the event log), [`runs`] (create,
 //! read, cancel), [`group_commit`] (batched run creation), [`queue`] (claim,
 //! complete, retry, rescue, leases, maintenance), [`workers`] (heartbeats),
+//! [`feed`] (the event log read by live streams),
 //! [`security`] (audit trail, webhook nonces, grants), [`backup`] (logical
 //! snapshot and restore, either backend), [`approvals`] (approval steps:
 //! waiting without a lease, decisions, expiry, the inbox).
@@ -51,6 +52,7 @@ use crate::config::{DatabaseSettings, DbBackend};
 pub mod approvals;
 pub mod backup;
 pub mod events;
+pub mod feed;
 pub mod group_commit;
 pub mod migrate;
 pub mod queue;
@@ -191,6 +193,8 @@ pub struct Store {
     backend: DbBackend,
     creates: group_commit::Handle,
     usage: std::sync::Arc<usage::Shared>,
+    /// Raised after a transaction that wrote events commits.
+    events: feed::CommitSignal,
 }
 
 impl Store {
@@ -241,13 +245,20 @@ impl Store {
                 .await?;
         }
         let usage = std::sync::Arc::new(usage::Shared::default());
-        let creates =
-            group_commit::Handle::start(pool.clone(), backend, max_connections, usage.clone());
+        let events = feed::CommitSignal::default();
+        let creates = group_commit::Handle::start(
+            pool.clone(),
+            backend,
+            max_connections,
+            usage.clone(),
+            events.clone(),
+        );
         Ok(Self {
             pool,
             backend,
             creates,
             usage,
+            events,
         })
     }
 

@@ -376,6 +376,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.events.raise();
         match self.get_run(id).await? {
             Some(detail) => Ok(CancelOutcome::Cancelled(Box::new(detail))),
             None => Ok(CancelOutcome::NotFound),

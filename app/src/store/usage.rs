@@ -277,6 +277,9 @@ impl Store {
         let mut tx = self.begin().await?;
         let crossed = self.record_usage_at(&mut tx, records, period).await?;
         tx.commit().await?;
+        if !crossed.is_empty() {
+            self.events.raise();
+        }
         self.count_crossings(&crossed);
         Ok(crossed)
     }

@@ -113,6 +113,9 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
+        if !rows.is_empty() {
+            self.events.raise();
+        }
         Ok(rows)
     }
 
@@ -182,6 +185,7 @@ impl Store {
         }
         self.insert_events(&mut tx, &events).await?;
         tx.commit().await?;
+        self.events.raise();
         Ok(rows)
     }
 

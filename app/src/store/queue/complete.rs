@@ -101,6 +101,10 @@ impl Store {
             let mut tx = self.begin().await?;
             let crossed = self.note_thresholds(&mut tx, &touched).await?;
             tx.commit().await?;
+            if !crossed.is_empty() {
+                // Threshold events were written: live updates poll at once.
+                self.events.raise();
+            }
             Ok::<_, crate::store::StoreError>(crossed)
         }
         .await;
@@ -175,6 +179,9 @@ impl Store {
                 .map_err(crate::store::StoreError::from)
             {
                 Ok(rows) => {
+                    if !rows.is_empty() {
+                        self.events.raise();
+                    }
                     return rows
                         .iter()
                         .map(|r| {
@@ -329,6 +336,7 @@ impl Store {
         }
         let touched = self.add_usage(&mut tx, &usage, None).await?;
         tx.commit().await?;
+        self.events.raise();
         let period = touched
             .first()
             .map(|t| t.period.clone())
@@ -391,6 +399,7 @@ impl Store {
         }
         self.insert_events(&mut tx, &[event]).await?;
         tx.commit().await?;
+        self.events.raise();
         Ok(Finish::Recorded)
     }
 
@@ -458,6 +467,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
+        self.events.raise();
         Ok(Finish::Recorded)
     }
 

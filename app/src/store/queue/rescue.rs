@@ -94,6 +94,9 @@ impl Store {
             self.insert_events(&mut tx, &events).await?;
         }
         tx.commit().await?;
+        if count > 0 {
+            self.events.raise();
+        }
 
         let exhausted = sqlx::query(&self.sql(
             "SELECT id, run_id, step_index, payload, attempt, max_attempts FROM jobs \

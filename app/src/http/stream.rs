@@ -1,0 +1,198 @@
+//! Live updates over Server-Sent Events (see [`crate::stream`] for how
+//! events reach a stream):
+//!
+//! - `GET /api/v2/runs/{id}/events/stream`: one run's events, from its first
+//!   one (a late subscriber sees the whole history, then what follows)
+//! - `GET /api/v2/events/stream`: the events of every run the key may see,
+//!   from now on
+//!
+//! Each SSE event carries `id:` (the event's id) and a JSON `data:` shaped
+//! like an item of `GET /runs/{id}/events` plus `run_id`. A client resumes
+//! after the last id it got with the `Last-Event-ID` header (what browsers'
+//! `EventSource` sends by itself) or, when it cannot set headers, `?after=`;
+//! the header wins when both are given. Idle streams carry a `:heartbeat`
+//! comment every `VM_STREAM_HEARTBEAT_MS`. An unknown run answers `404`
+//! before any stream starts; authentication and rate limits are those of
+//! every other route.
+
+use std::convert::Infallible;
+
+use axum::Extension;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::http::extract::ApiPath;
+use crate::http::paging::parse_query;
+use crate::http::security::Actor;
+use crate::http::views::{ErrorBody, EventView};
+use crate::http::{AppState, error::ApiError};
+use crate::model::RunEvent;
+use crate::store::feed::{FeedFilter, Visibility};
+use crate::stream::SubscribeError;
+
+/// The `data:` of one SSE event: an event as `GET /runs/{id}/events` shows
+/// it, with its run.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StreamEventView {
+    /// The run.
+    pub run_id: Uuid,
+    /// The event.
+    #[serde(flatten)]
+    pub event: EventView,
+}
+
+/// The runs `actor` may follow on `GET /events/stream`: every run for admin
+/// keys (and the open local mode), its tenant's runs for any other key (as
+/// on every run route, see [`crate::http::runs::scope_of`]).
+pub fn visibility_for(actor: Option<&Actor>) -> Visibility {
+    match actor {
+        Some(a) if a.admin => Visibility::All,
+        Some(a) => Visibility::Tenant(a.tenant.clone()),
+        // Protected routes always carry an actor; without one, see nothing.
+        None => Visibility::Tenant(String::new()),
+    }
+}
+
+/// Where a client resumes: `Last-Event-ID`, else `?after=`, else `None`.
+fn resume_after(headers: &HeaderMap, raw: Option<String>) -> Result<Option<i64>, ApiError> {
+    let query = parse_query(raw, &["after"])?;
+    let parse = |value: &str, what: &str| {
+        value
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| {
+                ApiError::InvalidParameter(format!("{what}: expected an event id (a whole number)"))
+            })
+    };
+    if let Some(value) = headers.get("last-event-id") {
+        let text = value.to_str().map_err(|_| {
+            ApiError::InvalidParameter(
+                "Last-Event-ID: expected an event id (a whole number)".into(),
+            )
+        })?;
+        // `EventSource` sends an empty header when no event carried an id.
+        if !text.trim().is_empty() {
+            return parse(text, "Last-Event-ID").map(Some);
+        }
+    }
+    query.get("after").map(|v| parse(v, "after")).transpose()
+}
+
+fn sse_event(event: &RunEvent) -> Event {
+    let view = StreamEventView {
+        run_id: event.run_id,
+        event: EventView::of(event),
+    };
+    let data = serde_json::to_string(&view).unwrap_or_else(|_| "{}".to_string());
+    Event::default().id(event.id.to_string()).data(data)
+}
+
+async fn open(
+    state: &AppState,
+    filter: FeedFilter,
+    after: Option<i64>,
+) -> Result<Response, ApiError> {
+    let subscription = state
+        .streams
+        .subscribe(filter, after, state.redis.as_ref())
+        .await
+        .map_err(|e| match e {
+            SubscribeError::TooMany => ApiError::TooManyStreams,
+            SubscribeError::Store(e) => ApiError::from(e),
+        })?;
+    let events = subscription
+        .into_stream()
+        .map(|event| Ok::<_, Infallible>(sse_event(&event)));
+    let mut response = Sse::new(events)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(state.settings.stream.heartbeat)
+                .text("heartbeat"),
+        )
+        .into_response();
+    // Proxies that buffer responses (nginx) would hold events back.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// Follows one run's events live (Server-Sent Events).
+#[utoipa::path(
+    get,
+    path = "/api/v2/runs/{id}/events/stream",
+    tag = "runs",
+    security(("api_key" = [])),
+    params(
+        ("id" = Uuid, Path, description = "Run id"),
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id (wins over `after`)"),
+        ("after" = Option<i64>, Query, description = "Resume after this event id, for clients that cannot set headers; without either, the stream starts at the run's first event"),
+    ),
+    responses(
+        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle", content_type = "text/event-stream", body = StreamEventView),
+        (status = 400, description = "invalid_parameter: Last-Event-ID or after is not an event id", body = ErrorBody),
+        (status = 404, description = "run_not_found", body = ErrorBody),
+        (status = 503, description = "too_many_streams, dependency_unavailable", body = ErrorBody),
+    )
+)]
+pub async fn run_stream(
+    State(state): State<AppState>,
+    actor: Option<Extension<Actor>>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let after = resume_after(&headers, raw)?;
+    // A malformed id cannot name a run, so it is simply not found.
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::RunNotFound)?;
+    // Another tenant's run is not found, as on every run route.
+    if !state
+        .store
+        .run_visible(id, &crate::http::runs::scope_of(actor.as_ref()))
+        .await?
+    {
+        return Err(ApiError::RunNotFound);
+    }
+    let filter = FeedFilter {
+        run: Some(id),
+        visible: visibility_for(actor.as_ref().map(|Extension(a)| a)),
+    };
+    open(&state, filter, Some(after.unwrap_or(0))).await
+}
+
+/// Follows the events of every run the key may see, live (Server-Sent Events).
+#[utoipa::path(
+    get,
+    path = "/api/v2/events/stream",
+    tag = "runs",
+    security(("api_key" = [])),
+    params(
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id (wins over `after`)"),
+        ("after" = Option<i64>, Query, description = "Resume after this event id, for clients that cannot set headers; without either, the stream starts with the next event"),
+    ),
+    responses(
+        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle", content_type = "text/event-stream", body = StreamEventView),
+        (status = 400, description = "invalid_parameter: Last-Event-ID or after is not an event id", body = ErrorBody),
+        (status = 503, description = "too_many_streams, dependency_unavailable", body = ErrorBody),
+    )
+)]
+pub async fn all_stream(
+    State(state): State<AppState>,
+    actor: Option<Extension<Actor>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let after = resume_after(&headers, raw)?;
+    let filter = FeedFilter {
+        run: None,
+        visible: visibility_for(actor.as_ref().map(|Extension(a)| a)),
+    };
+    open(&state, filter, after).await
+}

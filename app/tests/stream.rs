@@ -1,0 +1,732 @@
+//! Live updates (Server-Sent Events) through the real router, on SQLite and
+//! PostgreSQL: history then live events, resuming with `Last-Event-ID`, two
+//! API replicas on one database (with and without Redis), the late-commit
+//! gap, slow subscribers, heartbeats, approval events delivered at once, the
+//! limits and the error answers; and the console's page and assets with
+//! their CSP.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use sqlx::Connection;
+use support::{Backend, TestEnv, create, get_text, send};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use uuid::Uuid;
+use vm_webapp::http::{AppState, router};
+use vm_webapp::model::RunStatus;
+use vm_webapp::redis_bus::RedisBus;
+use vm_webapp::steps::llm::LlmBackend;
+
+const HELLO: &str = r#"{"input":{"name":"Ada"},"steps":[{"kind":"template","template":"Hello, {{input.name}}!"},{"kind":"transform","op":"uppercase"}]}"#;
+const ONE_STEP: &str = r#"{"steps":[{"kind":"template","template":"x"}]}"#;
+const KEYS: &str = "ci:ci-key-0123456789abcdef";
+
+/// One SSE frame.
+#[derive(Debug)]
+enum Frame {
+    Event { id: i64, data: Value },
+    Comment(String),
+}
+
+/// Reads SSE frames from a response body as they arrive.
+struct SseReader {
+    body: Body,
+    buf: String,
+}
+
+impl SseReader {
+    fn new(body: Body) -> Self {
+        Self {
+            body,
+            buf: String::new(),
+        }
+    }
+
+    /// The next frame; `None` when the stream ended; panics after `wait`.
+    async fn frame(&mut self, wait: Duration) -> Option<Frame> {
+        tokio::time::timeout(wait, self.frame_inner())
+            .await
+            .unwrap_or_else(|_| panic!("no SSE frame within {wait:?}"))
+    }
+
+    /// Like [`SseReader::frame`], but `Err` on a timeout.
+    async fn try_frame(&mut self, wait: Duration) -> Result<Option<Frame>, ()> {
+        tokio::time::timeout(wait, self.frame_inner())
+            .await
+            .map_err(|_| ())
+    }
+
+    async fn frame_inner(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let raw: String = self.buf.drain(..end + 2).collect();
+                let mut id = None;
+                let mut data = String::new();
+                let mut comment = None;
+                for line in raw.lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        comment = Some(c.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().parse::<i64>().expect("numeric id"));
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                return Some(match (id, comment) {
+                    (Some(id), _) => Frame::Event {
+                        id,
+                        data: serde_json::from_str(&data).expect("JSON data"),
+                    },
+                    (None, Some(c)) => Frame::Comment(c),
+                    (None, None) => panic!("a frame without id or comment: {raw:?}"),
+                });
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(bytes) = frame.into_data() {
+                        self.buf
+                            .push_str(std::str::from_utf8(&bytes).expect("utf-8"));
+                    }
+                }
+                Some(Err(e)) => panic!("stream error: {e}"),
+                None => return None,
+            }
+        }
+    }
+
+    /// The next event (heartbeats skipped); `None` when the stream ended.
+    async fn event(&mut self, wait: Duration) -> Option<(i64, Value)> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.frame(left).await? {
+                Frame::Event { id, data } => return Some((id, data)),
+                Frame::Comment(_) => continue,
+            }
+        }
+    }
+
+    /// Whether an event arrives within `wait` (heartbeats skipped).
+    async fn event_within(&mut self, wait: Duration) -> Option<(i64, Value)> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.try_frame(left).await {
+                Err(()) | Ok(None) => return None,
+                Ok(Some(Frame::Event { id, data })) => return Some((id, data)),
+                Ok(Some(Frame::Comment(_))) => continue,
+            }
+        }
+    }
+}
+
+/// Opens a stream; panics unless it is a 200 event stream.
+async fn open(app: &Router, uri: &str, headers: &[(&str, &str)]) -> SseReader {
+    let mut req = Request::builder().uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = app
+        .clone()
+        .oneshot(req.body(Body::empty()).expect("request"))
+        .await
+        .expect("router answers");
+    assert_eq!(res.status(), StatusCode::OK, "GET {uri}");
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    SseReader::new(res.into_body())
+}
+
+/// Every event id in the database, ascending.
+async fn all_event_ids(env: &TestEnv) -> Vec<i64> {
+    env.store
+        .feed_after(0, 100_000)
+        .await
+        .expect("feed")
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+/// Reads events until `want` ids were seen (asserting increasing, distinct ids).
+async fn collect_until(reader: &mut SseReader, seen: &mut Vec<i64>, want: &BTreeSet<i64>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !want.iter().all(|id| seen.contains(id)) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some((id, _)) = reader.event_within(left).await else {
+            panic!("missing events: want {want:?}, got {seen:?}");
+        };
+        if let Some(last) = seen.last() {
+            assert!(id > *last, "ids go up: {id} after {last} ({seen:?})");
+        }
+        seen.push(id);
+    }
+}
+
+async fn a_run_stream_replays_the_history_then_follows_live(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_STREAM_POLL_MS", "50")]).await;
+    let app = env.router();
+    let id = create(&app, HELLO).await;
+    let mut reader = open(&app, &format!("/api/v2/runs/{id}/events/stream"), &[]).await;
+    let (first, data) = reader.event(Duration::from_secs(5)).await.expect("event");
+    assert_eq!(data["type"], "run.queued");
+    assert_eq!(data["run_id"], id.to_string());
+    assert!(data["at"].is_string(), "{data}");
+    // Another run's events interleave in the log, never on this stream.
+    let other = create(&app, HELLO).await;
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let mut ids = vec![first];
+    let mut types = vec!["run.queued".to_string()];
+    while types.last().map(String::as_str) != Some("run.succeeded") {
+        let (id, data) = reader.event(Duration::from_secs(20)).await.expect("event");
+        ids.push(id);
+        types.push(data["type"].as_str().expect("type").to_string());
+    }
+    env.wait_for(other, RunStatus::Succeeded, Duration::from_secs(20))
+        .await;
+    stop.cancel();
+    worker.await.expect("worker");
+    assert!(
+        reader
+            .event_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing of the other run"
+    );
+    // Exactly the run's stored events, in order.
+    let stored = env.store.list_events(id, 0, 1000).await.expect("events");
+    assert_eq!(ids, stored.iter().map(|e| e.id).collect::<Vec<_>>());
+    assert_eq!(types, env.event_types(id).await);
+}
+
+/// Without the catch-up/live seam being exact, a client that reconnects
+/// with the last id it got would miss what happened while it was away, or
+/// see some events twice.
+async fn resuming_with_last_event_id_after_a_disconnect_loses_and_repeats_nothing(
+    backend: Backend,
+) {
+    let env = TestEnv::new(backend, &[("VM_STREAM_POLL_MS", "50")]).await;
+    let app = env.router();
+    let mut reader = open(&app, "/api/v2/events/stream", &[]).await;
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(create(&app, ONE_STEP).await);
+    }
+    let mut seen = Vec::new();
+    let first: BTreeSet<i64> = all_event_ids(&env).await.into_iter().collect();
+    collect_until(&mut reader, &mut seen, &first).await;
+    drop(reader);
+    // Away: more runs, and the worker runs them all.
+    for _ in 0..4 {
+        runs.push(create(&app, HELLO).await);
+    }
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    for id in &runs {
+        env.wait_for(*id, RunStatus::Succeeded, Duration::from_secs(20))
+            .await;
+    }
+    let last = seen.last().copied().expect("some events").to_string();
+    let mut reader = open(&app, "/api/v2/events/stream", &[("last-event-id", &last)]).await;
+    let everything: BTreeSet<i64> = all_event_ids(&env).await.into_iter().collect();
+    // 3 one-step runs (5 events each), 4 two-step runs (7 each).
+    assert_eq!(everything.len(), 3 * 5 + 4 * 7);
+    collect_until(&mut reader, &mut seen, &everything).await;
+    assert_eq!(seen, everything.iter().copied().collect::<Vec<_>>());
+    // `?after=` does the same for clients that cannot set headers.
+    let mid = seen[seen.len() / 2];
+    let mut reader = open(&app, &format!("/api/v2/events/stream?after={mid}"), &[]).await;
+    let mut again = Vec::new();
+    let rest: BTreeSet<i64> = everything.iter().copied().filter(|id| *id > mid).collect();
+    collect_until(&mut reader, &mut again, &rest).await;
+    assert_eq!(again, rest.iter().copied().collect::<Vec<_>>());
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+/// A subscriber that stops reading is cut off once its buffer is full: its
+/// stream ends after what was buffered, instead of the process buffering
+/// for it without bound.
+async fn a_subscriber_that_does_not_read_is_cut_off_and_its_stream_ends(backend: Backend) {
+    let env = TestEnv::new(
+        backend,
+        &[("VM_STREAM_BUFFER", "4"), ("VM_STREAM_POLL_MS", "20")],
+    )
+    .await;
+    let app = env.router();
+    create(&app, ONE_STEP).await;
+    let mut reader = open(&app, "/api/v2/events/stream?after=0", &[]).await;
+    reader
+        .event(Duration::from_secs(5))
+        .await
+        .expect("caught up");
+    for _ in 0..20 {
+        create(&app, ONE_STEP).await;
+    }
+    let mut dropped = false;
+    for _ in 0..100 {
+        let metrics = get_text(&app, "/metrics").await;
+        if metrics.contains("vm_stream_drops_total{reason=\"slow\"} 1") {
+            dropped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dropped, "the slow subscriber was not cut off");
+    let mut got = 0;
+    while reader.event(Duration::from_secs(5)).await.is_some() {
+        got += 1;
+    }
+    assert!(got <= 4, "at most the buffer is delivered, got {got}");
+    let metrics = get_text(&app, "/metrics").await;
+    assert!(metrics.contains("vm_stream_subscribers 0"), "{metrics}");
+}
+
+/// The real thing: a transaction takes an event id, another commits a later
+/// one first. A poller that moved past the first id would never deliver it.
+async fn an_event_that_commits_late_is_delivered_in_order_not_skipped(backend: Backend) {
+    let env = TestEnv::new(
+        backend,
+        &[
+            ("VM_STREAM_POLL_MS", "20"),
+            ("VM_STREAM_GAP_TIMEOUT_MS", "60000"),
+        ],
+    )
+    .await;
+    let app = env.router();
+    let run = create(&app, ONE_STEP).await;
+    let mut reader = open(&app, "/api/v2/events/stream", &[]).await;
+    let url = env.settings.database.url.expose().to_string();
+    let mut late = sqlx::AnyConnection::connect(&url).await.expect("connect");
+    let mut tx = late.begin().await.expect("begin");
+    let late_id: i64 = match backend {
+        Backend::Postgres => sqlx::query_scalar(
+            "INSERT INTO run_events (run_id, event_type, created_at) VALUES ($1, 'test.late', 0) RETURNING id",
+        )
+        .bind(run.to_string())
+        .fetch_one(&mut *tx)
+        .await
+        .expect("insert"),
+        // SQLite serialises writers, so a late commit cannot happen; the
+        // gap is made by hand: a later id committed first.
+        Backend::Sqlite => {
+            let next: i64 = sqlx::query_scalar("SELECT MAX(id) + 1 FROM run_events")
+                .fetch_one(&mut *tx)
+                .await
+                .expect("max");
+            sqlx::query(
+                "INSERT INTO run_events (id, run_id, event_type, created_at) VALUES ($1, $2, 'test.early', 0)",
+            )
+            .bind(next + 1)
+            .bind(run.to_string())
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+            tx.commit().await.expect("commit");
+            tx = late.begin().await.expect("begin");
+            sqlx::query(
+                "INSERT INTO run_events (id, run_id, event_type, created_at) VALUES ($1, $2, 'test.late', 0)",
+            )
+            .bind(next)
+            .bind(run.to_string())
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+            next
+        }
+    };
+    if backend == Backend::Postgres {
+        // A later event commits while the first is still in its transaction.
+        create(&app, ONE_STEP).await;
+    }
+    assert!(
+        reader
+            .event_within(Duration::from_millis(600))
+            .await
+            .is_none(),
+        "nothing may pass the open gap"
+    );
+    tx.commit().await.expect("commit");
+    let (first, data) = reader
+        .event(Duration::from_secs(5))
+        .await
+        .expect("late event");
+    assert_eq!((first, data["type"].as_str()), (late_id, Some("test.late")));
+    let (second, _) = reader
+        .event(Duration::from_secs(5))
+        .await
+        .expect("next event");
+    assert_eq!(second, late_id + 1);
+    let metrics = get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("vm_stream_gap_ids_given_up_total 0"),
+        "{metrics}"
+    );
+}
+
+/// An id taken by a transaction that rolls back never commits: the stream
+/// waits for it only as long as the gap timeout, then goes on.
+async fn a_gap_that_never_fills_is_passed_after_the_gap_timeout(backend: Backend) {
+    let env = TestEnv::new(
+        backend,
+        &[
+            ("VM_STREAM_POLL_MS", "20"),
+            ("VM_STREAM_GAP_TIMEOUT_MS", "400"),
+        ],
+    )
+    .await;
+    let app = env.router();
+    let run = create(&app, ONE_STEP).await;
+    let mut reader = open(&app, "/api/v2/events/stream", &[]).await;
+    let url = env.settings.database.url.expose().to_string();
+    let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect");
+    let mut tx = conn.begin().await.expect("begin");
+    match backend {
+        Backend::Postgres => {
+            sqlx::query(
+                "INSERT INTO run_events (run_id, event_type, created_at) VALUES ($1, 'test.lost', 0)",
+            )
+            .bind(run.to_string())
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+            tx.rollback().await.expect("rollback");
+        }
+        Backend::Sqlite => {
+            // An id skipped for good.
+            sqlx::query(
+                "INSERT INTO run_events (id, run_id, event_type, created_at) \
+                 SELECT MAX(id) + 2, $1, 'test.after_gap', 0 FROM run_events",
+            )
+            .bind(run.to_string())
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+            tx.commit().await.expect("commit");
+        }
+    }
+    let started = std::time::Instant::now();
+    if backend == Backend::Postgres {
+        create(&app, ONE_STEP).await;
+    }
+    let (_, data) = reader
+        .event(Duration::from_secs(5))
+        .await
+        .expect("event after the gap");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "held for the gap timeout first ({:?})",
+        started.elapsed()
+    );
+    assert_ne!(data["type"], "test.lost");
+    let metrics = get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("vm_stream_gap_ids_given_up_total 1"),
+        "{metrics}"
+    );
+}
+
+/// Two replicas of the API on one database, each with a subscriber, and
+/// runs created on both and executed by a worker: each subscriber gets every
+/// event, whichever process wrote it. `redis`: the replicas nudge each other
+/// and poll only once a minute, so delivery in seconds proves the nudges.
+async fn two_replicas_deliver_every_event_to_a_subscriber_of_either(redis: bool) {
+    let server = redis.then(support::redis::RedisServer::start);
+    let url = server.as_ref().map(|s| s.url()).unwrap_or_default();
+    let mut vars = vec![("VM_STREAM_POLL_MS", if redis { "60000" } else { "50" })];
+    if redis {
+        vars.push(("VM_REDIS_URL", url.as_str()));
+    }
+    let a = TestEnv::new(Backend::Postgres, &vars).await;
+    let db_url = a.settings.database.url.expose().to_string();
+    // The second replica: its own process state and pool on the same database.
+    let b = TestEnv::at(Some(db_url), &vars).await;
+    let shutdown = CancellationToken::new();
+    let replica = |env: &TestEnv| -> Router {
+        let mut state = AppState::new(env.store.clone(), env.settings.clone());
+        if redis {
+            let bus = RedisBus::new(
+                env.settings.redis_url.as_ref().expect("redis url"),
+                state.metrics.clone(),
+            )
+            .expect("bus");
+            tokio::spawn(vm_webapp::stream::publish_commits(
+                env.store.clone(),
+                bus.clone(),
+                shutdown.clone(),
+            ));
+            state.redis = Some(bus);
+        }
+        router(state)
+    };
+    let (app_a, app_b) = (replica(&a), replica(&b));
+    let mut on_a = open(&app_a, "/api/v2/events/stream", &[]).await;
+    let mut on_b = open(&app_b, "/api/v2/events/stream", &[]).await;
+    if redis {
+        // Both hubs have subscribed to Redis before anything is written.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A worker of its own (a third process's pool) runs the steps.
+    let (worker, stop) = b.spawn_worker(2, LlmBackend::Offline);
+    let mut runs = Vec::new();
+    for i in 0..6 {
+        let app = if i % 2 == 0 { &app_a } else { &app_b };
+        runs.push(create(app, HELLO).await);
+    }
+    for id in &runs {
+        a.wait_for(*id, RunStatus::Succeeded, Duration::from_secs(20))
+            .await;
+    }
+    let everything: BTreeSet<i64> = all_event_ids(&a).await.into_iter().collect();
+    assert_eq!(everything.len(), 6 * 7);
+    let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
+    collect_until(&mut on_a, &mut seen_a, &everything).await;
+    collect_until(&mut on_b, &mut seen_b, &everything).await;
+    assert_eq!(seen_a, everything.iter().copied().collect::<Vec<_>>());
+    assert_eq!(seen_a, seen_b);
+    stop.cancel();
+    worker.await.expect("worker");
+    shutdown.cancel();
+}
+
+async fn an_idle_stream_carries_heartbeats(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_STREAM_HEARTBEAT_MS", "100")]).await;
+    let app = env.router();
+    let mut reader = open(&app, "/api/v2/events/stream", &[]).await;
+    for _ in 0..2 {
+        match reader.frame(Duration::from_secs(2)).await {
+            Some(Frame::Comment(text)) => assert_eq!(text, "heartbeat"),
+            other => panic!("expected a heartbeat, got {other:?}"),
+        }
+    }
+}
+
+async fn streams_answer_401_without_a_key_and_404_for_an_unknown_run_before_streaming(
+    backend: Backend,
+) {
+    let env = TestEnv::new(backend, &[("VM_API_KEYS", KEYS)]).await;
+    let app = env.router();
+    let auth = ("authorization", "Bearer ci-key-0123456789abcdef");
+    for uri in [
+        "/api/v2/events/stream".to_string(),
+        format!("/api/v2/runs/{}/events/stream", Uuid::new_v4()),
+    ] {
+        let reply = send(&app, "GET", &uri, None, &[]).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{uri}");
+        assert_eq!(reply.body["code"], "unauthorized");
+        let reply = send(
+            &app,
+            "GET",
+            &uri,
+            None,
+            &[("authorization", "Bearer wrong-key-0123456789")],
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{uri}");
+    }
+    for uri in [
+        format!("/api/v2/runs/{}/events/stream", Uuid::new_v4()),
+        "/api/v2/runs/not-a-uuid/events/stream".to_string(),
+    ] {
+        let reply = send(&app, "GET", &uri, None, &[auth]).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{uri}");
+        assert_eq!(reply.body["code"], "run_not_found");
+    }
+    for (uri, header) in [
+        ("/api/v2/events/stream?after=-1", None),
+        ("/api/v2/events/stream?after=x", None),
+        ("/api/v2/events/stream?since=1", None),
+        ("/api/v2/events/stream", Some("12abc")),
+    ] {
+        let mut headers = vec![auth];
+        if let Some(h) = header {
+            headers.push(("last-event-id", h));
+        }
+        let reply = send(&app, "GET", uri, None, &headers).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{uri} {header:?}");
+        assert_eq!(reply.body["code"], "invalid_parameter");
+    }
+    let run = {
+        let reply = send(&app, "POST", "/api/v2/runs", Some(ONE_STEP), &[auth]).await;
+        reply.body["id"].as_str().expect("id").to_string()
+    };
+    let mut reader = open(&app, &format!("/api/v2/runs/{run}/events/stream"), &[auth]).await;
+    let (_, data) = reader.event(Duration::from_secs(5)).await.expect("event");
+    assert_eq!(data["type"], "run.queued");
+}
+
+async fn streams_beyond_the_process_limit_are_refused_with_503(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_STREAM_MAX_SUBSCRIBERS", "1")]).await;
+    let app = env.router();
+    let first = open(&app, "/api/v2/events/stream", &[]).await;
+    let reply = send(&app, "GET", "/api/v2/events/stream", None, &[]).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.body["code"], "too_many_streams");
+    drop(first);
+    let _second = open(&app, "/api/v2/events/stream", &[]).await;
+    let metrics = get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("vm_stream_drops_total{reason=\"limit\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vm_stream_subscribers 1"), "{metrics}");
+}
+
+/// Every write path raises the commit signal: with the timer at a minute,
+/// only those nudges can deliver a run's events in seconds, through the
+/// wait for an approver and the decision. A path that forgot it would show
+/// its events a poll interval late.
+async fn approval_waits_and_decisions_reach_streams_at_once_not_at_the_next_poll(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_STREAM_POLL_MS", "60000")]).await;
+    let app = env.router();
+    let mut all = open(&app, "/api/v2/events/stream", &[]).await;
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let id = create(
+        &app,
+        // The approval is the last step: its decision writes the run's last
+        // events in its own transaction, with no worker activity after it.
+        r#"{"steps":[{"kind":"template","template":"draft"},{"kind":"approval","prompt":"Publish {{prev}}?"}]}"#,
+    )
+    .await;
+    let mut types = Vec::new();
+    while types.last().map(String::as_str) != Some("step.awaiting_approval") {
+        let (_, data) = all.event(Duration::from_secs(5)).await.expect("event");
+        types.push(data["type"].as_str().expect("type").to_string());
+        if data["type"] == "step.awaiting_approval" {
+            assert_eq!(data["data"]["prompt"], "Publish draft?");
+        }
+    }
+    let reply = send(
+        &app,
+        "POST",
+        &format!("/api/v2/runs/{id}/steps/1/approve"),
+        Some(r#"{"comment":"fine"}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    while types.last().map(String::as_str) != Some("run.succeeded") {
+        let (_, data) = all.event(Duration::from_secs(5)).await.expect("event");
+        if data["type"] == "step.approved" {
+            assert_eq!(data["data"]["comment"], "fine");
+        }
+        types.push(data["type"].as_str().expect("type").to_string());
+    }
+    stop.cancel();
+    worker.await.expect("worker");
+    assert_eq!(types, env.event_types(id).await);
+}
+
+on_both_backends!(
+    approval_waits_and_decisions_reach_streams_at_once_not_at_the_next_poll,
+    a_run_stream_replays_the_history_then_follows_live,
+    resuming_with_last_event_id_after_a_disconnect_loses_and_repeats_nothing,
+    a_subscriber_that_does_not_read_is_cut_off_and_its_stream_ends,
+    an_event_that_commits_late_is_delivered_in_order_not_skipped,
+    a_gap_that_never_fills_is_passed_after_the_gap_timeout,
+    an_idle_stream_carries_heartbeats,
+    streams_answer_401_without_a_key_and_404_for_an_unknown_run_before_streaming,
+    streams_beyond_the_process_limit_are_refused_with_503,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_postgresql_deliver_every_event_by_polling() {
+    two_replicas_deliver_every_event_to_a_subscriber_of_either(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_postgresql_deliver_every_event_with_redis_nudges() {
+    two_replicas_deliver_every_event_to_a_subscriber_of_either(true).await;
+}
+
+/// The console's page and assets come from the binary with a CSP that
+/// allows only them; the API keeps its own stricter CSP. A console served
+/// under the API's `default-src 'none'` would load nothing, and one with a
+/// loose CSP would let injected script run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_and_its_assets_are_served_with_a_csp_that_allows_only_them() {
+    let env = TestEnv::new(Backend::Sqlite, &[("VM_API_KEYS", KEYS)]).await;
+    let app = env.router();
+    let get = |uri: &'static str| {
+        let app = app.clone();
+        async move {
+            let res = app
+                .oneshot(
+                    Request::builder()
+                        .uri(uri)
+                        .body(Body::empty())
+                        .expect("request"),
+                )
+                .await
+                .expect("router answers");
+            let headers = res.headers().clone();
+            let status = res.status();
+            let body = res.into_body().collect().await.expect("body").to_bytes();
+            (
+                status,
+                headers,
+                String::from_utf8(body.to_vec()).expect("utf-8"),
+            )
+        }
+    };
+    let (status, headers, html) = get("/console").await;
+    assert_eq!(status, StatusCode::OK, "no key needed for the page itself");
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/html")
+    );
+    let csp = headers["content-security-policy"].to_str().expect("csp");
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "connect-src 'self'",
+        "img-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{directive} in {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    // No inline script or style for the CSP to block, no external resource.
+    assert!(html.contains(r#"<script src="/console/assets/console.js" defer></script>"#));
+    assert!(!html.contains("<style") && !html.contains("style=") && !html.contains("onclick"));
+    assert!(!html.contains("http://") && !html.contains("https://"));
+    assert!(html.contains(r#"<label for="key">API key</label>"#));
+    for (uri, kind) in [
+        ("/console/assets/console.js", "text/javascript"),
+        ("/console/assets/console.css", "text/css"),
+    ] {
+        let (status, headers, body) = get(uri).await;
+        assert_eq!(status, StatusCode::OK, "{uri}");
+        assert!(
+            headers["content-type"]
+                .to_str()
+                .unwrap_or("")
+                .starts_with(kind),
+            "{uri}"
+        );
+        assert_eq!(headers["content-security-policy"], csp);
+        assert!(!body.is_empty());
+    }
+    let (_, _, script) = get("/console/assets/console.js").await;
+    assert!(script.contains("sessionStorage") && script.contains("Authorization"));
+    assert!(!script.contains("localStorage") && !script.contains("EventSource("));
+    let (status, _, _) = get("/console/assets/missing.js").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The API's own answers keep the strict policy.
+    let (_, headers, _) = get("/api/v2/health/live").await;
+    assert_eq!(
+        headers["content-security-policy"],
+        "default-src 'none'; frame-ancestors 'none'"
+    );
+}

@@ -1,0 +1,145 @@
+// Drives the console in headless Chromium (Debian's, through playwright-core):
+// sign in with a key, create runs through the API, watch them appear and
+// change without reloading, and decide an approval in the page.
+//
+// Usage: node console.mjs BASE_URL API_KEY SCREENSHOT [--approval] [--docs PNG]
+// Exits non-zero with a message on the first failed expectation.
+import { chromium } from "playwright-core";
+
+const [base, key, screenshot, ...rest] = process.argv.slice(2);
+const approval = rest.includes("--approval");
+const docs = rest.includes("--docs") ? rest[rest.indexOf("--docs") + 1] : null;
+const TIMEOUT = 15000;
+
+function fail(message) {
+  throw new Error(message);
+}
+
+async function api(method, path, body) {
+  const res = await fetch(`${base}/api/v2${path}`, {
+    method,
+    headers: { Authorization: `Bearer ${key}`, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const json = await res.json();
+  if (!res.ok) fail(`${method} ${path} answered ${res.status}: ${JSON.stringify(json)}`);
+  return json;
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: process.getuid && process.getuid() === 0 ? ["--no-sandbox"] : [],
+});
+const problems = [];
+let page;
+try {
+  const context = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+  page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  // A CSP violation or a script error is a failure, not a warning.
+  page.on("console", (m) => {
+    if (m.type() === "error") problems.push(`console: ${m.text()}`);
+  });
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+
+  await page.goto(`${base}/console`);
+  // Every form control has a label; the page has landmarks.
+  const unlabelled = await page.evaluate(() =>
+    [...document.querySelectorAll("input, select, textarea")]
+      .filter((e) => !(e.labels && e.labels.length) && !e.getAttribute("aria-label"))
+      .map((e) => e.id || e.name),
+  );
+  if (unlabelled.length) fail(`controls without a label: ${unlabelled}`);
+  for (const landmark of ["main", "header", "nav"]) {
+    if ((await page.locator(landmark).count()) !== 1) fail(`no ${landmark} landmark`);
+  }
+
+  // Sign in with the keyboard only.
+  await page.keyboard.press("Tab"); // the skip link
+  await page.keyboard.press("Tab");
+  let focused = await page.evaluate(() => document.activeElement && document.activeElement.id);
+  if (focused !== "key") await page.getByLabel("API key").focus();
+  await page.keyboard.type(key);
+  await page.keyboard.press("Enter");
+  await page.getByRole("heading", { name: "Runs" }).waitFor();
+  if (page.url().includes(key)) fail("the key is in the URL");
+  const stored = await page.evaluate(() => sessionStorage.getItem("vm.console.apiKey"));
+  if (stored !== key) fail("the key is not in sessionStorage");
+  const local = await page.evaluate(() => Object.keys(localStorage).length);
+  if (local !== 0) fail("something was written to localStorage");
+  await page.locator("#live.on").waitFor();
+
+  // A run of plain steps appears and succeeds live, without a reload.
+  const plain = await api("POST", "/runs", {
+    input: { name: "Ada" },
+    steps: [
+      { kind: "delay", ms: 800 },
+      { kind: "template", template: "Hello, {{input.name}}!" },
+      { kind: "transform", op: "uppercase" },
+    ],
+  });
+  const row = page.locator(`tr[data-run="${plain.id}"]`);
+  await row.waitFor();
+  await row.locator(".status-succeeded").waitFor();
+  await row.getByRole("link").click();
+  await page.locator('#run-facts[data-status="succeeded"]').waitFor();
+  await page.locator('#timeline li[data-event="run.succeeded"]').waitFor();
+  const output = await page.locator("#run-facts pre.out").textContent();
+  if (output !== '"HELLO, ADA!"') fail(`the run page shows output ${output}`);
+  const timeline = await page.locator("#timeline li").count();
+  // queued, started, three steps started and succeeded, succeeded.
+  if (timeline !== 9) fail(`the timeline shows ${timeline} events, expected 9`);
+
+  if (approval) {
+    // A run that waits for a person: it appears as waiting, is approved in
+    // the inbox with a comment, and succeeds.
+    await page.getByRole("link", { name: "Runs", exact: true }).click();
+    await page.getByRole("heading", { name: "Runs" }).waitFor();
+    const run = await api("POST", "/runs", {
+      input: { name: "Ada" },
+      steps: [
+        { kind: "template", template: "Hello, {{input.name}}!" },
+        { kind: "approval", prompt: "Publish {{prev}}?", timeout_s: 3600, on_timeout: "reject" },
+        { kind: "template", template: "Published: {{steps.0.output}}" },
+      ],
+    });
+    const waiting = page.locator(`tr[data-run="${run.id}"]`);
+    await waiting.locator(".status-waiting").waitFor();
+    // The run page offers the decision too, with the rendered prompt.
+    await waiting.getByRole("link").click();
+    await page.locator('#run-facts[data-status="waiting"]').waitFor();
+    const offered = await page.locator("#run-decision .prompt").textContent();
+    if (offered !== "Publish Hello, Ada!?") fail(`the run page offers ${JSON.stringify(offered)}`);
+    await page.getByRole("link", { name: "Approvals" }).click();
+    const card = page.locator(`li.card[data-run="${run.id}"]`);
+    await card.waitFor();
+    const prompt = await card.locator(".prompt").textContent();
+    if (!prompt.includes("Publish Hello, Ada!?")) fail(`the prompt reads ${JSON.stringify(prompt)}`);
+    await card.getByLabel("Comment (recorded with the decision)").fill("Looks right to me");
+    if (docs) await page.screenshot({ path: docs });
+    await card.getByRole("button", { name: "Approve" }).click();
+    await card.waitFor({ state: "detached" });
+    await page.goto(`${base}/console#/runs/${run.id}`);
+    await page.locator('#run-facts[data-status="succeeded"]').waitFor();
+    await page.locator('#timeline li[data-event="step.approved"]').waitFor();
+    const detail = await api("GET", `/runs/${run.id}`);
+    if (detail.status !== "succeeded") fail(`the approved run is ${detail.status}`);
+    if (detail.output !== "Published: Hello, Ada!") fail(`the approved run's output is ${JSON.stringify(detail.output)}`);
+    if (!detail.steps[1].output || detail.steps[1].output.approved !== true) {
+      fail(`the approval step's output is ${JSON.stringify(detail.steps[1].output)}`);
+    }
+  } else if (docs) {
+    await page.screenshot({ path: docs });
+  }
+  if (problems.length) fail(problems.join("\n"));
+  await page.screenshot({ path: screenshot, fullPage: true });
+  console.log(`console scenario passed${approval ? " (with an approval)" : ""}`);
+} catch (e) {
+  if (page) await page.screenshot({ path: screenshot, fullPage: true }).catch(() => {});
+  console.error(e.stack || String(e));
+  if (problems.length) console.error(problems.join("\n"));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
