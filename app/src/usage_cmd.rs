@@ -28,6 +28,11 @@ async fn verify(settings: &Settings, period: &str) -> Result<(), String> {
             describe(&e)
         )
     })?;
+    // A database without the usage tables says what to do, not "database error".
+    if let Err(e) = store.ensure_schema().await {
+        store.close().await;
+        return Err(describe(&e));
+    }
     let result = store.verify_usage(period).await;
     store.close().await;
     let differences = result.map_err(|e| format!("cannot verify usage: {}", describe(&e)))?;
