@@ -25,9 +25,9 @@ use vm_operator::crd::VmWebapp;
 use vm_webapp::cli::{Cli, Command};
 use vm_webapp::config::Settings;
 
-/// API keys in the sample `vm-api-keys` Secret (`id:key[:admin]`).
+/// API keys in the sample `vm-api-keys` Secret (`id:key[:roles][:tenant=NAME]`).
 const SAMPLE_API_KEYS: &str =
-    "ops:sample-key-0123456789abcdef:admin,ci:sample-key-fedcba9876543210";
+    "ops:sample-key-0123456789abcdef:admin,ci:sample-key-fedcba9876543210,reviewer:sample-key-00112233445566778899:approver:tenant=acme";
 /// Webhook secrets in the sample `vm-webhooks` Secret (`source:secret`), one source
 /// mid-rotation.
 const SAMPLE_WEBHOOK_SECRETS: &str = "github:sample-webhook-0123456789abcdef,github:sample-webhook-fedcba9876543210,billing:sample-webhook-00112233445566778899";
@@ -189,7 +189,13 @@ async fn assert_contract(app: &VmWebapp) {
     for (role, pod) in pods(&d) {
         let c = &pod.containers[0];
         let env = environment(&d, c);
-        let settings = Settings::from_lookup(|k| env.get(k).cloned())
+        // The plans file is the ConfigMap's content, mounted: here, the example it is made
+        // from.
+        let plans = format!("{}/../examples/plans.yaml", env!("CARGO_MANIFEST_DIR"));
+        let settings = Settings::from_lookup(|k| match k {
+            "VM_PLANS_FILE" if env.contains_key(k) => Some(plans.clone()),
+            _ => env.get(k).cloned(),
+        })
             .unwrap_or_else(|e| panic!("{role}: the app rejects the rendered environment: {e}"));
         assert_eq!(i32::from(settings.port), app.spec.api.port, "{role}: PORT");
         assert_security(app, role, &settings);
@@ -431,6 +437,34 @@ async fn minimal_example_renders_what_the_app_accepts_and_serves() {
 async fn backup_example_renders_a_cron_job_the_app_accepts() {
     let app = example("backup.yaml");
     assert!(render(&app).backup_cron_job.is_some());
+    assert_contract(&app).await;
+}
+
+#[tokio::test]
+async fn tenants_example_mounts_the_plans_file_the_app_accepts() {
+    // The plans reach the app as a file: the container must name the mounted key, and the
+    // app must accept the example plans file the ConfigMap is created from.
+    let app = example("tenants.yaml");
+    let d = render(&app);
+    for (role, pod) in pods(&d) {
+        let c = &pod.containers[0];
+        let named = environment(&d, c).get("VM_PLANS_FILE").cloned();
+        if role == "api" || role == "worker" {
+            let mount = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == "plans")
+                .unwrap_or_else(|| panic!("{role}: the plans are mounted"));
+            let file = named.unwrap_or_else(|| panic!("{role}: VM_PLANS_FILE is set"));
+            assert!(
+                file.starts_with(&format!("{}/", mount.mount_path)),
+                "{role}: VM_PLANS_FILE {file} is not under the plans mount"
+            );
+        } else {
+            assert_eq!(named, None, "{role}: reads no plans");
+        }
+    }
     assert_contract(&app).await;
 }
 
