@@ -615,7 +615,8 @@ async fn usage_verify_reports_a_corrupted_counter_and_exits_non_zero(backend: Ba
 
     let pool = raw(&env).await;
     sqlx::query(
-        "UPDATE usage_counters SET used = used + 5 WHERE tenant = 'globex' AND meter = 'runs'",
+        "UPDATE usage_counters SET used = used + 5 WHERE tenant = 'globex' AND meter = 'runs' \
+         AND shard = (SELECT MAX(shard) FROM usage_counters WHERE tenant = 'globex' AND meter = 'runs')",
     )
     .execute(&pool)
     .await

@@ -32,16 +32,20 @@ CREATE UNIQUE INDEX usage_ledger_once_per_step ON usage_ledger (run_id, step_ind
     WHERE meter IN ('steps', 'llm_tokens');
 
 -- Counters per tenant, period and meter, kept in the same transaction as the
--- ledger rows (so they always equal the ledger's sums; `usage verify` checks
--- it). Run admission locks the tenant's `runs` row, which makes the
--- allowance exact across API replicas.
+-- ledger rows (so their sums always equal the ledger's; `usage verify` checks
+-- it). Each is split into shards (summed when read): concurrent writers (run
+-- creation writers, worker completers, replicas) add to different rows, so
+-- they do not queue for one row lock until each other's commit. Run admission
+-- under a `block` allowance locks the tenant's shard-0 `runs` row and reads
+-- the sum, which makes the allowance exact across API replicas.
 CREATE TABLE usage_counters (
     tenant      TEXT NOT NULL,
     period      TEXT NOT NULL,
     meter       TEXT NOT NULL,
+    shard       BIGINT NOT NULL DEFAULT 0,
     used        BIGINT NOT NULL,
     updated_at  BIGINT NOT NULL,
-    PRIMARY KEY (tenant, period, meter)
+    PRIMARY KEY (tenant, period, meter, shard)
 );
 
 -- Plan assignments made through the API, append-only: the newest row of a

@@ -39,9 +39,10 @@ CREATE TABLE usage_counters (
     tenant      TEXT NOT NULL,
     period      TEXT NOT NULL,
     meter       TEXT NOT NULL,
+    shard       BIGINT NOT NULL DEFAULT 0,
     used        BIGINT NOT NULL,
     updated_at  BIGINT NOT NULL,
-    PRIMARY KEY (tenant, period, meter)
+    PRIMARY KEY (tenant, period, meter, shard)
 );
 
 -- Plan assignments made through the API, append-only: the newest row of a

@@ -213,11 +213,12 @@ const TABLES: &[TableSpec] = &[
     },
     TableSpec {
         name: "usage_counters",
-        order_by: &["tenant", "period", "meter"],
+        order_by: &["tenant", "period", "meter", "shard"],
         columns: &[
             ("tenant", Text),
             ("period", Text),
             ("meter", Text),
+            ("shard", BigInt),
             ("used", BigInt),
             ("updated_at", BigInt),
         ],

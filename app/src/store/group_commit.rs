@@ -82,8 +82,9 @@ impl Handle {
             usage,
             events,
         };
-        for _ in 0..writers {
-            tokio::spawn(writer(store.clone(), rx.clone()));
+        for n in 0..writers {
+            let shard = super::usage::counter_shard(u64::from(n) + 1);
+            tokio::spawn(writer(store.clone(), rx.clone(), shard));
         }
         Self { tx: Some(tx) }
     }
@@ -121,10 +122,11 @@ impl Handle {
     }
 }
 
-async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>) {
+/// A writer task; `shard` is the usage-counter shard its transactions add to.
+async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>, shard: i64) {
     while let Some(mut batch) = crate::batch::next_batch(&rx, MAX_BATCH).await {
         let news: Vec<&NewRun> = batch.iter().map(|r| &r.new).collect();
-        match write_batch(&store, &news).await {
+        match write_batch(&store, &news, shard).await {
             Ok(stored) => {
                 for (request, run) in batch.into_iter().zip(stored) {
                     let _ = request.reply.send(Ok(run));
@@ -146,7 +148,7 @@ async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>) {
 }
 
 async fn write_alone(store: &Store, new: &NewRun) -> Result<Stored> {
-    write_batch(store, &[new])
+    write_batch(store, &[new], super::usage::counter_shard(0))
         .await?
         .pop()
         .ok_or_else(|| StoreError::Corrupt("a batch of one stored nothing".into()))
@@ -154,16 +156,19 @@ async fn write_alone(store: &Store, new: &NewRun) -> Result<Stored> {
 
 /// Stores `news` in one transaction, one [`Stored`] each, in order.
 ///
-/// Admission comes first. Per tenant of the batch, in name order (so that
-/// concurrent batches, on any replica, lock counters in one order), the
-/// tenant's `runs` counter row of the period is locked by an upsert and read;
+/// Admission comes first. Per tenant of the batch under a `block` allowance,
+/// in name order (so that concurrent batches, on any replica, lock counters
+/// in one order), the tenant's shard-0 `runs` counter row of the period is
+/// locked by an upsert, and the sum of its shards read;
 /// under a `block` allowance only as many new runs as remain are admitted and
 /// the others are refused: not stored, not counted, audited as
 /// `quota.blocked`. A tenant whose `block` allowance of steps, LLM tokens or
 /// approval decisions is used up gets no new run either. The lock is held to the commit, which is what makes the
 /// allowance exact across writers and replicas. A request whose idempotency
-/// key is already taken is a replay and consumes nothing.
-async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Stored>> {
+/// key is already taken is a replay and consumes nothing. The usage of the
+/// batch is added to counter shard `shard`; a tenant without a `block`
+/// allowance takes no lock, so concurrent writers do not wait for each other.
+async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<Stored>> {
     let backend = store.backend();
     let plans = store.plans();
     let mut tx = store.begin().await?;
@@ -173,23 +178,51 @@ async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Stored>> {
     tenants.dedup();
     let mut period: Option<String> = None;
     let mut used_of: HashMap<&str, i64> = HashMap::with_capacity(tenants.len());
-    // The first statement writes (SQLite takes its write lock up front).
+    let mut plan_of: HashMap<String, Option<crate::plans::Plan>> = HashMap::new();
+    // SQLite: the first statement of a write transaction must write (there
+    // is one writer anyway, so every tenant takes the lock row); PostgreSQL
+    // reads the plans first and locks only for the tenants that need it.
+    if backend == DbBackend::Postgres {
+        plan_of = plans_of(&mut tx, plans.as_deref(), &tenants).await?;
+    }
     let lock = store.sql(
-        "INSERT INTO usage_counters (tenant, period, meter, used, updated_at) \
-         VALUES ($1, COALESCE($2, {period}), 'runs', 0, {now}) \
-         ON CONFLICT (tenant, period, meter) DO UPDATE SET updated_at = excluded.updated_at \
-         RETURNING used, period",
+        "INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
+         VALUES ($1, COALESCE($2, {period}), 'runs', 0, 0, {now}) \
+         ON CONFLICT (tenant, period, meter, shard) DO UPDATE SET updated_at = excluded.updated_at \
+         RETURNING period",
     );
     for tenant in &tenants {
+        let blocks = plan_of
+            .get(*tenant)
+            .and_then(Option::as_ref)
+            .is_some_and(|p| {
+                Meter::ALL
+                    .iter()
+                    .any(|m| p.rule(*m).is_some_and(|r| r.overage == Overage::Block))
+            });
+        if backend == DbBackend::Postgres && !blocks {
+            continue;
+        }
         let row = sqlx::query(&lock)
             .bind(*tenant)
             .bind(period.as_deref())
             .fetch_one(&mut *tx)
             .await?;
-        period = Some(row.try_get("period")?);
-        used_of.insert(tenant, row.try_get("used")?);
+        let locked: String = row.try_get("period")?;
+        let used = counter_sum(&mut tx, tenant, &locked, Meter::Runs).await?;
+        used_of.insert(tenant, used);
+        period = Some(locked);
     }
-    let period = period.unwrap_or_default();
+    if backend == DbBackend::Sqlite {
+        plan_of = plans_of(&mut tx, plans.as_deref(), &tenants).await?;
+    }
+    let period = match period {
+        Some(p) => p,
+        None => sqlx::query(&store.sql("SELECT {period} AS p"))
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("p")?,
+    };
 
     let keys: Vec<&str> = news
         .iter()
@@ -208,10 +241,9 @@ async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Stored>> {
     }
 
     let mut refused: Vec<Option<QuotaRefusal>> = vec![None; news.len()];
-    if let Some(plans) = &plans {
+    if plans.is_some() {
         for tenant in &tenants {
-            let assigned = assigned_plan(&mut tx, tenant).await?;
-            let Some(plan) = resolve(plans, assigned.as_deref(), tenant) else {
+            let Some(plan) = plan_of.get(*tenant).and_then(Option::as_ref) else {
                 continue;
             };
             // Per new run: how many more it may have, and the refusal past that.
@@ -236,17 +268,7 @@ async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Stored>> {
                 let Some(rule) = plan.rule(meter).filter(|r| r.overage == Overage::Block) else {
                     continue;
                 };
-                let used: i64 = sqlx::query(
-                    "SELECT used FROM usage_counters WHERE tenant = $1 AND period = $2 AND meter = $3",
-                )
-                .bind(*tenant)
-                .bind(&period)
-                .bind(meter.as_str())
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| r.try_get("used"))
-                .transpose()?
-                .unwrap_or(0);
+                let used = counter_sum(&mut tx, tenant, &period, meter).await?;
                 if used >= rule.allowance {
                     let refusal = QuotaRefusal {
                         tenant: tenant.to_string(),
@@ -352,7 +374,9 @@ async fn write_batch(store: &Store, news: &[&NewRun]) -> Result<Vec<Stored>> {
                 source: "run.created",
             })
             .collect();
-        store.add_usage(&mut tx, &usage, Some(&period)).await?;
+        store
+            .add_usage(&mut tx, &usage, Some(&period), shard)
+            .await?;
         let mut jobs = Vec::new();
         let mut audits = Vec::new();
         for (id, new) in &created {
@@ -497,4 +521,43 @@ async fn insert_audits(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// The sum of `tenant`'s counter shards of `meter` in `period` (0 if none).
+async fn counter_sum(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    tenant: &str,
+    period: &str,
+    meter: Meter,
+) -> Result<i64> {
+    Ok(sqlx::query(
+        "SELECT CAST(COALESCE(SUM(used), 0) AS BIGINT) AS used FROM usage_counters \
+         WHERE tenant = $1 AND period = $2 AND meter = $3",
+    )
+    .bind(tenant)
+    .bind(period)
+    .bind(meter.as_str())
+    .fetch_one(&mut **tx)
+    .await?
+    .try_get("used")?)
+}
+
+/// The plan in force for each of `tenants` (`None`: unlimited), without plans
+/// none.
+async fn plans_of(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    plans: Option<&crate::plans::Plans>,
+    tenants: &[&str],
+) -> Result<HashMap<String, Option<crate::plans::Plan>>> {
+    let mut out = HashMap::new();
+    if let Some(plans) = plans {
+        for tenant in tenants {
+            let assigned = assigned_plan(tx, tenant).await?;
+            out.insert(
+                (*tenant).to_owned(),
+                resolve(plans, assigned.as_deref(), tenant).cloned(),
+            );
+        }
+    }
+    Ok(out)
 }

@@ -51,6 +51,21 @@ pub(crate) struct Shared {
     pub(crate) crossed: Family<ThresholdLabels, Counter>,
 }
 
+/// Shards a counter is split into, besides shard 0 (see [`counter_shard`]).
+const COUNTER_SHARDS: u64 = 15;
+
+/// The counter shard (1 to [`COUNTER_SHARDS`]) that writer `n` of this
+/// process adds to. Writers of one process use different shards and each
+/// process starts at a random one, so concurrent transactions seldom update
+/// one counter row (and so wait for each other's commit). Shard 0 is the
+/// admission lock of run creation under a `block` allowance.
+pub(crate) fn counter_shard(n: u64) -> i64 {
+    static OFFSET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // A version-7 UUID's low 62 bits are random.
+    let offset = *OFFSET.get_or_init(|| uuid::Uuid::now_v7().as_u128() as u64);
+    1 + (offset.wrapping_add(n) % COUNTER_SHARDS) as i64
+}
+
 /// The UTC month (`YYYY-MM`) of the ms timestamp expression `ms`.
 pub(crate) fn period_sql(backend: DbBackend, ms: &str) -> String {
     match backend {
@@ -313,7 +328,7 @@ impl Store {
                 source: leak_source(r.source),
             });
         }
-        let touched = self.add_usage(tx, &rows, period).await?;
+        let touched = self.add_usage(tx, &rows, period, counter_shard(0)).await?;
         self.note_thresholds(tx, &touched).await
     }
 
@@ -324,6 +339,7 @@ impl Store {
         tx: &mut Transaction<'static, Any>,
         rows: &[UsageRow],
         period: Option<&str>,
+        shard: i64,
     ) -> Result<Vec<Touched>> {
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -353,14 +369,15 @@ impl Store {
         // The counters first: on SQLite the first statement of a write
         // transaction must write; on PostgreSQL rows are locked in key order.
         let counted = sqlx::query(&self.sql(&format!(
-            "INSERT INTO usage_counters (tenant, period, meter, used, updated_at) \
-             SELECT tenant, COALESCE($2, {{period}}), meter, SUM(quantity), {{now}} FROM ({source}) s \
+            "INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
+             SELECT tenant, COALESCE($2, {{period}}), meter, $3, SUM(quantity), {{now}} FROM ({source}) s \
              WHERE true GROUP BY tenant, meter ORDER BY tenant, meter \
-             ON CONFLICT (tenant, period, meter) DO UPDATE SET used = usage_counters.used + excluded.used, \
+             ON CONFLICT (tenant, period, meter, shard) DO UPDATE SET used = usage_counters.used + excluded.used, \
              updated_at = excluded.updated_at RETURNING period"
         )))
         .bind(&batch)
         .bind(period)
+        .bind(shard)
         .fetch_all(&mut **tx)
         .await?;
         let period: String = match counted.first() {
@@ -411,7 +428,8 @@ impl Store {
                 continue;
             };
             let used: i64 = match sqlx::query(
-                "SELECT used FROM usage_counters WHERE tenant = $1 AND period = $2 AND meter = $3",
+                "SELECT CAST(SUM(used) AS BIGINT) AS used FROM usage_counters \
+                 WHERE tenant = $1 AND period = $2 AND meter = $3 HAVING COUNT(*) > 0",
             )
             .bind(&t.tenant)
             .bind(&t.period)
@@ -525,12 +543,14 @@ impl Store {
 
     /// Used per meter of `tenant` in `period` (the counters).
     pub async fn usage_counts(&self, tenant: &str, period: &str) -> Result<BTreeMap<Meter, i64>> {
-        let rows =
-            sqlx::query("SELECT meter, used FROM usage_counters WHERE tenant = $1 AND period = $2")
-                .bind(tenant)
-                .bind(period)
-                .fetch_all(self.pool())
-                .await?;
+        let rows = sqlx::query(
+            "SELECT meter, CAST(SUM(used) AS BIGINT) AS used FROM usage_counters \
+                 WHERE tenant = $1 AND period = $2 GROUP BY meter",
+        )
+        .bind(tenant)
+        .bind(period)
+        .fetch_all(self.pool())
+        .await?;
         let mut out = BTreeMap::new();
         for row in &rows {
             let meter: String = row.try_get("meter")?;
@@ -648,7 +668,8 @@ impl Store {
     /// the gauges: (tenant, meter, used, allowance or `None` if unlimited).
     pub async fn usage_gauges(&self) -> Result<Vec<(String, Meter, i64, Option<i64>)>> {
         let rows = sqlx::query(&self.sql(
-            "SELECT tenant, meter, used FROM usage_counters WHERE period = {period} ORDER BY tenant",
+            "SELECT tenant, meter, CAST(SUM(used) AS BIGINT) AS used FROM usage_counters \
+             WHERE period = {period} GROUP BY tenant, meter ORDER BY tenant",
         ))
         .fetch_all(self.pool())
         .await?;
@@ -760,5 +781,17 @@ mod tests {
             "the plan in force now is enforced"
         );
         assert_eq!(m[0].overage, 0);
+    }
+}
+
+#[cfg(test)]
+mod shard_tests {
+    use super::counter_shard;
+
+    #[test]
+    fn writers_of_one_process_add_to_different_shards_never_the_admission_lock() {
+        let shards: std::collections::BTreeSet<i64> = (0..15).map(counter_shard).collect();
+        assert_eq!(shards.len(), 15, "{shards:?}");
+        assert!(shards.iter().all(|s| (1..=15).contains(s)), "{shards:?}");
     }
 }

@@ -99,7 +99,8 @@ impl Store {
     pub async fn verify_usage(&self, period: Period) -> Result<Vec<UsageDifference>> {
         let counters = self
             .sums(
-                "SELECT tenant, meter, used AS n FROM usage_counters WHERE period = $1",
+                "SELECT tenant, meter, CAST(SUM(used) AS BIGINT) AS n FROM usage_counters \
+                 WHERE period = $1 GROUP BY tenant, meter",
                 period,
                 true,
             )

@@ -137,10 +137,10 @@ impl Store {
                INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
                SELECT tenant, meter, quantity, {{period}}, run_id, step_index, 'step.succeeded', {{now}} FROM used \
              ), counted AS ( \
-               INSERT INTO usage_counters (tenant, period, meter, used, updated_at) \
-               SELECT tenant, {{period}}, meter, SUM(quantity), {{now}} FROM used \
+               INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
+               SELECT tenant, {{period}}, meter, {shard}, SUM(quantity), {{now}} FROM used \
                GROUP BY tenant, meter ORDER BY tenant, meter \
-               ON CONFLICT (tenant, period, meter) DO UPDATE \
+               ON CONFLICT (tenant, period, meter, shard) DO UPDATE \
                SET used = usage_counters.used + excluded.used, updated_at = excluded.updated_at \
              ), results AS ( \
                INSERT INTO step_results (run_id, step_index, output, attempt, job_id, finished_at) \
@@ -168,6 +168,7 @@ impl Store {
             ),
             step_succeeded = EventType::StepSucceeded.as_str(),
             run_succeeded = EventType::RunSucceeded.as_str(),
+            shard = crate::store::usage::counter_shard(0),
         ));
         let mut attempt = 0;
         loop {
@@ -334,7 +335,9 @@ impl Store {
             }
             owners.push((*id, *attempt, run_id.clone(), tenant));
         }
-        let touched = self.add_usage(&mut tx, &usage, None).await?;
+        let touched = self
+            .add_usage(&mut tx, &usage, None, crate::store::usage::counter_shard(0))
+            .await?;
         tx.commit().await?;
         self.events.raise();
         let period = touched
