@@ -31,7 +31,7 @@ use crate::http::paging::parse_query;
 use crate::http::security::Actor;
 use crate::http::views::ErrorBody;
 use crate::period::Period;
-use crate::plans::valid_name;
+use crate::plans::valid_tenant;
 use crate::store::security::NewAudit;
 use crate::store::usage::UsageReport;
 
@@ -82,7 +82,7 @@ async fn period_of(state: &AppState, raw: Option<String>) -> Result<Period, ApiE
     path = "/api/v2/tenants/{tenant}/plan",
     tag = "tenants",
     security(("api_key" = [])),
-    params(("tenant" = String, Path, description = "Tenant name (1 to 64 of letters, digits, - _ :)")),
+    params(("tenant" = String, Path, description = "Tenant name (1 to 64 of letters, digits, - _ :, or webhook:<source>)")),
     request_body(content = PlanRequest, description = "The plan, from the plans file"),
     responses(
         (status = 200, body = PlanAssigned),
@@ -101,9 +101,9 @@ pub async fn set_plan(
     if !admin(&actor) {
         return Err(ApiError::Forbidden);
     }
-    if !valid_name(&tenant) {
+    if !valid_tenant(&tenant) {
         return Err(ApiError::InvalidParameter(
-            "tenant: expected 1 to 64 of letters, digits, -, _ or :".into(),
+            "tenant: expected 1 to 64 of letters, digits, -, _ or :, or webhook:<source>".into(),
         ));
     }
     let bytes = body.map_err(|rejection| {
@@ -172,7 +172,7 @@ pub async fn usage(
     let allowed = actor
         .as_ref()
         .is_some_and(|Extension(a)| a.admin || a.tenant == tenant);
-    if !allowed || !valid_name(&tenant) {
+    if !allowed || !valid_tenant(&tenant) {
         return Err(ApiError::TenantNotFound);
     }
     let period = period_of(&state, raw).await?;

@@ -1,0 +1,149 @@
+//! Edge cases of tenants, plans and usage found by trying the feature as a
+//! new user would: plans files with a name written twice, too large or not
+//! a file; webhook tenants with long source names; huge allowances on the
+//! metrics scrape; spreadsheet formulas in the usage export; and the exit
+//! code of `usage verify` for a bad period.
+
+mod support;
+
+use std::path::PathBuf;
+
+use axum::Router;
+use axum::http::StatusCode;
+use support::{Backend, Reply, TestEnv, send};
+use vm_webapp::plans::Plans;
+
+const ADMIN: &str = "admin-key-0123456789";
+
+async fn call(app: &Router, method: &str, uri: &str, body: Option<&str>, key: &str) -> Reply {
+    send(
+        app,
+        method,
+        uri,
+        body,
+        &[("authorization", &format!("Bearer {key}"))],
+    )
+    .await
+}
+
+/// A test environment with `keys` and the plans text `plans` (the returned
+/// directory holds the file and must outlive the environment).
+async fn env_with(keys: &str, plans: &str) -> (TestEnv, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file: PathBuf = dir.path().join("plans.yaml");
+    std::fs::write(&file, plans).expect("write plans");
+    let file = file.display().to_string();
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        &[
+            ("VM_PLANS_FILE", file.as_str()),
+            ("VM_API_KEYS", keys),
+            ("VM_RATE_LIMIT_KEY_RPS", "0"),
+            ("VM_RATE_LIMIT_IP_RPS", "0"),
+        ],
+    )
+    .await;
+    (env, dir)
+}
+#[test]
+fn a_plans_file_naming_a_plan_a_meter_or_a_tenant_twice_is_refused() {
+    for (yaml, name) in [
+        (
+            "default_plan: free\nplans:\n  free:\n    meters:\n      runs: {allowance: 1}\n  free:\n    meters:\n      runs: {allowance: 1000}\n",
+            "free",
+        ),
+        (
+            "default_plan: free\nplans:\n  free:\n    meters:\n      runs: {allowance: 1}\n      runs: {allowance: 100}\n",
+            "runs",
+        ),
+        (
+            "default_plan: free\nplans:\n  free: {}\n  pro: {}\ntenants:\n  acme: pro\n  acme: free\n",
+            "acme",
+        ),
+    ] {
+        let problems = Plans::parse(yaml)
+            .expect_err("a name written twice is a mistake, not the last one winning")
+            .join("\n");
+        assert!(
+            problems.contains("duplicate") && problems.contains(name),
+            "{name}: {problems}"
+        );
+    }
+}
+
+#[test]
+fn a_plans_file_that_is_not_a_regular_file_or_is_too_large_is_refused_without_reading_it_all() {
+    // /dev/zero never ends: reading it whole would hang start-up.
+    let errors =
+        support::settings_from(&[("VM_PLANS_FILE", "/dev/zero")]).expect_err("not a regular file");
+    assert!(errors.to_string().contains("VM_PLANS_FILE"), "{errors}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let big = dir.path().join("plans.yaml");
+    let mut text = String::from("default_plan: free\nplans:\n  free: {}\n");
+    while text.len() <= 2 * 1024 * 1024 {
+        text.push_str("# padding padding padding padding padding padding padding\n");
+    }
+    std::fs::write(&big, text).expect("write");
+    let errors = support::settings_from(&[("VM_PLANS_FILE", &big.display().to_string())])
+        .expect_err("too large");
+    let text = errors.to_string();
+    assert!(
+        text.contains("VM_PLANS_FILE") && text.contains("larger than"),
+        "{text}"
+    );
+}
+
+/// `webhook:` plus a source of up to 64 characters: the tenant of its runs.
+fn long_webhook_tenant() -> String {
+    format!("webhook:{}", "s".repeat(64))
+}
+
+#[test]
+fn a_plans_file_may_assign_a_plan_to_a_webhook_tenant_with_a_long_source() {
+    let yaml = format!(
+        "default_plan: free\nplans:\n  free: {{}}\n  pro: {{}}\ntenants:\n  \"{}\": pro\n",
+        long_webhook_tenant()
+    );
+    let plans = Plans::parse(&yaml).expect("a webhook tenant is a tenant");
+    assert_eq!(plans.file_plan_of(&long_webhook_tenant()), "pro");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_tenant_with_a_long_source_has_a_usage_report_and_a_plan_like_any_tenant() {
+    let (env, _dir) = env_with(
+        "root:admin-key-0123456789:admin",
+        "default_plan: free\nplans:\n  free: {}\n  pro: {}\n",
+    )
+    .await;
+    let app = env.router();
+    let tenant = long_webhook_tenant();
+    let usage = call(
+        &app,
+        "GET",
+        &format!("/api/v2/tenants/{tenant}/usage?period=2026-11"),
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(usage.status, StatusCode::OK, "{}", usage.body);
+    assert_eq!(usage.body["tenant"], tenant.as_str());
+    let plan = call(
+        &app,
+        "PUT",
+        &format!("/api/v2/tenants/{tenant}/plan"),
+        Some(r#"{"plan":"pro"}"#),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(plan.status, StatusCode::OK, "{}", plan.body);
+    // Still not any text: a name past `webhook:` must be a source name.
+    let bad = call(
+        &app,
+        "GET",
+        &format!("/api/v2/tenants/webhook:{}/usage", "s".repeat(65)),
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::NOT_FOUND, "{}", bad.body);
+}
