@@ -26,6 +26,9 @@ async fn call(app: &Router, method: &str, uri: &str, body: Option<&str>, key: &s
     .await
 }
 
+const HELLO: &str =
+    r#"{"input": {"name": "x"}, "steps": [{"kind": "template", "template": "hi"}]}"#;
+
 /// A test environment with `keys` and the plans text `plans` (the returned
 /// directory holds the file and must outlive the environment).
 async fn env_with(keys: &str, plans: &str) -> (TestEnv, tempfile::TempDir) {
@@ -146,4 +149,22 @@ async fn a_webhook_tenant_with_a_long_source_has_a_usage_report_and_a_plan_like_
     )
     .await;
     assert_eq!(bad.status, StatusCode::NOT_FOUND, "{}", bad.body);
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_allowances_of_several_tenants_do_not_break_the_metrics_scrape() {
+    let (env, _dir) = env_with(
+        "root:admin-key-0123456789:admin,a:a-key-0123456789abcdef,b:b-key-0123456789abcdef",
+        "default_plan: big\nplans:\n  big:\n    meters:\n      runs: {allowance: 9223372036854775807}\n",
+    )
+    .await;
+    let app = env.router();
+    for key in ["a-key-0123456789abcdef", "b-key-0123456789abcdef"] {
+        let reply = call(&app, "POST", "/api/v2/runs", Some(HELLO), key).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    }
+    let metrics = support::get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("vm_tenant_usage_allowance{meter=\"runs\"} 9223372036854775807"),
+        "the sum saturates instead of overflowing:\n{metrics}"
+    );
 }
