@@ -168,3 +168,35 @@ async fn huge_allowances_of_several_tenants_do_not_break_the_metrics_scrape() {
         "the sum saturates instead of overflowing:\n{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_name_a_spreadsheet_would_read_as_a_formula_is_neutralised_in_the_export() {
+    let (env, _dir) = env_with(
+        "root:admin-key-0123456789:admin,f:f-key-0123456789abcdef:tenant=-A1",
+        "default_plan: -plan\nplans:\n  -plan: {}\n",
+    )
+    .await;
+    let app = env.router();
+    let reply = call(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(HELLO),
+        "f-key-0123456789abcdef",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    let csv = support::get_text_as(&app, "/api/v2/usage/export", &format!("Bearer {ADMIN}")).await;
+    let lines: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(lines.len(), 4, "{csv}");
+    for line in lines {
+        for cell in line.split(',') {
+            assert!(
+                !cell.starts_with(['=', '+', '-', '@']),
+                "cell {cell:?} of {line:?} would be a formula"
+            );
+        }
+        assert!(line.starts_with("'-A1,"), "{line}");
+        assert!(line.contains(",'-plan,"), "{line}");
+    }
+}

@@ -182,16 +182,27 @@ pub async fn usage(
 /// Header line of the usage export.
 pub const EXPORT_HEADER: &str = "tenant,period,plan,meter,used,allowance,overage_policy,unit_price,prorated_allowance,billable_overage,preview\n";
 
-/// One tenant's CSV lines (names are `[A-Za-z0-9_:-]`, so nothing needs quoting).
+/// A name as a CSV cell: names are `[A-Za-z0-9_:-]`, so nothing needs
+/// quoting, but one starting with `-` (or `=`, `+`, `@`) would be read as a
+/// formula by a spreadsheet, so it gets a leading `'` (OWASP's advice).
+fn text_cell(name: &str) -> String {
+    if name.starts_with(['=', '+', '-', '@']) {
+        format!("'{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// One tenant's CSV lines.
 fn csv_lines(report: &UsageReport) -> String {
     let mut out = String::new();
     let opt = |v: Option<String>| v.unwrap_or_default();
     for m in &report.meters {
         out.push_str(&format!(
             "{},{},{},{},{},{},{},{},{},{},{}\n",
-            report.tenant,
+            text_cell(&report.tenant),
             report.period,
-            opt(report.plan.clone()),
+            opt(report.plan.as_deref().map(text_cell)),
             m.meter,
             m.used,
             opt(m.allowance.map(|a| a.to_string())),
