@@ -7,6 +7,7 @@
 mod support;
 
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 use axum::Router;
 use axum::http::StatusCode;
@@ -48,6 +49,7 @@ async fn env_with(keys: &str, plans: &str) -> (TestEnv, tempfile::TempDir) {
     .await;
     (env, dir)
 }
+
 #[test]
 fn a_plans_file_naming_a_plan_a_meter_or_a_tenant_twice_is_refused() {
     for (yaml, name) in [
@@ -150,6 +152,7 @@ async fn a_webhook_tenant_with_a_long_source_has_a_usage_report_and_a_plan_like_
     .await;
     assert_eq!(bad.status, StatusCode::NOT_FOUND, "{}", bad.body);
 }
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_allowances_of_several_tenants_do_not_break_the_metrics_scrape() {
     let (env, _dir) = env_with(
@@ -198,5 +201,23 @@ async fn a_tenant_name_a_spreadsheet_would_read_as_a_formula_is_neutralised_in_t
         }
         assert!(line.starts_with("'-A1,"), "{line}");
         assert!(line.contains(",'-plan,"), "{line}");
+    }
+}
+
+#[test]
+fn usage_verify_with_a_bad_period_is_a_usage_error_exit_2_not_a_difference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for period in ["2026-13", "2026-1", "0000-01"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vm-webapp"))
+            .args(["usage", "verify", "--period", period])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("VM_WORKSPACE_ROOT", dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vm-webapp");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{period}: {stderr}");
+        assert!(stderr.contains("YYYY-MM"), "{period}: {stderr}");
     }
 }
