@@ -221,3 +221,47 @@ fn usage_verify_with_a_bad_period_is_a_usage_error_exit_2_not_a_difference() {
         assert!(stderr.contains("YYYY-MM"), "{period}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overage_used_on_an_allow_plan_is_still_priced_after_a_downgrade_to_a_block_plan() {
+    // pro bills past 2 runs at 0.5; free blocks past 1 and has no price.
+    let (env, _dir) = env_with(
+        "root:admin-key-0123456789:admin,a:a-key-0123456789abcdef",
+        "default_plan: pro\nplans:\n  pro:\n    meters:\n      runs: {allowance: 2, overage: allow, unit_price: 0.5}\n  free:\n    meters:\n      runs: {allowance: 1, overage: block}\n",
+    )
+    .await;
+    let app = env.router();
+    for _ in 0..5 {
+        let reply = call(
+            &app,
+            "POST",
+            "/api/v2/runs",
+            Some(HELLO),
+            "a-key-0123456789abcdef",
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    }
+    let down = call(
+        &app,
+        "PUT",
+        "/api/v2/tenants/a/plan",
+        Some(r#"{"plan":"free"}"#),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(down.status, StatusCode::OK, "{}", down.body);
+    let report = call(&app, "GET", "/api/v2/tenants/a/usage", None, ADMIN).await;
+    let runs = &report.body["meters"][0];
+    assert_eq!(runs["meter"], "runs");
+    assert_eq!(runs["allowance"], 1, "the plan in force now is enforced");
+    // 3 or 4 units past the prorated allowance (2 on pro, 1 on free),
+    // depending on the day of the month the test runs.
+    let billable = runs["billable_overage"].as_i64().expect("billable");
+    assert!((3..=4).contains(&billable), "{runs}");
+    assert_eq!(
+        runs["unit_price"], 0.5,
+        "the price they were used at: {runs}"
+    );
+    assert_eq!(runs["preview"], billable as f64 * 0.5, "{runs}");
+}

@@ -135,7 +135,10 @@ pub struct MeterUsage {
     pub overage: i64,
     /// `block` or `allow`; absent when unlimited.
     pub overage_policy: Option<String>,
-    /// Price of one unit past the allowance.
+    /// Price of one unit past the allowance: that of the last plan of the
+    /// period whose overage policy for this meter is `allow` (else of the
+    /// plan in force), so overage used before a downgrade to a `block` plan
+    /// keeps its price.
     pub unit_price: f64,
     /// The allowance prorated by the time each plan was in force during the
     /// period (equals `allowance` without a plan change); absent when
@@ -227,7 +230,17 @@ pub(crate) fn meter_usage(
             }
             let prorated = prorated.map(round6);
             let billable = prorated.map_or(0, |a| (used - a.ceil() as i64).max(0));
-            let unit_price = rule.map_or(0.0, |r| r.unit_price);
+            // Overage is billed at the price of the last plan of the period
+            // that allowed overage of this meter: a `block` plan admits none,
+            // so units past the allowance were used under an `allow` one
+            // (a downgrade to a `block` plan must not make them free).
+            let unit_price = segments
+                .iter()
+                .rev()
+                .filter_map(|(plan, _, _)| plan.and_then(|p| p.rule(meter)))
+                .find(|r| r.overage == Overage::Allow)
+                .or(rule)
+                .map_or(0.0, |r| r.unit_price);
             MeterUsage {
                 meter: meter.as_str().to_string(),
                 used,
