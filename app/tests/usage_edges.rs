@@ -265,3 +265,31 @@ async fn overage_used_on_an_allow_plan_is_still_priced_after_a_downgrade_to_a_bl
     );
     assert_eq!(runs["preview"], billable as f64 * 0.5, "{runs}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warning_threshold_is_reached_at_exactly_its_share_of_the_allowance() {
+    // 1.1 × 50 is 55.00000000000001 in floating point: the 110% warning must
+    // still come with the 55th run, not the 56th.
+    let (env, _dir) = env_with(
+        "root:admin-key-0123456789:admin,a:a-key-0123456789abcdef",
+        "default_plan: pro\nplans:\n  pro:\n    warn_at: [1.1]\n    meters:\n      runs: {allowance: 50, overage: allow, unit_price: 0.1}\n",
+    )
+    .await;
+    let app = env.router();
+    for _ in 0..55 {
+        let reply = call(
+            &app,
+            "POST",
+            "/api/v2/runs",
+            Some(HELLO),
+            "a-key-0123456789abcdef",
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    }
+    let report = call(&app, "GET", "/api/v2/tenants/a/usage", None, ADMIN).await;
+    let thresholds = report.body["thresholds"].as_array().expect("thresholds");
+    assert_eq!(thresholds.len(), 1, "{}", report.body);
+    assert_eq!(thresholds[0]["threshold"], "1.1");
+    assert_eq!(thresholds[0]["used"], 55);
+}

@@ -200,6 +200,15 @@ pub struct UsageReport {
     pub thresholds: Vec<ThresholdReached>,
 }
 
+/// Whether `used` has reached `threshold` (a fraction such as `0.8` or
+/// `1.1`) of `allowance`, exactly: the threshold is taken in millionths and
+/// the comparison made in integers, so that `1.1 × 50` is 55 and not the
+/// floating-point 55.00000000000001 that the 55th unit would miss.
+pub(crate) fn threshold_reached(used: i64, threshold: f64, allowance: i64) -> bool {
+    let millionths = (threshold * 1e6).round() as i128;
+    i128::from(used) * 1_000_000 >= millionths * i128::from(allowance)
+}
+
 fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
@@ -436,7 +445,7 @@ impl Store {
                 None => continue,
             };
             for &threshold in &plan.warn_at {
-                if used <= 0 || (used as f64) < threshold * rule.allowance as f64 {
+                if used <= 0 || !threshold_reached(used, threshold, rule.allowance) {
                     continue;
                 }
                 let label = threshold_label(threshold);
@@ -739,6 +748,21 @@ mod tests {
             "default_plan: free\nplans:\n  free:\n    meters:\n      runs: {allowance: 100}\n  pro:\n    meters:\n      runs: {allowance: 1000, overage: allow, unit_price: 0.5}\n",
         )
         .unwrap()
+    }
+
+    #[test]
+    fn thresholds_are_compared_exactly_not_in_floating_point() {
+        assert!(threshold_reached(55, 1.1, 50));
+        assert!(!threshold_reached(54, 1.1, 50));
+        assert!(threshold_reached(4, 0.8, 5));
+        assert!(!threshold_reached(3, 0.8, 5));
+        assert!(
+            threshold_reached(3, 0.8, 3),
+            "2.4 rounds up to the 3rd unit"
+        );
+        assert!(!threshold_reached(2, 0.8, 3));
+        assert!(threshold_reached(0, 0.8, 0));
+        assert!(threshold_reached(i64::MAX, 10.0, i64::MAX / 10));
     }
 
     #[test]
