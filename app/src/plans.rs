@@ -92,8 +92,8 @@ pub struct MeterRule {
     pub allowance: i64,
     /// Past the allowance: block or allow.
     pub overage: Overage,
-    /// Price of one unit past the allowance, for the invoice preview (≥ 0,
-    /// in the billing currency; 0 when not given).
+    /// Price of one unit past the allowance, for the invoice preview (0 to
+    /// [`MAX_UNIT_PRICE`], in the billing currency; 0 when not given).
     pub unit_price: f64,
 }
 
@@ -130,6 +130,10 @@ pub struct Plans {
 
 /// Default warning thresholds: 80 % and 100 % of an allowance.
 pub const DEFAULT_WARN_AT: [f64; 2] = [0.8, 1.0];
+
+/// The largest `unit_price`: keeps every invoice preview (up to `i64::MAX`
+/// units) a finite number.
+pub const MAX_UNIT_PRICE: f64 = 1e9;
 
 /// The largest plans file read, in bytes (a ConfigMap holds at most 1 MiB).
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -288,9 +292,9 @@ impl Plans {
                     }
                 };
                 let unit_price = rule.unit_price.unwrap_or(0.0);
-                if !(unit_price.is_finite() && unit_price >= 0.0) {
+                if !(unit_price.is_finite() && (0.0..=MAX_UNIT_PRICE).contains(&unit_price)) {
                     problems.push(format!(
-                        "plan `{name}`, meter `{meter_name}`: unit_price must be a number of at least 0"
+                        "plan `{name}`, meter `{meter_name}`: unit_price must be a number from 0 to {MAX_UNIT_PRICE}"
                     ));
                 }
                 meters.insert(

@@ -293,3 +293,22 @@ async fn a_warning_threshold_is_reached_at_exactly_its_share_of_the_allowance() 
     assert_eq!(thresholds[0]["threshold"], "1.1");
     assert_eq!(thresholds[0]["used"], 55);
 }
+
+#[test]
+fn a_unit_price_so_large_that_the_preview_would_be_infinite_is_refused() {
+    // 1e300 × a few units × 1e6 (the preview's rounding) is infinite, which
+    // JSON writes as null and the CSV as `inf`.
+    let problems = Plans::parse(
+        "default_plan: free\nplans:\n  free:\n    meters:\n      runs: {allowance: 1, overage: allow, unit_price: 1e300}\n",
+    )
+    .expect_err("an absurd price")
+    .join("\n");
+    assert!(
+        problems.contains("plan `free`, meter `runs`: unit_price"),
+        "{problems}"
+    );
+    Plans::parse(
+        "default_plan: free\nplans:\n  free:\n    meters:\n      runs: {allowance: 1, overage: allow, unit_price: 1000000}\n",
+    )
+    .expect("a large but real price");
+}
