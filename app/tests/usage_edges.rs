@@ -312,3 +312,26 @@ fn a_unit_price_so_large_that_the_preview_would_be_infinite_is_refused() {
     )
     .expect("a large but real price");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_period_given_twice_is_refused_rather_than_one_of_them_silently_chosen() {
+    let (env, _dir) = env_with(
+        "root:admin-key-0123456789:admin",
+        "default_plan: free\nplans:\n  free: {}\n",
+    )
+    .await;
+    let app = env.router();
+    for uri in [
+        "/api/v2/tenants/root/usage?period=2026-11&period=2026-10",
+        "/api/v2/usage/export?period=2026-11&period=2026-10",
+    ] {
+        let reply = call(&app, "GET", uri, None, ADMIN).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{uri}: {}",
+            reply.body
+        );
+        assert_eq!(reply.body["code"], "invalid_parameter", "{uri}");
+    }
+}
