@@ -335,3 +335,44 @@ async fn a_period_given_twice_is_refused_rather_than_one_of_them_silently_chosen
         assert_eq!(reply.body["code"], "invalid_parameter", "{uri}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_repeats_of_one_idempotency_key_at_the_last_allowed_run_are_replays_not_402() {
+    // free blocks past 1 run: the first request with the key takes the last
+    // run; its concurrent repeats replay it (200), even when they share a
+    // batch with it (the admin's unlimited runs keep the writer busy so that
+    // the repeats queue up together).
+    let (env, _dir) = env_with(
+        "root:admin-key-0123456789:admin,a:a-key-0123456789abcdef",
+        "default_plan: free\nplans:\n  free:\n    meters:\n      runs: {allowance: 1, overage: block}\n  big: {}\ntenants:\n  root: big\n",
+    )
+    .await;
+    let app = env.router();
+    let requests = (0..160).map(|i| {
+        let app = app.clone();
+        async move {
+            let headers: Vec<(&str, &str)> = if i % 2 == 0 {
+                vec![("authorization", "Bearer admin-key-0123456789")]
+            } else {
+                vec![
+                    ("authorization", "Bearer a-key-0123456789abcdef"),
+                    ("idempotency-key", "the-same-one"),
+                ]
+            };
+            (
+                i % 2,
+                send(&app, "POST", "/api/v2/runs", Some(HELLO), &headers).await,
+            )
+        }
+    });
+    let replies = futures::future::join_all(requests).await;
+    let mut statuses: Vec<u16> = replies
+        .iter()
+        .filter(|(keyed, _)| *keyed == 1)
+        .map(|(_, r)| r.status.as_u16())
+        .collect();
+    statuses.sort_unstable();
+    let created = statuses.iter().filter(|s| **s == 202).count();
+    let replayed = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!((created, replayed), (1, 79), "{statuses:?}");
+}
