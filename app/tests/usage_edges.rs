@@ -32,13 +32,13 @@ const HELLO: &str =
 
 /// A test environment with `keys` and the plans text `plans` (the returned
 /// directory holds the file and must outlive the environment).
-async fn env_with(keys: &str, plans: &str) -> (TestEnv, tempfile::TempDir) {
+async fn env_with(backend: Backend, keys: &str, plans: &str) -> (TestEnv, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let file: PathBuf = dir.path().join("plans.yaml");
     std::fs::write(&file, plans).expect("write plans");
     let file = file.display().to_string();
     let env = TestEnv::new(
-        Backend::Sqlite,
+        backend,
         &[
             ("VM_PLANS_FILE", file.as_str()),
             ("VM_API_KEYS", keys),
@@ -113,9 +113,11 @@ fn a_plans_file_may_assign_a_plan_to_a_webhook_tenant_with_a_long_source() {
     assert_eq!(plans.file_plan_of(&long_webhook_tenant()), "pro");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_webhook_tenant_with_a_long_source_has_a_usage_report_and_a_plan_like_any_tenant() {
+async fn a_webhook_tenant_with_a_long_source_has_a_usage_report_and_a_plan_like_any_tenant(
+    backend: Backend,
+) {
     let (env, _dir) = env_with(
+        backend,
         "root:admin-key-0123456789:admin",
         "default_plan: free\nplans:\n  free: {}\n  pro: {}\n",
     )
@@ -153,9 +155,9 @@ async fn a_webhook_tenant_with_a_long_source_has_a_usage_report_and_a_plan_like_
     assert_eq!(bad.status, StatusCode::NOT_FOUND, "{}", bad.body);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn huge_allowances_of_several_tenants_do_not_break_the_metrics_scrape() {
+async fn huge_allowances_of_several_tenants_do_not_break_the_metrics_scrape(backend: Backend) {
     let (env, _dir) = env_with(
+        backend,
         "root:admin-key-0123456789:admin,a:a-key-0123456789abcdef,b:b-key-0123456789abcdef",
         "default_plan: big\nplans:\n  big:\n    meters:\n      runs: {allowance: 9223372036854775807}\n",
     )
@@ -172,9 +174,11 @@ async fn huge_allowances_of_several_tenants_do_not_break_the_metrics_scrape() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tenant_name_a_spreadsheet_would_read_as_a_formula_is_neutralised_in_the_export() {
+async fn a_tenant_name_a_spreadsheet_would_read_as_a_formula_is_neutralised_in_the_export(
+    backend: Backend,
+) {
     let (env, _dir) = env_with(
+        backend,
         "root:admin-key-0123456789:admin,f:f-key-0123456789abcdef:tenant=-A1",
         "default_plan: -plan\nplans:\n  -plan: {}\n",
     )
@@ -222,10 +226,12 @@ fn usage_verify_with_a_bad_period_is_a_usage_error_exit_2_not_a_difference() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overage_used_on_an_allow_plan_is_still_priced_after_a_downgrade_to_a_block_plan() {
+async fn overage_used_on_an_allow_plan_is_still_priced_after_a_downgrade_to_a_block_plan(
+    backend: Backend,
+) {
     // pro bills past 2 runs at 0.5; free blocks past 1 and has no price.
     let (env, _dir) = env_with(
+        backend,
         "root:admin-key-0123456789:admin,a:a-key-0123456789abcdef",
         "default_plan: pro\nplans:\n  pro:\n    meters:\n      runs: {allowance: 2, overage: allow, unit_price: 0.5}\n  free:\n    meters:\n      runs: {allowance: 1, overage: block}\n",
     )
@@ -266,11 +272,11 @@ async fn overage_used_on_an_allow_plan_is_still_priced_after_a_downgrade_to_a_bl
     assert_eq!(runs["preview"], billable as f64 * 0.5, "{runs}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warning_threshold_is_reached_at_exactly_its_share_of_the_allowance() {
+async fn a_warning_threshold_is_reached_at_exactly_its_share_of_the_allowance(backend: Backend) {
     // 1.1 × 50 is 55.00000000000001 in floating point: the 110% warning must
     // still come with the 55th run, not the 56th.
     let (env, _dir) = env_with(
+        backend,
         "root:admin-key-0123456789:admin,a:a-key-0123456789abcdef",
         "default_plan: pro\nplans:\n  pro:\n    warn_at: [1.1]\n    meters:\n      runs: {allowance: 50, overage: allow, unit_price: 0.1}\n",
     )
@@ -313,9 +319,9 @@ fn a_unit_price_so_large_that_the_preview_would_be_infinite_is_refused() {
     .expect("a large but real price");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_period_given_twice_is_refused_rather_than_one_of_them_silently_chosen() {
+async fn a_period_given_twice_is_refused_rather_than_one_of_them_silently_chosen(backend: Backend) {
     let (env, _dir) = env_with(
+        backend,
         "root:admin-key-0123456789:admin",
         "default_plan: free\nplans:\n  free: {}\n",
     )
@@ -336,13 +342,15 @@ async fn a_period_given_twice_is_refused_rather_than_one_of_them_silently_chosen
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_repeats_of_one_idempotency_key_at_the_last_allowed_run_are_replays_not_402() {
+async fn concurrent_repeats_of_one_idempotency_key_at_the_last_allowed_run_are_replays_not_402(
+    backend: Backend,
+) {
     // free blocks past 1 run: the first request with the key takes the last
     // run; its concurrent repeats replay it (200), even when they share a
     // batch with it (the admin's unlimited runs keep the writer busy so that
     // the repeats queue up together).
     let (env, _dir) = env_with(
+        backend,
         "root:admin-key-0123456789:admin,a:a-key-0123456789abcdef",
         "default_plan: free\nplans:\n  free:\n    meters:\n      runs: {allowance: 1, overage: block}\n  big: {}\ntenants:\n  root: big\n",
     )
@@ -376,3 +384,13 @@ async fn concurrent_repeats_of_one_idempotency_key_at_the_last_allowed_run_are_r
     let replayed = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!((created, replayed), (1, 79), "{statuses:?}");
 }
+
+on_both_backends!(
+    a_webhook_tenant_with_a_long_source_has_a_usage_report_and_a_plan_like_any_tenant,
+    huge_allowances_of_several_tenants_do_not_break_the_metrics_scrape,
+    a_tenant_name_a_spreadsheet_would_read_as_a_formula_is_neutralised_in_the_export,
+    overage_used_on_an_allow_plan_is_still_priced_after_a_downgrade_to_a_block_plan,
+    a_warning_threshold_is_reached_at_exactly_its_share_of_the_allowance,
+    a_period_given_twice_is_refused_rather_than_one_of_them_silently_chosen,
+    concurrent_repeats_of_one_idempotency_key_at_the_last_allowed_run_are_replays_not_402,
+);
