@@ -582,9 +582,12 @@ impl Metrics {
                         .clone()
                         .fold(0i64, |sum, r| sum.saturating_add(r.2)),
                 );
-                self.usage_allowance
-                    .get_or_create(&labels)
-                    .set(of_meter.filter_map(|r| r.3).fold(0i64, i64::saturating_add));
+                // Limited meters only: a meter no tenant is limited on has no
+                // allowance series (a 0 would read as "used N of 0").
+                let allowances = of_meter.filter_map(|r| r.3);
+                if let Some(total) = allowances.reduce(i64::saturating_add) {
+                    self.usage_allowance.get_or_create(&labels).set(total);
+                }
             }
         }
     }

@@ -385,7 +385,59 @@ async fn concurrent_repeats_of_one_idempotency_key_at_the_last_allowed_run_are_r
     assert_eq!((created, replayed), (1, 79), "{statuses:?}");
 }
 
+async fn a_meter_no_tenant_is_limited_on_has_no_allowance_gauge(backend: Backend) {
+    // Only runs are limited: a `steps` allowance of 0 would read as "used
+    // 1 of 0" (an infinite ratio) on a dashboard.
+    let (env, _dir) = env_with(
+        backend,
+        "root:admin-key-0123456789:admin,a:a-key-0123456789abcdef",
+        "default_plan: free\nplans:\n  free:\n    meters:\n      runs: {allowance: 10, overage: block}\n",
+    )
+    .await;
+    let app = env.router();
+    let run = call(
+        &app,
+        "POST",
+        "/api/v2/runs",
+        Some(HELLO),
+        "a-key-0123456789abcdef",
+    )
+    .await;
+    assert_eq!(run.status, StatusCode::ACCEPTED, "{}", run.body);
+    let id: uuid::Uuid = run.body["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("id");
+    env.store
+        .record_usage_in_period(
+            &[vm_webapp::store::UsageRecord {
+                run_id: &id.to_string(),
+                step_index: Some(0),
+                meter: vm_webapp::plans::Meter::Steps,
+                quantity: 1,
+                source: "import",
+            }],
+            None,
+        )
+        .await
+        .expect("record a step");
+    let metrics = support::get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("vm_tenant_usage_used{meter=\"steps\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vm_tenant_usage_allowance{meter=\"runs\"} 10"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("vm_tenant_usage_allowance{meter=\"steps\"}"),
+        "{metrics}"
+    );
+}
+
 on_both_backends!(
+    a_meter_no_tenant_is_limited_on_has_no_allowance_gauge,
     a_webhook_tenant_with_a_long_source_has_a_usage_report_and_a_plan_like_any_tenant,
     huge_allowances_of_several_tenants_do_not_break_the_metrics_scrape,
     a_tenant_name_a_spreadsheet_would_read_as_a_formula_is_neutralised_in_the_export,
