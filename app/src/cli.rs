@@ -50,10 +50,18 @@ pub enum UsageCommand {
     /// Recompute a period's usage from the ledger and from the runs and
     /// results, print every difference, exit non-zero on any.
     Verify {
-        /// The UTC month, YYYY-MM.
-        #[arg(long, value_name = "YYYY-MM")]
+        /// The UTC month, YYYY-MM (checked while parsing the arguments, so a
+        /// bad one is a usage error, exit 2, not a difference, exit 1).
+        #[arg(long, value_name = "YYYY-MM", value_parser = parse_period)]
         period: String,
     },
+}
+
+/// A `--period`: exactly `YYYY-MM`, a month from 2000-01 on.
+fn parse_period(s: &str) -> Result<String, String> {
+    crate::period::Period::parse(s)
+        .map(|p| p.to_string())
+        .ok_or_else(|| "must be a month as YYYY-MM (UTC), such as 2026-11".to_string())
 }
 
 /// `backup` options: one file, or a directory of timestamped files pruned to

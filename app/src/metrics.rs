@@ -575,12 +575,19 @@ impl Metrics {
                     meter: meter.as_str().into(),
                 };
                 let of_meter = rows.iter().filter(|r| r.1 == meter);
-                self.usage_used
-                    .get_or_create(&labels)
-                    .set(of_meter.clone().map(|r| r.2).sum());
-                self.usage_allowance
-                    .get_or_create(&labels)
-                    .set(of_meter.filter_map(|r| r.3).sum());
+                // Saturating: allowances may be as large as i64 allows, and
+                // a sum of them must not overflow (a panic, or a negative gauge).
+                self.usage_used.get_or_create(&labels).set(
+                    of_meter
+                        .clone()
+                        .fold(0i64, |sum, r| sum.saturating_add(r.2)),
+                );
+                // Limited meters only: a meter no tenant is limited on has no
+                // allowance series (a 0 would read as "used N of 0").
+                let allowances = of_meter.filter_map(|r| r.3);
+                if let Some(total) = allowances.reduce(i64::saturating_add) {
+                    self.usage_allowance.get_or_create(&labels).set(total);
+                }
             }
         }
     }

@@ -22,9 +22,11 @@
 //! is pure: no I/O besides [`Plans::load`] reading the file.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::Path;
 
 use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
 
 /// What is counted. Stored and shown by [`Meter::as_str`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -90,8 +92,8 @@ pub struct MeterRule {
     pub allowance: i64,
     /// Past the allowance: block or allow.
     pub overage: Overage,
-    /// Price of one unit past the allowance, for the invoice preview (≥ 0,
-    /// in the billing currency; 0 when not given).
+    /// Price of one unit past the allowance, for the invoice preview (0 to
+    /// [`MAX_UNIT_PRICE`], in the billing currency; 0 when not given).
     pub unit_price: f64,
 }
 
@@ -129,15 +131,59 @@ pub struct Plans {
 /// Default warning thresholds: 80 % and 100 % of an allowance.
 pub const DEFAULT_WARN_AT: [f64; 2] = [0.8, 1.0];
 
+/// The largest `unit_price`: keeps every invoice preview (up to `i64::MAX`
+/// units) a finite number.
+pub const MAX_UNIT_PRICE: f64 = 1e9;
+
+/// The largest plans file read, in bytes (a ConfigMap holds at most 1 MiB).
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// A YAML mapping whose keys must be distinct: YAML parsers keep the last of
+/// two equal keys, which would silently drop a plan, a meter or a tenant
+/// written twice.
+struct UniqueMap<V>(BTreeMap<String, V>);
+
+impl<V> Default for UniqueMap<V> {
+    fn default() -> Self {
+        UniqueMap(BTreeMap::new())
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Unique<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for Unique<V> {
+            type Value = UniqueMap<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map with distinct keys")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!(
+                            "duplicate key `{key}` (written twice; only one may stay)"
+                        )));
+                    }
+                    let value = map.next_value()?;
+                    out.insert(key, value);
+                }
+                Ok(UniqueMap(out))
+            }
+        }
+        deserializer.deserialize_map(Unique(std::marker::PhantomData))
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     default_plan: String,
     #[serde(default)]
     warn_at: Option<Vec<f64>>,
-    plans: BTreeMap<String, RawPlan>,
+    plans: UniqueMap<RawPlan>,
     #[serde(default)]
-    tenants: BTreeMap<String, String>,
+    tenants: UniqueMap<String>,
 }
 
 #[derive(Deserialize)]
@@ -148,7 +194,7 @@ struct RawPlan {
     #[serde(default)]
     warn_at: Option<Vec<f64>>,
     #[serde(default)]
-    meters: BTreeMap<String, RawRule>,
+    meters: UniqueMap<RawRule>,
 }
 
 #[derive(Deserialize)]
@@ -168,6 +214,13 @@ pub fn valid_name(s: &str) -> bool {
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_:".contains(&b))
+}
+
+/// Whether `s` can name a tenant: a [`valid_name`], or `webhook:` followed by
+/// a webhook source's name (1 to 64 letters, digits, `-`, `_`), the tenant of
+/// the runs that source starts.
+pub fn valid_tenant(s: &str) -> bool {
+    valid_name(s) || s.strip_prefix("webhook:").is_some_and(valid_name)
 }
 
 fn check_warn_at(values: &[f64], plan: &str, problems: &mut Vec<String>) -> Vec<f64> {
@@ -197,11 +250,12 @@ impl Plans {
             Some(values) => check_warn_at(values, "(top level)", &mut problems),
             None => DEFAULT_WARN_AT.to_vec(),
         };
-        if raw.plans.is_empty() {
+        let (raw_plans, raw_tenants) = (raw.plans.0, raw.tenants.0);
+        if raw_plans.is_empty() {
             problems.push("`plans` lists no plan".to_string());
         }
         let mut plans = BTreeMap::new();
-        for (name, rp) in raw.plans {
+        for (name, rp) in raw_plans {
             let _ = rp.description;
             if !valid_name(&name) {
                 problems.push(format!(
@@ -214,7 +268,7 @@ impl Plans {
                 None => default_warn.clone(),
             };
             let mut meters = BTreeMap::new();
-            for (meter_name, rule) in rp.meters {
+            for (meter_name, rule) in rp.meters.0 {
                 let Some(meter) = Meter::parse(&meter_name) else {
                     problems.push(format!(
                         "plan `{name}`: unknown meter `{meter_name}` (expected one of {})",
@@ -238,9 +292,9 @@ impl Plans {
                     }
                 };
                 let unit_price = rule.unit_price.unwrap_or(0.0);
-                if !(unit_price.is_finite() && unit_price >= 0.0) {
+                if !(unit_price.is_finite() && (0.0..=MAX_UNIT_PRICE).contains(&unit_price)) {
                     problems.push(format!(
-                        "plan `{name}`, meter `{meter_name}`: unit_price must be a number of at least 0"
+                        "plan `{name}`, meter `{meter_name}`: unit_price must be a number from 0 to {MAX_UNIT_PRICE}"
                     ));
                 }
                 meters.insert(
@@ -267,10 +321,10 @@ impl Plans {
                 raw.default_plan
             ));
         }
-        for (tenant, plan) in &raw.tenants {
-            if !valid_name(tenant) {
+        for (tenant, plan) in &raw_tenants {
+            if !valid_tenant(tenant) {
                 problems.push(format!(
-                    "tenants: `{tenant}` is not a tenant name (1 to 64 letters, digits, -, _ or :)"
+                    "tenants: `{tenant}` is not a tenant name (1 to 64 letters, digits, -, _ or :, or webhook:<source>)"
                 ));
             }
             if !plans.contains_key(plan) {
@@ -285,15 +339,32 @@ impl Plans {
         Ok(Plans {
             default_plan: raw.default_plan,
             plans,
-            tenants: raw.tenants,
+            tenants: raw_tenants,
         })
     }
 
     /// Reads and validates the plans file at `path`. Errors as
-    /// [`Plans::parse`], or the file cannot be read.
+    /// [`Plans::parse`], or the file cannot be read, is not a regular file
+    /// (a directory, a device such as `/dev/zero`), is larger than
+    /// [`MAX_FILE_BYTES`] or is not UTF-8.
     pub fn load(path: &Path) -> Result<Plans, Vec<String>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+        let cannot =
+            |e: &dyn std::fmt::Display| vec![format!("cannot read {}: {e}", path.display())];
+        let file = std::fs::File::open(path).map_err(|e| cannot(&e))?;
+        let meta = file.metadata().map_err(|e| cannot(&e))?;
+        if !meta.is_file() {
+            return Err(cannot(&"not a regular file"));
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| cannot(&e))?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(cannot(&format!(
+                "larger than {MAX_FILE_BYTES} bytes (a plans file is a few KiB)"
+            )));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| cannot(&"not UTF-8 text"))?;
         Plans::parse(&text)
     }
 

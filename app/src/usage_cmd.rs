@@ -1,7 +1,9 @@
 //! The `usage verify` command: recomputes a period's usage from the ledger
 //! and from the runs and results ([`crate::store::usage_verify`]) and
 //! reports every difference. Exit code 0 when all agree, 1 on any difference
-//! (or when the database cannot be read), 2 for an invalid configuration.
+//! (or when the database cannot be read), 2 for an invalid configuration
+//! or invalid arguments (a `--period` that is not `YYYY-MM` is refused by
+//! the argument parser).
 
 use crate::cli::{UsageArgs, UsageCommand};
 use crate::config::Settings;

@@ -635,7 +635,8 @@ async fn usage_verify_reports_a_corrupted_counter_and_exits_non_zero(backend: Ba
         .env("VM_DB_URL", env.settings.database.url.expose())
         .output()
         .expect("run vm-webapp");
-    assert_eq!(bad.status.code(), Some(1));
+    // A bad period is a usage error (2, like a missing one), not a difference (1).
+    assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("YYYY-MM"));
 }
 

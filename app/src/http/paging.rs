@@ -11,7 +11,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::http::error::ApiError;
 
-/// Parses a query string, refusing parameters not in `allowed`.
+/// Parses a query string, refusing parameters not in `allowed` and any
+/// given more than once (`400 invalid_parameter`).
 pub fn parse_query(
     raw: Option<String>,
     allowed: &[&str],
@@ -34,6 +35,13 @@ pub fn parse_query(
                 "unknown query parameter `{}`; expected {}",
                 k.chars().take(64).collect::<String>(),
                 allowed.join(", ")
+            )));
+        }
+        if out.contains_key(&k) {
+            // Which one was meant? (A billing period given twice must not
+            // silently become the last one.)
+            return Err(ApiError::InvalidParameter(format!(
+                "query parameter `{k}` is given more than once"
             )));
         }
         out.insert(k, v);

@@ -31,7 +31,7 @@ use crate::http::paging::parse_query;
 use crate::http::security::Actor;
 use crate::http::views::ErrorBody;
 use crate::period::Period;
-use crate::plans::valid_name;
+use crate::plans::valid_tenant;
 use crate::store::security::NewAudit;
 use crate::store::usage::UsageReport;
 
@@ -82,7 +82,7 @@ async fn period_of(state: &AppState, raw: Option<String>) -> Result<Period, ApiE
     path = "/api/v2/tenants/{tenant}/plan",
     tag = "tenants",
     security(("api_key" = [])),
-    params(("tenant" = String, Path, description = "Tenant name (1 to 64 of letters, digits, - _ :)")),
+    params(("tenant" = String, Path, description = "Tenant name (1 to 64 of letters, digits, - _ :, or webhook:<source>)")),
     request_body(content = PlanRequest, description = "The plan, from the plans file"),
     responses(
         (status = 200, body = PlanAssigned),
@@ -101,9 +101,9 @@ pub async fn set_plan(
     if !admin(&actor) {
         return Err(ApiError::Forbidden);
     }
-    if !valid_name(&tenant) {
+    if !valid_tenant(&tenant) {
         return Err(ApiError::InvalidParameter(
-            "tenant: expected 1 to 64 of letters, digits, -, _ or :".into(),
+            "tenant: expected 1 to 64 of letters, digits, -, _ or :, or webhook:<source>".into(),
         ));
     }
     let bytes = body.map_err(|rejection| {
@@ -172,7 +172,7 @@ pub async fn usage(
     let allowed = actor
         .as_ref()
         .is_some_and(|Extension(a)| a.admin || a.tenant == tenant);
-    if !allowed || !valid_name(&tenant) {
+    if !allowed || !valid_tenant(&tenant) {
         return Err(ApiError::TenantNotFound);
     }
     let period = period_of(&state, raw).await?;
@@ -182,16 +182,27 @@ pub async fn usage(
 /// Header line of the usage export.
 pub const EXPORT_HEADER: &str = "tenant,period,plan,meter,used,allowance,overage_policy,unit_price,prorated_allowance,billable_overage,preview\n";
 
-/// One tenant's CSV lines (names are `[A-Za-z0-9_:-]`, so nothing needs quoting).
+/// A name as a CSV cell: names are `[A-Za-z0-9_:-]`, so nothing needs
+/// quoting, but one starting with `-` (or `=`, `+`, `@`) would be read as a
+/// formula by a spreadsheet, so it gets a leading `'` (OWASP's advice).
+fn text_cell(name: &str) -> String {
+    if name.starts_with(['=', '+', '-', '@']) {
+        format!("'{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// One tenant's CSV lines.
 fn csv_lines(report: &UsageReport) -> String {
     let mut out = String::new();
     let opt = |v: Option<String>| v.unwrap_or_default();
     for m in &report.meters {
         out.push_str(&format!(
             "{},{},{},{},{},{},{},{},{},{},{}\n",
-            report.tenant,
+            text_cell(&report.tenant),
             report.period,
-            opt(report.plan.clone()),
+            opt(report.plan.as_deref().map(text_cell)),
             m.meter,
             m.used,
             opt(m.allowance.map(|a| a.to_string())),

@@ -165,9 +165,10 @@ async fn write_alone(store: &Store, new: &NewRun) -> Result<Stored> {
 /// `quota.blocked`. A tenant whose `block` allowance of steps, LLM tokens or
 /// approval decisions is used up gets no new run either. The lock is held to the commit, which is what makes the
 /// allowance exact across writers and replicas. A request whose idempotency
-/// key is already taken is a replay and consumes nothing. The usage of the
-/// batch is added to counter shard `shard`; a tenant without a `block`
-/// allowance takes no lock, so concurrent writers do not wait for each other.
+/// key is already taken, or repeats a key earlier in the batch, is a replay
+/// and consumes nothing. The usage of the batch is added to counter shard
+/// `shard`; a tenant without a `block` allowance takes no lock, so concurrent
+/// writers do not wait for each other.
 async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<Stored>> {
     let backend = store.backend();
     let plans = store.plans();
@@ -284,19 +285,28 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
             let Some((mut remaining, refusal)) = limit else {
                 continue;
             };
+            // A key repeated within the batch shares its first request's
+            // fate: stored once (the repeats replay it) or refused.
+            let mut first_of_key: HashMap<&str, bool> = HashMap::new();
             for (i, new) in news.iter().enumerate() {
-                if new.tenant != *tenant
-                    || new
-                        .idempotency_key
-                        .as_ref()
-                        .is_some_and(|k| taken.contains(k))
-                {
+                let key = new.idempotency_key.as_deref();
+                if new.tenant != *tenant || key.is_some_and(|k| taken.contains(k)) {
                     continue;
                 }
-                if remaining > 0 {
-                    remaining -= 1;
-                } else {
+                if let Some(was_refused) = key.and_then(|k| first_of_key.get(k)) {
+                    if *was_refused {
+                        refused[i] = Some(refusal.clone());
+                    }
+                    continue;
+                }
+                let refuse = remaining == 0;
+                if refuse {
                     refused[i] = Some(refusal.clone());
+                } else {
+                    remaining -= 1;
+                }
+                if let Some(k) = key {
+                    first_of_key.insert(k, refuse);
                 }
             }
         }

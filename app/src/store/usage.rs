@@ -150,7 +150,10 @@ pub struct MeterUsage {
     pub overage: i64,
     /// `block` or `allow`; absent when unlimited.
     pub overage_policy: Option<String>,
-    /// Price of one unit past the allowance.
+    /// Price of one unit past the allowance: that of the last plan of the
+    /// period whose overage policy for this meter is `allow` (else of the
+    /// plan in force), so overage used before a downgrade to a `block` plan
+    /// keeps its price.
     pub unit_price: f64,
     /// The allowance prorated by the time each plan was in force during the
     /// period (equals `allowance` without a plan change); absent when
@@ -212,6 +215,15 @@ pub struct UsageReport {
     pub thresholds: Vec<ThresholdReached>,
 }
 
+/// Whether `used` has reached `threshold` (a fraction such as `0.8` or
+/// `1.1`) of `allowance`, exactly: the threshold is taken in millionths and
+/// the comparison made in integers, so that `1.1 × 50` is 55 and not the
+/// floating-point 55.00000000000001 that the 55th unit would miss.
+pub(crate) fn threshold_reached(used: i64, threshold: f64, allowance: i64) -> bool {
+    let millionths = (threshold * 1e6).round() as i128;
+    i128::from(used) * 1_000_000 >= millionths * i128::from(allowance)
+}
+
 fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
@@ -242,7 +254,17 @@ pub(crate) fn meter_usage(
             }
             let prorated = prorated.map(round6);
             let billable = prorated.map_or(0, |a| (used - a.ceil() as i64).max(0));
-            let unit_price = rule.map_or(0.0, |r| r.unit_price);
+            // Overage is billed at the price of the last plan of the period
+            // that allowed overage of this meter: a `block` plan admits none,
+            // so units past the allowance were used under an `allow` one
+            // (a downgrade to a `block` plan must not make them free).
+            let unit_price = segments
+                .iter()
+                .rev()
+                .filter_map(|(plan, _, _)| plan.and_then(|p| p.rule(meter)))
+                .find(|r| r.overage == Overage::Allow)
+                .or(rule)
+                .map_or(0.0, |r| r.unit_price);
             MeterUsage {
                 meter: meter.as_str().to_string(),
                 used,
@@ -441,7 +463,7 @@ impl Store {
                 None => continue,
             };
             for &threshold in &plan.warn_at {
-                if used <= 0 || (used as f64) < threshold * rule.allowance as f64 {
+                if used <= 0 || !threshold_reached(used, threshold, rule.allowance) {
                     continue;
                 }
                 let label = threshold_label(threshold);
@@ -747,6 +769,21 @@ mod tests {
             "default_plan: free\nplans:\n  free:\n    meters:\n      runs: {allowance: 100}\n  pro:\n    meters:\n      runs: {allowance: 1000, overage: allow, unit_price: 0.5}\n",
         )
         .unwrap()
+    }
+
+    #[test]
+    fn thresholds_are_compared_exactly_not_in_floating_point() {
+        assert!(threshold_reached(55, 1.1, 50));
+        assert!(!threshold_reached(54, 1.1, 50));
+        assert!(threshold_reached(4, 0.8, 5));
+        assert!(!threshold_reached(3, 0.8, 5));
+        assert!(
+            threshold_reached(3, 0.8, 3),
+            "2.4 rounds up to the 3rd unit"
+        );
+        assert!(!threshold_reached(2, 0.8, 3));
+        assert!(threshold_reached(0, 0.8, 0));
+        assert!(threshold_reached(i64::MAX, 10.0, i64::MAX / 10));
     }
 
     #[test]
