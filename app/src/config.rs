@@ -920,6 +920,8 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
 ) -> SecuritySettings {
     use sha2::Digest;
     let mut api_keys: Vec<ApiKey> = Vec::new();
+    // Ids of the keys whose entry names a tenant.
+    let mut explicit_tenants: Vec<String> = Vec::new();
     for (i, entry) in entries(p.get("VM_API_KEYS")) {
         // Until an entry parses as `id:key`, nothing of it is repeated: a
         // value without its `id:` is the key itself.
@@ -966,6 +968,9 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
         let Some(options) = parse_key_options(p, i, id, &options) else {
             continue;
         };
+        if options.tenant.is_some() {
+            explicit_tenants.push(id.to_string());
+        }
         if api_keys.iter().any(|k| k.id == id) {
             p.fail(
                 "VM_API_KEYS",
@@ -979,6 +984,30 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
             approver: options.approver,
             tenant: options.tenant.unwrap_or_else(|| id.to_string()),
         });
+    }
+    // A key without `tenant=` is its own tenant, named by its id: that name
+    // must not silently be another key's tenant (it would see that tenant's
+    // runs), nor `anonymous` (the tenant of runs created before tenants).
+    for key in &api_keys {
+        let implicit = !explicit_tenants.contains(&key.id);
+        let named_elsewhere = api_keys
+            .iter()
+            .any(|other| other.id != key.id && other.tenant == key.id);
+        if implicit && named_elsewhere {
+            p.fail(
+                "VM_API_KEYS",
+                format!(
+                    "id `{}` has no tenant= and is also another key's tenant: add tenant={} to join that tenant, or choose another id",
+                    key.id, key.id
+                ),
+            );
+        }
+        if implicit && key.id == "anonymous" {
+            p.fail(
+                "VM_API_KEYS",
+                "id `anonymous` needs an explicit tenant= (the tenant `anonymous` holds the runs created without a key; write tenant=anonymous to mean it)",
+            );
+        }
     }
     if api_keys.is_empty() && app_env == AppEnv::Production {
         p.fail(
