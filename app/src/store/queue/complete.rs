@@ -506,11 +506,19 @@ pub(crate) fn llm_tokens(step: &StepSpec, output: &Value) -> i64 {
     }
     let usage = &output["usage"];
     let count = |key: &str| usage.get(key).and_then(Value::as_i64).filter(|n| *n >= 0);
-    match (count("prompt_tokens"), count("completion_tokens")) {
+    let tokens = match (count("prompt_tokens"), count("completion_tokens")) {
         (Some(p), Some(c)) => p.saturating_add(c),
         _ => count("total_tokens").unwrap_or(0),
-    }
+    };
+    // An endpoint reporting absurd usage must not overflow the counters (a
+    // failed completion on PostgreSQL, a float on SQLite): no real call uses
+    // more than this.
+    tokens.min(MAX_TOKENS_PER_STEP)
 }
+
+/// The most LLM tokens one step is charged: far above any model's context
+/// window, far below what would overflow a month's counter.
+pub(crate) const MAX_TOKENS_PER_STEP: i64 = 100_000_000;
 
 /// An error message as text every backend stores: a step's error can quote
 /// what a remote endpoint sent, and PostgreSQL refuses NUL bytes in text, which
@@ -521,6 +529,18 @@ fn storable(message: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn absurd_token_usage_is_charged_at_the_per_step_cap() {
+        let step: crate::steps::StepSpec =
+            serde_json::from_value(serde_json::json!({"kind": "llm", "prompt": "hi"}))
+                .expect("llm step");
+        let output = |usage| serde_json::json!({"text": "x", "usage": usage});
+        let huge = output(serde_json::json!({"prompt_tokens": i64::MAX, "completion_tokens": 5}));
+        assert_eq!(super::llm_tokens(&step, &huge), super::MAX_TOKENS_PER_STEP);
+        let normal = output(serde_json::json!({"prompt_tokens": 12, "completion_tokens": 30}));
+        assert_eq!(super::llm_tokens(&step, &normal), 42);
+    }
+
     #[test]
     fn error_texts_lose_their_nul_bytes_and_nothing_else() {
         assert_eq!(super::storable("a\0b é"), "a\u{FFFD}b é");
