@@ -920,6 +920,8 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
 ) -> SecuritySettings {
     use sha2::Digest;
     let mut api_keys: Vec<ApiKey> = Vec::new();
+    // The entry number of each key in `api_keys`, for messages.
+    let mut key_entries: Vec<usize> = Vec::new();
     for (i, entry) in entries(p.get("VM_API_KEYS")) {
         // Until an entry parses as `id:key`, nothing of it is repeated: a
         // value without its `id:` is the key itself.
@@ -972,9 +974,26 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
                 format!("entry {i} (id `{id}`): the id appears twice"),
             );
         }
+        let hash: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+        // A shared key authenticates as one entry only, with its roles and
+        // tenant: the other entry would silently act as it.
+        if let Some((j, other)) = key_entries
+            .iter()
+            .zip(&api_keys)
+            .find(|(_, k)| k.hash == hash)
+        {
+            p.fail(
+                "VM_API_KEYS",
+                format!(
+                    "entry {i} (id `{id}`): the key is the same as entry {j}'s (id `{}`); each entry needs its own key",
+                    other.id
+                ),
+            );
+        }
+        key_entries.push(i);
         api_keys.push(ApiKey {
             id: id.to_string(),
-            hash: sha2::Sha256::digest(key.as_bytes()).into(),
+            hash,
             admin: options.admin,
             approver: options.approver,
             tenant: options.tenant.unwrap_or_else(|| id.to_string()),
