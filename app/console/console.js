@@ -263,12 +263,17 @@
     };
   }
 
-  function decisionForm(runId, index, prompt, after) {
+  // The decision controls of one approval step. `describedBy` is the id of
+  // the element that says which run and step they decide: with several
+  // cards on a page, "Approve" alone does not tell a screen reader which.
+  function decisionForm(runId, index, prompt, after, describedBy) {
     unique += 1;
     const comment = el("textarea", { id: `comment-${unique}`, name: "comment", maxlength: "2000" });
     const error = el("p", { class: "error", role: "alert" });
-    const approve = el("button", { type: "button", text: "Approve" });
-    const reject = el("button", { type: "button", class: "danger", text: "Reject" });
+    const promptId = prompt ? `prompt-${unique}` : null;
+    const about = [describedBy, promptId].filter(Boolean).join(" ") || null;
+    const approve = el("button", { type: "button", text: "Approve", "aria-describedby": about });
+    const reject = el("button", { type: "button", class: "danger", text: "Reject", "aria-describedby": about });
     const decide = async (what) => {
       approve.disabled = reject.disabled = true;
       error.textContent = "";
@@ -285,7 +290,7 @@
     approve.addEventListener("click", () => decide("approve"));
     reject.addEventListener("click", () => decide("reject"));
     return el("div", {},
-      prompt ? el("p", { class: "prompt", text: prompt }) : "",
+      prompt ? el("p", { class: "prompt", id: promptId, text: prompt }) : "",
       el("label", { for: comment.id, text: "Comment (recorded with the decision)" }),
       comment,
       el("div", { class: "actions" }, approve, reject),
@@ -340,14 +345,20 @@
       } else if (!shown || shown.dataset.step !== String(waiting.index) || (!shown.dataset.rendered && (waiting.approval || prompts.has(waiting.index)))) {
         // A form already shown for this step stays, with what was typed in it.
         const prompt = (waiting.approval && waiting.approval.prompt) || prompts.get(waiting.index) || (waiting.spec && waiting.spec.prompt);
+        unique += 1;
+        const titleId = `decision-title-${unique}`;
         holder.replaceChildren(el("section", {
           class: "decision",
-          "aria-label": "Decision",
+          "aria-labelledby": titleId,
           "data-step": String(waiting.index),
           "data-rendered": waiting.approval || prompts.has(waiting.index) ? "1" : null,
         },
-        el("h2", { text: `Step ${waiting.index} waits for approval` }),
-        decisionForm(run.id, waiting.index, prompt, () => render())));
+        el("h2", { id: titleId, text: `Run ${run.id} · step ${waiting.index} waits for approval` }),
+        // The form goes away once decided: keep the focus on the page.
+        decisionForm(run.id, waiting.index, prompt, async () => {
+          await render();
+          $("run-title").focus();
+        }, titleId)));
       }
     };
     const refresh = debounce(render, 150);
@@ -401,11 +412,15 @@
       const shown = new Map([...list.children].map((c) => [c.dataset.key, c]));
       const cards = items.map((a) => {
         const key = `${a.run_id}:${a.step_index}`;
-        return shown.get(key) || el("li", { class: "card", "data-key": key, "data-run": a.run_id, "data-step": String(a.step_index) },
-          el("h2", {}, el("a", { href: `#/runs/${a.run_id}`, text: `Run ${a.run_id}` }), ` · step ${a.step_index}`),
+        if (shown.has(key)) return shown.get(key);
+        unique += 1;
+        const titleId = `card-title-${unique}`;
+        const card = el("li", { class: "card", "data-key": key, "data-run": a.run_id, "data-step": String(a.step_index) },
+          el("h2", { id: titleId }, el("a", { href: `#/runs/${a.run_id}`, text: `Run ${a.run_id}` }), ` · step ${a.step_index}`),
           el("p", { class: "meta", text: `Waiting since ${when(a.waiting_since)} · expires ${when(a.expires_at)}` }),
-          decisionForm(a.run_id, a.step_index, a.prompt, () => render()),
         );
+        card.append(decisionForm(a.run_id, a.step_index, a.prompt, () => decided(card), titleId));
+        return card;
       });
       const same = cards.length === list.children.length && cards.every((c, i) => c === list.children[i]);
       if (!same) {
@@ -415,6 +430,16 @@
         });
       }
       $("approvals-empty").hidden = items.length > 0;
+    };
+    // A decided card goes away: the focus moves to the card that takes its
+    // place (or the heading when none is left), not to the page's start.
+    const decided = async (card) => {
+      const list = $("approvals-list");
+      const at = Math.max(0, [...list.children].indexOf(card));
+      await render();
+      const next = list.children[Math.min(at, list.children.length - 1)];
+      const target = next && next !== card ? next.querySelector("textarea") : null;
+      (target || $("approvals-title")).focus();
     };
     const refresh = debounce(render, 200);
     await render();

@@ -111,15 +111,45 @@ try {
     await page.locator('#run-facts[data-status="waiting"]').waitFor();
     const offered = await page.locator("#run-decision .prompt").textContent();
     if (offered !== "Publish Hello, Ada!?") fail(`the run page offers ${JSON.stringify(offered)}`);
+    // A second waiting run whose prompt is markup: user text is shown as
+    // text, never parsed as HTML.
+    const markup = '<img src="x" id="injected"><b>bold</b>';
+    const other = await api("POST", "/runs", {
+      input: { note: markup },
+      steps: [{ kind: "approval", prompt: "Accept {{input.note}}?", timeout_s: 3600 }],
+    });
     await page.getByRole("link", { name: "Approvals" }).click();
     const card = page.locator(`li.card[data-run="${run.id}"]`);
     await card.waitFor();
+    const otherCard = page.locator(`li.card[data-run="${other.id}"]`);
+    await otherCard.waitFor();
     const prompt = await card.locator(".prompt").textContent();
     if (!prompt.includes("Publish Hello, Ada!?")) fail(`the prompt reads ${JSON.stringify(prompt)}`);
+    const shownMarkup = await otherCard.locator(".prompt").textContent();
+    if (shownMarkup !== `Accept ${markup}?`) fail(`a markup prompt reads ${JSON.stringify(shownMarkup)}`);
+    if ((await page.locator("#injected, #approvals-list b").count()) !== 0) fail("a prompt was parsed as HTML");
+    // Several cards each have an Approve and a Reject button: each button's
+    // description says which run and step it decides.
+    const undescribed = await page.evaluate(() =>
+      [...document.querySelectorAll("#approvals-list li.card")].flatMap((c) =>
+        [...c.querySelectorAll("button")]
+          .filter((b) => {
+            const ids = (b.getAttribute("aria-describedby") || "").split(/\s+/).filter(Boolean);
+            const text = ids.map((id) => (document.getElementById(id) || {}).textContent || "").join(" ");
+            return !text.includes(c.dataset.run) || !text.includes(`step ${c.dataset.step}`);
+          })
+          .map((b) => `${b.textContent} of ${c.dataset.run}`),
+      ),
+    );
+    if (undescribed.length) fail(`buttons that do not say what they decide: ${undescribed}`);
     await card.getByLabel("Comment (recorded with the decision)").fill("Looks right to me");
     if (docs) await page.screenshot({ path: docs });
-    await card.getByRole("button", { name: "Approve" }).click();
+    // Decide with the keyboard: the focus is not lost when the card goes.
+    await card.getByRole("button", { name: "Approve" }).focus();
+    await page.keyboard.press("Enter");
     await card.waitFor({ state: "detached" });
+    const focusLost = await page.evaluate(() => !document.activeElement || document.activeElement === document.body);
+    if (focusLost) fail("the focus was lost after a decision in the inbox");
     await page.goto(`${base}/console#/runs/${run.id}`);
     await page.locator('#run-facts[data-status="succeeded"]').waitFor();
     await page.locator('#timeline li[data-event="step.approved"]').waitFor();
