@@ -34,6 +34,16 @@ const browser = await chromium.launch({
 const problems = [];
 let page;
 try {
+  // Without script (blocked, or not loaded yet) the sign-in form submits as
+  // a plain HTML form: the key must not end up in the URL even then.
+  const noScript = await browser.newContext({ javaScriptEnabled: false });
+  const bare = await noScript.newPage();
+  await bare.goto(`${base}/console`);
+  await bare.fill("#key", key);
+  await Promise.all([bare.waitForNavigation(), bare.press("#key", "Enter")]);
+  if (bare.url().includes(key)) fail(`without script the key is put in the URL: ${bare.url()}`);
+  await noScript.close();
+
   const context = await browser.newContext({ viewport: { width: 1200, height: 800 } });
   page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);
