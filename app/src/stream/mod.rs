@@ -177,7 +177,8 @@ impl Hub {
     }
 
     /// Opens a subscription to the events `filter` selects with an id above
-    /// `after`; `None` starts at the hub's position (only new events).
+    /// `after` (at most the log's last id); `None` starts at the hub's
+    /// position (only new events).
     ///
     /// Errors: [`SubscribeError::TooMany`] at the per-process limit,
     /// [`SubscribeError::Store`] when the database cannot be read.
@@ -190,6 +191,14 @@ impl Hub {
         let slot = StreamSlot::take(self)?;
         self.ensure_started(redis).await?;
         let cursor = match after {
+            // An id beyond the log's end names no event: the client followed
+            // a database since replaced (an older backup restored, a local
+            // one deleted). Resume from the end, or every new event would be
+            // skipped until the ids caught up. An id any replica handed out
+            // is committed, so it is never above the log's end.
+            Some(after) if after > self.position() => {
+                after.min(self.inner.store.last_event_id().await?)
+            }
             Some(after) => after,
             None => self.position(),
         };
