@@ -216,43 +216,63 @@
     show("runs");
     const abort = new AbortController();
     let cursor = null;
-    const render = async (append) => {
+    let pages = 1; // pages shown: live updates refresh all of them
+    const row = (run) => el("tr", { "data-run": run.id },
+      el("td", { class: "mono" }, el("a", { href: `#/runs/${run.id}`, text: run.id })),
+      el("td", {}, statusBadge(run.status)),
+      el("td", { text: String(run.step_count) }),
+      el("td", { text: when(run.created_at) }),
+      el("td", { text: when(run.updated_at) }),
+    );
+    const fetchPage = (after) => {
       const status = $("status-filter").value;
       const params = new URLSearchParams({ limit: "50" });
       if (status) params.set("status", status);
-      if (append && cursor) params.set("cursor", cursor);
-      let page;
+      if (after) params.set("cursor", after);
+      return api(`/runs?${params}`);
+    };
+    // mode: "reset" (first page only), "more" (the next page), "refresh"
+    // (as many pages as are shown, so "Load more" survives live updates).
+    const draw = async (mode) => {
+      const body = $("runs-body");
       try {
-        page = await api(`/runs?${params}`);
+        if (mode === "more") {
+          if (!cursor) return;
+          const page = await fetchPage(cursor);
+          body.append(...page.runs.map(row));
+          cursor = page.next_cursor || null;
+          pages += 1;
+        } else {
+          if (mode === "reset") pages = 1;
+          const runs = [];
+          let after = null;
+          for (let i = 0; i < pages; i += 1) {
+            const page = await fetchPage(after);
+            runs.push(...page.runs);
+            after = page.next_cursor || null;
+            if (!after) break;
+          }
+          body.replaceChildren(...runs.map(row));
+          cursor = after;
+        }
       } catch (e) {
         if (e.status !== 401) $("runs-empty").textContent = `Cannot list runs: ${e.message}`;
         $("runs-empty").hidden = false;
         return;
       }
-      const body = $("runs-body");
-      if (!append) body.replaceChildren();
-      for (const run of page.runs) {
-        body.append(
-          el("tr", { "data-run": run.id },
-            el("td", { class: "mono" }, el("a", { href: `#/runs/${run.id}`, text: run.id })),
-            el("td", {}, statusBadge(run.status)),
-            el("td", { text: String(run.step_count) }),
-            el("td", { text: when(run.created_at) }),
-            el("td", { text: when(run.updated_at) }),
-          ),
-        );
-      }
-      cursor = page.next_cursor || null;
       $("runs-more").hidden = !cursor;
       $("runs-empty").textContent = "No runs.";
       $("runs-empty").hidden = body.children.length > 0;
     };
-    const refresh = debounce(() => render(false), 250);
-    const onFilter = () => render(false);
-    const onMore = () => render(true);
+    // One at a time: a refresh and a "Load more" must not interleave.
+    let queue = Promise.resolve();
+    const render = (mode) => (queue = queue.catch(() => {}).then(() => draw(mode)));
+    const refresh = debounce(() => render("refresh"), 250);
+    const onFilter = () => render("reset");
+    const onMore = () => render("more");
     $("status-filter").addEventListener("change", onFilter);
     $("runs-more").addEventListener("click", onMore);
-    await render(false);
+    await render("reset");
     follow("/events/stream", (ev) => {
       if (String(ev.type).startsWith("run.") || String(ev.type).startsWith("step.")) refresh();
     }, abort.signal);

@@ -101,6 +101,34 @@ try {
   // queued, started, three steps started and succeeded, succeeded.
   if (timeline !== 9) fail(`the timeline shows ${timeline} events, expected 9`);
 
+  // More runs than a page: "Load more" shows the next page, and live
+  // updates keep it shown (they refresh every page loaded, not only the
+  // first).
+  await page.getByRole("link", { name: "Runs", exact: true }).click();
+  await page.getByRole("heading", { name: "Runs" }).waitFor();
+  // Paced under the key's rate limit (20/s), which the page shares.
+  for (let i = 0; i < 55; i += 1) {
+    await api("POST", "/runs", { input: {}, steps: [{ kind: "template", template: `run ${i}` }] });
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const settled = Date.now() + TIMEOUT;
+  for (;;) {
+    const busy = (await api("GET", "/runs?status=queued&limit=1")).runs.length
+      + (await api("GET", "/runs?status=running&limit=1")).runs.length;
+    if (!busy) break;
+    if (Date.now() > settled) fail("the 55 runs did not finish");
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  const rows = page.locator("#runs-body tr");
+  await page.locator("#runs-more").click();
+  await page.waitForFunction(() => document.querySelectorAll("#runs-body tr").length === 56);
+  const latest = await api("POST", "/runs", { input: {}, steps: [{ kind: "template", template: "latest" }] });
+  await page.locator(`tr[data-run="${latest.id}"] .status-succeeded`).waitFor();
+  await page.waitForTimeout(600); // the last debounced refresh
+  const shownRows = await rows.count();
+  if (shownRows !== 57) fail(`after a live update the runs list shows ${shownRows} rows, expected 57`);
+  if (!(await page.locator("#runs-more").isHidden())) fail("Load more is offered with every run shown");
+
   if (approval) {
     // A run that waits for a person: it appears as waiting, is approved in
     // the inbox with a comment, and succeeds.
