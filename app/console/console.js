@@ -412,10 +412,21 @@
   async function approvalsView() {
     show("approvals");
     const abort = new AbortController();
+    // Every pending approval, page after page (at most INBOX_MAX): an
+    // approver must not miss the ones past the API's first page.
+    const INBOX_MAX = 1000;
     const render = async () => {
-      let page;
+      const page = { approvals: [] };
       try {
-        page = await api("/approvals?status=pending");
+        let cursor = null;
+        do {
+          const params = new URLSearchParams({ status: "pending", limit: "200" });
+          if (cursor) params.set("cursor", cursor);
+          const next = await api(`/approvals?${params}`);
+          page.approvals.push(...(next.approvals || []));
+          cursor = next.next_cursor || null;
+        } while (cursor && page.approvals.length < INBOX_MAX);
+        page.more = Boolean(cursor);
       } catch (e) {
         if (e.status === 401) return;
         $("approvals-note").hidden = false;
@@ -424,8 +435,11 @@
           : `Cannot list approvals: ${e.message}`;
         return;
       }
-      $("approvals-note").hidden = true;
-      const items = page.approvals || [];
+      $("approvals-note").hidden = !page.more;
+      $("approvals-note").textContent = page.more
+        ? `The oldest ${INBOX_MAX} pending approvals are shown; decide some to see the rest.`
+        : "";
+      const items = page.approvals;
       const list = $("approvals-list");
       // Cards already shown stay as they are (with a comment being typed);
       // new ones are added and decided or expired ones removed.

@@ -197,6 +197,22 @@ try {
     if (!detail.steps[1].output || detail.steps[1].output.approved !== true) {
       fail(`the approval step's output is ${JSON.stringify(detail.steps[1].output)}`);
     }
+    // More pending approvals than one page of the API: the inbox shows them
+    // all (the markup one and 50 more), not the oldest page only.
+    for (let i = 0; i < 50; i += 1) {
+      await api("POST", "/runs", { input: {}, steps: [{ kind: "approval", prompt: `Batch ${i}?`, timeout_s: 3600 }] });
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const inboxFull = Date.now() + TIMEOUT;
+    while ((await api("GET", "/approvals?status=pending&limit=200")).approvals.length < 51) {
+      if (Date.now() > inboxFull) fail("the 50 approval runs did not reach their approval step");
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    await page.getByRole("link", { name: "Approvals" }).click();
+    await page.locator(`li.card[data-run="${other.id}"]`).waitFor();
+    await page.waitForTimeout(600); // the last debounced refresh
+    const cards = await page.locator("#approvals-list li.card").count();
+    if (cards !== 51) fail(`the inbox shows ${cards} of 51 pending approvals`);
   } else if (docs) {
     await page.screenshot({ path: docs });
   }
