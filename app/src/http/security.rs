@@ -451,6 +451,8 @@ pub fn cors(security: &SecuritySettings) -> Option<tower_http::cors::CorsLayer> 
                 header::HeaderName::from_static("x-api-key"),
                 header::HeaderName::from_static("x-request-id"),
                 header::HeaderName::from_static("x-correlation-id"),
+                // Resuming a live-update stream read with fetch().
+                header::HeaderName::from_static("last-event-id"),
             ])
             .expose_headers([
                 header::HeaderName::from_static("x-request-id"),
