@@ -840,6 +840,12 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Actor names the app itself uses, so no API key may take them as its id:
+/// a key's decisions would pass for deadline expiries (`system`), or a key
+/// without `tenant=` would own the open mode's and pre-tenant runs
+/// (`anonymous`).
+const RESERVED_KEY_IDS: [&str; 3] = ["system", "anonymous", "unknown"];
+
 /// What follows `id:key` in a `VM_API_KEYS` entry.
 struct KeyOptions {
     admin: bool,
@@ -936,6 +942,15 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
             p.fail(
                 "VM_API_KEYS",
                 format!("entry {i}: expected id:key[:roles][:tenant=NAME] with an id of 1 to 64 letters, digits, - or _"),
+            );
+            continue;
+        }
+        if RESERVED_KEY_IDS.contains(&id) {
+            p.fail(
+                "VM_API_KEYS",
+                format!(
+                    "entry {i}: the id `{id}` is reserved (`system` decides approvals at their deadline, `anonymous` is the open mode's caller and the tenant of runs from before tenants, `unknown` the actor of failed authentications); choose another id"
+                ),
             );
             continue;
         }

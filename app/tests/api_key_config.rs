@@ -31,3 +31,24 @@ fn distinct_keys_for_rotation_are_still_accepted() {
     let settings = settings_from(&[("VM_API_KEYS", keys)]).expect("rotation keys are valid");
     assert_eq!(settings.security.api_keys.len(), 2);
 }
+
+/// `system` decides approvals at their deadline, `anonymous` is the caller
+/// (and the tenant) of the open local mode and of runs from before tenants,
+/// `unknown` the actor of failed authentications. A key with such an id
+/// would pass for them: its decisions would read as deadline expiries, and,
+/// without `tenant=`, an `anonymous` key would own every pre-tenant run.
+#[test]
+fn api_key_ids_that_name_the_system_actors_are_refused() {
+    for id in ["system", "anonymous", "unknown"] {
+        let keys = format!("{id}:Reserved0123456789Id:approver");
+        let err = settings_from(&[("VM_API_KEYS", &keys)])
+            .expect_err(&format!("the key id {id} was accepted"));
+        assert!(err.mentions("VM_API_KEYS"), "{err}");
+        assert!(err.to_string().contains(&format!("`{id}`")), "{err}");
+        assert!(!err.to_string().contains("Reserved0123"), "{err}");
+    }
+    // The tenant `anonymous` may still be given on purpose.
+    let keys = "legacy:Legacy0123456789Key:tenant=anonymous";
+    let settings = settings_from(&[("VM_API_KEYS", keys)]).expect("explicit tenant");
+    assert_eq!(settings.security.api_keys[0].tenant, "anonymous");
+}
