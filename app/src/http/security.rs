@@ -443,7 +443,12 @@ pub fn cors(security: &SecuritySettings) -> Option<tower_http::cors::CorsLayer> 
     Some(
         tower_http::cors::CorsLayer::new()
             .allow_origin(origins)
-            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            // PUT: `PUT /tenants/{tenant}/plan`.
+            .allow_methods([
+                axum::http::Method::GET,
+                axum::http::Method::POST,
+                axum::http::Method::PUT,
+            ])
             .allow_headers([
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
