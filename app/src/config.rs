@@ -59,6 +59,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "VM_STREAM_GAP_TIMEOUT_MS",
     "VM_STREAM_BUFFER",
     "VM_STREAM_MAX_SUBSCRIBERS",
+    "VM_STREAM_MAX_PER_KEY",
 ];
 
 /// The names among `names` that are not settings but within two edits of
@@ -254,6 +255,10 @@ pub struct StreamSettings {
     /// Open streams a process serves at most; more answer
     /// `503 too_many_streams` (`VM_STREAM_MAX_SUBSCRIBERS`, default 1000).
     pub max_subscribers: usize,
+    /// Open streams one API key (or the open mode's caller) holds at most in
+    /// a process, so one tenant cannot take every stream; more answer
+    /// `503 too_many_streams` (`VM_STREAM_MAX_PER_KEY`, default 100).
+    pub max_per_key: usize,
 }
 
 /// One API key: only its SHA-256 is kept after start-up.
@@ -597,6 +602,7 @@ impl Settings {
             gap_timeout: p.millis("VM_STREAM_GAP_TIMEOUT_MS", 5_000, 10, 600_000),
             buffer: p.number("VM_STREAM_BUFFER", 256usize, 1, 100_000),
             max_subscribers: p.number("VM_STREAM_MAX_SUBSCRIBERS", 1_000usize, 1, 1_000_000),
+            max_per_key: p.number("VM_STREAM_MAX_PER_KEY", 100usize, 1, 1_000_000),
         };
 
         if !p.errors.is_empty() {

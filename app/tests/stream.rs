@@ -619,6 +619,42 @@ async fn streams_beyond_the_process_limit_are_refused_with_503(backend: Backend)
     assert!(metrics.contains("vm_stream_subscribers 1"), "{metrics}");
 }
 
+/// One key cannot take every stream of a process: with a key at its own
+/// limit (`VM_STREAM_MAX_PER_KEY`), another tenant's key still opens streams,
+/// where before one tenant could lock every other out of live updates.
+async fn one_key_cannot_take_every_stream_of_a_process(backend: Backend) {
+    let keys = "greedy:greedy-key-0123456789abcdef:tenant=a,\
+                other:other-key-0123456789abcdef:tenant=b";
+    let env = TestEnv::new(
+        backend,
+        &[
+            ("VM_API_KEYS", keys),
+            ("VM_STREAM_MAX_SUBSCRIBERS", "3"),
+            ("VM_STREAM_MAX_PER_KEY", "2"),
+        ],
+    )
+    .await;
+    let app = env.router();
+    let greedy = ("authorization", "Bearer greedy-key-0123456789abcdef");
+    let other = ("authorization", "Bearer other-key-0123456789abcdef");
+    let first = open(&app, "/api/v2/events/stream", &[greedy]).await;
+    let _second = open(&app, "/api/v2/events/stream", &[greedy]).await;
+    // Bounded: a stream opened by mistake would never end.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        send(&app, "GET", "/api/v2/events/stream", None, &[greedy]),
+    )
+    .await
+    .expect("refused at once, not streamed");
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.body["code"], "too_many_streams");
+    assert!(refused.headers.contains_key("retry-after"));
+    let _others = open(&app, "/api/v2/events/stream", &[other]).await;
+    // A stream that ends gives its place back to its key.
+    drop(first);
+    let _third = open(&app, "/api/v2/events/stream", &[greedy]).await;
+}
+
 /// Every write path raises the commit signal: with the timer at a minute,
 /// only those nudges can deliver a run's events in seconds, through the
 /// wait for an approver and the decision. A path that forgot it would show
@@ -675,6 +711,7 @@ on_both_backends!(
     an_idle_stream_carries_heartbeats,
     streams_answer_401_without_a_key_and_404_for_an_unknown_run_before_streaming,
     streams_beyond_the_process_limit_are_refused_with_503,
+    one_key_cannot_take_every_stream_of_a_process,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
