@@ -69,7 +69,10 @@
 
   // Follows `path` until `signal` aborts, calling onEvent(data, id) for each
   // event and resuming after the last id whenever the stream breaks.
-  async function follow(path, onEvent, signal) {
+  // onStart() is called once the stream is open without a resume point (the
+  // all-runs stream then starts at "now"): what the view listed before may
+  // have changed in between, so it lists again.
+  async function follow(path, onEvent, signal, onStart) {
     let last = null;
     let delay = 500;
     while (!signal.aborted) {
@@ -87,6 +90,7 @@
         setLive(1);
         counted = true;
         delay = 500;
+        if (last === null && onStart) onStart();
         const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
         let buffer = "";
         for (;;) {
@@ -275,7 +279,7 @@
     await render("reset");
     follow("/events/stream", (ev) => {
       if (String(ev.type).startsWith("run.") || String(ev.type).startsWith("step.")) refresh();
-    }, abort.signal);
+    }, abort.signal, refresh);
     return () => {
       abort.abort();
       $("status-filter").removeEventListener("change", onFilter);
@@ -479,7 +483,7 @@
     await render();
     follow("/events/stream", (ev) => {
       if (/^step\.(awaiting_approval|approved|rejected|approval_expired)$/.test(ev.type) || /^run\.(cancelled|failed)$/.test(ev.type)) refresh();
-    }, abort.signal);
+    }, abort.signal, refresh);
     return () => {
       abort.abort();
       $("approvals-list").replaceChildren();

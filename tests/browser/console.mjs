@@ -216,6 +216,20 @@ try {
   } else if (docs) {
     await page.screenshot({ path: docs });
   }
+
+  // The all-runs stream starts at "now": what happens between listing the
+  // runs and the stream's start must still show. Hold the stream back, and
+  // let a run come and go meanwhile.
+  await page.route("**/api/v2/events/stream*", async (route) => {
+    await new Promise((r) => setTimeout(r, 1500));
+    await route.continue();
+  });
+  await page.goto(`${base}/console#/runs`);
+  await page.locator("#runs-body tr").first().waitFor(); // listed
+  const between = await api("POST", "/runs", { input: {}, steps: [{ kind: "template", template: "between" }] });
+  await page.locator(`tr[data-run="${between.id}"] .status-succeeded`).waitFor({ timeout: 5000 })
+    .catch(() => fail("a run that finished before the stream opened is not shown"));
+  await page.unroute("**/api/v2/events/stream*");
   if (problems.length) fail(problems.join("\n"));
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(`console scenario passed${approval ? " (with an approval)" : ""}`);
