@@ -69,7 +69,10 @@
 
   // Follows `path` until `signal` aborts, calling onEvent(data, id) for each
   // event and resuming after the last id whenever the stream breaks.
-  async function follow(path, onEvent, signal) {
+  // onStart() is called once the stream is open without a resume point (the
+  // all-runs stream then starts at "now"): what the view listed before may
+  // have changed in between, so it lists again.
+  async function follow(path, onEvent, signal, onStart) {
     let last = null;
     let delay = 500;
     while (!signal.aborted) {
@@ -87,6 +90,7 @@
         setLive(1);
         counted = true;
         delay = 500;
+        if (last === null && onStart) onStart();
         const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
         let buffer = "";
         for (;;) {
@@ -216,46 +220,66 @@
     show("runs");
     const abort = new AbortController();
     let cursor = null;
-    const render = async (append) => {
+    let pages = 1; // pages shown: live updates refresh all of them
+    const row = (run) => el("tr", { "data-run": run.id },
+      el("td", { class: "mono" }, el("a", { href: `#/runs/${run.id}`, text: run.id })),
+      el("td", {}, statusBadge(run.status)),
+      el("td", { text: String(run.step_count) }),
+      el("td", { text: when(run.created_at) }),
+      el("td", { text: when(run.updated_at) }),
+    );
+    const fetchPage = (after) => {
       const status = $("status-filter").value;
       const params = new URLSearchParams({ limit: "50" });
       if (status) params.set("status", status);
-      if (append && cursor) params.set("cursor", cursor);
-      let page;
+      if (after) params.set("cursor", after);
+      return api(`/runs?${params}`);
+    };
+    // mode: "reset" (first page only), "more" (the next page), "refresh"
+    // (as many pages as are shown, so "Load more" survives live updates).
+    const draw = async (mode) => {
+      const body = $("runs-body");
       try {
-        page = await api(`/runs?${params}`);
+        if (mode === "more") {
+          if (!cursor) return;
+          const page = await fetchPage(cursor);
+          body.append(...page.runs.map(row));
+          cursor = page.next_cursor || null;
+          pages += 1;
+        } else {
+          if (mode === "reset") pages = 1;
+          const runs = [];
+          let after = null;
+          for (let i = 0; i < pages; i += 1) {
+            const page = await fetchPage(after);
+            runs.push(...page.runs);
+            after = page.next_cursor || null;
+            if (!after) break;
+          }
+          body.replaceChildren(...runs.map(row));
+          cursor = after;
+        }
       } catch (e) {
         if (e.status !== 401) $("runs-empty").textContent = `Cannot list runs: ${e.message}`;
         $("runs-empty").hidden = false;
         return;
       }
-      const body = $("runs-body");
-      if (!append) body.replaceChildren();
-      for (const run of page.runs) {
-        body.append(
-          el("tr", { "data-run": run.id },
-            el("td", { class: "mono" }, el("a", { href: `#/runs/${run.id}`, text: run.id })),
-            el("td", {}, statusBadge(run.status)),
-            el("td", { text: String(run.step_count) }),
-            el("td", { text: when(run.created_at) }),
-            el("td", { text: when(run.updated_at) }),
-          ),
-        );
-      }
-      cursor = page.next_cursor || null;
       $("runs-more").hidden = !cursor;
       $("runs-empty").textContent = "No runs.";
       $("runs-empty").hidden = body.children.length > 0;
     };
-    const refresh = debounce(() => render(false), 250);
-    const onFilter = () => render(false);
-    const onMore = () => render(true);
+    // One at a time: a refresh and a "Load more" must not interleave.
+    let queue = Promise.resolve();
+    const render = (mode) => (queue = queue.catch(() => {}).then(() => draw(mode)));
+    const refresh = debounce(() => render("refresh"), 250);
+    const onFilter = () => render("reset");
+    const onMore = () => render("more");
     $("status-filter").addEventListener("change", onFilter);
     $("runs-more").addEventListener("click", onMore);
-    await render(false);
+    await render("reset");
     follow("/events/stream", (ev) => {
       if (String(ev.type).startsWith("run.") || String(ev.type).startsWith("step.")) refresh();
-    }, abort.signal);
+    }, abort.signal, refresh);
     return () => {
       abort.abort();
       $("status-filter").removeEventListener("change", onFilter);
@@ -263,12 +287,17 @@
     };
   }
 
-  function decisionForm(runId, index, prompt, after) {
+  // The decision controls of one approval step. `describedBy` is the id of
+  // the element that says which run and step they decide: with several
+  // cards on a page, "Approve" alone does not tell a screen reader which.
+  function decisionForm(runId, index, prompt, after, describedBy) {
     unique += 1;
     const comment = el("textarea", { id: `comment-${unique}`, name: "comment", maxlength: "2000" });
     const error = el("p", { class: "error", role: "alert" });
-    const approve = el("button", { type: "button", text: "Approve" });
-    const reject = el("button", { type: "button", class: "danger", text: "Reject" });
+    const promptId = prompt ? `prompt-${unique}` : null;
+    const about = [describedBy, promptId].filter(Boolean).join(" ") || null;
+    const approve = el("button", { type: "button", text: "Approve", "aria-describedby": about });
+    const reject = el("button", { type: "button", class: "danger", text: "Reject", "aria-describedby": about });
     const decide = async (what) => {
       approve.disabled = reject.disabled = true;
       error.textContent = "";
@@ -285,7 +314,7 @@
     approve.addEventListener("click", () => decide("approve"));
     reject.addEventListener("click", () => decide("reject"));
     return el("div", {},
-      prompt ? el("p", { class: "prompt", text: prompt }) : "",
+      prompt ? el("p", { class: "prompt", id: promptId, text: prompt }) : "",
       el("label", { for: comment.id, text: "Comment (recorded with the decision)" }),
       comment,
       el("div", { class: "actions" }, approve, reject),
@@ -340,14 +369,20 @@
       } else if (!shown || shown.dataset.step !== String(waiting.index) || (!shown.dataset.rendered && (waiting.approval || prompts.has(waiting.index)))) {
         // A form already shown for this step stays, with what was typed in it.
         const prompt = (waiting.approval && waiting.approval.prompt) || prompts.get(waiting.index) || (waiting.spec && waiting.spec.prompt);
+        unique += 1;
+        const titleId = `decision-title-${unique}`;
         holder.replaceChildren(el("section", {
           class: "decision",
-          "aria-label": "Decision",
+          "aria-labelledby": titleId,
           "data-step": String(waiting.index),
           "data-rendered": waiting.approval || prompts.has(waiting.index) ? "1" : null,
         },
-        el("h2", { text: `Step ${waiting.index} waits for approval` }),
-        decisionForm(run.id, waiting.index, prompt, () => render())));
+        el("h2", { id: titleId, text: `Run ${run.id} · step ${waiting.index} waits for approval` }),
+        // The form goes away once decided: keep the focus on the page.
+        decisionForm(run.id, waiting.index, prompt, async () => {
+          await render();
+          $("run-title").focus();
+        }, titleId)));
       }
     };
     const refresh = debounce(render, 150);
@@ -381,10 +416,21 @@
   async function approvalsView() {
     show("approvals");
     const abort = new AbortController();
+    // Every pending approval, page after page (at most INBOX_MAX): an
+    // approver must not miss the ones past the API's first page.
+    const INBOX_MAX = 1000;
     const render = async () => {
-      let page;
+      const page = { approvals: [] };
       try {
-        page = await api("/approvals?status=pending");
+        let cursor = null;
+        do {
+          const params = new URLSearchParams({ status: "pending", limit: "200" });
+          if (cursor) params.set("cursor", cursor);
+          const next = await api(`/approvals?${params}`);
+          page.approvals.push(...(next.approvals || []));
+          cursor = next.next_cursor || null;
+        } while (cursor && page.approvals.length < INBOX_MAX);
+        page.more = Boolean(cursor);
       } catch (e) {
         if (e.status === 401) return;
         $("approvals-note").hidden = false;
@@ -393,19 +439,26 @@
           : `Cannot list approvals: ${e.message}`;
         return;
       }
-      $("approvals-note").hidden = true;
-      const items = page.approvals || [];
+      $("approvals-note").hidden = !page.more;
+      $("approvals-note").textContent = page.more
+        ? `The oldest ${INBOX_MAX} pending approvals are shown; decide some to see the rest.`
+        : "";
+      const items = page.approvals;
       const list = $("approvals-list");
       // Cards already shown stay as they are (with a comment being typed);
       // new ones are added and decided or expired ones removed.
       const shown = new Map([...list.children].map((c) => [c.dataset.key, c]));
       const cards = items.map((a) => {
         const key = `${a.run_id}:${a.step_index}`;
-        return shown.get(key) || el("li", { class: "card", "data-key": key, "data-run": a.run_id, "data-step": String(a.step_index) },
-          el("h2", {}, el("a", { href: `#/runs/${a.run_id}`, text: `Run ${a.run_id}` }), ` · step ${a.step_index}`),
+        if (shown.has(key)) return shown.get(key);
+        unique += 1;
+        const titleId = `card-title-${unique}`;
+        const card = el("li", { class: "card", "data-key": key, "data-run": a.run_id, "data-step": String(a.step_index) },
+          el("h2", { id: titleId }, el("a", { href: `#/runs/${a.run_id}`, text: `Run ${a.run_id}` }), ` · step ${a.step_index}`),
           el("p", { class: "meta", text: `Waiting since ${when(a.waiting_since)} · expires ${when(a.expires_at)}` }),
-          decisionForm(a.run_id, a.step_index, a.prompt, () => render()),
         );
+        card.append(decisionForm(a.run_id, a.step_index, a.prompt, () => decided(card), titleId));
+        return card;
       });
       const same = cards.length === list.children.length && cards.every((c, i) => c === list.children[i]);
       if (!same) {
@@ -416,11 +469,21 @@
       }
       $("approvals-empty").hidden = items.length > 0;
     };
+    // A decided card goes away: the focus moves to the card that takes its
+    // place (or the heading when none is left), not to the page's start.
+    const decided = async (card) => {
+      const list = $("approvals-list");
+      const at = Math.max(0, [...list.children].indexOf(card));
+      await render();
+      const next = list.children[Math.min(at, list.children.length - 1)];
+      const target = next && next !== card ? next.querySelector("textarea") : null;
+      (target || $("approvals-title")).focus();
+    };
     const refresh = debounce(render, 200);
     await render();
     follow("/events/stream", (ev) => {
       if (/^step\.(awaiting_approval|approved|rejected|approval_expired)$/.test(ev.type) || /^run\.(cancelled|failed)$/.test(ev.type)) refresh();
-    }, abort.signal);
+    }, abort.signal, refresh);
     return () => {
       abort.abort();
       $("approvals-list").replaceChildren();

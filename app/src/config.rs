@@ -59,6 +59,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "VM_STREAM_GAP_TIMEOUT_MS",
     "VM_STREAM_BUFFER",
     "VM_STREAM_MAX_SUBSCRIBERS",
+    "VM_STREAM_MAX_PER_KEY",
 ];
 
 /// The names among `names` that are not settings but within two edits of
@@ -254,6 +255,10 @@ pub struct StreamSettings {
     /// Open streams a process serves at most; more answer
     /// `503 too_many_streams` (`VM_STREAM_MAX_SUBSCRIBERS`, default 1000).
     pub max_subscribers: usize,
+    /// Open streams one API key (or the open mode's caller) holds at most in
+    /// a process, so one tenant cannot take every stream; more answer
+    /// `503 too_many_streams` (`VM_STREAM_MAX_PER_KEY`, default 100).
+    pub max_per_key: usize,
 }
 
 /// One API key: only its SHA-256 is kept after start-up.
@@ -597,6 +602,7 @@ impl Settings {
             gap_timeout: p.millis("VM_STREAM_GAP_TIMEOUT_MS", 5_000, 10, 600_000),
             buffer: p.number("VM_STREAM_BUFFER", 256usize, 1, 100_000),
             max_subscribers: p.number("VM_STREAM_MAX_SUBSCRIBERS", 1_000usize, 1, 1_000_000),
+            max_per_key: p.number("VM_STREAM_MAX_PER_KEY", 100usize, 1, 1_000_000),
         };
 
         if !p.errors.is_empty() {
@@ -840,6 +846,12 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Actor names the app itself uses, so no API key may take them as its id:
+/// a key's decisions would pass for deadline expiries (`system`), or a key
+/// without `tenant=` would own the open mode's and pre-tenant runs
+/// (`anonymous`).
+const RESERVED_KEY_IDS: [&str; 3] = ["system", "anonymous", "unknown"];
+
 /// What follows `id:key` in a `VM_API_KEYS` entry.
 struct KeyOptions {
     admin: bool,
@@ -922,6 +934,8 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
     let mut api_keys: Vec<ApiKey> = Vec::new();
     // Ids of the keys whose entry names a tenant.
     let mut explicit_tenants: Vec<String> = Vec::new();
+    // The entry number of each key in `api_keys`, for messages.
+    let mut key_entries: Vec<usize> = Vec::new();
     for (i, entry) in entries(p.get("VM_API_KEYS")) {
         // Until an entry parses as `id:key`, nothing of it is repeated: a
         // value without its `id:` is the key itself.
@@ -936,6 +950,15 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
             p.fail(
                 "VM_API_KEYS",
                 format!("entry {i}: expected id:key[:roles][:tenant=NAME] with an id of 1 to 64 letters, digits, - or _"),
+            );
+            continue;
+        }
+        if RESERVED_KEY_IDS.contains(&id) {
+            p.fail(
+                "VM_API_KEYS",
+                format!(
+                    "entry {i}: the id `{id}` is reserved (`system` decides approvals at their deadline, `anonymous` is the open mode's caller and the tenant of runs from before tenants, `unknown` the actor of failed authentications); choose another id"
+                ),
             );
             continue;
         }
@@ -977,9 +1000,26 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
                 format!("entry {i} (id `{id}`): the id appears twice"),
             );
         }
+        let hash: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+        // A shared key authenticates as one entry only, with its roles and
+        // tenant: the other entry would silently act as it.
+        if let Some((j, other)) = key_entries
+            .iter()
+            .zip(&api_keys)
+            .find(|(_, k)| k.hash == hash)
+        {
+            p.fail(
+                "VM_API_KEYS",
+                format!(
+                    "entry {i} (id `{id}`): the key is the same as entry {j}'s (id `{}`); each entry needs its own key",
+                    other.id
+                ),
+            );
+        }
+        key_entries.push(i);
         api_keys.push(ApiKey {
             id: id.to_string(),
-            hash: sha2::Sha256::digest(key.as_bytes()).into(),
+            hash,
             admin: options.admin,
             approver: options.approver,
             tenant: options.tenant.unwrap_or_else(|| id.to_string()),
@@ -987,7 +1027,7 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
     }
     // A key without `tenant=` is its own tenant, named by its id: that name
     // must not silently be another key's tenant (it would see that tenant's
-    // runs), nor `anonymous` (the tenant of runs created before tenants).
+    // runs).
     for key in &api_keys {
         let implicit = !explicit_tenants.contains(&key.id);
         let named_elsewhere = api_keys
@@ -1000,12 +1040,6 @@ fn parse_security<F: Fn(&str) -> Option<String>>(
                     "id `{}` has no tenant= and is also another key's tenant: add tenant={} to join that tenant, or choose another id",
                     key.id, key.id
                 ),
-            );
-        }
-        if implicit && key.id == "anonymous" {
-            p.fail(
-                "VM_API_KEYS",
-                "id `anonymous` needs an explicit tenant= (the tenant `anonymous` holds the runs created without a key; write tenant=anonymous to mean it)",
             );
         }
     }

@@ -250,6 +250,47 @@ async fn resuming_with_last_event_id_after_a_disconnect_loses_and_repeats_nothin
     worker.await.expect("worker");
 }
 
+/// A `Last-Event-ID` beyond the end of the log (the client followed a
+/// database that was since replaced: restored from an older backup, or a
+/// local one deleted) cannot name an event to resume after: the stream goes
+/// on from the log's end instead of silently dropping every new event until
+/// the ids catch up with the stale one.
+async fn a_last_event_id_beyond_the_log_resumes_from_its_end_not_silently_later(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_STREAM_POLL_MS", "50")]).await;
+    let app = env.router();
+    let first = create(&app, ONE_STEP).await;
+    let last = *all_event_ids(&env).await.last().expect("an event");
+    let stale = (last + 10_000).to_string();
+    let mut all = open(&app, "/api/v2/events/stream", &[("last-event-id", &stale)]).await;
+    let mut one = open(
+        &app,
+        &format!("/api/v2/runs/{first}/events/stream"),
+        &[("last-event-id", &stale)],
+    )
+    .await;
+    let next = create(&app, ONE_STEP).await;
+    let (id, data) = all
+        .event(Duration::from_secs(10))
+        .await
+        .expect("the all-runs stream goes on");
+    assert!(id > last, "{id} after {last}");
+    assert_eq!(data["run_id"], next.to_string());
+    assert_eq!(data["type"], "run.queued");
+    // The first run's stream is at the end of that run's events: the next
+    // one it gets is its own, when there is one.
+    let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
+    env.wait_for(first, RunStatus::Succeeded, Duration::from_secs(20))
+        .await;
+    let (_, data) = one
+        .event(Duration::from_secs(10))
+        .await
+        .expect("the run's stream goes on");
+    assert_eq!(data["run_id"], first.to_string());
+    assert_eq!(data["type"], "run.started");
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
 /// A subscriber that stops reading is cut off once its buffer is full: its
 /// stream ends after what was buffered, instead of the process buffering
 /// for it without bound.
@@ -578,6 +619,42 @@ async fn streams_beyond_the_process_limit_are_refused_with_503(backend: Backend)
     assert!(metrics.contains("vm_stream_subscribers 1"), "{metrics}");
 }
 
+/// One key cannot take every stream of a process: with a key at its own
+/// limit (`VM_STREAM_MAX_PER_KEY`), another tenant's key still opens streams,
+/// where before one tenant could lock every other out of live updates.
+async fn one_key_cannot_take_every_stream_of_a_process(backend: Backend) {
+    let keys = "greedy:greedy-key-0123456789abcdef:tenant=a,\
+                other:other-key-0123456789abcdef:tenant=b";
+    let env = TestEnv::new(
+        backend,
+        &[
+            ("VM_API_KEYS", keys),
+            ("VM_STREAM_MAX_SUBSCRIBERS", "3"),
+            ("VM_STREAM_MAX_PER_KEY", "2"),
+        ],
+    )
+    .await;
+    let app = env.router();
+    let greedy = ("authorization", "Bearer greedy-key-0123456789abcdef");
+    let other = ("authorization", "Bearer other-key-0123456789abcdef");
+    let first = open(&app, "/api/v2/events/stream", &[greedy]).await;
+    let _second = open(&app, "/api/v2/events/stream", &[greedy]).await;
+    // Bounded: a stream opened by mistake would never end.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        send(&app, "GET", "/api/v2/events/stream", None, &[greedy]),
+    )
+    .await
+    .expect("refused at once, not streamed");
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.body["code"], "too_many_streams");
+    assert!(refused.headers.contains_key("retry-after"));
+    let _others = open(&app, "/api/v2/events/stream", &[other]).await;
+    // A stream that ends gives its place back to its key.
+    drop(first);
+    let _third = open(&app, "/api/v2/events/stream", &[greedy]).await;
+}
+
 /// Every write path raises the commit signal: with the timer at a minute,
 /// only those nudges can deliver a run's events in seconds, through the
 /// wait for an approver and the decision. A path that forgot it would show
@@ -627,12 +704,14 @@ on_both_backends!(
     approval_waits_and_decisions_reach_streams_at_once_not_at_the_next_poll,
     a_run_stream_replays_the_history_then_follows_live,
     resuming_with_last_event_id_after_a_disconnect_loses_and_repeats_nothing,
+    a_last_event_id_beyond_the_log_resumes_from_its_end_not_silently_later,
     a_subscriber_that_does_not_read_is_cut_off_and_its_stream_ends,
     an_event_that_commits_late_is_delivered_in_order_not_skipped,
     a_gap_that_never_fills_is_passed_after_the_gap_timeout,
     an_idle_stream_carries_heartbeats,
     streams_answer_401_without_a_key_and_404_for_an_unknown_run_before_streaming,
     streams_beyond_the_process_limit_are_refused_with_503,
+    one_key_cannot_take_every_stream_of_a_process,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,6 +34,16 @@ const browser = await chromium.launch({
 const problems = [];
 let page;
 try {
+  // Without script (blocked, or not loaded yet) the sign-in form submits as
+  // a plain HTML form: the key must not end up in the URL even then.
+  const noScript = await browser.newContext({ javaScriptEnabled: false });
+  const bare = await noScript.newPage();
+  await bare.goto(`${base}/console`);
+  await bare.fill("#key", key);
+  await Promise.all([bare.waitForNavigation(), bare.press("#key", "Enter")]);
+  if (bare.url().includes(key)) fail(`without script the key is put in the URL: ${bare.url()}`);
+  await noScript.close();
+
   const context = await browser.newContext({ viewport: { width: 1200, height: 800 } });
   page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);
@@ -91,6 +101,34 @@ try {
   // queued, started, three steps started and succeeded, succeeded.
   if (timeline !== 9) fail(`the timeline shows ${timeline} events, expected 9`);
 
+  // More runs than a page: "Load more" shows the next page, and live
+  // updates keep it shown (they refresh every page loaded, not only the
+  // first).
+  await page.getByRole("link", { name: "Runs", exact: true }).click();
+  await page.getByRole("heading", { name: "Runs" }).waitFor();
+  // Paced under the key's rate limit (20/s), which the page shares.
+  for (let i = 0; i < 55; i += 1) {
+    await api("POST", "/runs", { input: {}, steps: [{ kind: "template", template: `run ${i}` }] });
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const settled = Date.now() + TIMEOUT;
+  for (;;) {
+    const busy = (await api("GET", "/runs?status=queued&limit=1")).runs.length
+      + (await api("GET", "/runs?status=running&limit=1")).runs.length;
+    if (!busy) break;
+    if (Date.now() > settled) fail("the 55 runs did not finish");
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  const rows = page.locator("#runs-body tr");
+  await page.locator("#runs-more").click();
+  await page.waitForFunction(() => document.querySelectorAll("#runs-body tr").length === 56);
+  const latest = await api("POST", "/runs", { input: {}, steps: [{ kind: "template", template: "latest" }] });
+  await page.locator(`tr[data-run="${latest.id}"] .status-succeeded`).waitFor();
+  await page.waitForTimeout(600); // the last debounced refresh
+  const shownRows = await rows.count();
+  if (shownRows !== 57) fail(`after a live update the runs list shows ${shownRows} rows, expected 57`);
+  if (!(await page.locator("#runs-more").isHidden())) fail("Load more is offered with every run shown");
+
   if (approval) {
     // A run that waits for a person: it appears as waiting, is approved in
     // the inbox with a comment, and succeeds.
@@ -111,15 +149,45 @@ try {
     await page.locator('#run-facts[data-status="waiting"]').waitFor();
     const offered = await page.locator("#run-decision .prompt").textContent();
     if (offered !== "Publish Hello, Ada!?") fail(`the run page offers ${JSON.stringify(offered)}`);
+    // A second waiting run whose prompt is markup: user text is shown as
+    // text, never parsed as HTML.
+    const markup = '<img src="x" id="injected"><b>bold</b>';
+    const other = await api("POST", "/runs", {
+      input: { note: markup },
+      steps: [{ kind: "approval", prompt: "Accept {{input.note}}?", timeout_s: 3600 }],
+    });
     await page.getByRole("link", { name: "Approvals" }).click();
     const card = page.locator(`li.card[data-run="${run.id}"]`);
     await card.waitFor();
+    const otherCard = page.locator(`li.card[data-run="${other.id}"]`);
+    await otherCard.waitFor();
     const prompt = await card.locator(".prompt").textContent();
     if (!prompt.includes("Publish Hello, Ada!?")) fail(`the prompt reads ${JSON.stringify(prompt)}`);
+    const shownMarkup = await otherCard.locator(".prompt").textContent();
+    if (shownMarkup !== `Accept ${markup}?`) fail(`a markup prompt reads ${JSON.stringify(shownMarkup)}`);
+    if ((await page.locator("#injected, #approvals-list b").count()) !== 0) fail("a prompt was parsed as HTML");
+    // Several cards each have an Approve and a Reject button: each button's
+    // description says which run and step it decides.
+    const undescribed = await page.evaluate(() =>
+      [...document.querySelectorAll("#approvals-list li.card")].flatMap((c) =>
+        [...c.querySelectorAll("button")]
+          .filter((b) => {
+            const ids = (b.getAttribute("aria-describedby") || "").split(/\s+/).filter(Boolean);
+            const text = ids.map((id) => (document.getElementById(id) || {}).textContent || "").join(" ");
+            return !text.includes(c.dataset.run) || !text.includes(`step ${c.dataset.step}`);
+          })
+          .map((b) => `${b.textContent} of ${c.dataset.run}`),
+      ),
+    );
+    if (undescribed.length) fail(`buttons that do not say what they decide: ${undescribed}`);
     await card.getByLabel("Comment (recorded with the decision)").fill("Looks right to me");
     if (docs) await page.screenshot({ path: docs });
-    await card.getByRole("button", { name: "Approve" }).click();
+    // Decide with the keyboard: the focus is not lost when the card goes.
+    await card.getByRole("button", { name: "Approve" }).focus();
+    await page.keyboard.press("Enter");
     await card.waitFor({ state: "detached" });
+    const focusLost = await page.evaluate(() => !document.activeElement || document.activeElement === document.body);
+    if (focusLost) fail("the focus was lost after a decision in the inbox");
     await page.goto(`${base}/console#/runs/${run.id}`);
     await page.locator('#run-facts[data-status="succeeded"]').waitFor();
     await page.locator('#timeline li[data-event="step.approved"]').waitFor();
@@ -129,9 +197,39 @@ try {
     if (!detail.steps[1].output || detail.steps[1].output.approved !== true) {
       fail(`the approval step's output is ${JSON.stringify(detail.steps[1].output)}`);
     }
+    // More pending approvals than one page of the API: the inbox shows them
+    // all (the markup one and 50 more), not the oldest page only.
+    for (let i = 0; i < 50; i += 1) {
+      await api("POST", "/runs", { input: {}, steps: [{ kind: "approval", prompt: `Batch ${i}?`, timeout_s: 3600 }] });
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const inboxFull = Date.now() + TIMEOUT;
+    while ((await api("GET", "/approvals?status=pending&limit=200")).approvals.length < 51) {
+      if (Date.now() > inboxFull) fail("the 50 approval runs did not reach their approval step");
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    await page.getByRole("link", { name: "Approvals" }).click();
+    await page.locator(`li.card[data-run="${other.id}"]`).waitFor();
+    await page.waitForTimeout(600); // the last debounced refresh
+    const cards = await page.locator("#approvals-list li.card").count();
+    if (cards !== 51) fail(`the inbox shows ${cards} of 51 pending approvals`);
   } else if (docs) {
     await page.screenshot({ path: docs });
   }
+
+  // The all-runs stream starts at "now": what happens between listing the
+  // runs and the stream's start must still show. Hold the stream back, and
+  // let a run come and go meanwhile.
+  await page.route("**/api/v2/events/stream*", async (route) => {
+    await new Promise((r) => setTimeout(r, 1500));
+    await route.continue();
+  });
+  await page.goto(`${base}/console#/runs`);
+  await page.locator("#runs-body tr").first().waitFor(); // listed
+  const between = await api("POST", "/runs", { input: {}, steps: [{ kind: "template", template: "between" }] });
+  await page.locator(`tr[data-run="${between.id}"] .status-succeeded`).waitFor({ timeout: 5000 })
+    .catch(() => fail("a run that finished before the stream opened is not shown"));
+  await page.unroute("**/api/v2/events/stream*");
   if (problems.length) fail(problems.join("\n"));
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(`console scenario passed${approval ? " (with an approval)" : ""}`);

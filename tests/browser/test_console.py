@@ -2,9 +2,14 @@
 playwright-core (`console.mjs`) against a real `vm-webapp serve` on a free
 port with a temporary SQLite database. The scenario signs in with the
 keyboard, creates runs through the API and watches them change live in the
-page without reloading: a run of plain steps succeeds, and a run with an
-approval step appears as waiting, is approved in the inbox with a comment,
-and succeeds. The screenshot is kept under `var/test-artifacts/`
+page without reloading: a run of plain steps succeeds, a second page of runs
+stays shown through live updates, and a run with an approval step appears as
+waiting, is approved in the inbox with a comment (with the keyboard; the focus
+is kept), and succeeds. It also checks that a prompt is shown as text, that
+each decision button says which run it decides, that a run finishing before
+the all-runs stream opens still shows, that the inbox shows more than one
+API page, and that without script the sign-in form does not put the key in
+the URL. The screenshot is kept under `var/test-artifacts/`
 (`VM_UPDATE_CONSOLE_PNG=1` also rewrites `docs/console.png`)."""
 
 from __future__ import annotations

@@ -43,13 +43,7 @@ fn parse_comment(bytes: &[u8]) -> Result<Option<String>, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let request: DecisionRequest = serde_json::from_slice(bytes).map_err(|e| {
-        if e.is_data() {
-            ApiError::InvalidRequest(e.to_string())
-        } else {
-            ApiError::InvalidJson(e.to_string())
-        }
-    })?;
+    let request: DecisionRequest = crate::http::body::from_json_object(bytes)?;
     match request.comment {
         Some(c) if c.chars().count() > MAX_COMMENT_CHARS => Err(ApiError::InvalidRequest(format!(
             "comment: at most {MAX_COMMENT_CHARS} characters are allowed"

@@ -90,7 +90,8 @@ pub enum ApiError {
     #[error("the server is shutting down; retry on another instance")]
     ShuttingDown,
     /// 503 `too_many_streams`: this instance serves as many live-update
-    /// streams as it may (`VM_STREAM_MAX_SUBSCRIBERS`).
+    /// streams as it may (`VM_STREAM_MAX_SUBSCRIBERS`), or as many to this
+    /// key (`VM_STREAM_MAX_PER_KEY`).
     #[error("this instance serves as many live-update streams as it may; retry later")]
     TooManyStreams,
     /// 401 `unauthorized`: no or wrong API key.

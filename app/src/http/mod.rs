@@ -29,6 +29,7 @@
 
 pub mod approvals;
 pub mod audit;
+pub mod body;
 pub mod console;
 pub mod error;
 pub mod extract;

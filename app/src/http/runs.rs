@@ -87,13 +87,7 @@ fn plain_id(value: &str) -> bool {
 
 /// Parses a create-run body: `{"input": {...}, "steps": [...]}`.
 pub fn parse_create_body(bytes: &[u8]) -> Result<(Value, Vec<Value>), ApiError> {
-    let request: CreateRunRequest = serde_json::from_slice(bytes).map_err(|e| {
-        if e.is_data() {
-            ApiError::InvalidRequest(e.to_string())
-        } else {
-            ApiError::InvalidJson(e.to_string())
-        }
-    })?;
+    let request: CreateRunRequest = crate::http::body::from_json_object(bytes)?;
     Ok((
         Value::Object(request.input.unwrap_or_default()),
         request.steps,

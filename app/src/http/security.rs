@@ -443,7 +443,12 @@ pub fn cors(security: &SecuritySettings) -> Option<tower_http::cors::CorsLayer> 
     Some(
         tower_http::cors::CorsLayer::new()
             .allow_origin(origins)
-            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            // PUT: `PUT /tenants/{tenant}/plan`.
+            .allow_methods([
+                axum::http::Method::GET,
+                axum::http::Method::POST,
+                axum::http::Method::PUT,
+            ])
             .allow_headers([
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
@@ -451,6 +456,8 @@ pub fn cors(security: &SecuritySettings) -> Option<tower_http::cors::CorsLayer> 
                 header::HeaderName::from_static("x-api-key"),
                 header::HeaderName::from_static("x-request-id"),
                 header::HeaderName::from_static("x-correlation-id"),
+                // Resuming a live-update stream read with fetch().
+                header::HeaderName::from_static("last-event-id"),
             ])
             .expose_headers([
                 header::HeaderName::from_static("x-request-id"),

@@ -96,12 +96,15 @@ fn sse_event(event: &RunEvent) -> Event {
 
 async fn open(
     state: &AppState,
+    actor: Option<&Actor>,
     filter: FeedFilter,
     after: Option<i64>,
 ) -> Result<Response, ApiError> {
+    // Counted per key against VM_STREAM_MAX_PER_KEY.
+    let holder = actor.map_or("anonymous", |a| a.id.as_str());
     let subscription = state
         .streams
-        .subscribe(filter, after, state.redis.as_ref())
+        .subscribe(filter, after, state.redis.as_ref(), holder)
         .await
         .map_err(|e| match e {
             SubscribeError::TooMany => ApiError::TooManyStreams,
@@ -164,7 +167,13 @@ pub async fn run_stream(
         run: Some(id),
         visible: visibility_for(actor.as_ref().map(|Extension(a)| a)),
     };
-    open(&state, filter, Some(after.unwrap_or(0))).await
+    open(
+        &state,
+        actor.as_ref().map(|Extension(a)| a),
+        filter,
+        Some(after.unwrap_or(0)),
+    )
+    .await
 }
 
 /// Follows the events of every run the key may see, live (Server-Sent Events).
@@ -194,5 +203,5 @@ pub async fn all_stream(
         run: None,
         visible: visibility_for(actor.as_ref().map(|Extension(a)| a)),
     };
-    open(&state, filter, after).await
+    open(&state, actor.as_ref().map(|Extension(a)| a), filter, after).await
 }

@@ -113,13 +113,7 @@ pub async fn set_plan(
             ApiError::InvalidRequest("request body could not be read".into())
         }
     })?;
-    let request: PlanRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        if e.is_data() {
-            ApiError::InvalidRequest(e.to_string())
-        } else {
-            ApiError::InvalidJson(e.to_string())
-        }
-    })?;
+    let request: PlanRequest = crate::http::body::from_json_object(&bytes)?;
     let Some(plans) = state.store.plans() else {
         return Err(ApiError::UnknownPlan(
             "no plans are configured (VM_PLANS_FILE is not set)".into(),

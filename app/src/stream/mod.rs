@@ -26,7 +26,8 @@
 //! stream ends after what was buffered, counted in
 //! `vm_stream_drops_total{reason="slow"}`) and resumes with `Last-Event-ID`;
 //! nothing is ever buffered without bound. A process serves at most
-//! `VM_STREAM_MAX_SUBSCRIBERS` streams.
+//! `VM_STREAM_MAX_SUBSCRIBERS` streams, at most `VM_STREAM_MAX_PER_KEY` of
+//! them to one API key, so one tenant cannot take them all.
 
 pub mod highwater;
 pub mod metrics;
@@ -67,7 +68,8 @@ const PUBLISH_SPACING: Duration = Duration::from_millis(20);
 /// Why a stream could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SubscribeError {
-    /// The process already serves `VM_STREAM_MAX_SUBSCRIBERS` streams.
+    /// The process already serves `VM_STREAM_MAX_SUBSCRIBERS` streams, or
+    /// `VM_STREAM_MAX_PER_KEY` to this key.
     #[error("too many open streams")]
     TooMany,
     /// The database could not be read to start the hub.
@@ -96,6 +98,8 @@ struct Inner {
     nudge: Arc<Notify>,
     stop: CancellationToken,
     open: AtomicUsize,
+    /// Open streams per holder (API key id).
+    held: Mutex<HashMap<String, usize>>,
 }
 
 /// The process's live-update hub. Cheap to clone; clones share it. Its
@@ -122,6 +126,7 @@ impl Hub {
                 nudge: Arc::new(Notify::new()),
                 stop: CancellationToken::new(),
                 open: AtomicUsize::new(0),
+                held: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -176,8 +181,10 @@ impl Hub {
             .map(|_| ())
     }
 
-    /// Opens a subscription to the events `filter` selects with an id above
-    /// `after`; `None` starts at the hub's position (only new events).
+    /// Opens a subscription for `holder` (the API key id; at most
+    /// `VM_STREAM_MAX_PER_KEY` each) to the events `filter` selects with an id above
+    /// `after` (at most the log's last id); `None` starts at the hub's
+    /// position (only new events).
     ///
     /// Errors: [`SubscribeError::TooMany`] at the per-process limit,
     /// [`SubscribeError::Store`] when the database cannot be read.
@@ -186,10 +193,19 @@ impl Hub {
         filter: FeedFilter,
         after: Option<i64>,
         redis: Option<&RedisBus>,
+        holder: &str,
     ) -> Result<Subscription, SubscribeError> {
-        let slot = StreamSlot::take(self)?;
+        let slot = StreamSlot::take(self, holder)?;
         self.ensure_started(redis).await?;
         let cursor = match after {
+            // An id beyond the log's end names no event: the client followed
+            // a database since replaced (an older backup restored, a local
+            // one deleted). Resume from the end, or every new event would be
+            // skipped until the ids caught up. An id any replica handed out
+            // is committed, so it is never above the log's end.
+            Some(after) if after > self.position() => {
+                after.min(self.inner.store.last_event_id().await?)
+            }
             Some(after) => after,
             None => self.position(),
         };
@@ -247,13 +263,33 @@ impl Hub {
     }
 }
 
-/// One open stream's place under the per-process limit, and its gauge.
+/// One open stream's place under the per-process and per-key limits, and
+/// its gauge.
 struct StreamSlot {
     hub: Hub,
+    holder: String,
 }
 
 impl StreamSlot {
-    fn take(hub: &Hub) -> Result<Self, SubscribeError> {
+    fn take(hub: &Hub, holder: &str) -> Result<Self, SubscribeError> {
+        {
+            let mut held = hub.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+            let count = held.entry(holder.to_string()).or_insert(0);
+            if *count >= hub.inner.settings.max_per_key {
+                hub.inner.metrics.stream.dropped("limit");
+                return Err(SubscribeError::TooMany);
+            }
+            *count += 1;
+        }
+        let release_key = || {
+            let mut held = hub.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(count) = held.get_mut(holder) {
+                *count -= 1;
+                if *count == 0 {
+                    held.remove(holder);
+                }
+            }
+        };
         let max = hub.inner.settings.max_subscribers;
         let taken = hub
             .inner
@@ -262,16 +298,34 @@ impl StreamSlot {
                 (n < max).then_some(n + 1)
             });
         if taken.is_err() {
+            release_key();
             hub.inner.metrics.stream.dropped("limit");
             return Err(SubscribeError::TooMany);
         }
         hub.inner.metrics.stream.subscribers.inc();
-        Ok(Self { hub: hub.clone() })
+        Ok(Self {
+            hub: hub.clone(),
+            holder: holder.to_string(),
+        })
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
+        {
+            let mut held = self
+                .hub
+                .inner
+                .held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(count) = held.get_mut(&self.holder) {
+                *count -= 1;
+                if *count == 0 {
+                    held.remove(&self.holder);
+                }
+            }
+        }
         self.hub.inner.open.fetch_sub(1, Ordering::AcqRel);
         self.hub.inner.metrics.stream.subscribers.dec();
     }
