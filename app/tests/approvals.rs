@@ -181,6 +181,17 @@ async fn approving_records_the_decision_and_the_run_goes_on(backend: Backend) {
         let again = decide(&app, id, action, None, ADMIN).await;
         assert_eq!(again.status, StatusCode::CONFLICT);
         assert_eq!(again.body["code"], "approval_already_decided");
+        // A client retrying after a lost response learns whose decision won.
+        assert_eq!(
+            again.body["approval"]["status"], "approved",
+            "{}",
+            again.body
+        );
+        assert_eq!(
+            again.body["approval"]["decided_by"], "appr",
+            "{}",
+            again.body
+        );
     }
     stop.cancel();
     worker.await.expect("worker");

@@ -114,7 +114,12 @@ async fn decide(
         }
         DecideOutcome::RunNotFound => Err(ApiError::RunNotFound),
         DecideOutcome::StepNotFound => Err(ApiError::StepNotFound),
-        DecideOutcome::AlreadyDecided => Err(ApiError::ApprovalAlreadyDecided),
+        DecideOutcome::AlreadyDecided => {
+            let decided = state.store.get_approval(run_id, step_index).await?;
+            Err(ApiError::ApprovalAlreadyDecided(
+                decided.map(|a| Box::new(ApprovalView::of(&a))),
+            ))
+        }
         DecideOutcome::NotAwaiting | DecideOutcome::NotDue => {
             Err(ApiError::StepNotAwaitingApproval)
         }
@@ -138,7 +143,7 @@ async fn decide(
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "approver_required: the key has neither the approver nor the admin role", body = ErrorBody),
         (status = 404, description = "run_not_found, step_not_found", body = ErrorBody),
-        (status = 409, description = "approval_already_decided, step_not_awaiting_approval", body = ErrorBody),
+        (status = 409, description = "approval_already_decided (with `approval`: the approval as decided), step_not_awaiting_approval", body = ErrorBody),
         (status = 422, description = "invalid_request: unknown field, or a comment over 2,000 characters", body = ErrorBody),
         (status = 503, description = "dependency_unavailable", body = ErrorBody),
     )
@@ -171,7 +176,7 @@ pub async fn approve(
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "approver_required: the key has neither the approver nor the admin role", body = ErrorBody),
         (status = 404, description = "run_not_found, step_not_found", body = ErrorBody),
-        (status = 409, description = "approval_already_decided, step_not_awaiting_approval", body = ErrorBody),
+        (status = 409, description = "approval_already_decided (with `approval`: the approval as decided), step_not_awaiting_approval", body = ErrorBody),
         (status = 422, description = "invalid_request: unknown field, or a comment over 2,000 characters", body = ErrorBody),
         (status = 503, description = "dependency_unavailable", body = ErrorBody),
     )

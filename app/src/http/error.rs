@@ -60,9 +60,11 @@ pub enum ApiError {
     #[error("the run has no step with that index")]
     StepNotFound,
     /// 409 `approval_already_decided`: the approval step was already
-    /// approved, rejected or expired.
+    /// approved, rejected or expired. The body's `approval` is the approval
+    /// as decided (decision, by whom, comment), so a client retrying after a
+    /// lost response can tell whether its own decision won.
     #[error("this approval step was already decided")]
-    ApprovalAlreadyDecided,
+    ApprovalAlreadyDecided(Option<Box<crate::http::views::ApprovalView>>),
     /// 409 `step_not_awaiting_approval`: the step is not an approval step,
     /// has not been reached yet, or its run ended while it waited.
     #[error("this step is not waiting for an approval")]
@@ -181,7 +183,7 @@ impl ApiError {
             ApiError::RunNotFound | ApiError::RouteNotFound | ApiError::StepNotFound => {
                 StatusCode::NOT_FOUND
             }
-            ApiError::ApprovalAlreadyDecided | ApiError::StepNotAwaitingApproval => {
+            ApiError::ApprovalAlreadyDecided(_) | ApiError::StepNotAwaitingApproval => {
                 StatusCode::CONFLICT
             }
             ApiError::ApproverRequired => StatusCode::FORBIDDEN,
@@ -223,7 +225,7 @@ impl ApiError {
             ApiError::RunNotFound => "run_not_found",
             ApiError::RouteNotFound => "route_not_found",
             ApiError::StepNotFound => "step_not_found",
-            ApiError::ApprovalAlreadyDecided => "approval_already_decided",
+            ApiError::ApprovalAlreadyDecided(_) => "approval_already_decided",
             ApiError::StepNotAwaitingApproval => "step_not_awaiting_approval",
             ApiError::ApproverRequired => "approver_required",
             ApiError::MethodNotAllowed => "method_not_allowed",
@@ -279,6 +281,9 @@ impl IntoResponse for ApiError {
             body["used"] = json!(refusal.used);
             body["period"] = json!(refusal.period);
             body["resets_at"] = json!(refusal.resets_at());
+        }
+        if let ApiError::ApprovalAlreadyDecided(Some(approval)) = &self {
+            body["approval"] = json!(approval);
         }
         let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();
