@@ -26,8 +26,7 @@ use vm_webapp::cli::{Cli, Command};
 use vm_webapp::config::Settings;
 
 /// API keys in the sample `vm-api-keys` Secret (`id:key[:roles][:tenant=NAME]`).
-const SAMPLE_API_KEYS: &str =
-    "ops:sample-key-0123456789abcdef:admin,ci:sample-key-fedcba9876543210,reviewer:sample-key-00112233445566778899:approver:tenant=acme";
+const SAMPLE_API_KEYS: &str = "ops:sample-key-0123456789abcdef:admin,ci:sample-key-fedcba9876543210,reviewer:sample-key-00112233445566778899:approver:tenant=acme";
 /// Webhook secrets in the sample `vm-webhooks` Secret (`source:secret`), one source
 /// mid-rotation.
 const SAMPLE_WEBHOOK_SECRETS: &str = "github:sample-webhook-0123456789abcdef,github:sample-webhook-fedcba9876543210,billing:sample-webhook-00112233445566778899";
@@ -196,7 +195,7 @@ async fn assert_contract(app: &VmWebapp) {
             "VM_PLANS_FILE" if env.contains_key(k) => Some(plans.clone()),
             _ => env.get(k).cloned(),
         })
-            .unwrap_or_else(|e| panic!("{role}: the app rejects the rendered environment: {e}"));
+        .unwrap_or_else(|e| panic!("{role}: the app rejects the rendered environment: {e}"));
         assert_eq!(i32::from(settings.port), app.spec.api.port, "{role}: PORT");
         assert_security(app, role, &settings);
         assert_grace_covers_shutdown(role, pod, &settings);
