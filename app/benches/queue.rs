@@ -671,23 +671,39 @@ async fn bench_backend(backend: Backend, quick: bool, rows: &mut Vec<Row>) {
         row.print();
         rows.push(row);
     };
-    record(raw_drain(backend, 1, 1, plan.raw_single, plan.producers).await);
-    record(
-        raw_drain(
-            backend,
-            plan.raw_tasks,
-            plan.raw_batch,
-            plan.backlog,
-            plan.producers,
-        )
-        .await,
-    );
-    record(worker_drain(backend, &plan, plan.backlog, 1).await);
-    record(worker_drain(backend, &plan, plan.backlog / 2, 2).await);
-    let saturated = steady(backend, &plan, None).await;
-    let half = (saturated.rate() / 2.0).max(10.0);
-    record(saturated);
-    record(steady(backend, &plan, Some(half)).await);
+    if selected("raw") {
+        record(raw_drain(backend, 1, 1, plan.raw_single, plan.producers).await);
+        record(
+            raw_drain(
+                backend,
+                plan.raw_tasks,
+                plan.raw_batch,
+                plan.backlog,
+                plan.producers,
+            )
+            .await,
+        );
+    }
+    if selected("drain") {
+        record(worker_drain(backend, &plan, plan.backlog, 1).await);
+        record(worker_drain(backend, &plan, plan.backlog / 2, 2).await);
+    }
+    if selected("steady") {
+        let saturated = steady(backend, &plan, None).await;
+        let half = (saturated.rate() / 2.0).max(10.0);
+        record(saturated);
+        record(steady(backend, &plan, Some(half)).await);
+    }
+}
+
+/// Whether the scenario group `name` (`raw`, `drain`, `steady`, `peers`,
+/// `http`, `slow`) runs: all of them unless `VM_BENCH_ONLY` lists some
+/// (comma-separated), for measuring one change without the whole run.
+fn selected(name: &str) -> bool {
+    match std::env::var("VM_BENCH_ONLY") {
+        Ok(only) if !only.trim().is_empty() => only.split(',').any(|s| s.trim() == name),
+        _ => true,
+    }
 }
 
 /// The 1/5/15-minute load averages: other work on the machine skews every figure.
@@ -952,7 +968,7 @@ async fn side_by_side(quick: bool, rows: &[Row]) -> Vec<Compare> {
             .map(Row::rate)
     };
     let has_pg = rows.iter().any(|r| r.backend == "postgres");
-    if has_pg {
+    if has_pg && selected("peers") {
         let jobs = if quick { "5000" } else { "20000" };
         let drain = match &peers {
             Ok(p) => {
@@ -1010,10 +1026,12 @@ async fn side_by_side(quick: bool, rows: &[Row]) -> Vec<Compare> {
     } else {
         None
     };
-    out.extend(tokio::task::block_in_place(|| {
-        http_side_by_side(quick, pg_url)
-    }));
-    if has_pg {
+    if selected("http") {
+        out.extend(tokio::task::block_in_place(|| {
+            http_side_by_side(quick, pg_url)
+        }));
+    }
+    if has_pg && selected("slow") {
         let (runs, concurrency) = if quick {
             (2_000, 2_000)
         } else {

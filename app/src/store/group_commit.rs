@@ -83,7 +83,7 @@ impl Handle {
             events,
         };
         for n in 0..writers {
-            let shard = super::usage::counter_shard(u64::from(n) + 1);
+            let shard = store.usage.counter_shard(u64::from(n) + 1);
             tokio::spawn(writer(store.clone(), rx.clone(), shard));
         }
         Self { tx: Some(tx) }
@@ -148,7 +148,7 @@ async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>, shard: i6
 }
 
 async fn write_alone(store: &Store, new: &NewRun) -> Result<Stored> {
-    write_batch(store, &[new], super::usage::counter_shard(0))
+    write_batch(store, &[new], store.usage.counter_shard(0))
         .await?
         .pop()
         .ok_or_else(|| StoreError::Corrupt("a batch of one stored nothing".into()))

@@ -49,20 +49,36 @@ pub(crate) struct Shared {
     /// `vm_tenant_usage_threshold_total{threshold}`, registered by the
     /// process's metrics.
     pub(crate) crossed: Family<ThresholdLabels, Counter>,
+    /// Where this store's writers start among the counter shards.
+    shard_offset: ShardOffset,
 }
 
-/// Shards a counter is split into, besides shard 0 (see [`counter_shard`]).
+impl Shared {
+    /// The counter shard (1 to [`COUNTER_SHARDS`]) that writer `n` of this
+    /// store adds to. Writers of one store use different shards and each
+    /// store (a process, or each worker of the bench) starts at a random
+    /// one, so concurrent transactions seldom update one counter row (and so
+    /// wait for each other's commit). Shard 0 is the admission lock of run
+    /// creation under a `block` allowance.
+    pub(crate) fn counter_shard(&self, n: u64) -> i64 {
+        counter_shard(self.shard_offset.0, n)
+    }
+}
+
+/// A random start among the counter shards, drawn when a store opens.
+struct ShardOffset(u64);
+
+impl Default for ShardOffset {
+    fn default() -> Self {
+        // A version-4 UUID's low 64 bits are random but for two variant bits.
+        Self(uuid::Uuid::new_v4().as_u128() as u64)
+    }
+}
+
+/// Shards a counter is split into, besides shard 0 (see [`Shared::counter_shard`]).
 const COUNTER_SHARDS: u64 = 15;
 
-/// The counter shard (1 to [`COUNTER_SHARDS`]) that writer `n` of this
-/// process adds to. Writers of one process use different shards and each
-/// process starts at a random one, so concurrent transactions seldom update
-/// one counter row (and so wait for each other's commit). Shard 0 is the
-/// admission lock of run creation under a `block` allowance.
-pub(crate) fn counter_shard(n: u64) -> i64 {
-    static OFFSET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    // A version-7 UUID's low 62 bits are random.
-    let offset = *OFFSET.get_or_init(|| uuid::Uuid::now_v7().as_u128() as u64);
+fn counter_shard(offset: u64, n: u64) -> i64 {
     1 + (offset.wrapping_add(n) % COUNTER_SHARDS) as i64
 }
 
@@ -350,7 +366,9 @@ impl Store {
                 source: leak_source(r.source),
             });
         }
-        let touched = self.add_usage(tx, &rows, period, counter_shard(0)).await?;
+        let touched = self
+            .add_usage(tx, &rows, period, self.usage.counter_shard(0))
+            .await?;
         self.note_thresholds(tx, &touched).await
     }
 
@@ -823,11 +841,13 @@ mod tests {
 
 #[cfg(test)]
 mod shard_tests {
-    use super::counter_shard;
+    use super::Shared;
 
     #[test]
-    fn writers_of_one_process_add_to_different_shards_never_the_admission_lock() {
-        let shards: std::collections::BTreeSet<i64> = (0..15).map(counter_shard).collect();
+    fn writers_of_one_store_add_to_different_shards_never_the_admission_lock() {
+        let shared = Shared::default();
+        let shards: std::collections::BTreeSet<i64> =
+            (0..15).map(|n| shared.counter_shard(n)).collect();
         assert_eq!(shards.len(), 15, "{shards:?}");
         assert!(shards.iter().all(|s| (1..=15).contains(s)), "{shards:?}");
     }

@@ -168,7 +168,7 @@ impl Store {
             ),
             step_succeeded = EventType::StepSucceeded.as_str(),
             run_succeeded = EventType::RunSucceeded.as_str(),
-            shard = crate::store::usage::counter_shard(0),
+            shard = self.usage.counter_shard(0),
         ));
         let mut attempt = 0;
         loop {
@@ -336,7 +336,7 @@ impl Store {
             owners.push((*id, *attempt, run_id.clone(), tenant));
         }
         let touched = self
-            .add_usage(&mut tx, &usage, None, crate::store::usage::counter_shard(0))
+            .add_usage(&mut tx, &usage, None, self.usage.counter_shard(0))
             .await?;
         tx.commit().await?;
         self.events.raise();
