@@ -959,7 +959,7 @@ async fn slow_steps(
 }
 
 /// The figures issue-level goals are stated in, each beside its peer.
-async fn side_by_side(quick: bool, rows: &[Row]) -> Vec<Compare> {
+async fn side_by_side(quick: bool, has_pg: bool, rows: &[Row]) -> Vec<Compare> {
     let peers = peers::Peers::find();
     let mut out = Vec::new();
     let pg_rate = |mode: &str| {
@@ -967,7 +967,6 @@ async fn side_by_side(quick: bool, rows: &[Row]) -> Vec<Compare> {
             .find(|r| r.backend == "postgres" && r.mode == mode)
             .map(Row::rate)
     };
-    let has_pg = rows.iter().any(|r| r.backend == "postgres");
     if has_pg && selected("peers") {
         let jobs = if quick { "5000" } else { "20000" };
         let drain = match &peers {
@@ -1079,6 +1078,7 @@ async fn bench(quick: bool, backends: Vec<Backend>) {
     Row::print_header();
     let total = Instant::now();
     let mut rows = Vec::new();
+    let has_pg = backends.contains(&Backend::Postgres);
     for backend in backends {
         bench_backend(backend, quick, &mut rows).await;
     }
@@ -1092,7 +1092,7 @@ async fn bench(quick: bool, backends: Vec<Backend>) {
     for row in &rows {
         row.print();
     }
-    let compared = side_by_side(quick, &rows).await;
+    let compared = side_by_side(quick, has_pg, &rows).await;
     println!();
     println!(
         "side by side, same machine and PostgreSQL server (load average after: {}):",

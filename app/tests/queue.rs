@@ -921,7 +921,98 @@ async fn leases_are_renewed_while_steps_drain_at_shutdown(backend: Backend) {
     );
 }
 
+/// Concurrent creations share group-commit batches (on PostgreSQL without
+/// plans, one statement per batch): every run gets exactly its jobs (first
+/// `queued`, the rest `waiting`), one `run.queued` event with its step count,
+/// one `run.created` audit row with actor and request id, one `runs` usage
+/// ledger row and its count in the counters; a key repeated in the batch
+/// stores one run and counts it once.
+async fn concurrent_creations_store_each_run_with_its_rows_once(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let steps = json!([{"kind": "template", "template": "a"}, {"kind": "transform", "op": "uppercase"}]);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..48 {
+        let store = env.store.clone();
+        // Every fourth request repeats one idempotency key.
+        let key = (i % 4 == 0).then(|| "shared-key".to_string());
+        let mut new = new_run(json!({"i": if key.is_some() { 0 } else { i }}), steps.clone(), None);
+        new.idempotency_key = key;
+        new.request_id = Some(format!("req-{i}"));
+        new.actor = format!("actor-{i}");
+        tasks.spawn(async move { (i, store.create_run(&new).await.expect("create")) });
+    }
+    let mut created = Vec::new();
+    let mut shared = std::collections::BTreeSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, outcome) = joined.expect("task");
+        let run = match outcome {
+            CreateOutcome::Created(run) => run,
+            CreateOutcome::Existing(detail) => detail.run,
+            other => panic!("request {i}: {other:?}"),
+        };
+        if i % 4 == 0 {
+            shared.insert(run.id);
+        } else {
+            created.push((i, run.id));
+        }
+    }
+    assert_eq!(shared.len(), 1, "one run for the repeated key: {shared:?}");
+    created.push((0, *shared.iter().next().expect("shared run")));
+    assert_eq!(created.len(), 37);
+    let audit = env
+        .store
+        .list_audit(&vm_webapp::store::security::AuditFilter {
+            action: Some("run.created".into()),
+            actor: None,
+            outcome: None,
+            before: None,
+            limit: 1000,
+        })
+        .await
+        .expect("audit");
+    assert_eq!(audit.len(), 37, "one audit row per stored run");
+    for (i, id) in &created {
+        let detail = env.store.get_run(*id).await.expect("get").expect("run");
+        assert_eq!(detail.run.status, RunStatus::Queued);
+        let states: Vec<StepStatus> = detail.steps.iter().map(|s| s.status).collect();
+        assert_eq!(states, [StepStatus::Queued, StepStatus::Pending], "run {i}");
+        let events = env.store.list_events(*id, 0, 10).await.expect("events");
+        assert_eq!(events.len(), 1, "run {i}: {events:?}");
+        assert_eq!(events[0].event_type, "run.queued");
+        assert_eq!(events[0].data, Some(json!({"steps": 2})));
+        let row = audit
+            .iter()
+            .find(|a| a.target.as_deref() == Some(id.to_string().as_str()))
+            .unwrap_or_else(|| panic!("run {i}: no audit row"));
+        assert_eq!(row.actor, format!("actor-{i}"));
+        assert_eq!(row.request_id.as_deref(), Some(format!("req-{i}").as_str()));
+        assert_eq!(row.tenant.as_deref(), Some("anonymous"));
+    }
+    let period = vm_webapp::period::Period::of_ms(detail_created_at(&env, created[0].1).await);
+    let counts = env
+        .store
+        .usage_counts("anonymous", &period.to_string())
+        .await
+        .expect("counts");
+    assert_eq!(counts.get(&vm_webapp::plans::Meter::Runs), Some(&37));
+    assert!(
+        env.store.verify_usage(period).await.expect("verify").is_empty(),
+        "the ledger, the counters and the runs agree"
+    );
+}
+
+async fn detail_created_at(env: &TestEnv, id: Uuid) -> i64 {
+    env.store
+        .get_run(id)
+        .await
+        .expect("get")
+        .expect("run")
+        .run
+        .created_at
+}
+
 on_both_backends!(
+    concurrent_creations_store_each_run_with_its_rows_once,
     leases_are_renewed_while_steps_drain_at_shutdown,
     queue_maintenance_has_one_leader_and_keeps_the_gauge_snapshot,
     run_executes_steps_in_order_and_records_every_transition,

@@ -172,6 +172,18 @@ async fn write_alone(store: &Store, new: &NewRun) -> Result<Stored> {
 async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<Stored>> {
     let backend = store.backend();
     let plans = store.plans();
+    if backend == DbBackend::Postgres && plans.is_none() {
+        // No allowance to enforce, so nothing to read or lock first: the
+        // batch is one statement that commits by itself (one round trip).
+        let ids: Vec<Uuid> = news.iter().map(|_| Uuid::now_v7()).collect();
+        let id_texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let refused = vec![None; news.len()];
+        let runs = runs_of(news, &id_texts, &refused)?;
+        let jobs = jobs_of(news, &id_texts, &refused);
+        let created_at = insert_postgres(store, store.pool(), runs, jobs, None, shard).await?;
+        store.events.raise();
+        return Ok(outcomes(&ids, &id_texts, news, refused, &created_at));
+    }
     let mut tx = store.begin().await?;
 
     let mut tenants: Vec<&str> = news.iter().map(|n| n.tenant.as_str()).collect();
@@ -314,134 +326,22 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
 
     let ids: Vec<Uuid> = news.iter().map(|_| Uuid::now_v7()).collect();
     let id_texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-    let mut runs = Vec::with_capacity(news.len());
-    for (i, (id, new)) in id_texts.iter().zip(news).enumerate() {
-        if refused[i].is_some() {
-            continue;
-        }
-        let steps = serde_json::to_string(&new.steps)
-            .map_err(|_| StoreError::Corrupt("steps do not serialise".into()))?;
-        runs.push(json!({
-            "id": id,
-            "input": new.input.to_string(),
-            "steps": steps,
-            "step_count": new.steps.len(),
-            "idempotency_key": new.idempotency_key,
-            "request_hash": new.request_hash,
-            "correlation_id": new.correlation_id,
-            "tenant": new.tenant,
-        }));
-    }
+    let runs = runs_of(news, &id_texts, &refused)?;
     let mut created_at = HashMap::with_capacity(runs.len());
-    if !runs.is_empty() {
-        let insert_runs = store.sql(&format!(
-            "INSERT INTO runs (id, status, input, steps, step_count, idempotency_key, request_hash, \
-             correlation_id, tenant, created_at, updated_at) \
-             SELECT id, 'queued', input, steps, step_count, idempotency_key, request_hash, correlation_id, \
-             tenant, {{now}}, {{now}} \
-             FROM ({}) s WHERE true ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, created_at",
-            recordset(
-                backend,
-                &[
-                    ("id", "text"),
-                    ("input", "text"),
-                    ("steps", "text"),
-                    ("step_count", "bigint"),
-                    ("idempotency_key", "text"),
-                    ("request_hash", "text"),
-                    ("correlation_id", "text"),
-                    ("tenant", "text"),
-                ]
-            )
-        ));
-        let inserted = sqlx::query(&insert_runs)
-            .bind(Value::Array(runs).to_string())
-            .fetch_all(&mut *tx)
-            .await?;
-        for row in &inserted {
-            created_at.insert(
-                row.try_get::<String, _>("id")?,
-                row.try_get::<i64, _>("created_at")?,
-            );
-        }
-    }
-
-    let created: Vec<(&String, &&NewRun)> = id_texts
-        .iter()
-        .zip(news)
-        .filter(|(id, _)| created_at.contains_key(*id))
-        .collect();
     let mut crossed = Vec::new();
-    if !created.is_empty() {
-        let usage: Vec<UsageRow> = created
-            .iter()
-            .map(|(id, new)| UsageRow {
-                tenant: new.tenant.clone(),
-                meter: Meter::Runs,
-                quantity: 1,
-                run_id: Some((*id).clone()),
-                step_index: None,
-                source: "run.created",
-            })
-            .collect();
-        store
-            .add_usage(&mut tx, &usage, Some(&period), shard)
-            .await?;
-        let mut jobs = Vec::new();
-        let mut audits = Vec::new();
-        for (id, new) in &created {
-            for (i, step) in new.steps.iter().enumerate() {
-                jobs.push(json!({
-                    "run_id": id,
-                    "correlation_id": new.correlation_id,
-                    "step_index": i,
-                    "step_count": new.steps.len(),
-                    "payload": serde_json::to_string(step).unwrap_or_default(),
-                    "state": if i == 0 { "queued" } else { "waiting" },
-                    "max_attempts": new.max_attempts,
-                }));
-            }
-            audits.push(json!({
-                "actor": new.actor,
-                "target": id,
-                "request_id": new.request_id,
-                "detail": json!({"steps": new.steps.len()}).to_string(),
-                "tenant": new.tenant,
-            }));
+    if !runs.is_empty() {
+        if backend == DbBackend::Postgres {
+            let jobs = jobs_of(news, &id_texts, &refused);
+            created_at = insert_postgres(store, &mut *tx, runs, jobs, Some(&period), shard).await?;
+        } else {
+            created_at =
+                insert_sqlite(store, &mut tx, runs, news, &id_texts, &period, shard).await?;
         }
-        let insert_jobs = store.sql(&format!(
-            "INSERT INTO jobs (run_id, correlation_id, step_index, step_count, payload, state, \
-             max_attempts, run_at, created_at) \
-             SELECT run_id, correlation_id, step_index, step_count, payload, state, max_attempts, {{now}}, {{now}} \
-             FROM ({}) s",
-            recordset(
-                backend,
-                &[
-                    ("run_id", "text"),
-                    ("correlation_id", "text"),
-                    ("step_index", "bigint"),
-                    ("step_count", "bigint"),
-                    ("payload", "text"),
-                    ("state", "text"),
-                    ("max_attempts", "bigint"),
-                ]
-            )
-        ));
-        sqlx::query(&insert_jobs)
-            .bind(Value::Array(jobs).to_string())
-            .execute(&mut *tx)
-            .await?;
-        let events: Vec<NewEvent<'_>> = created
-            .iter()
-            .map(|(id, new)| {
-                NewEvent::run(id, EventType::RunQueued).data(json!({"steps": new.steps.len()}))
-            })
-            .collect();
-        store.insert_events(&mut tx, &events).await?;
-        insert_audits(store, &mut tx, "run.created", "success", audits).await?;
         let touched = touched_of(
-            created
+            id_texts
                 .iter()
+                .zip(news)
+                .filter(|(id, _)| created_at.contains_key(*id))
                 .map(|(id, new)| (new.tenant.as_str(), Meter::Runs, Some(id.as_str()))),
             &period,
         );
@@ -472,8 +372,49 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
     store.count_crossings(&crossed);
     store.events.raise();
 
-    Ok(ids
-        .iter()
+    Ok(outcomes(&ids, &id_texts, news, refused, &created_at))
+}
+
+/// The run rows of `news` that were not refused, as JSON objects of the
+/// columns [`insert_postgres`] and [`insert_sqlite`] read.
+fn runs_of(
+    news: &[&NewRun],
+    ids: &[String],
+    refused: &[Option<QuotaRefusal>],
+) -> Result<Vec<Value>> {
+    let mut runs = Vec::with_capacity(news.len());
+    for ((id, new), refusal) in ids.iter().zip(news).zip(refused) {
+        if refusal.is_some() {
+            continue;
+        }
+        let steps = serde_json::to_string(&new.steps)
+            .map_err(|_| StoreError::Corrupt("steps do not serialise".into()))?;
+        runs.push(json!({
+            "id": id,
+            "input": new.input.to_string(),
+            "steps": steps,
+            "step_count": new.steps.len(),
+            "idempotency_key": new.idempotency_key,
+            "request_hash": new.request_hash,
+            "correlation_id": new.correlation_id,
+            "tenant": new.tenant,
+            "actor": new.actor,
+            "request_id": new.request_id,
+        }));
+    }
+    Ok(runs)
+}
+
+/// One [`Stored`] per request, in order: refused, created (with its
+/// `created_at`), or a replay of a taken idempotency key.
+fn outcomes(
+    ids: &[Uuid],
+    id_texts: &[String],
+    news: &[&NewRun],
+    refused: Vec<Option<QuotaRefusal>>,
+    created_at: &HashMap<String, i64>,
+) -> Vec<Stored> {
+    ids.iter()
         .zip(id_texts)
         .zip(news)
         .zip(refused)
@@ -481,7 +422,7 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
             if let Some(refusal) = refusal {
                 return Stored::Refused(refusal);
             }
-            match created_at.get(&text) {
+            match created_at.get(text) {
                 Some(at) => Stored::Created(Run {
                     id: *id,
                     status: RunStatus::Queued,
@@ -498,7 +439,228 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
                 None => Stored::Taken,
             }
         })
-        .collect())
+        .collect()
+}
+
+/// The job rows of the runs of `news` that were not refused, as JSON objects
+/// (`run_id`, `correlation_id`, `step_index`, `step_count`, `payload`,
+/// `state`: the first step `queued`, the others `waiting`, `max_attempts`).
+fn jobs_of(news: &[&NewRun], ids: &[String], refused: &[Option<QuotaRefusal>]) -> Vec<Value> {
+    let mut jobs = Vec::new();
+    for ((id, new), refusal) in ids.iter().zip(news).zip(refused) {
+        if refusal.is_some() {
+            continue;
+        }
+        for (i, step) in new.steps.iter().enumerate() {
+            jobs.push(json!({
+                "run_id": id,
+                "correlation_id": new.correlation_id,
+                "step_index": i,
+                "step_count": new.steps.len(),
+                "payload": serde_json::to_string(step).unwrap_or_default(),
+                "state": if i == 0 { "queued" } else { "waiting" },
+                "max_attempts": new.max_attempts,
+            }));
+        }
+    }
+    jobs
+}
+
+/// PostgreSQL: stores `runs` (JSON objects as [`write_batch`] builds them)
+/// and their `jobs` ([`jobs_of`]) in **one statement**, a data-modifying CTE:
+/// the runs whose idempotency key is free, their jobs, `run.queued` events,
+/// `run.created` audit rows, usage-ledger rows and the `runs` counter of
+/// shard `shard` in `period` (the current UTC month when `None`). One round
+/// trip instead of one per table; outside a transaction it commits by itself.
+/// Returns each stored run's `created_at` (ms since the epoch, database
+/// clock) by id.
+async fn insert_postgres<'c, E>(
+    store: &Store,
+    executor: E,
+    runs: Vec<Value>,
+    jobs: Vec<Value>,
+    period: Option<&str>,
+    shard: i64,
+) -> Result<HashMap<String, i64>>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        store.sql(&format!(
+            "WITH new_runs AS ( \
+               SELECT * FROM jsonb_to_recordset($1::jsonb) AS r(id text, input text, steps text, \
+                 step_count bigint, idempotency_key text, request_hash text, correlation_id text, \
+                 tenant text, actor text, request_id text) \
+             ), inserted AS ( \
+               INSERT INTO runs (id, status, input, steps, step_count, idempotency_key, request_hash, \
+                 correlation_id, tenant, created_at, updated_at) \
+               SELECT id, 'queued', input, steps, step_count, idempotency_key, request_hash, \
+                 correlation_id, tenant, {{now}}, {{now}} FROM new_runs \
+               ON CONFLICT (idempotency_key) DO NOTHING \
+               RETURNING id, created_at, tenant, step_count \
+             ), queued AS ( \
+               INSERT INTO jobs (run_id, correlation_id, step_index, step_count, payload, state, \
+                 max_attempts, run_at, created_at) \
+               SELECT j.run_id, j.correlation_id, j.step_index, j.step_count, j.payload, j.state, \
+                 j.max_attempts, {{now}}, {{now}} \
+               FROM jsonb_to_recordset($2::jsonb) AS j(run_id text, correlation_id text, \
+                 step_index bigint, step_count bigint, payload text, state text, max_attempts bigint) \
+               JOIN inserted ON inserted.id = j.run_id \
+             ), recorded AS ( \
+               INSERT INTO run_events (run_id, event_type, step_index, attempt, message, data, created_at) \
+               SELECT id, '{queued}', NULL::BIGINT, NULL::BIGINT, NULL, \
+                 '{{\"steps\":' || step_count || '}}', {{now}} FROM inserted \
+             ), audited AS ( \
+               INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail, tenant) \
+               SELECT {{now}}, n.actor, 'run.created', n.id, 'success', n.request_id, \
+                 '{{\"steps\":' || n.step_count || '}}', n.tenant \
+               FROM new_runs n JOIN inserted ON inserted.id = n.id \
+             ), period AS ( \
+               SELECT COALESCE($3, {{period}}) AS p \
+             ), ledger AS ( \
+               INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
+               SELECT tenant, 'runs', 1, p, id, NULL::BIGINT, 'run.created', {{now}} FROM inserted, period \
+             ), counted AS ( \
+               INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
+               SELECT tenant, p, 'runs', $4, COUNT(*), {{now}} FROM inserted, period \
+               GROUP BY tenant, p ORDER BY tenant \
+               ON CONFLICT (tenant, period, meter, shard) DO UPDATE \
+               SET used = usage_counters.used + excluded.used, updated_at = excluded.updated_at \
+             ) SELECT id, created_at FROM inserted",
+            queued = EventType::RunQueued.as_str(),
+        ))
+    });
+    let rows = sqlx::query(sql)
+        .bind(Value::Array(runs).to_string())
+        .bind(Value::Array(jobs).to_string())
+        .bind(period)
+        .bind(shard)
+        .fetch_all(executor)
+        .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("id")?, row.try_get("created_at")?)))
+        .collect()
+}
+
+/// SQLite: stores `runs` and what goes with them (jobs, `run.queued` events,
+/// `run.created` audit rows, usage of the `runs` meter in `period` on shard
+/// `shard`) with one statement per table in `tx`. Returns each stored run's
+/// `created_at` by id.
+async fn insert_sqlite(
+    store: &Store,
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    runs: Vec<Value>,
+    news: &[&NewRun],
+    id_texts: &[String],
+    period: &str,
+    shard: i64,
+) -> Result<HashMap<String, i64>> {
+    let backend = store.backend();
+    let mut created_at = HashMap::with_capacity(runs.len());
+    let insert_runs = store.sql(&format!(
+        "INSERT INTO runs (id, status, input, steps, step_count, idempotency_key, request_hash, \
+         correlation_id, tenant, created_at, updated_at) \
+         SELECT id, 'queued', input, steps, step_count, idempotency_key, request_hash, correlation_id, \
+         tenant, {{now}}, {{now}} \
+         FROM ({}) s WHERE true ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, created_at",
+        recordset(
+            backend,
+            &[
+                ("id", "text"),
+                ("input", "text"),
+                ("steps", "text"),
+                ("step_count", "bigint"),
+                ("idempotency_key", "text"),
+                ("request_hash", "text"),
+                ("correlation_id", "text"),
+                ("tenant", "text"),
+            ]
+        )
+    ));
+    let inserted = sqlx::query(&insert_runs)
+        .bind(Value::Array(runs).to_string())
+        .fetch_all(&mut **tx)
+        .await?;
+    for row in &inserted {
+        created_at.insert(
+            row.try_get::<String, _>("id")?,
+            row.try_get::<i64, _>("created_at")?,
+        );
+    }
+
+    let created: Vec<(&String, &&NewRun)> = id_texts
+        .iter()
+        .zip(news)
+        .filter(|(id, _)| created_at.contains_key(*id))
+        .collect();
+    if !created.is_empty() {
+        let usage: Vec<UsageRow> = created
+            .iter()
+            .map(|(id, new)| UsageRow {
+                tenant: new.tenant.clone(),
+                meter: Meter::Runs,
+                quantity: 1,
+                run_id: Some((*id).clone()),
+                step_index: None,
+                source: "run.created",
+            })
+            .collect();
+        store.add_usage(tx, &usage, Some(period), shard).await?;
+        let mut jobs = Vec::new();
+        let mut audits = Vec::new();
+        for (id, new) in &created {
+            for (i, step) in new.steps.iter().enumerate() {
+                jobs.push(json!({
+                    "run_id": id,
+                    "correlation_id": new.correlation_id,
+                    "step_index": i,
+                    "step_count": new.steps.len(),
+                    "payload": serde_json::to_string(step).unwrap_or_default(),
+                    "state": if i == 0 { "queued" } else { "waiting" },
+                    "max_attempts": new.max_attempts,
+                }));
+            }
+            audits.push(json!({
+                "actor": new.actor,
+                "target": id,
+                "request_id": new.request_id,
+                "detail": json!({"steps": new.steps.len()}).to_string(),
+                "tenant": new.tenant,
+            }));
+        }
+        let insert_jobs = store.sql(&format!(
+        "INSERT INTO jobs (run_id, correlation_id, step_index, step_count, payload, state, \
+         max_attempts, run_at, created_at) \
+         SELECT run_id, correlation_id, step_index, step_count, payload, state, max_attempts, {{now}}, {{now}} \
+         FROM ({}) s",
+        recordset(
+            backend,
+            &[
+                ("run_id", "text"),
+                ("correlation_id", "text"),
+                ("step_index", "bigint"),
+                ("step_count", "bigint"),
+                ("payload", "text"),
+                ("state", "text"),
+                ("max_attempts", "bigint"),
+            ]
+        )
+    ));
+        sqlx::query(&insert_jobs)
+            .bind(Value::Array(jobs).to_string())
+            .execute(&mut **tx)
+            .await?;
+        let events: Vec<NewEvent<'_>> = created
+            .iter()
+            .map(|(id, new)| {
+                NewEvent::run(id, EventType::RunQueued).data(json!({"steps": new.steps.len()}))
+            })
+            .collect();
+        store.insert_events(tx, &events).await?;
+        insert_audits(store, tx, "run.created", "success", audits).await?;
+    }
+    Ok(created_at)
 }
 
 /// Audit rows of one `action` and `outcome` from a JSON batch of
