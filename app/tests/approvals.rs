@@ -22,13 +22,25 @@ const APPROVER: &str = "appr-key-0123456789abcdef";
 const ADMIN: &str = "boss-key-0123456789abcdef";
 // The plain and approver keys share a tenant: a key sees and decides only
 // its own tenant's runs.
+const RIVAL: &str = "rival-key-0123456789abcdef";
+const HOOKS: &str = "hook-key-0123456789abcdef";
+const GITHUB_SECRET: &str = "gh-secret-0123456789abcdef";
+// `rival` approves for another tenant; `hooks` for the runs of the webhook
+// source `github` (tenant `webhook:github`).
 const KEYS: &str = "plain:plain-key-0123456789abcdef:tenant=team,\
                     appr:appr-key-0123456789abcdef:approver:tenant=team,\
-                    boss:boss-key-0123456789abcdef:admin";
+                    boss:boss-key-0123456789abcdef:admin,\
+                    rival:rival-key-0123456789abcdef:approver:tenant=rivals,\
+                    hooks:hook-key-0123456789abcdef:approver:tenant=webhook/github";
 const WAIT: Duration = Duration::from_secs(15);
 
 async fn env(backend: Backend) -> TestEnv {
-    TestEnv::new(backend, &[("VM_API_KEYS", KEYS)]).await
+    let webhooks = format!("github:{GITHUB_SECRET},jira:{GITHUB_SECRET}");
+    TestEnv::new(
+        backend,
+        &[("VM_API_KEYS", KEYS), ("VM_WEBHOOK_SECRETS", &webhooks)],
+    )
+    .await
 }
 
 async fn call(app: &Router, method: &str, uri: &str, body: Option<&str>, key: &str) -> Reply {
@@ -87,6 +99,32 @@ async fn audit_actions(env: &TestEnv, run: Uuid) -> Vec<(String, String)> {
         })
         .map(|e| (e.action, e.actor))
         .collect()
+}
+
+/// Starts a run through a signed delivery from webhook source `source`.
+async fn create_by_webhook(app: &Router, source: &str, nonce: &str, steps: Value) -> Uuid {
+    let body = json!({"run": {"input": {"title": "hook"}, "steps": steps}}).to_string();
+    let ts = (vm_webapp::model::now_ms() / 1000).to_string();
+    let sig =
+        vm_webapp::http::webhooks::sign(GITHUB_SECRET.as_bytes(), &ts, nonce, body.as_bytes());
+    let reply = send(
+        app,
+        "POST",
+        &format!("/api/v2/webhooks/{source}"),
+        Some(&body),
+        &[
+            ("x-vm-timestamp", &ts),
+            ("x-vm-nonce", nonce),
+            ("x-vm-signature", &sig),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    reply.body["run_id"]
+        .as_str()
+        .expect("run_id")
+        .parse()
+        .expect("uuid")
 }
 
 async fn approving_records_the_decision_and_the_run_goes_on(backend: Backend) {
@@ -766,6 +804,136 @@ async fn approval_steps_are_validated_at_creation(backend: Backend) {
     assert!(matches!(outcome, DecideOutcome::RunNotFound), "{outcome:?}");
 }
 
+/// Without `tenant` an approver with several tenants' runs in view (an
+/// admin) cannot tell whose run it is approving, nor can a client retrying
+/// after a lost response tell from the 409 whose approval it hit.
+async fn the_inbox_and_the_409_name_the_runs_tenant(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let team = create(&app, gated(json!({}))).await;
+    env.wait_for(team, RunStatus::Waiting, WAIT).await;
+    let hook = create_by_webhook(&app, "github", "nonce-tenant-1", gated(json!({}))).await;
+    env.wait_for(hook, RunStatus::Waiting, WAIT).await;
+
+    let inbox = call(&app, "GET", "/api/v2/approvals", None, ADMIN).await;
+    let tenants: Vec<(String, String)> = inbox.body["approvals"]
+        .as_array()
+        .expect("approvals")
+        .iter()
+        .map(|a| {
+            (
+                a["run_id"].as_str().unwrap_or_default().to_string(),
+                a["tenant"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tenants,
+        [
+            (team.to_string(), "team".to_string()),
+            (hook.to_string(), "webhook:github".to_string())
+        ]
+    );
+    let own = call(&app, "GET", "/api/v2/approvals", None, PLAIN).await;
+    assert_eq!(own.body["approvals"][0]["tenant"], "team");
+    let detail = call(&app, "GET", &format!("/api/v2/runs/{team}"), None, PLAIN).await;
+    assert_eq!(detail.body["steps"][1]["approval"]["tenant"], "team");
+
+    let won = decide(&app, team, "approve", None, APPROVER).await;
+    assert_eq!(won.body["tenant"], "team", "{}", won.body);
+    let lost = decide(&app, team, "reject", None, ADMIN).await;
+    assert_eq!(lost.status, StatusCode::CONFLICT);
+    assert_eq!(lost.body["approval"]["tenant"], "team", "{}", lost.body);
+    let decided = call(&app, "GET", "/api/v2/approvals?status=decided", None, ADMIN).await;
+    assert_eq!(decided.body["approvals"][0]["tenant"], "team");
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+/// An approver of one tenant must not decide (or learn of) another
+/// tenant's approvals: the run is hidden as on every run route (404, never
+/// 403, which would confirm that the run exists).
+async fn an_approver_decides_only_its_own_tenants_approvals(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let id = create(&app, gated(json!({}))).await;
+    env.wait_for(id, RunStatus::Waiting, WAIT).await;
+    for action in ["approve", "reject"] {
+        for key in [RIVAL, HOOKS] {
+            let refused = decide(&app, id, action, None, key).await;
+            assert_eq!(refused.status, StatusCode::NOT_FOUND, "{}", refused.body);
+            assert_eq!(refused.body["code"], "run_not_found");
+        }
+    }
+    let inbox = call(&app, "GET", "/api/v2/approvals?status=all", None, RIVAL).await;
+    assert_eq!(inbox.body["approvals"], json!([]));
+    let still = env
+        .store
+        .get_approval(id, 1)
+        .await
+        .expect("read")
+        .expect("approval");
+    assert_eq!(still.decision, None, "nothing was decided");
+    assert_eq!(
+        decide(&app, id, "approve", None, APPROVER).await.status,
+        StatusCode::OK
+    );
+    env.wait_for(id, RunStatus::Succeeded, WAIT).await;
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+/// A webhook's run belongs to `webhook:<source>`, a tenant no plain
+/// `tenant=` can name: without `tenant=webhook/<source>` only an admin could
+/// decide it, and every such approval would wait for its deadline.
+async fn a_key_with_tenant_webhook_source_decides_that_sources_runs(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let github = create_by_webhook(&app, "github", "nonce-github-1", gated(json!({}))).await;
+    let jira = create_by_webhook(&app, "jira", "nonce-jira-0001", gated(json!({}))).await;
+    env.wait_for(github, RunStatus::Waiting, WAIT).await;
+    env.wait_for(jira, RunStatus::Waiting, WAIT).await;
+
+    // The key sees exactly its source's runs and approvals.
+    let inbox = call(&app, "GET", "/api/v2/approvals", None, HOOKS).await;
+    let listed: Vec<&str> = inbox.body["approvals"]
+        .as_array()
+        .expect("approvals")
+        .iter()
+        .filter_map(|a| a["run_id"].as_str())
+        .collect();
+    assert_eq!(listed, [github.to_string()]);
+    let other = decide(&app, jira, "approve", None, HOOKS).await;
+    assert_eq!(other.body["code"], "run_not_found");
+    for key in [APPROVER, RIVAL] {
+        assert_eq!(
+            decide(&app, github, "approve", None, key).await.body["code"],
+            "run_not_found"
+        );
+    }
+
+    let approved = decide(&app, github, "approve", Some(r#"{"comment":"ok"}"#), HOOKS).await;
+    assert_eq!(approved.status, StatusCode::OK, "{}", approved.body);
+    assert_eq!(approved.body["decided_by"], "hooks");
+    assert_eq!(approved.body["tenant"], "webhook:github");
+    let done = env.wait_for(github, RunStatus::Succeeded, WAIT).await;
+    assert_eq!(
+        done.steps[1].output.as_ref().map(|o| o["by"].clone()),
+        Some(json!("hooks"))
+    );
+    // An admin still decides any source's runs.
+    assert_eq!(
+        decide(&app, jira, "reject", None, ADMIN).await.status,
+        StatusCode::OK
+    );
+    env.wait_for(jira, RunStatus::Failed, WAIT).await;
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
 on_both_backends!(
     approving_records_the_decision_and_the_run_goes_on,
     rejecting_fails_the_run_with_reason_rejected,
@@ -781,4 +949,7 @@ on_both_backends!(
     metrics_report_pending_approvals_and_decisions,
     a_pending_approval_survives_backup_and_restore_and_is_decided_there,
     approval_steps_are_validated_at_creation,
+    the_inbox_and_the_409_name_the_runs_tenant,
+    an_approver_decides_only_its_own_tenants_approvals,
+    a_key_with_tenant_webhook_source_decides_that_sources_runs,
 );
