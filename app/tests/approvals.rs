@@ -95,10 +95,35 @@ async fn audit_actions(env: &TestEnv, run: Uuid) -> Vec<(String, String)> {
         .expect("audit")
         .into_iter()
         .filter(|e| {
-            e.target.as_deref() == Some(&run.to_string()) && e.action.starts_with("approval.")
+            e.target.as_deref() == Some(&run.to_string())
+                && e.action.starts_with("approval.")
+                && e.outcome == "success"
         })
         .map(|e| (e.action, e.actor))
         .collect()
+}
+
+/// The `approval.refused` rows, oldest first, as (actor, target, outcome,
+/// detail, tenant).
+async fn refusals(env: &TestEnv) -> Vec<(String, Option<String>, String, Value, Option<String>)> {
+    let mut rows: Vec<_> = env
+        .store
+        .list_audit(&AuditFilter {
+            action: Some("approval.refused".into()),
+            limit: 1_000,
+            ..AuditFilter::default()
+        })
+        .await
+        .expect("audit")
+        .into_iter()
+        .map(|e| {
+            let detail = serde_json::from_str(e.detail.as_deref().unwrap_or("null"))
+                .expect("detail is JSON");
+            (e.actor, e.target, e.outcome, detail, e.tenant)
+        })
+        .collect();
+    rows.reverse();
+    rows
 }
 
 /// Starts a run through a signed delivery from webhook source `source`.
@@ -934,6 +959,120 @@ async fn a_key_with_tenant_webhook_source_decides_that_sources_runs(backend: Bac
     worker.await.expect("worker");
 }
 
+/// Refused decisions left no trace: a key probing other tenants' runs, or
+/// a plain key trying to approve, was invisible to the audit trail.
+async fn refused_decisions_are_audited_with_who_what_and_why(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let id = create(&app, gated(json!({}))).await;
+    env.wait_for(id, RunStatus::Waiting, WAIT).await;
+    let secret_comment = r#"{"comment":"do not store me"}"#;
+
+    // 403: not an approver.
+    assert_eq!(
+        decide(&app, id, "approve", Some(secret_comment), PLAIN)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    // 404: another tenant's run.
+    assert_eq!(
+        decide(&app, id, "reject", None, RIVAL).await.status,
+        StatusCode::NOT_FOUND
+    );
+    // 409: not an approval step.
+    let first_step = call(&app, "POST", &step_uri(id, 0, "approve"), None, APPROVER).await;
+    assert_eq!(first_step.status, StatusCode::CONFLICT);
+    // 200, then 409: already decided.
+    assert_eq!(
+        decide(&app, id, "approve", None, APPROVER).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        decide(&app, id, "reject", Some(secret_comment), ADMIN)
+            .await
+            .status,
+        StatusCode::CONFLICT
+    );
+    // A malformed request asked nothing of the approval: not audited.
+    assert_eq!(
+        decide(&app, id, "approve", Some("{nope"), APPROVER)
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+
+    let run = Some(id.to_string());
+    let rows = refusals(&env).await;
+    assert_eq!(
+        rows,
+        [
+            (
+                "plain".to_string(),
+                run.clone(),
+                "approver_required".to_string(),
+                json!({"decision": "approve", "step_index": 1}),
+                Some("team".to_string())
+            ),
+            (
+                "rival".to_string(),
+                run.clone(),
+                "run_not_found".to_string(),
+                json!({"decision": "reject", "step_index": 1}),
+                Some("rivals".to_string())
+            ),
+            (
+                "appr".to_string(),
+                run.clone(),
+                "step_not_awaiting_approval".to_string(),
+                json!({"decision": "approve", "step_index": 0}),
+                Some("team".to_string())
+            ),
+            (
+                "boss".to_string(),
+                run.clone(),
+                "approval_already_decided".to_string(),
+                json!({"decision": "reject", "step_index": 1, "decided": "approved", "decided_by": "appr"}),
+                Some("boss".to_string())
+            ),
+        ]
+    );
+    // The success stays one `approval.approved` row; nothing secret anywhere.
+    assert_eq!(
+        audit_actions(&env, id).await,
+        [("approval.approved".to_string(), "appr".to_string())]
+    );
+    let all = env
+        .store
+        .list_audit(&AuditFilter {
+            limit: 1_000,
+            ..AuditFilter::default()
+        })
+        .await
+        .expect("audit");
+    let text = serde_json::to_string(&all).expect("json");
+    for secret in ["do not store me", PLAIN, APPROVER, ADMIN, RIVAL] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    // Admins find refusals through the API like any audit row.
+    let listed = call(
+        &app,
+        "GET",
+        "/api/v2/audit?action=approval.refused&outcome=run_not_found",
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(
+        listed.body["entries"][0]["actor"], "rival",
+        "{}",
+        listed.body
+    );
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
 on_both_backends!(
     approving_records_the_decision_and_the_run_goes_on,
     rejecting_fails_the_run_with_reason_rejected,
@@ -952,4 +1091,5 @@ on_both_backends!(
     the_inbox_and_the_409_name_the_runs_tenant,
     an_approver_decides_only_its_own_tenants_approvals,
     a_key_with_tenant_webhook_source_decides_that_sources_runs,
+    refused_decisions_are_audited_with_who_what_and_why,
 );
