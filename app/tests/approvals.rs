@@ -1073,6 +1073,53 @@ async fn refused_decisions_are_audited_with_who_what_and_why(backend: Backend) {
     worker.await.expect("worker");
 }
 
+/// `on_timeout: approve` queued the next step but woke no worker, so it
+/// waited for an idle poll (here 5 s): the step after an expired approval
+/// must start about as soon as the expiry is applied.
+async fn an_expiry_that_goes_on_wakes_the_workers_at_once(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker_with(2, LlmBackend::Offline, |c| {
+        c.poll_interval = Duration::from_secs(5);
+    });
+    let mut runs = Vec::new();
+    runs.push(
+        create(
+            &app,
+            gated(json!({"timeout_s": 1, "on_timeout": "approve"})),
+        )
+        .await,
+    );
+    runs.push(
+        create(
+            &app,
+            gated(json!({"timeout_s": 1, "on_reject": "continue"})),
+        )
+        .await,
+    );
+    for id in &runs {
+        env.wait_for(*id, RunStatus::Succeeded, Duration::from_secs(20))
+            .await;
+        let events = env.store.list_events(*id, 0, 100).await.expect("events");
+        let at = |kind: &str, step: i64| {
+            events
+                .iter()
+                .find(|e| e.event_type == kind && e.step_index == Some(step))
+                .map(|e| e.created_at)
+                .unwrap_or_else(|| panic!("{kind} of step {step}: {events:?}"))
+        };
+        let expired = at("step.approval_expired", 1);
+        let started = at("step.started", 2);
+        assert!(
+            started - expired < 400,
+            "the next step started {} ms after the expiry",
+            started - expired
+        );
+    }
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
 on_both_backends!(
     approving_records_the_decision_and_the_run_goes_on,
     rejecting_fails_the_run_with_reason_rejected,
@@ -1092,4 +1139,5 @@ on_both_backends!(
     an_approver_decides_only_its_own_tenants_approvals,
     a_key_with_tenant_webhook_source_decides_that_sources_runs,
     refused_decisions_are_audited_with_who_what_and_why,
+    an_expiry_that_goes_on_wakes_the_workers_at_once,
 );

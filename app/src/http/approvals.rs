@@ -191,11 +191,8 @@ async fn decide_as(
                 .metrics
                 .observe_approval(decided.kind, decided.waited_ms);
             tracing::info!(run_id = %run_id, step = step_index, decision = decided.kind.as_str(), actor = %actor.id, "approval decided");
-            // The next step (if any) is queued: wake an in-process worker.
-            state.wake.notify_one();
-            if let Some(redis) = state.redis.clone() {
-                tokio::spawn(async move { redis.notify_enqueued().await });
-            }
+            // The next step (if any) is queued: wake the workers.
+            state.nudge().enqueued();
             Ok(Json(ApprovalView::of(&decided.approval)))
         }
         DecideOutcome::RunNotFound => Err(ApiError::RunNotFound),
