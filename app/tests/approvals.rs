@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -15,7 +16,16 @@ use vm_webapp::steps::llm::LlmBackend;
 use vm_webapp::store::approvals::{DecideOutcome, Decision};
 use vm_webapp::store::security::AuditFilter;
 
+use support::redis::RedisServer;
 use support::{Backend, Reply, TestEnv, send};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use vm_webapp::config::Secret;
+use vm_webapp::metrics::Metrics;
+use vm_webapp::nudge::Nudge;
+use vm_webapp::redis_bus::RedisBus;
+use vm_webapp::steps::StepRunner;
+use vm_webapp::worker::{Worker, WorkerConfig};
 
 const PLAIN: &str = "plain-key-0123456789abcdef";
 const APPROVER: &str = "appr-key-0123456789abcdef";
@@ -1120,6 +1130,85 @@ async fn an_expiry_that_goes_on_wakes_the_workers_at_once(backend: Backend) {
     worker.await.expect("worker");
 }
 
+/// An API process without a worker may lead queue maintenance and apply a
+/// deadline: its nudge must reach the workers of other processes through
+/// Redis, or the next step waits for their idle poll. Four expiries a
+/// quarter of a second apart: without the nudge at least one lands far
+/// from the worker's next look at the queue.
+async fn an_expiry_applied_by_another_process_nudges_the_workers_through_redis(backend: Backend) {
+    let redis = RedisServer::start();
+    let env = env(backend).await;
+    let bus = RedisBus::new(&Secret::new(redis.url()), Arc::new(Metrics::new())).expect("bus");
+    let mut state = env.state();
+    state.redis = Some(bus.clone());
+    let app = vm_webapp::http::router(state);
+    let shutdown = CancellationToken::new();
+    // The other process: maintenance only, leading first (every 100 ms;
+    // the worker's own loop, every second, never takes over), nudging
+    // through Redis only.
+    let leader = tokio::spawn(vm_webapp::maintenance::run(
+        env.store.clone(),
+        "api-elsewhere".into(),
+        Duration::from_millis(100),
+        Arc::new(Metrics::new()),
+        Nudge::new(Arc::new(Notify::new()), Some(bus.clone())),
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The worker: polls every 5 s, woken by Redis.
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(bus.clone().forward_wakeups(wake.clone(), shutdown.clone()));
+    let worker = Worker::new(
+        env.store.clone(),
+        StepRunner::new(LlmBackend::Offline),
+        WorkerConfig {
+            id: "redis-woken".into(),
+            concurrency: 4,
+            poll_interval: Duration::from_secs(5),
+            lease: env.settings.queue.lease,
+            backoff_base: env.settings.queue.backoff_base,
+            backoff_max: env.settings.queue.backoff_max,
+            shutdown_grace: env.settings.queue.shutdown_grace,
+        },
+        wake,
+    );
+    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        runs.push(
+            create(
+                &app,
+                gated(json!({"timeout_s": 1, "on_timeout": "approve"})),
+            )
+            .await,
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut delays = Vec::new();
+    for id in &runs {
+        env.wait_for(*id, RunStatus::Succeeded, Duration::from_secs(20))
+            .await;
+        let events = env.store.list_events(*id, 0, 100).await.expect("events");
+        let at = |kind: &str, step: i64| {
+            events
+                .iter()
+                .find(|e| e.event_type == kind && e.step_index == Some(step))
+                .map(|e| e.created_at)
+                .unwrap_or_else(|| panic!("{kind} of step {step}: {events:?}"))
+        };
+        delays.push(at("step.started", 2) - at("step.approval_expired", 1));
+    }
+    assert!(
+        delays.iter().all(|d| *d < 400),
+        "next steps started {delays:?} ms after their expiry"
+    );
+    shutdown.cancel();
+    worker.await.expect("worker");
+    leader.await.expect("maintenance");
+}
+
 on_both_backends!(
     approving_records_the_decision_and_the_run_goes_on,
     rejecting_fails_the_run_with_reason_rejected,
@@ -1140,4 +1229,5 @@ on_both_backends!(
     a_key_with_tenant_webhook_source_decides_that_sources_runs,
     refused_decisions_are_audited_with_who_what_and_why,
     an_expiry_that_goes_on_wakes_the_workers_at_once,
+    an_expiry_applied_by_another_process_nudges_the_workers_through_redis,
 );
