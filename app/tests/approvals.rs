@@ -882,6 +882,16 @@ async fn the_inbox_and_the_409_name_the_runs_tenant(backend: Backend) {
     assert_eq!(lost.body["approval"]["tenant"], "team", "{}", lost.body);
     let decided = call(&app, "GET", "/api/v2/approvals?status=decided", None, ADMIN).await;
     assert_eq!(decided.body["approvals"][0]["tenant"], "team");
+    // Clients generated from the OpenAPI document get the field too.
+    let doc = send(&app, "GET", "/api/v2/openapi.json", None, &[]).await;
+    let schema = &doc.body["components"]["schemas"]["ApprovalView"];
+    assert_eq!(schema["properties"]["tenant"]["type"], "string", "{schema}");
+    assert!(
+        schema["required"]
+            .as_array()
+            .is_some_and(|r| r.contains(&json!("tenant"))),
+        "{schema}"
+    );
     stop.cancel();
     worker.await.expect("worker");
 }
