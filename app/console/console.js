@@ -455,7 +455,8 @@
         const titleId = `card-title-${unique}`;
         const card = el("li", { class: "card", "data-key": key, "data-run": a.run_id, "data-step": String(a.step_index) },
           el("h2", { id: titleId }, el("a", { href: `#/runs/${a.run_id}`, text: `Run ${a.run_id}` }), ` · step ${a.step_index}`),
-          el("p", { class: "meta", text: `Waiting since ${when(a.waiting_since)} · expires ${when(a.expires_at)}` }),
+          // Whose run: an admin's inbox holds every tenant's approvals.
+          el("p", { class: "meta", text: `${a.tenant ? `Tenant ${a.tenant} · ` : ""}Waiting since ${when(a.waiting_since)} · expires ${when(a.expires_at)}` }),
         );
         card.append(decisionForm(a.run_id, a.step_index, a.prompt, () => decided(card), titleId));
         return card;

@@ -274,7 +274,8 @@ pub struct ApiKey {
     /// Role `approver`: may approve or reject approval steps.
     pub approver: bool,
     /// The tenant that owns what this key creates: `tenant=NAME` in the
-    /// entry, else the key's own id (a key without a tenant is its own tenant).
+    /// entry (`tenant=webhook/SOURCE` is [`webhook_tenant`]`(SOURCE)`), else
+    /// the key's own id (a key without a tenant is its own tenant).
     pub tenant: String,
 }
 
@@ -846,6 +847,17 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// `tenant=webhook/SOURCE` in a `VM_API_KEYS` entry: the key's tenant is
+/// [`webhook_tenant`]`(SOURCE)`.
+const WEBHOOK_TENANT_FIELD: &str = "webhook/";
+
+/// The tenant that owns the runs webhook deliveries from `source` start.
+/// It holds a `:`, which no key id or plain tenant name can, so only a key
+/// configured with `tenant=webhook/SOURCE` (or an admin) reaches those runs.
+pub fn webhook_tenant(source: &str) -> String {
+    format!("webhook:{source}")
+}
+
 /// Actor names the app itself uses, so no API key may take them as its id:
 /// a key's decisions would pass for deadline expiries (`system`), or a key
 /// without `tenant=` would own the open mode's and pre-tenant runs
@@ -861,7 +873,8 @@ struct KeyOptions {
 
 /// Reads the optional fields after `id:key`: at most one roles field
 /// (`admin`, `approver`, or both joined by `+`) and at most one
-/// `tenant=NAME` (1 to 64 letters, digits, `-` or `_`), in either order.
+/// `tenant=NAME` (1 to 64 letters, digits, `-` or `_`, or `webhook/SOURCE`),
+/// in either order.
 /// Reports each mistake against `VM_API_KEYS` and returns `None` on any.
 fn parse_key_options<F: Fn(&str) -> Option<String>>(
     p: &mut Parser<F>,
@@ -884,16 +897,25 @@ fn parse_key_options<F: Fn(&str) -> Option<String>>(
                 );
                 return None;
             }
-            if !valid_name(tenant) {
+            // `webhook/SOURCE` names the tenant of the runs webhook
+            // deliveries from SOURCE start (`webhook:SOURCE`; `:` separates
+            // the entry's fields), so that a non-admin key may see and
+            // decide them.
+            let named = match tenant.strip_prefix(WEBHOOK_TENANT_FIELD) {
+                Some(source) if valid_name(source) => Some(webhook_tenant(source)),
+                Some(_) => None,
+                None => valid_name(tenant).then(|| tenant.to_string()),
+            };
+            let Some(named) = named else {
                 p.fail(
                     "VM_API_KEYS",
                     format!(
-                        "entry {i} (id `{id}`): the tenant must be 1 to 64 letters, digits, - or _"
+                        "entry {i} (id `{id}`): the tenant must be 1 to 64 letters, digits, - or _, or webhook/SOURCE for the runs of a webhook source"
                     ),
                 );
                 return None;
-            }
-            out.tenant = Some(tenant.to_string());
+            };
+            out.tenant = Some(named);
             continue;
         }
         if roles_seen {
@@ -1372,6 +1394,28 @@ mod tests {
         assert!(err.mentions("VM_API_KEYS"));
     }
 
+    /// Runs a webhook starts belong to `webhook:<source>`, a name no plain
+    /// `tenant=` can spell: without `tenant=webhook/<source>` only an admin
+    /// could decide their approval steps.
+    #[test]
+    fn a_key_may_name_a_webhook_sources_tenant() {
+        let s = parse(&[(
+            "VM_API_KEYS",
+            "gh:gh-key-0123456789abcdef:approver:tenant=webhook/github, \
+             webhook:wh-key-0123456789abcdef:tenant=webhook",
+        )])
+        .expect("valid");
+        let tenants: Vec<_> = s
+            .security
+            .api_keys
+            .iter()
+            .map(|k| (k.id.as_str(), k.tenant.as_str()))
+            .collect();
+        // A plain tenant called `webhook` is still a plain tenant.
+        assert_eq!(tenants, [("gh", "webhook:github"), ("webhook", "webhook")]);
+        assert_eq!(webhook_tenant("github"), "webhook:github");
+    }
+
     #[test]
     fn api_key_roles_and_tenants_are_parsed_in_either_order() {
         let s = parse(&[(
@@ -1422,6 +1466,14 @@ mod tests {
             (
                 "e:e-key-0123456789abcdef:tenant=a b",
                 "the tenant must be 1 to 64",
+            ),
+            (
+                "e:e-key-0123456789abcdef:tenant=webhook/",
+                "or webhook/SOURCE",
+            ),
+            (
+                "e:e-key-0123456789abcdef:tenant=webhook/a/b",
+                "or webhook/SOURCE",
             ),
         ] {
             let text = parse(&[("VM_API_KEYS", entry)]).unwrap_err().to_string();

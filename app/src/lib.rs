@@ -14,6 +14,7 @@ pub mod http;
 pub mod maintenance;
 pub mod metrics;
 pub mod model;
+pub mod nudge;
 pub mod period;
 pub mod plans;
 pub mod redis_bus;

@@ -3,7 +3,8 @@
 //! the holder of the maintenance lease ([`Store::lead_maintenance`], on the
 //! database clock) acts: it returns jobs whose lease expired to the queue,
 //! applies `on_timeout` to approval steps whose deadline passed (once: a
-//! decision racing it is decided by one conditional delete), and refreshes the queue-gauge snapshot that `/metrics` reads, so a scrape never
+//! decision racing it is decided by one conditional delete; a step queued
+//! by it is announced like a new run's, so workers claim it at once), and refreshes the queue-gauge snapshot that `/metrics` reads, so a scrape never
 //! scans the queue. A leader that stops (dies, hangs, is paused) loses the
 //! lease after [`LEASE_TICKS`] ticks and another process takes over.
 
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::metrics::{Dependency, Metrics};
+use crate::nudge::Nudge;
 use crate::store::Store;
 
 /// Most approval deadlines applied per tick (the rest wait a tick).
@@ -25,13 +27,15 @@ pub const LEASE_TICKS: u32 = 3;
 
 /// Runs until `shutdown`: each `every`, takes or renews the maintenance lease
 /// as `holder` (a process-unique id), and while leading rescues expired
-/// leases and refreshes the gauges. A database outage is counted and logged;
-/// the loop goes on and recovers by itself. Gives the lease up on shutdown.
+/// leases and refreshes the gauges. Steps that an expiry queued are announced
+/// through `nudge`. A database outage is counted and logged; the loop goes on
+/// and recovers by itself. Gives the lease up on shutdown.
 pub async fn run(
     store: Store,
     holder: String,
     every: Duration,
     metrics: Arc<Metrics>,
+    nudge: Nudge,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -71,6 +75,12 @@ pub async fn run(
         }
         match store.expire_due_approvals(EXPIRE_BATCH).await {
             Ok(decided) => {
+                // `on_timeout: approve` (or a rejection that continues)
+                // queued the next step: without this it waited for an idle
+                // poll. An extra wake-up only costs one empty claim.
+                if !decided.is_empty() {
+                    nudge.enqueued();
+                }
                 for d in &decided {
                     metrics.observe_approval(d.kind, d.waited_ms);
                     info!(

@@ -270,6 +270,8 @@ pub struct ApprovalRecord {
     pub run_id: Uuid,
     /// The approval step's index.
     pub step_index: i64,
+    /// The tenant that owns the run (`webhook:<source>` for a webhook's run).
+    pub tenant: String,
     /// The rendered prompt.
     pub prompt: String,
     /// When the step began waiting, ms since the epoch (database clock).

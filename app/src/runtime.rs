@@ -149,7 +149,8 @@ fn build_worker(
     let runner = StepRunner::new(llm).with_metrics(state.metrics.clone());
     Ok(
         Worker::new(state.store.clone(), runner, config, state.wake.clone())
-            .with_metrics(state.metrics.clone()),
+            .with_metrics(state.metrics.clone())
+            .with_redis(state.redis.clone()),
     )
 }
 
@@ -342,6 +343,7 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
             format!("api-{}", crate::worker::WorkerConfig::default_id()),
             crate::store::queue::rescue::MAINTENANCE_EVERY,
             state.metrics.clone(),
+            state.nudge(),
             shutdown.clone(),
         ));
     }

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -15,20 +16,41 @@ use vm_webapp::steps::llm::LlmBackend;
 use vm_webapp::store::approvals::{DecideOutcome, Decision};
 use vm_webapp::store::security::AuditFilter;
 
+use support::redis::RedisServer;
 use support::{Backend, Reply, TestEnv, send};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use vm_webapp::config::Secret;
+use vm_webapp::metrics::Metrics;
+use vm_webapp::nudge::Nudge;
+use vm_webapp::redis_bus::RedisBus;
+use vm_webapp::steps::StepRunner;
+use vm_webapp::worker::{Worker, WorkerConfig};
 
 const PLAIN: &str = "plain-key-0123456789abcdef";
 const APPROVER: &str = "appr-key-0123456789abcdef";
 const ADMIN: &str = "boss-key-0123456789abcdef";
 // The plain and approver keys share a tenant: a key sees and decides only
 // its own tenant's runs.
+const RIVAL: &str = "rival-key-0123456789abcdef";
+const HOOKS: &str = "hook-key-0123456789abcdef";
+const GITHUB_SECRET: &str = "gh-secret-0123456789abcdef";
+// `rival` approves for another tenant; `hooks` for the runs of the webhook
+// source `github` (tenant `webhook:github`).
 const KEYS: &str = "plain:plain-key-0123456789abcdef:tenant=team,\
                     appr:appr-key-0123456789abcdef:approver:tenant=team,\
-                    boss:boss-key-0123456789abcdef:admin";
+                    boss:boss-key-0123456789abcdef:admin,\
+                    rival:rival-key-0123456789abcdef:approver:tenant=rivals,\
+                    hooks:hook-key-0123456789abcdef:approver:tenant=webhook/github";
 const WAIT: Duration = Duration::from_secs(15);
 
 async fn env(backend: Backend) -> TestEnv {
-    TestEnv::new(backend, &[("VM_API_KEYS", KEYS)]).await
+    let webhooks = format!("github:{GITHUB_SECRET},jira:{GITHUB_SECRET}");
+    TestEnv::new(
+        backend,
+        &[("VM_API_KEYS", KEYS), ("VM_WEBHOOK_SECRETS", &webhooks)],
+    )
+    .await
 }
 
 async fn call(app: &Router, method: &str, uri: &str, body: Option<&str>, key: &str) -> Reply {
@@ -83,10 +105,61 @@ async fn audit_actions(env: &TestEnv, run: Uuid) -> Vec<(String, String)> {
         .expect("audit")
         .into_iter()
         .filter(|e| {
-            e.target.as_deref() == Some(&run.to_string()) && e.action.starts_with("approval.")
+            e.target.as_deref() == Some(&run.to_string())
+                && e.action.starts_with("approval.")
+                && e.outcome == "success"
         })
         .map(|e| (e.action, e.actor))
         .collect()
+}
+
+/// The `approval.refused` rows, oldest first, as (actor, target, outcome,
+/// detail, tenant).
+async fn refusals(env: &TestEnv) -> Vec<(String, Option<String>, String, Value, Option<String>)> {
+    let mut rows: Vec<_> = env
+        .store
+        .list_audit(&AuditFilter {
+            action: Some("approval.refused".into()),
+            limit: 1_000,
+            ..AuditFilter::default()
+        })
+        .await
+        .expect("audit")
+        .into_iter()
+        .map(|e| {
+            let detail = serde_json::from_str(e.detail.as_deref().unwrap_or("null"))
+                .expect("detail is JSON");
+            (e.actor, e.target, e.outcome, detail, e.tenant)
+        })
+        .collect();
+    rows.reverse();
+    rows
+}
+
+/// Starts a run through a signed delivery from webhook source `source`.
+async fn create_by_webhook(app: &Router, source: &str, nonce: &str, steps: Value) -> Uuid {
+    let body = json!({"run": {"input": {"title": "hook"}, "steps": steps}}).to_string();
+    let ts = (vm_webapp::model::now_ms() / 1000).to_string();
+    let sig =
+        vm_webapp::http::webhooks::sign(GITHUB_SECRET.as_bytes(), &ts, nonce, body.as_bytes());
+    let reply = send(
+        app,
+        "POST",
+        &format!("/api/v2/webhooks/{source}"),
+        Some(&body),
+        &[
+            ("x-vm-timestamp", &ts),
+            ("x-vm-nonce", nonce),
+            ("x-vm-signature", &sig),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    reply.body["run_id"]
+        .as_str()
+        .expect("run_id")
+        .parse()
+        .expect("uuid")
 }
 
 async fn approving_records_the_decision_and_the_run_goes_on(backend: Backend) {
@@ -766,6 +839,386 @@ async fn approval_steps_are_validated_at_creation(backend: Backend) {
     assert!(matches!(outcome, DecideOutcome::RunNotFound), "{outcome:?}");
 }
 
+/// Without `tenant` an approver with several tenants' runs in view (an
+/// admin) cannot tell whose run it is approving, nor can a client retrying
+/// after a lost response tell from the 409 whose approval it hit.
+async fn the_inbox_and_the_409_name_the_runs_tenant(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let team = create(&app, gated(json!({}))).await;
+    env.wait_for(team, RunStatus::Waiting, WAIT).await;
+    let hook = create_by_webhook(&app, "github", "nonce-tenant-1", gated(json!({}))).await;
+    env.wait_for(hook, RunStatus::Waiting, WAIT).await;
+
+    let inbox = call(&app, "GET", "/api/v2/approvals", None, ADMIN).await;
+    let tenants: Vec<(String, String)> = inbox.body["approvals"]
+        .as_array()
+        .expect("approvals")
+        .iter()
+        .map(|a| {
+            (
+                a["run_id"].as_str().unwrap_or_default().to_string(),
+                a["tenant"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tenants,
+        [
+            (team.to_string(), "team".to_string()),
+            (hook.to_string(), "webhook:github".to_string())
+        ]
+    );
+    let own = call(&app, "GET", "/api/v2/approvals", None, PLAIN).await;
+    assert_eq!(own.body["approvals"][0]["tenant"], "team");
+    let detail = call(&app, "GET", &format!("/api/v2/runs/{team}"), None, PLAIN).await;
+    assert_eq!(detail.body["steps"][1]["approval"]["tenant"], "team");
+
+    let won = decide(&app, team, "approve", None, APPROVER).await;
+    assert_eq!(won.body["tenant"], "team", "{}", won.body);
+    let lost = decide(&app, team, "reject", None, ADMIN).await;
+    assert_eq!(lost.status, StatusCode::CONFLICT);
+    assert_eq!(lost.body["approval"]["tenant"], "team", "{}", lost.body);
+    let decided = call(&app, "GET", "/api/v2/approvals?status=decided", None, ADMIN).await;
+    assert_eq!(decided.body["approvals"][0]["tenant"], "team");
+    // Clients generated from the OpenAPI document get the field too.
+    let doc = send(&app, "GET", "/api/v2/openapi.json", None, &[]).await;
+    let schema = &doc.body["components"]["schemas"]["ApprovalView"];
+    assert_eq!(schema["properties"]["tenant"]["type"], "string", "{schema}");
+    assert!(
+        schema["required"]
+            .as_array()
+            .is_some_and(|r| r.contains(&json!("tenant"))),
+        "{schema}"
+    );
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+/// An approver of one tenant must not decide (or learn of) another
+/// tenant's approvals: the run is hidden as on every run route (404, never
+/// 403, which would confirm that the run exists).
+async fn an_approver_decides_only_its_own_tenants_approvals(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let id = create(&app, gated(json!({}))).await;
+    env.wait_for(id, RunStatus::Waiting, WAIT).await;
+    for action in ["approve", "reject"] {
+        for key in [RIVAL, HOOKS] {
+            let refused = decide(&app, id, action, None, key).await;
+            assert_eq!(refused.status, StatusCode::NOT_FOUND, "{}", refused.body);
+            assert_eq!(refused.body["code"], "run_not_found");
+        }
+    }
+    let inbox = call(&app, "GET", "/api/v2/approvals?status=all", None, RIVAL).await;
+    assert_eq!(inbox.body["approvals"], json!([]));
+    let still = env
+        .store
+        .get_approval(id, 1)
+        .await
+        .expect("read")
+        .expect("approval");
+    assert_eq!(still.decision, None, "nothing was decided");
+    assert_eq!(
+        decide(&app, id, "approve", None, APPROVER).await.status,
+        StatusCode::OK
+    );
+    env.wait_for(id, RunStatus::Succeeded, WAIT).await;
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+/// A webhook's run belongs to `webhook:<source>`, a tenant no plain
+/// `tenant=` can name: without `tenant=webhook/<source>` only an admin could
+/// decide it, and every such approval would wait for its deadline.
+async fn a_key_with_tenant_webhook_source_decides_that_sources_runs(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let github = create_by_webhook(&app, "github", "nonce-github-1", gated(json!({}))).await;
+    let jira = create_by_webhook(&app, "jira", "nonce-jira-0001", gated(json!({}))).await;
+    env.wait_for(github, RunStatus::Waiting, WAIT).await;
+    env.wait_for(jira, RunStatus::Waiting, WAIT).await;
+
+    // The key sees exactly its source's runs and approvals.
+    let inbox = call(&app, "GET", "/api/v2/approvals", None, HOOKS).await;
+    let listed: Vec<&str> = inbox.body["approvals"]
+        .as_array()
+        .expect("approvals")
+        .iter()
+        .filter_map(|a| a["run_id"].as_str())
+        .collect();
+    assert_eq!(listed, [github.to_string()]);
+    let other = decide(&app, jira, "approve", None, HOOKS).await;
+    assert_eq!(other.body["code"], "run_not_found");
+    for key in [APPROVER, RIVAL] {
+        assert_eq!(
+            decide(&app, github, "approve", None, key).await.body["code"],
+            "run_not_found"
+        );
+    }
+
+    let approved = decide(&app, github, "approve", Some(r#"{"comment":"ok"}"#), HOOKS).await;
+    assert_eq!(approved.status, StatusCode::OK, "{}", approved.body);
+    assert_eq!(approved.body["decided_by"], "hooks");
+    assert_eq!(approved.body["tenant"], "webhook:github");
+    let done = env.wait_for(github, RunStatus::Succeeded, WAIT).await;
+    assert_eq!(
+        done.steps[1].output.as_ref().map(|o| o["by"].clone()),
+        Some(json!("hooks"))
+    );
+    // An admin still decides any source's runs.
+    assert_eq!(
+        decide(&app, jira, "reject", None, ADMIN).await.status,
+        StatusCode::OK
+    );
+    env.wait_for(jira, RunStatus::Failed, WAIT).await;
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+/// Refused decisions left no trace: a key probing other tenants' runs, or
+/// a plain key trying to approve, was invisible to the audit trail.
+async fn refused_decisions_are_audited_with_who_what_and_why(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let id = create(&app, gated(json!({}))).await;
+    env.wait_for(id, RunStatus::Waiting, WAIT).await;
+    let secret_comment = r#"{"comment":"do not store me"}"#;
+
+    // 403: not an approver.
+    assert_eq!(
+        decide(&app, id, "approve", Some(secret_comment), PLAIN)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    // 404: another tenant's run.
+    assert_eq!(
+        decide(&app, id, "reject", None, RIVAL).await.status,
+        StatusCode::NOT_FOUND
+    );
+    // 409: not an approval step.
+    let first_step = call(&app, "POST", &step_uri(id, 0, "approve"), None, APPROVER).await;
+    assert_eq!(first_step.status, StatusCode::CONFLICT);
+    // 200, then 409: already decided.
+    assert_eq!(
+        decide(&app, id, "approve", None, APPROVER).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        decide(&app, id, "reject", Some(secret_comment), ADMIN)
+            .await
+            .status,
+        StatusCode::CONFLICT
+    );
+    // A malformed request asked nothing of the approval: not audited.
+    assert_eq!(
+        decide(&app, id, "approve", Some("{nope"), APPROVER)
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+
+    let run = Some(id.to_string());
+    let rows = refusals(&env).await;
+    assert_eq!(
+        rows,
+        [
+            (
+                "plain".to_string(),
+                run.clone(),
+                "approver_required".to_string(),
+                json!({"decision": "approve", "step_index": 1}),
+                Some("team".to_string())
+            ),
+            (
+                "rival".to_string(),
+                run.clone(),
+                "run_not_found".to_string(),
+                json!({"decision": "reject", "step_index": 1}),
+                Some("rivals".to_string())
+            ),
+            (
+                "appr".to_string(),
+                run.clone(),
+                "step_not_awaiting_approval".to_string(),
+                json!({"decision": "approve", "step_index": 0}),
+                Some("team".to_string())
+            ),
+            (
+                "boss".to_string(),
+                run.clone(),
+                "approval_already_decided".to_string(),
+                json!({"decision": "reject", "step_index": 1, "decided": "approved", "decided_by": "appr"}),
+                Some("boss".to_string())
+            ),
+        ]
+    );
+    // The success stays one `approval.approved` row; nothing secret anywhere.
+    assert_eq!(
+        audit_actions(&env, id).await,
+        [("approval.approved".to_string(), "appr".to_string())]
+    );
+    let all = env
+        .store
+        .list_audit(&AuditFilter {
+            limit: 1_000,
+            ..AuditFilter::default()
+        })
+        .await
+        .expect("audit");
+    let text = serde_json::to_string(&all).expect("json");
+    for secret in ["do not store me", PLAIN, APPROVER, ADMIN, RIVAL] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    // Admins find refusals through the API like any audit row.
+    let listed = call(
+        &app,
+        "GET",
+        "/api/v2/audit?action=approval.refused&outcome=run_not_found",
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(
+        listed.body["entries"][0]["actor"], "rival",
+        "{}",
+        listed.body
+    );
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+/// `on_timeout: approve` queued the next step but woke no worker, so it
+/// waited for an idle poll (here 5 s): the step after an expired approval
+/// must start about as soon as the expiry is applied.
+async fn an_expiry_that_goes_on_wakes_the_workers_at_once(backend: Backend) {
+    let env = env(backend).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker_with(2, LlmBackend::Offline, |c| {
+        c.poll_interval = Duration::from_secs(5);
+    });
+    let mut runs = Vec::new();
+    runs.push(
+        create(
+            &app,
+            gated(json!({"timeout_s": 1, "on_timeout": "approve"})),
+        )
+        .await,
+    );
+    runs.push(
+        create(
+            &app,
+            gated(json!({"timeout_s": 1, "on_reject": "continue"})),
+        )
+        .await,
+    );
+    for id in &runs {
+        env.wait_for(*id, RunStatus::Succeeded, Duration::from_secs(20))
+            .await;
+        let events = env.store.list_events(*id, 0, 100).await.expect("events");
+        let at = |kind: &str, step: i64| {
+            events
+                .iter()
+                .find(|e| e.event_type == kind && e.step_index == Some(step))
+                .map(|e| e.created_at)
+                .unwrap_or_else(|| panic!("{kind} of step {step}: {events:?}"))
+        };
+        let expired = at("step.approval_expired", 1);
+        let started = at("step.started", 2);
+        assert!(
+            started - expired < 400,
+            "the next step started {} ms after the expiry",
+            started - expired
+        );
+    }
+    stop.cancel();
+    worker.await.expect("worker");
+}
+
+/// An API process without a worker may lead queue maintenance and apply a
+/// deadline: its nudge must reach the workers of other processes through
+/// Redis, or the next step waits for their idle poll. Four expiries a
+/// quarter of a second apart: without the nudge at least one lands far
+/// from the worker's next look at the queue.
+async fn an_expiry_applied_by_another_process_nudges_the_workers_through_redis(backend: Backend) {
+    let redis = RedisServer::start();
+    let env = env(backend).await;
+    let bus = RedisBus::new(&Secret::new(redis.url()), Arc::new(Metrics::new())).expect("bus");
+    let mut state = env.state();
+    state.redis = Some(bus.clone());
+    let app = vm_webapp::http::router(state);
+    let shutdown = CancellationToken::new();
+    // The other process: maintenance only, leading first (every 100 ms;
+    // the worker's own loop, every second, never takes over), nudging
+    // through Redis only.
+    let leader = tokio::spawn(vm_webapp::maintenance::run(
+        env.store.clone(),
+        "api-elsewhere".into(),
+        Duration::from_millis(100),
+        Arc::new(Metrics::new()),
+        Nudge::new(Arc::new(Notify::new()), Some(bus.clone())),
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The worker: polls every 5 s, woken by Redis.
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(bus.clone().forward_wakeups(wake.clone(), shutdown.clone()));
+    let worker = Worker::new(
+        env.store.clone(),
+        StepRunner::new(LlmBackend::Offline),
+        WorkerConfig {
+            id: "redis-woken".into(),
+            concurrency: 4,
+            poll_interval: Duration::from_secs(5),
+            lease: env.settings.queue.lease,
+            backoff_base: env.settings.queue.backoff_base,
+            backoff_max: env.settings.queue.backoff_max,
+            shutdown_grace: env.settings.queue.shutdown_grace,
+        },
+        wake,
+    );
+    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        runs.push(
+            create(
+                &app,
+                gated(json!({"timeout_s": 1, "on_timeout": "approve"})),
+            )
+            .await,
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut delays = Vec::new();
+    for id in &runs {
+        env.wait_for(*id, RunStatus::Succeeded, Duration::from_secs(20))
+            .await;
+        let events = env.store.list_events(*id, 0, 100).await.expect("events");
+        let at = |kind: &str, step: i64| {
+            events
+                .iter()
+                .find(|e| e.event_type == kind && e.step_index == Some(step))
+                .map(|e| e.created_at)
+                .unwrap_or_else(|| panic!("{kind} of step {step}: {events:?}"))
+        };
+        delays.push(at("step.started", 2) - at("step.approval_expired", 1));
+    }
+    assert!(
+        delays.iter().all(|d| *d < 400),
+        "next steps started {delays:?} ms after their expiry"
+    );
+    shutdown.cancel();
+    worker.await.expect("worker");
+    leader.await.expect("maintenance");
+}
+
 on_both_backends!(
     approving_records_the_decision_and_the_run_goes_on,
     rejecting_fails_the_run_with_reason_rejected,
@@ -781,4 +1234,10 @@ on_both_backends!(
     metrics_report_pending_approvals_and_decisions,
     a_pending_approval_survives_backup_and_restore_and_is_decided_there,
     approval_steps_are_validated_at_creation,
+    the_inbox_and_the_409_name_the_runs_tenant,
+    an_approver_decides_only_its_own_tenants_approvals,
+    a_key_with_tenant_webhook_source_decides_that_sources_runs,
+    refused_decisions_are_audited_with_who_what_and_why,
+    an_expiry_that_goes_on_wakes_the_workers_at_once,
+    an_expiry_applied_by_another_process_nudges_the_workers_through_redis,
 );

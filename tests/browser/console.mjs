@@ -163,6 +163,9 @@ try {
     await otherCard.waitFor();
     const prompt = await card.locator(".prompt").textContent();
     if (!prompt.includes("Publish Hello, Ada!?")) fail(`the prompt reads ${JSON.stringify(prompt)}`);
+    // Each card says whose run it is (the admin key "ui" is its own tenant).
+    const meta = await card.locator(".meta").textContent();
+    if (!meta.startsWith("Tenant ui · ")) fail(`the card does not name the run's tenant: ${JSON.stringify(meta)}`);
     const shownMarkup = await otherCard.locator(".prompt").textContent();
     if (shownMarkup !== `Accept ${markup}?`) fail(`a markup prompt reads ${JSON.stringify(shownMarkup)}`);
     if ((await page.locator("#injected, #approvals-list b").count()) !== 0) fail("a prompt was parsed as HTML");

@@ -4,8 +4,8 @@ port with a temporary SQLite database. The scenario signs in with the
 keyboard, creates runs through the API and watches them change live in the
 page without reloading: a run of plain steps succeeds, a second page of runs
 stays shown through live updates, and a run with an approval step appears as
-waiting, is approved in the inbox with a comment (with the keyboard; the focus
-is kept), and succeeds. It also checks that a prompt is shown as text, that
+waiting, is approved in the inbox (whose card names the run's tenant) with a
+comment (with the keyboard; the focus is kept), and succeeds. It also checks that a prompt is shown as text, that
 each decision button says which run it decides, that a run finishing before
 the all-runs stream opens still shows, that the inbox shows more than one
 API page, and that without script the sign-in form does not put the key in

@@ -14,7 +14,8 @@
 //! tenant's run is `404 run_not_found`); admin keys see all. The decision is one
 //! store transaction ([`crate::store::Store::decide_approval`]): of two
 //! approvers racing, or an approver racing the deadline, exactly one wins and
-//! the other answers 409.
+//! the other answers 409. A refused decision (403, 404, 409) is audited as
+//! `approval.refused` with its code as the outcome.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -30,6 +31,7 @@ use crate::http::views::{ApprovalList, ApprovalView, DecisionRequest, ErrorBody}
 use crate::http::{AppState, error::ApiError};
 use crate::store::Scope;
 use crate::store::approvals::{ApprovalFilter, ApprovalStatus, DecideOutcome, Decision};
+use crate::store::security::NewAudit;
 
 /// Longest accepted comment, in characters.
 pub const MAX_COMMENT_CHARS: usize = 2_000;
@@ -63,6 +65,11 @@ fn parse_index(index: &str) -> Result<i64, ApiError> {
         .ok_or(ApiError::StepNotFound)
 }
 
+/// Decides, and audits a refusal: `approval.refused` by the caller, on the
+/// run (when the path names one), with the refusal's code as the outcome and
+/// the decision asked for and the step in the detail (never the comment or
+/// the key). A request that is malformed (400, 422) or that the server could
+/// not serve (503) asked nothing of the approval and is not audited.
 async fn decide(
     state: AppState,
     actor: Option<Extension<Actor>>,
@@ -71,13 +78,93 @@ async fn decide(
     body: Result<Bytes, BytesRejection>,
     decision: Decision,
 ) -> Result<Json<ApprovalView>, ApiError> {
-    let Some(Extension(actor)) = actor.filter(|Extension(a)| a.approver) else {
+    let actor = actor.map(|Extension(a)| a);
+    let request_id = header_str(&headers, "x-request-id").ok().flatten();
+    let outcome = decide_as(
+        &state,
+        actor.as_ref(),
+        request_id,
+        (&id, &index),
+        body,
+        decision,
+    )
+    .await;
+    if let Err(refusal) = &outcome
+        && matches!(
+            refusal,
+            ApiError::ApproverRequired
+                | ApiError::RunNotFound
+                | ApiError::StepNotFound
+                | ApiError::ApprovalAlreadyDecided(_)
+                | ApiError::StepNotAwaitingApproval
+        )
+    {
+        audit_refusal(
+            &state,
+            actor.as_ref(),
+            request_id,
+            (&id, &index),
+            decision,
+            refusal,
+        )
+        .await;
+    }
+    outcome
+}
+
+/// Writes the `approval.refused` row of [`decide`]. A failure to write it
+/// is logged, and the caller still gets its answer.
+async fn audit_refusal(
+    state: &AppState,
+    actor: Option<&Actor>,
+    request_id: Option<&str>,
+    (id, index): (&str, &str),
+    decision: Decision,
+    refusal: &ApiError,
+) {
+    // Only a well-formed run id is kept: the path is the caller's text.
+    let run = parse_run_id(id).ok().map(|r| r.to_string());
+    let mut detail = serde_json::json!({
+        "decision": match decision {
+            Decision::Approve => "approve",
+            Decision::Reject => "reject",
+            Decision::Expire => "expire",
+        },
+        "step_index": parse_index(index).ok(),
+    });
+    if let ApiError::ApprovalAlreadyDecided(Some(approval)) = refusal {
+        detail["decided"] = approval.status.clone().into();
+        detail["decided_by"] = approval.decided_by.clone().into();
+    }
+    let entry = NewAudit {
+        actor: actor.map_or("anonymous", |a| a.id.as_str()),
+        action: "approval.refused",
+        target: run.as_deref(),
+        outcome: refusal.code(),
+        request_id,
+        detail: Some(detail.to_string()),
+        tenant: actor.map(|a| a.tenant.as_str()),
+    };
+    if let Err(e) = state.store.append_audit(&entry).await {
+        tracing::warn!(error = %e, code = refusal.code(), "could not audit a refused approval decision");
+    }
+}
+
+async fn decide_as(
+    state: &AppState,
+    actor: Option<&Actor>,
+    request_id: Option<&str>,
+    (id, index): (&str, &str),
+    body: Result<Bytes, BytesRejection>,
+    decision: Decision,
+) -> Result<Json<ApprovalView>, ApiError> {
+    let Some(actor) = actor.filter(|a| a.approver) else {
         return Err(ApiError::ApproverRequired);
     };
     let bytes = body_bytes(body, state.settings.max_body_bytes)?;
     let comment = parse_comment(&bytes)?;
-    let run_id = parse_run_id(&id)?;
-    let step_index = parse_index(&index)?;
+    let run_id = parse_run_id(id)?;
+    let step_index = parse_index(index)?;
     // Another tenant's run is not found, as on every run route.
     let scope = if actor.admin {
         Scope::All
@@ -87,7 +174,6 @@ async fn decide(
     if !state.store.run_visible(run_id, &scope).await? {
         return Err(ApiError::RunNotFound);
     }
-    let request_id = header_str(&headers, "x-request-id").ok().flatten();
     match state
         .store
         .decide_approval(
@@ -105,11 +191,8 @@ async fn decide(
                 .metrics
                 .observe_approval(decided.kind, decided.waited_ms);
             tracing::info!(run_id = %run_id, step = step_index, decision = decided.kind.as_str(), actor = %actor.id, "approval decided");
-            // The next step (if any) is queued: wake an in-process worker.
-            state.wake.notify_one();
-            if let Some(redis) = state.redis.clone() {
-                tokio::spawn(async move { redis.notify_enqueued().await });
-            }
+            // The next step (if any) is queued: wake the workers.
+            state.nudge().enqueued();
             Ok(Json(ApprovalView::of(&decided.approval)))
         }
         DecideOutcome::RunNotFound => Err(ApiError::RunNotFound),

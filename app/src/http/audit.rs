@@ -31,7 +31,7 @@ const AUDIT_CURSOR: &str = "a1";
     tag = "audit",
     security(("api_key" = [])),
     params(
-        ("action" = Option<String>, Query, description = "e.g. run.created, run.cancelled, webhook.accepted, webhook.rejected, auth.failed"),
+        ("action" = Option<String>, Query, description = "e.g. run.created, run.cancelled, approval.approved, approval.refused, webhook.accepted, webhook.rejected, auth.failed"),
         ("actor" = Option<String>, Query, description = "API key id, webhook:<source>, anonymous"),
         ("outcome" = Option<String>, Query, description = "success, denied, or a rejection code"),
         ("limit" = Option<i64>, Query, description = "1 to 500 (default 100)"),

@@ -99,6 +99,12 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Announces newly queued work to this process's worker and, through
+    /// Redis, to the others.
+    pub fn nudge(&self) -> crate::nudge::Nudge {
+        crate::nudge::Nudge::new(self.wake.clone(), self.redis.clone())
+    }
+
     /// State for a process serving `store` with `settings`.
     /// Installs the settings' plans in `store` and registers its usage
     /// metrics.

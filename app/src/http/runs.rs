@@ -226,11 +226,7 @@ pub async fn create_from_body(
     match state.store.create_run(&new).await? {
         CreateOutcome::Created(run) => {
             tracing::info!(run_id = %run.id, correlation_id = %run.correlation_id, steps = run.steps.len(), actor = %request.actor, "run queued");
-            state.wake.notify_one();
-            if let Some(redis) = state.redis.clone() {
-                // Off the request path: a slow Redis must not slow run creation.
-                tokio::spawn(async move { redis.notify_enqueued().await });
-            }
+            state.nudge().enqueued();
             Ok((fresh_detail(run), true))
         }
         CreateOutcome::Existing(detail) => Ok((*detail, false)),

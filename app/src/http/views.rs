@@ -164,6 +164,9 @@ pub struct ApprovalView {
     pub run_id: Uuid,
     /// The approval step's index in the run.
     pub step_index: i64,
+    /// The tenant that owns the run: the creating key's tenant, or
+    /// `webhook:<source>` for a run a webhook delivery started.
+    pub tenant: String,
     /// The prompt, rendered when the step was reached.
     pub prompt: String,
     /// `pending`, `approved`, `rejected`, `expired_approved`,
@@ -214,6 +217,7 @@ impl ApprovalView {
         Self {
             run_id: a.run_id,
             step_index: a.step_index,
+            tenant: a.tenant.clone(),
             prompt: a.prompt.clone(),
             status: a.decision.clone().unwrap_or_else(|| "pending".into()),
             waiting_since: rfc3339(a.requested_at),

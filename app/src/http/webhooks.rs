@@ -186,10 +186,11 @@ pub async fn receive(
     } else {
         "webhook:unknown".to_string()
     };
+    let tenant = crate::config::webhook_tenant(&source);
     let entry = NewAudit {
         actor: &actor,
         // Runs from a webhook belong to the tenant `webhook:<source>`.
-        tenant: known.then_some(actor.as_str()),
+        tenant: known.then_some(tenant.as_str()),
         action: if outcome.is_ok() {
             "webhook.accepted"
         } else {
@@ -321,8 +322,9 @@ async fn deliver(
             idempotency_key: Some(format!("webhook:{source}:{nonce}")),
             correlation_id: None,
             actor: format!("webhook:{source}"),
-            // Runs from a webhook belong to the tenant `webhook:<source>`.
-            tenant: format!("webhook:{source}"),
+            // Runs from a webhook belong to the tenant `webhook:<source>`,
+            // which a key reaches with `tenant=webhook/<source>`.
+            tenant: crate::config::webhook_tenant(source),
             request_id: None,
         };
         let (detail, _) = create_from_body(state, request).await?;

@@ -183,13 +183,21 @@ pub struct ApprovalFilter {
     pub scope: super::Scope,
 }
 
+/// The columns of an [`ApprovalRecord`]; the tenant is the run's (an
+/// approval has no tenant of its own, so it cannot disagree with the run).
 const APPROVAL_COLUMNS: &str = "run_id, step_index, prompt, requested_at, expires_at, on_timeout, \
-     on_reject, decision, decided_by, comment, decided_at";
+     on_reject, decision, decided_by, comment, decided_at, \
+     (SELECT r.tenant FROM runs r WHERE r.id = approvals.run_id) AS tenant";
 
 fn approval_from_row(row: &AnyRow) -> Result<ApprovalRecord> {
     Ok(ApprovalRecord {
         run_id: parse_uuid(&row.try_get::<String, _>("run_id")?)?,
         step_index: row.try_get("step_index")?,
+        // A run outlives its approvals (they are deleted with it), so this
+        // is only empty if the row is read in the middle of a restore.
+        tenant: row
+            .try_get::<Option<String>, _>("tenant")?
+            .unwrap_or_default(),
         prompt: row.try_get("prompt")?,
         requested_at: row.try_get("requested_at")?,
         expires_at: row.try_get("expires_at")?,

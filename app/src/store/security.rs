@@ -13,7 +13,8 @@ use crate::config::DbBackend;
 pub struct NewAudit<'a> {
     /// Who: an API key id, `webhook:<source>`, `anonymous`, or `system`.
     pub actor: &'a str,
-    /// What: `run.created`, `run.cancelled`, `webhook.accepted`, `webhook.rejected`, `auth.failed`.
+    /// What: `run.created`, `run.cancelled`, `approval.approved`, `approval.refused`,
+    /// `webhook.accepted`, `webhook.rejected`, `auth.failed`, ….
     pub action: &'a str,
     /// On what (a run id, a webhook source), if anything.
     pub target: Option<&'a str>,

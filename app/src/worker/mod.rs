@@ -95,6 +95,9 @@ pub struct Worker {
     runner: StepRunner,
     config: WorkerConfig,
     wake: Arc<Notify>,
+    /// Other processes' workers, nudged when this worker's maintenance
+    /// queues a step (an approval's deadline).
+    redis: Option<crate::redis_bus::RedisBus>,
     state: Arc<WorkerState>,
     metrics: Arc<Metrics>,
     force: CancellationToken,
@@ -124,6 +127,7 @@ impl Worker {
             runner,
             config,
             wake,
+            redis: None,
             state: Arc::new(WorkerState::default()),
             metrics: Arc::new(Metrics::new()),
             force: CancellationToken::new(),
@@ -142,6 +146,13 @@ impl Worker {
     /// process's HTTP server).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Nudges the workers of other processes through `redis` when this
+    /// worker's queue maintenance queues a step.
+    pub fn with_redis(mut self, redis: Option<crate::redis_bus::RedisBus>) -> Self {
+        self.redis = redis;
         self
     }
 
@@ -167,6 +178,7 @@ impl Worker {
             cfg.poll_interval
                 .clamp(Duration::from_millis(100), Duration::from_secs(1)),
             self.metrics.clone(),
+            crate::nudge::Nudge::new(self.wake.clone(), self.redis.clone()),
             maintenance_stop.clone(),
         ));
         let completer = Completer::start(self.store.clone());
