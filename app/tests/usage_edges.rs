@@ -211,7 +211,8 @@ async fn a_tenant_name_a_spreadsheet_would_read_as_a_formula_is_neutralised_in_t
 #[test]
 fn usage_verify_with_a_bad_period_is_a_usage_error_exit_2_not_a_difference() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for period in ["2026-13", "2026-1", "0000-01"] {
+    // 9999-12 would reset in the year 10000, which RFC 3339 cannot write.
+    for period in ["2026-13", "2026-1", "0000-01", "9999-12"] {
         let out = Command::new(env!("CARGO_BIN_EXE_vm-webapp"))
             .args(["usage", "verify", "--period", period])
             .env_clear()
@@ -436,7 +437,50 @@ async fn a_meter_no_tenant_is_limited_on_has_no_allowance_gauge(backend: Backend
     );
 }
 
+/// Without the bound, `period=9999-12` answered 200 with `resets_at`
+/// `+10000-01-01T00:00:00.000Z`, which RFC 3339 parsers reject.
+async fn a_period_resetting_in_the_year_10000_is_refused_and_every_answered_reset_is_rfc_3339(
+    backend: Backend,
+) {
+    let (env, _dir) = env_with(
+        backend,
+        "root:admin-key-0123456789:admin",
+        "default_plan: free\nplans:\n  free: {}\n",
+    )
+    .await;
+    let app = env.router();
+    for uri in [
+        "/api/v2/tenants/root/usage?period=9999-12",
+        "/api/v2/usage/export?period=9999-12",
+    ] {
+        let reply = call(&app, "GET", uri, None, ADMIN).await;
+        assert_eq!(
+            (reply.status, reply.body["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_period")),
+            "{uri}: {}",
+            reply.body
+        );
+    }
+    for period in ["9999-11", "2000-01"] {
+        let reply = call(
+            &app,
+            "GET",
+            &format!("/api/v2/tenants/root/usage?period={period}"),
+            None,
+            ADMIN,
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        let at = reply.body["resets_at"].as_str().expect("resets_at");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(at).is_ok() && at.len() == 24,
+            "{period}: {at}"
+        );
+    }
+}
+
 on_both_backends!(
+    a_period_resetting_in_the_year_10000_is_refused_and_every_answered_reset_is_rfc_3339,
     a_meter_no_tenant_is_limited_on_has_no_allowance_gauge,
     a_webhook_tenant_with_a_long_source_has_a_usage_report_and_a_plan_like_any_tenant,
     huge_allowances_of_several_tenants_do_not_break_the_metrics_scrape,
