@@ -965,7 +965,88 @@ async fn an_approval_decided_through_the_api_is_metered_once_with_its_step(backe
     assert!(differences.is_empty(), "{differences:?}");
 }
 
+/// Thresholds were keyed by tenant, period, meter and threshold only: after
+/// an upgrade from 5 runs to 20, the 80 % and 100 % reached under the 5
+/// silenced the new plan's 80 % (16 runs) and 100 % (20 runs), so a tenant
+/// ran into overage without a warning.
+async fn an_upgrade_mid_period_warns_again_at_the_new_allowances_thresholds(backend: Backend) {
+    let (env, _dir) = env_with(
+        backend,
+        "default_plan: small\nplans:\n  small:\n    meters:\n      runs: {allowance: 5, overage: block}\n  \
+         large:\n    meters:\n      runs: {allowance: 20, overage: allow, unit_price: 0.1}\n",
+        &[],
+    )
+    .await;
+    let app = env.router();
+    let mut ids = Vec::new();
+    let mut create = async |n: usize| {
+        for _ in 0..n {
+            let reply = create_as(&app, ACME).await;
+            assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+            ids.push(run_id(&reply));
+        }
+    };
+    create(5).await;
+    let plan = |name: &'static str| {
+        let app = app.clone();
+        async move {
+            let body = format!(r#"{{"plan":"{name}"}}"#);
+            let reply = call(&app, "PUT", "/api/v2/tenants/acme/plan", Some(&body), ADMIN).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        }
+    };
+    plan("large").await;
+    create(15).await;
+    // Back to the small allowance, already warned about: no third warning.
+    plan("small").await;
+    plan("large").await;
+    create(1).await;
+    let report = usage_of(&app, "acme", ACME).await;
+    let reached: Vec<(String, i64, i64)> = report["thresholds"]
+        .as_array()
+        .expect("thresholds")
+        .iter()
+        .map(|t| {
+            (
+                t["threshold"].as_str().unwrap_or_default().to_string(),
+                t["allowance"].as_i64().unwrap_or_default(),
+                t["used"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reached,
+        vec![
+            ("0.8".to_string(), 5, 4),
+            ("1.0".to_string(), 5, 5),
+            ("0.8".to_string(), 20, 16),
+            ("1.0".to_string(), 20, 20),
+        ],
+        "{}",
+        report["thresholds"]
+    );
+    let mut with_event = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let n = env
+            .event_types(*id)
+            .await
+            .iter()
+            .filter(|e| *e == "tenant.usage_threshold")
+            .count();
+        if n > 0 {
+            with_event.push((i + 1, n));
+        }
+    }
+    assert_eq!(with_event, vec![(4, 1), (5, 1), (16, 1), (20, 1)]);
+    let metrics = support::get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("vm_tenant_usage_threshold_total{threshold=\"1.0\"} 2"),
+        "{metrics}"
+    );
+}
+
 on_both_backends!(
+    an_upgrade_mid_period_warns_again_at_the_new_allowances_thresholds,
     an_approval_decided_through_the_api_is_metered_once_with_its_step,
     an_approval_decision_recorded_by_the_store_is_charged_to_the_runs_tenant,
     under_the_allowance_runs_are_admitted_counted_and_remaining_shrinks,

@@ -19,10 +19,13 @@
 //! The period (`YYYY-MM`, UTC) is computed by the database from its own clock
 //! in the statement that writes the row ([`period_sql`]), never by a process.
 //! Warning thresholds are level-based: after usage is added, every threshold
-//! the counter has reached and that is not yet recorded for the period is
-//! recorded once (a primary key on tenant, period, meter and threshold),
-//! with a `tenant.usage_threshold` event on the run that reached it and an
-//! audit row.
+//! the counter has reached and that is not yet recorded for the period and
+//! the allowance in force is recorded once (`usage_warnings`, a primary key
+//! on tenant, period, meter, allowance and threshold), with a
+//! `tenant.usage_threshold` event on the run that reached it and an audit
+//! row. Keyed by the allowance, an upgrade mid-period (100 runs to 10,000)
+//! warns again at 80 % and 100 % of the new allowance; a change back to an
+//! allowance already warned about does not warn twice.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -201,7 +204,9 @@ pub struct ThresholdReached {
     pub threshold: String,
     /// Usage when it was reached.
     pub used: i64,
-    /// The allowance then.
+    /// The allowance in force when it was reached: a threshold is reached
+    /// once per allowance, so after an upgrade the new allowance's
+    /// thresholds are reached (and listed) too.
     pub allowance: i64,
     /// The run that reached it.
     pub run_id: Option<String>,
@@ -440,8 +445,8 @@ impl Store {
     }
 
     /// Records every warning threshold the counters of `touched` have reached
-    /// and that is not yet recorded for the period: a `usage_thresholds` row
-    /// (once, by its primary key), a `tenant.usage_threshold` event on the
+    /// and that is not yet recorded for the period and the allowance in
+    /// force: a `usage_warnings` row (once, by its primary key), a `tenant.usage_threshold` event on the
     /// run that reached it and a `usage.threshold_reached` audit row, all in
     /// `tx`. Returns the threshold labels newly reached (for the metric,
     /// counted after commit).
@@ -486,9 +491,9 @@ impl Store {
                 }
                 let label = threshold_label(threshold);
                 let inserted = sqlx::query(&self.sql(
-                    "INSERT INTO usage_thresholds (tenant, period, meter, threshold, used, allowance, run_id, crossed_at) \
+                    "INSERT INTO usage_warnings (tenant, period, meter, threshold, used, allowance, run_id, crossed_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, {now}) \
-                     ON CONFLICT (tenant, period, meter, threshold) DO NOTHING RETURNING tenant",
+                     ON CONFLICT (tenant, period, meter, allowance, threshold) DO NOTHING RETURNING tenant",
                 ))
                 .bind(&t.tenant)
                 .bind(&t.period)
@@ -666,8 +671,8 @@ impl Store {
             .collect();
         let meters = meter_usage(&used, &resolved, period.end_ms() - period.start_ms());
         let thresholds = sqlx::query(
-            "SELECT meter, threshold, used, allowance, run_id, crossed_at FROM usage_thresholds \
-             WHERE tenant = $1 AND period = $2 ORDER BY crossed_at, meter, threshold",
+            "SELECT meter, threshold, used, allowance, run_id, crossed_at FROM usage_warnings \
+             WHERE tenant = $1 AND period = $2 ORDER BY crossed_at, meter, allowance, threshold",
         )
         .bind(tenant)
         .bind(&name)
