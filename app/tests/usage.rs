@@ -965,6 +965,84 @@ async fn an_approval_decided_through_the_api_is_metered_once_with_its_step(backe
     assert!(differences.is_empty(), "{differences:?}");
 }
 
+/// A reproducible invoice across plan changes (October 2026, 31 days; the
+/// ledger rows, counters and plan changes written with their times): pro
+/// allows 31 runs a month (1 a day) and bills past that at 0.5.
+/// - days 1 to 10 on pro, 25 runs: 10 allowed, 15 over (7.5);
+/// - days 11 to 20 unlimited, 1000 runs: not billed;
+/// - days 21 to 31 on pro again, 15 runs: 21 allowed over both pro times
+///   against 40 used, so 19 over, 4 more than before (2.0).
+///
+/// The unlimited time made the whole preview 0 (and `prorated_allowance`
+/// absent): the 15 runs over already owed under pro disappeared.
+async fn an_unlimited_time_mid_month_neither_erases_nor_adds_overage(backend: Backend) {
+    let (env, _dir) = env_with(
+        backend,
+        "default_plan: pro\nplans:\n  pro:\n    meters:\n      runs: {allowance: 31, overage: allow, unit_price: 0.5}\n  unlimited: {}\n",
+        &[],
+    )
+    .await;
+    let october = Period::parse("2026-10").expect("period");
+    let day = |d: i64| october.start_ms() + (d - 1) * 86_400_000;
+    let pool = raw(&env).await;
+    for (at, runs) in [(day(5), 25), (day(15), 1000), (day(25), 15)] {
+        sqlx::query(
+            "INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
+             VALUES ('acme', 'runs', $1, '2026-10', NULL, NULL, 'import', $2)",
+        )
+        .bind(runs)
+        .bind(at)
+        .execute(&pool)
+        .await
+        .expect("ledger");
+    }
+    sqlx::query(
+        "INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
+         VALUES ('acme', '2026-10', 'runs', 1, 1040, $1)",
+    )
+    .bind(day(25))
+    .execute(&pool)
+    .await
+    .expect("counter");
+    for (plan, at) in [("unlimited", day(11)), ("pro", day(21))] {
+        sqlx::query(
+            "INSERT INTO tenant_plan_changes (tenant, plan, changed_at, changed_by) \
+             VALUES ('acme', $1, $2, 'root')",
+        )
+        .bind(plan)
+        .bind(at)
+        .execute(&pool)
+        .await
+        .expect("plan change");
+    }
+    let app = env.router();
+    let reply = call(
+        &app,
+        "GET",
+        "/api/v2/tenants/acme/usage?period=2026-10",
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let runs = meter(&reply.body, "runs");
+    assert_eq!(
+        reply.body["plan_segments"].as_array().map(Vec::len),
+        Some(3)
+    );
+    assert_eq!(runs["used"], 1040);
+    assert_eq!(runs["prorated_allowance"], 21.0, "{runs}");
+    assert_eq!(runs["billable_overage"], 19, "{}", reply.body);
+    assert_eq!(runs["preview"], 9.5, "{runs}");
+    assert_eq!(reply.body["preview_total"], 9.5);
+    let csv =
+        support::get_text_as(&app, "/api/v2/usage/export?period=2026-10", &bearer(ADMIN)).await;
+    assert!(
+        csv.contains("acme,2026-10,pro,runs,1040,31,allow,0.5,21,19,9.5"),
+        "{csv}"
+    );
+}
+
 /// Thresholds were keyed by tenant, period, meter and threshold only: after
 /// an upgrade from 5 runs to 20, the 80 % and 100 % reached under the 5
 /// silenced the new plan's 80 % (16 runs) and 100 % (20 runs), so a tenant
@@ -1046,6 +1124,7 @@ async fn an_upgrade_mid_period_warns_again_at_the_new_allowances_thresholds(back
 }
 
 on_both_backends!(
+    an_unlimited_time_mid_month_neither_erases_nor_adds_overage,
     an_upgrade_mid_period_warns_again_at_the_new_allowances_thresholds,
     an_approval_decided_through_the_api_is_metered_once_with_its_step,
     an_approval_decision_recorded_by_the_store_is_charged_to_the_runs_tenant,
