@@ -965,6 +965,121 @@ async fn an_approval_decided_through_the_api_is_metered_once_with_its_step(backe
     assert!(differences.is_empty(), "{differences:?}");
 }
 
+/// The expression that stamps usage rows with their period, evaluated by
+/// the database, against the bounds `usage verify` uses for runs and results
+/// (`Period::start_ms`/`end_ms`): the last millisecond of every month is in
+/// that month and the next millisecond in the next, on both backends
+/// (SQLite's `strftime` of `ms / 1000` truncates, PostgreSQL's
+/// `to_timestamp(ms / 1000.0)` keeps microseconds: they must not round a
+/// `.999` over midnight).
+async fn the_last_millisecond_of_every_month_is_in_that_month_for_the_database(backend: Backend) {
+    let (env, _dir) = env_with(backend, PLANS, &[]).await;
+    let mut months: Vec<Period> = Vec::new();
+    let mut p = Period::parse("2000-01").expect("period");
+    while p.year <= 2100 {
+        months.push(p);
+        p = p.next();
+    }
+    months.extend((1..=11).map(|m| Period::parse(&format!("9999-{m:02}")).expect("period")));
+    for p in months {
+        let last = env.store.period_at(p.end_ms() - 1).await.expect("period");
+        let next = env.store.period_at(p.end_ms()).await.expect("period");
+        assert_eq!(
+            (last.as_str(), next.as_str()),
+            (p.to_string().as_str(), p.next().to_string().as_str()),
+            "{p}"
+        );
+        assert_eq!(Period::of_ms(p.end_ms() - 1), p);
+    }
+}
+
+/// A run created, and its step finished, in the last millisecond of
+/// October, with its usage written later (on SQLite each statement reads
+/// the clock anew, so the ledger statement of a run-creation or completion
+/// transaction can fall after midnight): the ledger stamped the usage with
+/// the month of the ledger statement, November, while `usage verify`
+/// counts the run and its result in October, the month of their
+/// `created_at` and `finished_at`, and reported a difference in both.
+async fn usage_of_a_run_created_in_the_last_millisecond_of_a_month_is_in_that_month_for_ledger_and_verify(
+    backend: Backend,
+) {
+    let (env, _dir) = env_with(backend, PLANS, &[]).await;
+    let october = Period::parse("2026-10").expect("period");
+    let november = october.next();
+    let pool = raw(&env).await;
+    let mut ids = Vec::new();
+    for at in [october.end_ms() - 1, november.start_ms()] {
+        let id = Uuid::now_v7().to_string();
+        sqlx::query(
+            "INSERT INTO runs (id, status, input, steps, step_count, request_hash, correlation_id, \
+             tenant, created_at, updated_at) VALUES ($1, 'succeeded', '{}', \
+             '[{\"kind\":\"template\",\"template\":\"hi\"}]', 1, 'h', $1, 'acme', $2, $2)",
+        )
+        .bind(&id)
+        .bind(at)
+        .execute(&pool)
+        .await
+        .expect("run");
+        sqlx::query(
+            "INSERT INTO step_results (run_id, step_index, output, attempt, job_id, finished_at) \
+             VALUES ($1, 0, '{}', 1, 1, $2)",
+        )
+        .bind(&id)
+        .bind(at)
+        .execute(&pool)
+        .await
+        .expect("result");
+        ids.push(id);
+    }
+    for id in &ids {
+        env.store
+            .record_usage_in_period(
+                &[
+                    UsageRecord {
+                        run_id: id,
+                        step_index: None,
+                        meter: Meter::Runs,
+                        quantity: 1,
+                        source: "run.created",
+                    },
+                    UsageRecord {
+                        run_id: id,
+                        step_index: Some(0),
+                        meter: Meter::Steps,
+                        quantity: 1,
+                        source: "step.succeeded",
+                    },
+                ],
+                None,
+            )
+            .await
+            .expect("usage written after the month ended");
+    }
+    for (id, period) in ids.iter().zip([october, november]) {
+        let stamped: Vec<String> = sqlx::query("SELECT period FROM usage_ledger WHERE run_id = $1")
+            .bind(id)
+            .fetch_all(&pool)
+            .await
+            .expect("ledger")
+            .iter()
+            .map(|r| r.try_get::<String, _>("period").expect("period"))
+            .collect();
+        assert_eq!(stamped, vec![period.to_string(); 2], "run {id}");
+        let used = env
+            .store
+            .usage_counts("acme", &period.to_string())
+            .await
+            .expect("usage");
+        assert_eq!(
+            (used.get(&Meter::Runs), used.get(&Meter::Steps)),
+            (Some(&1), Some(&1)),
+            "{period}"
+        );
+        let differences = env.store.verify_usage(period).await.expect("verify");
+        assert!(differences.is_empty(), "{period}: {differences:?}");
+    }
+}
+
 /// A reproducible invoice across plan changes (October 2026, 31 days; the
 /// ledger rows, counters and plan changes written with their times): pro
 /// allows 31 runs a month (1 a day) and bills past that at 0.5.
@@ -1124,6 +1239,8 @@ async fn an_upgrade_mid_period_warns_again_at_the_new_allowances_thresholds(back
 }
 
 on_both_backends!(
+    the_last_millisecond_of_every_month_is_in_that_month_for_the_database,
+    usage_of_a_run_created_in_the_last_millisecond_of_a_month_is_in_that_month_for_ledger_and_verify,
     an_unlimited_time_mid_month_neither_erases_nor_adds_overage,
     an_upgrade_mid_period_warns_again_at_the_new_allowances_thresholds,
     an_approval_decided_through_the_api_is_metered_once_with_its_step,

@@ -367,8 +367,10 @@ impl Store {
 
     /// [`Store::record_usage`] in its own transaction, in `period` instead
     /// of the database clock's month when given (imports, corrections and
-    /// tests of the month boundary). Returns the thresholds reached, already
-    /// counted in the metrics.
+    /// tests of the month boundary; `run.created` and `step.succeeded`
+    /// usage always takes the month of its run's `created_at` or its
+    /// result's `finished_at`). Returns the
+    /// thresholds reached, already counted in the metrics.
     pub async fn record_usage_in_period(
         &self,
         records: &[UsageRecord<'_>],
@@ -419,8 +421,21 @@ impl Store {
         self.note_thresholds(tx, &touched).await
     }
 
-    /// Adds ledger rows and their counters in `tx`; `period` overrides the
-    /// database clock's month. Returns what was touched, for thresholds.
+    /// Adds ledger rows and their counters in `tx`. Returns what was
+    /// touched, for thresholds.
+    ///
+    /// The period of a row is that of the instant the database stamped on
+    /// what it counts, by the same expression ([`period_sql`]): a run's
+    /// `created_at` for `run.created`, a step result's `finished_at` for
+    /// `step.succeeded`; so `usage verify`, which derives the period of runs
+    /// and results from those instants, always agrees with the ledger, also
+    /// for a run created in the last millisecond of a month. On SQLite the
+    /// clock is read once per statement, not per transaction, so a ledger
+    /// statement a moment after the run's could otherwise fall in the next
+    /// month. Other rows (and a counted thing not found) take `period` when
+    /// given, else the database clock's month. Each row's period is computed
+    /// once, by the ledger insert, and the counters are added from what it
+    /// returned, so the two never disagree either.
     pub(crate) async fn add_usage(
         &self,
         tx: &mut Transaction<'static, Any>,
@@ -431,6 +446,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        let backend = self.backend();
         let batch = Value::Array(
             rows.iter()
                 .map(|r| {
@@ -443,7 +459,7 @@ impl Store {
         )
         .to_string();
         let source = recordset(
-            self.backend(),
+            backend,
             &[
                 ("tenant", "text"),
                 ("meter", "text"),
@@ -453,37 +469,78 @@ impl Store {
                 ("source", "text"),
             ],
         );
-        // The counters first: on SQLite the first statement of a write
-        // transaction must write; on PostgreSQL rows are locked in key order.
-        let counted = sqlx::query(&self.sql(&format!(
-            "INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
-             SELECT tenant, COALESCE($2, {{period}}), meter, $3, SUM(quantity), {{now}} FROM ({source}) s \
-             WHERE true GROUP BY tenant, meter ORDER BY tenant, meter \
-             ON CONFLICT (tenant, period, meter, shard) DO UPDATE SET used = usage_counters.used + excluded.used, \
-             updated_at = excluded.updated_at RETURNING period"
+        let run_period = period_sql(backend, "r.created_at");
+        let step_period = period_sql(backend, "sr.finished_at");
+        let ledger = sqlx::query(&self.sql(&format!(
+            "INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
+             SELECT s.tenant, s.meter, s.quantity, COALESCE(CASE s.source \
+               WHEN 'run.created' THEN (SELECT {run_period} FROM runs r WHERE r.id = s.run_id) \
+               WHEN 'step.succeeded' THEN (SELECT {step_period} FROM step_results sr \
+                 WHERE sr.run_id = s.run_id AND sr.step_index = s.step_index) END, $2, {{period}}), \
+             s.run_id, s.step_index, s.source, {{now}} FROM ({source}) s \
+             RETURNING tenant, meter, quantity, period, run_id"
         )))
         .bind(&batch)
         .bind(period)
-        .bind(shard)
         .fetch_all(&mut **tx)
         .await?;
-        let period: String = match counted.first() {
-            Some(row) => row.try_get("period")?,
-            None => return Ok(Vec::new()),
-        };
+        let mut sums: BTreeMap<(String, String, String), i64> = BTreeMap::new();
+        let mut last_run: BTreeMap<(String, Meter, String), String> = BTreeMap::new();
+        for row in &ledger {
+            let (tenant, meter, period): (String, String, String) = (
+                row.try_get("tenant")?,
+                row.try_get("meter")?,
+                row.try_get("period")?,
+            );
+            let quantity: i64 = row.try_get("quantity")?;
+            if let (Some(m), Some(run)) = (
+                Meter::parse(&meter),
+                row.try_get::<Option<String>, _>("run_id")?,
+            ) {
+                last_run.insert((tenant.clone(), m, period.clone()), run);
+            }
+            let sum = sums.entry((tenant, period, meter)).or_insert(0);
+            *sum = sum.saturating_add(quantity);
+        }
+        let counters = Value::Array(
+            sums.into_iter()
+                .map(|((tenant, period, meter), used)| {
+                    json!({"tenant": tenant, "period": period, "meter": meter, "used": used})
+                })
+                .collect(),
+        )
+        .to_string();
+        let source = recordset(
+            backend,
+            &[
+                ("tenant", "text"),
+                ("period", "text"),
+                ("meter", "text"),
+                ("used", "bigint"),
+            ],
+        );
+        // Counter rows in key order, so that concurrent writers on
+        // PostgreSQL lock them in one order.
         sqlx::query(&self.sql(&format!(
-            "INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
-             SELECT tenant, meter, quantity, $2, run_id, step_index, source, {{now}} FROM ({source}) s"
+            "INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
+             SELECT tenant, period, meter, $2, used, {{now}} FROM ({source}) s \
+             WHERE true ORDER BY tenant, period, meter \
+             ON CONFLICT (tenant, period, meter, shard) DO UPDATE SET used = usage_counters.used + excluded.used, \
+             updated_at = excluded.updated_at"
         )))
-        .bind(&batch)
-        .bind(&period)
+        .bind(&counters)
+        .bind(shard)
         .execute(&mut **tx)
         .await?;
-        Ok(touched_of(
-            rows.iter()
-                .map(|r| (r.tenant.as_str(), r.meter, r.run_id.as_deref())),
-            &period,
-        ))
+        Ok(last_run
+            .into_iter()
+            .map(|((tenant, meter, period), run_id)| Touched {
+                tenant,
+                meter,
+                period,
+                run_id,
+            })
+            .collect())
     }
 
     /// Records every warning threshold the counters of `touched` have reached
