@@ -126,9 +126,12 @@ pub struct QuotaRefusal {
 }
 
 impl QuotaRefusal {
-    /// When the allowance resets: the start of the next UTC month (RFC 3339).
-    pub fn resets_at(&self) -> String {
-        Period::parse(&self.period).map_or_else(String::new, Period::resets_at)
+    /// When the allowance resets: the start of the next UTC month (RFC 3339);
+    /// `None` (the 402 body's `null`) for a period without a valid reset, such
+    /// as a database clock in `9999-12`, rather than an empty or malformed
+    /// timestamp.
+    pub fn resets_at(&self) -> Option<String> {
+        Period::parse(&self.period).map(Period::resets_at)
     }
 }
 
@@ -943,6 +946,24 @@ mod tests {
             "default_plan: free\nplans:\n  free:\n    meters:\n      runs: {allowance: 100}\n  pro:\n    meters:\n      runs: {allowance: 1000, overage: allow, unit_price: 0.5}\n",
         )
         .unwrap()
+    }
+
+    /// The 402 body carried `resets_at: ""` when the period had no reset
+    /// that RFC 3339 can write: a client parsing it failed.
+    #[test]
+    fn a_refusal_without_a_writable_reset_has_none_rather_than_an_empty_timestamp() {
+        let refusal = |period: &str| QuotaRefusal {
+            tenant: "acme".into(),
+            meter: Meter::Runs,
+            allowance: 1,
+            used: 1,
+            period: period.into(),
+        };
+        assert_eq!(refusal("9999-12").resets_at(), None);
+        assert_eq!(
+            refusal("2026-11").resets_at().as_deref(),
+            Some("2026-12-01T00:00:00.000Z")
+        );
     }
 
     #[test]
