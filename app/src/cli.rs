@@ -57,7 +57,7 @@ pub enum UsageCommand {
     },
 }
 
-/// A `--period`: exactly `YYYY-MM`, a month from 2000-01 on.
+/// A `--period`: exactly `YYYY-MM`, a month from 2000-01 to 9999-11.
 fn parse_period(s: &str) -> Result<String, String> {
     crate::period::Period::parse(s)
         .map(|p| p.to_string())

@@ -1,7 +1,8 @@
 //! The `usage verify` command: recomputes a period's usage from the ledger
 //! and from the runs and results ([`crate::store::usage_verify`]) and
 //! reports every difference. Exit code 0 when all agree, 1 on any difference
-//! (or when the database cannot be read), 2 for an invalid configuration
+//! (or when the database cannot be read, or does not exist: a verify never
+//! creates a database), 2 for an invalid configuration
 //! or invalid arguments (a `--period` that is not `YYYY-MM` is refused by
 //! the argument parser).
 
@@ -23,13 +24,17 @@ pub async fn run(settings: &Settings, args: &UsageArgs) -> Result<(), String> {
 async fn verify(settings: &Settings, period: &str) -> Result<(), String> {
     let period = Period::parse(period)
         .ok_or_else(|| "--period must be a month as YYYY-MM (UTC), such as 2026-11".to_string())?;
-    let store = Store::connect(&settings.database, 2).await.map_err(|e| {
-        format!(
-            "cannot open the {} database: {}",
-            settings.database.backend.as_str(),
-            describe(&e)
-        )
-    })?;
+    // A verify reads: it never creates a database. Pointed at a path with
+    // no database it fails instead of creating an empty one.
+    let store = Store::connect_existing(&settings.database, 2)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot open the {} database: {}",
+                settings.database.backend.as_str(),
+                describe(&e)
+            )
+        })?;
     // A database without the usage tables says what to do, not "database error".
     if let Err(e) = store.ensure_schema().await {
         store.close().await;

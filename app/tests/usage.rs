@@ -965,7 +965,284 @@ async fn an_approval_decided_through_the_api_is_metered_once_with_its_step(backe
     assert!(differences.is_empty(), "{differences:?}");
 }
 
+/// The expression that stamps usage rows with their period, evaluated by
+/// the database, against the bounds `usage verify` uses for runs and results
+/// (`Period::start_ms`/`end_ms`): the last millisecond of every month is in
+/// that month and the next millisecond in the next, on both backends
+/// (SQLite's `strftime` of `ms / 1000` truncates, PostgreSQL's
+/// `to_timestamp(ms / 1000.0)` keeps microseconds: they must not round a
+/// `.999` over midnight).
+async fn the_last_millisecond_of_every_month_is_in_that_month_for_the_database(backend: Backend) {
+    let (env, _dir) = env_with(backend, PLANS, &[]).await;
+    let mut months: Vec<Period> = Vec::new();
+    let mut p = Period::parse("2000-01").expect("period");
+    while p.year <= 2100 {
+        months.push(p);
+        p = p.next();
+    }
+    months.extend((1..=11).map(|m| Period::parse(&format!("9999-{m:02}")).expect("period")));
+    for p in months {
+        let last = env.store.period_at(p.end_ms() - 1).await.expect("period");
+        let next = env.store.period_at(p.end_ms()).await.expect("period");
+        assert_eq!(
+            (last.as_str(), next.as_str()),
+            (p.to_string().as_str(), p.next().to_string().as_str()),
+            "{p}"
+        );
+        assert_eq!(Period::of_ms(p.end_ms() - 1), p);
+    }
+}
+
+/// A run created, and its step finished, in the last millisecond of
+/// October, with its usage written later (on SQLite each statement reads
+/// the clock anew, so the ledger statement of a run-creation or completion
+/// transaction can fall after midnight): the ledger stamped the usage with
+/// the month of the ledger statement, November, while `usage verify`
+/// counts the run and its result in October, the month of their
+/// `created_at` and `finished_at`, and reported a difference in both.
+async fn usage_of_a_run_created_in_the_last_millisecond_of_a_month_is_in_that_month_for_ledger_and_verify(
+    backend: Backend,
+) {
+    let (env, _dir) = env_with(backend, PLANS, &[]).await;
+    let october = Period::parse("2026-10").expect("period");
+    let november = october.next();
+    let pool = raw(&env).await;
+    let mut ids = Vec::new();
+    for at in [october.end_ms() - 1, november.start_ms()] {
+        let id = Uuid::now_v7().to_string();
+        sqlx::query(
+            "INSERT INTO runs (id, status, input, steps, step_count, request_hash, correlation_id, \
+             tenant, created_at, updated_at) VALUES ($1, 'succeeded', '{}', \
+             '[{\"kind\":\"template\",\"template\":\"hi\"}]', 1, 'h', $1, 'acme', $2, $2)",
+        )
+        .bind(&id)
+        .bind(at)
+        .execute(&pool)
+        .await
+        .expect("run");
+        sqlx::query(
+            "INSERT INTO step_results (run_id, step_index, output, attempt, job_id, finished_at) \
+             VALUES ($1, 0, '{}', 1, 1, $2)",
+        )
+        .bind(&id)
+        .bind(at)
+        .execute(&pool)
+        .await
+        .expect("result");
+        ids.push(id);
+    }
+    for id in &ids {
+        env.store
+            .record_usage_in_period(
+                &[
+                    UsageRecord {
+                        run_id: id,
+                        step_index: None,
+                        meter: Meter::Runs,
+                        quantity: 1,
+                        source: "run.created",
+                    },
+                    UsageRecord {
+                        run_id: id,
+                        step_index: Some(0),
+                        meter: Meter::Steps,
+                        quantity: 1,
+                        source: "step.succeeded",
+                    },
+                ],
+                None,
+            )
+            .await
+            .expect("usage written after the month ended");
+    }
+    for (id, period) in ids.iter().zip([october, november]) {
+        let stamped: Vec<String> = sqlx::query("SELECT period FROM usage_ledger WHERE run_id = $1")
+            .bind(id)
+            .fetch_all(&pool)
+            .await
+            .expect("ledger")
+            .iter()
+            .map(|r| r.try_get::<String, _>("period").expect("period"))
+            .collect();
+        assert_eq!(stamped, vec![period.to_string(); 2], "run {id}");
+        let used = env
+            .store
+            .usage_counts("acme", &period.to_string())
+            .await
+            .expect("usage");
+        assert_eq!(
+            (used.get(&Meter::Runs), used.get(&Meter::Steps)),
+            (Some(&1), Some(&1)),
+            "{period}"
+        );
+        let differences = env.store.verify_usage(period).await.expect("verify");
+        assert!(differences.is_empty(), "{period}: {differences:?}");
+    }
+}
+
+/// A reproducible invoice across plan changes (October 2026, 31 days; the
+/// ledger rows, counters and plan changes written with their times): pro
+/// allows 31 runs a month (1 a day) and bills past that at 0.5.
+/// - days 1 to 10 on pro, 25 runs: 10 allowed, 15 over (7.5);
+/// - days 11 to 20 unlimited, 1000 runs: not billed;
+/// - days 21 to 31 on pro again, 15 runs: 21 allowed over both pro times
+///   against 40 used, so 19 over, 4 more than before (2.0).
+///
+/// The unlimited time made the whole preview 0 (and `prorated_allowance`
+/// absent): the 15 runs over already owed under pro disappeared.
+async fn an_unlimited_time_mid_month_neither_erases_nor_adds_overage(backend: Backend) {
+    let (env, _dir) = env_with(
+        backend,
+        "default_plan: pro\nplans:\n  pro:\n    meters:\n      runs: {allowance: 31, overage: allow, unit_price: 0.5}\n  unlimited: {}\n",
+        &[],
+    )
+    .await;
+    let october = Period::parse("2026-10").expect("period");
+    let day = |d: i64| october.start_ms() + (d - 1) * 86_400_000;
+    let pool = raw(&env).await;
+    for (at, runs) in [(day(5), 25), (day(15), 1000), (day(25), 15)] {
+        sqlx::query(
+            "INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
+             VALUES ('acme', 'runs', $1, '2026-10', NULL, NULL, 'import', $2)",
+        )
+        .bind(runs)
+        .bind(at)
+        .execute(&pool)
+        .await
+        .expect("ledger");
+    }
+    sqlx::query(
+        "INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
+         VALUES ('acme', '2026-10', 'runs', 1, 1040, $1)",
+    )
+    .bind(day(25))
+    .execute(&pool)
+    .await
+    .expect("counter");
+    for (plan, at) in [("unlimited", day(11)), ("pro", day(21))] {
+        sqlx::query(
+            "INSERT INTO tenant_plan_changes (tenant, plan, changed_at, changed_by) \
+             VALUES ('acme', $1, $2, 'root')",
+        )
+        .bind(plan)
+        .bind(at)
+        .execute(&pool)
+        .await
+        .expect("plan change");
+    }
+    let app = env.router();
+    let reply = call(
+        &app,
+        "GET",
+        "/api/v2/tenants/acme/usage?period=2026-10",
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let runs = meter(&reply.body, "runs");
+    assert_eq!(
+        reply.body["plan_segments"].as_array().map(Vec::len),
+        Some(3)
+    );
+    assert_eq!(runs["used"], 1040);
+    assert_eq!(runs["prorated_allowance"], 21.0, "{runs}");
+    assert_eq!(runs["billable_overage"], 19, "{}", reply.body);
+    assert_eq!(runs["preview"], 9.5, "{runs}");
+    assert_eq!(reply.body["preview_total"], 9.5);
+    let csv =
+        support::get_text_as(&app, "/api/v2/usage/export?period=2026-10", &bearer(ADMIN)).await;
+    assert!(
+        csv.contains("acme,2026-10,pro,runs,1040,31,allow,0.5,21,19,9.5"),
+        "{csv}"
+    );
+}
+
+/// Thresholds were keyed by tenant, period, meter and threshold only: after
+/// an upgrade from 5 runs to 20, the 80 % and 100 % reached under the 5
+/// silenced the new plan's 80 % (16 runs) and 100 % (20 runs), so a tenant
+/// ran into overage without a warning.
+async fn an_upgrade_mid_period_warns_again_at_the_new_allowances_thresholds(backend: Backend) {
+    let (env, _dir) = env_with(
+        backend,
+        "default_plan: small\nplans:\n  small:\n    meters:\n      runs: {allowance: 5, overage: block}\n  \
+         large:\n    meters:\n      runs: {allowance: 20, overage: allow, unit_price: 0.1}\n",
+        &[],
+    )
+    .await;
+    let app = env.router();
+    let mut ids = Vec::new();
+    let mut create = async |n: usize| {
+        for _ in 0..n {
+            let reply = create_as(&app, ACME).await;
+            assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+            ids.push(run_id(&reply));
+        }
+    };
+    create(5).await;
+    let plan = |name: &'static str| {
+        let app = app.clone();
+        async move {
+            let body = format!(r#"{{"plan":"{name}"}}"#);
+            let reply = call(&app, "PUT", "/api/v2/tenants/acme/plan", Some(&body), ADMIN).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        }
+    };
+    plan("large").await;
+    create(15).await;
+    // Back to the small allowance, already warned about: no third warning.
+    plan("small").await;
+    plan("large").await;
+    create(1).await;
+    let report = usage_of(&app, "acme", ACME).await;
+    let reached: Vec<(String, i64, i64)> = report["thresholds"]
+        .as_array()
+        .expect("thresholds")
+        .iter()
+        .map(|t| {
+            (
+                t["threshold"].as_str().unwrap_or_default().to_string(),
+                t["allowance"].as_i64().unwrap_or_default(),
+                t["used"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reached,
+        vec![
+            ("0.8".to_string(), 5, 4),
+            ("1.0".to_string(), 5, 5),
+            ("0.8".to_string(), 20, 16),
+            ("1.0".to_string(), 20, 20),
+        ],
+        "{}",
+        report["thresholds"]
+    );
+    let mut with_event = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let n = env
+            .event_types(*id)
+            .await
+            .iter()
+            .filter(|e| *e == "tenant.usage_threshold")
+            .count();
+        if n > 0 {
+            with_event.push((i + 1, n));
+        }
+    }
+    assert_eq!(with_event, vec![(4, 1), (5, 1), (16, 1), (20, 1)]);
+    let metrics = support::get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("vm_tenant_usage_threshold_total{threshold=\"1.0\"} 2"),
+        "{metrics}"
+    );
+}
+
 on_both_backends!(
+    the_last_millisecond_of_every_month_is_in_that_month_for_the_database,
+    usage_of_a_run_created_in_the_last_millisecond_of_a_month_is_in_that_month_for_ledger_and_verify,
+    an_unlimited_time_mid_month_neither_erases_nor_adds_overage,
+    an_upgrade_mid_period_warns_again_at_the_new_allowances_thresholds,
     an_approval_decided_through_the_api_is_metered_once_with_its_step,
     an_approval_decision_recorded_by_the_store_is_charged_to_the_runs_tenant,
     under_the_allowance_runs_are_admitted_counted_and_remaining_shrinks,

@@ -211,7 +211,8 @@ async fn a_tenant_name_a_spreadsheet_would_read_as_a_formula_is_neutralised_in_t
 #[test]
 fn usage_verify_with_a_bad_period_is_a_usage_error_exit_2_not_a_difference() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for period in ["2026-13", "2026-1", "0000-01"] {
+    // 9999-12 would reset in the year 10000, which RFC 3339 cannot write.
+    for period in ["2026-13", "2026-1", "0000-01", "9999-12"] {
         let out = Command::new(env!("CARGO_BIN_EXE_vm-webapp"))
             .args(["usage", "verify", "--period", period])
             .env_clear()
@@ -436,7 +437,114 @@ async fn a_meter_no_tenant_is_limited_on_has_no_allowance_gauge(backend: Backend
     );
 }
 
+/// `usage verify` on `vars` (plus a clean environment), for a valid period.
+fn verify_with(vars: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vm-webapp"))
+        .args(["usage", "verify", "--period", "2026-11"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("LOG_LEVEL", "error")
+        .envs(vars.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vm-webapp")
+}
+
+/// A verify pointed at a wrong workspace or path created an empty SQLite
+/// database there and ended with a misleading "run `vm-webapp migrate`"
+/// (which would then have made it agree): a check must never create the
+/// thing it checks.
+#[test]
+fn usage_verify_of_a_sqlite_database_that_does_not_exist_fails_and_creates_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("workspace");
+    let explicit = dir.path().join("elsewhere").join("vm.db");
+    let explicit_url = format!("sqlite://{}?mode=rwc", explicit.display());
+    let root_text = root.display().to_string();
+    for vars in [
+        vec![("VM_WORKSPACE_ROOT", root_text.as_str())],
+        vec![
+            ("VM_WORKSPACE_ROOT", root_text.as_str()),
+            ("VM_DB_URL", explicit_url.as_str()),
+        ],
+    ] {
+        let out = verify_with(&vars);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{vars:?}: {stderr}");
+        assert!(
+            stderr.contains("does not exist") && stderr.contains("nothing was created"),
+            "{vars:?}: {stderr}"
+        );
+        assert!(!stderr.contains("migrate"), "{vars:?}: {stderr}");
+    }
+    assert!(!root.exists(), "the workspace was created");
+    assert!(
+        !explicit.parent().expect("dir").exists(),
+        "a database was created"
+    );
+}
+
+/// The PostgreSQL side: a database that does not exist is a failure that
+/// names the problem, without the URL's password.
+#[test]
+fn usage_verify_of_a_postgres_database_that_does_not_exist_fails_without_the_password() {
+    let url = support::pg::shared()
+        .url("no_such_database")
+        .replace("postgres://postgres@", "postgres://postgres:hunter2-pw@");
+    let out = verify_with(&[("VM_DB_URL", url.as_str())]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot open the postgres database"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+/// Without the bound, `period=9999-12` answered 200 with `resets_at`
+/// `+10000-01-01T00:00:00.000Z`, which RFC 3339 parsers reject.
+async fn a_period_resetting_in_the_year_10000_is_refused_and_every_answered_reset_is_rfc_3339(
+    backend: Backend,
+) {
+    let (env, _dir) = env_with(
+        backend,
+        "root:admin-key-0123456789:admin",
+        "default_plan: free\nplans:\n  free: {}\n",
+    )
+    .await;
+    let app = env.router();
+    for uri in [
+        "/api/v2/tenants/root/usage?period=9999-12",
+        "/api/v2/usage/export?period=9999-12",
+    ] {
+        let reply = call(&app, "GET", uri, None, ADMIN).await;
+        assert_eq!(
+            (reply.status, reply.body["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_period")),
+            "{uri}: {}",
+            reply.body
+        );
+    }
+    for period in ["9999-11", "2000-01"] {
+        let reply = call(
+            &app,
+            "GET",
+            &format!("/api/v2/tenants/root/usage?period={period}"),
+            None,
+            ADMIN,
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        let at = reply.body["resets_at"].as_str().expect("resets_at");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(at).is_ok() && at.len() == 24,
+            "{period}: {at}"
+        );
+    }
+}
+
 on_both_backends!(
+    a_period_resetting_in_the_year_10000_is_refused_and_every_answered_reset_is_rfc_3339,
     a_meter_no_tenant_is_limited_on_has_no_allowance_gauge,
     a_webhook_tenant_with_a_long_source_has_a_usage_report_and_a_plan_like_any_tenant,
     huge_allowances_of_several_tenants_do_not_break_the_metrics_scrape,

@@ -143,7 +143,7 @@ pub enum ApiError {
     /// 402 `quota_exceeded`: the tenant's `block` allowance is used up for
     /// the period; the body adds `meter`, `allowance`, `used`, `period` and
     /// `resets_at`.
-    #[error("the {} allowance of {} for {} is used up; it resets at {}", .0.meter.as_str(), .0.allowance, .0.period, .0.resets_at())]
+    #[error("the {} allowance of {} for {} is used up; it resets at {}", .0.meter.as_str(), .0.allowance, .0.period, .0.resets_at().unwrap_or_else(|| "the start of the next month".into()))]
     QuotaExceeded(Box<crate::store::QuotaRefusal>),
     /// 422 `unknown_plan`: the plan is not in the plans file (or there is no
     /// plans file).

@@ -252,6 +252,21 @@ const TABLES: &[TableSpec] = &[
         serial: None,
     },
     TableSpec {
+        name: "usage_warnings",
+        order_by: &["tenant", "period", "meter", "allowance", "threshold"],
+        columns: &[
+            ("tenant", Text),
+            ("period", Text),
+            ("meter", Text),
+            ("allowance", BigInt),
+            ("threshold", Text),
+            ("used", BigInt),
+            ("run_id", Text),
+            ("crossed_at", BigInt),
+        ],
+        serial: None,
+    },
+    TableSpec {
         name: "audit_log",
         order_by: &["id"],
         columns: &[

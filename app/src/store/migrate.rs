@@ -11,7 +11,7 @@ use super::{Result, Store, StoreError};
 use crate::config::DbBackend;
 
 /// The migrations of one backend, in order: (version, description, SQL).
-fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 10] {
+fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 11] {
     match backend {
         DbBackend::Postgres => [
             (
@@ -64,6 +64,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 "events by id",
                 include_str!("../../migrations/postgres/0010_events_by_id.sql"),
             ),
+            (
+                11,
+                "usage warnings by allowance",
+                include_str!("../../migrations/postgres/0011_usage_warnings_by_allowance.sql"),
+            ),
         ],
         DbBackend::Sqlite => [
             (
@@ -115,6 +120,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 10,
                 "events by id",
                 include_str!("../../migrations/sqlite/0010_events_by_id.sql"),
+            ),
+            (
+                11,
+                "usage warnings by allowance",
+                include_str!("../../migrations/sqlite/0011_usage_warnings_by_allowance.sql"),
             ),
         ],
     }
@@ -226,5 +236,40 @@ mod tests {
             store.schema_version().await.unwrap(),
             store.expected_schema_version()
         );
+    }
+
+    /// Without the copy, every threshold reached this month before the
+    /// upgrade to migration 11 would be warned about a second time.
+    #[tokio::test]
+    async fn migration_11_keeps_the_thresholds_already_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::config::DatabaseSettings {
+            url: crate::config::Secret::new(format!(
+                "sqlite://{}/m.db?mode=rwc",
+                dir.path().display()
+            )),
+            backend: DbBackend::Sqlite,
+            embedded: false,
+        };
+        let store = Store::connect(&db, 1).await.unwrap();
+        migrator_upto(DbBackend::Sqlite, 10)
+            .run(store.pool())
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO usage_thresholds (tenant, period, meter, threshold, used, allowance, run_id, crossed_at) \
+             VALUES ('acme', '2026-11', 'runs', '0.8', 80, 100, NULL, 1)",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let row = sqlx::query("SELECT allowance, threshold, used FROM usage_warnings")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(row.get::<i64, _>("allowance"), 100);
+        assert_eq!(row.get::<String, _>("threshold"), "0.8");
+        assert_eq!(row.get::<i64, _>("used"), 80);
     }
 }

@@ -103,6 +103,15 @@ pub enum StoreError {
         /// What the operating system said.
         reason: String,
     },
+    /// A tool that only reads was pointed at an SQLite database that does
+    /// not exist (nothing was created).
+    #[error(
+        "the SQLite database {path} does not exist (check VM_DB_URL, or VM_WORKSPACE_ROOT for the embedded database); nothing was created"
+    )]
+    SqliteMissing {
+        /// The file path from the URL (not secret: SQLite URLs carry no password).
+        path: String,
+    },
     /// A stored row could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -207,7 +216,6 @@ impl Store {
     /// directory cannot be created; [`StoreError::Unavailable`] when the
     /// server cannot be reached.
     pub async fn connect(db: &DatabaseSettings, max_connections: u32) -> Result<Self> {
-        sqlx::any::install_default_drivers();
         let mut url = db.url.expose().to_string();
         if db.backend == DbBackend::Sqlite
             && let Some(path) = sqlite_path(&url)
@@ -220,7 +228,35 @@ impl Store {
                 url.push_str("mode=rwc");
             }
         }
-        let backend = db.backend;
+        Self::open(db.backend, &url, max_connections).await
+    }
+
+    /// Like [`Store::connect`], but never creates anything: an SQLite
+    /// database must already exist as a file, and is opened without the
+    /// create flag whatever the URL's `mode=` says. For tools that only
+    /// inspect a database (`usage verify`): pointed at a wrong path they
+    /// must fail, not create an empty database and report that all agrees.
+    ///
+    /// Errors: [`StoreError::SqliteMissing`] naming the path when the file
+    /// does not exist (or is not a file); otherwise as [`Store::connect`].
+    pub async fn connect_existing(db: &DatabaseSettings, max_connections: u32) -> Result<Self> {
+        let mut url = db.url.expose().to_string();
+        if db.backend == DbBackend::Sqlite {
+            let Some(path) = sqlite_path(&url) else {
+                return Err(StoreError::SqliteMissing {
+                    path: "(in memory)".into(),
+                });
+            };
+            if !std::path::Path::new(&path).is_file() {
+                return Err(StoreError::SqliteMissing { path });
+            }
+            url = without_create_mode(&url);
+        }
+        Self::open(db.backend, &url, max_connections).await
+    }
+
+    async fn open(backend: DbBackend, url: &str, max_connections: u32) -> Result<Self> {
+        sqlx::any::install_default_drivers();
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
@@ -237,7 +273,7 @@ impl Store {
                     Ok(())
                 })
             })
-            .connect(&url)
+            .connect(url)
             .await?;
         if backend == DbBackend::Sqlite {
             sqlx::query("PRAGMA journal_mode = WAL")
@@ -379,6 +415,18 @@ fn prepare_sqlite_file(path: &str) -> Result<()> {
     Ok(())
 }
 
+/// `url` (an SQLite URL) opening read-write without creating: its `mode=`
+/// parameter, if any, replaced by `mode=rw`.
+fn without_create_mode(url: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("mode="))
+        .collect();
+    params.push("mode=rw");
+    format!("{base}?{}", params.join("&"))
+}
+
 /// The file path of a `sqlite:` URL, if it names a file.
 fn sqlite_path(url: &str) -> Option<String> {
     let rest = url
@@ -404,6 +452,22 @@ mod tests {
             Some("/abs/x.db")
         );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
+    }
+
+    #[test]
+    fn opening_an_existing_sqlite_database_never_asks_sqlite_to_create_it() {
+        assert_eq!(
+            without_create_mode("sqlite:///v/vm.db?mode=rwc"),
+            "sqlite:///v/vm.db?mode=rw"
+        );
+        assert_eq!(
+            without_create_mode("sqlite:///v/vm.db"),
+            "sqlite:///v/vm.db?mode=rw"
+        );
+        assert_eq!(
+            without_create_mode("sqlite://v.db?cache=shared&mode=rwc"),
+            "sqlite://v.db?cache=shared&mode=rw"
+        );
     }
 
     fn sqlite_at(url: String) -> DatabaseSettings {

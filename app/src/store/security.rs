@@ -68,7 +68,7 @@ pub struct AuditFilter {
 }
 
 /// Tables the runtime may read and write.
-const RUNTIME_TABLES: [&str; 12] = [
+const RUNTIME_TABLES: [&str; 13] = [
     "runs",
     "jobs",
     "approvals",
@@ -81,6 +81,7 @@ const RUNTIME_TABLES: [&str; 12] = [
     "maintenance_leader",
     "usage_counters",
     "usage_thresholds",
+    "usage_warnings",
 ];
 
 /// Append-only tables: the runtime may add rows and read them, never

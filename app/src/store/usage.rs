@@ -19,10 +19,13 @@
 //! The period (`YYYY-MM`, UTC) is computed by the database from its own clock
 //! in the statement that writes the row ([`period_sql`]), never by a process.
 //! Warning thresholds are level-based: after usage is added, every threshold
-//! the counter has reached and that is not yet recorded for the period is
-//! recorded once (a primary key on tenant, period, meter and threshold),
-//! with a `tenant.usage_threshold` event on the run that reached it and an
-//! audit row.
+//! the counter has reached and that is not yet recorded for the period and
+//! the allowance in force is recorded once (`usage_warnings`, a primary key
+//! on tenant, period, meter, allowance and threshold), with a
+//! `tenant.usage_threshold` event on the run that reached it and an audit
+//! row. Keyed by the allowance, an upgrade mid-period (100 runs to 10,000)
+//! warns again at 80 % and 100 % of the new allowance; a change back to an
+//! allowance already warned about does not warn twice.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -123,9 +126,12 @@ pub struct QuotaRefusal {
 }
 
 impl QuotaRefusal {
-    /// When the allowance resets: the start of the next UTC month (RFC 3339).
-    pub fn resets_at(&self) -> String {
-        Period::parse(&self.period).map_or_else(String::new, Period::resets_at)
+    /// When the allowance resets: the start of the next UTC month (RFC 3339);
+    /// `None` (the 402 body's `null`) for a period without a valid reset, such
+    /// as a database clock in `9999-12`, rather than an empty or malformed
+    /// timestamp.
+    pub fn resets_at(&self) -> Option<String> {
+        Period::parse(&self.period).map(Period::resets_at)
     }
 }
 
@@ -168,16 +174,24 @@ pub struct MeterUsage {
     pub overage_policy: Option<String>,
     /// Price of one unit past the allowance: that of the last plan of the
     /// period whose overage policy for this meter is `allow` (else of the
-    /// plan in force), so overage used before a downgrade to a `block` plan
-    /// keeps its price.
+    /// plan in force). With one plan in the period, `preview` is
+    /// `billable_overage × unit_price`; across plan changes each unit is
+    /// priced at the plan it was used under (see `preview`).
     pub unit_price: f64,
-    /// The allowance prorated by the time each plan was in force during the
-    /// period (equals `allowance` without a plan change); absent when
-    /// unlimited at some point of the period.
+    /// The allowances of the plans that limited this meter during the
+    /// period, each prorated by the time it was in force (equals
+    /// `allowance` without a plan change; a time on an unlimited plan adds
+    /// nothing); absent when no plan of the period limited it.
     pub prorated_allowance: Option<f64>,
-    /// `used − ⌈prorated_allowance⌉`, at least 0: what the preview bills.
+    /// Units billed past the allowances: at each plan of the period, the
+    /// larger of the overage so far and (usage under limiting plans so far
+    /// − ⌈their prorated allowances so far⌉). Usage under a plan that does
+    /// not limit the meter is not billed, and overage accrued before a plan
+    /// change is never taken back. Equals `used − ⌈prorated_allowance⌉`
+    /// (at least 0) with one plan.
     pub billable_overage: i64,
-    /// `billable_overage × unit_price`, rounded to 6 decimals.
+    /// The billable overage, each unit at the `unit_price` of the plan in
+    /// force when it became billable, rounded to 6 decimals.
     pub preview: f64,
 }
 
@@ -201,7 +215,9 @@ pub struct ThresholdReached {
     pub threshold: String,
     /// Usage when it was reached.
     pub used: i64,
-    /// The allowance then.
+    /// The allowance in force when it was reached: a threshold is reached
+    /// once per allowance, so after an upgrade the new allowance's
+    /// thresholds are reached (and listed) too.
     pub allowance: i64,
     /// The run that reached it.
     pub run_id: Option<String>,
@@ -244,40 +260,74 @@ fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
+/// A plan in force during part of a period, with what was used meanwhile:
+/// the input of [`meter_usage`].
+#[derive(Debug, Clone)]
+pub(crate) struct BilledSegment<'a> {
+    /// The plan (`None` without plans).
+    pub(crate) plan: Option<&'a Plan>,
+    /// From (ms, database clock).
+    pub(crate) from: i64,
+    /// Until (exclusive).
+    pub(crate) until: i64,
+    /// Units used while this plan was in force, per meter.
+    pub(crate) used: BTreeMap<Meter, i64>,
+}
+
 /// Builds the meters of a report from the counters and the plan segments
 /// (pure: the billing rules in one place).
+///
+/// The invoice preview bills usage under the terms of the plan in force
+/// when it was used, and nothing once owed disappears. Walking the segments
+/// in time order, for each meter:
+/// - a segment whose plan limits the meter adds its allowance prorated by
+///   its share of the month to the allowance so far, and its usage to the
+///   usage so far; the billable overage becomes the larger of what it was
+///   and `usage so far − ⌈allowance so far⌉`, and what this adds is priced
+///   at that plan's `unit_price`;
+/// - a segment whose plan does not limit the meter (unlimited) bills
+///   nothing for what was used during it, and takes nothing away from the
+///   overage already accrued.
+///
+/// Unused allowance carries forward within the month (an upgrade does not
+/// bill usage the prorated allowances together cover), overage never
+/// carries back (a later upgrade, or an unlimited plan, does not erase it).
 pub(crate) fn meter_usage(
     used: &BTreeMap<Meter, i64>,
-    segments: &[(Option<&Plan>, i64, i64)],
+    segments: &[BilledSegment<'_>],
     period_ms: i64,
 ) -> Vec<MeterUsage> {
-    let last = segments.last().and_then(|(p, _, _)| *p);
+    let last = segments.last().and_then(|s| s.plan);
     Meter::ALL
         .iter()
         .map(|&meter| {
             let used = used.get(&meter).copied().unwrap_or(0);
             let rule = last.and_then(|p| p.rule(meter));
-            let mut prorated = Some(0.0);
-            for (plan, from, until) in segments {
-                let share = (until - from) as f64 / period_ms.max(1) as f64;
-                prorated = match (prorated, plan.and_then(|p| p.rule(meter))) {
-                    (Some(sum), Some(r)) => Some(sum + r.allowance as f64 * share),
-                    _ => None,
+            let mut allowance_so_far: Option<f64> = None;
+            let mut used_so_far: i64 = 0;
+            let mut billable: i64 = 0;
+            let mut preview = 0.0;
+            for segment in segments {
+                let Some(r) = segment.plan.and_then(|p| p.rule(meter)) else {
+                    continue;
                 };
+                let share = (segment.until - segment.from) as f64 / period_ms.max(1) as f64;
+                let allowance =
+                    round6(allowance_so_far.unwrap_or(0.0) + r.allowance as f64 * share);
+                allowance_so_far = Some(allowance);
+                used_so_far =
+                    used_so_far.saturating_add(segment.used.get(&meter).copied().unwrap_or(0));
+                let owed = billable.max(used_so_far - allowance.ceil() as i64);
+                preview += (owed - billable) as f64 * r.unit_price;
+                billable = owed;
             }
-            if segments.is_empty() {
-                prorated = None;
-            }
-            let prorated = prorated.map(round6);
-            let billable = prorated.map_or(0, |a| (used - a.ceil() as i64).max(0));
-            // Overage is billed at the price of the last plan of the period
-            // that allowed overage of this meter: a `block` plan admits none,
-            // so units past the allowance were used under an `allow` one
-            // (a downgrade to a `block` plan must not make them free).
+            // Overage is shown at the price of the last plan of the period
+            // that allowed overage of this meter (the preview itself prices
+            // each unit at the plan it was used under).
             let unit_price = segments
                 .iter()
                 .rev()
-                .filter_map(|(plan, _, _)| plan.and_then(|p| p.rule(meter)))
+                .filter_map(|s| s.plan.and_then(|p| p.rule(meter)))
                 .find(|r| r.overage == Overage::Allow)
                 .or(rule)
                 .map_or(0.0, |r| r.unit_price);
@@ -289,9 +339,9 @@ pub(crate) fn meter_usage(
                 overage: rule.map_or(0, |r| (used - r.allowance).max(0)),
                 overage_policy: rule.map(|r| r.overage.as_str().to_string()),
                 unit_price,
-                prorated_allowance: prorated,
+                prorated_allowance: allowance_so_far,
                 billable_overage: billable,
-                preview: round6(billable as f64 * unit_price),
+                preview: round6(preview),
             }
         })
         .collect()
@@ -320,8 +370,10 @@ impl Store {
 
     /// [`Store::record_usage`] in its own transaction, in `period` instead
     /// of the database clock's month when given (imports, corrections and
-    /// tests of the month boundary). Returns the thresholds reached, already
-    /// counted in the metrics.
+    /// tests of the month boundary; `run.created` and `step.succeeded`
+    /// usage always takes the month of its run's `created_at` or its
+    /// result's `finished_at`). Returns the
+    /// thresholds reached, already counted in the metrics.
     pub async fn record_usage_in_period(
         &self,
         records: &[UsageRecord<'_>],
@@ -372,8 +424,21 @@ impl Store {
         self.note_thresholds(tx, &touched).await
     }
 
-    /// Adds ledger rows and their counters in `tx`; `period` overrides the
-    /// database clock's month. Returns what was touched, for thresholds.
+    /// Adds ledger rows and their counters in `tx`. Returns what was
+    /// touched, for thresholds.
+    ///
+    /// The period of a row is that of the instant the database stamped on
+    /// what it counts, by the same expression ([`period_sql`]): a run's
+    /// `created_at` for `run.created`, a step result's `finished_at` for
+    /// `step.succeeded`; so `usage verify`, which derives the period of runs
+    /// and results from those instants, always agrees with the ledger, also
+    /// for a run created in the last millisecond of a month. On SQLite the
+    /// clock is read once per statement, not per transaction, so a ledger
+    /// statement a moment after the run's could otherwise fall in the next
+    /// month. Other rows (and a counted thing not found) take `period` when
+    /// given, else the database clock's month. Each row's period is computed
+    /// once, by the ledger insert, and the counters are added from what it
+    /// returned, so the two never disagree either.
     pub(crate) async fn add_usage(
         &self,
         tx: &mut Transaction<'static, Any>,
@@ -384,6 +449,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        let backend = self.backend();
         let batch = Value::Array(
             rows.iter()
                 .map(|r| {
@@ -396,7 +462,7 @@ impl Store {
         )
         .to_string();
         let source = recordset(
-            self.backend(),
+            backend,
             &[
                 ("tenant", "text"),
                 ("meter", "text"),
@@ -406,42 +472,83 @@ impl Store {
                 ("source", "text"),
             ],
         );
-        // The counters first: on SQLite the first statement of a write
-        // transaction must write; on PostgreSQL rows are locked in key order.
-        let counted = sqlx::query(&self.sql(&format!(
-            "INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
-             SELECT tenant, COALESCE($2, {{period}}), meter, $3, SUM(quantity), {{now}} FROM ({source}) s \
-             WHERE true GROUP BY tenant, meter ORDER BY tenant, meter \
-             ON CONFLICT (tenant, period, meter, shard) DO UPDATE SET used = usage_counters.used + excluded.used, \
-             updated_at = excluded.updated_at RETURNING period"
+        let run_period = period_sql(backend, "r.created_at");
+        let step_period = period_sql(backend, "sr.finished_at");
+        let ledger = sqlx::query(&self.sql(&format!(
+            "INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
+             SELECT s.tenant, s.meter, s.quantity, COALESCE(CASE s.source \
+               WHEN 'run.created' THEN (SELECT {run_period} FROM runs r WHERE r.id = s.run_id) \
+               WHEN 'step.succeeded' THEN (SELECT {step_period} FROM step_results sr \
+                 WHERE sr.run_id = s.run_id AND sr.step_index = s.step_index) END, $2, {{period}}), \
+             s.run_id, s.step_index, s.source, {{now}} FROM ({source}) s \
+             RETURNING tenant, meter, quantity, period, run_id"
         )))
         .bind(&batch)
         .bind(period)
-        .bind(shard)
         .fetch_all(&mut **tx)
         .await?;
-        let period: String = match counted.first() {
-            Some(row) => row.try_get("period")?,
-            None => return Ok(Vec::new()),
-        };
+        let mut sums: BTreeMap<(String, String, String), i64> = BTreeMap::new();
+        let mut last_run: BTreeMap<(String, Meter, String), String> = BTreeMap::new();
+        for row in &ledger {
+            let (tenant, meter, period): (String, String, String) = (
+                row.try_get("tenant")?,
+                row.try_get("meter")?,
+                row.try_get("period")?,
+            );
+            let quantity: i64 = row.try_get("quantity")?;
+            if let (Some(m), Some(run)) = (
+                Meter::parse(&meter),
+                row.try_get::<Option<String>, _>("run_id")?,
+            ) {
+                last_run.insert((tenant.clone(), m, period.clone()), run);
+            }
+            let sum = sums.entry((tenant, period, meter)).or_insert(0);
+            *sum = sum.saturating_add(quantity);
+        }
+        let counters = Value::Array(
+            sums.into_iter()
+                .map(|((tenant, period, meter), used)| {
+                    json!({"tenant": tenant, "period": period, "meter": meter, "used": used})
+                })
+                .collect(),
+        )
+        .to_string();
+        let source = recordset(
+            backend,
+            &[
+                ("tenant", "text"),
+                ("period", "text"),
+                ("meter", "text"),
+                ("used", "bigint"),
+            ],
+        );
+        // Counter rows in key order, so that concurrent writers on
+        // PostgreSQL lock them in one order.
         sqlx::query(&self.sql(&format!(
-            "INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
-             SELECT tenant, meter, quantity, $2, run_id, step_index, source, {{now}} FROM ({source}) s"
+            "INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
+             SELECT tenant, period, meter, $2, used, {{now}} FROM ({source}) s \
+             WHERE true ORDER BY tenant, period, meter \
+             ON CONFLICT (tenant, period, meter, shard) DO UPDATE SET used = usage_counters.used + excluded.used, \
+             updated_at = excluded.updated_at"
         )))
-        .bind(&batch)
-        .bind(&period)
+        .bind(&counters)
+        .bind(shard)
         .execute(&mut **tx)
         .await?;
-        Ok(touched_of(
-            rows.iter()
-                .map(|r| (r.tenant.as_str(), r.meter, r.run_id.as_deref())),
-            &period,
-        ))
+        Ok(last_run
+            .into_iter()
+            .map(|((tenant, meter, period), run_id)| Touched {
+                tenant,
+                meter,
+                period,
+                run_id,
+            })
+            .collect())
     }
 
     /// Records every warning threshold the counters of `touched` have reached
-    /// and that is not yet recorded for the period: a `usage_thresholds` row
-    /// (once, by its primary key), a `tenant.usage_threshold` event on the
+    /// and that is not yet recorded for the period and the allowance in
+    /// force: a `usage_warnings` row (once, by its primary key), a `tenant.usage_threshold` event on the
     /// run that reached it and a `usage.threshold_reached` audit row, all in
     /// `tx`. Returns the threshold labels newly reached (for the metric,
     /// counted after commit).
@@ -486,9 +593,9 @@ impl Store {
                 }
                 let label = threshold_label(threshold);
                 let inserted = sqlx::query(&self.sql(
-                    "INSERT INTO usage_thresholds (tenant, period, meter, threshold, used, allowance, run_id, crossed_at) \
+                    "INSERT INTO usage_warnings (tenant, period, meter, threshold, used, allowance, run_id, crossed_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, {now}) \
-                     ON CONFLICT (tenant, period, meter, threshold) DO NOTHING RETURNING tenant",
+                     ON CONFLICT (tenant, period, meter, allowance, threshold) DO NOTHING RETURNING tenant",
                 ))
                 .bind(&t.tenant)
                 .bind(&t.period)
@@ -581,6 +688,33 @@ impl Store {
         .try_get("p")?)
     }
 
+    /// Per meter, the ledger's units of `tenant` in `period` stamped before
+    /// `until` (ms, database clock): the usage under each plan of a period
+    /// with plan changes.
+    async fn ledger_sums_before(
+        &self,
+        tenant: &str,
+        period: &str,
+        until: i64,
+    ) -> Result<BTreeMap<Meter, i64>> {
+        let rows = sqlx::query(
+            "SELECT meter, CAST(SUM(quantity) AS BIGINT) AS used FROM usage_ledger \
+             WHERE tenant = $1 AND period = $2 AND at < $3 GROUP BY meter",
+        )
+        .bind(tenant)
+        .bind(period)
+        .bind(until)
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = BTreeMap::new();
+        for row in &rows {
+            if let Some(m) = Meter::parse(&row.try_get::<String, _>("meter")?) {
+                out.insert(m, row.try_get::<i64, _>("used")?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Used per meter of `tenant` in `period` (the counters).
     pub async fn usage_counts(&self, tenant: &str, period: &str) -> Result<BTreeMap<Meter, i64>> {
         let rows = sqlx::query(
@@ -660,14 +794,39 @@ impl Store {
             Some(plans) => self.plan_segments(plans, tenant, period).await?,
             None => Vec::new(),
         };
-        let resolved: Vec<(Option<&Plan>, i64, i64)> = segments
-            .iter()
-            .map(|(name, from, until)| (plans.as_ref().and_then(|p| p.plan(name)), *from, *until))
-            .collect();
-        let meters = meter_usage(&used, &resolved, period.end_ms() - period.start_ms());
+        let mut billed = Vec::with_capacity(segments.len());
+        let mut before = BTreeMap::new();
+        for (i, (plan, from, until)) in segments.iter().enumerate() {
+            // Usage up to the end of this segment: the ledger's rows stamped
+            // before it ends, and all of the counters for the last one (so
+            // rows stamped outside the month, imports, count in the last).
+            let upto = if i + 1 == segments.len() {
+                used.clone()
+            } else {
+                self.ledger_sums_before(tenant, &name, *until).await?
+            };
+            let during = Meter::ALL
+                .iter()
+                .map(|m| {
+                    let (now, then) = (
+                        upto.get(m).copied().unwrap_or(0),
+                        before.get(m).copied().unwrap_or(0),
+                    );
+                    (*m, (now - then).max(0))
+                })
+                .collect();
+            before = upto;
+            billed.push(BilledSegment {
+                plan: plans.as_ref().and_then(|p| p.plan(plan)),
+                from: *from,
+                until: *until,
+                used: during,
+            });
+        }
+        let meters = meter_usage(&used, &billed, period.end_ms() - period.start_ms());
         let thresholds = sqlx::query(
-            "SELECT meter, threshold, used, allowance, run_id, crossed_at FROM usage_thresholds \
-             WHERE tenant = $1 AND period = $2 ORDER BY crossed_at, meter, threshold",
+            "SELECT meter, threshold, used, allowance, run_id, crossed_at FROM usage_warnings \
+             WHERE tenant = $1 AND period = $2 ORDER BY crossed_at, meter, allowance, threshold",
         )
         .bind(tenant)
         .bind(&name)
@@ -789,6 +948,24 @@ mod tests {
         .unwrap()
     }
 
+    /// The 402 body carried `resets_at: ""` when the period had no reset
+    /// that RFC 3339 can write: a client parsing it failed.
+    #[test]
+    fn a_refusal_without_a_writable_reset_has_none_rather_than_an_empty_timestamp() {
+        let refusal = |period: &str| QuotaRefusal {
+            tenant: "acme".into(),
+            meter: Meter::Runs,
+            allowance: 1,
+            used: 1,
+            period: period.into(),
+        };
+        assert_eq!(refusal("9999-12").resets_at(), None);
+        assert_eq!(
+            refusal("2026-11").resets_at().as_deref(),
+            Some("2026-12-01T00:00:00.000Z")
+        );
+    }
+
     #[test]
     fn thresholds_are_compared_exactly_not_in_floating_point() {
         assert!(threshold_reached(55, 1.1, 50));
@@ -804,11 +981,22 @@ mod tests {
         assert!(threshold_reached(i64::MAX, 10.0, i64::MAX / 10));
     }
 
+    /// A segment of `plan` over `[from, until)` of a 100-long period, with
+    /// `runs` runs used during it.
+    fn seg<'a>(plan: Option<&'a Plan>, from: i64, until: i64, runs: i64) -> BilledSegment<'a> {
+        BilledSegment {
+            plan,
+            from,
+            until,
+            used: BTreeMap::from([(Meter::Runs, runs)]),
+        }
+    }
+
     #[test]
     fn a_whole_period_on_one_plan_bills_the_overage_at_the_unit_price() {
         let plans = plans();
         let used = BTreeMap::from([(Meter::Runs, 1010)]);
-        let m = meter_usage(&used, &[(plans.plan("pro"), 0, 100)], 100);
+        let m = meter_usage(&used, &[seg(plans.plan("pro"), 0, 100, 1010)], 100);
         let runs = &m[0];
         assert_eq!(runs.allowance, Some(1000));
         assert_eq!(runs.remaining, Some(0));
@@ -824,7 +1012,10 @@ mod tests {
         let used = BTreeMap::from([(Meter::Runs, 600)]);
         let m = meter_usage(
             &used,
-            &[(plans.plan("free"), 0, 50), (plans.plan("pro"), 50, 100)],
+            &[
+                seg(plans.plan("free"), 0, 50, 50),
+                seg(plans.plan("pro"), 50, 100, 550),
+            ],
             100,
         );
         assert_eq!(m[0].prorated_allowance, Some(550.0));
@@ -836,6 +1027,121 @@ mod tests {
             "the plan in force now is enforced"
         );
         assert_eq!(m[0].overage, 0);
+    }
+
+    /// The plans of the unlimited cases: `pro` allows 100 runs a month and
+    /// bills past that at 0.5; `unlimited` does not limit runs.
+    fn pro_and_unlimited() -> Plans {
+        Plans::parse(
+            "default_plan: pro\nplans:\n  pro:\n    meters:\n      runs: {allowance: 100, overage: allow, unit_price: 0.5}\n  unlimited: {}\n",
+        )
+        .unwrap()
+    }
+
+    /// The reviewer's case: 80 runs in the first 10 % of the month on pro
+    /// (10 prorated, so 70 over, 35.0 owed), then unlimited. A moment on the
+    /// unlimited plan made `prorated_allowance` absent and billed nothing.
+    #[test]
+    fn an_unlimited_moment_does_not_erase_the_overage_accrued_before_it() {
+        let plans = pro_and_unlimited();
+        let (pro, unlimited) = (plans.plan("pro"), plans.plan("unlimited"));
+        let used = BTreeMap::from([(Meter::Runs, 1080)]);
+        let m = meter_usage(
+            &used,
+            &[seg(pro, 0, 10, 80), seg(unlimited, 10, 100, 1000)],
+            100,
+        );
+        assert_eq!(m[0].prorated_allowance, Some(10.0));
+        assert_eq!(
+            m[0].billable_overage, 70,
+            "the 1000 used unlimited are free"
+        );
+        assert_eq!(m[0].preview, 35.0);
+        assert_eq!(m[0].allowance, None, "unlimited now");
+    }
+
+    /// And back: the overage accrued before the unlimited time stays, the
+    /// usage during it is free, and the usage after it is billed under the
+    /// limiting plan with the allowances of both limited times.
+    #[test]
+    fn limited_then_unlimited_then_limited_bills_each_time_on_its_own_terms() {
+        let plans = pro_and_unlimited();
+        let (pro, unlimited) = (plans.plan("pro"), plans.plan("unlimited"));
+        let used = BTreeMap::from([(Meter::Runs, 80 + 5000 + 30)]);
+        let m = meter_usage(
+            &used,
+            &[
+                seg(pro, 0, 10, 80),
+                seg(unlimited, 10, 60, 5000),
+                seg(pro, 60, 100, 30),
+            ],
+            100,
+        );
+        // 10 + 40 prorated; 110 used under pro: 60 over, of which 70 were
+        // already owed after the first time (never taken back).
+        assert_eq!(m[0].prorated_allowance, Some(50.0));
+        assert_eq!(m[0].billable_overage, 70);
+        assert_eq!(m[0].preview, 35.0);
+        // Heavier use after the unlimited time adds to what is owed.
+        let m = meter_usage(
+            &used,
+            &[
+                seg(pro, 0, 10, 80),
+                seg(unlimited, 10, 60, 5000),
+                seg(pro, 60, 100, 100),
+            ],
+            100,
+        );
+        assert_eq!(m[0].billable_overage, 130, "180 used under pro, 50 allowed");
+        assert_eq!(m[0].preview, 65.0);
+    }
+
+    /// Unlimited first, then a limiting plan: only the limited time's usage
+    /// counts against its prorated allowance.
+    #[test]
+    fn usage_on_an_unlimited_plan_before_a_limiting_one_is_not_billed() {
+        let plans = pro_and_unlimited();
+        let (pro, unlimited) = (plans.plan("pro"), plans.plan("unlimited"));
+        let used = BTreeMap::from([(Meter::Runs, 10_000 + 60)]);
+        let m = meter_usage(
+            &used,
+            &[seg(unlimited, 0, 50, 10_000), seg(pro, 50, 100, 60)],
+            100,
+        );
+        assert_eq!(m[0].prorated_allowance, Some(50.0));
+        assert_eq!(m[0].billable_overage, 10);
+        assert_eq!(m[0].preview, 5.0);
+        assert_eq!(m[0].allowance, Some(100));
+    }
+
+    /// Overage accrued under a plan keeps that plan's price, and a later
+    /// upgrade does not take it back.
+    #[test]
+    fn overage_accrued_before_an_upgrade_is_kept_at_the_earlier_plans_price() {
+        let plans = Plans::parse(
+            "default_plan: pro\nplans:\n  pro:\n    meters:\n      runs: {allowance: 100, overage: allow, unit_price: 0.5}\n  big:\n    meters:\n      runs: {allowance: 100000, overage: allow, unit_price: 0.1}\n",
+        )
+        .unwrap();
+        let used = BTreeMap::from([(Meter::Runs, 60)]);
+        let m = meter_usage(
+            &used,
+            &[
+                seg(plans.plan("pro"), 0, 10, 50),
+                seg(plans.plan("big"), 10, 100, 10),
+            ],
+            100,
+        );
+        assert_eq!(m[0].billable_overage, 40);
+        assert_eq!(m[0].preview, 20.0);
+    }
+
+    #[test]
+    fn a_meter_no_plan_of_the_period_limits_has_no_prorated_allowance() {
+        let plans = pro_and_unlimited();
+        let used = BTreeMap::from([(Meter::Steps, 7)]);
+        let m = meter_usage(&used, &[seg(plans.plan("pro"), 0, 100, 0)], 100);
+        assert_eq!(m[1].prorated_allowance, None);
+        assert_eq!((m[1].billable_overage, m[1].preview), (0, 0.0));
     }
 }
 
