@@ -42,9 +42,17 @@ fn explain(e: &BackupError) -> String {
     }
 }
 
-async fn connect(settings: &Settings) -> Result<Store, String> {
+/// Opens the database; `create` lets SQLite create a missing file (a
+/// restore into a fresh one). A backup never creates: pointed at a wrong
+/// path it fails naming the path, instead of backing up an empty database.
+async fn connect(settings: &Settings, create: bool) -> Result<Store, String> {
     let database = settings.migration_database();
-    Store::connect(&database, 2).await.map_err(|e| {
+    let opened = if create {
+        Store::connect(&database, 2).await
+    } else {
+        Store::connect_existing(&database, 2).await
+    };
+    opened.map_err(|e| {
         format!(
             "cannot open the {} database: {}",
             database.backend.as_str(),
@@ -67,7 +75,7 @@ pub async fn backup(settings: &Settings, args: &BackupArgs) -> Result<(), String
         }
         (None, None) => return Err("backup needs --output FILE or --output-dir DIR".into()),
     };
-    let store = connect(settings).await?;
+    let store = connect(settings, false).await?;
     let started = Instant::now();
     let partial = partial_path(&path);
     let result = write_backup(&store, &partial).await;
@@ -171,7 +179,7 @@ pub async fn restore(settings: &Settings, args: &RestoreArgs) -> Result<(), Stri
         .await
         .map_err(|e| format!("cannot open {}: {e}", args.input.display()))?;
     let input = tokio::io::BufReader::with_capacity(IO_BUFFER_BYTES, file);
-    let store = connect(settings).await?;
+    let store = connect(settings, true).await?;
     let started = Instant::now();
     let options = RestoreOptions {
         replace_existing: args.force,

@@ -666,3 +666,28 @@ async fn a_forced_restore_without_the_owners_rights_says_which_table_and_why() {
     // Nothing changed: the owner still sees its run.
     assert_eq!(count(&db, "SELECT COUNT(*) FROM runs").await, 1);
 }
+
+/// A backup only reads: pointed at an SQLite database that does not exist
+/// it fails naming the path, creates no database and writes no backup file
+/// (it used to create an empty database and back that up).
+#[test]
+fn a_backup_of_a_sqlite_database_that_does_not_exist_fails_and_creates_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("elsewhere").join("vm.db");
+    let url = format!("sqlite://{}?mode=rwc", missing.display());
+    let output = dir.path().join("backups");
+    let out = vm(
+        &["backup", "--output-dir", &output.display().to_string()],
+        &[
+            ("VM_DB_URL", url.as_str()),
+            ("VM_WORKSPACE_ROOT", &dir.path().display().to_string()),
+        ],
+    );
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("does not exist"), "{said}");
+    assert!(said.contains(&missing.display().to_string()), "{said}");
+    assert!(!missing.exists(), "a database was created");
+    let written = std::fs::read_dir(&output).map_or(0, |d| d.count());
+    assert_eq!(written, 0, "no backup file is written");
+}

@@ -929,13 +929,18 @@ async fn leases_are_renewed_while_steps_drain_at_shutdown(backend: Backend) {
 /// stores one run and counts it once.
 async fn concurrent_creations_store_each_run_with_its_rows_once(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
-    let steps = json!([{"kind": "template", "template": "a"}, {"kind": "transform", "op": "uppercase"}]);
+    let steps =
+        json!([{"kind": "template", "template": "a"}, {"kind": "transform", "op": "uppercase"}]);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..48 {
         let store = env.store.clone();
         // Every fourth request repeats one idempotency key.
         let key = (i % 4 == 0).then(|| "shared-key".to_string());
-        let mut new = new_run(json!({"i": if key.is_some() { 0 } else { i }}), steps.clone(), None);
+        let mut new = new_run(
+            json!({"i": if key.is_some() { 0 } else { i }}),
+            steps.clone(),
+            None,
+        );
         new.idempotency_key = key;
         new.request_id = Some(format!("req-{i}"));
         new.actor = format!("actor-{i}");
@@ -996,7 +1001,11 @@ async fn concurrent_creations_store_each_run_with_its_rows_once(backend: Backend
         .expect("counts");
     assert_eq!(counts.get(&vm_webapp::plans::Meter::Runs), Some(&37));
     assert!(
-        env.store.verify_usage(period).await.expect("verify").is_empty(),
+        env.store
+            .verify_usage(period)
+            .await
+            .expect("verify")
+            .is_empty(),
         "the ledger, the counters and the runs agree"
     );
 }
@@ -1011,7 +1020,36 @@ async fn detail_created_at(env: &TestEnv, id: Uuid) -> i64 {
         .created_at
 }
 
+/// `poll_interval` is the idle poll: a run created without a wake-up is
+/// claimed at the worker's next poll, not at its lease-renewal tick (every
+/// second at most), which used to claim too and so made any poll interval
+/// above a second behave as one second.
+async fn the_idle_poll_interval_is_kept_above_a_second(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let (handle, stop) = env.spawn_worker_with(4, LlmBackend::Offline, |c| {
+        c.poll_interval = Duration::from_millis(3_000);
+        c.lease = Duration::from_millis(600);
+    });
+    // The worker's first pass claims nothing; the next poll is 3 s later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "template", "template": "x"}]),
+    )
+    .await;
+    let run = env.wait_for(id, RunStatus::Succeeded, LONG).await;
+    let waited = run.run.started_at.expect("started") - run.run.created_at;
+    assert!(
+        waited >= 2_000,
+        "started {waited} ms after creation: something other than the 3 s poll claimed it"
+    );
+    stop.cancel();
+    handle.await.expect("worker");
+}
+
 on_both_backends!(
+    the_idle_poll_interval_is_kept_above_a_second,
     concurrent_creations_store_each_run_with_its_rows_once,
     leases_are_renewed_while_steps_drain_at_shutdown,
     queue_maintenance_has_one_leader_and_keeps_the_gauge_snapshot,

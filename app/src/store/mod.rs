@@ -192,7 +192,9 @@ pub(crate) fn parse_uuid(s: &str) -> Result<Uuid> {
 
 /// The database clock in ms since the Unix epoch, as an SQL expression.
 const PG_NOW: &str = "(EXTRACT(EPOCH FROM now()) * 1000)::BIGINT";
-/// SQLite ≥ 3.42 (the bundled library is newer) has sub-second `unixepoch`.
+/// SQLite ≥ 3.42 (the bundled library is newer) has sub-second `unixepoch`:
+/// its integer milliseconds divided by 1000.0, which times 1000 gives back
+/// exactly (a test holds it to SQLite's own printed milliseconds).
 const SQLITE_NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
 /// The store. Cheap to clone.
@@ -440,6 +442,34 @@ fn sqlite_path(url: &str) -> Option<String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The SQLite clock expression is the millisecond SQLite itself prints
+    /// for the same instant (`strftime('%s')` and `%f`), every time.
+    #[tokio::test]
+    async fn the_sqlite_clock_is_exact_to_the_millisecond() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::config::DatabaseSettings {
+            url: crate::config::Secret::new(format!(
+                "sqlite://{}/clock.db?mode=rwc",
+                dir.path().display()
+            )),
+            backend: DbBackend::Sqlite,
+            embedded: false,
+        };
+        let store = Store::connect(&db, 1).await.unwrap();
+        let sql = format!(
+            "SELECT {SQLITE_NOW} AS ours, CAST(strftime('%s', 'now') AS INTEGER) * 1000 \
+             + CAST(substr(strftime('%f', 'now'), 4) AS INTEGER) AS printed"
+        );
+        for _ in 0..2_000 {
+            let row = sqlx::query(&sql).fetch_one(store.pool()).await.unwrap();
+            let (ours, printed): (i64, i64) = (
+                row.try_get("ours").unwrap(),
+                row.try_get("printed").unwrap(),
+            );
+            assert_eq!(ours, printed);
+        }
+    }
 
     #[test]
     fn sqlite_paths_are_extracted_from_urls() {

@@ -188,10 +188,18 @@ impl Worker {
         let mut renew = tokio::time::interval(self.renew_every());
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         renew.tick().await;
+        // The idle poll: a deadline that only a claim moves, so that the
+        // lease-renewal tick (every second at most) neither claims nor
+        // postpones it, and `poll_interval` means what it says.
+        let poll = tokio::time::sleep(cfg.poll_interval);
+        tokio::pin!(poll);
+        let mut claim = true;
 
         while !shutdown.is_cancelled() {
             while let Some(done) = tasks.try_join_next_with_id() {
                 Self::forget(&mut in_flight, done);
+                // A slot freed: claim, whatever woke the loop.
+                claim = true;
             }
             let now = now_ms();
             if now - last_beat >= HEARTBEAT_EVERY_MS {
@@ -205,7 +213,9 @@ impl Worker {
             }
             let free = cfg.concurrency.saturating_sub(in_flight.len());
             let mut claimed_all = false;
-            if free > 0 {
+            if free > 0 && claim {
+                poll.as_mut()
+                    .reset(tokio::time::Instant::now() + cfg.poll_interval);
                 match self.store.claim(&cfg.id, free as i64, cfg.lease).await {
                     Ok(jobs) => {
                         claimed_all = !jobs.is_empty() && jobs.len() == free;
@@ -250,11 +260,20 @@ impl Worker {
                 // (the select below wakes on a finished job).
                 tokio::task::yield_now().await;
             }
+            claim = true;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(cfg.poll_interval) => {}
-                _ = renew.tick() => self.renew_leases(&mut in_flight).await,
+                _ = &mut poll => {
+                    // Rearmed here too: a full worker does not claim, and a
+                    // finished sleep would otherwise wake the loop at once.
+                    poll.as_mut()
+                        .reset(tokio::time::Instant::now() + cfg.poll_interval);
+                }
+                _ = renew.tick() => {
+                    self.renew_leases(&mut in_flight).await;
+                    claim = false;
+                }
                 Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => Self::forget(&mut in_flight, done),
             }
         }
