@@ -256,7 +256,9 @@ pub struct LlmSpec {
 #[serde(rename_all = "camelCase")]
 pub struct AuthSpec {
     /// Secret key holding the API keys, injected as `VM_API_KEYS`: comma-separated
-    /// `id:key[:roles][:tenant=NAME]` entries (roles `admin`, `approver` or `admin+approver`), each key at least 16 characters. Required when `appEnv` is
+    /// `id:key[:roles][:tenant=NAME]` entries (roles `admin`, `approver` or `admin+approver`;
+    /// `tenant=webhook/SOURCE` for the tenant of a webhook source's runs), each key at least
+    /// 16 characters. Required when `appEnv` is
     /// `production` (the app refuses to start without it); without it staging and local run
     /// the API open, with a warning. Rotate without downtime: add the new entry next to the
     /// old one, let the pods roll (the config hash covers this key), move the clients, then
