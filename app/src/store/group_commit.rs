@@ -179,7 +179,7 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
         let id_texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
         let refused = vec![None; news.len()];
         let runs = runs_of(news, &id_texts, &refused)?;
-        let jobs = jobs_of(news, &id_texts, &refused);
+        let jobs = jobs_of(id_texts.iter().zip(news.iter().copied()));
         let created_at = insert_postgres(store, store.pool(), runs, jobs, None, shard).await?;
         store.events.raise();
         return Ok(outcomes(&ids, &id_texts, news, refused, &created_at));
@@ -331,7 +331,14 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
     let mut crossed = Vec::new();
     if !runs.is_empty() {
         if backend == DbBackend::Postgres {
-            let jobs = jobs_of(news, &id_texts, &refused);
+            let jobs = jobs_of(
+                id_texts
+                    .iter()
+                    .zip(news.iter().copied())
+                    .zip(&refused)
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(run, _)| run),
+            );
             created_at = insert_postgres(store, &mut *tx, runs, jobs, Some(&period), shard).await?;
         } else {
             created_at =
@@ -442,15 +449,12 @@ fn outcomes(
         .collect()
 }
 
-/// The job rows of the runs of `news` that were not refused, as JSON objects
-/// (`run_id`, `correlation_id`, `step_index`, `step_count`, `payload`,
-/// `state`: the first step `queued`, the others `waiting`, `max_attempts`).
-fn jobs_of(news: &[&NewRun], ids: &[String], refused: &[Option<QuotaRefusal>]) -> Vec<Value> {
+/// The job rows of `runs` (id, request), as JSON objects (`run_id`,
+/// `correlation_id`, `step_index`, `step_count`, `payload`, `state`: the
+/// first step `queued`, the others `waiting`, `max_attempts`).
+fn jobs_of<'a>(runs: impl IntoIterator<Item = (&'a String, &'a NewRun)>) -> Vec<Value> {
     let mut jobs = Vec::new();
-    for ((id, new), refusal) in ids.iter().zip(news).zip(refused) {
-        if refusal.is_some() {
-            continue;
-        }
+    for (id, new) in runs {
         for (i, step) in new.steps.iter().enumerate() {
             jobs.push(json!({
                 "run_id": id,
@@ -607,20 +611,9 @@ async fn insert_sqlite(
             })
             .collect();
         store.add_usage(tx, &usage, Some(period), shard).await?;
-        let mut jobs = Vec::new();
+        let jobs = jobs_of(created.iter().map(|(id, new)| (*id, **new)));
         let mut audits = Vec::new();
         for (id, new) in &created {
-            for (i, step) in new.steps.iter().enumerate() {
-                jobs.push(json!({
-                    "run_id": id,
-                    "correlation_id": new.correlation_id,
-                    "step_index": i,
-                    "step_count": new.steps.len(),
-                    "payload": serde_json::to_string(step).unwrap_or_default(),
-                    "state": if i == 0 { "queued" } else { "waiting" },
-                    "max_attempts": new.max_attempts,
-                }));
-            }
             audits.push(json!({
                 "actor": new.actor,
                 "target": id,
