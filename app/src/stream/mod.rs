@@ -438,8 +438,8 @@ enum Phase {
 
 /// One subscriber's events, in increasing id order, each once. Ends only
 /// when the database failed during a catch-up or the hub closed; the client
-/// then resumes with the last id it got. Falling behind does not end it
-/// (see [`Phase::Live`]).
+/// then resumes with the last id it got. Falling a whole buffer behind does
+/// not end it: it continues from the database (see the module docs).
 pub struct Subscription {
     hub: Hub,
     filter: FeedFilter,
