@@ -248,9 +248,10 @@ pub struct StreamSettings {
     /// taken for one that will never commit (`VM_STREAM_GAP_TIMEOUT_MS`,
     /// default 5 s; see `stream::highwater`).
     pub gap_timeout: Duration,
-    /// Events buffered per subscriber; a subscriber that falls this far
-    /// behind is cut off and resumes with `Last-Event-ID`
-    /// (`VM_STREAM_BUFFER`, default 256).
+    /// Events buffered per live subscriber: bounds a stream's memory (with
+    /// one catch-up page) and sets how far behind it falls before it
+    /// continues from the database on the same stream (`VM_STREAM_BUFFER`,
+    /// default 256).
     pub buffer: usize,
     /// Open streams a process serves at most; more answer
     /// `503 too_many_streams` (`VM_STREAM_MAX_SUBSCRIBERS`, default 1000).

@@ -1,9 +1,10 @@
 //! Live updates (Server-Sent Events) through the real router, on SQLite and
 //! PostgreSQL: history then live events, resuming with `Last-Event-ID`, two
 //! API replicas on one database (with and without Redis), the late-commit
-//! gap, slow subscribers, heartbeats, approval events delivered at once, the
-//! limits and the error answers; and the console's page and assets with
-//! their CSP.
+//! gap, subscribers that fall behind (a burst, a slow reader, one that stops
+//! reading) and continue from the database on the same stream, heartbeats,
+//! approval events delivered at once, the limits and the error answers; and
+//! the console's page and assets with their CSP.
 
 mod support;
 
@@ -291,10 +292,139 @@ async fn a_last_event_id_beyond_the_log_resumes_from_its_end_not_silently_later(
     worker.await.expect("worker");
 }
 
-/// A subscriber that stops reading is cut off once its buffer is full: its
-/// stream ends after what was buffered, instead of the process buffering
-/// for it without bound.
-async fn a_subscriber_that_does_not_read_is_cut_off_and_its_stream_ends(backend: Backend) {
+/// The value of a metric line without labels (`name value`) in `/metrics`.
+async fn metric(app: &Router, name: &str) -> u64 {
+    let text = get_text(app, "/metrics").await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+}
+
+/// Metrics of a stream that fell behind and stayed open: it counted as
+/// lagged, it is still one open subscriber, and nothing counts it as dropped.
+async fn assert_lagged_not_dropped(app: &Router) {
+    assert!(metric(app, "vm_stream_lagged_total").await >= 1);
+    let metrics = get_text(app, "/metrics").await;
+    assert!(metrics.contains("vm_stream_subscribers 1"), "{metrics}");
+    assert!(!metrics.contains("reason=\"slow\""), "{metrics}");
+}
+
+/// A burst far beyond the buffer (300 runs created at once, each poll
+/// handing a subscriber more events than its channel holds) reaches an
+/// all-runs stream whole, on the one connection, while its client reads as
+/// fast as it can. Before, the hub cut such a stream off however fast it
+/// read: the client reconnected in a storm and the console's runs list went
+/// stale.
+async fn a_burst_far_beyond_the_buffer_reaches_an_all_runs_stream_whole_on_one_connection(
+    backend: Backend,
+) {
+    let env = TestEnv::new(
+        backend,
+        &[("VM_STREAM_BUFFER", "4"), ("VM_STREAM_POLL_MS", "20")],
+    )
+    .await;
+    let app = env.router();
+    let before = all_event_ids(&env).await.last().copied().unwrap_or(0);
+    let mut reader = open(&app, "/api/v2/events/stream", &[]).await;
+    const RUNS: usize = 300;
+    // The client reads from the start, concurrently with the burst; every
+    // run writes exactly one event (`run.queued`) with no worker.
+    let reading = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < RUNS {
+            let Some((id, data)) = reader.event_within(Duration::from_secs(20)).await else {
+                break;
+            };
+            seen.push((id, data["run_id"].as_str().expect("run_id").to_string()));
+        }
+        (seen, reader)
+    });
+    let created: BTreeSet<String> =
+        futures::future::join_all((0..RUNS).map(|_| create(&app, ONE_STEP)))
+            .await
+            .into_iter()
+            .map(|id| id.to_string())
+            .collect();
+    let (seen, mut reader) = reading.await.expect("reader");
+    let ids: Vec<i64> = seen.iter().map(|(id, _)| *id).collect();
+    let stored: Vec<i64> = all_event_ids(&env)
+        .await
+        .into_iter()
+        .filter(|id| *id > before)
+        .collect();
+    assert_eq!(stored.len(), RUNS, "one event per run");
+    assert_eq!(
+        ids.len(),
+        RUNS,
+        "the stream ended or stalled after {} of {RUNS} events",
+        ids.len()
+    );
+    // Every event once, in increasing id order: exactly the log.
+    assert_eq!(ids, stored);
+    let runs: BTreeSet<String> = seen.into_iter().map(|(_, run)| run).collect();
+    assert_eq!(runs, created);
+    assert_lagged_not_dropped(&app).await;
+    // Rejoined live: the next event arrives on the same stream.
+    let next = create(&app, ONE_STEP).await;
+    let (id, data) = reader.event(Duration::from_secs(10)).await.expect("live");
+    assert!(id > *ids.last().expect("events"), "{id}");
+    assert_eq!(data["run_id"], next.to_string());
+}
+
+/// A client that reads slowly (a phone on a bad network) falls behind again
+/// and again while runs execute, on an all-runs stream and on one run's
+/// stream, and still gets every event once, in order, without a disconnect.
+async fn a_slow_reader_falls_behind_and_still_gets_every_event_once(backend: Backend) {
+    let env = TestEnv::new(
+        backend,
+        &[("VM_STREAM_BUFFER", "4"), ("VM_STREAM_POLL_MS", "20")],
+    )
+    .await;
+    let app = env.router();
+    let first = create(&app, HELLO).await;
+    let all = open(&app, "/api/v2/events/stream?after=0", &[]).await;
+    let one = open(&app, &format!("/api/v2/runs/{first}/events/stream"), &[]).await;
+    let mut runs = vec![first];
+    for _ in 0..11 {
+        runs.push(create(&app, HELLO).await);
+    }
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    // 12 two-step runs: 7 events each, far beyond a buffer of 4.
+    let expected = 12 * 7;
+    let slowly = |mut reader: SseReader, want: usize| async move {
+        let mut ids = Vec::new();
+        while ids.len() < want {
+            let Some((id, _)) = reader.event_within(Duration::from_secs(20)).await else {
+                break;
+            };
+            ids.push(id);
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        ids
+    };
+    let (seen_all, seen_one) = tokio::join!(slowly(all, expected), slowly(one, 7));
+    for id in &runs {
+        env.wait_for(*id, RunStatus::Succeeded, Duration::from_secs(20))
+            .await;
+    }
+    stop.cancel();
+    worker.await.expect("worker");
+    assert_eq!(seen_all, all_event_ids(&env).await);
+    let of_first = env.store.list_events(first, 0, 1000).await.expect("events");
+    assert_eq!(seen_one, of_first.iter().map(|e| e.id).collect::<Vec<_>>());
+    assert!(metric(&app, "vm_stream_lagged_total").await >= 1);
+    let metrics = get_text(&app, "/metrics").await;
+    assert!(metrics.contains("vm_stream_subscribers 0"), "{metrics}");
+}
+
+/// A subscriber that stops reading holds only its buffer: the hub takes it
+/// off once the buffer is full, and when the client reads again its stream
+/// goes on from the database (everything it missed, once, in order) and
+/// then live, on the same connection. Before, its stream ended and the
+/// client had to reconnect.
+async fn a_subscriber_that_stops_reading_continues_from_the_database_when_it_reads_again(
+    backend: Backend,
+) {
     let env = TestEnv::new(
         backend,
         &[("VM_STREAM_BUFFER", "4"), ("VM_STREAM_POLL_MS", "20")],
@@ -303,30 +433,34 @@ async fn a_subscriber_that_does_not_read_is_cut_off_and_its_stream_ends(backend:
     let app = env.router();
     create(&app, ONE_STEP).await;
     let mut reader = open(&app, "/api/v2/events/stream?after=0", &[]).await;
-    reader
+    let (first, _) = reader
         .event(Duration::from_secs(5))
         .await
         .expect("caught up");
     for _ in 0..20 {
         create(&app, ONE_STEP).await;
     }
-    let mut dropped = false;
+    let mut lagged = 0;
     for _ in 0..100 {
-        let metrics = get_text(&app, "/metrics").await;
-        if metrics.contains("vm_stream_drops_total{reason=\"slow\"} 1") {
-            dropped = true;
+        lagged = metric(&app, "vm_stream_lagged_total").await;
+        if lagged > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(dropped, "the slow subscriber was not cut off");
-    let mut got = 0;
-    while reader.event(Duration::from_secs(5)).await.is_some() {
-        got += 1;
-    }
-    assert!(got <= 4, "at most the buffer is delivered, got {got}");
-    let metrics = get_text(&app, "/metrics").await;
-    assert!(metrics.contains("vm_stream_subscribers 0"), "{metrics}");
+    assert_eq!(lagged, 1, "taken off the hub once its buffer was full");
+    assert_lagged_not_dropped(&app).await;
+    let mut seen = vec![first];
+    let everything: BTreeSet<i64> = all_event_ids(&env).await.into_iter().collect();
+    assert_eq!(everything.len(), 21);
+    collect_until(&mut reader, &mut seen, &everything).await;
+    assert_eq!(seen, everything.iter().copied().collect::<Vec<_>>());
+    // Live again: a new event arrives without a new poll of the backlog.
+    let next = create(&app, ONE_STEP).await;
+    let (id, data) = reader.event(Duration::from_secs(10)).await.expect("live");
+    assert!(id > *seen.last().expect("events"));
+    assert_eq!(data["run_id"], next.to_string());
+    assert_eq!(metric(&app, "vm_stream_lagged_total").await, 1);
 }
 
 /// The real thing: a transaction takes an event id, another commits a later
@@ -705,7 +839,9 @@ on_both_backends!(
     a_run_stream_replays_the_history_then_follows_live,
     resuming_with_last_event_id_after_a_disconnect_loses_and_repeats_nothing,
     a_last_event_id_beyond_the_log_resumes_from_its_end_not_silently_later,
-    a_subscriber_that_does_not_read_is_cut_off_and_its_stream_ends,
+    a_burst_far_beyond_the_buffer_reaches_an_all_runs_stream_whole_on_one_connection,
+    a_slow_reader_falls_behind_and_still_gets_every_event_once,
+    a_subscriber_that_stops_reading_continues_from_the_database_when_it_reads_again,
     an_event_that_commits_late_is_delivered_in_order_not_skipped,
     a_gap_that_never_fills_is_passed_after_the_gap_timeout,
     an_idle_stream_carries_heartbeats,

@@ -66,8 +66,10 @@ def test_the_overview_has_the_slo_queue_worker_and_live_update_panels() -> None:
     exprs = " ".join(e for _, e in queries(OVERVIEW))
     for needle in ["[30d]", "0.995", "histogram_quantile(0.95", "route", "vm_queue_jobs", "vm_queue_oldest_job_age_seconds",
                    'outcome="dead_lettered"', "vm_worker_heartbeat_age_seconds",
-                   # Live updates: open streams, streams cut off or refused, gaps given up.
-                   "vm_stream_subscribers", "vm_stream_drops_total", "vm_stream_gap_ids_given_up_total"]:
+                   # Live updates: open streams, streams ended or refused, streams that fell
+                   # behind and continued from the database, gaps given up.
+                   "vm_stream_subscribers", "vm_stream_drops_total", "vm_stream_lagged_total",
+                   "vm_stream_gap_ids_given_up_total"]:
         assert needle in exprs, needle
 
 

@@ -1,5 +1,6 @@
-//! Metrics of live streams: open subscribers, subscribers dropped or refused,
-//! and event ids given up on behind a gap. Labels are fixed reasons.
+//! Metrics of live streams: open subscribers, streams ended or refused,
+//! subscribers that fell behind and continued from the database, and event
+//! ids given up on behind a gap. Labels are fixed reasons.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -8,18 +9,22 @@ use prometheus_client::registry::Registry;
 
 use crate::metrics::ReasonLabels;
 
-/// Every `reason` of `vm_stream_drops_total`: `slow` (a subscriber that fell
-/// a whole buffer behind was cut off), `limit` (a stream refused at the
-/// per-process limit), `shutdown` (streams ended by a graceful stop).
-pub const DROP_REASONS: [&str; 3] = ["slow", "limit", "shutdown"];
+/// Every `reason` of `vm_stream_drops_total`: `limit` (a stream refused at
+/// the per-process or per-key limit), `shutdown` (streams ended by a graceful
+/// stop). A subscriber that falls behind is not dropped: see
+/// [`StreamMetrics::lagged`].
+pub const DROP_REASONS: [&str; 2] = ["limit", "shutdown"];
 
 /// The families of [`crate::stream`].
 #[derive(Default)]
 pub struct StreamMetrics {
     /// Open SSE streams in this process.
     pub subscribers: Gauge,
-    /// Streams cut off or refused, by reason ([`DROP_REASONS`]).
+    /// Streams ended or refused, by reason ([`DROP_REASONS`]).
     pub drops: Family<ReasonLabels, Counter>,
+    /// Times a subscriber fell a whole buffer behind and continued from the
+    /// database on the same stream.
+    pub lagged: Counter,
     /// Event ids the hub stopped waiting for after the gap timeout.
     pub gaps_given_up: Counter,
 }
@@ -35,8 +40,13 @@ impl StreamMetrics {
         );
         registry.register(
             "stream_drops",
-            "Live-update streams cut off or refused, by reason (slow, limit, shutdown)",
+            "Live-update streams ended or refused, by reason (limit, shutdown)",
             self.drops.clone(),
+        );
+        registry.register(
+            "stream_lagged",
+            "Times a live-update subscriber fell a whole buffer behind and continued from the database on the same stream",
+            self.lagged.clone(),
         );
         registry.register(
             "stream_gap_ids_given_up",
@@ -64,10 +74,10 @@ impl StreamMetrics {
 mod tests {
     use super::*;
 
-    /// Alerts on `rate(vm_stream_drops_total[5m])` see 0, not "no data",
-    /// before the first drop.
+    /// Alerts on `rate(vm_stream_drops_total[5m])` and the dashboard's
+    /// lagged rate see 0, not "no data", before the first drop or lag.
     #[test]
-    fn every_drop_reason_and_the_gauge_are_exported_at_zero_from_the_start() {
+    fn every_drop_reason_the_lagged_counter_and_the_gauge_are_exported_at_zero_from_the_start() {
         let text = crate::metrics::Metrics::new().encode();
         for reason in DROP_REASONS {
             let line = format!("vm_stream_drops_total{{reason=\"{reason}\"}} 0");
@@ -78,5 +88,8 @@ mod tests {
             text.contains("vm_stream_gap_ids_given_up_total 0"),
             "{text}"
         );
+        assert!(text.contains("vm_stream_lagged_total 0"), "{text}");
+        // A subscriber that falls behind is no longer a drop.
+        assert!(!text.contains("reason=\"slow\""), "{text}");
     }
 }

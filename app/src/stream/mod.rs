@@ -21,11 +21,16 @@
 //! reads live events above it: no gap and no duplicate at the seam, and ids
 //! only ever increase on one stream.
 //!
-//! **Bounded memory.** Each subscriber has a bounded channel
-//! (`VM_STREAM_BUFFER`). One that falls a whole buffer behind is cut off (its
-//! stream ends after what was buffered, counted in
-//! `vm_stream_drops_total{reason="slow"}`) and resumes with `Last-Event-ID`;
-//! nothing is ever buffered without bound. A process serves at most
+//! **Bounded memory, and the database as the buffer.** Each live subscriber
+//! has a bounded channel (`VM_STREAM_BUFFER`). One that falls a whole buffer
+//! behind (a burst of events in one poll, or a client that reads slowly) is
+//! taken off the hub, counted in `vm_stream_lagged_total`; its stream hands
+//! out what the channel holds, then catches up from the database again from
+//! the last id it handed out, in pages, and rejoins the hub, as a new
+//! subscriber does: on the same open stream, with no event lost or repeated
+//! and ids only increasing. A stream holds at most its channel and one page;
+//! the client sees no disconnect, only a database read per buffer it falls
+//! behind. A process serves at most
 //! `VM_STREAM_MAX_SUBSCRIBERS` streams, at most `VM_STREAM_MAX_PER_KEY` of
 //! them to one API key, so one tenant cannot take them all.
 
@@ -237,9 +242,15 @@ impl Hub {
     /// Hands settled events to the subscribers and moves the position, under
     /// one lock, so a subscriber registering in between sees either all of a
     /// batch live or none of it.
+    ///
+    /// A subscriber whose channel is full is removed at the first event it
+    /// could not take, before any later one: its channel then holds only
+    /// events below every event it missed, and dropping the sender tells its
+    /// [`Subscription`] to read the rest from the database (see
+    /// [`Phase::Live`]).
     fn dispatch(&self, events: &[RunEvent], position: i64) {
         let mut shared = self.lock();
-        let mut slow = Vec::new();
+        let mut off = Vec::new();
         for event in events {
             let event = Arc::new(event.clone());
             for (id, sub) in &shared.subscribers {
@@ -248,14 +259,16 @@ impl Hub {
                 }
                 match sub.tx.try_send(event.clone()) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => slow.push((*id, true)),
-                    Err(mpsc::error::TrySendError::Closed(_)) => slow.push((*id, false)),
+                    Err(mpsc::error::TrySendError::Full(_)) => off.push((*id, true)),
+                    Err(mpsc::error::TrySendError::Closed(_)) => off.push((*id, false)),
                 }
             }
-            for (id, was_slow) in slow.drain(..) {
-                if shared.subscribers.remove(&id).is_some() && was_slow {
-                    self.inner.metrics.stream.dropped("slow");
-                    debug!("a live-update subscriber fell a whole buffer behind and was cut off");
+            for (id, lagged) in off.drain(..) {
+                if shared.subscribers.remove(&id).is_some() && lagged {
+                    self.inner.metrics.stream.lagged.inc();
+                    debug!(
+                        "a live-update subscriber fell a whole buffer behind; it continues from the database"
+                    );
                 }
             }
         }
@@ -412,7 +425,10 @@ enum Phase {
         rx: mpsc::Receiver<Arc<RunEvent>>,
         upto: i64,
     },
-    /// Following the hub.
+    /// Following the hub. When the hub drops the sender (this subscriber
+    /// fell a whole buffer behind, the only reason it does), the channel is
+    /// drained first, then the phase goes back to `CatchUp` from the last id
+    /// handed out: the database holds every event the channel could not.
     Live {
         id: u64,
         rx: mpsc::Receiver<Arc<RunEvent>>,
@@ -420,9 +436,10 @@ enum Phase {
     Done,
 }
 
-/// One subscriber's events, in increasing id order. Ends when the
-/// subscriber was cut off for being slow, the database failed during
-/// catch-up, or the hub closed; the client resumes with the last id it got.
+/// One subscriber's events, in increasing id order, each once. Ends only
+/// when the database failed during a catch-up or the hub closed; the client
+/// then resumes with the last id it got. Falling a whole buffer behind does
+/// not end it: it continues from the database (see the module docs).
 pub struct Subscription {
     hub: Hub,
     filter: FeedFilter,
@@ -499,8 +516,10 @@ impl Subscription {
                                 self.page.push_back((*event).clone());
                                 self.phase = Phase::Live { id, rx };
                             }
-                            // Cut off by the hub (too slow): the client resumes.
-                            None => return None,
+                            // Lagged: the hub took this subscriber off after
+                            // the channel's last event. Everything above the
+                            // cursor is in the database; read it, then rejoin.
+                            None => self.phase = Phase::CatchUp,
                         },
                     }
                 }
