@@ -948,21 +948,28 @@ async fn concurrent_creations_store_each_run_with_its_rows_once(backend: Backend
     }
     let mut created = Vec::new();
     let mut shared = std::collections::BTreeSet::new();
+    // The request that stored the shared key's run (the others replay it).
+    let mut shared_creator = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         let (i, outcome) = joined.expect("task");
-        let run = match outcome {
-            CreateOutcome::Created(run) => run,
-            CreateOutcome::Existing(detail) => detail.run,
+        let (run, stored) = match outcome {
+            CreateOutcome::Created(run) => (run, true),
+            CreateOutcome::Existing(detail) => (detail.run, false),
             other => panic!("request {i}: {other:?}"),
         };
-        if i % 4 == 0 {
-            shared.insert(run.id);
-        } else {
+        if i % 4 != 0 {
+            assert!(stored, "request {i} has its own key-less run");
             created.push((i, run.id));
+            continue;
+        }
+        shared.insert(run.id);
+        if stored {
+            shared_creator.push((i, run.id));
         }
     }
     assert_eq!(shared.len(), 1, "one run for the repeated key: {shared:?}");
-    created.push((0, *shared.iter().next().expect("shared run")));
+    assert_eq!(shared_creator.len(), 1, "stored once: {shared_creator:?}");
+    created.extend(shared_creator);
     assert_eq!(created.len(), 37);
     let audit = env
         .store
