@@ -218,15 +218,7 @@ mod tests {
     #[tokio::test]
     async fn an_older_build_migrates_a_newer_schema_as_a_no_op() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::config::DatabaseSettings {
-            url: crate::config::Secret::new(format!(
-                "sqlite://{}/m.db?mode=rwc",
-                dir.path().display()
-            )),
-            backend: DbBackend::Sqlite,
-            embedded: false,
-        };
-        let store = Store::connect(&db, 1).await.unwrap();
+        let store = crate::store::test_sqlite_store(dir.path(), "m.db").await;
         store.migrate().await.unwrap();
         migrator_upto(DbBackend::Sqlite, 1)
             .run(store.pool())
@@ -243,15 +235,7 @@ mod tests {
     #[tokio::test]
     async fn migration_11_keeps_the_thresholds_already_reached() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::config::DatabaseSettings {
-            url: crate::config::Secret::new(format!(
-                "sqlite://{}/m.db?mode=rwc",
-                dir.path().display()
-            )),
-            backend: DbBackend::Sqlite,
-            embedded: false,
-        };
-        let store = Store::connect(&db, 1).await.unwrap();
+        let store = crate::store::test_sqlite_store(dir.path(), "m.db").await;
         migrator_upto(DbBackend::Sqlite, 10)
             .run(store.pool())
             .await

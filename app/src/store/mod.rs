@@ -438,6 +438,18 @@ fn sqlite_path(url: &str) -> Option<String> {
     (!path.is_empty() && path != ":memory:").then(|| path.to_string())
 }
 
+/// A store on a fresh SQLite file `name` in `dir`, for unit tests.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) async fn test_sqlite_store(dir: &std::path::Path, name: &str) -> Store {
+    let db = DatabaseSettings {
+        url: crate::config::Secret::new(format!("sqlite://{}/{name}?mode=rwc", dir.display())),
+        backend: DbBackend::Sqlite,
+        embedded: false,
+    };
+    Store::connect(&db, 1).await.unwrap()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -448,15 +460,7 @@ mod tests {
     #[tokio::test]
     async fn the_sqlite_clock_is_exact_to_the_millisecond() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::config::DatabaseSettings {
-            url: crate::config::Secret::new(format!(
-                "sqlite://{}/clock.db?mode=rwc",
-                dir.path().display()
-            )),
-            backend: DbBackend::Sqlite,
-            embedded: false,
-        };
-        let store = Store::connect(&db, 1).await.unwrap();
+        let store = test_sqlite_store(dir.path(), "clock.db").await;
         let sql = format!(
             "SELECT {SQLITE_NOW} AS ours, CAST(strftime('%s', 'now') AS INTEGER) * 1000 \
              + CAST(substr(strftime('%f', 'now'), 4) AS INTEGER) AS printed"
