@@ -688,6 +688,29 @@ fn a_backup_of_a_sqlite_database_that_does_not_exist_fails_and_creates_nothing()
     assert!(said.contains("does not exist"), "{said}");
     assert!(said.contains(&missing.display().to_string()), "{said}");
     assert!(!missing.exists(), "a database was created");
-    let written = std::fs::read_dir(&output).map_or(0, |d| d.count());
-    assert_eq!(written, 0, "no backup file is written");
+    // Nor the --output-dir: the database is opened before it is made.
+    assert!(!output.exists(), "the backup directory was created");
+}
+
+/// A restore loads only into a migrated database, so it creates none either:
+/// pointed at an SQLite file that does not exist it fails naming the path
+/// and says to migrate first, instead of leaving an empty file behind and
+/// then calling it unmigrated.
+#[test]
+fn a_restore_into_a_sqlite_database_that_does_not_exist_fails_and_creates_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snapshot = dir.path().join("snapshot.jsonl");
+    std::fs::write(&snapshot, b"").expect("write");
+    let missing = dir.path().join("fresh.db");
+    let url = format!("sqlite://{}?mode=rwc", missing.display());
+    let out = vm(
+        &["restore", "--input", &snapshot.display().to_string()],
+        &[("VM_DB_URL", url.as_str())],
+    );
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("does not exist"), "{said}");
+    assert!(said.contains(&missing.display().to_string()), "{said}");
+    assert!(said.contains("vm-webapp migrate"), "{said}");
+    assert!(!missing.exists(), "a database was created");
 }
