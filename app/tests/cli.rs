@@ -951,6 +951,31 @@ fn the_readme_first_run_is_the_command_the_banner_prints() {
     );
 }
 
+/// Every error code the API can answer is in the README's list, so a client
+/// author reading it can handle them all (`quota_exceeded`, `unknown_plan`,
+/// `invalid_period`, `tenant_not_found` and `invalid_text` were missing).
+#[test]
+fn the_readme_lists_every_error_code() {
+    let readme = include_str!("../../README.md");
+    let source = include_str!("../src/http/error.rs");
+    let body = &source[source.find("pub fn code(&self)").expect("ApiError::code")..];
+    let body = &body[..body.find("\n    }\n").expect("end of ApiError::code")];
+    let codes: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.split("=> \"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert!(codes.len() > 30, "parsed {codes:?}");
+    let missing: Vec<&&str> = codes
+        .iter()
+        .filter(|c| !readme.contains(&format!("`{c}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README.md lacks error codes {missing:?}"
+    );
+}
+
 /// With VM_API_KEYS set, every route but the probes wants a key: the
 /// banner's commands carry the header (they answered 401 as printed) and it
 /// says where KEY comes from. Without keys they stay as the README shows them.
