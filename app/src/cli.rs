@@ -61,7 +61,9 @@ pub enum UsageCommand {
 fn parse_period(s: &str) -> Result<String, String> {
     crate::period::Period::parse(s)
         .map(|p| p.to_string())
-        .ok_or_else(|| "must be a month as YYYY-MM (UTC), such as 2026-11".to_string())
+        .ok_or_else(|| {
+            "must be a month as YYYY-MM (UTC) from 2000-01 to 9999-11, such as 2026-11".to_string()
+        })
 }
 
 /// `backup` options: one file, or a directory of timestamped files pruned to

@@ -223,7 +223,10 @@ fn usage_verify_with_a_bad_period_is_a_usage_error_exit_2_not_a_difference() {
             .expect("run vm-webapp");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{period}: {stderr}");
-        assert!(stderr.contains("YYYY-MM"), "{period}: {stderr}");
+        assert!(
+            stderr.contains("YYYY-MM") && stderr.contains("2000-01 to 9999-11"),
+            "{period}: {stderr}"
+        );
     }
 }
 
@@ -524,6 +527,9 @@ async fn a_period_resetting_in_the_year_10000_is_refused_and_every_answered_rese
             "{uri}: {}",
             reply.body
         );
+        // 9999-12 is written YYYY-MM: the message names the range it is outside.
+        let message = reply.body["message"].as_str().unwrap_or_default();
+        assert!(message.contains("2000-01 to 9999-11"), "{message}");
     }
     for period in ["9999-11", "2000-01"] {
         let reply = call(
