@@ -105,12 +105,22 @@ pub async fn open_store(settings: &Settings, pool_size: u32) -> Result<Store, St
 
 /// A store error for a person, without connection strings or driver detail
 /// that might echo them.
+///
+/// A server that answers but refuses the connection says why by SQLSTATE,
+/// which names no secret: a database that does not exist (a typo in the URL,
+/// or one never created) and refused credentials are told apart from a bare
+/// "database error", which is all a new user got for either.
 pub(crate) fn describe(e: &StoreError) -> String {
     match e {
         StoreError::Unavailable(_) => {
             "database unreachable (check VM_DB_URL, network and credentials)".into()
         }
         StoreError::Migrate(m) => format!("migration error: {m}"),
+        StoreError::Database(sqlx::Error::Database(db)) => match db.code().as_deref() {
+            Some("3D000") => "the database named in the URL does not exist on the server (check VM_DB_URL, or VM_MIGRATION_DB_URL for migrate and backup; create it first)".into(),
+            Some("28000" | "28P01") => "the server refused the user or password of the URL (check VM_DB_URL, or VM_MIGRATION_DB_URL for migrate and backup)".into(),
+            _ => e.to_string(),
+        },
         other => other.to_string(),
     }
 }

@@ -667,6 +667,34 @@ async fn a_forced_restore_without_the_owners_rights_says_which_table_and_why() {
     assert_eq!(count(&db, "SELECT COUNT(*) FROM runs").await, 1);
 }
 
+/// A PostgreSQL server that answers but has no database of the URL's name
+/// (a typo, or one never created) is named as such by every command that
+/// opens it, instead of a bare "database error" that said nothing, and
+/// still without the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_missing_on_the_server_is_named_by_every_command_not_a_bare_database_error() {
+    let env = TestEnv::new(Backend::Postgres, &[]).await;
+    let url = env.settings.database.url.expose().to_string();
+    let (server, _) = url.rsplit_once('/').expect("a database name in the URL");
+    let missing = format!("{server}/vm_no_such_database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("b.jsonl").display().to_string();
+    for args in [
+        &["migrate"][..],
+        &["backup", "--output", &file],
+        &["usage", "verify", "--period", "2026-11"],
+    ] {
+        let out = vm(args, &[("VM_DB_URL", missing.as_str())]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("does not exist on the server"),
+            "{args:?}: {said}"
+        );
+        assert!(!said.contains("vm_no_such_database"), "{args:?}: {said}");
+    }
+}
+
 /// A backup only reads: pointed at an SQLite database that does not exist
 /// it fails naming the path, creates no database and writes no backup file
 /// (it used to create an empty database and back that up).
