@@ -695,6 +695,32 @@ async fn a_database_missing_on_the_server_is_named_by_every_command_not_a_bare_d
     }
 }
 
+/// Pointed at a file that is not an SQLite database (a wrong path to some
+/// other file), the tools that only read say so and leave it alone; they
+/// said "database unreachable (check VM_DB_URL, network and credentials)"
+/// after the pool's five-second timeout.
+#[test]
+fn a_file_that_is_not_an_sqlite_database_is_named_as_such_and_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("notes.txt");
+    let content = b"these are not the tables you are looking for\n".repeat(10);
+    std::fs::write(&file, &content).expect("write");
+    let url = format!("sqlite://{}", file.display());
+    let out_file = dir.path().join("b.jsonl").display().to_string();
+    for args in [
+        &["backup", "--output", &out_file][..],
+        &["usage", "verify", "--period", "2026-11"],
+    ] {
+        let started = Instant::now();
+        let out = vm(args, &[("VM_DB_URL", url.as_str())]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {said}");
+        assert!(said.contains("not an SQLite database"), "{args:?}: {said}");
+        assert!(started.elapsed() < Duration::from_secs(4), "{args:?}");
+    }
+    assert_eq!(std::fs::read(&file).expect("read"), content);
+}
+
 /// A backup only reads: pointed at an SQLite database that does not exist
 /// it fails naming the path, creates no database and writes no backup file
 /// (it used to create an empty database and back that up).
