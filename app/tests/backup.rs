@@ -710,6 +710,7 @@ fn a_file_that_is_not_an_sqlite_database_is_named_as_such_and_left_alone() {
     for args in [
         &["backup", "--output", &out_file][..],
         &["usage", "verify", "--period", "2026-11"],
+        &["migrate"],
     ] {
         let started = Instant::now();
         let out = vm(args, &[("VM_DB_URL", url.as_str())]);

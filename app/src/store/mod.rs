@@ -223,6 +223,12 @@ impl Store {
             && let Some(path) = sqlite_path(&url)
         {
             prepare_sqlite_file(&path)?;
+            if !has_sqlite_header(&path) {
+                return Err(StoreError::SqliteFile {
+                    path,
+                    reason: "it is not an SQLite database (check VM_DB_URL)".into(),
+                });
+            }
             // sqlx opens an existing file by default; the user named this file,
             // so create it (`mode=rwc`) unless the URL chose a mode itself.
             if !url.contains("mode=") {
