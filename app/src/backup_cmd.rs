@@ -42,17 +42,13 @@ fn explain(e: &BackupError) -> String {
     }
 }
 
-/// Opens the database; `create` lets SQLite create a missing file (a
-/// restore into a fresh one). A backup never creates: pointed at a wrong
-/// path it fails naming the path, instead of backing up an empty database.
-async fn connect(settings: &Settings, create: bool) -> Result<Store, String> {
+/// Opens the database, never creating a missing SQLite file: a backup
+/// pointed at a wrong path fails naming the path instead of backing up an
+/// empty database, and a restore needs a migrated database anyway (a file it
+/// created would only be refused as unmigrated, and left behind).
+async fn connect(settings: &Settings) -> Result<Store, String> {
     let database = settings.migration_database();
-    let opened = if create {
-        Store::connect(&database, 2).await
-    } else {
-        Store::connect_existing(&database, 2).await
-    };
-    opened.map_err(|e| {
+    Store::connect_existing(&database, 2).await.map_err(|e| {
         format!(
             "cannot open the {} database: {}",
             database.backend.as_str(),
@@ -65,6 +61,8 @@ async fn connect(settings: &Settings, create: bool) -> Result<Store, String> {
 /// file in `--output-dir` and prunes that directory to the newest `--keep`
 /// backups. Prints the file, its rows and the time taken (ms).
 pub async fn backup(settings: &Settings, args: &BackupArgs) -> Result<(), String> {
+    // The database first: a missing one leaves no directory behind either.
+    let store = connect(settings).await?;
     let path = match (&args.output, &args.output_dir) {
         (Some(file), _) => file.clone(),
         (None, Some(dir)) => {
@@ -75,7 +73,6 @@ pub async fn backup(settings: &Settings, args: &BackupArgs) -> Result<(), String
         }
         (None, None) => return Err("backup needs --output FILE or --output-dir DIR".into()),
     };
-    let store = connect(settings, false).await?;
     let started = Instant::now();
     let partial = partial_path(&path);
     let result = write_backup(&store, &partial).await;
@@ -179,7 +176,9 @@ pub async fn restore(settings: &Settings, args: &RestoreArgs) -> Result<(), Stri
         .await
         .map_err(|e| format!("cannot open {}: {e}", args.input.display()))?;
     let input = tokio::io::BufReader::with_capacity(IO_BUFFER_BYTES, file);
-    let store = connect(settings, true).await?;
+    let store = connect(settings)
+        .await
+        .map_err(|e| format!("{e}; a restore loads into a database made by `vm-webapp migrate`"))?;
     let started = Instant::now();
     let options = RestoreOptions {
         replace_existing: args.force,

@@ -61,7 +61,9 @@ pub enum UsageCommand {
 fn parse_period(s: &str) -> Result<String, String> {
     crate::period::Period::parse(s)
         .map(|p| p.to_string())
-        .ok_or_else(|| "must be a month as YYYY-MM (UTC), such as 2026-11".to_string())
+        .ok_or_else(|| {
+            "must be a month as YYYY-MM (UTC) from 2000-01 to 9999-11, such as 2026-11".to_string()
+        })
 }
 
 /// `backup` options: one file, or a directory of timestamped files pruned to
@@ -112,7 +114,9 @@ pub struct ServeArgs {
 /// `worker` options.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// Sleep between claims when idle, in milliseconds.
+    /// Sleep between claims when idle, in milliseconds: without Redis, the
+    /// longest a run queued by another process, or a retry that falls due,
+    /// waits for this worker (with Redis, new runs wake it at once).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub poll_interval_ms: u64,
     /// Jobs executed at once. A waiting step holds no connection, so slow

@@ -889,7 +889,16 @@ fn parse_key_options<F: Fn(&str) -> Option<String>>(
         tenant: None,
     };
     let mut roles_seen = false;
+    // `tenant=webhook:SOURCE`, the way the tenant is written everywhere else,
+    // splits into `tenant=webhook` and a field `SOURCE`: say how to write it.
+    let mut after_webhook = false;
     for field in fields {
+        let hint = if after_webhook {
+            "; a webhook source's tenant is written tenant=webhook/SOURCE (`:` separates the fields of an entry)"
+        } else {
+            ""
+        };
+        after_webhook = *field == "tenant=webhook";
         if let Some(tenant) = field.strip_prefix("tenant=") {
             if out.tenant.is_some() {
                 p.fail(
@@ -923,7 +932,7 @@ fn parse_key_options<F: Fn(&str) -> Option<String>>(
             p.fail(
                 "VM_API_KEYS",
                 format!(
-                    "entry {i} (id `{id}`): expected id:key[:roles][:tenant=NAME], but there is more than one roles field"
+                    "entry {i} (id `{id}`): expected id:key[:roles][:tenant=NAME], but there is more than one roles field{hint}"
                 ),
             );
             return None;
@@ -938,7 +947,7 @@ fn parse_key_options<F: Fn(&str) -> Option<String>>(
                     p.fail(
                         "VM_API_KEYS",
                         format!(
-                            "entry {i} (id `{id}`): the roles field must be `admin`, `approver` or `admin+approver`"
+                            "entry {i} (id `{id}`): the roles field must be `admin`, `approver` or `admin+approver`{hint}"
                         ),
                     );
                     return None;
@@ -1475,6 +1484,16 @@ mod tests {
             (
                 "e:e-key-0123456789abcdef:tenant=webhook/a/b",
                 "or webhook/SOURCE",
+            ),
+            // The tenant's own spelling, `webhook:github`: `:` splits it, and
+            // the error used to speak only of roles.
+            (
+                "e:e-key-0123456789abcdef:approver:tenant=webhook:github",
+                "written tenant=webhook/SOURCE",
+            ),
+            (
+                "e:e-key-0123456789abcdef:tenant=webhook:github",
+                "written tenant=webhook/SOURCE",
             ),
         ] {
             let text = parse(&[("VM_API_KEYS", entry)]).unwrap_err().to_string();

@@ -105,12 +105,22 @@ pub async fn open_store(settings: &Settings, pool_size: u32) -> Result<Store, St
 
 /// A store error for a person, without connection strings or driver detail
 /// that might echo them.
+///
+/// A server that answers but refuses the connection says why by SQLSTATE,
+/// which names no secret: a database that does not exist (a typo in the URL,
+/// or one never created) and refused credentials are told apart from a bare
+/// "database error", which is all a new user got for either.
 pub(crate) fn describe(e: &StoreError) -> String {
     match e {
         StoreError::Unavailable(_) => {
             "database unreachable (check VM_DB_URL, network and credentials)".into()
         }
         StoreError::Migrate(m) => format!("migration error: {m}"),
+        StoreError::Database(sqlx::Error::Database(db)) => match db.code().as_deref() {
+            Some("3D000") => "the database named in the URL does not exist on the server (check VM_DB_URL, or VM_MIGRATION_DB_URL for migrate and backup; create it first)".into(),
+            Some("28000" | "28P01") => "the server refused the user or password of the URL (check VM_DB_URL, or VM_MIGRATION_DB_URL for migrate and backup)".into(),
+            _ => e.to_string(),
+        },
         other => other.to_string(),
     }
 }
@@ -297,13 +307,23 @@ fn flush_auth_failures(state: &AppState, shutdown: &CancellationToken) {
 pub const FIRST_RUN_BODY: &str = r#"{"input":{"name":"Ada"},"steps":[{"kind":"template","template":"Hello, {{input.name}}!"},{"kind":"transform","op":"uppercase"},{"kind":"llm","prompt":"Write one line about {{prev}}"}]}"#;
 
 /// What a local `serve` prints once it listens: where, a first run, and how
-/// to stop.
-pub fn banner(addr: SocketAddr, grace: Duration) -> String {
+/// to stop. With `keys_required` (`VM_API_KEYS` set) the commands carry the
+/// `Authorization` header, so the one a newcomer copies is not a 401.
+pub fn banner(addr: SocketAddr, grace: Duration, keys_required: bool) -> String {
+    let (auth, key_line) = if keys_required {
+        (
+            r#" -H "Authorization: Bearer $KEY""#,
+            "API keys are required (VM_API_KEYS): KEY=<one of them> first.\n",
+        )
+    } else {
+        ("", "")
+    };
     format!(
         "vm-webapp is listening on http://{addr}\n\
+         {key_line}\
          Create a first run:\n  \
-         curl -s -X POST http://{addr}/api/v2/runs -d '{FIRST_RUN_BODY}'\n\
-         Then: curl -s http://{addr}/api/v2/runs/<id>  and  curl -s http://{addr}/api/v2/runs/<id>/events\n\
+         curl -s -X POST http://{addr}/api/v2/runs{auth} -d '{FIRST_RUN_BODY}'\n\
+         Then: curl -s{auth} http://{addr}/api/v2/runs/<id>  and  curl -s{auth} http://{addr}/api/v2/runs/<id>/events\n\
          Ctrl-C stops after running steps finish (up to {} s, VM_SHUTDOWN_GRACE_MS); press it again to stop at once.",
         grace.as_secs()
     )
@@ -350,7 +370,14 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
     let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
     info!(%addr, app_env = settings.app_env.as_str(), database = settings.database.backend.as_str(), embedded_worker = settings.embedded_worker(), "vm-webapp serving");
     if settings.app_env == AppEnv::Local {
-        println!("{}", banner(addr, settings.queue.shutdown_grace));
+        println!(
+            "{}",
+            banner(
+                addr,
+                settings.queue.shutdown_grace,
+                !settings.security.api_keys.is_empty()
+            )
+        );
     }
 
     flush_auth_failures(&state, &shutdown);

@@ -22,8 +22,10 @@ pub async fn run(settings: &Settings, args: &UsageArgs) -> Result<(), String> {
 }
 
 async fn verify(settings: &Settings, period: &str) -> Result<(), String> {
-    let period = Period::parse(period)
-        .ok_or_else(|| "--period must be a month as YYYY-MM (UTC), such as 2026-11".to_string())?;
+    let period = Period::parse(period).ok_or_else(|| {
+        "--period must be a month as YYYY-MM (UTC) from 2000-01 to 9999-11, such as 2026-11"
+            .to_string()
+    })?;
     // A verify reads: it never creates a database. Pointed at a path with
     // no database it fails instead of creating an empty one.
     let store = Store::connect_existing(&settings.database, 2)

@@ -667,6 +667,61 @@ async fn a_forced_restore_without_the_owners_rights_says_which_table_and_why() {
     assert_eq!(count(&db, "SELECT COUNT(*) FROM runs").await, 1);
 }
 
+/// A PostgreSQL server that answers but has no database of the URL's name
+/// (a typo, or one never created) is named as such by every command that
+/// opens it, instead of a bare "database error" that said nothing, and
+/// still without the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_missing_on_the_server_is_named_by_every_command_not_a_bare_database_error() {
+    let env = TestEnv::new(Backend::Postgres, &[]).await;
+    let url = env.settings.database.url.expose().to_string();
+    let (server, _) = url.rsplit_once('/').expect("a database name in the URL");
+    let missing = format!("{server}/vm_no_such_database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("b.jsonl").display().to_string();
+    for args in [
+        &["migrate"][..],
+        &["backup", "--output", &file],
+        &["usage", "verify", "--period", "2026-11"],
+    ] {
+        let out = vm(args, &[("VM_DB_URL", missing.as_str())]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("does not exist on the server"),
+            "{args:?}: {said}"
+        );
+        assert!(!said.contains("vm_no_such_database"), "{args:?}: {said}");
+    }
+}
+
+/// Pointed at a file that is not an SQLite database (a wrong path to some
+/// other file), the tools that only read say so and leave it alone; they
+/// said "database unreachable (check VM_DB_URL, network and credentials)"
+/// after the pool's five-second timeout.
+#[test]
+fn a_file_that_is_not_an_sqlite_database_is_named_as_such_and_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("notes.txt");
+    let content = b"these are not the tables you are looking for\n".repeat(10);
+    std::fs::write(&file, &content).expect("write");
+    let url = format!("sqlite://{}", file.display());
+    let out_file = dir.path().join("b.jsonl").display().to_string();
+    for args in [
+        &["backup", "--output", &out_file][..],
+        &["usage", "verify", "--period", "2026-11"],
+        &["migrate"],
+    ] {
+        let started = Instant::now();
+        let out = vm(args, &[("VM_DB_URL", url.as_str())]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {said}");
+        assert!(said.contains("not an SQLite database"), "{args:?}: {said}");
+        assert!(started.elapsed() < Duration::from_secs(4), "{args:?}");
+    }
+    assert_eq!(std::fs::read(&file).expect("read"), content);
+}
+
 /// A backup only reads: pointed at an SQLite database that does not exist
 /// it fails naming the path, creates no database and writes no backup file
 /// (it used to create an empty database and back that up).
@@ -688,6 +743,29 @@ fn a_backup_of_a_sqlite_database_that_does_not_exist_fails_and_creates_nothing()
     assert!(said.contains("does not exist"), "{said}");
     assert!(said.contains(&missing.display().to_string()), "{said}");
     assert!(!missing.exists(), "a database was created");
-    let written = std::fs::read_dir(&output).map_or(0, |d| d.count());
-    assert_eq!(written, 0, "no backup file is written");
+    // Nor the --output-dir: the database is opened before it is made.
+    assert!(!output.exists(), "the backup directory was created");
+}
+
+/// A restore loads only into a migrated database, so it creates none either:
+/// pointed at an SQLite file that does not exist it fails naming the path
+/// and says to migrate first, instead of leaving an empty file behind and
+/// then calling it unmigrated.
+#[test]
+fn a_restore_into_a_sqlite_database_that_does_not_exist_fails_and_creates_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snapshot = dir.path().join("snapshot.jsonl");
+    std::fs::write(&snapshot, b"").expect("write");
+    let missing = dir.path().join("fresh.db");
+    let url = format!("sqlite://{}?mode=rwc", missing.display());
+    let out = vm(
+        &["restore", "--input", &snapshot.display().to_string()],
+        &[("VM_DB_URL", url.as_str())],
+    );
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("does not exist"), "{said}");
+    assert!(said.contains(&missing.display().to_string()), "{said}");
+    assert!(said.contains("vm-webapp migrate"), "{said}");
+    assert!(!missing.exists(), "a database was created");
 }

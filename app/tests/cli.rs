@@ -934,6 +934,7 @@ fn the_readme_first_run_is_the_command_the_banner_prints() {
     let banner = vm_webapp::runtime::banner(
         "127.0.0.1:8000".parse().expect("address"),
         Duration::from_secs(20),
+        false,
     );
     let command = banner
         .lines()
@@ -948,6 +949,52 @@ fn the_readme_first_run_is_the_command_the_banner_prints() {
         command.contains(r#""kind":"llm""#),
         "the first run shows every instant kind, llm included: {command}"
     );
+}
+
+/// Every error code the API can answer is in the README's list, so a client
+/// author reading it can handle them all (`quota_exceeded`, `unknown_plan`,
+/// `invalid_period`, `tenant_not_found` and `invalid_text` were missing).
+#[test]
+fn the_readme_lists_every_error_code() {
+    let readme = include_str!("../../README.md");
+    let source = include_str!("../src/http/error.rs");
+    let body = &source[source.find("pub fn code(&self)").expect("ApiError::code")..];
+    let body = &body[..body.find("\n    }\n").expect("end of ApiError::code")];
+    let codes: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.split("=> \"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert!(codes.len() > 30, "parsed {codes:?}");
+    let missing: Vec<&&str> = codes
+        .iter()
+        .filter(|c| !readme.contains(&format!("`{c}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README.md lacks error codes {missing:?}"
+    );
+}
+
+/// With VM_API_KEYS set, every route but the probes wants a key: the
+/// banner's commands carry the header (they answered 401 as printed) and it
+/// says where KEY comes from. Without keys they stay as the README shows them.
+#[test]
+fn the_banner_commands_carry_a_key_when_keys_are_required() {
+    let addr = "127.0.0.1:8000".parse().expect("address");
+    let with_keys = vm_webapp::runtime::banner(addr, Duration::from_secs(20), true);
+    let curls: Vec<&str> = with_keys.lines().filter(|l| l.contains("curl ")).collect();
+    assert_eq!(curls.len(), 2, "{with_keys}");
+    for line in curls {
+        assert_eq!(
+            line.matches(r#"-H "Authorization: Bearer $KEY""#).count(),
+            line.matches("curl ").count(),
+            "{line}"
+        );
+    }
+    assert!(with_keys.contains("VM_API_KEYS"), "{with_keys}");
+    let open = vm_webapp::runtime::banner(addr, Duration::from_secs(20), false);
+    assert!(!open.contains("Authorization"), "{open}");
 }
 
 /// A port in use must stop `serve` before it opens the database or starts

@@ -783,6 +783,9 @@ async fn one_key_cannot_take_every_stream_of_a_process(backend: Backend) {
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(refused.body["code"], "too_many_streams");
     assert!(refused.headers.contains_key("retry-after"));
+    // The key's own limit, not only the instance's: the message says both.
+    let message = refused.body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("this API key"), "{message}");
     let _others = open(&app, "/api/v2/events/stream", &[other]).await;
     // A stream that ends gives its place back to its key.
     drop(first);

@@ -223,7 +223,10 @@ fn usage_verify_with_a_bad_period_is_a_usage_error_exit_2_not_a_difference() {
             .expect("run vm-webapp");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{period}: {stderr}");
-        assert!(stderr.contains("YYYY-MM"), "{period}: {stderr}");
+        assert!(
+            stderr.contains("YYYY-MM") && stderr.contains("2000-01 to 9999-11"),
+            "{period}: {stderr}"
+        );
     }
 }
 
@@ -524,6 +527,9 @@ async fn a_period_resetting_in_the_year_10000_is_refused_and_every_answered_rese
             "{uri}: {}",
             reply.body
         );
+        // 9999-12 is written YYYY-MM: the message names the range it is outside.
+        let message = reply.body["message"].as_str().unwrap_or_default();
+        assert!(message.contains("2000-01 to 9999-11"), "{message}");
     }
     for period in ["9999-11", "2000-01"] {
         let reply = call(
@@ -543,6 +549,88 @@ async fn a_period_resetting_in_the_year_10000_is_refused_and_every_answered_rese
     }
 }
 
+/// A webhook's runs count against the allowance of `webhook:<source>` like
+/// any tenant's: past a `block` allowance the delivery answers `402
+/// quota_exceeded`, which the OpenAPI document did not list for the webhook
+/// route (nor the 422 of an invalid requested run), so a generated client
+/// had no type for it. The refused delivery's nonce is not spent: once there
+/// is room, the sender's retry of the same delivery starts the run.
+async fn a_webhook_past_its_tenants_allowance_is_a_documented_402_and_its_retry_goes_through(
+    backend: Backend,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("plans.yaml");
+    std::fs::write(
+        &file,
+        "default_plan: tiny\nplans:\n  tiny:\n    meters:\n      runs: {allowance: 1, overage: block}\n  big: {}\n",
+    )
+    .expect("write plans");
+    let file = file.display().to_string();
+    let secret = "gh-secret-0123456789abcdef";
+    let env = TestEnv::new(
+        backend,
+        &[
+            ("VM_PLANS_FILE", file.as_str()),
+            ("VM_API_KEYS", "root:admin-key-0123456789:admin"),
+            ("VM_WEBHOOK_SECRETS", &format!("github:{secret}")),
+            ("VM_RATE_LIMIT_KEY_RPS", "0"),
+            ("VM_RATE_LIMIT_IP_RPS", "0"),
+        ],
+    )
+    .await;
+    let app = env.router();
+    let body = format!(r#"{{"run": {HELLO}}}"#);
+    let deliver = |nonce: &'static str| {
+        let app = app.clone();
+        let body = body.clone();
+        async move {
+            let ts = (vm_webapp::model::now_ms() / 1000).to_string();
+            let sig =
+                vm_webapp::http::webhooks::sign(secret.as_bytes(), &ts, nonce, body.as_bytes());
+            send(
+                &app,
+                "POST",
+                "/api/v2/webhooks/github",
+                Some(&body),
+                &[
+                    ("x-vm-timestamp", &ts),
+                    ("x-vm-nonce", nonce),
+                    ("x-vm-signature", &sig),
+                ],
+            )
+            .await
+        }
+    };
+    assert_eq!(deliver("nonce-first-1").await.status, StatusCode::ACCEPTED);
+    let refused = deliver("nonce-second-2").await;
+    assert_eq!(
+        (refused.status, refused.body["code"].as_str()),
+        (StatusCode::PAYMENT_REQUIRED, Some("quota_exceeded")),
+        "{}",
+        refused.body
+    );
+    let moved = call(
+        &app,
+        "PUT",
+        "/api/v2/tenants/webhook:github/plan",
+        Some(r#"{"plan":"big"}"#),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(moved.status, StatusCode::OK, "{}", moved.body);
+    let retried = deliver("nonce-second-2").await;
+    assert_eq!(retried.status, StatusCode::ACCEPTED, "{}", retried.body);
+
+    let doc = call(&app, "GET", "/api/v2/openapi.json", None, ADMIN).await;
+    let responses = &doc.body["paths"]["/api/v2/webhooks/{source}"]["post"]["responses"];
+    for status in ["402", "422", "503"] {
+        assert!(
+            responses.get(status).is_some(),
+            "the webhook route does not document {status}: {responses}"
+        );
+    }
+}
+
 on_both_backends!(
     a_period_resetting_in_the_year_10000_is_refused_and_every_answered_reset_is_rfc_3339,
     a_meter_no_tenant_is_limited_on_has_no_allowance_gauge,
@@ -553,4 +641,5 @@ on_both_backends!(
     a_warning_threshold_is_reached_at_exactly_its_share_of_the_allowance,
     a_period_given_twice_is_refused_rather_than_one_of_them_silently_chosen,
     concurrent_repeats_of_one_idempotency_key_at_the_last_allowed_run_are_replays_not_402,
+    a_webhook_past_its_tenants_allowance_is_a_documented_402_and_its_retry_goes_through,
 );

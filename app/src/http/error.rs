@@ -94,7 +94,7 @@ pub enum ApiError {
     /// 503 `too_many_streams`: this instance serves as many live-update
     /// streams as it may (`VM_STREAM_MAX_SUBSCRIBERS`), or as many to this
     /// key (`VM_STREAM_MAX_PER_KEY`).
-    #[error("this instance serves as many live-update streams as it may; retry later")]
+    #[error("this instance serves as many live-update streams as it may, in all or to this API key; close one or retry later")]
     TooManyStreams,
     /// 401 `unauthorized`: no or wrong API key.
     #[error("{0}")]
@@ -150,7 +150,7 @@ pub enum ApiError {
     #[error("{0}")]
     UnknownPlan(String),
     /// 400 `invalid_period`: `period` is not a `YYYY-MM` month.
-    #[error("period must be a month as YYYY-MM (UTC), such as 2026-11")]
+    #[error("period must be a month as YYYY-MM (UTC) from 2000-01 to 9999-11, such as 2026-11")]
     InvalidPeriod,
     /// 404 `tenant_not_found`: not a tenant name, or not one this key may see.
     #[error("tenant not found")]

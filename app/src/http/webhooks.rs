@@ -144,13 +144,16 @@ pub fn signature_headers(headers: &HeaderMap) -> Result<(String, i64, String, St
     request_body(content = Object, description = "Any JSON; {\"run\": {\"input\", \"steps\"}} starts a run"),
     responses(
         (status = 202, body = WebhookAccepted),
-        (status = 400, description = "invalid_client_address: the trusted proxy header's last entry is not an address", body = ErrorBody),
+        (status = 400, description = "invalid_client_address: the trusted proxy header's last entry is not an address; invalid_text (a requested run holds a text the database cannot store)", body = ErrorBody),
         (status = 401, description = "missing_signature (a header is absent), invalid_timestamp, invalid_nonce, invalid_signature (present but unreadable, malformed or not matching), stale_timestamp", body = ErrorBody),
         (status = 403, description = "address_not_allowed", body = ErrorBody),
+        (status = 402, description = "quota_exceeded: the `block` allowance of runs of the tenant webhook:<source> is used up; nothing was created and the nonce is not spent, so the sender may retry", body = ErrorBody),
         (status = 404, description = "unknown_webhook_source", body = ErrorBody),
         (status = 409, description = "replayed_nonce", body = ErrorBody),
         (status = 413, description = "payload_too_large", body = ErrorBody),
+        (status = 422, description = "a requested run is invalid: invalid_request, invalid_step, unknown_step_kind, llm_unavailable (checked before the nonce is spent)", body = ErrorBody),
         (status = 429, description = "rate_limited", body = ErrorBody),
+        (status = 503, description = "dependency_unavailable, shutting_down", body = ErrorBody),
     )
 )]
 pub async fn receive(

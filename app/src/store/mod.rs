@@ -223,6 +223,12 @@ impl Store {
             && let Some(path) = sqlite_path(&url)
         {
             prepare_sqlite_file(&path)?;
+            if !has_sqlite_header(&path) {
+                return Err(StoreError::SqliteFile {
+                    path,
+                    reason: "it is not an SQLite database (check VM_DB_URL)".into(),
+                });
+            }
             // sqlx opens an existing file by default; the user named this file,
             // so create it (`mode=rwc`) unless the URL chose a mode itself.
             if !url.contains("mode=") {
@@ -251,6 +257,15 @@ impl Store {
             };
             if !std::path::Path::new(&path).is_file() {
                 return Err(StoreError::SqliteMissing { path });
+            }
+            // A file that is not a database (a wrong path to some other
+            // file) fails every connection, which the pool reported only as
+            // an unreachable database "check network and credentials".
+            if !has_sqlite_header(&path) {
+                return Err(StoreError::SqliteFile {
+                    path,
+                    reason: "it is not an SQLite database (check VM_DB_URL)".into(),
+                });
             }
             url = without_create_mode(&url);
         }
@@ -362,6 +377,22 @@ impl Store {
 }
 
 /// The database clock expression of `backend`.
+/// Whether the file at `path` is empty (SQLite makes a database of it) or
+/// starts with the SQLite header, `SQLite format 3\0`.
+fn has_sqlite_header(path: &str) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 16];
+    match std::fs::File::open(path) {
+        Ok(mut f) => match f.read(&mut head) {
+            Ok(0) => true,
+            Ok(n) => n == 16 && &head == b"SQLite format 3\0",
+            Err(_) => true,
+        },
+        // Let the driver say why it cannot be opened.
+        Err(_) => true,
+    }
+}
+
 pub(crate) fn now_sql(backend: DbBackend) -> &'static str {
     match backend {
         DbBackend::Postgres => PG_NOW,
