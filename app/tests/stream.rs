@@ -455,12 +455,17 @@ async fn a_subscriber_that_stops_reading_continues_from_the_database_when_it_rea
     assert_eq!(everything.len(), 21);
     collect_until(&mut reader, &mut seen, &everything).await;
     assert_eq!(seen, everything.iter().copied().collect::<Vec<_>>());
-    // Live again: a new event arrives without a new poll of the backlog.
+    // Live again: a new event arrives without a new catch-up. (The stream
+    // may have fallen behind a second time while catching up, when the
+    // hub, polling every 20 ms, had not yet handed out the whole backlog as
+    // it rejoined: legitimate, and seen on a loaded machine, so the count
+    // is compared across the live event rather than held to 1.)
+    let before = metric(&app, "vm_stream_lagged_total").await;
     let next = create(&app, ONE_STEP).await;
     let (id, data) = reader.event(Duration::from_secs(10)).await.expect("live");
     assert!(id > *seen.last().expect("events"));
     assert_eq!(data["run_id"], next.to_string());
-    assert_eq!(metric(&app, "vm_stream_lagged_total").await, 1);
+    assert_eq!(metric(&app, "vm_stream_lagged_total").await, before);
 }
 
 /// The real thing: a transaction takes an event id, another commits a later

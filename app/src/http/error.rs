@@ -94,7 +94,9 @@ pub enum ApiError {
     /// 503 `too_many_streams`: this instance serves as many live-update
     /// streams as it may (`VM_STREAM_MAX_SUBSCRIBERS`), or as many to this
     /// key (`VM_STREAM_MAX_PER_KEY`).
-    #[error("this instance serves as many live-update streams as it may, in all or to this API key; close one or retry later")]
+    #[error(
+        "this instance serves as many live-update streams as it may, in all or to this API key; close one or retry later"
+    )]
     TooManyStreams,
     /// 401 `unauthorized`: no or wrong API key.
     #[error("{0}")]
