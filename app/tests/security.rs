@@ -80,7 +80,51 @@ async fn two_keys_work_at_once_so_keys_rotate_without_downtime_and_the_key_id_is
         assert_eq!(created.status, StatusCode::ACCEPTED, "{}", created.body);
     }
     let listed = send(&app, "GET", "/api/v2/runs", None, &[("x-api-key", NEW)]).await;
+    // Each key is its own tenant: NEW sees the one run it created.
+    assert_eq!(listed.body["runs"].as_array().map(Vec::len), Some(1));
     assert_eq!(listed.status, StatusCode::OK);
+    // Two different keys in one request: refused whichever is valid, and
+    // nothing is created; the same key in both is that key.
+    let new_bearer = bearer(NEW);
+    for headers in [
+        [
+            ("authorization", new_bearer.as_str()),
+            ("x-api-key", "not-the-same-key-0123"),
+        ],
+        [
+            ("authorization", "Bearer not-the-same-key-0123"),
+            ("x-api-key", NEW),
+        ],
+    ] {
+        let refused = send(&app, "POST", "/api/v2/runs", Some(HELLO), &headers).await;
+        assert_eq!(
+            (refused.status, refused.body["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("unauthorized")),
+            "{headers:?}: {}",
+            refused.body
+        );
+        assert!(
+            refused.body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("two different keys") && !m.contains(NEW)),
+            "{}",
+            refused.body
+        );
+    }
+    let both = send(
+        &app,
+        "GET",
+        "/api/v2/runs",
+        None,
+        &[("authorization", new_bearer.as_str()), ("x-api-key", NEW)],
+    )
+    .await;
+    assert_eq!(both.status, StatusCode::OK);
+    assert_eq!(
+        listed.body["runs"].as_array().map(Vec::len),
+        both.body["runs"].as_array().map(Vec::len),
+        "the refused requests created nothing"
+    );
 
     let missing = send(&app, "GET", "/api/v2/runs", None, &[]).await;
     assert_eq!(

@@ -78,31 +78,45 @@ pub enum PresentedKey<'a> {
     /// `Authorization` scheme other than `Bearer` with no `x-api-key` to
     /// fall back on. Kind: present but unreadable is invalid, not missing.
     Unreadable,
+    /// `Authorization: Bearer` and `x-api-key` carry two different keys:
+    /// which one the client meant is not ours to guess (RFC 6750 §2: one
+    /// method per request), so neither is used.
+    Conflicting,
     /// The key's text.
     Key(&'a str),
 }
 
-/// The presented key: `Authorization: Bearer …`, else `x-api-key`.
+/// The presented key: `Authorization: Bearer …`, else `x-api-key`; the same
+/// key in both is that key, two different ones are
+/// [`PresentedKey::Conflicting`].
 pub fn presented_key(headers: &HeaderMap) -> PresentedKey<'_> {
     let mut unreadable = false;
+    let header_key = headers
+        .get("x-api-key")
+        .map(|value| match value.to_str().map(str::trim) {
+            Ok(key) if !key.is_empty() => Some(key),
+            _ => None,
+        });
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         match value.to_str() {
             Ok(v) => {
                 let (scheme, rest) = v.trim().split_once(' ').unwrap_or((v.trim(), ""));
                 let key = rest.trim();
                 if scheme.eq_ignore_ascii_case("bearer") && !key.is_empty() {
-                    return PresentedKey::Key(key);
+                    return match header_key {
+                        Some(Some(other)) if other != key => PresentedKey::Conflicting,
+                        _ => PresentedKey::Key(key),
+                    };
                 }
                 unreadable = true;
             }
             Err(_) => unreadable = true,
         }
     }
-    if let Some(value) = headers.get("x-api-key") {
-        match value.to_str().map(str::trim) {
-            Ok(key) if !key.is_empty() => return PresentedKey::Key(key),
-            _ => unreadable = true,
-        }
+    match header_key {
+        Some(Some(key)) => return PresentedKey::Key(key),
+        Some(None) => unreadable = true,
+        None => {}
     }
     if unreadable {
         PresentedKey::Unreadable
@@ -352,6 +366,14 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
                 )
                 .into_response();
             }
+            PresentedKey::Conflicting => {
+                state.auth_failures.add();
+                state.metrics.auth_failed("invalid");
+                return ApiError::Unauthorized(
+                    "Authorization: Bearer and x-api-key carry two different keys: send one key, in one of them",
+                )
+                .into_response();
+            }
         };
         let Some(key) = verify_key(&security.api_keys, presented) else {
             state.auth_failures.add();
@@ -518,6 +540,31 @@ mod tests {
         let h = headers(&[("authorization", b"Basic abc"), ("x-api-key", b"xyz")]);
         assert_eq!(presented_key(&h), PresentedKey::Key("xyz"));
         assert_eq!(presented_key(&HeaderMap::new()), PresentedKey::Missing);
+        // The same key in both is that key.
+        let h = headers(&[("authorization", b"Bearer abc"), ("x-api-key", b"abc")]);
+        assert_eq!(presented_key(&h), PresentedKey::Key("abc"));
+    }
+
+    /// Two different keys are refused whichever is valid: a valid Bearer
+    /// with a wrong `x-api-key` used to pass, and the reverse to fail.
+    #[test]
+    fn two_different_keys_in_one_request_are_refused() {
+        for pairs in [
+            &[
+                ("authorization", &b"Bearer abc"[..]),
+                ("x-api-key", &b"xyz"[..]),
+            ][..],
+            &[
+                ("x-api-key", &b"xyz"[..]),
+                ("authorization", &b"bearer abc"[..]),
+            ],
+        ] {
+            assert_eq!(
+                presented_key(&headers(pairs)),
+                PresentedKey::Conflicting,
+                "{pairs:?}"
+            );
+        }
     }
 
     /// Kind: a key header that is there but cannot be used is reported (and
