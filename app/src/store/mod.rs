@@ -60,6 +60,7 @@ pub mod runs;
 pub mod security;
 pub mod tenancy;
 pub mod usage;
+pub mod usage_report;
 pub mod usage_verify;
 pub mod workers;
 
@@ -223,12 +224,7 @@ impl Store {
             && let Some(path) = sqlite_path(&url)
         {
             prepare_sqlite_file(&path)?;
-            if !has_sqlite_header(&path) {
-                return Err(StoreError::SqliteFile {
-                    path,
-                    reason: "it is not an SQLite database (check VM_DB_URL)".into(),
-                });
-            }
+            ensure_sqlite_file(&path)?;
             // sqlx opens an existing file by default; the user named this file,
             // so create it (`mode=rwc`) unless the URL chose a mode itself.
             if !url.contains("mode=") {
@@ -258,15 +254,7 @@ impl Store {
             if !std::path::Path::new(&path).is_file() {
                 return Err(StoreError::SqliteMissing { path });
             }
-            // A file that is not a database (a wrong path to some other
-            // file) fails every connection, which the pool reported only as
-            // an unreachable database "check network and credentials".
-            if !has_sqlite_header(&path) {
-                return Err(StoreError::SqliteFile {
-                    path,
-                    reason: "it is not an SQLite database (check VM_DB_URL)".into(),
-                });
-            }
+            ensure_sqlite_file(&path)?;
             url = without_create_mode(&url);
         }
         Self::open(db.backend, &url, max_connections).await
@@ -376,7 +364,6 @@ impl Store {
     }
 }
 
-/// The database clock expression of `backend`.
 /// Whether the file at `path` is empty (SQLite makes a database of it) or
 /// starts with the SQLite header, `SQLite format 3\0`.
 fn has_sqlite_header(path: &str) -> bool {
@@ -393,6 +380,21 @@ fn has_sqlite_header(path: &str) -> bool {
     }
 }
 
+/// Refuses a file at `path` that is neither empty nor an SQLite database:
+/// every connection to it would fail, and the pool would report only an
+/// unreachable database ("check network and credentials").
+fn ensure_sqlite_file(path: &str) -> Result<()> {
+    if has_sqlite_header(path) {
+        Ok(())
+    } else {
+        Err(StoreError::SqliteFile {
+            path: path.to_string(),
+            reason: "it is not an SQLite database (check VM_DB_URL)".into(),
+        })
+    }
+}
+
+/// The database clock expression of `backend`.
 pub(crate) fn now_sql(backend: DbBackend) -> &'static str {
     match backend {
         DbBackend::Postgres => PG_NOW,
