@@ -11,7 +11,7 @@ use super::{Result, Store, StoreError};
 use crate::config::DbBackend;
 
 /// The migrations of one backend, in order: (version, description, SQL).
-fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 11] {
+fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 12] {
     match backend {
         DbBackend::Postgres => [
             (
@@ -69,6 +69,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 "usage warnings by allowance",
                 include_str!("../../migrations/postgres/0011_usage_warnings_by_allowance.sql"),
             ),
+            (
+                12,
+                "run updates on the page",
+                include_str!("../../migrations/postgres/0012_run_updates_on_the_page.sql"),
+            ),
         ],
         DbBackend::Sqlite => [
             (
@@ -125,6 +130,11 @@ fn migration_sources(backend: DbBackend) -> [(i64, &'static str, &'static str); 
                 11,
                 "usage warnings by allowance",
                 include_str!("../../migrations/sqlite/0011_usage_warnings_by_allowance.sql"),
+            ),
+            (
+                12,
+                "run updates on the page",
+                include_str!("../../migrations/sqlite/0012_run_updates_on_the_page.sql"),
             ),
         ],
     }
