@@ -23,6 +23,11 @@ mod peers;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+/// The allocator the `vm-webapp` binary ships with (see its `main.rs`), so
+/// the in-process scenarios measure the same code as `serve` and `worker`.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
