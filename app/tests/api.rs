@@ -746,3 +746,65 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
         schemas["RunStatus"]
     );
 }
+
+/// Without this, an operation behind the API-key guard would tell clients
+/// it never answers 401 (most did not list it), and a route that needs a key
+/// without declaring the `api_key` scheme would go unnoticed. Which
+/// operations are protected is asked of the router itself: each documented
+/// operation is called without a key on an instance that has keys.
+#[tokio::test]
+async fn every_operation_that_needs_an_api_key_documents_its_401_with_the_error_body() {
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        &[("VM_API_KEYS", "ops:ops-key-0123456789abcdef")],
+    )
+    .await;
+    let app = env.router();
+    let doc = send(&app, "GET", "/api/v2/openapi.json", None, &[]).await;
+    assert_eq!(doc.status, StatusCode::OK);
+    assert!(doc.body["components"]["schemas"]["ErrorBody"].is_object());
+    let error_body = json!({"$ref": "#/components/schemas/ErrorBody"});
+    let paths = doc.body["paths"].as_object().expect("paths");
+    let mut protected = Vec::new();
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().expect("path item") {
+            let method = method.to_uppercase();
+            let uri = path
+                .replace("{id}", "0190a0b0-0000-7000-8000-000000000000")
+                .replace("{source}", "github")
+                .replace("{index}", "0")
+                .replace("{tenant}", "anonymous");
+            let keyed = operation["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("api_key").is_some()));
+            let status = support::send_raw(&app, &method, &uri, None).await;
+            if keyed {
+                assert_eq!(
+                    status,
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {path} declares the api_key scheme but answers without a key"
+                );
+            }
+            if status == StatusCode::UNAUTHORIZED {
+                assert!(
+                    keyed || path.starts_with("/api/v2/webhooks/"),
+                    "{method} {path} needs a key but does not declare the api_key scheme"
+                );
+                assert_eq!(
+                    operation["responses"]["401"]["content"]["application/json"]["schema"],
+                    error_body,
+                    "{method} {path} answers 401 but does not document it with the error body"
+                );
+                protected.push(format!("{method} {path}"));
+            }
+        }
+    }
+    // The runs, approvals, audit, tenants and stream routes.
+    assert_eq!(protected.len(), 14, "{protected:?}");
+    assert!(
+        doc.body["paths"]["/api/v2/runs/{id}/cancel"]["post"]["responses"]["503"]["content"]["application/json"]
+            ["schema"]
+            == error_body,
+        "cancel documents its 503"
+    );
+}

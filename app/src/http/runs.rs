@@ -409,6 +409,7 @@ pub async fn list_events(
         (status = 400, description = "invalid_parameter: the id is not valid percent-encoded UTF-8 (a well-formed id that is not a UUID is run_not_found)", body = ErrorBody),
         (status = 404, description = "run_not_found", body = ErrorBody),
         (status = 409, description = "run_not_cancellable", body = ErrorBody),
+        (status = 503, description = "dependency_unavailable", body = ErrorBody),
     )
 )]
 pub async fn cancel_run(
