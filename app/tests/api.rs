@@ -119,6 +119,28 @@ async fn idempotency_key_replays_the_original_run_and_rejects_a_different_body(b
     assert_eq!(list.body["runs"].as_array().map(Vec::len), Some(1));
 }
 
+/// A client that retries a create after a lost answer follows `Location`
+/// to the run; the replay answered 200 without it, so that client had
+/// nowhere to go (and the documented header was only on the 202).
+async fn an_idempotent_replay_carries_the_location_of_the_original_run(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let app = env.router();
+    let key = [("idempotency-key", "retry-after-a-lost-answer")];
+    let first = send(&app, "POST", "/api/v2/runs", Some(HELLO), &key).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let location = format!("/api/v2/runs/{}", first.body["id"].as_str().expect("id"));
+    assert_eq!(first.headers["location"], location.as_str());
+    let replay = send(&app, "POST", "/api/v2/runs", Some(HELLO), &key).await;
+    assert_eq!(replay.status, StatusCode::OK);
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(replay.headers["location"], location.as_str());
+    assert_eq!(
+        send(&app, "GET", &location, None, &[]).await.body["id"],
+        first.body["id"],
+        "the location names the original run"
+    );
+}
+
 async fn runs_are_listed_newest_first_with_cursor_pages_and_a_status_filter(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
     let app = env.router();
@@ -623,6 +645,7 @@ on_both_backends!(
     metrics_count_requests_jobs_and_queue_with_bounded_labels,
     a_run_goes_from_accepted_to_succeeded_with_its_events,
     idempotency_key_replays_the_original_run_and_rejects_a_different_body,
+    an_idempotent_replay_carries_the_location_of_the_original_run,
     runs_are_listed_newest_first_with_cursor_pages_and_a_status_filter,
     every_client_mistake_is_a_4xx_with_a_stable_code,
     llm_steps_are_refused_when_no_endpoint_is_configured,
