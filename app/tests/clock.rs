@@ -5,6 +5,10 @@
 //! saw the healthy worker's lease as expired and took the job over at once
 //! (`step.lease_expired`, attempt 2), and the behind worker stamped leases
 //! that had already run out. The run must finish on its first delivery.
+//!
+//! Also: a run-creation batch is admitted, stamped and counted at one
+//! database instant, tested with a `serve` on SQLite whose clock (SQLite's,
+//! in the process) libfaketime moves a month per read.
 
 mod support;
 
