@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::cli::{Cli, Command, ServeArgs, WorkerArgs};
 use crate::config::{AppEnv, LlmMode, Settings};
@@ -72,7 +72,9 @@ pub async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            error!(error = %message, "stopped with an error");
+            // Once, on stderr, where a terminal, a Job's log and a script
+            // all look for it (a log line too printed it twice, once on
+            // stdout).
             eprintln!("vm-webapp: {message}");
             ExitCode::FAILURE
         }

@@ -119,6 +119,28 @@ async fn idempotency_key_replays_the_original_run_and_rejects_a_different_body(b
     assert_eq!(list.body["runs"].as_array().map(Vec::len), Some(1));
 }
 
+/// A client that retries a create after a lost answer follows `Location`
+/// to the run; the replay answered 200 without it, so that client had
+/// nowhere to go (and the documented header was only on the 202).
+async fn an_idempotent_replay_carries_the_location_of_the_original_run(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let app = env.router();
+    let key = [("idempotency-key", "retry-after-a-lost-answer")];
+    let first = send(&app, "POST", "/api/v2/runs", Some(HELLO), &key).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let location = format!("/api/v2/runs/{}", first.body["id"].as_str().expect("id"));
+    assert_eq!(first.headers["location"], location.as_str());
+    let replay = send(&app, "POST", "/api/v2/runs", Some(HELLO), &key).await;
+    assert_eq!(replay.status, StatusCode::OK);
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(replay.headers["location"], location.as_str());
+    assert_eq!(
+        send(&app, "GET", &location, None, &[]).await.body["id"],
+        first.body["id"],
+        "the location names the original run"
+    );
+}
+
 async fn runs_are_listed_newest_first_with_cursor_pages_and_a_status_filter(backend: Backend) {
     let env = TestEnv::new(backend, &[]).await;
     let app = env.router();
@@ -623,6 +645,7 @@ on_both_backends!(
     metrics_count_requests_jobs_and_queue_with_bounded_labels,
     a_run_goes_from_accepted_to_succeeded_with_its_events,
     idempotency_key_replays_the_original_run_and_rejects_a_different_body,
+    an_idempotent_replay_carries_the_location_of_the_original_run,
     runs_are_listed_newest_first_with_cursor_pages_and_a_status_filter,
     every_client_mistake_is_a_4xx_with_a_stable_code,
     llm_steps_are_refused_when_no_endpoint_is_configured,
@@ -744,5 +767,67 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_answe
             .is_some_and(|v| v.contains(&json!("waiting"))),
         "{}",
         schemas["RunStatus"]
+    );
+}
+
+/// Without this, an operation behind the API-key guard would tell clients
+/// it never answers 401 (most did not list it), and a route that needs a key
+/// without declaring the `api_key` scheme would go unnoticed. Which
+/// operations are protected is asked of the router itself: each documented
+/// operation is called without a key on an instance that has keys.
+#[tokio::test]
+async fn every_operation_that_needs_an_api_key_documents_its_401_with_the_error_body() {
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        &[("VM_API_KEYS", "ops:ops-key-0123456789abcdef")],
+    )
+    .await;
+    let app = env.router();
+    let doc = send(&app, "GET", "/api/v2/openapi.json", None, &[]).await;
+    assert_eq!(doc.status, StatusCode::OK);
+    assert!(doc.body["components"]["schemas"]["ErrorBody"].is_object());
+    let error_body = json!({"$ref": "#/components/schemas/ErrorBody"});
+    let paths = doc.body["paths"].as_object().expect("paths");
+    let mut protected = Vec::new();
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().expect("path item") {
+            let method = method.to_uppercase();
+            let uri = path
+                .replace("{id}", "0190a0b0-0000-7000-8000-000000000000")
+                .replace("{source}", "github")
+                .replace("{index}", "0")
+                .replace("{tenant}", "anonymous");
+            let keyed = operation["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("api_key").is_some()));
+            let status = support::send_raw(&app, &method, &uri, None).await;
+            if keyed {
+                assert_eq!(
+                    status,
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {path} declares the api_key scheme but answers without a key"
+                );
+            }
+            if status == StatusCode::UNAUTHORIZED {
+                assert!(
+                    keyed || path.starts_with("/api/v2/webhooks/"),
+                    "{method} {path} needs a key but does not declare the api_key scheme"
+                );
+                assert_eq!(
+                    operation["responses"]["401"]["content"]["application/json"]["schema"],
+                    error_body,
+                    "{method} {path} answers 401 but does not document it with the error body"
+                );
+                protected.push(format!("{method} {path}"));
+            }
+        }
+    }
+    // The runs, approvals, audit, tenants and stream routes.
+    assert_eq!(protected.len(), 14, "{protected:?}");
+    assert!(
+        doc.body["paths"]["/api/v2/runs/{id}/cancel"]["post"]["responses"]["503"]["content"]["application/json"]
+            ["schema"]
+            == error_body,
+        "cancel documents its 503"
     );
 }

@@ -682,6 +682,44 @@ async fn migrate_twice_then_serve_refuses_unmigrated(url: &str, unmigrated_url: 
         .expect("serve bound its port although it refused to start");
 }
 
+/// A failing command printed its error twice, as a log line on stdout and
+/// as a line on stderr: a person read it twice, and a script that keeps
+/// stdout (or a log pipeline that takes both) stored it twice.
+#[test]
+fn a_failing_command_prints_its_error_once_on_stderr_and_exits_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("not-a-database");
+    std::fs::write(&file, "plain text").expect("write");
+    let url = format!("sqlite://{}", file.display());
+    for format in ["json", "pretty"] {
+        let out = vm(
+            &["migrate"],
+            &[
+                ("APP_ENV", "staging"),
+                ("VM_DB_URL", &url),
+                ("LOG_FORMAT", format),
+            ],
+        )
+        .output()
+        .expect("run vm-webapp");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        let all = format!("--- stdout ---\n{stdout}--- stderr ---\n{stderr}");
+        assert_eq!(out.status.code(), Some(1), "{format}: {all}");
+        assert_eq!(
+            stderr.matches("not an SQLite database").count(),
+            1,
+            "{format}: {all}"
+        );
+        assert!(
+            !stdout.contains("not an SQLite database"),
+            "{format}: {all}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn migrate_is_idempotent_on_sqlite_and_serve_refuses_an_unmigrated_database() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -5,6 +5,10 @@
 //! saw the healthy worker's lease as expired and took the job over at once
 //! (`step.lease_expired`, attempt 2), and the behind worker stamped leases
 //! that had already run out. The run must finish on its first delivery.
+//!
+//! Also: a run-creation batch is admitted, stamped and counted at one
+//! database instant, tested with a `serve` on SQLite whose clock (SQLite's,
+//! in the process) libfaketime moves a month per read.
 
 mod support;
 
@@ -14,7 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::TestEnv;
+use sqlx::Row;
+use support::{Backend, TestEnv};
 use vm_webapp::model::{NewRun, RunStatus};
 use vm_webapp::steps::parse_steps;
 use vm_webapp::store::CreateOutcome;
@@ -160,4 +165,195 @@ async fn a_worker_whose_clock_runs_60_s_ahead_does_not_take_over_a_healthy_lease
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_clock_runs_60_s_behind_holds_its_lease_like_any_other() {
     a_skewed_worker_never_takes_over_a_healthy_lease(Some("-60s"), None).await;
+}
+
+/// Every clock read of a faked process lands 31 days after the previous
+/// one, so any two statements that read the clock fall in different months.
+const A_MONTH_PER_CLOCK_READ: &str = "@2030-01-31 23:59:59 i2678400.0";
+
+const ACME_KEY: &str = "acme-key-0123456789abcdef";
+
+/// One `POST /api/v2/runs` on a fresh connection; the status code.
+async fn post_run(port: u16) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = r#"{"input": {}, "steps": [{"kind": "template", "template": "hi"}]}"#;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let request = format!(
+        "POST /api/v2/runs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         Authorization: Bearer {ACME_KEY}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"))
+}
+
+/// Kind: a run-creation batch reads the database clock once. On SQLite each
+/// statement read it anew, so a batch at midnight at a month's end was
+/// admitted (and its warnings checked) against the month of its first
+/// statement while its runs and their usage landed in the next: a `block`
+/// allowance could be overshot and the warning of the month the runs went
+/// into was never recorded. A real `serve` on SQLite (the clock is SQLite's,
+/// in the process) runs under libfaketime moving a month per clock read, so
+/// every batch straddles a month; on PostgreSQL (`now()` is the
+/// transaction's) the same invariants hold with the real clock.
+async fn one_batch_is_admitted_stamped_and_counted_at_one_instant(backend: Backend) {
+    let plans_dir = tempfile::tempdir().expect("dir");
+    let plans = plans_dir.path().join("plans.yaml");
+    std::fs::write(
+        &plans,
+        "default_plan: one\nplans:\n  one:\n    warn_at: [1.0]\n    meters:\n      runs: {allowance: 1, overage: block}\n",
+    )
+    .expect("plans");
+    let plans = plans.display().to_string();
+    let keys = format!("acme:{ACME_KEY}:tenant=acme");
+    let vars = [
+        ("VM_PLANS_FILE", plans.as_str()),
+        ("VM_API_KEYS", keys.as_str()),
+    ];
+    let env = TestEnv::new(backend, &vars).await;
+    let url = env.settings.database.url.expose().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vm-webapp"));
+    cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("APP_ENV", "local")
+        .env("VM_WORKSPACE_ROOT", env.dir.path())
+        .env("VM_DB_URL", &url)
+        .env("VM_PLANS_FILE", &plans)
+        .env("VM_API_KEYS", &keys)
+        .env("LOG_LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if backend == Backend::Sqlite {
+        cmd.env("LD_PRELOAD", libfaketime())
+            .env("FAKETIME", A_MONTH_PER_CLOCK_READ)
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .env("FAKETIME_NO_CACHE", "1");
+    }
+    let mut serve = cmd.spawn().expect("start serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break post_run(port).await;
+        }
+        assert!(
+            serve.try_wait().expect("wait").is_none(),
+            "serve exited before listening"
+        );
+        assert!(Instant::now() < deadline, "serve never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert_eq!(status, 202, "the run is accepted");
+
+    sqlx::any::install_default_drivers();
+    let db = sqlx::AnyPool::connect(&url).await.expect("connect");
+    let one = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query(sql)
+                .fetch_all(&db)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .iter()
+                .map(|r| r.try_get::<i64, _>(0).expect("instant"))
+                .collect::<Vec<i64>>()
+        }
+    };
+    let created = one("SELECT created_at FROM runs").await;
+    assert_eq!(created.len(), 1, "one run");
+    let at = created[0];
+    if backend == Backend::Sqlite {
+        // Proves the fake clock took, so the test can fail.
+        let start = chrono::DateTime::parse_from_rfc3339("2030-01-31T23:59:59Z")
+            .expect("rfc3339")
+            .timestamp_millis();
+        assert!(at > start, "the fake clock did not take: {at}");
+    }
+    let month = env.store.period_at(at).await.expect("period");
+    let periods = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query(sql)
+                .fetch_all(&db)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .iter()
+                .map(|r| r.try_get::<String, _>(0).expect("period"))
+                .collect::<Vec<String>>()
+        }
+    };
+    assert_eq!(
+        periods("SELECT period FROM usage_counters WHERE meter = 'runs' AND shard = 0").await,
+        vec![month.clone()],
+        "the month admitted is the month of the run"
+    );
+    assert_eq!(
+        periods("SELECT period FROM usage_ledger WHERE source = 'run.created'").await,
+        vec![month.clone()],
+        "the month counted is the month admitted"
+    );
+    assert_eq!(
+        periods("SELECT period FROM usage_warnings WHERE meter = 'runs'").await,
+        vec![month],
+        "the 100 % warning is recorded in the month the run was counted in"
+    );
+    for (what, sql) in [
+        (
+            "the run.queued event",
+            "SELECT created_at FROM run_events WHERE event_type = 'run.queued'",
+        ),
+        (
+            "the run.created audit row",
+            "SELECT at FROM audit_log WHERE action = 'run.created'",
+        ),
+        (
+            "the ledger row",
+            "SELECT at FROM usage_ledger WHERE source = 'run.created'",
+        ),
+        (
+            "the admission lock",
+            "SELECT updated_at FROM usage_counters WHERE meter = 'runs' AND shard = 0",
+        ),
+        (
+            "the runs counter",
+            "SELECT updated_at FROM usage_counters WHERE meter = 'runs' AND shard > 0",
+        ),
+        ("the warning", "SELECT crossed_at FROM usage_warnings"),
+    ] {
+        assert_eq!(
+            one(sql).await,
+            vec![at],
+            "{what} carries the batch's instant"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_creation_batch_on_sqlite_reads_the_clock_once_so_the_month_admitted_is_the_month_counted()
+ {
+    one_batch_is_admitted_stamped_and_counted_at_one_instant(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_creation_batch_on_postgres_is_admitted_stamped_and_counted_at_one_instant() {
+    one_batch_is_admitted_stamped_and_counted_at_one_instant(Backend::Postgres).await;
 }

@@ -244,6 +244,7 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(tenants::set_plan))
         .routes(routes!(tenants::usage))
         .routes(routes!(tenants::export));
+    document_unauthorized(protected.get_openapi_mut());
     let mut signed = OpenApiRouter::new().routes(routes!(webhooks::receive));
     if let Some(state) = state {
         // The last layer added runs first: the address limit, then the key.
@@ -263,6 +264,44 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .merge(protected)
         .merge(signed)
         .routes(routes!(openapi_json))
+}
+
+/// Lists the API-key guard's 401 on every operation of `doc` that does not
+/// list one already: the guard ([`security::authenticate`]) answers it
+/// before any handler runs, so every route behind it can answer it, and a
+/// handler's annotation would have to remember it (most did not).
+fn document_unauthorized(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{Content, Ref, ResponseBuilder};
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ];
+        for operation in operations.into_iter().flatten() {
+            operation
+                .responses
+                .responses
+                .entry("401".to_string())
+                .or_insert_with(|| {
+                    ResponseBuilder::new()
+                        .description(
+                            "unauthorized: no API key, an unknown one, an unreadable header, \
+                             or two different keys in Authorization and x-api-key",
+                        )
+                        .content(
+                            "application/json",
+                            Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+                        )
+                        .into()
+                });
+        }
+    }
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.

@@ -106,8 +106,13 @@ pub fn parse_create_body(bytes: &[u8]) -> Result<(Value, Vec<Value>), ApiError> 
         ("x-correlation-id" = Option<String>, Header, description = "Correlation id carried by the run's log lines"),
     ),
     responses(
-        (status = 202, description = "Run queued", body = RunView),
-        (status = 200, description = "Idempotent replay of the original run", body = RunView),
+        (status = 202, description = "Run queued", body = RunView,
+            headers(("Location" = String, description = "The run: `/api/v2/runs/{id}`"))),
+        (status = 200, description = "Idempotent replay of the original run", body = RunView,
+            headers(
+                ("Location" = String, description = "The original run: `/api/v2/runs/{id}`"),
+                ("idempotent-replayed" = String, description = "`true`"),
+            )),
         (status = 400, description = "invalid_json, invalid_idempotency_key, invalid_correlation_id, invalid_request_id, invalid_text (a text the database cannot store, such as a NUL byte)", body = ErrorBody),
         (status = 402, description = "quota_exceeded: the tenant's `block` allowance of runs is used up for the period; the body adds `meter`, `allowance`, `used`, `period` and `resets_at` (start of the next UTC month). Nothing was created or counted.", body = ErrorBody),
         (status = 409, description = "idempotency_key_conflict", body = ErrorBody),
@@ -154,8 +159,10 @@ pub async fn create_run(
         request_id: request_id.map(str::to_string),
     };
     let (detail, created) = create_from_body(&state, request).await?;
+    // A replay names the run too: it answers a client whose first answer
+    // was lost, and that client follows `Location` like any other.
+    let location = format!("{API_PREFIX}/runs/{}", detail.run.id);
     if created {
-        let location = format!("{API_PREFIX}/runs/{}", detail.run.id);
         Ok((
             StatusCode::ACCEPTED,
             [(header::LOCATION, location)],
@@ -165,7 +172,10 @@ pub async fn create_run(
     } else {
         Ok((
             StatusCode::OK,
-            [("idempotent-replayed", "true")],
+            [
+                (header::LOCATION.as_str(), location.as_str()),
+                ("idempotent-replayed", "true"),
+            ],
             Json(RunView::of(&detail)),
         )
             .into_response())
@@ -409,6 +419,7 @@ pub async fn list_events(
         (status = 400, description = "invalid_parameter: the id is not valid percent-encoded UTF-8 (a well-formed id that is not a UUID is run_not_found)", body = ErrorBody),
         (status = 404, description = "run_not_found", body = ErrorBody),
         (status = 409, description = "run_not_cancellable", body = ErrorBody),
+        (status = 503, description = "dependency_unavailable", body = ErrorBody),
     )
 )]
 pub async fn cancel_run(

@@ -65,9 +65,11 @@ impl<'a> NewEvent<'a> {
     }
 }
 
-/// `INSERT … SELECT` of events from one JSON array parameter.
+/// `INSERT … SELECT` of events from one JSON array parameter (`$1`),
+/// stamped `$2` (ms since the epoch; the database clock when NULL).
 pub(crate) fn insert_events_sql(store: &Store) -> String {
-    store.sql(&format!(
+    store.sql_at(
+        &format!(
         "INSERT INTO run_events (run_id, event_type, step_index, attempt, message, data, created_at) \
          SELECT run_id, event_type, step_index, attempt, message, data, {{now}} FROM ({}) s",
         recordset(
@@ -81,7 +83,9 @@ pub(crate) fn insert_events_sql(store: &Store) -> String {
                 ("data", "text"),
             ]
         )
-    ))
+        ),
+        2,
+    )
 }
 
 impl Store {
@@ -91,12 +95,24 @@ impl Store {
         tx: &mut Transaction<'static, Any>,
         events: &[NewEvent<'_>],
     ) -> Result<()> {
+        self.insert_events_at(tx, events, None).await
+    }
+
+    /// [`Store::insert_events`] stamped `at` (ms since the epoch) instead
+    /// of the database clock when given.
+    pub(crate) async fn insert_events_at(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        events: &[NewEvent<'_>],
+        at: Option<i64>,
+    ) -> Result<()> {
         if events.is_empty() {
             return Ok(());
         }
         let batch = Value::Array(events.iter().map(NewEvent::to_json).collect()).to_string();
         sqlx::query(&insert_events_sql(self))
             .bind(batch)
+            .bind(at)
             .execute(&mut **tx)
             .await?;
         Ok(())

@@ -169,6 +169,12 @@ async fn write_alone(store: &Store, new: &NewRun) -> Result<Stored> {
 /// and consumes nothing. The usage of the batch is added to counter shard
 /// `shard`; a tenant without a `block` allowance takes no lock, so concurrent
 /// writers do not wait for each other.
+///
+/// The batch has one instant: the database clock as the first lock reads
+/// it, bound into every later statement (admission, `created_at`, jobs,
+/// events, audit rows, the ledger and its month, warnings), so the month
+/// admitted is the month counted on SQLite too, whose clock is read per
+/// statement.
 async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<Stored>> {
     let backend = store.backend();
     let plans = store.plans();
@@ -190,6 +196,11 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
     tenants.sort_unstable();
     tenants.dedup();
     let mut period: Option<String> = None;
+    // The instant of the batch, read by the first lock and bound into every
+    // later statement: SQLite reads its clock per statement, so otherwise a
+    // batch at midnight at a month's end was admitted against one month and
+    // counted in the next (PostgreSQL's `now()` is the transaction's anyway).
+    let mut at: Option<i64> = None;
     let mut used_of: HashMap<&str, i64> = HashMap::with_capacity(tenants.len());
     let mut plan_of: HashMap<String, Option<crate::plans::Plan>> = HashMap::new();
     // SQLite: the first statement of a write transaction must write (there
@@ -198,11 +209,12 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
     if backend == DbBackend::Postgres {
         plan_of = plans_of(&mut tx, plans.as_deref(), &tenants).await?;
     }
-    let lock = store.sql(
+    let lock = store.sql_at(
         "INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
          VALUES ($1, COALESCE($2, {period}), 'runs', 0, 0, {now}) \
          ON CONFLICT (tenant, period, meter, shard) DO UPDATE SET updated_at = excluded.updated_at \
-         RETURNING period",
+         RETURNING period, updated_at",
+        3,
     );
     for tenant in &tenants {
         let blocks = plan_of
@@ -219,9 +231,11 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
         let row = sqlx::query(&lock)
             .bind(*tenant)
             .bind(period.as_deref())
+            .bind(at)
             .fetch_one(&mut *tx)
             .await?;
         let locked: String = row.try_get("period")?;
+        at = Some(row.try_get("updated_at")?);
         let used = counter_sum(&mut tx, tenant, &locked, Meter::Runs).await?;
         used_of.insert(tenant, used);
         period = Some(locked);
@@ -342,7 +356,7 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
             created_at = insert_postgres(store, &mut *tx, runs, jobs, Some(&period), shard).await?;
         } else {
             created_at =
-                insert_sqlite(store, &mut tx, runs, news, &id_texts, &period, shard).await?;
+                insert_sqlite(store, &mut tx, runs, news, &id_texts, &period, shard, at).await?;
         }
         let touched = touched_of(
             id_texts
@@ -352,7 +366,7 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
                 .map(|(id, new)| (new.tenant.as_str(), Meter::Runs, Some(id.as_str()))),
             &period,
         );
-        crossed = store.note_thresholds(&mut tx, &touched).await?;
+        crossed = store.note_thresholds(&mut tx, &touched, at).await?;
     }
     let blocked: Vec<Value> = news
         .iter()
@@ -373,7 +387,7 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
         })
         .collect();
     if !blocked.is_empty() {
-        insert_audits(store, &mut tx, "quota.blocked", "denied", blocked).await?;
+        insert_audits(store, &mut tx, "quota.blocked", "denied", blocked, at).await?;
     }
     tx.commit().await?;
     store.count_crossings(&crossed);
@@ -549,8 +563,10 @@ where
 
 /// SQLite: stores `runs` and what goes with them (jobs, `run.queued` events,
 /// `run.created` audit rows, usage of the `runs` meter in `period` on shard
-/// `shard`) with one statement per table in `tx`. Returns each stored run's
-/// `created_at` by id.
+/// `shard`) with one statement per table in `tx`, all stamped `at` (the
+/// batch's instant, whose month `period` is; the database clock if `None`).
+/// Returns each stored run's `created_at` by id.
+#[allow(clippy::too_many_arguments)]
 async fn insert_sqlite(
     store: &Store,
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -559,10 +575,12 @@ async fn insert_sqlite(
     id_texts: &[String],
     period: &str,
     shard: i64,
+    at: Option<i64>,
 ) -> Result<HashMap<String, i64>> {
     let backend = store.backend();
     let mut created_at = HashMap::with_capacity(runs.len());
-    let insert_runs = store.sql(&format!(
+    let insert_runs = store.sql_at(
+        &format!(
         "INSERT INTO runs (id, status, input, steps, step_count, idempotency_key, request_hash, \
          correlation_id, tenant, created_at, updated_at) \
          SELECT id, 'queued', input, steps, step_count, idempotency_key, request_hash, correlation_id, \
@@ -581,9 +599,12 @@ async fn insert_sqlite(
                 ("tenant", "text"),
             ]
         )
-    ));
+        ),
+        2,
+    );
     let inserted = sqlx::query(&insert_runs)
         .bind(Value::Array(runs).to_string())
+        .bind(at)
         .fetch_all(&mut **tx)
         .await?;
     for row in &inserted {
@@ -610,7 +631,7 @@ async fn insert_sqlite(
                 source: "run.created",
             })
             .collect();
-        store.add_usage(tx, &usage, Some(period), shard).await?;
+        store.add_usage(tx, &usage, Some(period), shard, at).await?;
         let jobs = jobs_of(created.iter().map(|(id, new)| (*id, **new)));
         let mut audits = Vec::new();
         for (id, new) in &created {
@@ -622,7 +643,8 @@ async fn insert_sqlite(
                 "tenant": new.tenant,
             }));
         }
-        let insert_jobs = store.sql(&format!(
+        let insert_jobs = store.sql_at(
+            &format!(
         "INSERT INTO jobs (run_id, correlation_id, step_index, step_count, payload, state, \
          max_attempts, run_at, created_at) \
          SELECT run_id, correlation_id, step_index, step_count, payload, state, max_attempts, {{now}}, {{now}} \
@@ -639,9 +661,12 @@ async fn insert_sqlite(
                 ("max_attempts", "bigint"),
             ]
         )
-    ));
+    ),
+            2,
+        );
         sqlx::query(&insert_jobs)
             .bind(Value::Array(jobs).to_string())
+            .bind(at)
             .execute(&mut **tx)
             .await?;
         let events: Vec<NewEvent<'_>> = created
@@ -650,22 +675,25 @@ async fn insert_sqlite(
                 NewEvent::run(id, EventType::RunQueued).data(json!({"steps": new.steps.len()}))
             })
             .collect();
-        store.insert_events(tx, &events).await?;
-        insert_audits(store, tx, "run.created", "success", audits).await?;
+        store.insert_events_at(tx, &events, at).await?;
+        insert_audits(store, tx, "run.created", "success", audits, at).await?;
     }
     Ok(created_at)
 }
 
 /// Audit rows of one `action` and `outcome` from a JSON batch of
-/// `{actor, target, request_id, detail, tenant}`.
+/// `{actor, target, request_id, detail, tenant}`, stamped `at` (the database
+/// clock if `None`).
 async fn insert_audits(
     store: &Store,
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     action: &str,
     outcome: &str,
     rows: Vec<Value>,
+    at: Option<i64>,
 ) -> Result<()> {
-    let sql = store.sql(&format!(
+    let sql = store.sql_at(
+        &format!(
         "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail, tenant) \
          SELECT {{now}}, actor, $2, target, $3, request_id, detail, tenant FROM ({}) s",
         recordset(
@@ -678,11 +706,14 @@ async fn insert_audits(
                 ("tenant", "text"),
             ]
         )
-    ));
+        ),
+        4,
+    );
     sqlx::query(&sql)
         .bind(Value::Array(rows).to_string())
         .bind(action)
         .bind(outcome)
+        .bind(at)
         .execute(&mut **tx)
         .await?;
     Ok(())

@@ -341,6 +341,19 @@ impl Store {
             .replace("{now}", self.now_sql())
     }
 
+    /// Like [`Store::sql`], but `{now}` is the instant bound as parameter
+    /// `$n` (ms since the epoch; the database clock when it is NULL) and
+    /// `{period}` its month. On SQLite every statement reads the clock
+    /// anew, so a transaction that must stamp one instant everywhere (run
+    /// creation: admission, `created_at`, ledger month, warnings) reads it
+    /// once and binds it into the statements that follow.
+    pub(crate) fn sql_at(&self, template: &str, n: usize) -> String {
+        let at = format!("COALESCE(CAST(${n} AS BIGINT), {})", self.now_sql());
+        template
+            .replace("{period}", &usage::period_sql(self.backend, &at))
+            .replace("{now}", &at)
+    }
+
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }

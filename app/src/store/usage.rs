@@ -239,9 +239,9 @@ impl Store {
             });
         }
         let touched = self
-            .add_usage(tx, &rows, period, self.usage.counter_shard(0))
+            .add_usage(tx, &rows, period, self.usage.counter_shard(0), None)
             .await?;
-        self.note_thresholds(tx, &touched).await
+        self.note_thresholds(tx, &touched, None).await
     }
 
     /// Adds ledger rows and their counters in `tx`. Returns what was
@@ -258,13 +258,16 @@ impl Store {
     /// month. Other rows (and a counted thing not found) take `period` when
     /// given, else the database clock's month. Each row's period is computed
     /// once, by the ledger insert, and the counters are added from what it
-    /// returned, so the two never disagree either.
+    /// returned, so the two never disagree either. Rows are stamped `at` (ms
+    /// since the epoch) when given, else by the database clock: run creation
+    /// passes the one instant of its batch.
     pub(crate) async fn add_usage(
         &self,
         tx: &mut Transaction<'static, Any>,
         rows: &[UsageRow],
         period: Option<&str>,
         shard: i64,
+        at: Option<i64>,
     ) -> Result<Vec<Touched>> {
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -294,7 +297,8 @@ impl Store {
         );
         let run_period = period_sql(backend, "r.created_at");
         let step_period = period_sql(backend, "sr.finished_at");
-        let ledger = sqlx::query(&self.sql(&format!(
+        let ledger = sqlx::query(&self.sql_at(
+            &format!(
             "INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
              SELECT s.tenant, s.meter, s.quantity, COALESCE(CASE s.source \
                WHEN 'run.created' THEN (SELECT {run_period} FROM runs r WHERE r.id = s.run_id) \
@@ -302,9 +306,12 @@ impl Store {
                  WHERE sr.run_id = s.run_id AND sr.step_index = s.step_index) END, $2, {{period}}), \
              s.run_id, s.step_index, s.source, {{now}} FROM ({source}) s \
              RETURNING tenant, meter, quantity, period, run_id"
-        )))
+            ),
+            3,
+        ))
         .bind(&batch)
         .bind(period)
+        .bind(at)
         .fetch_all(&mut **tx)
         .await?;
         let mut sums: BTreeMap<(String, String, String), i64> = BTreeMap::new();
@@ -344,15 +351,19 @@ impl Store {
         );
         // Counter rows in key order, so that concurrent writers on
         // PostgreSQL lock them in one order.
-        sqlx::query(&self.sql(&format!(
+        sqlx::query(&self.sql_at(
+            &format!(
             "INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
              SELECT tenant, period, meter, $2, used, {{now}} FROM ({source}) s \
              WHERE true ORDER BY tenant, period, meter \
              ON CONFLICT (tenant, period, meter, shard) DO UPDATE SET used = usage_counters.used + excluded.used, \
              updated_at = excluded.updated_at"
-        )))
+            ),
+            3,
+        ))
         .bind(&counters)
         .bind(shard)
+        .bind(at)
         .execute(&mut **tx)
         .await?;
         Ok(last_run
@@ -370,12 +381,14 @@ impl Store {
     /// and that is not yet recorded for the period and the allowance in
     /// force: a `usage_warnings` row (once, by its primary key), a `tenant.usage_threshold` event on the
     /// run that reached it and a `usage.threshold_reached` audit row, all in
-    /// `tx`. Returns the threshold labels newly reached (for the metric,
-    /// counted after commit).
+    /// `tx`, stamped `at` (ms since the epoch) when given, else by the
+    /// database clock. Returns the threshold labels newly reached (for the
+    /// metric, counted after commit).
     pub(crate) async fn note_thresholds(
         &self,
         tx: &mut Transaction<'static, Any>,
         touched: &[Touched],
+        at: Option<i64>,
     ) -> Result<Vec<String>> {
         let Some(plans) = self.plans() else {
             return Ok(Vec::new());
@@ -412,10 +425,11 @@ impl Store {
                     continue;
                 }
                 let label = threshold_label(threshold);
-                let inserted = sqlx::query(&self.sql(
+                let inserted = sqlx::query(&self.sql_at(
                     "INSERT INTO usage_warnings (tenant, period, meter, threshold, used, allowance, run_id, crossed_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, {now}) \
                      ON CONFLICT (tenant, period, meter, allowance, threshold) DO NOTHING RETURNING tenant",
+                    8,
                 ))
                 .bind(&t.tenant)
                 .bind(&t.period)
@@ -424,6 +438,7 @@ impl Store {
                 .bind(used)
                 .bind(rule.allowance)
                 .bind(&t.run_id)
+                .bind(at)
                 .fetch_optional(&mut **tx)
                 .await?
                 .is_some();
@@ -448,19 +463,22 @@ impl Store {
                         ""
                     }
                 );
-                self.insert_events(
+                self.insert_events_at(
                     tx,
                     &[NewEvent::run(&t.run_id, EventType::TenantUsageThreshold)
                         .message(message)
                         .data(data.clone())],
+                    at,
                 )
                 .await?;
-                sqlx::query(&self.sql(
+                sqlx::query(&self.sql_at(
                     "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail, tenant) \
                      VALUES ({now}, 'system', 'usage.threshold_reached', $1, 'success', NULL, $2, $1)",
+                    3,
                 ))
                 .bind(&t.tenant)
                 .bind(data.to_string())
+                .bind(at)
                 .execute(&mut **tx)
                 .await?;
                 crossed.push(label);

@@ -99,7 +99,7 @@ impl Store {
         let touched = touched_of(rows, &period);
         let result = async {
             let mut tx = self.begin().await?;
-            let crossed = self.note_thresholds(&mut tx, &touched).await?;
+            let crossed = self.note_thresholds(&mut tx, &touched, None).await?;
             tx.commit().await?;
             if !crossed.is_empty() {
                 // Threshold events were written: live updates poll at once.
@@ -336,7 +336,7 @@ impl Store {
             owners.push((*id, *attempt, run_id.clone(), tenant));
         }
         let touched = self
-            .add_usage(&mut tx, &usage, None, self.usage.counter_shard(0))
+            .add_usage(&mut tx, &usage, None, self.usage.counter_shard(0), None)
             .await?;
         tx.commit().await?;
         self.events.raise();
