@@ -17,6 +17,11 @@ pub fn init(settings: &Settings) {
             .with_current_span(false)
             .with_span_list(true)
             .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+        // Colour only on a terminal: a pipe, a file or a pod's log gets
+        // plain text, not escape codes.
+        LogFormat::Pretty => builder
+            .compact()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .try_init(),
     };
 }

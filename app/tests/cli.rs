@@ -720,6 +720,29 @@ fn a_failing_command_prints_its_error_once_on_stderr_and_exits_1() {
     }
 }
 
+/// Pretty logs are for people at a terminal; written to a pipe or a file
+/// (a pod's log, `> out.log`) they must be plain text, not colour codes.
+#[test]
+fn pretty_logs_written_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/x.db?mode=rwc", dir.path().display());
+    let out = vm(
+        &["migrate"],
+        &[
+            ("APP_ENV", "staging"),
+            ("VM_DB_URL", &url),
+            ("LOG_FORMAT", "pretty"),
+            ("LOG_LEVEL", "info"),
+        ],
+    )
+    .output()
+    .expect("run vm-webapp");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("migrations complete"), "{stdout}");
+    assert!(!stdout.contains('\u{1b}'), "escape codes in: {stdout:?}");
+}
+
 #[tokio::test]
 async fn migrate_is_idempotent_on_sqlite_and_serve_refuses_an_unmigrated_database() {
     let dir = tempfile::tempdir().expect("tempdir");
