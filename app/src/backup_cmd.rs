@@ -48,13 +48,9 @@ fn explain(e: &BackupError) -> String {
 /// created would only be refused as unmigrated, and left behind).
 async fn connect(settings: &Settings) -> Result<Store, String> {
     let database = settings.migration_database();
-    Store::connect_existing(&database, 2).await.map_err(|e| {
-        format!(
-            "cannot open the {} database: {}",
-            database.backend.as_str(),
-            describe(&e)
-        )
-    })
+    Store::connect_existing(&database, 2)
+        .await
+        .map_err(|e| crate::runtime::cannot_open(database.backend, &e))
 }
 
 /// `vm-webapp backup`: writes one snapshot to `--output`, or a timestamped

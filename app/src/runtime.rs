@@ -87,13 +87,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 pub async fn open_store(settings: &Settings, pool_size: u32) -> Result<Store, String> {
     let store = Store::connect(&settings.database, pool_size)
         .await
-        .map_err(|e| {
-            format!(
-                "cannot open the {} database: {}",
-                settings.database.backend.as_str(),
-                describe(&e)
-            )
-        })?;
+        .map_err(|e| cannot_open(settings.database.backend, &e))?;
     if settings.app_env == AppEnv::Local {
         store
             .migrate()
@@ -112,6 +106,20 @@ pub async fn open_store(settings: &Settings, pool_size: u32) -> Result<Store, St
 /// which names no secret: a database that does not exist (a typo in the URL,
 /// or one never created) and refused credentials are told apart from a bare
 /// "database error", which is all a new user got for either.
+/// Why `backend`'s database could not be opened, for a command's one error
+/// line: "cannot open the postgres database: <why>", except for an SQLite
+/// file error, which already says which file could not be opened and why.
+pub(crate) fn cannot_open(backend: crate::config::DbBackend, e: &StoreError) -> String {
+    match e {
+        StoreError::SqliteFile { .. } => describe(e),
+        _ => format!(
+            "cannot open the {} database: {}",
+            backend.as_str(),
+            describe(e)
+        ),
+    }
+}
+
 pub(crate) fn describe(e: &StoreError) -> String {
     match e {
         StoreError::Unavailable(_) => {
@@ -528,7 +536,7 @@ async fn migrate(settings: Arc<Settings>) -> Result<(), String> {
     let database = settings.migration_database();
     let store = Store::connect(&database, 2)
         .await
-        .map_err(|e| format!("cannot open the database: {}", describe(&e)))?;
+        .map_err(|e| cannot_open(database.backend, &e))?;
     let applied = store.migrate().await.map_err(|e| describe(&e))?;
     if let Some(role) = &settings.security.runtime_db_role {
         store

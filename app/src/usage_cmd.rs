@@ -30,13 +30,7 @@ async fn verify(settings: &Settings, period: &str) -> Result<(), String> {
     // no database it fails instead of creating an empty one.
     let store = Store::connect_existing(&settings.database, 2)
         .await
-        .map_err(|e| {
-            format!(
-                "cannot open the {} database: {}",
-                settings.database.backend.as_str(),
-                describe(&e)
-            )
-        })?;
+        .map_err(|e| crate::runtime::cannot_open(settings.database.backend, &e))?;
     // A database without the usage tables says what to do, not "database error".
     if let Err(e) = store.ensure_schema().await {
         store.close().await;

@@ -717,6 +717,8 @@ fn a_failing_command_prints_its_error_once_on_stderr_and_exits_1() {
             !stdout.contains("not an SQLite database"),
             "{format}: {all}"
         );
+        // Said once, not "cannot open the database: cannot open the file".
+        assert_eq!(stderr.matches("cannot open").count(), 1, "{format}: {all}");
     }
 }
 
