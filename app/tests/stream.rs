@@ -207,6 +207,114 @@ async fn a_run_stream_replays_the_history_then_follows_live(backend: Backend) {
     assert_eq!(types, env.event_types(id).await);
 }
 
+/// Reads a stream to its end, skipping heartbeats: its events' ids and
+/// types. Panics when it has not ended after `wait`.
+async fn read_to_end(reader: &mut SseReader, wait: Duration) -> Vec<(i64, String)> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut events = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match reader.try_frame(left).await {
+            Err(()) => panic!("the stream did not end within {wait:?}; it sent {events:?}"),
+            Ok(None) => return events,
+            Ok(Some(Frame::Comment(_))) => continue,
+            Ok(Some(Frame::Event { id, data })) => {
+                let kind = data["type"].as_str().expect("type").to_string();
+                events.push((id, kind));
+            }
+        }
+    }
+}
+
+/// A run's stream ends after the event that ends the run: for a subscriber
+/// that follows the run live, for one that comes after the end (the
+/// history, then the end), and for a cancelled run; resuming after the end
+/// answers 204, which stops `EventSource` from reconnecting. Before, the
+/// response stayed open for ever (heartbeats only): `curl -N` never
+/// returned, and every finished run watched by a client held a place under
+/// the stream limits. The all-runs stream stays open.
+async fn a_run_stream_ends_after_the_event_that_ends_the_run(backend: Backend) {
+    let env = TestEnv::new(
+        backend,
+        &[
+            ("VM_STREAM_POLL_MS", "50"),
+            // Heartbeats flowing: an open stream never goes quiet.
+            ("VM_STREAM_HEARTBEAT_MS", "100"),
+        ],
+    )
+    .await;
+    let app = env.router();
+    let mut all = open(&app, "/api/v2/events/stream", &[]).await;
+    let id = create(&app, HELLO).await;
+    let uri = format!("/api/v2/runs/{id}/events/stream");
+    let mut live = open(&app, &uri, &[]).await;
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let followed = read_to_end(&mut live, Duration::from_secs(20)).await;
+    let stored: Vec<(i64, String)> = env
+        .store
+        .list_events(id, 0, 1000)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| (e.id, e.event_type))
+        .collect();
+    assert_eq!(followed, stored, "every event of the run, then the end");
+    assert_eq!(followed.last().map(|e| e.1.as_str()), Some("run.succeeded"));
+    // After the end: the whole history, then the end.
+    let mut late = open(&app, &uri, &[]).await;
+    assert_eq!(read_to_end(&mut late, Duration::from_secs(5)).await, stored);
+    // Resuming from the middle: the rest, then the end.
+    let mid = stored[2].0.to_string();
+    let mut resumed = open(&app, &uri, &[("last-event-id", &mid)]).await;
+    assert_eq!(
+        read_to_end(&mut resumed, Duration::from_secs(5)).await,
+        stored[3..]
+    );
+    // Resuming at the end: nothing will follow, so no stream at all.
+    let end = stored.last().expect("events").0.to_string();
+    for (uri, header) in [
+        (uri.clone(), Some(end.as_str())),
+        (format!("{uri}?after={end}"), None),
+    ] {
+        let headers: Vec<(&str, &str)> = header.map(|h| ("last-event-id", h)).into_iter().collect();
+        let reply = send(&app, "GET", &uri, None, &headers).await;
+        assert_eq!(reply.status, StatusCode::NO_CONTENT, "{uri} {header:?}");
+    }
+    stop.cancel();
+    worker.await.expect("worker");
+    // A cancelled run's stream ends too (no worker: it is cancelled queued).
+    let doomed = create(&app, HELLO).await;
+    let doomed_uri = format!("/api/v2/runs/{doomed}/events/stream");
+    let mut watching = open(&app, &doomed_uri, &[]).await;
+    let (_, data) = watching.event(Duration::from_secs(5)).await.expect("event");
+    assert_eq!(data["type"], "run.queued");
+    let reply = send(
+        &app,
+        "POST",
+        &format!("/api/v2/runs/{doomed}/cancel"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let rest = read_to_end(&mut watching, Duration::from_secs(5)).await;
+    assert_eq!(rest.last().map(|e| e.1.as_str()), Some("run.cancelled"));
+    // Ended streams gave their places back; the all-runs stream is open and
+    // still follows new runs.
+    let metrics = get_text(&app, "/metrics").await;
+    assert!(metrics.contains("vm_stream_subscribers 1"), "{metrics}");
+    let next = create(&app, ONE_STEP).await;
+    loop {
+        let (_, data) = all
+            .event(Duration::from_secs(10))
+            .await
+            .expect("still open");
+        if data["run_id"] == next.to_string() {
+            break;
+        }
+    }
+}
+
 /// Without the catch-up/live seam being exact, a client that reconnects
 /// with the last id it got would miss what happened while it was away, or
 /// see some events twice.
@@ -845,6 +953,7 @@ async fn approval_waits_and_decisions_reach_streams_at_once_not_at_the_next_poll
 on_both_backends!(
     approval_waits_and_decisions_reach_streams_at_once_not_at_the_next_poll,
     a_run_stream_replays_the_history_then_follows_live,
+    a_run_stream_ends_after_the_event_that_ends_the_run,
     resuming_with_last_event_id_after_a_disconnect_loses_and_repeats_nothing,
     a_last_event_id_beyond_the_log_resumes_from_its_end_not_silently_later,
     a_burst_far_beyond_the_buffer_reaches_an_all_runs_stream_whole_on_one_connection,

@@ -2,9 +2,12 @@
 //! events reach a stream):
 //!
 //! - `GET /api/v2/runs/{id}/events/stream`: one run's events, from its first
-//!   one (a late subscriber sees the whole history, then what follows)
+//!   one (a late subscriber sees the whole history, then what follows), up
+//!   to the event that ends the run (`run.succeeded`, `run.failed`,
+//!   `run.cancelled`), after which the response ends; resuming at or after
+//!   that event answers `204 No Content`, which stops `EventSource`
 //! - `GET /api/v2/events/stream`: the events of every run the key may see,
-//!   from now on
+//!   from now on, until the client leaves
 //!
 //! Each SSE event carries `id:` (the event's id) and a JSON `data:` shaped
 //! like an item of `GET /runs/{id}/events` plus `run_id`. A client resumes
@@ -19,7 +22,7 @@ use std::convert::Infallible;
 
 use axum::Extension;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -100,6 +103,7 @@ async fn open(
     filter: FeedFilter,
     after: Option<i64>,
 ) -> Result<Response, ApiError> {
+    let one_run = filter.run.is_some();
     // Counted per key against VM_STREAM_MAX_PER_KEY.
     let holder = actor.map_or("anonymous", |a| a.id.as_str());
     let subscription = state
@@ -110,6 +114,11 @@ async fn open(
             SubscribeError::TooMany => ApiError::TooManyStreams,
             SubscribeError::Store(e) => ApiError::from(e),
         })?;
+    let subscription = if one_run {
+        subscription.until_run_ends()
+    } else {
+        subscription
+    };
     let events = subscription
         .into_stream()
         .map(|event| Ok::<_, Infallible>(sse_event(&event)));
@@ -139,7 +148,8 @@ async fn open(
         ("after" = Option<i64>, Query, description = "Resume after this event id, for clients that cannot set headers; without either, the stream starts at the run's first event"),
     ),
     responses(
-        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle", content_type = "text/event-stream", body = StreamEventView),
+        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle. The response ends after the event that ends the run (`run.succeeded`, `run.failed`, `run.cancelled`), at once for a run already over (its history, then the end)", content_type = "text/event-stream", body = StreamEventView),
+        (status = 204, description = "The run has ended and nothing follows `Last-Event-ID` (or `after`): the stream is over; `EventSource` stops reconnecting"),
         (status = 400, description = "invalid_parameter: Last-Event-ID or after is not an event id", body = ErrorBody),
         (status = 404, description = "run_not_found", body = ErrorBody),
         (status = 503, description = "too_many_streams, dependency_unavailable", body = ErrorBody),
@@ -163,6 +173,15 @@ pub async fn run_stream(
     {
         return Err(ApiError::RunNotFound);
     }
+    let after = after.unwrap_or(0);
+    // Resuming at or after the run's end: nothing will follow. A 204 is what
+    // makes `EventSource` stop reconnecting (an empty 200 would have it
+    // reconnect for ever, every few seconds).
+    if let Some(end) = state.store.run_end_event(id).await?
+        && after >= end
+    {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     let filter = FeedFilter {
         run: Some(id),
         visible: visibility_for(actor.as_ref().map(|Extension(a)| a)),
@@ -171,7 +190,7 @@ pub async fn run_stream(
         &state,
         actor.as_ref().map(|Extension(a)| a),
         filter,
-        Some(after.unwrap_or(0)),
+        Some(after),
     )
     .await
 }
@@ -187,7 +206,7 @@ pub async fn run_stream(
         ("after" = Option<i64>, Query, description = "Resume after this event id, for clients that cannot set headers; without either, the stream starts with the next event"),
     ),
     responses(
-        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle", content_type = "text/event-stream", body = StreamEventView),
+        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle. It stays open until the client leaves or the server stops; the client then resumes with `Last-Event-ID`", content_type = "text/event-stream", body = StreamEventView),
         (status = 400, description = "invalid_parameter: Last-Event-ID or after is not an event id", body = ErrorBody),
         (status = 503, description = "too_many_streams, dependency_unavailable", body = ErrorBody),
     )
