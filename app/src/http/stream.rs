@@ -14,11 +14,16 @@
 //! after the last id it got with the `Last-Event-ID` header (what browsers'
 //! `EventSource` sends by itself) or, when it cannot set headers, `?after=`;
 //! the header wins when both are given. Idle streams carry a `:heartbeat`
-//! comment every `VM_STREAM_HEARTBEAT_MS`. An unknown run answers `404`
+//! comment every `VM_STREAM_HEARTBEAT_MS`. A stream whose client stops
+//! reading ends once a write to it (an event or a heartbeat) has made no
+//! progress for `VM_STREAM_WRITE_TIMEOUT_MS` (see [`crate::http::conn`]),
+//! counted in `vm_stream_drops_total{reason="stalled"}`. An unknown run answers `404`
 //! before any stream starts; authentication and rate limits are those of
 //! every other route.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::{RawQuery, State};
@@ -27,13 +32,16 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Serialize;
+use tracing::info;
 use uuid::Uuid;
 
+use crate::http::conn::WriteWatch;
 use crate::http::extract::ApiPath;
 use crate::http::paging::parse_query;
 use crate::http::security::Actor;
 use crate::http::views::{ErrorBody, EventView};
 use crate::http::{AppState, error::ApiError};
+use crate::metrics::Metrics;
 use crate::model::RunEvent;
 use crate::store::feed::{FeedFilter, Visibility};
 use crate::stream::SubscribeError;
@@ -97,9 +105,32 @@ fn sse_event(event: &RunEvent) -> Event {
     Event::default().id(event.id.to_string()).data(data)
 }
 
+/// Counts the stream it belongs to as `stalled` when it is dropped because
+/// its connection was closed for a write that made no progress.
+struct StallWatch {
+    watch: WriteWatch,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+    holder: String,
+}
+
+impl Drop for StallWatch {
+    fn drop(&mut self) {
+        if self.watch.stalled() {
+            self.metrics.stream.dropped("stalled");
+            info!(
+                actor = %self.holder,
+                timeout_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+                "a live-update stream ended: its client took nothing for the write timeout (VM_STREAM_WRITE_TIMEOUT_MS); its place is free again"
+            );
+        }
+    }
+}
+
 async fn open(
     state: &AppState,
     actor: Option<&Actor>,
+    watch: Option<WriteWatch>,
     filter: FeedFilter,
     after: Option<i64>,
 ) -> Result<Response, ApiError> {
@@ -119,9 +150,24 @@ async fn open(
     } else {
         subscription
     };
-    let events = subscription
-        .into_stream()
-        .map(|event| Ok::<_, Infallible>(sse_event(&event)));
+    // A client that stops reading must not keep its stream (and its place
+    // under the limits) for ever: from now on, a write to this connection
+    // that makes no progress for the write timeout closes it.
+    let stall = watch.map(|watch| {
+        let timeout = state.settings.stream.write_timeout;
+        watch.engage(timeout);
+        StallWatch {
+            watch,
+            metrics: state.metrics.clone(),
+            timeout,
+            holder: holder.to_string(),
+        }
+    });
+    let events = subscription.into_stream().map(move |event| {
+        // Owned by the body: dropped (and counted when stalled) with it.
+        let _ = &stall;
+        Ok::<_, Infallible>(sse_event(&event))
+    });
     let mut response = Sse::new(events)
         .keep_alive(
             KeepAlive::new()
@@ -148,7 +194,7 @@ async fn open(
         ("after" = Option<i64>, Query, description = "Resume after this event id, for clients that cannot set headers; without either, the stream starts at the run's first event"),
     ),
     responses(
-        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle. The response ends after the event that ends the run (`run.succeeded`, `run.failed`, `run.cancelled`), at once for a run already over (its history, then the end)", content_type = "text/event-stream", body = StreamEventView),
+        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle. The response ends after the event that ends the run (`run.succeeded`, `run.failed`, `run.cancelled`), at once for a run already over (its history, then the end); it also ends when a write to the client makes no progress for `VM_STREAM_WRITE_TIMEOUT_MS` or the server stops, and the client then resumes with `Last-Event-ID`", content_type = "text/event-stream", body = StreamEventView),
         (status = 204, description = "The run has ended and nothing follows `Last-Event-ID` (or `after`): the stream is over; `EventSource` stops reconnecting"),
         (status = 400, description = "invalid_parameter: Last-Event-ID or after is not an event id", body = ErrorBody),
         (status = 404, description = "run_not_found", body = ErrorBody),
@@ -158,6 +204,7 @@ async fn open(
 pub async fn run_stream(
     State(state): State<AppState>,
     actor: Option<Extension<Actor>>,
+    watch: Option<Extension<WriteWatch>>,
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -189,6 +236,7 @@ pub async fn run_stream(
     open(
         &state,
         actor.as_ref().map(|Extension(a)| a),
+        watch.map(|Extension(w)| w),
         filter,
         Some(after),
     )
@@ -206,7 +254,7 @@ pub async fn run_stream(
         ("after" = Option<i64>, Query, description = "Resume after this event id, for clients that cannot set headers; without either, the stream starts with the next event"),
     ),
     responses(
-        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle. It stays open until the client leaves or the server stops; the client then resumes with `Last-Event-ID`", content_type = "text/event-stream", body = StreamEventView),
+        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle. It stays open until the client leaves; it ends when a write to the client makes no progress for `VM_STREAM_WRITE_TIMEOUT_MS` or the server stops, and the client then resumes with `Last-Event-ID`", content_type = "text/event-stream", body = StreamEventView),
         (status = 400, description = "invalid_parameter: Last-Event-ID or after is not an event id", body = ErrorBody),
         (status = 503, description = "too_many_streams, dependency_unavailable", body = ErrorBody),
     )
@@ -214,6 +262,7 @@ pub async fn run_stream(
 pub async fn all_stream(
     State(state): State<AppState>,
     actor: Option<Extension<Actor>>,
+    watch: Option<Extension<WriteWatch>>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -222,5 +271,12 @@ pub async fn all_stream(
         run: None,
         visible: visibility_for(actor.as_ref().map(|Extension(a)| a)),
     };
-    open(&state, actor.as_ref().map(|Extension(a)| a), filter, after).await
+    open(
+        &state,
+        actor.as_ref().map(|Extension(a)| a),
+        watch.map(|Extension(w)| w),
+        filter,
+        after,
+    )
+    .await
 }

@@ -32,7 +32,10 @@
 //! the client sees no disconnect, only a database read per buffer it falls
 //! behind. A process serves at most
 //! `VM_STREAM_MAX_SUBSCRIBERS` streams, at most `VM_STREAM_MAX_PER_KEY` of
-//! them to one API key, so one tenant cannot take them all.
+//! them to one API key, so one tenant cannot take them all; a stream whose
+//! client stops reading gives its place back after
+//! `VM_STREAM_WRITE_TIMEOUT_MS` (enforced where the bytes are written,
+//! [`crate::http::conn`]).
 
 pub mod highwater;
 pub mod metrics;
