@@ -17,7 +17,8 @@
 //! Progress is measured at the socket, not at the body: a write counts as
 //! progress when the kernel takes any of it. A client whose kernel still
 //! acknowledges data (its receive buffer not yet full) is indistinguishable
-//! there from a slow one; its stream ends once the buffers are full.
+//! there from an idle one; its stream ends once the buffers are full, which
+//! events do in moments and heartbeats alone only after hours.
 
 use std::convert::Infallible;
 use std::future::Future;
