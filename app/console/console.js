@@ -85,7 +85,8 @@
           signOut("The API key was refused; enter it again.");
           return;
         }
-        if (res.status === 404) return;
+        // 404: no such run; 204: the run has ended and its stream is over.
+        if (res.status === 404 || res.status === 204) return;
         if (!res.ok || !res.body) throw new Error(`stream answered ${res.status}`);
         setLive(1);
         counted = true;

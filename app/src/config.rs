@@ -60,6 +60,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "VM_STREAM_BUFFER",
     "VM_STREAM_MAX_SUBSCRIBERS",
     "VM_STREAM_MAX_PER_KEY",
+    "VM_STREAM_WRITE_TIMEOUT_MS",
 ];
 
 /// The names among `names` that are not settings but within two edits of
@@ -260,6 +261,11 @@ pub struct StreamSettings {
     /// a process, so one tenant cannot take every stream; more answer
     /// `503 too_many_streams` (`VM_STREAM_MAX_PER_KEY`, default 100).
     pub max_per_key: usize,
+    /// A write to a stream's client (an event or a heartbeat) that makes no
+    /// progress for this long ends the stream and frees its place under the
+    /// limits, counted as `stalled` (`VM_STREAM_WRITE_TIMEOUT_MS`, default
+    /// 30 s; see `http::conn`).
+    pub write_timeout: Duration,
 }
 
 /// One API key: only its SHA-256 is kept after start-up.
@@ -605,6 +611,7 @@ impl Settings {
             buffer: p.number("VM_STREAM_BUFFER", 256usize, 1, 100_000),
             max_subscribers: p.number("VM_STREAM_MAX_SUBSCRIBERS", 1_000usize, 1, 1_000_000),
             max_per_key: p.number("VM_STREAM_MAX_PER_KEY", 100usize, 1, 1_000_000),
+            write_timeout: p.millis("VM_STREAM_WRITE_TIMEOUT_MS", 30_000, 100, 600_000),
         };
 
         if !p.errors.is_empty() {

@@ -91,6 +91,19 @@ pub enum EventType {
 }
 
 impl EventType {
+    /// The events that end a run, one per run: after one of them a run's
+    /// live stream ends.
+    pub const RUN_ENDS: [EventType; 3] = [
+        EventType::RunSucceeded,
+        EventType::RunFailed,
+        EventType::RunCancelled,
+    ];
+
+    /// Whether the stored name `name` is one of [`EventType::RUN_ENDS`].
+    pub fn ends_run(name: &str) -> bool {
+        Self::RUN_ENDS.iter().any(|t| t.as_str() == name)
+    }
+
     /// The stored and serialised name.
     pub fn as_str(self) -> &'static str {
         match self {

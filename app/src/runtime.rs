@@ -398,11 +398,10 @@ async fn serve(settings: Arc<Settings>, args: ServeArgs) -> Result<(), String> {
     let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let forced_by_signal = forced.clone();
     let app = http::router(state);
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    // Connections carry the peer's address and the write deadline that
+    // live-update streams engage (a client that stops reading cannot hold
+    // its stream, nor delay the graceful stop, for ever).
+    let server = http::conn::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
         // Readiness fails first and keeps being answered while the worker
         // drains (and for the configured delay), so load balancers see

@@ -207,6 +207,114 @@ async fn a_run_stream_replays_the_history_then_follows_live(backend: Backend) {
     assert_eq!(types, env.event_types(id).await);
 }
 
+/// Reads a stream to its end, skipping heartbeats: its events' ids and
+/// types. Panics when it has not ended after `wait`.
+async fn read_to_end(reader: &mut SseReader, wait: Duration) -> Vec<(i64, String)> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut events = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match reader.try_frame(left).await {
+            Err(()) => panic!("the stream did not end within {wait:?}; it sent {events:?}"),
+            Ok(None) => return events,
+            Ok(Some(Frame::Comment(_))) => continue,
+            Ok(Some(Frame::Event { id, data })) => {
+                let kind = data["type"].as_str().expect("type").to_string();
+                events.push((id, kind));
+            }
+        }
+    }
+}
+
+/// A run's stream ends after the event that ends the run: for a subscriber
+/// that follows the run live, for one that comes after the end (the
+/// history, then the end), and for a cancelled run; resuming after the end
+/// answers 204, which stops `EventSource` from reconnecting. Before, the
+/// response stayed open for ever (heartbeats only): `curl -N` never
+/// returned, and every finished run watched by a client held a place under
+/// the stream limits. The all-runs stream stays open.
+async fn a_run_stream_ends_after_the_event_that_ends_the_run(backend: Backend) {
+    let env = TestEnv::new(
+        backend,
+        &[
+            ("VM_STREAM_POLL_MS", "50"),
+            // Heartbeats flowing: an open stream never goes quiet.
+            ("VM_STREAM_HEARTBEAT_MS", "100"),
+        ],
+    )
+    .await;
+    let app = env.router();
+    let mut all = open(&app, "/api/v2/events/stream", &[]).await;
+    let id = create(&app, HELLO).await;
+    let uri = format!("/api/v2/runs/{id}/events/stream");
+    let mut live = open(&app, &uri, &[]).await;
+    let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
+    let followed = read_to_end(&mut live, Duration::from_secs(20)).await;
+    let stored: Vec<(i64, String)> = env
+        .store
+        .list_events(id, 0, 1000)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| (e.id, e.event_type))
+        .collect();
+    assert_eq!(followed, stored, "every event of the run, then the end");
+    assert_eq!(followed.last().map(|e| e.1.as_str()), Some("run.succeeded"));
+    // After the end: the whole history, then the end.
+    let mut late = open(&app, &uri, &[]).await;
+    assert_eq!(read_to_end(&mut late, Duration::from_secs(5)).await, stored);
+    // Resuming from the middle: the rest, then the end.
+    let mid = stored[2].0.to_string();
+    let mut resumed = open(&app, &uri, &[("last-event-id", &mid)]).await;
+    assert_eq!(
+        read_to_end(&mut resumed, Duration::from_secs(5)).await,
+        stored[3..]
+    );
+    // Resuming at the end: nothing will follow, so no stream at all.
+    let end = stored.last().expect("events").0.to_string();
+    for (uri, header) in [
+        (uri.clone(), Some(end.as_str())),
+        (format!("{uri}?after={end}"), None),
+    ] {
+        let headers: Vec<(&str, &str)> = header.map(|h| ("last-event-id", h)).into_iter().collect();
+        let reply = send(&app, "GET", &uri, None, &headers).await;
+        assert_eq!(reply.status, StatusCode::NO_CONTENT, "{uri} {header:?}");
+    }
+    stop.cancel();
+    worker.await.expect("worker");
+    // A cancelled run's stream ends too (no worker: it is cancelled queued).
+    let doomed = create(&app, HELLO).await;
+    let doomed_uri = format!("/api/v2/runs/{doomed}/events/stream");
+    let mut watching = open(&app, &doomed_uri, &[]).await;
+    let (_, data) = watching.event(Duration::from_secs(5)).await.expect("event");
+    assert_eq!(data["type"], "run.queued");
+    let reply = send(
+        &app,
+        "POST",
+        &format!("/api/v2/runs/{doomed}/cancel"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let rest = read_to_end(&mut watching, Duration::from_secs(5)).await;
+    assert_eq!(rest.last().map(|e| e.1.as_str()), Some("run.cancelled"));
+    // Ended streams gave their places back; the all-runs stream is open and
+    // still follows new runs.
+    let metrics = get_text(&app, "/metrics").await;
+    assert!(metrics.contains("vm_stream_subscribers 1"), "{metrics}");
+    let next = create(&app, ONE_STEP).await;
+    loop {
+        let (_, data) = all
+            .event(Duration::from_secs(10))
+            .await
+            .expect("still open");
+        if data["run_id"] == next.to_string() {
+            break;
+        }
+    }
+}
+
 /// Without the catch-up/live seam being exact, a client that reconnects
 /// with the last id it got would miss what happened while it was away, or
 /// see some events twice.
@@ -675,6 +783,199 @@ async fn two_replicas_deliver_every_event_to_a_subscriber_of_either(redis: bool)
     shutdown.cancel();
 }
 
+/// The status of a GET through the router, without reading the body: a
+/// stream that gets in gives its place back at once.
+async fn status_of(app: &Router, uri: &str) -> StatusCode {
+    let req = Request::builder()
+        .uri(uri)
+        .body(Body::empty())
+        .expect("request");
+    app.clone()
+        .oneshot(req)
+        .await
+        .expect("router answers")
+        .status()
+}
+
+/// Serves `app` over real TCP as `vm-webapp serve` does, on a listener with
+/// a small send buffer (so writes to a client that does not read block
+/// after a few kilobytes, not megabytes).
+async fn serve_over_tcp(app: Router) -> std::net::SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_send_buffer_size(1024).expect("SO_SNDBUF");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(16).expect("listen");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move { vm_webapp::http::conn::serve(listener, app).await });
+    addr
+}
+
+/// A raw TCP client with a small receive buffer that sends a stream's
+/// request and then reads nothing: a hung client, its window soon full.
+async fn stuck_client(addr: std::net::SocketAddr, uri: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(1024).expect("SO_RCVBUF");
+    let mut conn = socket.connect(addr).await.expect("connect");
+    let request =
+        format!("GET {uri} HTTP/1.1\r\nhost: localhost\r\naccept: text/event-stream\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.expect("request");
+    conn
+}
+
+/// Reads `conn` until the server closes it; panics after `wait`.
+async fn read_until_closed(conn: &mut tokio::net::TcpStream, wait: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::timeout(wait, async {
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the server closed the connection");
+}
+
+/// Waits until `vm_stream_subscribers` is `want`.
+async fn wait_for_subscribers(app: &Router, want: u64) {
+    for _ in 0..100 {
+        if metric(app, "vm_stream_subscribers").await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("vm_stream_subscribers never reached {want}");
+}
+
+/// A client that stops reading (hung, its TCP window full) loses its
+/// stream once a write to it has made no progress for
+/// `VM_STREAM_WRITE_TIMEOUT_MS`: the connection closes, its place under the
+/// limits is free again and the drop counts as `stalled`. Before, such a
+/// stream stayed open for ever and kept its place: a few hung clients
+/// locked everyone else out with `503 too_many_streams`.
+async fn a_client_that_stops_reading_loses_its_stream_after_the_write_timeout(backend: Backend) {
+    let env = TestEnv::new(
+        backend,
+        &[
+            ("VM_STREAM_MAX_SUBSCRIBERS", "1"),
+            ("VM_STREAM_WRITE_TIMEOUT_MS", "1000"),
+            ("VM_STREAM_HEARTBEAT_MS", "100"),
+        ],
+    )
+    .await;
+    let app = env.router();
+    // About 2 MiB of events: far more than the socket buffers and what the
+    // server buffers itself, so its writes block.
+    let run = create(&app, ONE_STEP).await;
+    let url = env.settings.database.url.expose().to_string();
+    let mut db = sqlx::AnyConnection::connect(&url).await.expect("connect");
+    let big = "x".repeat(64 * 1024);
+    for _ in 0..32 {
+        sqlx::query(
+            "INSERT INTO run_events (run_id, event_type, message, created_at) VALUES ($1, 'test.big', $2, 0)",
+        )
+        .bind(run.to_string())
+        .bind(&big)
+        .execute(&mut db)
+        .await
+        .expect("insert");
+    }
+    let addr = serve_over_tcp(app.clone()).await;
+    let mut stuck = stuck_client(addr, "/api/v2/events/stream?after=0").await;
+    wait_for_subscribers(&app, 1).await;
+    assert_eq!(
+        status_of(&app, "/api/v2/events/stream").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the stuck stream holds the only place"
+    );
+    // Within the timeout (plus the moment the buffers take to fill, and
+    // slack for a loaded machine), the place is free again.
+    let started = std::time::Instant::now();
+    loop {
+        if status_of(&app, "/api/v2/events/stream").await == StatusCode::OK {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the stuck stream still holds its place after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("vm_stream_drops_total{reason=\"stalled\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vm_stream_subscribers 0"), "{metrics}");
+    // Its connection is closed, not only its place freed.
+    read_until_closed(&mut stuck, Duration::from_secs(10)).await;
+    // A client that reads keeps its stream however long it stays idle: its
+    // heartbeats make progress.
+    use tokio::io::AsyncReadExt;
+    let mut reading = stuck_client(addr, "/api/v2/events/stream").await;
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    while let Ok(read) = tokio::time::timeout_at(until, reading.read(&mut buf)).await {
+        let n = read.expect("read");
+        assert_ne!(n, 0, "a reading client's stream ended");
+        received.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    let heartbeats = text.matches(": heartbeat").count();
+    assert!(heartbeats >= 10, "{heartbeats} heartbeats");
+    let metrics = get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("vm_stream_drops_total{reason=\"stalled\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// Heartbeats are writes like events: a hung client on a stream that only
+/// carries heartbeats loses it too, once they have filled its window.
+/// Otherwise an idle stream, the common case, would hold its place for ever.
+///
+/// One backend: the database plays no part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_an_idle_stream_loses_it_too() {
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        &[
+            ("VM_STREAM_MAX_SUBSCRIBERS", "1"),
+            ("VM_STREAM_WRITE_TIMEOUT_MS", "1000"),
+            ("VM_STREAM_HEARTBEAT_MS", "10"),
+        ],
+    )
+    .await;
+    let app = env.router();
+    let addr = serve_over_tcp(app.clone()).await;
+    let _stuck = stuck_client(addr, "/api/v2/events/stream").await;
+    wait_for_subscribers(&app, 1).await;
+    wait_for_subscribers_within(&app, 0, Duration::from_secs(30)).await;
+    let metrics = get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("vm_stream_drops_total{reason=\"stalled\"} 1"),
+        "{metrics}"
+    );
+}
+
+async fn wait_for_subscribers_within(app: &Router, want: u64, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < deadline {
+        if metric(app, "vm_stream_subscribers").await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("vm_stream_subscribers never reached {want} within {wait:?}");
+}
+
 async fn an_idle_stream_carries_heartbeats(backend: Backend) {
     let env = TestEnv::new(backend, &[("VM_STREAM_HEARTBEAT_MS", "100")]).await;
     let app = env.router();
@@ -845,6 +1146,8 @@ async fn approval_waits_and_decisions_reach_streams_at_once_not_at_the_next_poll
 on_both_backends!(
     approval_waits_and_decisions_reach_streams_at_once_not_at_the_next_poll,
     a_run_stream_replays_the_history_then_follows_live,
+    a_run_stream_ends_after_the_event_that_ends_the_run,
+    a_client_that_stops_reading_loses_its_stream_after_the_write_timeout,
     resuming_with_last_event_id_after_a_disconnect_loses_and_repeats_nothing,
     a_last_event_id_beyond_the_log_resumes_from_its_end_not_silently_later,
     a_burst_far_beyond_the_buffer_reaches_an_all_runs_stream_whole_on_one_connection,

@@ -30,6 +30,7 @@
 pub mod approvals;
 pub mod audit;
 pub mod body;
+pub mod conn;
 pub mod console;
 pub mod error;
 pub mod extract;

@@ -2,35 +2,46 @@
 //! events reach a stream):
 //!
 //! - `GET /api/v2/runs/{id}/events/stream`: one run's events, from its first
-//!   one (a late subscriber sees the whole history, then what follows)
+//!   one (a late subscriber sees the whole history, then what follows), up
+//!   to the event that ends the run (`run.succeeded`, `run.failed`,
+//!   `run.cancelled`), after which the response ends; resuming at or after
+//!   that event answers `204 No Content`, which stops `EventSource`
 //! - `GET /api/v2/events/stream`: the events of every run the key may see,
-//!   from now on
+//!   from now on, until the client leaves
 //!
 //! Each SSE event carries `id:` (the event's id) and a JSON `data:` shaped
 //! like an item of `GET /runs/{id}/events` plus `run_id`. A client resumes
 //! after the last id it got with the `Last-Event-ID` header (what browsers'
 //! `EventSource` sends by itself) or, when it cannot set headers, `?after=`;
 //! the header wins when both are given. Idle streams carry a `:heartbeat`
-//! comment every `VM_STREAM_HEARTBEAT_MS`. An unknown run answers `404`
+//! comment every `VM_STREAM_HEARTBEAT_MS`. A stream whose client stops
+//! reading ends once a write to it (an event or a heartbeat) has made no
+//! progress for `VM_STREAM_WRITE_TIMEOUT_MS` (see [`crate::http::conn`]),
+//! counted in `vm_stream_drops_total{reason="stalled"}`. An unknown run answers `404`
 //! before any stream starts; authentication and rate limits are those of
 //! every other route.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Serialize;
+use tracing::info;
 use uuid::Uuid;
 
+use crate::http::conn::WriteWatch;
 use crate::http::extract::ApiPath;
 use crate::http::paging::parse_query;
 use crate::http::security::Actor;
 use crate::http::views::{ErrorBody, EventView};
 use crate::http::{AppState, error::ApiError};
+use crate::metrics::Metrics;
 use crate::model::RunEvent;
 use crate::store::feed::{FeedFilter, Visibility};
 use crate::stream::SubscribeError;
@@ -94,12 +105,36 @@ fn sse_event(event: &RunEvent) -> Event {
     Event::default().id(event.id.to_string()).data(data)
 }
 
+/// Counts the stream it belongs to as `stalled` when it is dropped because
+/// its connection was closed for a write that made no progress.
+struct StallWatch {
+    watch: WriteWatch,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+    holder: String,
+}
+
+impl Drop for StallWatch {
+    fn drop(&mut self) {
+        if self.watch.stalled() {
+            self.metrics.stream.dropped("stalled");
+            info!(
+                actor = %self.holder,
+                timeout_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+                "a live-update stream ended: its client took nothing for the write timeout (VM_STREAM_WRITE_TIMEOUT_MS); its place is free again"
+            );
+        }
+    }
+}
+
 async fn open(
     state: &AppState,
     actor: Option<&Actor>,
+    watch: Option<WriteWatch>,
     filter: FeedFilter,
     after: Option<i64>,
 ) -> Result<Response, ApiError> {
+    let one_run = filter.run.is_some();
     // Counted per key against VM_STREAM_MAX_PER_KEY.
     let holder = actor.map_or("anonymous", |a| a.id.as_str());
     let subscription = state
@@ -110,9 +145,29 @@ async fn open(
             SubscribeError::TooMany => ApiError::TooManyStreams,
             SubscribeError::Store(e) => ApiError::from(e),
         })?;
-    let events = subscription
-        .into_stream()
-        .map(|event| Ok::<_, Infallible>(sse_event(&event)));
+    let subscription = if one_run {
+        subscription.until_run_ends()
+    } else {
+        subscription
+    };
+    // A client that stops reading must not keep its stream (and its place
+    // under the limits) for ever: from now on, a write to this connection
+    // that makes no progress for the write timeout closes it.
+    let stall = watch.map(|watch| {
+        let timeout = state.settings.stream.write_timeout;
+        watch.engage(timeout);
+        StallWatch {
+            watch,
+            metrics: state.metrics.clone(),
+            timeout,
+            holder: holder.to_string(),
+        }
+    });
+    let events = subscription.into_stream().map(move |event| {
+        // Owned by the body: dropped (and counted when stalled) with it.
+        let _ = &stall;
+        Ok::<_, Infallible>(sse_event(&event))
+    });
     let mut response = Sse::new(events)
         .keep_alive(
             KeepAlive::new()
@@ -139,7 +194,8 @@ async fn open(
         ("after" = Option<i64>, Query, description = "Resume after this event id, for clients that cannot set headers; without either, the stream starts at the run's first event"),
     ),
     responses(
-        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle", content_type = "text/event-stream", body = StreamEventView),
+        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle. The response ends after the event that ends the run (`run.succeeded`, `run.failed`, `run.cancelled`), at once for a run already over (its history, then the end); it also ends when a write to the client makes no progress for `VM_STREAM_WRITE_TIMEOUT_MS` or the server stops, and the client then resumes with `Last-Event-ID`", content_type = "text/event-stream", body = StreamEventView),
+        (status = 204, description = "The run has ended and nothing follows `Last-Event-ID` (or `after`): the stream is over; `EventSource` stops reconnecting"),
         (status = 400, description = "invalid_parameter: Last-Event-ID or after is not an event id", body = ErrorBody),
         (status = 404, description = "run_not_found", body = ErrorBody),
         (status = 503, description = "too_many_streams, dependency_unavailable", body = ErrorBody),
@@ -148,6 +204,7 @@ async fn open(
 pub async fn run_stream(
     State(state): State<AppState>,
     actor: Option<Extension<Actor>>,
+    watch: Option<Extension<WriteWatch>>,
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -163,6 +220,15 @@ pub async fn run_stream(
     {
         return Err(ApiError::RunNotFound);
     }
+    let after = after.unwrap_or(0);
+    // Resuming at or after the run's end: nothing will follow. A 204 is what
+    // makes `EventSource` stop reconnecting (an empty 200 would have it
+    // reconnect for ever, every few seconds).
+    if let Some(end) = state.store.run_end_event(id).await?
+        && after >= end
+    {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     let filter = FeedFilter {
         run: Some(id),
         visible: visibility_for(actor.as_ref().map(|Extension(a)| a)),
@@ -170,8 +236,9 @@ pub async fn run_stream(
     open(
         &state,
         actor.as_ref().map(|Extension(a)| a),
+        watch.map(|Extension(w)| w),
         filter,
-        Some(after.unwrap_or(0)),
+        Some(after),
     )
     .await
 }
@@ -187,7 +254,7 @@ pub async fn run_stream(
         ("after" = Option<i64>, Query, description = "Resume after this event id, for clients that cannot set headers; without either, the stream starts with the next event"),
     ),
     responses(
-        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle", content_type = "text/event-stream", body = StreamEventView),
+        (status = 200, description = "An SSE stream: `id:` the event id, `data:` the event as JSON with its `run_id`; `:heartbeat` comments while idle. It stays open until the client leaves; it ends when a write to the client makes no progress for `VM_STREAM_WRITE_TIMEOUT_MS` or the server stops, and the client then resumes with `Last-Event-ID`", content_type = "text/event-stream", body = StreamEventView),
         (status = 400, description = "invalid_parameter: Last-Event-ID or after is not an event id", body = ErrorBody),
         (status = 503, description = "too_many_streams, dependency_unavailable", body = ErrorBody),
     )
@@ -195,6 +262,7 @@ pub async fn run_stream(
 pub async fn all_stream(
     State(state): State<AppState>,
     actor: Option<Extension<Actor>>,
+    watch: Option<Extension<WriteWatch>>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -203,5 +271,12 @@ pub async fn all_stream(
         run: None,
         visible: visibility_for(actor.as_ref().map(|Extension(a)| a)),
     };
-    open(&state, actor.as_ref().map(|Extension(a)| a), filter, after).await
+    open(
+        &state,
+        actor.as_ref().map(|Extension(a)| a),
+        watch.map(|Extension(w)| w),
+        filter,
+        after,
+    )
+    .await
 }

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{Result, Store, parse_json, parse_uuid};
-use crate::model::RunEvent;
+use crate::model::{EventType, RunEvent};
 
 /// Which runs' events a reader may see: the "runs the key may see" of
 /// `GET /api/v2/events/stream`, as one parameter of every feed read, so that
@@ -143,6 +143,25 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         rows.iter().map(event_from_row).collect()
+    }
+
+    /// The id of the event that ended run `run` (`run.succeeded`,
+    /// `run.failed` or `run.cancelled`), or `None` while it has not ended:
+    /// a run's stream ends after it, and a client resuming at or beyond it
+    /// has nothing more to follow.
+    pub async fn run_end_event(&self, run: Uuid) -> Result<Option<i64>> {
+        let ends = EventType::RUN_ENDS
+            .iter()
+            .map(|t| format!("'{}'", t.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let row = sqlx::query(&format!(
+            "SELECT MIN(id) AS id FROM run_events WHERE run_id = $1 AND event_type IN ({ends})"
+        ))
+        .bind(run.to_string())
+        .fetch_one(self.pool())
+        .await?;
+        Ok(row.try_get::<Option<i64>, _>("id")?)
     }
 
     /// Events that `filter` selects with an id in `(after, upto]`, in id

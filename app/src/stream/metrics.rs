@@ -11,9 +11,11 @@ use crate::metrics::ReasonLabels;
 
 /// Every `reason` of `vm_stream_drops_total`: `limit` (a stream refused at
 /// the per-process or per-key limit), `shutdown` (streams ended by a graceful
-/// stop). A subscriber that falls behind is not dropped: see
-/// [`StreamMetrics::lagged`].
-pub const DROP_REASONS: [&str; 2] = ["limit", "shutdown"];
+/// stop), `stalled` (a stream ended because a write to its client made no
+/// progress for `VM_STREAM_WRITE_TIMEOUT_MS`: a client that stopped
+/// reading). A subscriber that falls behind is not dropped: see
+/// [`StreamMetrics::lagged`]; nor is a run's stream that ended with its run.
+pub const DROP_REASONS: [&str; 3] = ["limit", "shutdown", "stalled"];
 
 /// The families of [`crate::stream`].
 #[derive(Default)]
@@ -40,7 +42,7 @@ impl StreamMetrics {
         );
         registry.register(
             "stream_drops",
-            "Live-update streams ended or refused, by reason (limit, shutdown)",
+            "Live-update streams ended or refused, by reason (limit, shutdown, stalled)",
             self.drops.clone(),
         );
         registry.register(

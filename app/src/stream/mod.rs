@@ -32,7 +32,10 @@
 //! the client sees no disconnect, only a database read per buffer it falls
 //! behind. A process serves at most
 //! `VM_STREAM_MAX_SUBSCRIBERS` streams, at most `VM_STREAM_MAX_PER_KEY` of
-//! them to one API key, so one tenant cannot take them all.
+//! them to one API key, so one tenant cannot take them all; a stream whose
+//! client stops reading gives its place back after
+//! `VM_STREAM_WRITE_TIMEOUT_MS` (enforced where the bytes are written,
+//! [`crate::http::conn`]).
 
 pub mod highwater;
 pub mod metrics;
@@ -50,7 +53,7 @@ use tracing::{debug, warn};
 
 use crate::config::StreamSettings;
 use crate::metrics::{Dependency, Metrics};
-use crate::model::RunEvent;
+use crate::model::{EventType, RunEvent};
 use crate::redis_bus::RedisBus;
 use crate::store::feed::FeedFilter;
 use crate::store::{Store, StoreError};
@@ -220,6 +223,7 @@ impl Hub {
             cursor,
             page: VecDeque::new(),
             phase: Phase::CatchUp,
+            until_run_ends: false,
             _slot: slot,
         })
     }
@@ -436,26 +440,43 @@ enum Phase {
     Done,
 }
 
-/// One subscriber's events, in increasing id order, each once. Ends only
-/// when the database failed during a catch-up or the hub closed; the client
-/// then resumes with the last id it got. Falling a whole buffer behind does
-/// not end it: it continues from the database (see the module docs).
+/// One subscriber's events, in increasing id order, each once. Ends after
+/// the run's end event when it follows one run ([`Subscription::until_run_ends`]),
+/// and otherwise only when the database failed during a catch-up or the hub
+/// closed; the client then resumes with the last id it got. Falling a whole
+/// buffer behind does not end it: it continues from the database (see the
+/// module docs).
 pub struct Subscription {
     hub: Hub,
     filter: FeedFilter,
     cursor: i64,
     page: VecDeque<RunEvent>,
     phase: Phase,
+    until_run_ends: bool,
     _slot: StreamSlot,
 }
 
 impl Subscription {
+    /// Ends the subscription after the first event that ends a run
+    /// ([`crate::model::EventType::RUN_ENDS`]): for one run's stream, which
+    /// has nothing more to follow then. Events of the run recorded after its
+    /// end (a `tenant.usage_threshold` its last step reached) are not sent.
+    pub fn until_run_ends(mut self) -> Self {
+        self.until_run_ends = true;
+        self
+    }
+
     /// The next event, or `None` when the stream is over.
     pub async fn next(&mut self) -> Option<RunEvent> {
         loop {
             if let Some(event) = self.page.pop_front() {
                 if event.id > self.cursor {
                     self.cursor = event.id;
+                    if self.until_run_ends && EventType::ends_run(&event.event_type) {
+                        // The run is over: leave the hub and end after this one.
+                        self.page.clear();
+                        self.end(false);
+                    }
                     return Some(event);
                 }
                 continue;
