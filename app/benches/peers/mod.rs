@@ -5,6 +5,7 @@
 //! `setup.sh` installs them (a virtualenv under `.venv-bench`, the sdist under
 //! `var/bench`); when they are missing the peer columns say why.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -131,6 +132,10 @@ impl Peers {
             ])
             .current_dir(self.root.join("app/benches/peers"))
             .env("ANCHOR_DB", db)
+            // Its own process group, so that stopping it stops its workers
+            // too (killed alone, uvicorn leaves them running, and they took
+            // CPU from every figure measured after them).
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -182,6 +187,14 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // The process group the child leads, if it leads one (see
+        // `fastapi`); for a child that leads none this names no group.
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                &format!("kill -KILL -- -{} 2>/dev/null", self.child.id()),
+            ])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
