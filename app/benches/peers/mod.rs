@@ -192,7 +192,7 @@ impl Drop for Server {
         let _ = Command::new("sh")
             .args([
                 "-c",
-                &format!("kill -KILL -- -{} 2>/dev/null", self.child.id()),
+                &format!("kill -KILL -{} 2>/dev/null", self.child.id()),
             ])
             .status();
         let _ = self.child.kill();
