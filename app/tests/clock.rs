@@ -266,18 +266,7 @@ async fn one_batch_is_admitted_stamped_and_counted_at_one_instant(backend: Backe
 
     sqlx::any::install_default_drivers();
     let db = sqlx::AnyPool::connect(&url).await.expect("connect");
-    let one = |sql: &'static str| {
-        let db = db.clone();
-        async move {
-            sqlx::query(sql)
-                .fetch_all(&db)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"))
-                .iter()
-                .map(|r| r.try_get::<i64, _>(0).expect("instant"))
-                .collect::<Vec<i64>>()
-        }
-    };
+    let one = |sql: &'static str| column::<i64>(&db, sql);
     let created = one("SELECT created_at FROM runs").await;
     assert_eq!(created.len(), 1, "one run");
     let at = created[0];
@@ -289,18 +278,7 @@ async fn one_batch_is_admitted_stamped_and_counted_at_one_instant(backend: Backe
         assert!(at > start, "the fake clock did not take: {at}");
     }
     let month = env.store.period_at(at).await.expect("period");
-    let periods = |sql: &'static str| {
-        let db = db.clone();
-        async move {
-            sqlx::query(sql)
-                .fetch_all(&db)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"))
-                .iter()
-                .map(|r| r.try_get::<String, _>(0).expect("period"))
-                .collect::<Vec<String>>()
-        }
-    };
+    let periods = |sql: &'static str| column::<String>(&db, sql);
     assert_eq!(
         periods("SELECT period FROM usage_counters WHERE meter = 'runs' AND shard = 0").await,
         vec![month.clone()],
@@ -356,4 +334,21 @@ async fn a_run_creation_batch_on_sqlite_reads_the_clock_once_so_the_month_admitt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_creation_batch_on_postgres_is_admitted_stamped_and_counted_at_one_instant() {
     one_batch_is_admitted_stamped_and_counted_at_one_instant(Backend::Postgres).await;
+}
+
+/// The first column of every row `sql` returns.
+async fn column<T>(db: &sqlx::AnyPool, sql: &str) -> Vec<T>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    sqlx::query(sql)
+        .fetch_all(db)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| {
+            r.try_get::<T, _>(0)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        })
+        .collect()
 }

@@ -783,20 +783,6 @@ async fn two_replicas_deliver_every_event_to_a_subscriber_of_either(redis: bool)
     shutdown.cancel();
 }
 
-/// The status of a GET through the router, without reading the body: a
-/// stream that gets in gives its place back at once.
-async fn status_of(app: &Router, uri: &str) -> StatusCode {
-    let req = Request::builder()
-        .uri(uri)
-        .body(Body::empty())
-        .expect("request");
-    app.clone()
-        .oneshot(req)
-        .await
-        .expect("router answers")
-        .status()
-}
-
 /// Serves `app` over real TCP as `vm-webapp serve` does, on a listener with
 /// a small send buffer (so writes to a client that does not read block
 /// after a few kilobytes, not megabytes).
@@ -888,7 +874,7 @@ async fn a_client_that_stops_reading_loses_its_stream_after_the_write_timeout(ba
     let mut stuck = stuck_client(addr, "/api/v2/events/stream?after=0").await;
     wait_for_subscribers(&app, 1).await;
     assert_eq!(
-        status_of(&app, "/api/v2/events/stream").await,
+        support::send_raw(&app, "GET", "/api/v2/events/stream", None).await,
         StatusCode::SERVICE_UNAVAILABLE,
         "the stuck stream holds the only place"
     );
@@ -896,7 +882,7 @@ async fn a_client_that_stops_reading_loses_its_stream_after_the_write_timeout(ba
     // slack for a loaded machine), the place is free again.
     let started = std::time::Instant::now();
     loop {
-        if status_of(&app, "/api/v2/events/stream").await == StatusCode::OK {
+        if support::send_raw(&app, "GET", "/api/v2/events/stream", None).await == StatusCode::OK {
             break;
         }
         assert!(
