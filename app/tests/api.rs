@@ -641,6 +641,70 @@ async fn metrics_count_requests_jobs_and_queue_with_bounded_labels(backend: Back
     );
 }
 
+/// Without this, the document would tell clients that a protected operation
+/// never answers 429 (the rate limits run before every handler) and that
+/// most never answer 503 (every one of them reads the database): only create,
+/// list, cancel, the streams and the approvals said so. Behaviour decides
+/// for 429: each operation with the api_key scheme, called once its key's
+/// bucket is empty, answers 429 and must document it; an operation that
+/// answers 429 must document it too.
+async fn every_guarded_operation_documents_its_429_and_503_with_the_error_body(backend: Backend) {
+    let key = "ops-key-0123456789abcdef";
+    let env = TestEnv::new(
+        backend,
+        &[
+            ("VM_API_KEYS", &format!("ops:{key}:admin")),
+            ("VM_RATE_LIMIT_KEY_RPS", "1"),
+            ("VM_RATE_LIMIT_KEY_BURST", "1"),
+        ],
+    )
+    .await;
+    let app = env.router();
+    let doc = send(&app, "GET", "/api/v2/openapi.json", None, &[]).await;
+    assert_eq!(doc.status, StatusCode::OK);
+    let error_body = json!({"$ref": "#/components/schemas/ErrorBody"});
+    let auth = format!("Bearer {key}");
+    let mut guarded = Vec::new();
+    for (path, item) in doc.body["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("path item") {
+            let keyed = operation["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("api_key").is_some()));
+            if !keyed {
+                continue;
+            }
+            let method = method.to_uppercase();
+            let uri = path
+                .replace("{id}", "0190a0b0-0000-7000-8000-000000000000")
+                .replace("{index}", "0")
+                .replace("{tenant}", "anonymous");
+            // The bucket holds one request and refills one a second: the
+            // second call in a row finds it empty (a third covers a slow
+            // machine refilling it in between).
+            let mut limited = None;
+            for _ in 0..3 {
+                let reply = send(&app, &method, &uri, None, &[("authorization", &auth)]).await;
+                if reply.status == StatusCode::TOO_MANY_REQUESTS {
+                    limited = Some(reply);
+                    break;
+                }
+            }
+            let limited =
+                limited.unwrap_or_else(|| panic!("{method} {path} is never rate limited"));
+            assert_eq!(limited.body["code"], "rate_limited", "{method} {path}");
+            for status in ["429", "503"] {
+                assert_eq!(
+                    operation["responses"][status]["content"]["application/json"]["schema"],
+                    error_body,
+                    "{method} {path} does not document its {status} with the error body"
+                );
+            }
+            guarded.push(format!("{method} {path}"));
+        }
+    }
+    assert_eq!(guarded.len(), 14, "{guarded:?}");
+}
+
 on_both_backends!(
     metrics_count_requests_jobs_and_queue_with_bounded_labels,
     a_run_goes_from_accepted_to_succeeded_with_its_events,
@@ -651,6 +715,7 @@ on_both_backends!(
     llm_steps_are_refused_when_no_endpoint_is_configured,
     probes_tell_the_truth_and_readiness_flips_on_shutdown,
     the_api_answers_over_real_http,
+    every_guarded_operation_documents_its_429_and_503_with_the_error_body,
 );
 
 /// Without this, a route added to the router but not annotated (or an

@@ -245,7 +245,7 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(tenants::set_plan))
         .routes(routes!(tenants::usage))
         .routes(routes!(tenants::export));
-    document_unauthorized(protected.get_openapi_mut());
+    document_guarded(protected.get_openapi_mut());
     let mut signed = OpenApiRouter::new().routes(routes!(webhooks::receive));
     if let Some(state) = state {
         // The last layer added runs first: the address limit, then the key.
@@ -267,12 +267,31 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(openapi_json))
 }
 
-/// Lists the API-key guard's 401 on every operation of `doc` that does not
-/// list one already: the guard ([`security::authenticate`]) answers it
-/// before any handler runs, so every route behind it can answer it, and a
-/// handler's annotation would have to remember it (most did not).
-fn document_unauthorized(doc: &mut utoipa::openapi::OpenApi) {
+/// Lists what any operation behind the guards can answer before or besides
+/// its own outcome, on every operation of `doc` that does not list it
+/// already: the API-key guard's 401 ([`security::authenticate`]) and the
+/// rate limits' 429 ([`security::limit_by_address`], then the key's bucket)
+/// answer before any handler runs, and every one of these handlers reads
+/// the database, so each can answer 503 `dependency_unavailable`. A
+/// handler's annotation would have to remember them (most did not).
+fn document_guarded(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{Content, Ref, ResponseBuilder};
+    let answers = [
+        (
+            "401",
+            "unauthorized: no API key, an unknown one, an unreadable header, \
+             or two different keys in Authorization and x-api-key",
+        ),
+        (
+            "429",
+            "rate_limited: the address or the key is over its rate limit; \
+             `Retry-After` says when to try again",
+        ),
+        (
+            "503",
+            "dependency_unavailable: the database is unavailable; retry later",
+        ),
+    ];
     for item in doc.paths.paths.values_mut() {
         let operations = [
             &mut item.get,
@@ -285,22 +304,21 @@ fn document_unauthorized(doc: &mut utoipa::openapi::OpenApi) {
             &mut item.trace,
         ];
         for operation in operations.into_iter().flatten() {
-            operation
-                .responses
-                .responses
-                .entry("401".to_string())
-                .or_insert_with(|| {
-                    ResponseBuilder::new()
-                        .description(
-                            "unauthorized: no API key, an unknown one, an unreadable header, \
-                             or two different keys in Authorization and x-api-key",
-                        )
-                        .content(
-                            "application/json",
-                            Content::new(Some(Ref::from_schema_name("ErrorBody"))),
-                        )
-                        .into()
-                });
+            for (status, description) in answers {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| {
+                        ResponseBuilder::new()
+                            .description(description)
+                            .content(
+                                "application/json",
+                                Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+                            )
+                            .into()
+                    });
+            }
         }
     }
 }
