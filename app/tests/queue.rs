@@ -1125,3 +1125,64 @@ async fn postgres_run_updates_stay_on_their_page() {
         "{hot} of {updates} run updates were heap-only"
     );
 }
+
+/// Migration 12 drops an index of `runs` while the API serves. A plain
+/// `DROP INDEX` waits for an exclusive lock behind any open transaction that
+/// read `runs` (a backup, a report), and every later query on `runs` queues
+/// behind that wait: the API stalled for as long as the reader ran. Dropped
+/// concurrently, only the migration waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migration_12_waits_for_readers_without_blocking_the_api() {
+    use sqlx::Row;
+    let env = TestEnv::new(Backend::Postgres, &[]).await;
+    enqueue(
+        &env,
+        json!({}),
+        json!([{"kind": "template", "template": "x"}]),
+    )
+    .await;
+    sqlx::any::install_default_drivers();
+    let db = sqlx::AnyPool::connect(env.settings.database.url.expose())
+        .await
+        .expect("connect");
+    // The schema as version 11 left it.
+    for sql in [
+        "CREATE INDEX runs_status_id ON runs (status, id)",
+        "DELETE FROM _sqlx_migrations WHERE version = 12",
+    ] {
+        sqlx::query(sql).execute(&db).await.expect(sql);
+    }
+    // A long reader of `runs`, still open.
+    let mut reader = db.begin().await.expect("begin");
+    sqlx::query("SELECT COUNT(*) FROM runs")
+        .fetch_one(&mut *reader)
+        .await
+        .expect("read runs");
+
+    let store = env.store.clone();
+    let migrating = tokio::spawn(async move { store.migrate().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!migrating.is_finished(), "the drop waits for the reader");
+    let run_read = tokio::time::timeout(
+        Duration::from_secs(3),
+        sqlx::query("SELECT COUNT(*) AS n FROM runs").fetch_one(&db),
+    )
+    .await
+    .expect("a read of runs queued behind the waiting migration")
+    .expect("count");
+    assert_eq!(run_read.get::<i64, _>("n"), 1);
+
+    reader.commit().await.expect("end the reader");
+    let applied = tokio::time::timeout(LONG, migrating)
+        .await
+        .expect("migration finished")
+        .expect("task")
+        .expect("migrate");
+    assert_eq!(applied, vec![12]);
+    let left =
+        sqlx::query("SELECT COUNT(*) AS n FROM pg_indexes WHERE indexname = 'runs_status_id'")
+            .fetch_one(&db)
+            .await
+            .expect("indexes");
+    assert_eq!(left.get::<i64, _>("n"), 0, "the index is gone");
+}

@@ -1,3 +1,4 @@
+-- no-transaction
 -- A run's row is updated twice in its life (claimed: running; finished:
 -- succeeded or failed). With `status` in an index, each of those updates
 -- is a new tuple in every index of `runs` (primary key, idempotency key,
@@ -14,4 +15,10 @@
 -- held by one run in a thousand answers a page of 50 in 9 ms; a status no run
 -- has scans the table, 78 ms (parallel sequential scan, same machine).
 -- Builds older than this migration keep working (the index was only read).
-DROP INDEX IF EXISTS runs_status_id;
+--
+-- CONCURRENTLY, outside a transaction (the first line): a plain DROP INDEX
+-- waits for an exclusive lock on `runs` behind any open transaction that
+-- read it (a backup, a report), and every query on `runs` queues behind
+-- that wait, so the API stalled while the migration Job waited. If it is
+-- interrupted, the index may be left invalid; the next `migrate` drops it.
+DROP INDEX CONCURRENTLY IF EXISTS runs_status_id;

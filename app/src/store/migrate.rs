@@ -157,7 +157,9 @@ fn migrator_upto(backend: DbBackend, version: i64) -> Migrator {
                 Cow::Borrowed(description),
                 MigrationType::Simple,
                 Cow::Borrowed(sql),
-                false,
+                // sqlx's convention: a file that starts with this line runs
+                // outside a transaction (`CREATE`/`DROP INDEX CONCURRENTLY`).
+                sql.starts_with("-- no-transaction"),
             )
         })
         .collect::<Vec<_>>();
