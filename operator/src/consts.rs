@@ -146,4 +146,10 @@ pub mod app {
     pub const SHUTDOWN_GRACE_VAR: &str = "VM_SHUTDOWN_GRACE_MS";
     /// The app's `VM_SHUTDOWN_GRACE_MS` default.
     pub const DEFAULT_SHUTDOWN_GRACE_MS: i64 = 20_000;
+    /// The variable bounding how long a live-update stream's write may wait for a client
+    /// that stopped reading (the last write of a stream ended at SIGTERM included); settable
+    /// through `spec.env`.
+    pub const STREAM_WRITE_TIMEOUT_VAR: &str = "VM_STREAM_WRITE_TIMEOUT_MS";
+    /// The app's `VM_STREAM_WRITE_TIMEOUT_MS` default.
+    pub const DEFAULT_STREAM_WRITE_TIMEOUT_MS: i64 = 30_000;
 }

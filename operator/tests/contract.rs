@@ -413,10 +413,13 @@ fn assert_grace_covers_shutdown(role: &str, pod: &PodSpec, settings: &Settings) 
             .expect("grace period"),
     );
     let drain = match role {
+        // Streams end at SIGTERM; the last write to a client that stopped reading waits
+        // up to the stream write timeout.
         "api" => settings
             .security
             .request_timeout
-            .max(settings.queue.shutdown_grace),
+            .max(settings.queue.shutdown_grace)
+            .max(settings.stream.write_timeout),
         "worker" => settings.queue.shutdown_grace,
         _ => Duration::ZERO,
     };

@@ -241,8 +241,10 @@ fn mounts(app: &VmWebapp, workload: Workload) -> Vec<VolumeMount> {
 /// sequence, so the kubelet's SIGKILL never cuts a drain short.
 ///
 /// - API: answers `not_ready` for `shutdownDelayMs`, then lets in-flight requests finish
-///   (each bounded by the request timeout) and, in local mode, the in-process worker drain
-///   its jobs (bounded by `VM_SHUTDOWN_GRACE_MS`); plus 5 s of slack.
+///   (each bounded by the request timeout), ends its live-update streams (a stream's last
+///   write to a client that stopped reading is bounded by `VM_STREAM_WRITE_TIMEOUT_MS`)
+///   and, in local mode, the in-process worker drain its jobs (bounded by
+///   `VM_SHUTDOWN_GRACE_MS`); plus 5 s of slack.
 /// - Worker: drains its claimed jobs for `VM_SHUTDOWN_GRACE_MS`, then releases the rest;
 ///   at least 60 s, or that grace plus 10 s of slack.
 /// - Migration and backup: 30 s (a killed one is retried by the Job; a killed backup
@@ -250,21 +252,30 @@ fn mounts(app: &VmWebapp, workload: Workload) -> Vec<VolumeMount> {
 pub(super) fn termination_grace_seconds(app: &VmWebapp, workload: Workload) -> i64 {
     let spec = &app.spec;
     let seconds = |ms: i64| (ms + 999) / 1000;
-    let job_grace_ms = spec
-        .env
-        .iter()
-        .find(|e| e.name == contract::SHUTDOWN_GRACE_VAR)
-        .and_then(|e| e.value.as_deref())
-        .and_then(|v| v.trim().parse::<i64>().ok())
-        .unwrap_or(contract::DEFAULT_SHUTDOWN_GRACE_MS);
+    let env_ms = |name: &str, default: i64| {
+        spec.env
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(default)
+    };
+    let job_grace_ms = env_ms(
+        contract::SHUTDOWN_GRACE_VAR,
+        contract::DEFAULT_SHUTDOWN_GRACE_MS,
+    );
     match workload {
         Workload::Api => {
             let request_ms = spec
                 .api
                 .request_timeout_ms
                 .map_or(contract::DEFAULT_REQUEST_TIMEOUT_MS, i64::from);
+            let stream_write_ms = env_ms(
+                contract::STREAM_WRITE_TIMEOUT_VAR,
+                contract::DEFAULT_STREAM_WRITE_TIMEOUT_MS,
+            );
             seconds(i64::from(spec.api.shutdown_delay_ms))
-                + seconds(request_ms.max(job_grace_ms))
+                + seconds(request_ms.max(job_grace_ms).max(stream_write_ms))
                 + 5
         }
         Workload::Worker => (seconds(job_grace_ms) + 10).max(60),

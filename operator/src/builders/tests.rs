@@ -327,6 +327,28 @@ fn the_api_shuts_down_after_a_default_delay_and_its_grace_period_covers_it() {
 }
 
 #[test]
+fn a_longer_stream_write_timeout_in_extra_env_lengthens_the_api_grace_period() {
+    // A stream ended at SIGTERM whose client stopped reading holds the drain until its
+    // write times out; a grace period shorter than that SIGKILLs the API mid-drain.
+    let mut a = managed();
+    a.spec.env.push(ExtraEnvVar {
+        name: "VM_STREAM_WRITE_TIMEOUT_MS".into(),
+        value: Some("120000".into()),
+        secret_key_ref: None,
+    });
+    let d = built(&a);
+    // 5 s delay + 120 s + 5 s.
+    assert_eq!(
+        pod(&d.api_deployment).termination_grace_period_seconds,
+        Some(130)
+    );
+    assert_eq!(
+        pod(&d.worker_deployment).termination_grace_period_seconds,
+        Some(60)
+    );
+}
+
+#[test]
 fn a_longer_job_grace_in_extra_env_lengthens_both_grace_periods() {
     // Without this, raising VM_SHUTDOWN_GRACE_MS through spec.env would let the kubelet
     // SIGKILL workers mid-drain, turning a clean hand-back into lease expiries.
