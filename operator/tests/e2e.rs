@@ -193,6 +193,9 @@ async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
             "api": {"replicas": 1},
             "worker": {"replicas": 0},
             "migrations": {"enabled": false},
+            // A stream write timeout above the request timeout: the API's grace period
+            // must cover it (5 s delay + 120 s + 5 s).
+            "env": [{"name": "VM_STREAM_WRITE_TIMEOUT_MS", "value": "120000"}],
         }
     });
     apps.patch("e2e", &apply, &Patch::Apply(&app))
@@ -215,6 +218,15 @@ async fn operator_reconciles_restores_rolls_and_cleans_up_on_a_real_cluster() {
             .first()
             .map(|o| o.kind.as_str()),
         Some("VmWebapp")
+    );
+    assert_eq!(
+        api_deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.termination_grace_period_seconds),
+        Some(130),
+        "the API's grace period covers the stream write timeout set in spec.env"
     );
     eventually("the worker Deployment", || async {
         deployments.get_opt("e2e-worker").await.ok().flatten()
