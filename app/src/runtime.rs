@@ -99,13 +99,6 @@ pub async fn open_store(settings: &Settings, pool_size: u32) -> Result<Store, St
     Ok(store.with_plans(settings.plans.clone()))
 }
 
-/// A store error for a person, without connection strings or driver detail
-/// that might echo them.
-///
-/// A server that answers but refuses the connection says why by SQLSTATE,
-/// which names no secret: a database that does not exist (a typo in the URL,
-/// or one never created) and refused credentials are told apart from a bare
-/// "database error", which is all a new user got for either.
 /// Why `backend`'s database could not be opened, for a command's one error
 /// line: "cannot open the postgres database: <why>", except for an SQLite
 /// file error, which already says which file could not be opened and why.
@@ -120,6 +113,13 @@ pub(crate) fn cannot_open(backend: crate::config::DbBackend, e: &StoreError) -> 
     }
 }
 
+/// A store error for a person, without connection strings or driver detail
+/// that might echo them.
+///
+/// A server that answers but refuses the connection says why by SQLSTATE,
+/// which names no secret: a database that does not exist (a typo in the URL,
+/// or one never created) and refused credentials are told apart from a bare
+/// "database error", which is all a new user got for either.
 pub(crate) fn describe(e: &StoreError) -> String {
     match e {
         StoreError::Unavailable(_) => {

@@ -336,9 +336,7 @@ impl Store {
     /// `template` with every `{period}` replaced by the UTC month (`YYYY-MM`)
     /// of the database clock and every `{now}` by the database clock.
     pub(crate) fn sql(&self, template: &str) -> String {
-        template
-            .replace("{period}", &usage::period_sql(self.backend, self.now_sql()))
-            .replace("{now}", self.now_sql())
+        self.stamped(template, self.now_sql())
     }
 
     /// Like [`Store::sql`], but `{now}` is the instant bound as parameter
@@ -349,9 +347,15 @@ impl Store {
     /// once and binds it into the statements that follow.
     pub(crate) fn sql_at(&self, template: &str, n: usize) -> String {
         let at = format!("COALESCE(CAST(${n} AS BIGINT), {})", self.now_sql());
+        self.stamped(template, &at)
+    }
+
+    /// `template` with `{now}` replaced by the instant expression `now` (ms
+    /// since the epoch) and `{period}` by its UTC month.
+    fn stamped(&self, template: &str, now: &str) -> String {
         template
-            .replace("{period}", &usage::period_sql(self.backend, &at))
-            .replace("{now}", &at)
+            .replace("{period}", &usage::period_sql(self.backend, now))
+            .replace("{now}", now)
     }
 
     pub(crate) fn pool(&self) -> &AnyPool {
