@@ -1126,6 +1126,85 @@ async fn postgres_run_updates_stay_on_their_page() {
     );
 }
 
+/// Completing a batch finds its jobs by primary key. Written with the
+/// constant `state = 'running'`, the completion let PostgreSQL read the
+/// partial index of running jobs instead, whole: an entry for every claim
+/// since the last vacuum, dead ones included (bitmap scans never mark
+/// them), so each batch cost more the more jobs had run (7 ms for one job,
+/// ten seconds into the steady-state bench). Here autovacuum is off for
+/// `jobs`, 300 runs leave their dead entries behind, and 30 more must be
+/// completed without reading them. (The leases are long so that the rescue,
+/// which reads the entries whose lease has run out, reads none.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_completions_do_not_read_the_dead_entries_of_finished_jobs() {
+    use sqlx::Row;
+    let env = TestEnv::new(Backend::Postgres, &[("VM_JOB_LEASE_MS", "600000")]).await;
+    sqlx::any::install_default_drivers();
+    let db = sqlx::AnyPool::connect(env.settings.database.url.expose())
+        .await
+        .expect("connect");
+    sqlx::query("ALTER TABLE jobs SET (autovacuum_enabled = false)")
+        .execute(&db)
+        .await
+        .expect("autovacuum off");
+    // Index entries read from `jobs_leased`, once `deleted` jobs are counted
+    // (backends report their statistics up to seconds after a commit, all
+    // counters of a transaction at once).
+    let leased_reads_after = |deleted: i64| {
+        let db = db.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + LONG;
+            loop {
+                let row = sqlx::query(
+                    "SELECT (SELECT n_tup_del FROM pg_stat_user_tables WHERE relname = 'jobs') AS del, \
+                       (SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = 'jobs_leased') AS reads",
+                )
+                .fetch_one(&db)
+                .await
+                .expect("statistics");
+                let (del, reads): (i64, i64) = (row.get("del"), row.get("reads"));
+                if del >= deleted {
+                    return reads;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{del} of {deleted} job deletions reported"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let drain = |runs: usize| {
+        let env = &env;
+        async move {
+            for i in 0..runs {
+                enqueue(
+                    env,
+                    json!({"i": i}),
+                    json!([{"kind": "template", "template": "{{input.i}}"}]),
+                )
+                .await;
+            }
+            let (handle, stop) = env.spawn_worker(16, LlmBackend::Offline);
+            let deadline = tokio::time::Instant::now() + LONG;
+            while env.store.has_unfinished_jobs().await.expect("queue") {
+                assert!(tokio::time::Instant::now() < deadline, "jobs left");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            stop.cancel();
+            handle.await.expect("worker");
+        }
+    };
+    drain(300).await;
+    let before = leased_reads_after(300).await;
+    drain(30).await;
+    let read = leased_reads_after(330).await - before;
+    assert!(
+        read < 300,
+        "completing 30 jobs read {read} entries of the running jobs' index"
+    );
+}
+
 /// Migration 12 drops an index of `runs` while the API serves. A plain
 /// `DROP INDEX` waits for an exclusive lock behind any open transaction that
 /// read `runs` (a backup, a report), and every later query on `runs` queues

@@ -13,7 +13,7 @@ use sqlx::Row;
 
 use super::{Completion, Finish, JobRef};
 use crate::config::DbBackend;
-use crate::model::{ClaimedJob, EventType};
+use crate::model::{ClaimedJob, EventType, JobState};
 use crate::plans::Meter;
 use crate::steps::StepSpec;
 use crate::store::events::NewEvent;
@@ -119,11 +119,16 @@ impl Store {
     /// One statement (a data-modifying CTE): every part sees the same
     /// snapshot and commits together, the usage ledger rows and counters
     /// of the recorded steps included.
+    ///
+    /// The jobs are found by primary key and their `running` state is compared
+    /// through the materialized input, never as a constant (see "Finding the
+    /// jobs a worker holds" in the module documentation of `store::queue`).
     async fn complete_postgres(&self, input: String) -> Result<Vec<Metered>> {
         let sql = self.sql(&format!(
-            "WITH input AS ({input}), done AS ( \
+            "WITH input AS MATERIALIZED (SELECT i.*, '{running}'::text AS state FROM ({input}) i), done AS ( \
                DELETE FROM jobs USING input \
-               WHERE jobs.id = input.id AND jobs.attempt = input.attempt AND jobs.state = 'running' \
+               WHERE jobs.id = ANY (ARRAY(SELECT id FROM input)) \
+                 AND jobs.id = input.id AND jobs.attempt = input.attempt AND jobs.state = input.state \
                RETURNING jobs.id, jobs.run_id, jobs.step_index, jobs.step_count, jobs.attempt, input.output, input.tokens \
              ), owner AS ( \
                SELECT done.id, done.attempt, done.run_id, done.step_index, done.tokens, \
@@ -166,6 +171,7 @@ impl Store {
                 DbBackend::Postgres,
                 &[("id", "bigint"), ("attempt", "bigint"), ("output", "text"), ("tokens", "bigint")]
             ),
+            running = JobState::Running.as_str(),
             step_succeeded = EventType::StepSucceeded.as_str(),
             run_succeeded = EventType::RunSucceeded.as_str(),
             shard = self.usage.counter_shard(0),

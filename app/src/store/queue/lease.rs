@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sqlx::Row;
 
+use crate::config::DbBackend;
+use crate::model::JobState;
 use crate::store::{Result, Store, ms, recordset};
 
 impl Store {
@@ -30,12 +32,24 @@ impl Store {
                 .collect(),
         )
         .to_string();
-        let sql = self.sql(&format!(
-            "UPDATE jobs SET lease_expires_at = {{now}} + $2 \
-             WHERE locked_by = $3 AND state = 'running' \
-               AND (id, attempt) IN (SELECT id, attempt FROM ({}) h) RETURNING id",
-            recordset(self.backend(), &[("id", "bigint"), ("attempt", "bigint")])
-        ));
+        let held_sql = recordset(self.backend(), &[("id", "bigint"), ("attempt", "bigint")]);
+        let sql = match self.backend() {
+            // By primary key, the state through the input: see "Finding the
+            // jobs a worker holds" in `store::queue`.
+            DbBackend::Postgres => self.sql(&format!(
+                "WITH held AS MATERIALIZED (SELECT h.*, '{running}'::text AS state FROM ({held_sql}) h) \
+                 UPDATE jobs SET lease_expires_at = {{now}} + $2 FROM held \
+                 WHERE jobs.id = ANY (ARRAY(SELECT id FROM held)) \
+                   AND jobs.id = held.id AND jobs.attempt = held.attempt AND jobs.state = held.state \
+                   AND jobs.locked_by = $3 RETURNING jobs.id",
+                running = JobState::Running.as_str(),
+            )),
+            DbBackend::Sqlite => self.sql(&format!(
+                "UPDATE jobs SET lease_expires_at = {{now}} + $2 \
+                 WHERE locked_by = $3 AND state = 'running' \
+                   AND (id, attempt) IN (SELECT id, attempt FROM ({held_sql}) h) RETURNING id"
+            )),
+        };
         // A renewal lost in a server crash only shortens the lease: the job
         // may be delivered again, which the fencing token makes safe.
         let mut tx = self.begin_unflushed().await?;

@@ -3,6 +3,23 @@
 //! retry, or to the dead letters), [`lease`] (renewal, one statement per worker
 //! per tick) and [`rescue`] (expired leases, leader-only maintenance and the
 //! queue-gauge snapshot).
+//!
+//! # Finding the jobs a worker holds (PostgreSQL)
+//! The statements that finish or renew jobs by id (the batch completion and
+//! the lease renewal) select them with `id = ANY (ARRAY(SELECT id FROM …))`
+//! and compare their `running` state through a materialized input, never as
+//! the constant `state = 'running'`. That constant matches the predicate of
+//! the partial index `jobs_leased` (`lease_expires_at WHERE state =
+//! 'running'`), so the planner may read that whole index, visit every heap
+//! page it points to and then join the batch's ids. The index keeps an entry
+//! for every claim since the last vacuum, live or dead (a claim writes a new
+//! tuple version, a finished job leaves a dead one), and bitmap scans never
+//! mark dead entries. Measured in the steady-state bench (`make bench`), ten
+//! seconds into the window (autovacuum wakes once a minute): 41,179 entries
+//! and 2,418 heap pages read, 7 ms, to complete one job; by primary key, a
+//! dozen pages. Written this way, the primary key is the only index the
+//! planner can use, whatever its statistics say about a table whose churn
+//! they lag far behind.
 
 pub mod claim;
 pub mod complete;
