@@ -36,8 +36,8 @@ impl Completer {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let rx = Arc::new(Mutex::new(rx));
         let mut flushers = JoinSet::new();
-        for _ in 0..FLUSHERS {
-            flushers.spawn(flush(store.clone(), rx.clone()));
+        for lane in 0..FLUSHERS {
+            flushers.spawn(flush(store.clone(), rx.clone(), lane as u64));
         }
         Self {
             tx,
@@ -69,10 +69,12 @@ impl Completer {
     }
 }
 
-async fn flush(store: Store, rx: Arc<Mutex<mpsc::Receiver<(Completion, Reply)>>>) {
+/// One flusher; `lane` keeps its usage counts off the other flusher's
+/// counter row (see [`Store::complete_batch_in_lane`]).
+async fn flush(store: Store, rx: Arc<Mutex<mpsc::Receiver<(Completion, Reply)>>>, lane: u64) {
     while let Some(batch) = crate::batch::next_batch(&rx, MAX_BATCH).await {
         let (done, replies): (Vec<Completion>, Vec<Reply>) = batch.into_iter().unzip();
-        match persist(|| store.complete_batch(&done)).await {
+        match persist(|| store.complete_batch_in_lane(&done, lane)).await {
             Some(finishes) => {
                 for (reply, finish) in replies.into_iter().zip(finishes) {
                     let _ = reply.send(Some(finish));

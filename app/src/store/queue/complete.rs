@@ -40,6 +40,19 @@ impl Store {
     /// `step.succeeded` / `run.succeeded` are recorded. Returns one [`Finish`]
     /// per completion, in order; a stale claim changes nothing.
     pub async fn complete_batch(&self, done: &[Completion]) -> Result<Vec<Finish>> {
+        self.complete_batch_in_lane(done, 0).await
+    }
+
+    /// [`Store::complete_batch`] for one of several concurrent callers (the
+    /// completer's flushers, numbered from 0): each lane adds its steps to
+    /// its own usage-counter shard, so their transactions do not queue on one
+    /// counter row for each other's commit (on PostgreSQL a row's updater
+    /// waits until the previous one commits, WAL flush included).
+    pub async fn complete_batch_in_lane(
+        &self,
+        done: &[Completion],
+        lane: u64,
+    ) -> Result<Vec<Finish>> {
         if done.is_empty() {
             return Ok(Vec::new());
         }
@@ -60,7 +73,16 @@ impl Store {
         )
         .to_string();
         let recorded: Vec<Metered> = match self.backend() {
-            DbBackend::Postgres => self.complete_postgres(input).await?,
+            // Lane 0 shares `counter_shard(0)` with this store's one-off
+            // writers (single completions, recorded usage); further lanes
+            // take shards past those of the run-creation writers (1 to 4).
+            DbBackend::Postgres => {
+                let shard = match lane {
+                    0 => self.usage.counter_shard(0),
+                    n => self.usage.counter_shard(4 + n),
+                };
+                self.complete_postgres(input, shard).await?
+            }
             DbBackend::Sqlite => self.complete_sqlite(input, &outputs, &tokens).await?,
         };
         self.thresholds_after_completion(&recorded, &tokens).await;
@@ -123,7 +145,7 @@ impl Store {
     /// The jobs are found by primary key and their `running` state is compared
     /// through the materialized input, never as a constant (see "Finding the
     /// jobs a worker holds" in the module documentation of `store::queue`).
-    async fn complete_postgres(&self, input: String) -> Result<Vec<Metered>> {
+    async fn complete_postgres(&self, input: String, shard: i64) -> Result<Vec<Metered>> {
         let sql = self.sql(&format!(
             "WITH input AS MATERIALIZED (SELECT i.*, '{running}'::text AS state FROM ({input}) i), done AS ( \
                DELETE FROM jobs USING input \
@@ -174,7 +196,6 @@ impl Store {
             running = JobState::Running.as_str(),
             step_succeeded = EventType::StepSucceeded.as_str(),
             run_succeeded = EventType::RunSucceeded.as_str(),
-            shard = self.usage.counter_shard(0),
         ));
         let mut attempt = 0;
         loop {
