@@ -1205,6 +1205,95 @@ async fn postgres_completions_do_not_read_the_dead_entries_of_finished_jobs() {
     );
 }
 
+/// A completion and a lease renewal can hold rows of the same jobs (a step
+/// finishing as its worker's tick renews it). Each locks its rows in the
+/// order of its input, so both must send their jobs in id order: in
+/// different orders they deadlock, and PostgreSQL stalls one of them for a
+/// second (`deadlock_timeout`) before it aborts the other, as the drain
+/// bench showed once the renewal sent its jobs in hash-map order. Here the
+/// lower job is locked elsewhere and each statement is given the two jobs
+/// in reverse order: while it waits for the lower one it must not hold the
+/// higher one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_completions_and_lease_renewals_lock_jobs_in_id_order() {
+    use vm_webapp::store::Completion;
+    let env = TestEnv::new(Backend::Postgres, &[]).await;
+    sqlx::any::install_default_drivers();
+    let db = sqlx::AnyPool::connect(env.settings.database.url.expose())
+        .await
+        .expect("connect");
+    for i in 0..2 {
+        enqueue(
+            &env,
+            json!({"i": i}),
+            json!([{"kind": "template", "template": "x"}]),
+        )
+        .await;
+    }
+    let lease = Duration::from_secs(60);
+    let mut jobs = env.store.claim("w", 2, lease).await.expect("claim");
+    assert_eq!(jobs.len(), 2);
+    jobs.sort_by_key(|j| j.id);
+    let (low, high) = (jobs[0].clone(), jobs[1].clone());
+    let renewal = {
+        let (store, l, h) = (env.store.clone(), low.clone(), high.clone());
+        move || {
+            tokio::spawn(async move {
+                store
+                    .extend_leases("w", &[(h.id, h.attempt), (l.id, l.attempt)], lease)
+                    .await
+                    .map(|_| ())
+            })
+        }
+    };
+    lower_first(&db, low.id, high.id, "lease renewal", renewal).await;
+    let completion = {
+        let (store, l, h) = (env.store.clone(), low.clone(), high.clone());
+        move || {
+            tokio::spawn(async move {
+                let done = [h, l].map(|job| Completion {
+                    job,
+                    output: json!("x"),
+                });
+                store.complete_batch(&done).await.map(|_| ())
+            })
+        }
+    };
+    lower_first(&db, low.id, high.id, "completion", completion).await;
+}
+
+/// Starts `statement` while job `low` is locked by another transaction and
+/// requires it not to hold job `high` while it waits; then lets it finish.
+async fn lower_first(
+    db: &sqlx::AnyPool,
+    low: i64,
+    high: i64,
+    name: &str,
+    statement: impl FnOnce() -> tokio::task::JoinHandle<Result<(), vm_webapp::store::StoreError>>,
+) {
+    let mut blocker = db.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(low)
+        .fetch_one(&mut *blocker)
+        .await
+        .expect("lock the lower job");
+    let task = statement();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut probe = db.begin().await.expect("begin");
+    let high_free = sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE NOWAIT")
+        .bind(high)
+        .fetch_optional(&mut *probe)
+        .await
+        .is_ok();
+    probe.rollback().await.expect("rollback");
+    assert!(
+        high_free,
+        "the {name} locked the higher job while it waited for the lower one"
+    );
+    blocker.rollback().await.expect("release");
+    task.await.expect("task").expect(name);
+}
+
 /// Migration 12 drops an index of `runs` while the API serves. A plain
 /// `DROP INDEX` waits for an exclusive lock behind any open transaction that
 /// read `runs` (a backup, a report), and every later query on `runs` queues

@@ -66,8 +66,15 @@ impl Store {
             .iter()
             .map(|c| (c.job.id, llm_tokens(&c.job.step, &c.output)))
             .collect();
+        // In job-id order, as the lease renewal sends its jobs: both lock the
+        // rows in the order of their input, and two statements locking shared
+        // rows in different orders deadlock (PostgreSQL then stalls one for
+        // `deadlock_timeout`, a second, before it aborts the other).
+        let mut ordered: Vec<&Completion> = done.iter().collect();
+        ordered.sort_by_key(|c| c.job.id);
         let input = Value::Array(
-            done.iter()
+            ordered
+                .iter()
                 .map(|c| json!({"id": c.job.id, "attempt": c.job.attempt, "output": outputs[&c.job.id], "tokens": tokens[&c.job.id]}))
                 .collect(),
         )

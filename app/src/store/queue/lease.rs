@@ -26,6 +26,10 @@ impl Store {
         if held.is_empty() {
             return Ok(HashSet::new());
         }
+        // In job-id order, as completions send theirs (see `complete_batch`):
+        // rows locked in one order by both cannot deadlock.
+        let mut held = held.to_vec();
+        held.sort_unstable();
         let batch = Value::Array(
             held.iter()
                 .map(|(id, attempt)| json!({"id": id, "attempt": attempt}))
