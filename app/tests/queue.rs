@@ -1294,6 +1294,55 @@ async fn lower_first(
     task.await.expect("task").expect(name);
 }
 
+/// The rescue reads the index of running jobs by their lease, where every
+/// job finished since the last vacuum left a dead entry whose lease has run
+/// out. As a bitmap scan (the planner's choice once such entries pile up)
+/// it read all of them on every pass, twice a second, until autovacuum
+/// came, at most once a minute; a plain index scan marks them dead as it
+/// passes, so each is read once. Here 20,000 finished jobs (written
+/// directly, as many claims and completions would leave them; autovacuum
+/// off) must be marked by one pass, read with `pageinspect`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rescue_marks_the_dead_entries_it_passes() {
+    use sqlx::Row;
+    let env = TestEnv::new(Backend::Postgres, &[]).await;
+    sqlx::any::install_default_drivers();
+    let db = sqlx::AnyPool::connect(env.settings.database.url.expose())
+        .await
+        .expect("connect");
+    let finished = 20_000;
+    for sql in [
+        "ALTER TABLE jobs SET (autovacuum_enabled = false)".to_string(),
+        "CREATE EXTENSION IF NOT EXISTS pageinspect".to_string(),
+        // Claimed (running, a lease long gone), then finished (deleted); and
+        // 200 jobs still running under a lease that has not run out.
+        format!(
+            "INSERT INTO jobs (run_id, correlation_id, step_index, step_count, payload, state, \
+               attempt, max_attempts, run_at, lease_expires_at, locked_by, created_at) \
+             SELECT 'r' || g, 'c', 0, 1, '{{}}', 'running', 1, 3, 0, \
+               CASE WHEN g <= {finished} THEN g ELSE 9000000000000 + g END, 'w', 0 \
+             FROM generate_series(1, {finished} + 200) AS g"
+        ),
+        format!("DELETE FROM jobs WHERE lease_expires_at <= {finished}"),
+    ] {
+        sqlx::query(&sql).execute(&db).await.expect(&sql);
+    }
+    assert_eq!(env.store.rescue_expired().await.expect("rescue"), 0);
+    let dead: i64 = sqlx::query(
+        "SELECT COUNT(*) AS n FROM generate_series(1, \
+           (pg_relation_size('jobs_leased') / 8192)::int - 1) AS b, \
+           LATERAL bt_page_items('jobs_leased', b) AS i WHERE i.dead",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("index items")
+    .get("n");
+    assert!(
+        dead >= finished * 9 / 10,
+        "{dead} of {finished} entries of finished jobs marked dead by the rescue"
+    );
+}
+
 /// Migration 12 drops an index of `runs` while the API serves. A plain
 /// `DROP INDEX` waits for an exclusive lock behind any open transaction that
 /// read `runs` (a backup, a report), and every later query on `runs` queues
