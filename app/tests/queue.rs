@@ -1297,7 +1297,7 @@ async fn lower_first(
 /// The rescue reads the index of running jobs by their lease, where every
 /// job finished since the last vacuum left a dead entry whose lease has run
 /// out. As a bitmap scan (the planner's choice once such entries pile up)
-/// it read all of them on every pass, twice a second, until autovacuum
+/// it read all of them twice a second (two reads a pass) until autovacuum
 /// came, at most once a minute; a plain index scan marks them dead as it
 /// passes, so each is read once. Here 20,000 finished jobs (written
 /// directly, as many claims and completions would leave them; autovacuum

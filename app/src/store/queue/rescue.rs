@@ -70,9 +70,9 @@ impl Store {
             // Walk `jobs_leased` in order, never as a bitmap: entries of jobs
             // finished since the last vacuum stay in that index, and only a
             // plain index scan marks them dead as it passes, so each is read
-            // once instead of by every pass (twice a second) until autovacuum
-            // comes, which is once a minute at most. 40,000 such entries cost
-            // each bitmap pass 3–5 ms; marked, a pass reads none of them.
+            // once instead of twice a second (a pass a second, two reads
+            // each) until autovacuum comes, once a minute at most. 40,000
+            // such entries cost each bitmap read 3–5 ms; marked, none.
             for setting in [
                 "SET LOCAL enable_bitmapscan = off",
                 "SET LOCAL enable_seqscan = off",
