@@ -330,42 +330,36 @@ fn the_api_shuts_down_after_a_default_delay_and_its_grace_period_covers_it() {
 fn a_longer_stream_write_timeout_in_extra_env_lengthens_the_api_grace_period() {
     // A stream ended at SIGTERM whose client stopped reading holds the drain until its
     // write times out; a grace period shorter than that SIGKILLs the API mid-drain.
+    // API: 5 s delay + 120 s + 5 s; the worker keeps its default.
+    assert_eq!(
+        grace_periods_with_env("VM_STREAM_WRITE_TIMEOUT_MS", "120000"),
+        (Some(130), Some(60))
+    );
+}
+
+/// The (API, worker) grace periods of the managed example with `name=value`
+/// added through `spec.env`.
+fn grace_periods_with_env(name: &str, value: &str) -> (Option<i64>, Option<i64>) {
     let mut a = managed();
     a.spec.env.push(ExtraEnvVar {
-        name: "VM_STREAM_WRITE_TIMEOUT_MS".into(),
-        value: Some("120000".into()),
+        name: name.into(),
+        value: Some(value.into()),
         secret_key_ref: None,
     });
     let d = built(&a);
-    // 5 s delay + 120 s + 5 s.
-    assert_eq!(
+    (
         pod(&d.api_deployment).termination_grace_period_seconds,
-        Some(130)
-    );
-    assert_eq!(
         pod(&d.worker_deployment).termination_grace_period_seconds,
-        Some(60)
-    );
+    )
 }
 
 #[test]
 fn a_longer_job_grace_in_extra_env_lengthens_both_grace_periods() {
     // Without this, raising VM_SHUTDOWN_GRACE_MS through spec.env would let the kubelet
     // SIGKILL workers mid-drain, turning a clean hand-back into lease expiries.
-    let mut a = managed();
-    a.spec.env.push(ExtraEnvVar {
-        name: "VM_SHUTDOWN_GRACE_MS".into(),
-        value: Some("90000".into()),
-        secret_key_ref: None,
-    });
-    let d = built(&a);
     assert_eq!(
-        pod(&d.worker_deployment).termination_grace_period_seconds,
-        Some(100)
-    );
-    assert_eq!(
-        pod(&d.api_deployment).termination_grace_period_seconds,
-        Some(100)
+        grace_periods_with_env("VM_SHUTDOWN_GRACE_MS", "90000"),
+        (Some(100), Some(100))
     );
 }
 
