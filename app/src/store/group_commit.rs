@@ -29,6 +29,10 @@ use crate::plans::{Meter, Overage};
 
 /// Most runs one transaction stores.
 pub const MAX_BATCH: usize = 128;
+/// Most writers on PostgreSQL; writer `n` adds to usage-counter shard
+/// `counter_shard(n + 1)`, so the shards of other concurrent writers of a
+/// store start past `counter_shard(MAX_WRITERS)`.
+pub(crate) const MAX_WRITERS: u32 = 4;
 /// Requests waiting for a writer before callers wait to enqueue.
 const QUEUE_DEPTH: usize = 4 * MAX_BATCH;
 
@@ -69,7 +73,7 @@ impl Handle {
         }
         let writers = match backend {
             DbBackend::Sqlite => 1,
-            DbBackend::Postgres => (max_connections / 2).clamp(1, 4),
+            DbBackend::Postgres => (max_connections / 2).clamp(1, MAX_WRITERS),
         };
         let (tx, rx) = mpsc::channel::<Request>(QUEUE_DEPTH);
         let rx = Arc::new(Mutex::new(rx));

@@ -82,11 +82,13 @@ impl Store {
         let recorded: Vec<Metered> = match self.backend() {
             // Lane 0 shares `counter_shard(0)` with this store's one-off
             // writers (single completions, recorded usage); further lanes
-            // take shards past those of the run-creation writers (1 to 4).
+            // take shards past those of the run-creation writers.
             DbBackend::Postgres => {
                 let shard = match lane {
                     0 => self.usage.counter_shard(0),
-                    n => self.usage.counter_shard(4 + n),
+                    n => self
+                        .usage
+                        .counter_shard(u64::from(crate::store::group_commit::MAX_WRITERS) + n),
                 };
                 self.complete_postgres(input, shard).await?
             }
