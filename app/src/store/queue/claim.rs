@@ -11,6 +11,8 @@
 //! token (a stale claim), so the step runs again: at least once, and its
 //! result recorded once. Results and new runs still commit synchronously.
 //! Under a moderate load this turns one disk flush per small claim into none.
+//! The setting rides in the statement itself ([`UNFLUSHED`]), so the claim
+//! stays one round trip, not four (`BEGIN`, `SET LOCAL`, claim, `COMMIT`).
 
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use crate::config::DbBackend;
 use crate::model::{ClaimedJob, EventType};
 use crate::steps::StepSpec;
 use crate::store::events::NewEvent;
-use crate::store::{Result, Store, ms, parse_uuid};
+use crate::store::{Result, Store, UNFLUSHED, ms, parse_uuid};
 
 const RETURNING: &str = "id, run_id, correlation_id, step_index, step_count, payload, attempt, \
                          max_attempts, waited_ms";
@@ -101,18 +103,17 @@ impl Store {
                SELECT run_id, '{step_started}', step_index, attempt, NULL, \
                  '{{\"kind\":\"' || COALESCE(substring(payload from '\"kind\":\"([a-z_]+)\"'), 'unknown') || '\"}}', \
                  {{now}} FROM claimed \
-             ) SELECT {RETURNING} FROM claimed",
+             ), unflushed AS ({UNFLUSHED}) \
+             SELECT {RETURNING} FROM claimed, unflushed",
             run_started = EventType::RunStarted.as_str(),
             step_started = EventType::StepStarted.as_str(),
         ));
-        let mut tx = self.begin_unflushed().await?;
         let rows = sqlx::query(&sql)
             .bind(limit)
             .bind(ms(lease))
             .bind(worker)
-            .fetch_all(&mut *tx)
+            .fetch_all(self.pool())
             .await?;
-        tx.commit().await?;
         if !rows.is_empty() {
             self.events.raise();
         }

@@ -10,7 +10,7 @@ use sqlx::Row;
 
 use crate::config::DbBackend;
 use crate::model::JobState;
-use crate::store::{Result, Store, ms, recordset};
+use crate::store::{Result, Store, UNFLUSHED, ms, recordset};
 
 impl Store {
     /// Pushes the leases of `held` (job id, attempt) claimed by `worker` out
@@ -41,8 +41,9 @@ impl Store {
             // By primary key, the state through the input: see "Finding the
             // jobs a worker holds" in `store::queue`.
             DbBackend::Postgres => self.sql(&format!(
-                "WITH held AS MATERIALIZED (SELECT h.*, '{running}'::text AS state FROM ({held_sql}) h) \
-                 UPDATE jobs SET lease_expires_at = {{now}} + $2 FROM held \
+                "WITH held AS MATERIALIZED (SELECT h.*, '{running}'::text AS state FROM ({held_sql}) h), \
+                   unflushed AS ({UNFLUSHED}) \
+                 UPDATE jobs SET lease_expires_at = {{now}} + $2 FROM held, unflushed \
                  WHERE jobs.id = ANY (ARRAY(SELECT id FROM held)) \
                    AND jobs.id = held.id AND jobs.attempt = held.attempt AND jobs.state = held.state \
                    AND jobs.locked_by = $3 RETURNING jobs.id",
@@ -56,17 +57,15 @@ impl Store {
         };
         // A renewal lost in a server crash only shortens the lease: the job
         // may be delivered again, which the fencing token makes safe.
-        let mut tx = self.begin_unflushed().await?;
         let kept = sqlx::query(&sql)
             .bind(batch)
             .bind(ms(lease))
             .bind(worker)
-            .fetch_all(&mut *tx)
+            .fetch_all(self.pool())
             .await?
             .iter()
             .map(|r| Ok(r.try_get::<i64, _>("id")?))
             .collect::<Result<HashSet<i64>>>()?;
-        tx.commit().await?;
         Ok(kept)
     }
 }
