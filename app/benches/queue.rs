@@ -562,10 +562,18 @@ async fn steady(backend: Backend, plan: &Plan, rate: Option<f64>) -> Row {
     let produced = Arc::new(AtomicU64::new(0));
     let origin = tokio::time::Instant::now();
 
+    // Producers announce new runs the way the API's handler does
+    // (`Nudge::enqueued`: the Redis publish runs off the request's path). On
+    // PostgreSQL the API process has no worker of its own, so its local
+    // wake-up reaches nobody and the workers hear of new runs through Redis.
+    let nudge = match &bus {
+        Some(bus) => vm_webapp::nudge::Nudge::new(Arc::new(Notify::new()), Some(bus.clone())),
+        None => vm_webapp::nudge::Nudge::new(wake.clone(), None),
+    };
     let mut producers = JoinSet::new();
     for _ in 0..plan.producers {
-        let (store, wake, stop) = (env.store.clone(), wake.clone(), stop.clone());
-        let bus = bus.clone();
+        let (store, stop) = (env.store.clone(), stop.clone());
+        let nudge = nudge.clone();
         let (done, recording, sampled) = (done.clone(), recording.clone(), sampled.clone());
         let (tickets, produced) = (tickets.clone(), produced.clone());
         let template = no_op_run(1);
@@ -588,10 +596,7 @@ async fn steady(backend: Backend, plan: &Plan, rate: Option<f64>) -> Row {
                     None => {}
                 }
                 let id = enqueue(&store, &template).await;
-                match &bus {
-                    Some(bus) => bus.notify_enqueued().await,
-                    None => wake.notify_one(),
-                }
+                nudge.enqueued();
                 produced.fetch_add(1, Ordering::Relaxed);
                 if recording.load(Ordering::Relaxed) {
                     sampled.lock().expect("samples").push(id);
