@@ -1398,12 +1398,42 @@ async fn postgres_migration_12_waits_for_readers_without_blocking_the_api() {
     assert_eq!(left.get::<i64, _>("n"), 0, "the index is gone");
 }
 
-/// Records the statements sqlx sends on this thread (its `sqlx::query`
-/// events), by their summary: the first words of each.
-#[derive(Clone, Default)]
-struct Statements(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+/// Records the statements sqlx sends on the thread it follows (its
+/// `sqlx::query` events), by their summary: the first words of each. It is
+/// the process's global subscriber, set once: a scoped one (`set_default`)
+/// missed events while other tests' threads ran queries with none.
+#[derive(Default)]
+struct Statements {
+    thread: std::sync::Mutex<Option<std::thread::ThreadId>>,
+    seen: std::sync::Mutex<Vec<String>>,
+}
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Statements {
+impl Statements {
+    /// The global recorder, installed on first use.
+    fn global() -> &'static Statements {
+        static GLOBAL: std::sync::OnceLock<&'static Statements> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(|| {
+            use tracing_subscriber::layer::SubscriberExt;
+            let recorder: &'static Statements = Box::leak(Box::default());
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(recorder))
+                .expect("no other global subscriber in this test binary");
+            recorder
+        })
+    }
+
+    /// Follows the current thread from now on and forgets what was seen.
+    fn follow_this_thread(&self) {
+        *self.thread.lock().expect("thread") = Some(std::thread::current().id());
+        self.take();
+    }
+
+    /// The statements seen since the last call.
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.seen.lock().expect("statements"))
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for &'static Statements {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
         struct Summary(Option<String>);
         impl tracing::field::Visit for Summary {
@@ -1418,14 +1448,17 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Statements {
                 }
             }
         }
-        if event.metadata().target() == "sqlx::query" {
-            let mut summary = Summary(None);
-            event.record(&mut summary);
-            self.0
-                .lock()
-                .expect("statements")
-                .push(summary.0.unwrap_or_default());
+        if event.metadata().target() != "sqlx::query"
+            || *self.thread.lock().expect("thread") != Some(std::thread::current().id())
+        {
+            return;
         }
+        let mut summary = Summary(None);
+        event.record(&mut summary);
+        self.seen
+            .lock()
+            .expect("statements")
+            .push(summary.0.unwrap_or_default());
     }
 }
 
@@ -1437,7 +1470,6 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Statements {
 /// three of them (the steady-state bench gained about 7% without them).
 #[tokio::test(flavor = "current_thread")]
 async fn postgres_claims_and_lease_renewals_are_one_round_trip_each() {
-    use tracing_subscriber::layer::SubscriberExt;
     let env = TestEnv::new(Backend::Postgres, &[]).await;
     for i in 0..3 {
         enqueue(
@@ -1447,20 +1479,18 @@ async fn postgres_claims_and_lease_renewals_are_one_round_trip_each() {
         )
         .await;
     }
-    let seen = Statements::default();
-    let subscriber = tracing_subscriber::registry().with(seen.clone());
-    let guard = tracing::subscriber::set_default(subscriber);
+    let seen = Statements::global();
+    seen.follow_this_thread();
     let lease = Duration::from_secs(30);
     let jobs = env.store.claim("w", 10, lease).await.expect("claim");
-    let claimed = std::mem::take(&mut *seen.0.lock().expect("statements"));
+    let claimed = seen.take();
     let held: Vec<(i64, i64)> = jobs.iter().map(|j| (j.id, j.attempt)).collect();
     let kept = env
         .store
         .extend_leases("w", &held, lease)
         .await
         .expect("renew");
-    let renewed = std::mem::take(&mut *seen.0.lock().expect("statements"));
-    drop(guard);
+    let renewed = seen.take();
     assert_eq!(jobs.len(), 3);
     assert_eq!(kept.len(), 3);
     // Anything else on this thread meanwhile (a new pooled connection's own
