@@ -44,13 +44,6 @@ fn data_lines(file: &[u8]) -> Vec<String> {
     lines[1..lines.len() - 1].to_vec()
 }
 
-/// A second pool on the same database, for fixtures and checks in plain SQL.
-async fn pool(env: &TestEnv) -> AnyPool {
-    AnyPool::connect(env.settings.database.url.expose())
-        .await
-        .expect("connect")
-}
-
 async fn count(pool: &AnyPool, sql: &str) -> i64 {
     sqlx::query(sql)
         .fetch_one(pool)
@@ -89,7 +82,7 @@ async fn varied_content(env: &TestEnv) -> Vec<String> {
     assert!(reply.status.is_success(), "{}", reply.body);
     ids.push(cancelled);
     ids.push(create(&app, SLOW).await); // left queued
-    let db = pool(env).await;
+    let db = env.raw_pool().await;
     sqlx::query(
         "INSERT INTO webhook_deliveries (source, nonce, received_at, body_sha256, run_id) VALUES ('github', 'n-1', 1700000000000, 'ab', NULL)",
     )
@@ -276,7 +269,7 @@ async fn drill(backend: Backend, runs: usize) {
     let (worker, stop) = a.spawn_worker(2, LlmBackend::Offline);
     a.wait_for(ok, RunStatus::Succeeded, LONG).await;
     a.wait_for(doomed, RunStatus::Failed, LONG).await;
-    let db = pool(&a).await;
+    let db = a.raw_pool().await;
     let started = Instant::now();
     let mut ids: Vec<String> = (0..runs)
         .map(|_| uuid::Uuid::now_v7().to_string())
@@ -355,7 +348,7 @@ async fn drill(backend: Backend, runs: usize) {
     assert_eq!(restored.rows, written.rows);
 
     // Nothing acknowledged before the backup began is missing.
-    let restored_db = pool(&b).await;
+    let restored_db = b.raw_pool().await;
     let in_b: BTreeSet<String> = sqlx::query("SELECT id FROM runs")
         .fetch_all(&restored_db)
         .await
@@ -580,7 +573,7 @@ fn damaged_backups_are_refused_whole_and_never_panic() {
         }
         let file = backup(&source.store).await;
         let target = TestEnv::new(Backend::Sqlite, &[]).await;
-        let db = pool(&target).await;
+        let db = target.raw_pool().await;
         (file, source, target, db)
     });
     let lines = file.iter().filter(|b| **b == b'\n').count();
@@ -635,7 +628,7 @@ async fn a_forced_restore_without_the_owners_rights_says_which_table_and_why() {
     create(&owner.router(), HELLO).await;
     let file = backup(&owner.store).await;
     let role = format!("rt_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let db = pool(&owner).await;
+    let db = owner.raw_pool().await;
     sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
         .execute(&db)
         .await

@@ -33,15 +33,6 @@ fn new_run(input: Value, steps: Value, key: Option<&str>) -> NewRun {
     }
 }
 
-/// A pool of its own on the test's database, for the statements a test runs
-/// beside the store (statistics, locks, schema changes).
-async fn raw_pool(env: &TestEnv) -> sqlx::AnyPool {
-    sqlx::any::install_default_drivers();
-    sqlx::AnyPool::connect(env.settings.database.url.expose())
-        .await
-        .expect("connect")
-}
-
 async fn enqueue(env: &TestEnv, input: Value, steps: Value) -> Uuid {
     match env
         .store
@@ -437,10 +428,7 @@ async fn an_unreadable_step_is_set_aside_and_does_not_block_the_queue(backend: B
         json!([{"kind": "template", "template": "w"}]),
     )
     .await;
-    sqlx::any::install_default_drivers();
-    let raw = sqlx::AnyPool::connect(env.settings.database.url.expose())
-        .await
-        .expect("raw pool");
+    let raw = env.raw_pool().await;
     for (run, payload) in [
         (odd, "{\"kind\":\"future_kind\",\"x\":1}"),
         (garbled, "not json at all"),
@@ -477,9 +465,7 @@ async fn an_unreadable_step_is_set_aside_and_does_not_block_the_queue(backend: B
         );
         // The database clock decides when it is due: move its `run_at` back
         // instead of waiting the 30 s.
-        let raw = sqlx::AnyPool::connect(env.settings.database.url.expose())
-            .await
-            .expect("raw pool");
+        let raw = env.raw_pool().await;
         sqlx::query("UPDATE jobs SET run_at = run_at - 31000 WHERE run_id = $1")
             .bind(odd.to_string())
             .execute(&raw)
@@ -1098,7 +1084,7 @@ on_both_backends!(
 async fn postgres_run_updates_stay_on_their_page() {
     use sqlx::Row;
     let env = TestEnv::new(Backend::Postgres, &[]).await;
-    let db = raw_pool(&env).await;
+    let db = env.raw_pool().await;
     let runs = 60;
     for i in 0..runs {
         enqueue(
@@ -1145,7 +1131,7 @@ async fn postgres_run_updates_stay_on_their_page() {
 async fn postgres_completions_do_not_read_the_dead_entries_of_finished_jobs() {
     use sqlx::Row;
     let env = TestEnv::new(Backend::Postgres, &[("VM_JOB_LEASE_MS", "600000")]).await;
-    let db = raw_pool(&env).await;
+    let db = env.raw_pool().await;
     sqlx::query("ALTER TABLE jobs SET (autovacuum_enabled = false)")
         .execute(&db)
         .await
@@ -1221,7 +1207,7 @@ async fn postgres_completions_do_not_read_the_dead_entries_of_finished_jobs() {
 async fn postgres_completions_and_lease_renewals_lock_jobs_in_id_order() {
     use vm_webapp::store::Completion;
     let env = TestEnv::new(Backend::Postgres, &[]).await;
-    let db = raw_pool(&env).await;
+    let db = env.raw_pool().await;
     for i in 0..2 {
         enqueue(
             &env,
@@ -1306,7 +1292,7 @@ async fn lower_first(
 async fn postgres_rescue_marks_the_dead_entries_it_passes() {
     use sqlx::Row;
     let env = TestEnv::new(Backend::Postgres, &[]).await;
-    let db = raw_pool(&env).await;
+    let db = env.raw_pool().await;
     let finished = 20_000;
     for sql in [
         "ALTER TABLE jobs SET (autovacuum_enabled = false)".to_string(),
@@ -1355,7 +1341,7 @@ async fn postgres_migration_12_waits_for_readers_without_blocking_the_api() {
         json!([{"kind": "template", "template": "x"}]),
     )
     .await;
-    let db = raw_pool(&env).await;
+    let db = env.raw_pool().await;
     // The schema as version 11 left it.
     for sql in [
         "CREATE INDEX runs_status_id ON runs (status, id)",

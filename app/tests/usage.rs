@@ -124,14 +124,6 @@ fn meter<'a>(report: &'a Value, name: &str) -> &'a Value {
         .expect("meter in report")
 }
 
-/// A plain connection to the test's database, for checks and deliberate damage.
-async fn raw(env: &TestEnv) -> sqlx::AnyPool {
-    sqlx::any::install_default_drivers();
-    sqlx::AnyPool::connect(env.settings.database.url.expose())
-        .await
-        .expect("raw connection")
-}
-
 async fn count(pool: &sqlx::AnyPool, sql: &str) -> i64 {
     sqlx::query(sql)
         .fetch_one(pool)
@@ -143,7 +135,7 @@ async fn count(pool: &sqlx::AnyPool, sql: &str) -> i64 {
 
 async fn runs_of(env: &TestEnv, tenant: &str) -> i64 {
     count(
-        &raw(env).await,
+        &env.raw_pool().await,
         &format!("SELECT COUNT(*) FROM runs WHERE tenant = '{tenant}'"),
     )
     .await
@@ -213,7 +205,7 @@ async fn at_the_allowance_the_last_run_is_admitted_and_the_next_is_refused_with_
     );
     // Nothing created, nothing counted; the refusal is audited.
     assert_eq!(runs_of(&env, "acme").await, 3);
-    let pool = raw(&env).await;
+    let pool = env.raw_pool().await;
     assert_eq!(
         count(
             &pool,
@@ -456,7 +448,7 @@ async fn a_redelivered_step_is_counted_once(backend: Backend) {
         .expect("usage");
     assert_eq!(used.get(&Meter::Steps), Some(&1));
     assert_eq!(used.get(&Meter::LlmTokens), Some(&5));
-    let pool = raw(&env).await;
+    let pool = env.raw_pool().await;
     assert_eq!(
         count(
             &pool,
@@ -613,7 +605,7 @@ async fn usage_verify_reports_a_corrupted_counter_and_exits_non_zero(backend: Ba
     );
     assert!(String::from_utf8_lossy(&clean.stdout).contains("agree"));
 
-    let pool = raw(&env).await;
+    let pool = env.raw_pool().await;
     sqlx::query(
         "UPDATE usage_counters SET used = used + 5 WHERE tenant = 'globex' AND meter = 'runs' \
          AND shard = (SELECT MAX(shard) FROM usage_counters WHERE tenant = 'globex' AND meter = 'runs')",
@@ -723,7 +715,7 @@ async fn a_key_sees_only_its_tenants_runs_and_usage_and_admin_sees_all(backend: 
     .await;
     assert_eq!(plan.status, StatusCode::FORBIDDEN);
     // The run and its audit row belong to the tenant.
-    let pool = raw(&env).await;
+    let pool = env.raw_pool().await;
     assert_eq!(
         count(
             &pool,
@@ -1006,7 +998,7 @@ async fn usage_of_a_run_created_in_the_last_millisecond_of_a_month_is_in_that_mo
     let (env, _dir) = env_with(backend, PLANS, &[]).await;
     let october = Period::parse("2026-10").expect("period");
     let november = october.next();
-    let pool = raw(&env).await;
+    let pool = env.raw_pool().await;
     let mut ids = Vec::new();
     for at in [october.end_ms() - 1, november.start_ms()] {
         let id = Uuid::now_v7().to_string();
@@ -1099,7 +1091,7 @@ async fn an_unlimited_time_mid_month_neither_erases_nor_adds_overage(backend: Ba
     .await;
     let october = Period::parse("2026-10").expect("period");
     let day = |d: i64| october.start_ms() + (d - 1) * 86_400_000;
-    let pool = raw(&env).await;
+    let pool = env.raw_pool().await;
     for (at, runs) in [(day(5), 25), (day(15), 1000), (day(25), 15)] {
         sqlx::query(
             "INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \

@@ -63,6 +63,16 @@ pub fn settings_from(vars: &[(&str, &str)]) -> Result<Settings, vm_webapp::confi
 }
 
 impl TestEnv {
+    /// A pool of its own on the test's database, beside the store's: for
+    /// fixtures, checks and deliberate damage in plain SQL (statistics,
+    /// locks, schema changes).
+    pub async fn raw_pool(&self) -> sqlx::AnyPool {
+        sqlx::any::install_default_drivers();
+        sqlx::AnyPool::connect(self.settings.database.url.expose())
+            .await
+            .expect("raw pool")
+    }
+
     /// A fresh database of `backend`, migrated, with `vars` applied to settings.
     pub async fn new(backend: Backend, vars: &[(&str, &str)]) -> TestEnv {
         let url = match backend {
