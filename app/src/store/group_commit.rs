@@ -20,6 +20,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::events::NewEvent;
+use super::sqlite_writer;
 use super::tenancy::{assigned_plan, resolve};
 use super::usage::{QuotaRefusal, UsageRow, touched_of};
 use super::{CreateOutcome, Result, Store, StoreError, recordset};
@@ -63,6 +64,9 @@ pub(crate) enum Stored {
 #[derive(Clone)]
 pub(crate) struct Handle {
     tx: Option<mpsc::Sender<Request>>,
+    /// SQLite: the writer thread that stores runs while no plans are
+    /// loaded ([`sqlite_writer`]); the writer tasks take the rest.
+    direct: Option<sqlite_writer::Handle>,
 }
 
 impl Handle {
@@ -75,10 +79,17 @@ impl Handle {
         max_connections: u32,
         usage: Arc<super::usage::Shared>,
         events: super::feed::CommitSignal,
+        sqlite_file: Option<&str>,
     ) -> Self {
         if tokio::runtime::Handle::try_current().is_err() {
             return Self::disabled();
         }
+        let direct = match backend {
+            DbBackend::Sqlite => sqlite_file.and_then(|path| {
+                sqlite_writer::Handle::start(path, usage.counter_shard(1), events.clone())
+            }),
+            DbBackend::Postgres => None,
+        };
         let writers = match backend {
             DbBackend::Sqlite => 1,
             DbBackend::Postgres => (max_connections / 2).clamp(1, MAX_WRITERS),
@@ -98,16 +109,36 @@ impl Handle {
             let shard = store.usage.counter_shard(u64::from(n) + 1);
             tokio::spawn(writer(store.clone(), rx.clone(), shard));
         }
-        Self { tx: Some(tx) }
+        Self {
+            tx: Some(tx),
+            direct,
+        }
+    }
+
+    /// Whether run creation without plans goes to the SQLite writer thread.
+    #[cfg(test)]
+    pub(crate) fn has_sqlite_writer(&self) -> bool {
+        self.direct.is_some()
     }
 
     pub(crate) fn disabled() -> Self {
-        Self { tx: None }
+        Self {
+            tx: None,
+            direct: None,
+        }
     }
 
     /// Stores `new` through a writer (or directly) and resolves an idempotency
     /// key that was already taken.
     pub(crate) async fn submit(&self, store: &Store, new: &NewRun) -> Result<CreateOutcome> {
+        if let Some(direct) = self.direct.as_ref().filter(|_| store.plans().is_none()) {
+            let id = Uuid::now_v7();
+            let row = sqlite_writer::Row::of(id.to_string(), new)?;
+            return match direct.write(row).await? {
+                Some(at) => Ok(CreateOutcome::Created(created(id, new, at))),
+                None => store.existing_for_key(new).await,
+            };
+        }
         let stored = match &self.tx {
             Some(tx) => {
                 let (reply, answer) = oneshot::channel();
@@ -460,23 +491,28 @@ fn outcomes(
                 return Stored::Refused(refusal);
             }
             match created_at.get(text) {
-                Some(at) => Stored::Created(Run {
-                    id: *id,
-                    status: RunStatus::Queued,
-                    correlation_id: new.correlation_id.clone(),
-                    input: new.input.clone(),
-                    steps: new.steps.clone(),
-                    output: None,
-                    error: None,
-                    created_at: *at,
-                    updated_at: *at,
-                    started_at: None,
-                    finished_at: None,
-                }),
+                Some(at) => Stored::Created(created(*id, new, *at)),
                 None => Stored::Taken,
             }
         })
         .collect()
+}
+
+/// The run just stored for `new` under `id` at `at` (ms since the epoch).
+fn created(id: Uuid, new: &NewRun, at: i64) -> Run {
+    Run {
+        id,
+        status: RunStatus::Queued,
+        correlation_id: new.correlation_id.clone(),
+        input: new.input.clone(),
+        steps: new.steps.clone(),
+        output: None,
+        error: None,
+        created_at: at,
+        updated_at: at,
+        started_at: None,
+        finished_at: None,
+    }
 }
 
 /// The job rows of `runs` (id, request), as JSON objects (`run_id`,

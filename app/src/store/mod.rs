@@ -58,6 +58,7 @@ pub mod migrate;
 pub mod queue;
 pub mod runs;
 pub mod security;
+mod sqlite_writer;
 pub mod tenancy;
 pub mod usage;
 pub mod usage_report;
@@ -116,12 +117,37 @@ pub enum StoreError {
     /// A stored row could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// SQLite refused a batch of the run-creation writer thread
+    /// ([`sqlite_writer`]), which has its own connection outside the pool;
+    /// `busy` when its write lock stayed taken past the busy timeout (10 s),
+    /// which is worth retrying as [`StoreError::Unavailable`] is.
+    #[error("database error")]
+    Sqlite {
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+        /// The write lock stayed taken (SQLITE_BUSY or SQLITE_LOCKED).
+        busy: bool,
+    },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(source: rusqlite::Error) -> Self {
+        let busy = matches!(
+            source.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        StoreError::Sqlite { source, busy }
+    }
 }
 
 impl StoreError {
     /// True when retrying later may succeed.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::Sqlite { busy: true, .. }
+        )
     }
 
     /// True for a deadlock or serialization failure: the transaction may be
@@ -287,12 +313,16 @@ impl Store {
         }
         let usage = std::sync::Arc::new(usage::Shared::default());
         let events = feed::CommitSignal::default();
+        // The run-creation writer thread opens the same file, for writing:
+        // not when the URL opened it read-only.
+        let sqlite_file = sqlite_path(url).filter(|_| !url.contains("mode=ro"));
         let creates = group_commit::Handle::start(
             pool.clone(),
             backend,
             max_connections,
             usage.clone(),
             events.clone(),
+            sqlite_file.as_deref(),
         );
         Ok(Self {
             pool,
@@ -520,6 +550,24 @@ mod tests {
             );
             assert_eq!(ours, printed);
         }
+    }
+
+    /// Run creation on an SQLite file goes to its own writer thread (the
+    /// write path the benchmarks measure); a database opened read-only or in
+    /// memory (a connection of its own would open another database) keeps
+    /// to the pool.
+    #[tokio::test]
+    async fn run_creation_on_an_sqlite_file_has_a_writer_thread_unless_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = test_sqlite_store(dir.path(), "w.db").await;
+        assert!(store.creates.has_sqlite_writer());
+        let url = |mode: &str| format!("sqlite://{}/w.db?mode={mode}", dir.path().display());
+        let read_only = Store::open(DbBackend::Sqlite, &url("ro"), 1).await.unwrap();
+        assert!(!read_only.creates.has_sqlite_writer());
+        let memory = Store::open(DbBackend::Sqlite, "sqlite::memory:", 1)
+            .await
+            .unwrap();
+        assert!(!memory.creates.has_sqlite_writer());
     }
 
     #[test]

@@ -1,0 +1,499 @@
+//! SQLite: the run-creation batches of the group commit written by one
+//! dedicated thread that owns its own connection to the database file.
+//!
+//! Through sqlx every statement of a batch is a hand-off from the writer
+//! task to sqlx's SQLite thread and back (a channel send, a thread wake-up,
+//! then the task waiting its turn among the HTTP tasks), and each table's
+//! rows travel as JSON that SQLite parses again. Here the whole batch runs on
+//! one thread with cached prepared statements and bound values: one hand-off
+//! in, one reply out, whatever the batch's size. Measured with `wrk -t1 -c32`
+//! posting one-step runs: see docs/benchmarks.md.
+//!
+//! Only batches without plans come here: with plans, admission reads plan
+//! assignments and counters and may refuse runs, which the general path of
+//! [`super::group_commit`] does. The rows written are the same in both:
+//! the run, its jobs, its `run.queued` event, its `run.created` audit row,
+//! its usage-ledger row and the `runs` counter of the batch's shard, all
+//! stamped with one instant read from the database clock.
+//!
+//! The connection has the pool's settings (WAL, `synchronous = NORMAL`,
+//! `busy_timeout` 10 s, foreign keys on). The thread ends, closing it, when
+//! the last [`Handle`] is dropped (the group commit's writer task ends with
+//! its store).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::feed::CommitSignal;
+use super::group_commit::MAX_BATCH;
+use super::{Result, SQLITE_NOW, StoreError};
+use crate::model::{EventType, NewRun};
+use crate::plans::Meter;
+
+/// How long a statement waits for SQLite's write lock (the pool's setting).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// WAL pages after which this connection's commit copies the WAL back into
+/// the database file (a checkpoint, with its `fsync`), instead of SQLite's
+/// 1,000. The copy takes each page once however often it changed since the
+/// last checkpoint, and a batch rewrites the same right-hand index pages, so
+/// fewer checkpoints copy fewer pages in all; the WAL file grows to about
+/// 16 MB (4 KB pages) and is then reused from its start. Measured with
+/// `wrk -t1 -c32` posting one-step runs, in two interleaved pairs: 16.8-17.0k
+/// req/s against 15.0-16.0k at 1,000 pages. The pool's connections keep
+/// 1,000 and checkpoint when they commit past it.
+const CHECKPOINT_PAGES: i64 = 4_000;
+
+/// One run to store, owned so it can cross to the writer thread.
+pub(crate) struct Row {
+    /// The run's id (a UUIDv7's text).
+    pub id: String,
+    /// The input object as JSON text.
+    pub input: String,
+    /// The steps as a JSON array's text.
+    pub steps: String,
+    /// Each step as JSON text: the payload of its job.
+    pub payloads: Vec<String>,
+    /// `Idempotency-Key`, when sent.
+    pub idempotency_key: Option<String>,
+    /// Hash of the request carrying the key.
+    pub request_hash: String,
+    /// Correlation id.
+    pub correlation_id: String,
+    /// The tenant charged.
+    pub tenant: String,
+    /// Who asked, for the audit row.
+    pub actor: String,
+    /// The request id, for the audit row.
+    pub request_id: Option<String>,
+    /// Attempts each step gets.
+    pub max_attempts: i64,
+}
+
+impl Row {
+    /// The row of `new` under run id `id`.
+    ///
+    /// Errors: [`StoreError::Corrupt`] when its steps do not serialise.
+    pub(crate) fn of(id: String, new: &NewRun) -> Result<Self> {
+        let corrupt = |_| StoreError::Corrupt("steps do not serialise".into());
+        Ok(Self {
+            id,
+            input: new.input.to_string(),
+            steps: serde_json::to_string(&new.steps).map_err(corrupt)?,
+            payloads: new
+                .steps
+                .iter()
+                .map(serde_json::to_string)
+                .collect::<std::result::Result<_, _>>()
+                .map_err(corrupt)?,
+            idempotency_key: new.idempotency_key.clone(),
+            request_hash: new.request_hash.clone(),
+            correlation_id: new.correlation_id.clone(),
+            tenant: new.tenant.clone(),
+            actor: new.actor.clone(),
+            request_id: new.request_id.clone(),
+            max_attempts: new.max_attempts,
+        })
+    }
+}
+
+struct Request {
+    row: Row,
+    reply: oneshot::Sender<Result<Option<i64>>>,
+}
+
+/// Requests waiting for the thread before callers wait to send.
+const QUEUE_DEPTH: usize = 4 * MAX_BATCH;
+
+/// The callers' side of the writer thread; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl Handle {
+    /// Opens a connection to the SQLite file at `path` (which must exist:
+    /// the pool created it) and starts the thread, which adds the usage of
+    /// its runs to counter shard `shard` and raises `events` after each
+    /// commit. `None` when the file cannot be opened for writing or no
+    /// thread can be started; run creation then stays on the pool.
+    pub(crate) fn start(path: &str, shard: i64, events: CommitSignal) -> Option<Self> {
+        let conn = match open(path) {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "run creation on SQLite stays on the pool: its own connection did not open");
+                return None;
+            }
+        };
+        let (tx, rx) = mpsc::channel::<Request>(QUEUE_DEPTH);
+        let spawned = std::thread::Builder::new()
+            .name("vm-sqlite-writer".into())
+            .spawn(move || run(conn, rx, shard, &events));
+        match spawned {
+            Ok(_) => Some(Self { tx }),
+            Err(e) => {
+                tracing::warn!(error = %e, "run creation on SQLite stays on the pool: no thread for its writer");
+                None
+            }
+        }
+    }
+
+    /// Stores `row` with whatever other requests are waiting, in one
+    /// transaction. Returns its `created_at` (ms since the epoch, database
+    /// clock), or `None` when its idempotency key was already taken
+    /// (nothing of it was written: the caller looks the original up).
+    ///
+    /// Errors: [`StoreError::Sqlite`] when SQLite refused it (nothing of it
+    /// was written), busy when its write lock stayed taken for 10 s.
+    pub(crate) async fn write(&self, row: Row) -> Result<Option<i64>> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || StoreError::Corrupt("the SQLite writer thread is gone".into());
+        self.tx
+            .send(Request { row, reply })
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+/// The thread: takes the first request waiting (blocking until one comes),
+/// then every one already queued behind it up to [`MAX_BATCH`], and writes
+/// them in one transaction; no timer, so a lone request is written at once
+/// (the natural batching of [`crate::batch`]). If the transaction fails, each
+/// request is retried alone, so one bad request never fails its neighbours.
+/// Ends when every sender is gone.
+fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, shard: i64, events: &CommitSignal) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let rows: Vec<&Row> = batch.iter().map(|r| &r.row).collect();
+        match write(&mut conn, &rows, shard) {
+            Ok(created) => {
+                events.raise();
+                for (request, at) in batch.into_iter().zip(created) {
+                    let _ = request.reply.send(Ok(at));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                if let Some(request) = batch.pop() {
+                    let _ = request.reply.send(Err(e));
+                }
+            }
+            Err(_) => {
+                for request in batch {
+                    let alone = write(&mut conn, &[&request.row], shard);
+                    if alone.is_ok() {
+                        events.raise();
+                    }
+                    let _ = request.reply.send(alone.map(|mut v| v.pop().flatten()));
+                }
+            }
+        }
+    }
+}
+
+fn open(path: &str) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
+    Ok(conn)
+}
+
+/// One `created_at` per row, in order (`None`: its key was taken).
+fn write(conn: &mut Connection, rows: &[&Row], shard: i64) -> Result<Vec<Option<i64>>> {
+    write_tx(conn, rows, shard).map_err(StoreError::from)
+}
+
+/// The batch in one `BEGIN IMMEDIATE` transaction: the write lock is taken
+/// first, so no statement of the batch can fail on a lock upgrade.
+fn write_tx(
+    conn: &mut Connection,
+    rows: &[&Row],
+    shard: i64,
+) -> rusqlite::Result<Vec<Option<i64>>> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // One instant for the whole batch, and its UTC month.
+    let (at, period): (i64, String) = tx.query_row(
+        &format!(
+            "SELECT t, {} FROM (SELECT {SQLITE_NOW} AS t)",
+            super::usage::period_sql(crate::config::DbBackend::Sqlite, "t")
+        ),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut created = Vec::with_capacity(rows.len());
+    let mut runs_of: BTreeMap<&str, i64> = BTreeMap::new();
+    {
+        let mut run = tx.prepare_cached(
+            "INSERT INTO runs (id, status, input, steps, step_count, idempotency_key, request_hash, \
+             correlation_id, tenant, created_at, updated_at) \
+             VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9) \
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )?;
+        let mut job = tx.prepare_cached(
+            "INSERT INTO jobs (run_id, correlation_id, step_index, step_count, payload, state, \
+             max_attempts, run_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+        )?;
+        let mut event = tx.prepare_cached(
+            "INSERT INTO run_events (run_id, event_type, step_index, attempt, message, data, created_at) \
+             VALUES (?1, ?2, NULL, NULL, NULL, ?3, ?4)",
+        )?;
+        let mut audit = tx.prepare_cached(
+            "INSERT INTO audit_log (at, actor, action, target, outcome, request_id, detail, tenant) \
+             VALUES (?1, ?2, 'run.created', ?3, 'success', ?4, ?5, ?6)",
+        )?;
+        let mut ledger = tx.prepare_cached(
+            "INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
+             VALUES (?1, ?2, 1, ?3, ?4, NULL, 'run.created', ?5)",
+        )?;
+        for &row in rows {
+            let steps = row.payloads.len() as i64;
+            let inserted = run.execute(params![
+                row.id,
+                row.input,
+                row.steps,
+                steps,
+                row.idempotency_key,
+                row.request_hash,
+                row.correlation_id,
+                row.tenant,
+                at,
+            ])?;
+            if inserted == 0 {
+                // The idempotency key is taken (earlier, or by a request
+                // earlier in this batch): a replay, which writes nothing.
+                created.push(None);
+                continue;
+            }
+            for (i, payload) in row.payloads.iter().enumerate() {
+                let state = if i == 0 { "queued" } else { "waiting" };
+                job.execute(params![
+                    row.id,
+                    row.correlation_id,
+                    i as i64,
+                    steps,
+                    payload,
+                    state,
+                    row.max_attempts,
+                    at,
+                ])?;
+            }
+            let detail = format!("{{\"steps\":{steps}}}");
+            event.execute(params![row.id, EventType::RunQueued.as_str(), detail, at])?;
+            audit.execute(params![
+                at,
+                row.actor,
+                row.id,
+                row.request_id,
+                detail,
+                row.tenant
+            ])?;
+            ledger.execute(params![
+                row.tenant,
+                Meter::Runs.as_str(),
+                period,
+                row.id,
+                at
+            ])?;
+            created.push(Some(at));
+            *runs_of.entry(row.tenant.as_str()).or_insert(0) += 1;
+        }
+        // Counter rows in key order, as the general path adds them.
+        let mut counter = tx.prepare_cached(
+            "INSERT INTO usage_counters (tenant, period, meter, shard, used, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT (tenant, period, meter, shard) DO UPDATE \
+             SET used = usage_counters.used + excluded.used, updated_at = excluded.updated_at",
+        )?;
+        for (tenant, n) in &runs_of {
+            counter.execute(params![tenant, period, Meter::Runs.as_str(), shard, n, at])?;
+        }
+    }
+    tx.commit()?;
+    Ok(created)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+    use sqlx::Row as _;
+
+    use super::*;
+    use crate::store::Store;
+
+    fn new_run(key: Option<&str>, steps: usize) -> NewRun {
+        let step = json!({"kind": "template", "template": "hi"});
+        NewRun {
+            input: json!({"n": 1}),
+            steps: vec![serde_json::from_value(step).unwrap(); steps],
+            idempotency_key: key.map(str::to_string),
+            request_hash: "h".into(),
+            correlation_id: "c".into(),
+            max_attempts: 3,
+            actor: "key:a".into(),
+            request_id: Some("r".into()),
+            tenant: "acme".into(),
+        }
+    }
+
+    async fn migrated(dir: &std::path::Path) -> (Store, Handle) {
+        let store = crate::store::test_sqlite_store(dir, "w.db").await;
+        store.migrate().await.unwrap();
+        let path = dir.join("w.db");
+        let handle = Handle::start(path.to_str().unwrap(), 7, CommitSignal::default()).unwrap();
+        (store, handle)
+    }
+
+    async fn count(store: &Store, sql: &str) -> i64 {
+        sqlx::query(sql)
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .get::<i64, _>(0)
+    }
+
+    /// Concurrent writes come out as the general path writes a creation:
+    /// the run, a job per step (the first queued), `run.queued`, the audit
+    /// row, the ledger row and the tenant's counter on the writer's shard.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_runs_are_stored_with_everything_a_creation_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, handle) = migrated(dir.path()).await;
+        let writes = (0..40).map(|i| {
+            let handle = handle.clone();
+            async move {
+                let id = uuid::Uuid::now_v7().to_string();
+                let at = handle
+                    .write(Row::of(id.clone(), &new_run(None, 1 + i % 2)).unwrap())
+                    .await
+                    .unwrap();
+                (id, at.unwrap())
+            }
+        });
+        let written = futures::future::join_all(writes).await;
+        let now = store.db_now().await.unwrap();
+        for (id, at) in &written {
+            assert!(
+                (now - 10_000..=now).contains(at),
+                "created_at {at} is the database's now"
+            );
+            let row = sqlx::query(
+                "SELECT status, created_at, tenant, step_count FROM runs WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+            assert_eq!(row.get::<String, _>("status"), "queued");
+            assert_eq!(row.get::<i64, _>("created_at"), *at);
+            assert_eq!(row.get::<String, _>("tenant"), "acme");
+        }
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM runs").await, 40);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM jobs").await, 60);
+        assert_eq!(
+            count(
+                &store,
+                "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND step_index = 0"
+            )
+            .await,
+            40
+        );
+        assert_eq!(
+            count(
+                &store,
+                "SELECT COUNT(*) FROM jobs WHERE state = 'waiting' AND step_index = 1"
+            )
+            .await,
+            20
+        );
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM run_events WHERE event_type = 'run.queued' AND data IN ('{\"steps\":1}', '{\"steps\":2}')").await,
+            40
+        );
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM audit_log WHERE action = 'run.created' AND outcome = 'success' AND actor = 'key:a' AND target IN (SELECT id FROM runs)").await,
+            40
+        );
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM usage_ledger l JOIN runs r ON r.id = l.run_id WHERE l.meter = 'runs' AND l.source = 'run.created' AND l.period = strftime('%Y-%m', r.created_at / 1000, 'unixepoch')").await,
+            40
+        );
+        assert_eq!(
+            count(&store, "SELECT SUM(used) FROM usage_counters WHERE tenant = 'acme' AND meter = 'runs' AND shard = 7").await,
+            40
+        );
+    }
+
+    /// A taken idempotency key writes nothing; a row SQLite refuses (here a
+    /// run id that exists) fails alone, and the runs sent with it are stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_writes_nothing_and_a_refused_row_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, handle) = migrated(dir.path()).await;
+        let first = uuid::Uuid::now_v7().to_string();
+        let keyed = new_run(Some("k1"), 1);
+        assert!(
+            handle
+                .write(Row::of(first.clone(), &keyed).unwrap())
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let replay = uuid::Uuid::now_v7().to_string();
+        assert_eq!(
+            handle
+                .write(Row::of(replay.clone(), &keyed).unwrap())
+                .await
+                .unwrap(),
+            None
+        );
+        for table in [
+            "runs WHERE id",
+            "jobs WHERE run_id",
+            "run_events WHERE run_id",
+            "audit_log WHERE target",
+            "usage_ledger WHERE run_id",
+        ] {
+            let sql = format!("SELECT COUNT(*) FROM {table} = '{replay}'");
+            assert_eq!(count(&store, &sql).await, 0, "{table}");
+        }
+        let good: Vec<String> = (0..8).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+        let mut writes = vec![handle.write(Row::of(first.clone(), &new_run(None, 1)).unwrap())];
+        for id in &good {
+            writes.push(handle.write(Row::of(id.clone(), &new_run(None, 1)).unwrap()));
+        }
+        let results = futures::future::join_all(writes).await;
+        assert!(
+            matches!(results[0], Err(StoreError::Sqlite { busy: false, .. })),
+            "{:?}",
+            results[0]
+        );
+        assert!(
+            results[1..].iter().all(|r| matches!(r, Ok(Some(_)))),
+            "{results:?}"
+        );
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM runs").await, 9);
+        assert_eq!(
+            count(
+                &store,
+                "SELECT SUM(used) FROM usage_counters WHERE meter = 'runs'"
+            )
+            .await,
+            9
+        );
+    }
+}
