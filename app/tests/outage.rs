@@ -88,6 +88,23 @@ async fn database_outage_degrades_to_not_ready_and_recovers_without_restart() {
         !refused.body.to_string().contains("postgres://"),
         "no connection string in errors"
     );
+    // Concurrent creations share a batch: when the database cannot be
+    // reached, all of them are answered after about one wait for it, not
+    // one more wait each (retried one by one, eight took over 40 s).
+    let t0 = Instant::now();
+    let refusals = futures::future::join_all(
+        (0..8).map(|_| send(&app, "POST", "/api/v2/runs", Some(RUN), &[])),
+    )
+    .await;
+    let waited = t0.elapsed();
+    for r in &refusals {
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+        assert_eq!(r.body["code"], "dependency_unavailable");
+    }
+    assert!(
+        waited < Duration::from_secs(16),
+        "eight creations took {waited:?}"
+    );
 
     let server = tokio::task::spawn_blocking(move || {
         server.launch();

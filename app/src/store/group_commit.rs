@@ -180,6 +180,17 @@ async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>, shard: i6
                     let _ = request.reply.send(Err(e));
                 }
             }
+            // The database is unreachable (not a conflict to retry): alone,
+            // each request would wait for it as long again, one after the
+            // other (the pool's acquire timeout each).
+            Err(e) if e.is_unavailable() && !e.is_retryable_conflict() => {
+                for request in batch {
+                    let again = std::io::Error::other("database unavailable for this batch");
+                    let _ = request
+                        .reply
+                        .send(Err(StoreError::Unavailable(sqlx::Error::Io(again))));
+                }
+            }
             Err(_) => {
                 for request in batch {
                     let result = write_alone(&store, &request.new).await;

@@ -123,7 +123,17 @@ impl Handle {
     /// commit. `None` when the file cannot be opened for writing or no
     /// thread can be started; run creation then stays on the pool.
     pub(crate) fn start(path: &str, shard: i64, events: CommitSignal) -> Option<Self> {
-        let conn = match open(path) {
+        Self::start_with(path, shard, events, BUSY_TIMEOUT)
+    }
+
+    /// [`Handle::start`] waiting `busy_timeout` for SQLite's write lock.
+    fn start_with(
+        path: &str,
+        shard: i64,
+        events: CommitSignal,
+        busy_timeout: Duration,
+    ) -> Option<Self> {
+        let conn = match open(path, busy_timeout) {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "run creation on SQLite stays on the pool: its own connection did not open");
@@ -189,6 +199,13 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, shard: i64, events
                     let _ = request.reply.send(Err(e));
                 }
             }
+            // The write lock stayed taken for the whole busy timeout: alone,
+            // each request would wait as long again.
+            Err(e) if e.is_unavailable() => {
+                for request in batch {
+                    let _ = request.reply.send(Err(busy()));
+                }
+            }
             Err(_) => {
                 for request in batch {
                     let alone = write(&mut conn, &[&request.row], shard);
@@ -202,12 +219,19 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, shard: i64, events
     }
 }
 
-fn open(path: &str) -> rusqlite::Result<Connection> {
+/// The error of a request whose batch found the write lock taken past the
+/// busy timeout (SQLITE_BUSY): worth retrying, as [`StoreError::Unavailable`].
+fn busy() -> StoreError {
+    let code = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY);
+    StoreError::from(rusqlite::Error::SqliteFailure(code, None))
+}
+
+fn open(path: &str, busy_timeout: Duration) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_timeout(busy_timeout)?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
@@ -471,6 +495,45 @@ mod tests {
             largest_wal < 32 << 20,
             "the WAL grew to {largest_wal} bytes"
         );
+    }
+
+    /// While another connection holds the write lock past the busy
+    /// timeout, every waiting request fails as unavailable (the API's 503)
+    /// after about one timeout, not one more timeout each, and writing
+    /// resumes once the lock is released.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_lock_held_elsewhere_fails_the_batch_once_and_writing_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = migrated(dir.path()).await;
+        let path = dir.path().join("w.db");
+        let timeout = Duration::from_millis(300);
+        let handle =
+            Handle::start_with(path.to_str().unwrap(), 3, CommitSignal::default(), timeout)
+                .unwrap();
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let started = std::time::Instant::now();
+        let writes = (0..8).map(|_| {
+            let id = uuid::Uuid::now_v7().to_string();
+            handle.write(Row::of(id, &new_run(None, 1)).unwrap())
+        });
+        let results = futures::future::join_all(writes).await;
+        let waited = started.elapsed();
+        holder.execute_batch("ROLLBACK").unwrap();
+        for r in &results {
+            assert!(matches!(r, Err(e) if e.is_unavailable()), "{r:?}");
+        }
+        // Retried alone, the seven behind the first would wait 2.1 s more.
+        assert!(waited < Duration::from_millis(1_800), "waited {waited:?}");
+        let id = uuid::Uuid::now_v7().to_string();
+        assert!(
+            handle
+                .write(Row::of(id, &new_run(None, 1)).unwrap())
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM runs").await, 1);
     }
 
     /// A taken idempotency key writes nothing; a row SQLite refuses (here a
