@@ -132,10 +132,9 @@ impl Handle {
     /// key that was already taken.
     pub(crate) async fn submit(&self, store: &Store, new: &NewRun) -> Result<CreateOutcome> {
         if let Some(direct) = self.direct.as_ref().filter(|_| store.plans().is_none()) {
-            let id = Uuid::now_v7();
-            let row = sqlite_writer::Row::of(id.to_string(), new)?;
+            let row = sqlite_writer::Row::of(new)?;
             return match direct.write(row).await? {
-                Some(at) => Ok(CreateOutcome::Created(created(id, new, at))),
+                Some(s) => Ok(CreateOutcome::Created(created(s.id, new, s.created_at))),
                 None => store.existing_for_key(new).await,
             };
         }

@@ -119,25 +119,32 @@ pub enum StoreError {
     Corrupt(String),
     /// SQLite refused a batch of the run-creation writer thread
     /// ([`sqlite_writer`]), which has its own connection outside the pool;
-    /// `busy` when its write lock stayed taken past the busy timeout (10 s),
-    /// which is worth retrying as [`StoreError::Unavailable`] is.
+    /// `unavailable` when the cause is the database's state, not the
+    /// batch, and retrying later may succeed: its write lock stayed taken
+    /// past the busy timeout (10 s), the disk is full, or the file could
+    /// not be read or written. Such an error counts as
+    /// [`StoreError::Unavailable`] does (the API's 503).
     #[error("database error")]
     Sqlite {
         /// What SQLite said.
         #[source]
         source: rusqlite::Error,
-        /// The write lock stayed taken (SQLITE_BUSY or SQLITE_LOCKED).
-        busy: bool,
+        /// SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL or SQLITE_IOERR.
+        unavailable: bool,
     },
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
-        let busy = matches!(
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked, DiskFull, SystemIoFailure};
+        let unavailable = matches!(
             source.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            Some(DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure)
         );
-        StoreError::Sqlite { source, busy }
+        StoreError::Sqlite {
+            source,
+            unavailable,
+        }
     }
 }
 
@@ -146,7 +153,11 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StoreError::Unavailable(_) | StoreError::Sqlite { busy: true, .. }
+            StoreError::Unavailable(_)
+                | StoreError::Sqlite {
+                    unavailable: true,
+                    ..
+                }
         )
     }
 
@@ -313,9 +324,10 @@ impl Store {
         }
         let usage = std::sync::Arc::new(usage::Shared::default());
         let events = feed::CommitSignal::default();
-        // The run-creation writer thread opens the same file, for writing:
-        // not when the URL opened it read-only.
-        let sqlite_file = sqlite_path(url).filter(|_| !url.contains("mode=ro"));
+        let sqlite_file = match backend {
+            DbBackend::Sqlite => writer_file(&pool, url).await?,
+            DbBackend::Postgres => None,
+        };
         let creates = group_commit::Handle::start(
             pool.clone(),
             backend,
@@ -506,13 +518,43 @@ fn without_create_mode(url: &str) -> String {
     format!("{base}?{}", params.join("&"))
 }
 
-/// The file path of a `sqlite:` URL, if it names a file.
+/// The file path of a `sqlite:` URL, if it names a file: percent-decoded,
+/// as sqlx decodes it to open the file (`a%20b/vm.db` is `a b/vm.db`), so the
+/// directory and file made here are the ones the pool opens.
 fn sqlite_path(url: &str) -> Option<String> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next()?;
-    (!path.is_empty() && path != ":memory:").then(|| path.to_string())
+    let path = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
+/// The file the SQLite run-creation writer thread opens: the main database
+/// file the pool opened, as SQLite names it (`PRAGMA database_list`: the
+/// path sqlx decoded from the URL, made absolute), so both open one file.
+/// `None`, creation staying on the pool, for a database in memory and for a
+/// URL with any parameter besides `mode=rw` / `mode=rwc`: another mode
+/// (read-only, memory), another VFS (its own locking: the two connections
+/// would not exclude each other and would corrupt the file), `immutable`,
+/// a shared cache, … apply to the pool's connections only.
+async fn writer_file(pool: &AnyPool, url: &str) -> Result<Option<String>> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let plain = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .all(|p| p == "mode=rw" || p == "mode=rwc");
+    if !plain {
+        return Ok(None);
+    }
+    let file: String = sqlx::query("SELECT file FROM pragma_database_list WHERE name = 'main'")
+        .fetch_one(pool)
+        .await?
+        .try_get("file")?;
+    Ok((!file.is_empty()).then_some(file))
 }
 
 /// A store on a fresh SQLite file `name` in `dir`, for unit tests.
@@ -568,6 +610,82 @@ mod tests {
             .await
             .unwrap();
         assert!(!memory.creates.has_sqlite_writer());
+        // Another VFS locks differently: two connections on two VFSes
+        // would write the file at once.
+        let vfs = format!("{}&vfs=unix-dotfile", url("rw"));
+        assert_eq!(writer_file(store.pool(), &vfs).await.unwrap(), None);
+        assert!(
+            writer_file(store.pool(), &url("rw"))
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    /// The SQLite writer thread's errors that come from the database's
+    /// state (lock held, disk full, I/O) are unavailability (503, retried),
+    /// a refused row is not.
+    #[test]
+    fn sqlite_writer_errors_from_the_database_state_are_unavailability() {
+        use rusqlite::ffi;
+        let of =
+            |code| StoreError::from(rusqlite::Error::SqliteFailure(ffi::Error::new(code), None));
+        for code in [
+            ffi::SQLITE_BUSY,
+            ffi::SQLITE_LOCKED,
+            ffi::SQLITE_FULL,
+            ffi::SQLITE_IOERR,
+        ] {
+            assert!(of(code).is_unavailable(), "{code}");
+        }
+        for code in [
+            ffi::SQLITE_CONSTRAINT,
+            ffi::SQLITE_ERROR,
+            ffi::SQLITE_CORRUPT,
+        ] {
+            assert!(!of(code).is_unavailable(), "{code}");
+        }
+    }
+
+    /// The writer thread opens the file the pool opened: a percent-encoded
+    /// path in the URL (a space in a directory name) is the decoded path,
+    /// not a new empty file named with `%20`.
+    #[tokio::test]
+    async fn the_writer_thread_opens_the_file_the_pool_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let spaced = dir.path().join("a b");
+        std::fs::create_dir(&spaced).unwrap();
+        let db = DatabaseSettings {
+            url: crate::config::Secret::new(format!(
+                "sqlite://{}/a%20b/e.db?mode=rwc",
+                dir.path().display()
+            )),
+            backend: DbBackend::Sqlite,
+            embedded: false,
+        };
+        let store = Store::connect(&db, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        assert!(store.creates.has_sqlite_writer());
+        let file = writer_file(store.pool(), db.url.expose())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(std::path::Path::new(&file), spaced.join("e.db"));
+        let step = serde_json::json!({"kind": "template", "template": "x"});
+        let new = crate::model::NewRun {
+            input: serde_json::json!({}),
+            steps: vec![serde_json::from_value(step).unwrap()],
+            idempotency_key: None,
+            request_hash: "h".into(),
+            correlation_id: "c".into(),
+            max_attempts: 1,
+            actor: "a".into(),
+            request_id: None,
+            tenant: "t".into(),
+        };
+        let created = store.create_run(&new).await.unwrap();
+        assert!(matches!(created, CreateOutcome::Created(_)), "{created:?}");
+        assert!(!dir.path().join("a%20b").exists());
     }
 
     #[test]
@@ -579,6 +697,10 @@ mod tests {
         assert_eq!(
             sqlite_path("sqlite:///abs/x.db").as_deref(),
             Some("/abs/x.db")
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///a%20b/x.db?mode=rwc").as_deref(),
+            Some("/a b/x.db")
         );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
     }

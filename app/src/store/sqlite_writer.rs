@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, params};
 use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 use super::feed::CommitSignal;
 use super::group_commit::MAX_BATCH;
@@ -49,10 +50,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// pool's connections keep 1,000 and checkpoint when they commit past it.
 const CHECKPOINT_PAGES: i64 = 4_000;
 
-/// One run to store, owned so it can cross to the writer thread.
+/// One run to store, owned so it can cross to the writer thread. Its id is
+/// drawn by the thread as it writes it, so ids (UUIDv7, time-ordered) follow
+/// the order runs are stored in, as `GET /api/v2/runs` lists them.
 pub(crate) struct Row {
-    /// The run's id (a UUIDv7's text).
-    pub id: String,
     /// The input object as JSON text.
     pub input: String,
     /// The steps as a JSON array's text.
@@ -76,13 +77,12 @@ pub(crate) struct Row {
 }
 
 impl Row {
-    /// The row of `new` under run id `id`.
+    /// The row of `new`.
     ///
     /// Errors: [`StoreError::Corrupt`] when its steps do not serialise.
-    pub(crate) fn of(id: String, new: &NewRun) -> Result<Self> {
+    pub(crate) fn of(new: &NewRun) -> Result<Self> {
         let corrupt = |_| StoreError::Corrupt("steps do not serialise".into());
         Ok(Self {
-            id,
             input: new.input.to_string(),
             steps: serde_json::to_string(&new.steps).map_err(corrupt)?,
             payloads: new
@@ -104,7 +104,7 @@ impl Row {
 
 struct Request {
     row: Row,
-    reply: oneshot::Sender<Result<Option<i64>>>,
+    reply: oneshot::Sender<Result<Option<Stored>>>,
 }
 
 /// Requests waiting for the thread before callers wait to send.
@@ -154,13 +154,14 @@ impl Handle {
     }
 
     /// Stores `row` with whatever other requests are waiting, in one
-    /// transaction. Returns its `created_at` (ms since the epoch, database
-    /// clock), or `None` when its idempotency key was already taken
-    /// (nothing of it was written: the caller looks the original up).
+    /// transaction. Returns the run's id and `created_at`, or `None` when
+    /// its idempotency key was already taken (nothing of it was written: the
+    /// caller looks the original up).
     ///
     /// Errors: [`StoreError::Sqlite`] when SQLite refused it (nothing of it
-    /// was written), busy when its write lock stayed taken for 10 s.
-    pub(crate) async fn write(&self, row: Row) -> Result<Option<i64>> {
+    /// was written); unavailable (the API's 503) when its write lock stayed
+    /// taken for 10 s, the disk is full or the file cannot be written.
+    pub(crate) async fn write(&self, row: Row) -> Result<Option<Stored>> {
         let (reply, answer) = oneshot::channel();
         let gone = || StoreError::Corrupt("the SQLite writer thread is gone".into());
         self.tx
@@ -199,11 +200,12 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, shard: i64, events
                     let _ = request.reply.send(Err(e));
                 }
             }
-            // The write lock stayed taken for the whole busy timeout: alone,
-            // each request would wait as long again.
+            // The write lock stayed taken for the whole busy timeout, or the
+            // disk is full: alone, each request would meet it again (and
+            // wait as long again for the lock).
             Err(e) if e.is_unavailable() => {
                 for request in batch {
-                    let _ = request.reply.send(Err(busy()));
+                    let _ = request.reply.send(Err(same_cause(&e)));
                 }
             }
             Err(_) => {
@@ -219,10 +221,14 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, shard: i64, events
     }
 }
 
-/// The error of a request whose batch found the write lock taken past the
-/// busy timeout (SQLITE_BUSY): worth retrying, as [`StoreError::Unavailable`].
-fn busy() -> StoreError {
-    let code = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY);
+/// The error of each request of a batch that failed with `e` for a cause
+/// not its own (an error is not `Clone`): SQLite's same result code.
+fn same_cause(e: &StoreError) -> StoreError {
+    let code = match e {
+        StoreError::Sqlite { source, .. } => source.sqlite_error().copied(),
+        _ => None,
+    }
+    .unwrap_or_else(|| rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY));
     StoreError::from(rusqlite::Error::SqliteFailure(code, None))
 }
 
@@ -238,8 +244,17 @@ fn open(path: &str, busy_timeout: Duration) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-/// One `created_at` per row, in order (`None`: its key was taken).
-fn write(conn: &mut Connection, rows: &[&Row], shard: i64) -> Result<Vec<Option<i64>>> {
+/// A run the thread stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stored {
+    /// Its id, drawn as it was written.
+    pub id: Uuid,
+    /// Its `created_at`: ms since the epoch, database clock (the batch's).
+    pub created_at: i64,
+}
+
+/// One outcome per row, in order (`None`: its key was taken).
+fn write(conn: &mut Connection, rows: &[&Row], shard: i64) -> Result<Vec<Option<Stored>>> {
     write_tx(conn, rows, shard).map_err(StoreError::from)
 }
 
@@ -249,7 +264,7 @@ fn write_tx(
     conn: &mut Connection,
     rows: &[&Row],
     shard: i64,
-) -> rusqlite::Result<Vec<Option<i64>>> {
+) -> rusqlite::Result<Vec<Option<Stored>>> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     // One instant for the whole batch, and its UTC month.
     let (at, period): (i64, String) = tx.query_row(
@@ -287,8 +302,10 @@ fn write_tx(
         )?;
         for &row in rows {
             let steps = row.payloads.len() as i64;
+            let id = Uuid::now_v7();
+            let id_text = id.to_string();
             let inserted = run.execute(params![
-                row.id,
+                id_text,
                 row.input,
                 row.steps,
                 steps,
@@ -307,7 +324,7 @@ fn write_tx(
             for (i, payload) in row.payloads.iter().enumerate() {
                 let state = if i == 0 { "queued" } else { "waiting" };
                 job.execute(params![
-                    row.id,
+                    id_text,
                     row.correlation_id,
                     i as i64,
                     steps,
@@ -318,11 +335,11 @@ fn write_tx(
                 ])?;
             }
             let detail = format!("{{\"steps\":{steps}}}");
-            event.execute(params![row.id, EventType::RunQueued.as_str(), detail, at])?;
+            event.execute(params![id_text, EventType::RunQueued.as_str(), detail, at])?;
             audit.execute(params![
                 at,
                 row.actor,
-                row.id,
+                id_text,
                 row.request_id,
                 detail,
                 row.tenant
@@ -331,10 +348,10 @@ fn write_tx(
                 row.tenant,
                 Meter::Runs.as_str(),
                 period,
-                row.id,
+                id_text,
                 at
             ])?;
-            created.push(Some(at));
+            created.push(Some(Stored { id, created_at: at }));
             *runs_of.entry(row.tenant.as_str()).or_insert(0) += 1;
         }
         // Counter rows in key order, as the general path adds them.
@@ -402,12 +419,12 @@ mod tests {
         let writes = (0..40).map(|i| {
             let handle = handle.clone();
             async move {
-                let id = uuid::Uuid::now_v7().to_string();
-                let at = handle
-                    .write(Row::of(id.clone(), &new_run(None, 1 + i % 2)).unwrap())
+                let stored = handle
+                    .write(Row::of(&new_run(None, 1 + i % 2)).unwrap())
                     .await
+                    .unwrap()
                     .unwrap();
-                (id, at.unwrap())
+                (stored.id.to_string(), stored.created_at)
             }
         });
         let written = futures::future::join_all(writes).await;
@@ -476,9 +493,8 @@ mod tests {
         let before = std::fs::metadata(&db).unwrap().len();
         let mut largest_wal = 0;
         for _ in 0..1_500 {
-            let id = uuid::Uuid::now_v7().to_string();
             handle
-                .write(Row::of(id, &new_run(None, 1)).unwrap())
+                .write(Row::of(&new_run(None, 1)).unwrap())
                 .await
                 .unwrap();
             largest_wal = largest_wal.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
@@ -513,10 +529,7 @@ mod tests {
         let holder = Connection::open(&path).unwrap();
         holder.execute_batch("BEGIN IMMEDIATE").unwrap();
         let started = std::time::Instant::now();
-        let writes = (0..8).map(|_| {
-            let id = uuid::Uuid::now_v7().to_string();
-            handle.write(Row::of(id, &new_run(None, 1)).unwrap())
-        });
+        let writes = (0..8).map(|_| handle.write(Row::of(&new_run(None, 1)).unwrap()));
         let results = futures::future::join_all(writes).await;
         let waited = started.elapsed();
         holder.execute_batch("ROLLBACK").unwrap();
@@ -525,10 +538,9 @@ mod tests {
         }
         // Retried alone, the seven behind the first would wait 2.1 s more.
         assert!(waited < Duration::from_millis(1_800), "waited {waited:?}");
-        let id = uuid::Uuid::now_v7().to_string();
         assert!(
             handle
-                .write(Row::of(id, &new_run(None, 1)).unwrap())
+                .write(Row::of(&new_run(None, 1)).unwrap())
                 .await
                 .unwrap()
                 .is_some()
@@ -536,47 +548,47 @@ mod tests {
         assert_eq!(count(&store, "SELECT COUNT(*) FROM runs").await, 1);
     }
 
-    /// A taken idempotency key writes nothing; a row SQLite refuses (here a
-    /// run id that exists) fails alone, and the runs sent with it are stored.
+    /// A taken idempotency key writes nothing; a row SQLite refuses (here
+    /// by a trigger refusing one tenant) fails alone, and the runs sent with
+    /// it are stored; ids follow the order runs are stored in.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replay_writes_nothing_and_a_refused_row_fails_alone() {
         let dir = tempfile::tempdir().unwrap();
         let (store, handle) = migrated(dir.path()).await;
-        let first = uuid::Uuid::now_v7().to_string();
         let keyed = new_run(Some("k1"), 1);
-        assert!(
-            handle
-                .write(Row::of(first.clone(), &keyed).unwrap())
-                .await
-                .unwrap()
-                .is_some()
-        );
-        let replay = uuid::Uuid::now_v7().to_string();
-        assert_eq!(
-            handle
-                .write(Row::of(replay.clone(), &keyed).unwrap())
-                .await
-                .unwrap(),
-            None
-        );
-        for table in [
-            "runs WHERE id",
-            "jobs WHERE run_id",
-            "run_events WHERE run_id",
-            "audit_log WHERE target",
-            "usage_ledger WHERE run_id",
-        ] {
-            let sql = format!("SELECT COUNT(*) FROM {table} = '{replay}'");
-            assert_eq!(count(&store, &sql).await, 0, "{table}");
+        let first = handle.write(Row::of(&keyed).unwrap()).await.unwrap();
+        assert!(first.is_some());
+        assert_eq!(handle.write(Row::of(&keyed).unwrap()).await.unwrap(), None);
+        for table in ["runs", "jobs", "run_events", "audit_log", "usage_ledger"] {
+            let sql = format!("SELECT COUNT(*) FROM {table}");
+            assert_eq!(
+                count(&store, &sql).await,
+                1,
+                "{table}: the replay wrote a row"
+            );
         }
-        let good: Vec<String> = (0..8).map(|_| uuid::Uuid::now_v7().to_string()).collect();
-        let mut writes = vec![handle.write(Row::of(first.clone(), &new_run(None, 1)).unwrap())];
-        for id in &good {
-            writes.push(handle.write(Row::of(id.clone(), &new_run(None, 1)).unwrap()));
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE INSERT ON runs WHEN NEW.tenant = 'refused' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let mut refused = new_run(None, 1);
+        refused.tenant = "refused".into();
+        let mut writes = vec![handle.write(Row::of(&refused).unwrap())];
+        for _ in 0..8 {
+            writes.push(handle.write(Row::of(&new_run(None, 1)).unwrap()));
         }
         let results = futures::future::join_all(writes).await;
         assert!(
-            matches!(results[0], Err(StoreError::Sqlite { busy: false, .. })),
+            matches!(
+                results[0],
+                Err(StoreError::Sqlite {
+                    unavailable: false,
+                    ..
+                })
+            ),
             "{:?}",
             results[0]
         );
@@ -593,5 +605,24 @@ mod tests {
             .await,
             9
         );
+        // Ids are drawn as runs are written: in id order, the runs are in
+        // the order of their `run.queued` events.
+        let by_id: Vec<String> = sqlx::query("SELECT id FROM runs ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>("id"))
+            .collect();
+        let by_event: Vec<String> = sqlx::query(
+            "SELECT run_id FROM run_events WHERE event_type = 'run.queued' ORDER BY id",
+        )
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>("run_id"))
+        .collect();
+        assert_eq!(by_id, by_event);
     }
 }
