@@ -118,7 +118,7 @@ pub enum StoreError {
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     /// SQLite refused a batch of the run-creation writer thread
-    /// ([`sqlite_writer`]), which has its own connection outside the pool;
+    /// (`store/sqlite_writer.rs`), which has its own connection outside the pool;
     /// `unavailable` when the cause is the database's state, not the
     /// batch, and retrying later may succeed: its write lock stayed taken
     /// past the busy timeout (10 s), the disk is full, or the file could
