@@ -34,13 +34,16 @@ pub const MAX_BATCH: usize = 128;
 /// `counter_shard(n + 1)`, so the shards of other concurrent writers of a
 /// store start past `counter_shard(MAX_WRITERS)`.
 ///
-/// Two, not more: each batch's commit waits for its WAL flush, and while
-/// fewer batches are in flight more runs wait for each, so a run costs the
-/// server less (fewer statements and commits). Measured in interleaved
-/// runs against four writers: the steady-state bench spent 13% less CPU
-/// per job (in each of six pairs) and `POST /api/v2/runs` on PostgreSQL
-/// (wrk, 32 clients) answered 5.4-5.7k req/s against 4.9-5.5k.
-pub(crate) const MAX_WRITERS: u32 = 2;
+/// One: each batch's commit waits for its WAL flush, and while no other
+/// batch is in flight every run that arrives meanwhile waits for the next
+/// one, so a run costs the server less (fewer statements and commits).
+/// Measured in interleaved runs: four writers against two, the steady-state
+/// bench spent 13% less CPU per job with two (in each of six pairs); two
+/// against one, it ran 4% faster with one in each of six pairs (6,925 →
+/// 7,202 jobs/s on average) on 12% less CPU per job, while `POST
+/// /api/v2/runs` on PostgreSQL (wrk, 32 clients) answered 3% less (9.7k
+/// against 10.0k req/s, four pairs; the goal is 5k).
+pub(crate) const MAX_WRITERS: u32 = 1;
 /// Requests waiting for a writer before callers wait to enqueue.
 const QUEUE_DEPTH: usize = 4 * MAX_BATCH;
 
