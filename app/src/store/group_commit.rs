@@ -170,6 +170,12 @@ impl Handle {
 /// A writer task; `shard` is the usage-counter shard its transactions add to.
 async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>, shard: i64) {
     while let Some(mut batch) = crate::batch::next_batch(&rx, MAX_BATCH).await {
+        // A caller that stopped waiting (its request timed out and was
+        // answered 408) must not find its run created afterwards.
+        batch.retain(|r| !r.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let news: Vec<&NewRun> = batch.iter().map(|r| &r.new).collect();
         match write_batch(&store, &news, shard).await {
             Ok(stored) => {
@@ -821,4 +827,76 @@ async fn plans_of(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The general path (here SQLite with plans loaded) leaves out a
+    /// request whose caller stopped waiting before its batch was written
+    /// (the HTTP request timed out and was answered 408).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_creation_whose_caller_gave_up_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let plans = crate::plans::Plans::parse(
+            "default_plan: open\nplans:\n  open:\n    meters:\n      runs: {allowance: 1000, overage: allow, unit_price: 0}\n",
+        )
+        .unwrap();
+        let store = crate::store::test_sqlite_store(dir.path(), "g.db")
+            .await
+            .with_plans(Some(Arc::new(plans)));
+        store.migrate().await.unwrap();
+        let step = json!({"kind": "template", "template": "x"});
+        let new = |key: Option<&str>| NewRun {
+            input: json!({}),
+            steps: vec![serde_json::from_value(step.clone()).unwrap()],
+            idempotency_key: key.map(str::to_string),
+            request_hash: "h".into(),
+            correlation_id: "c".into(),
+            max_attempts: 1,
+            actor: "a".into(),
+            request_id: None,
+            tenant: "t".into(),
+        };
+        let holder = rusqlite::Connection::open(dir.path().join("g.db")).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let first = tokio::spawn({
+            let store = store.clone();
+            let first = new(None);
+            async move { store.create_run(&first).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let late = new(Some("late"));
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(100), store.create_run(&late)).await;
+        assert!(gave_up.is_err(), "answered while the lock was held");
+        holder.execute_batch("ROLLBACK").unwrap();
+        assert!(matches!(
+            first.await.unwrap().unwrap(),
+            CreateOutcome::Created(_)
+        ));
+        assert!(matches!(
+            store.create_run(&new(None)).await.unwrap(),
+            CreateOutcome::Created(_)
+        ));
+        let count = |sql: &'static str| {
+            let store = store.clone();
+            async move {
+                sqlx::query(sql)
+                    .fetch_one(store.pool())
+                    .await
+                    .unwrap()
+                    .get::<i64, _>(0)
+            }
+        };
+        assert_eq!(count("SELECT COUNT(*) FROM runs").await, 2);
+        assert_eq!(
+            count("SELECT COUNT(*) FROM runs WHERE idempotency_key = 'late'").await,
+            0
+        );
+    }
 }

@@ -189,6 +189,12 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, shard: i64, events
                 Err(_) => break,
             }
         }
+        // A caller that stopped waiting (its request timed out and was
+        // answered 408) must not find its run created afterwards.
+        batch.retain(|r| !r.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let rows: Vec<&Row> = batch.iter().map(|r| &r.row).collect();
         match write(&mut conn, &rows, shard) {
             Ok(created) => {
@@ -548,6 +554,61 @@ mod tests {
                 .is_some()
         );
         assert_eq!(count(&store, "SELECT COUNT(*) FROM runs").await, 1);
+    }
+
+    /// A request whose caller stopped waiting before its batch was written
+    /// (the HTTP request timed out and was answered 408) writes nothing:
+    /// the client was told it failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_whose_caller_gave_up_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = migrated(dir.path()).await;
+        let path = dir.path().join("w.db");
+        let handle = Handle::start_with(
+            path.to_str().unwrap(),
+            3,
+            CommitSignal::default(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        // The first request's batch waits for the lock; the second waits
+        // behind it and is given up on.
+        let first = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.write(Row::of(&new_run(None, 1)).unwrap()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(100),
+            handle.write(Row::of(&new_run(Some("late"), 1)).unwrap()),
+        )
+        .await;
+        assert!(
+            gave_up.is_err(),
+            "the second write was answered while the lock was held"
+        );
+        holder.execute_batch("ROLLBACK").unwrap();
+        assert!(first.await.unwrap().unwrap().is_some());
+        // The thread has taken the second request by the time a third is
+        // answered.
+        assert!(
+            handle
+                .write(Row::of(&new_run(None, 1)).unwrap())
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM runs").await, 2);
+        assert_eq!(
+            count(
+                &store,
+                "SELECT COUNT(*) FROM runs WHERE idempotency_key = 'late'"
+            )
+            .await,
+            0
+        );
     }
 
     /// A taken idempotency key writes nothing; a row SQLite refuses (here
