@@ -850,18 +850,7 @@ mod tests {
             .await
             .with_plans(Some(Arc::new(plans)));
         store.migrate().await.unwrap();
-        let step = json!({"kind": "template", "template": "x"});
-        let new = |key: Option<&str>| NewRun {
-            input: json!({}),
-            steps: vec![serde_json::from_value(step.clone()).unwrap()],
-            idempotency_key: key.map(str::to_string),
-            request_hash: "h".into(),
-            correlation_id: "c".into(),
-            max_attempts: 1,
-            actor: "a".into(),
-            request_id: None,
-            tenant: "t".into(),
-        };
+        let new = |key: Option<&str>| crate::store::test_new_run(key, 1);
         let holder = rusqlite::Connection::open(dir.path().join("g.db")).unwrap();
         holder.execute_batch("BEGIN IMMEDIATE").unwrap();
         let first = tokio::spawn({

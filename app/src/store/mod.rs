@@ -557,6 +557,25 @@ async fn writer_file(pool: &AnyPool, url: &str) -> Result<Option<String>> {
     Ok((!file.is_empty()).then_some(file))
 }
 
+/// A run of `steps` template steps for tenant `acme`, with `key` as its
+/// idempotency key, for unit tests.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn test_new_run(key: Option<&str>, steps: usize) -> crate::model::NewRun {
+    let step = serde_json::json!({"kind": "template", "template": "hi"});
+    crate::model::NewRun {
+        input: serde_json::json!({"n": 1}),
+        steps: vec![serde_json::from_value(step).unwrap(); steps],
+        idempotency_key: key.map(str::to_string),
+        request_hash: "h".into(),
+        correlation_id: "c".into(),
+        max_attempts: 3,
+        actor: "key:a".into(),
+        request_id: Some("r".into()),
+        tenant: "acme".into(),
+    }
+}
+
 /// A store on a fresh SQLite file `name` in `dir`, for unit tests.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -671,18 +690,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(std::path::Path::new(&file), spaced.join("e.db"));
-        let step = serde_json::json!({"kind": "template", "template": "x"});
-        let new = crate::model::NewRun {
-            input: serde_json::json!({}),
-            steps: vec![serde_json::from_value(step).unwrap()],
-            idempotency_key: None,
-            request_hash: "h".into(),
-            correlation_id: "c".into(),
-            max_attempts: 1,
-            actor: "a".into(),
-            request_id: None,
-            tenant: "t".into(),
-        };
+        let new = test_new_run(None, 1);
         let created = store.create_run(&new).await.unwrap();
         assert!(matches!(created, CreateOutcome::Created(_)), "{created:?}");
         assert!(!dir.path().join("a%20b").exists());

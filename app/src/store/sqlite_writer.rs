@@ -380,25 +380,27 @@ fn write_tx(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use serde_json::json;
     use sqlx::Row as _;
 
     use super::*;
     use crate::store::Store;
 
-    fn new_run(key: Option<&str>, steps: usize) -> NewRun {
-        let step = json!({"kind": "template", "template": "hi"});
-        NewRun {
-            input: json!({"n": 1}),
-            steps: vec![serde_json::from_value(step).unwrap(); steps],
-            idempotency_key: key.map(str::to_string),
-            request_hash: "h".into(),
-            correlation_id: "c".into(),
-            max_attempts: 3,
-            actor: "key:a".into(),
-            request_id: Some("r".into()),
-            tenant: "acme".into(),
-        }
+    use crate::store::test_new_run as new_run;
+
+    /// Writes one one-step run without a key.
+    async fn write_one(handle: &Handle) -> Result<Option<Stored>> {
+        handle.write(Row::of(&new_run(None, 1)).unwrap()).await
+    }
+
+    /// A writer on `w.db` in `dir` waiting `busy` for the write lock, and a
+    /// connection holding that lock.
+    fn locked(dir: &std::path::Path, busy: Duration) -> (Handle, Connection) {
+        let path = dir.join("w.db");
+        let handle =
+            Handle::start_with(path.to_str().unwrap(), 3, CommitSignal::default(), busy).unwrap();
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        (handle, holder)
     }
 
     async fn migrated(dir: &std::path::Path) -> (Store, Handle) {
@@ -529,13 +531,7 @@ mod tests {
     async fn a_write_lock_held_elsewhere_fails_the_batch_once_and_writing_resumes() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = migrated(dir.path()).await;
-        let path = dir.path().join("w.db");
-        let timeout = Duration::from_millis(300);
-        let handle =
-            Handle::start_with(path.to_str().unwrap(), 3, CommitSignal::default(), timeout)
-                .unwrap();
-        let holder = Connection::open(&path).unwrap();
-        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (handle, holder) = locked(dir.path(), Duration::from_millis(300));
         let started = std::time::Instant::now();
         let writes = (0..8).map(|_| handle.write(Row::of(&new_run(None, 1)).unwrap()));
         let results = futures::future::join_all(writes).await;
@@ -546,13 +542,7 @@ mod tests {
         }
         // Retried alone, the seven behind the first would wait 2.1 s more.
         assert!(waited < Duration::from_millis(1_800), "waited {waited:?}");
-        assert!(
-            handle
-                .write(Row::of(&new_run(None, 1)).unwrap())
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(write_one(&handle).await.unwrap().is_some());
         assert_eq!(count(&store, "SELECT COUNT(*) FROM runs").await, 1);
     }
 
@@ -563,21 +553,12 @@ mod tests {
     async fn a_request_whose_caller_gave_up_is_not_written() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = migrated(dir.path()).await;
-        let path = dir.path().join("w.db");
-        let handle = Handle::start_with(
-            path.to_str().unwrap(),
-            3,
-            CommitSignal::default(),
-            Duration::from_secs(5),
-        )
-        .unwrap();
-        let holder = Connection::open(&path).unwrap();
-        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (handle, holder) = locked(dir.path(), Duration::from_secs(5));
         // The first request's batch waits for the lock; the second waits
         // behind it and is given up on.
         let first = tokio::spawn({
             let handle = handle.clone();
-            async move { handle.write(Row::of(&new_run(None, 1)).unwrap()).await }
+            async move { write_one(&handle).await }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
         let gave_up = tokio::time::timeout(
@@ -593,13 +574,7 @@ mod tests {
         assert!(first.await.unwrap().unwrap().is_some());
         // The thread has taken the second request by the time a third is
         // answered.
-        assert!(
-            handle
-                .write(Row::of(&new_run(None, 1)).unwrap())
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(write_one(&handle).await.unwrap().is_some());
         assert_eq!(count(&store, "SELECT COUNT(*) FROM runs").await, 2);
         assert_eq!(
             count(
