@@ -83,16 +83,18 @@ impl Row {
     ///
     /// Errors: [`StoreError::Corrupt`] when its steps do not serialise.
     pub(crate) fn of(new: &NewRun) -> Result<Self> {
-        let corrupt = |_| StoreError::Corrupt("steps do not serialise".into());
+        let payloads: Vec<String> = new
+            .steps
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| StoreError::Corrupt("steps do not serialise".into()))?;
         Ok(Self {
             input: new.input.to_string(),
-            steps: serde_json::to_string(&new.steps).map_err(corrupt)?,
-            payloads: new
-                .steps
-                .iter()
-                .map(serde_json::to_string)
-                .collect::<std::result::Result<_, _>>()
-                .map_err(corrupt)?,
+            // serde_json's compact array: its items joined by commas, so
+            // each step is serialised once, not once more for the array.
+            steps: format!("[{}]", payloads.join(",")),
+            payloads,
             idempotency_key: new.idempotency_key.clone(),
             request_hash: new.request_hash.clone(),
             correlation_id: new.correlation_id.clone(),
@@ -177,9 +179,11 @@ impl Handle {
 /// The thread: takes the first request waiting (blocking until one comes),
 /// then every one already queued behind it up to [`MAX_BATCH`], and writes
 /// them in one transaction; no timer, so a lone request is written at once
-/// (the natural batching of [`crate::batch`]). If the transaction fails, each
-/// request is retried alone, so one bad request never fails its neighbours.
-/// Ends when every sender is gone.
+/// (the natural batching of [`crate::batch`]). A request whose caller has
+/// stopped waiting is left out. If the transaction fails for a cause of the
+/// database's (lock, disk), every request gets that error; otherwise each is
+/// retried alone, so one bad request never fails its neighbours. Ends when
+/// every sender is gone.
 fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, shard: i64, events: &CommitSignal) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -273,16 +277,17 @@ fn write_tx(
     rows: &[&Row],
     shard: i64,
 ) -> rusqlite::Result<Vec<Option<Stored>>> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // One instant for the whole batch, and its UTC month.
-    let (at, period): (i64, String) = tx.query_row(
-        &format!(
+    static CLOCK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
             "SELECT t, {} FROM (SELECT {SQLITE_NOW} AS t)",
             super::usage::period_sql(crate::config::DbBackend::Sqlite, "t")
-        ),
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+        )
+    });
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // One instant for the whole batch, and its UTC month.
+    let (at, period): (i64, String) = tx
+        .prepare_cached(&CLOCK)?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let mut created = Vec::with_capacity(rows.len());
     let mut runs_of: BTreeMap<&str, i64> = BTreeMap::new();
     {
@@ -445,7 +450,7 @@ mod tests {
                 "created_at {at} is the database's now"
             );
             let row = sqlx::query(
-                "SELECT status, created_at, tenant, step_count FROM runs WHERE id = $1",
+                "SELECT status, created_at, tenant, step_count, steps FROM runs WHERE id = $1",
             )
             .bind(id)
             .fetch_one(store.pool())
@@ -454,6 +459,13 @@ mod tests {
             assert_eq!(row.get::<String, _>("status"), "queued");
             assert_eq!(row.get::<i64, _>("created_at"), *at);
             assert_eq!(row.get::<String, _>("tenant"), "acme");
+            let steps = new_run(None, row.get::<i64, _>("step_count") as usize).steps;
+            let text = serde_json::to_string(&steps).unwrap();
+            assert_eq!(
+                row.get::<String, _>("steps"),
+                text,
+                "the steps as the general path stores them"
+            );
         }
         assert_eq!(count(&store, "SELECT COUNT(*) FROM runs").await, 40);
         assert_eq!(count(&store, "SELECT COUNT(*) FROM jobs").await, 60);
