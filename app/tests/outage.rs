@@ -223,3 +223,78 @@ async fn redis_wakeups_cut_latency_and_polling_covers_a_redis_outage() {
     shutdown.cancel();
     worker.await.expect("worker");
 }
+
+/// A worker's finished steps during an outage: the batch completer gives the
+/// whole batch up after one retry cycle (the jobs' leases then run out and
+/// they are delivered again), instead of retrying each result alone while
+/// the results behind them wait; once the database is back it records at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_completer_gives_up_a_batch_at_once_during_an_outage_and_recovers() {
+    use vm_webapp::store::Finish;
+    use vm_webapp::worker::completer::Completer;
+
+    let server = tokio::task::spawn_blocking(PgServer::start)
+        .await
+        .expect("start postgres");
+    let url = server.create_database().await;
+    let env = TestEnv::at(Some(url), &[]).await;
+    let app = env.router();
+    const ONE_STEP: &str = r#"{"steps":[{"kind":"template","template":"done"}]}"#;
+    for _ in 0..8 {
+        create(&app, ONE_STEP).await;
+    }
+    let jobs = env
+        .store
+        .claim("outage", 8, Duration::from_secs(600))
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 8);
+    // A claim commits without waiting for its WAL flush; a run created after
+    // it commits with one, so the claims survive the immediate stop below.
+    create(&app, ONE_STEP).await;
+    let completer = Completer::start(env.store.clone());
+
+    server.stop();
+    let t0 = Instant::now();
+    let answers = futures::future::join_all(
+        jobs.iter()
+            .map(|job| completer.complete(job.clone(), serde_json::json!("done"))),
+    )
+    .await;
+    let waited = t0.elapsed();
+    assert!(answers.iter().all(Option::is_none), "{answers:?}");
+    // A batch gives up after the completer's 10 s budget, and two flushers
+    // share the eight; retried one by one, the last result waited out a
+    // budget per result before it (over a minute).
+    assert!(
+        waited < Duration::from_secs(25),
+        "eight results took {waited:?}"
+    );
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.launch();
+        server
+    })
+    .await
+    .expect("restart postgres");
+    // Nothing was recorded, so each claim is still valid and its result is
+    // recorded once the database answers again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for job in &jobs {
+        loop {
+            match completer.complete(job.clone(), serde_json::json!("done")).await {
+                Some(finish) => {
+                    assert_eq!(finish, Finish::Recorded);
+                    break;
+                }
+                None => assert!(Instant::now() < deadline, "not recorded after the outage"),
+            }
+        }
+        assert_eq!(
+            env.store.result_count(job.run_id, 0).await.expect("count"),
+            1
+        );
+    }
+    completer.close().await;
+    server.stop();
+}

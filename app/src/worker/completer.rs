@@ -12,7 +12,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::warn;
 
-use super::persist;
+use super::{Unrecorded, persist, persist_or_why};
 use crate::model::ClaimedJob;
 use crate::store::{Completion, Finish, Store};
 
@@ -74,13 +74,17 @@ impl Completer {
 async fn flush(store: Store, rx: Arc<Mutex<mpsc::Receiver<(Completion, Reply)>>>, lane: u64) {
     while let Some(batch) = crate::batch::next_batch(&rx, MAX_BATCH).await {
         let (done, replies): (Vec<Completion>, Vec<Reply>) = batch.into_iter().unzip();
-        match persist(|| store.complete_batch_in_lane(&done, lane)).await {
-            Some(finishes) => {
+        match persist_or_why(|| store.complete_batch_in_lane(&done, lane)).await {
+            Ok(finishes) => {
                 for (reply, finish) in replies.into_iter().zip(finishes) {
                     let _ = reply.send(Some(finish));
                 }
             }
-            None if done.len() > 1 => {
+            // Every result of the batch would meet the same outage: retrying
+            // them one by one would make the last wait out a retry cycle per
+            // result before it (eight results, over 40 s). Their leases run
+            // out and the jobs are delivered again, as for a lone result.
+            Err(Unrecorded::Refused) if done.len() > 1 => {
                 // One bad result must not cost the others: record them alone.
                 warn!(
                     jobs = done.len(),
@@ -91,7 +95,7 @@ async fn flush(store: Store, rx: Arc<Mutex<mpsc::Receiver<(Completion, Reply)>>>
                     let _ = reply.send(finish);
                 }
             }
-            None => {
+            Err(_) => {
                 for reply in replies {
                     let _ = reply.send(None);
                 }

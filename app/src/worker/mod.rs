@@ -552,28 +552,60 @@ async fn process(
 
 /// Records an outcome, retrying briefly while the database is unavailable.
 /// If it still cannot, the lease runs out and the job is delivered again, so
-/// giving up here loses nothing.
-pub(crate) async fn persist<F, Fut, T>(mut write: F) -> Option<T>
+/// giving up here loses nothing. `None` however it ended; see
+/// [`persist_or_why`] for a caller that needs to know.
+pub(crate) async fn persist<F, Fut, T>(write: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
+    persist_or_why(write).await.ok()
+}
+
+/// Why [`persist_or_why`] gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unrecorded {
+    /// The database stayed unreachable through [`PERSIST_BUDGET`].
+    Unavailable,
+    /// The write was refused for another reason (logged at `error`).
+    Refused,
+}
+
+/// How long [`persist_or_why`] keeps trying an unreachable database: up to
+/// six tries, 100 ms doubling to at most 2 s apart, and no new try once this
+/// has passed since the first. A try can itself wait the pool's 5 s acquire
+/// timeout, so without the budget six tries took 35 s, and a result waiting
+/// behind them waited as long.
+pub(crate) const PERSIST_BUDGET: Duration = Duration::from_secs(10);
+
+/// [`persist`], telling an unreachable database (which every other write
+/// would meet too) from a write refused on its own account.
+pub(crate) async fn persist_or_why<F, Fut, T>(mut write: F) -> Result<T, Unrecorded>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(100);
-    for _ in 0..6 {
+    for tries in 1..=6 {
         match write().await {
-            Ok(f) => return Some(f),
+            Ok(f) => return Ok(f),
             Err(e) if e.is_unavailable() => {
+                if tries == 6 || started.elapsed() + delay >= PERSIST_BUDGET {
+                    warn!(error = %e, "database unavailable while recording a step outcome; the job will be redelivered after its lease");
+                    break;
+                }
                 warn!(error = %e, "database unavailable while recording a step outcome; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
                 error!(error = %e, "could not record a step outcome; the job will be redelivered after its lease");
-                return None;
+                return Err(Unrecorded::Refused);
             }
         }
     }
-    None
+    Err(Unrecorded::Unavailable)
 }
 
 #[cfg(test)]
