@@ -777,7 +777,24 @@ fn check_database_url(url: &str) -> Result<DbBackend, String> {
             }
         }
     }
+    if backend == DbBackend::Sqlite && sqlite_in_memory(url) {
+        return Err(
+            "an in-memory SQLite database is not supported: each of the store's connections would open its own empty database, and every run would be gone at exit; give a file, e.g. sqlite://var/vm/vm.db?mode=rwc"
+                .into(),
+        );
+    }
     Ok(backend)
+}
+
+/// Whether an SQLite URL names an in-memory database (`sqlite::memory:`,
+/// `sqlite://:memory:`, or `mode=memory` in its query, as sqlx reads them).
+fn sqlite_in_memory(url: &str) -> bool {
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let path = path.trim_start_matches("sqlite:").trim_start_matches("//");
+    path == ":memory:"
+        || query
+            .split('&')
+            .any(|p| p.eq_ignore_ascii_case("mode=memory"))
 }
 
 /// Checks a Redis URL without ever repeating it (it may carry a password).
@@ -1300,6 +1317,25 @@ mod tests {
             err.mentions("VM_DB_URL") && err.mentions("VM_REDIS_URL"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_in_memory_sqlite_database_is_refused_with_a_reason() {
+        for url in [
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite://x.db?mode=memory",
+            "sqlite://x.db?cache=shared&mode=memory",
+        ] {
+            let err = parse(&[("VM_DB_URL", url)]).unwrap_err();
+            assert!(
+                err.mentions("VM_DB_URL") && err.to_string().contains("in-memory"),
+                "{url}: {err}"
+            );
+        }
+        for url in ["sqlite://x.db?mode=rwc", "sqlite://memory.db", "sqlite:x.db"] {
+            parse(&[("VM_DB_URL", url)]).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
     }
 
     #[test]
