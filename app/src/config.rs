@@ -1333,7 +1333,11 @@ mod tests {
                 "{url}: {err}"
             );
         }
-        for url in ["sqlite://x.db?mode=rwc", "sqlite://memory.db", "sqlite:x.db"] {
+        for url in [
+            "sqlite://x.db?mode=rwc",
+            "sqlite://memory.db",
+            "sqlite:x.db",
+        ] {
             parse(&[("VM_DB_URL", url)]).unwrap_or_else(|e| panic!("{url}: {e}"));
         }
     }

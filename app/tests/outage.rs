@@ -282,7 +282,10 @@ async fn the_completer_gives_up_a_batch_at_once_during_an_outage_and_recovers() 
     let deadline = Instant::now() + Duration::from_secs(30);
     for job in &jobs {
         loop {
-            match completer.complete(job.clone(), serde_json::json!("done")).await {
+            match completer
+                .complete(job.clone(), serde_json::json!("done"))
+                .await
+            {
                 Some(finish) => {
                     assert_eq!(finish, Finish::Recorded);
                     break;

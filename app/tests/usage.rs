@@ -1230,7 +1230,51 @@ async fn an_upgrade_mid_period_warns_again_at_the_new_allowances_thresholds(back
     );
 }
 
+/// `usage verify` while the app creates runs and the worker records their
+/// steps: every table is read in one snapshot, so a step whose result, ledger
+/// row and counter commit between two of the verification's reads is never
+/// reported as a difference (before, PostgreSQL showed `steps` differences
+/// within the first seconds, in each of two runs).
+async fn usage_verify_while_serving_reports_no_difference(backend: Backend) {
+    let env = TestEnv::new(backend, &[("VM_RATE_LIMIT_IP_RPS", "0")]).await;
+    let app = env.router();
+    let (worker, stop) = env.spawn_worker(8, LlmBackend::Offline);
+    let producing = tokio_util::sync::CancellationToken::new();
+    let mut producers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (app, producing) = (app.clone(), producing.clone());
+        producers.spawn(async move {
+            let mut created = 0;
+            while !producing.is_cancelled() {
+                support::create(&app, HELLO).await;
+                created += 1;
+            }
+            created
+        });
+    }
+    let period = Period::parse(&env.store.current_period().await.expect("period")).expect("period");
+    let mut verified = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < deadline {
+        let differences = env.store.verify_usage(period).await.expect("verify");
+        assert!(differences.is_empty(), "while serving: {differences:?}");
+        verified += 1;
+    }
+    producing.cancel();
+    let mut created = 0;
+    while let Some(n) = producers.join_next().await {
+        created += n.expect("producer");
+    }
+    stop.cancel();
+    let _ = worker.await;
+    assert!(
+        verified >= 5 && created >= 50,
+        "{verified} verifications over {created} runs"
+    );
+}
+
 on_both_backends!(
+    usage_verify_while_serving_reports_no_difference,
     the_last_millisecond_of_every_month_is_in_that_month_for_the_database,
     usage_of_a_run_created_in_the_last_millisecond_of_a_month_is_in_that_month_for_ledger_and_verify,
     an_unlimited_time_mid_month_neither_erases_nor_adds_overage,

@@ -519,14 +519,7 @@ impl Store {
         if schema_version == 0 {
             return Err(BackupError::NotMigrated);
         }
-        let mut tx = self.begin().await?;
-        if self.backend == DbBackend::Postgres {
-            // Must be the transaction's first statement.
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .execute(&mut *tx)
-                .await
-                .map_err(refused("start a snapshot transaction"))?;
-        }
+        let mut tx = self.begin_snapshot().await?;
         // The first read fixes the snapshot (and, on SQLite, the WAL mark).
         let created_at_ms: i64 = sqlx::query(&format!("SELECT {} AS t", self.now_sql()))
             .fetch_one(&mut *tx)

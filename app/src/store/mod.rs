@@ -407,6 +407,22 @@ impl Store {
     pub(crate) async fn begin(&self) -> Result<Transaction<'static, Any>> {
         Ok(self.pool.begin().await?)
     }
+
+    /// A read-only transaction whose reads all see one snapshot of the
+    /// database, however the app writes meanwhile: `REPEATABLE READ, READ
+    /// ONLY` on PostgreSQL (set as the transaction's first statement); on
+    /// SQLite a deferred transaction, whose first read fixes its WAL mark.
+    /// For readers that compare tables with each other (backup, `usage
+    /// verify`). Errors: the database's, when it cannot be reached.
+    pub(crate) async fn begin_snapshot(&self) -> Result<Transaction<'static, Any>> {
+        let mut tx = self.begin().await?;
+        if self.backend == DbBackend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
+    }
 }
 
 /// PostgreSQL: the body of a CTE that turns `synchronous_commit` off for the

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use sqlx::Row;
+use sqlx::{Any, Row, Transaction};
 
 use super::queue::complete::llm_tokens;
 use super::{Result, Store};
@@ -77,7 +77,12 @@ fn compare(
 }
 
 impl Store {
-    async fn sums(&self, sql: &str, period: Period, by_period: bool) -> Result<Sums> {
+    async fn sums(
+        tx: &mut Transaction<'static, Any>,
+        sql: &str,
+        period: Period,
+        by_period: bool,
+    ) -> Result<Sums> {
         let mut q = sqlx::query(sql);
         q = if by_period {
             q.bind(period.to_string())
@@ -85,7 +90,7 @@ impl Store {
             q.bind(period.start_ms()).bind(period.end_ms())
         };
         let mut out = Sums::new();
-        for row in q.fetch_all(self.pool()).await? {
+        for row in q.fetch_all(&mut **tx).await? {
             out.insert(
                 (row.try_get("tenant")?, row.try_get("meter")?),
                 row.try_get("n")?,
@@ -95,51 +100,57 @@ impl Store {
     }
 
     /// Every difference between the counters, the ledger and the runs and
-    /// results of `period`; empty when all agree.
+    /// results of `period`; empty when all agree. Every table is read in one
+    /// snapshot ([`Store::begin_snapshot`]), so a verification while the
+    /// app serves sees each step's result, ledger row and counter together
+    /// or not at all. Errors: the database's.
     pub async fn verify_usage(&self, period: Period) -> Result<Vec<UsageDifference>> {
-        let counters = self
-            .sums(
-                "SELECT tenant, meter, CAST(SUM(used) AS BIGINT) AS n FROM usage_counters \
-                 WHERE period = $1 GROUP BY tenant, meter",
-                period,
-                true,
-            )
-            .await?;
-        let ledger = self
-            .sums(
-                "SELECT tenant, meter, CAST(SUM(quantity) AS BIGINT) AS n FROM usage_ledger WHERE period = $1 \
-                 GROUP BY tenant, meter",
-                period,
-                true,
-            )
-            .await?;
+        let mut tx = self.begin_snapshot().await?;
+        let tx = &mut tx;
+        let counters = Self::sums(
+            tx,
+            "SELECT tenant, meter, CAST(SUM(used) AS BIGINT) AS n FROM usage_counters \
+             WHERE period = $1 GROUP BY tenant, meter",
+            period,
+            true,
+        )
+        .await?;
+        let ledger = Self::sums(
+            tx,
+            "SELECT tenant, meter, CAST(SUM(quantity) AS BIGINT) AS n FROM usage_ledger \
+             WHERE period = $1 GROUP BY tenant, meter",
+            period,
+            true,
+        )
+        .await?;
         // Ledger rows written by the run and step paths, not injected.
-        let metered = self
-            .sums(
-                "SELECT tenant, meter, CAST(SUM(quantity) AS BIGINT) AS n FROM usage_ledger WHERE period = $1 \
-                 AND source IN ('run.created', 'step.succeeded') GROUP BY tenant, meter",
-                period,
-                true,
-            )
-            .await?;
-        let runs = self
-            .sums(
-                "SELECT tenant, 'runs' AS meter, COUNT(*) AS n FROM runs \
-                 WHERE created_at >= $1 AND created_at < $2 GROUP BY tenant",
-                period,
-                false,
-            )
-            .await?;
-        let steps = self
-            .sums(
-                "SELECT runs.tenant AS tenant, 'steps' AS meter, COUNT(*) AS n FROM step_results \
+        let metered = Self::sums(
+            tx,
+            "SELECT tenant, meter, CAST(SUM(quantity) AS BIGINT) AS n FROM usage_ledger \
+             WHERE period = $1 AND source IN ('run.created', 'step.succeeded') \
+             GROUP BY tenant, meter",
+            period,
+            true,
+        )
+        .await?;
+        let runs = Self::sums(
+            tx,
+            "SELECT tenant, 'runs' AS meter, COUNT(*) AS n FROM runs \
+             WHERE created_at >= $1 AND created_at < $2 GROUP BY tenant",
+            period,
+            false,
+        )
+        .await?;
+        let steps = Self::sums(
+            tx,
+            "SELECT runs.tenant AS tenant, 'steps' AS meter, COUNT(*) AS n FROM step_results \
                  JOIN runs ON runs.id = step_results.run_id \
                  WHERE step_results.finished_at >= $1 AND step_results.finished_at < $2 \
                  GROUP BY runs.tenant",
-                period,
-                false,
-            )
-            .await?;
+            period,
+            false,
+        )
+        .await?;
         let mut tokens = Sums::new();
         let rows = sqlx::query(
             "SELECT runs.tenant AS tenant, runs.steps AS steps, step_results.step_index AS step_index, \
@@ -148,7 +159,7 @@ impl Store {
         )
         .bind(period.start_ms())
         .bind(period.end_ms())
-        .fetch_all(self.pool())
+        .fetch_all(&mut **tx)
         .await?;
         for row in &rows {
             let steps: Vec<StepSpec> =
