@@ -315,6 +315,7 @@ impl Store {
                     Ok(())
                 })
             })
+            .before_acquire(|conn, _| Box::pin(async move { Ok(reusable(conn)) }))
             .connect(url)
             .await?;
         if backend == DbBackend::Sqlite {
@@ -423,6 +424,33 @@ impl Store {
         }
         Ok(tx)
     }
+}
+
+/// Whether a pooled connection may be handed out again: not while sqlx
+/// still counts a transaction open on it. sqlx runs this as a connection
+/// leaves the idle pool, after its ping, so a transaction dropped without a
+/// commit has had its queued `ROLLBACK` run by then; a count above zero
+/// means that `ROLLBACK` failed.
+///
+/// On SQLite that is what a full disk leaves behind: a `COMMIT` that fails
+/// with `SQLITE_FULL` or `SQLITE_IOERR` (or a statement that fails so
+/// without a statement journal) makes SQLite roll the whole transaction
+/// back itself, sqlx keeps counting it, and its `ROLLBACK` on drop fails
+/// ("no transaction is active") and is ignored. Reused, such a connection
+/// opened its next "transaction" as `SAVEPOINT`, a rollback of that left
+/// SQLite's transaction open with the write lock held, and every later
+/// write of the process waited for that lock (busy timeout, then 408 or
+/// 503) until restart. Closed instead, the pool opens a fresh connection;
+/// closing also rolls back anything SQLite might still hold.
+fn reusable(conn: &sqlx::AnyConnection) -> bool {
+    use sqlx::Connection as _;
+    let clean = !conn.is_in_transaction();
+    if !clean {
+        tracing::warn!(
+            "closing a database connection whose failed transaction could not be rolled back (on SQLite: a commit refused for a full disk or an I/O error)"
+        );
+    }
+    clean
 }
 
 /// PostgreSQL: the body of a CTE that turns `synchronous_commit` off for the
@@ -710,6 +738,87 @@ mod tests {
         let created = store.create_run(&new).await.unwrap();
         assert!(matches!(created, CreateOutcome::Created(_)), "{created:?}");
         assert!(!dir.path().join("a%20b").exists());
+    }
+
+    /// A full disk makes SQLite end a transaction by itself (a `COMMIT` or
+    /// a journal-less statement failing with `SQLITE_FULL`), which sqlx
+    /// does not notice: its `ROLLBACK` fails and it keeps counting the
+    /// transaction. Without closing that connection, the next transaction on
+    /// it was a `SAVEPOINT`, whose rollback kept SQLite's write lock: every
+    /// later write waited for it, also once the disk had room again (the
+    /// API answered 408 to every `POST /runs` until a restart).
+    /// `max_page_count` stands in for the full disk (per connection; the pool
+    /// here has one).
+    #[tokio::test]
+    async fn a_transaction_sqlite_ended_on_a_full_disk_leaves_no_write_lock_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let plans = crate::plans::Plans::parse(
+            "default_plan: open\nplans:\n  open:\n    meters:\n      runs: {allowance: 1000, overage: allow, unit_price: 0}\n",
+        )
+        .unwrap();
+        let store = test_sqlite_store(dir.path(), "full.db")
+            .await
+            .with_plans(Some(std::sync::Arc::new(plans)));
+        store.migrate().await.unwrap();
+        let pages: i64 = sqlx::query("PRAGMA page_count")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .get(0);
+        sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
+            .execute(store.pool())
+            .await
+            .unwrap();
+
+        // The disk is full: a one-row insert needing new pages fails, and
+        // SQLite rolls the whole transaction back, as after a failed COMMIT.
+        let mut tx = store.begin().await.unwrap();
+        let full = sqlx::query(
+            "INSERT INTO worker_heartbeats (worker_id, started_at, last_beat_at) VALUES ($1, 0, 0)",
+        )
+        .bind("w".repeat(64 * 1024))
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+        let code = full.as_database_error().and_then(|e| e.code());
+        assert_eq!(code.as_deref(), Some("13"), "{full:?}");
+        drop(tx);
+
+        // Room again; then a transaction that writes and is rolled back
+        // (a batch failing for any reason).
+        sqlx::query("PRAGMA max_page_count = 1073741823")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let mut tx = store.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO worker_heartbeats (worker_id, started_at, last_beat_at) VALUES ('w', 0, 0)",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.rollback().await.unwrap();
+
+        let other = rusqlite::Connection::open(dir.path().join("full.db")).unwrap();
+        other.busy_timeout(Duration::from_millis(500)).unwrap();
+        other
+            .execute_batch("BEGIN IMMEDIATE; ROLLBACK")
+            .expect("the write lock is free");
+        let created = store.create_run(&test_new_run(None, 1)).await.unwrap();
+        let CreateOutcome::Created(run) = created else {
+            panic!("{created:?}");
+        };
+        let stored: i64 = other
+            .query_row(
+                "SELECT COUNT(*) FROM runs WHERE id = ?1",
+                [run.id.to_string()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            stored, 1,
+            "the run is committed, not held in an open transaction"
+        );
     }
 
     #[test]
