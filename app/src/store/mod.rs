@@ -73,7 +73,9 @@ pub use usage::{QuotaRefusal, UsageRecord};
 /// Errors of the store boundary.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database cannot be reached or is shutting down; worth retrying.
+    /// The database cannot be reached or is shutting down, or (SQLite) its
+    /// write lock stayed taken past the busy timeout, the disk is full or
+    /// the file cannot be read or written; worth retrying.
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
     /// The database refused a text value it cannot store (PostgreSQL rejects
@@ -136,11 +138,9 @@ pub enum StoreError {
 
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
-        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked, DiskFull, SystemIoFailure};
-        let unavailable = matches!(
-            source.sqlite_error_code(),
-            Some(DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure)
-        );
+        let unavailable = source
+            .sqlite_error()
+            .is_some_and(|e| sqlite_state_error(e.extended_code));
         StoreError::Sqlite {
             source,
             unavailable,
@@ -193,16 +193,19 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Protocol(_) => true,
             sqlx::Error::Database(db) => {
                 let code = db.code().unwrap_or_default();
-                // PostgreSQL connection (08…) and shutdown (57P0…) classes;
-                // SQLite BUSY (5) and LOCKED (6).
-                // Deadlock and serialization failures (40P01, 40001) are
-                // transient too: retrying the transaction succeeds.
-                code.starts_with("08")
-                    || code.starts_with("57P0")
-                    || code == "40P01"
-                    || code == "40001"
-                    || code == "5"
-                    || code == "6"
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    // SQLite's extended result code: the database's state,
+                    // as the writer thread's errors are classified.
+                    code.parse().is_ok_and(sqlite_state_error)
+                } else {
+                    // PostgreSQL connection (08…) and shutdown (57P0…) classes.
+                    // Deadlock and serialization failures (40P01, 40001) are
+                    // transient too: retrying the transaction succeeds.
+                    code.starts_with("08")
+                        || code.starts_with("57P0")
+                        || code == "40P01"
+                        || code == "40001"
+                }
             }
             _ => false,
         };
@@ -212,6 +215,20 @@ impl From<sqlx::Error> for StoreError {
             StoreError::Database(e)
         }
     }
+}
+
+/// Whether an SQLite result code (extended or primary) comes from the
+/// database's state rather than the statement, so that another try may
+/// succeed: its write lock stayed taken past the busy timeout (BUSY,
+/// LOCKED, with their extended codes such as `SQLITE_BUSY_SNAPSHOT`), the
+/// disk is full (FULL) or the file could not be read or written (IOERR, the
+/// extended code of a failed `write` being `SQLITE_IOERR_WRITE`).
+fn sqlite_state_error(code: i32) -> bool {
+    use rusqlite::ffi::{SQLITE_BUSY, SQLITE_FULL, SQLITE_IOERR, SQLITE_LOCKED};
+    matches!(
+        code & 0xff,
+        SQLITE_BUSY | SQLITE_LOCKED | SQLITE_FULL | SQLITE_IOERR
+    )
 }
 
 pub(crate) type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -707,6 +724,78 @@ mod tests {
             ffi::SQLITE_CORRUPT,
         ] {
             assert!(!of(code).is_unavailable(), "{code}");
+        }
+    }
+
+    /// Through the pool too, SQLite errors from the database's state are
+    /// unavailability (the API's 503 `dependency_unavailable`, retried by the
+    /// worker), extended codes included; a refused row is not. A full disk
+    /// answered 500 `internal` to every `POST /runs` with plans loaded.
+    #[tokio::test]
+    async fn sqlite_errors_from_the_database_state_through_the_pool_are_unavailability() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = test_sqlite_store(dir.path(), "e.db").await;
+        store.migrate().await.unwrap();
+        let insert =
+            "INSERT INTO worker_heartbeats (worker_id, started_at, last_beat_at) VALUES ($1, 0, 0)";
+        let pages: i64 = sqlx::query("PRAGMA page_count")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .get(0);
+        sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let full = sqlx::query(insert)
+            .bind("w".repeat(64 * 1024))
+            .execute(store.pool())
+            .await
+            .unwrap_err();
+        assert!(StoreError::from(full).is_unavailable());
+        sqlx::query(insert)
+            .bind("w")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let taken = sqlx::query(insert)
+            .bind("w")
+            .execute(store.pool())
+            .await
+            .unwrap_err();
+        assert!(!StoreError::from(taken).is_unavailable());
+
+        let holder = rusqlite::Connection::open(dir.path().join("e.db")).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        sqlx::query("PRAGMA busy_timeout = 0")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let busy = sqlx::query(insert)
+            .bind("v")
+            .execute(store.pool())
+            .await
+            .unwrap_err();
+        assert!(StoreError::from(busy).is_unavailable());
+        holder.execute_batch("ROLLBACK").unwrap();
+
+        use rusqlite::ffi;
+        for code in [
+            ffi::SQLITE_BUSY_SNAPSHOT,
+            ffi::SQLITE_LOCKED_SHAREDCACHE,
+            ffi::SQLITE_IOERR_WRITE,
+            ffi::SQLITE_IOERR_FSYNC,
+            ffi::SQLITE_FULL,
+        ] {
+            assert!(sqlite_state_error(code), "{code}");
+        }
+        for code in [
+            ffi::SQLITE_CONSTRAINT_UNIQUE,
+            ffi::SQLITE_ERROR,
+            ffi::SQLITE_CORRUPT,
+            ffi::SQLITE_READONLY,
+        ] {
+            assert!(!sqlite_state_error(code), "{code}");
         }
     }
 
