@@ -7,7 +7,10 @@
 //!   `503 {"status":"not_ready",…}` with `dependencies.database`, `.worker` and
 //!   `.redis`, each `{"status": "ok"|"error"|"disabled", "reason": …}`. The
 //!   worker is checked in-process when it runs here, else through the
-//!   freshest heartbeat in the database; only the database, an in-process
+//!   freshest heartbeat in the database; the database is a round trip, and
+//!   after a write refused for a full disk or an I/O error also no such
+//!   refusal for a few seconds and a write that commits
+//!   (`Store::takes_writes`); only the database, an in-process
 //!   worker and shutdown decide readiness. The checks run concurrently, each
 //!   bounded by [`READY_CHECK_BUDGET`], so the answer (a 503 with its reason
 //!   included) arrives well inside the readiness probe's `timeoutSeconds` that
@@ -44,9 +47,20 @@ fn dep(status: &'static str, reason: &'static str) -> DependencyView {
 }
 
 async fn database(state: &AppState) -> DependencyView {
-    match tokio::time::timeout(READY_CHECK_BUDGET, state.store.ping()).await {
-        Ok(Ok(())) => dep("ok", "reachable"),
-        Ok(Err(_)) => dep("error", "database unreachable"),
+    // A full disk leaves the database readable: once a write was refused
+    // for it, the store also says whether writes succeed again.
+    let check = async {
+        if state.store.ping().await.is_err() {
+            return dep("error", "database unreachable");
+        }
+        if state.store.takes_writes().await {
+            dep("ok", "reachable")
+        } else {
+            dep("error", "database refuses writes (disk full or I/O error)")
+        }
+    };
+    match tokio::time::timeout(READY_CHECK_BUDGET, check).await {
+        Ok(view) => view,
         Err(_) => dep("error", "database check timed out"),
     }
 }

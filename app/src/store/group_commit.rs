@@ -82,6 +82,7 @@ impl Handle {
         max_connections: u32,
         usage: Arc<super::usage::Shared>,
         events: super::feed::CommitSignal,
+        writes: Arc<super::writes::WriteHealth>,
         sqlite_file: Option<&str>,
     ) -> Self {
         if tokio::runtime::Handle::try_current().is_err() {
@@ -107,6 +108,7 @@ impl Handle {
             creates: Self::disabled(),
             usage,
             events,
+            writes,
         };
         for n in 0..writers {
             let shard = store.usage.counter_shard(u64::from(n) + 1);
@@ -177,7 +179,9 @@ async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>, shard: i6
             continue;
         }
         let news: Vec<&NewRun> = batch.iter().map(|r| &r.new).collect();
-        match write_batch(&store, &news, shard).await {
+        // Noted here: a batch's requests get a copy of its error that no
+        // longer says why.
+        match store.noted(write_batch(&store, &news, shard).await) {
             Ok(stored) => {
                 for (request, run) in batch.into_iter().zip(stored) {
                     let _ = request.reply.send(Ok(run));

@@ -39,7 +39,8 @@
 //! [`feed`] (the event log read by live streams),
 //! [`security`] (audit trail, webhook nonces, grants), [`backup`] (logical
 //! snapshot and restore, either backend), [`approvals`] (approval steps:
-//! waiting without a lease, decisions, expiry, the inbox).
+//! waiting without a lease, decisions, expiry, the inbox), [`writes`]
+//! (whether the database takes writes, for readiness).
 
 use std::time::Duration;
 
@@ -64,6 +65,7 @@ pub mod usage;
 pub mod usage_report;
 pub mod usage_verify;
 pub mod workers;
+mod writes;
 
 pub use queue::{Completion, Finish, QueueCounts, QueueStat};
 pub use runs::{CancelOutcome, CreateOutcome};
@@ -159,6 +161,25 @@ impl StoreError {
                     ..
                 }
         )
+    }
+
+    /// True when SQLite refused a write for the state of its storage: the
+    /// disk is full (`SQLITE_FULL`) or the file could not be written
+    /// (`SQLITE_IOERR*`), through the pool or the writer thread. Such a
+    /// refusal is unavailability, and also makes readiness check that
+    /// writes commit again ([`Store::takes_writes`]).
+    pub(crate) fn is_storage_refusal(&self) -> bool {
+        use rusqlite::ffi::{SQLITE_FULL, SQLITE_IOERR};
+        let code = match self {
+            StoreError::Unavailable(sqlx::Error::Database(db))
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() =>
+            {
+                db.code().and_then(|c| c.parse::<i32>().ok())
+            }
+            StoreError::Sqlite { source, .. } => source.sqlite_error().map(|e| e.extended_code),
+            _ => None,
+        };
+        code.is_some_and(|c| matches!(c & 0xff, SQLITE_FULL | SQLITE_IOERR))
     }
 
     /// True for a deadlock or serialization failure: the transaction may be
@@ -261,6 +282,8 @@ pub struct Store {
     usage: std::sync::Arc<usage::Shared>,
     /// Raised after a transaction that wrote events commits.
     events: feed::CommitSignal,
+    /// Whether a write was refused for a full disk since the last probe.
+    writes: std::sync::Arc<writes::WriteHealth>,
 }
 
 impl Store {
@@ -346,12 +369,14 @@ impl Store {
             DbBackend::Sqlite => writer_file(&pool, url).await?,
             DbBackend::Postgres => None,
         };
+        let writes = std::sync::Arc::new(writes::WriteHealth::default());
         let creates = group_commit::Handle::start(
             pool.clone(),
             backend,
             max_connections,
             usage.clone(),
             events.clone(),
+            writes.clone(),
             sqlite_file.as_deref(),
         );
         Ok(Self {
@@ -360,6 +385,7 @@ impl Store {
             creates,
             usage,
             events,
+            writes,
         })
     }
 

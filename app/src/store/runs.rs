@@ -53,7 +53,7 @@ impl Store {
     /// Errors: [`StoreError::Unavailable`] when the database cannot be reached;
     /// [`StoreError::InvalidText`] when PostgreSQL refuses a text value.
     pub async fn create_run(&self, new: &NewRun) -> Result<CreateOutcome> {
-        self.creates.submit(self, new).await
+        self.noted(self.creates.submit(self, new).await)
     }
 
     pub(crate) async fn existing_for_key(&self, new: &NewRun) -> Result<CreateOutcome> {

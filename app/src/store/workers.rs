@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use sqlx::Row;
 
-use super::{Result, Store, ms};
+use super::{Result, Store, StoreError, ms};
 
 impl Store {
     /// Records that `worker` is alive with `in_flight` jobs.
     pub async fn heartbeat(&self, worker: &str, in_flight: i64) -> Result<()> {
-        sqlx::query(&self.sql(
+        let beat = sqlx::query(&self.sql(
             "INSERT INTO worker_heartbeats (worker_id, started_at, last_beat_at, in_flight) \
              VALUES ($1, {now}, {now}, $2) \
              ON CONFLICT (worker_id) DO UPDATE SET last_beat_at = excluded.last_beat_at, \
@@ -19,7 +19,8 @@ impl Store {
         .bind(worker)
         .bind(in_flight)
         .execute(self.pool())
-        .await?;
+        .await;
+        self.noted(beat.map_err(StoreError::from))?;
         Ok(())
     }
 

@@ -42,9 +42,9 @@ impl Store {
         lease: Duration,
     ) -> Result<Vec<ClaimedJob>> {
         let rows = match self.backend() {
-            DbBackend::Postgres => self.claim_postgres(worker, limit, lease).await?,
-            DbBackend::Sqlite => self.claim_sqlite(worker, limit, lease).await?,
-        };
+            DbBackend::Postgres => self.claim_postgres(worker, limit, lease).await,
+            DbBackend::Sqlite => self.noted(self.claim_sqlite(worker, limit, lease).await),
+        }?;
         let mut jobs = Vec::with_capacity(rows.len());
         let mut unreadable = Vec::new();
         for row in &rows {

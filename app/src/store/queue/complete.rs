@@ -92,7 +92,9 @@ impl Store {
                 };
                 self.complete_postgres(input, shard).await?
             }
-            DbBackend::Sqlite => self.complete_sqlite(input, &outputs, &tokens).await?,
+            DbBackend::Sqlite => {
+                self.noted(self.complete_sqlite(input, &outputs, &tokens).await)?
+            }
         };
         self.thresholds_after_completion(&recorded, &tokens).await;
         let recorded: std::collections::HashSet<(i64, i64)> =

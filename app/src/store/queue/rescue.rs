@@ -16,7 +16,7 @@ use super::{JobRef, QueueCounts};
 use crate::config::DbBackend;
 use crate::model::{EventType, JobState};
 use crate::store::events::NewEvent;
-use crate::store::{Result, Store, ms};
+use crate::store::{Result, Store, StoreError, ms};
 
 /// One row of the queue-gauge snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +36,7 @@ impl Store {
     /// after the database's now; true when `holder` leads. The lease passes to
     /// another holder only once it has expired (or was given up).
     pub async fn lead_maintenance(&self, holder: &str, ttl: Duration) -> Result<bool> {
-        Ok(sqlx::query(&self.sql(
+        let led = sqlx::query(&self.sql(
             "INSERT INTO maintenance_leader (name, holder, expires_at) VALUES ('queue', $1, {now} + $2) \
              ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
              WHERE maintenance_leader.holder = excluded.holder OR maintenance_leader.expires_at < {now} \
@@ -45,8 +45,11 @@ impl Store {
         .bind(holder)
         .bind(ms(ttl))
         .fetch_optional(self.pool())
-        .await?
-        .is_some())
+        .await
+        .map_err(StoreError::from);
+        // The holder writes every tick: while the disk is full it keeps
+        // telling readiness so.
+        Ok(self.noted(led)?.is_some())
     }
 
     /// Gives the lease up (clean shutdown), so another process leads at its
