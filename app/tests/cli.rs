@@ -1117,6 +1117,256 @@ async fn serve_answers_not_ready_while_it_drains_after_sigterm() {
 }
 
 // ---------------------------------------------------------------------------
+// A full disk
+// ---------------------------------------------------------------------------
+
+/// The files `serve` writes are capped at this many bytes: room for the
+/// migrated database and a few hundred runs.
+const DISK_BYTES: u64 = 2 << 20;
+
+/// A `vm-webapp` command as [`vm`] makes it, whose files cannot grow past
+/// `bytes` (RLIMIT_FSIZE, set by util-linux's `prlimit`; SIGXFSZ ignored,
+/// so a write past the cap fails instead of killing the process). SQLite
+/// then meets what a full disk does: a write cut short is `SQLITE_FULL`, a
+/// write past the cap `SQLITE_IOERR_WRITE`, and a `COMMIT` that fails so
+/// rolls its transaction back. No filesystem is mounted, so this runs
+/// unprivileged. `None` when `prlimit` cannot be run.
+fn vm_on_a_small_disk(bytes: u64, args: &[&str], vars: &[(&str, &str)]) -> Option<Command> {
+    let found = Command::new("prlimit")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        return None;
+    }
+    let plain = vm(args, vars);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; exec prlimit --fsize={bytes}: -- \"$0\" \"$@\""
+        ))
+        .arg(plain.get_program())
+        .args(plain.get_args())
+        .env_clear();
+    for (key, value) in plain.get_envs() {
+        if let Some(value) = value {
+            cmd.env(key, value);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    Some(cmd)
+}
+
+/// Gives the disk of a process started by [`vm_on_a_small_disk`] its room back.
+fn free_the_disk(p: &Proc) {
+    let ok = Command::new("prlimit")
+        .args(["--pid", &p.pid().to_string(), "--fsize=unlimited:"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "prlimit could not lift the file size cap of {}", p.name);
+}
+
+/// A run whose input takes a few pages, to fill the disk quickly.
+fn bulky_run() -> Value {
+    json!({"input": {"pad": "x".repeat(16 * 1024)}, "steps": [{"kind": "template", "template": "ok"}]})
+}
+
+fn small_run() -> Value {
+    json!({"steps": [{"kind": "template", "template": "ok"}]})
+}
+
+/// `serve` on SQLite while the disk fills up under concurrent `POST
+/// /api/v2/runs`, then has room again; `plans` loads a plans file, so that
+/// run creation goes through the sqlx pool instead of the SQLite writer
+/// thread. Full: creations answer 503 `dependency_unavailable` at once and
+/// readiness says the database refuses writes. Room again: creations are
+/// stored within seconds, readiness is ready, the worker runs them, and
+/// SIGTERM under load completes.
+///
+/// Without closing a pool connection whose `COMMIT` SQLite refused (and
+/// rolled back itself), sqlx reused it believing a transaction open, its
+/// next rollback kept SQLite's write lock, and every creation (on either
+/// path: the worker's transactions use the pool too) waited out the busy
+/// timeout for good, 408 or 503 after 10 s, with readiness `ready`; on the
+/// pool path a full disk also answered 500 `internal`.
+async fn full_disk_degrades_and_recovers(plans: bool) {
+    let root = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let url = format!("sqlite://{}/vm.db?mode=rwc", root.path().display());
+    let plans_file = root.path().join("plans.yaml");
+    std::fs::write(
+        &plans_file,
+        "default_plan: open\nplans:\n  open:\n    meters:\n      runs: {allowance: 1000000, overage: allow, unit_price: 0}\n",
+    )
+    .expect("plans file");
+    let plans_file = plans_file.display().to_string();
+    let mut vars = vec![
+        ("APP_ENV", "local"),
+        (
+            "VM_WORKSPACE_ROOT",
+            root.path().to_str().expect("utf-8 path"),
+        ),
+        ("VM_DB_URL", url.as_str()),
+        ("VM_SHUTDOWN_GRACE_MS", "2000"),
+        ("VM_RATE_LIMIT_IP_RPS", "100000"),
+        ("VM_RATE_LIMIT_IP_BURST", "100000"),
+        ("VM_RATE_LIMIT_KEY_RPS", "100000"),
+        ("VM_RATE_LIMIT_KEY_BURST", "100000"),
+        // The logs are capped like the database; warnings say enough.
+        ("LOG_LEVEL", "warn"),
+    ];
+    if plans {
+        vars.push(("VM_PLANS_FILE", plans_file.as_str()));
+    }
+    let port_arg = port.to_string();
+    let Some(cmd) = vm_on_a_small_disk(DISK_BYTES, &["serve", "--port", &port_arg], &vars) else {
+        eprintln!(
+            "skipped: util-linux's prlimit is not installed, so no file size cap can stand in for a full disk"
+        );
+        return;
+    };
+    let mut serve = Proc::spawn("serve", cmd);
+    wait_live(&mut serve, port).await;
+
+    // Fill the disk: concurrent creations until one is refused, then a
+    // little longer, so that commits fail on several connections at once.
+    let refused = std::sync::Arc::new(std::sync::Mutex::new(None::<(u16, Value)>));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (refused, stop) = (refused.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match http(port, "POST", "/api/v2/runs", Some(&bulky_run())).await {
+                        Ok((202, _)) => {}
+                        Ok(answer) => {
+                            refused.lock().expect("lock").get_or_insert(answer);
+                        }
+                        Err(e) => {
+                            let e = json!({"error": e.to_string()});
+                            refused.lock().expect("lock").get_or_insert((0, e));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while refused.lock().expect("lock").is_none() {
+        serve.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "the disk never filled up\n{}",
+            serve.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client");
+    }
+    let first = refused.lock().expect("lock").take().expect("a refusal");
+    assert_eq!(first.0, 503, "{first:?}\n{}", serve.output());
+    assert_eq!(first.1["code"], "dependency_unavailable", "{first:?}");
+
+    // Full: refused at once (a small run may still fit in the last few
+    // bytes, so until the first refusal), and readiness says why.
+    let mut answered = None;
+    for _ in 0..50 {
+        let started = Instant::now();
+        let (status, body) = call(port, "POST", "/api/v2/runs", Some(&small_run())).await;
+        if status != 202 {
+            answered = Some((status, body, started.elapsed()));
+            break;
+        }
+    }
+    let (status, body, took) = answered.expect("a creation refused while the disk is full");
+    assert_eq!(
+        (status, &body["code"]),
+        (503, &json!("dependency_unavailable")),
+        "{body}"
+    );
+    assert!(took < Duration::from_secs(3), "refused after {took:?}");
+    let (status, ready) = call(port, "GET", "/api/v2/health/ready", None).await;
+    assert_eq!(status, 503, "ready while the disk is full: {ready}");
+    assert_eq!(
+        ready["dependencies"]["database"]["reason"],
+        "database refuses writes (disk full or I/O error)",
+        "{ready}"
+    );
+
+    // Room again: creations are stored within seconds, without a restart.
+    free_the_disk(&serve);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        serve.assert_running();
+        match http(port, "POST", "/api/v2/runs", Some(&small_run())).await {
+            Ok((202, run)) => break run["id"].as_str().expect("run id").to_string(),
+            answer => assert!(
+                Instant::now() < deadline,
+                "creations still fail after the disk has room: {answer:?}\n{}",
+                serve.output()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let started = Instant::now();
+    create_run(port, small_run()).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // Ready again once refusals have stopped for a few seconds and a probe
+    // write commits.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, ready) = call(port, "GET", "/api/v2/health/ready", None).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready after the disk has room: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_status(&mut serve, port, &id, "succeeded").await;
+
+    // SIGTERM under load completes.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                while http(port, "POST", "/api/v2/runs", Some(&small_run()))
+                    .await
+                    .is_ok()
+                {}
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    serve.terminate();
+    let status = serve.wait(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{}", serve.output());
+    for client in clients {
+        client.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_degrades_creation_through_the_pool_and_it_recovers_once_there_is_room() {
+    full_disk_degrades_and_recovers(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_degrades_creation_on_the_sqlite_writer_thread_and_it_recovers_once_there_is_room()
+ {
+    full_disk_degrades_and_recovers(false).await;
+}
+
+// ---------------------------------------------------------------------------
 // The standalone worker
 // ---------------------------------------------------------------------------
 
