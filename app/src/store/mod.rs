@@ -489,7 +489,10 @@ fn reusable(conn: &sqlx::AnyConnection) -> bool {
     use sqlx::Connection as _;
     let clean = !conn.is_in_transaction();
     if !clean {
-        tracing::warn!(
+        // At debug: under load on a full disk this is one line per refused
+        // request (thousands a minute); the refusal itself is logged once
+        // and shown by readiness (`store::writes`).
+        tracing::debug!(
             "closing a database connection whose failed transaction could not be rolled back (on SQLite: a commit refused for a full disk or an I/O error)"
         );
     }
