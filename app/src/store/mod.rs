@@ -219,13 +219,7 @@ impl From<sqlx::Error> for StoreError {
                     // as the writer thread's errors are classified.
                     code.parse().is_ok_and(sqlite_state_error)
                 } else {
-                    // PostgreSQL connection (08…) and shutdown (57P0…) classes.
-                    // Deadlock and serialization failures (40P01, 40001) are
-                    // transient too: retrying the transaction succeeds.
-                    code.starts_with("08")
-                        || code.starts_with("57P0")
-                        || code == "40P01"
-                        || code == "40001"
+                    postgres_state_error(&code)
                 }
             }
             _ => false,
@@ -236,6 +230,21 @@ impl From<sqlx::Error> for StoreError {
             StoreError::Database(e)
         }
     }
+}
+
+/// Whether a PostgreSQL SQLSTATE comes from the server's state rather than
+/// the statement, so that another try may succeed (PostgreSQL's "Error
+/// Codes" appendix): connection exceptions (class 08), insufficient
+/// resources (class 53: disk full 53100, out of memory 53200, too many
+/// connections 53300), an administrator's or crash shutdown (57P01–57P03),
+/// and deadlocks and serialization failures (40P01, 40001: retrying the
+/// transaction succeeds).
+fn postgres_state_error(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P0")
+        || code == "40P01"
+        || code == "40001"
 }
 
 /// Whether an SQLite result code (extended or primary) comes from the
@@ -937,6 +946,21 @@ mod tests {
             stored, 1,
             "the run is committed, not held in an open transaction"
         );
+    }
+
+    /// A full disk or an exhausted server answers 503 and is retried by the
+    /// worker; a statement's own mistake (a constraint, a syntax error, an
+    /// over-long text) does not.
+    #[test]
+    fn postgres_errors_of_the_servers_state_are_unavailability() {
+        for code in [
+            "08006", "53100", "53200", "53300", "57P01", "57P03", "40P01", "40001",
+        ] {
+            assert!(postgres_state_error(code), "{code}");
+        }
+        for code in ["23505", "42601", "22001", "54000", "XX000", "25P02", ""] {
+            assert!(!postgres_state_error(code), "{code}");
+        }
     }
 
     #[test]
