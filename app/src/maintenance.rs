@@ -41,67 +41,97 @@ pub async fn run(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leading = false;
+    // Whether the database answered the last lease renewal: resigning from
+    // an unreachable one would only wait out the pool's timeout.
+    let mut reachable = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        match store.lead_maintenance(&holder, every * LEASE_TICKS).await {
-            Ok(now_leading) => {
-                if now_leading != leading {
-                    info!(holder = %holder, leading = now_leading, "queue-maintenance leadership changed");
-                }
-                leading = now_leading;
+        // A tick is abandoned at shutdown: during an outage each of its
+        // statements waits out the pool's 5 s acquire timeout, and shutdown
+        // waited for four of them. Each statement is its own transaction.
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            lead = one_tick(&store, &holder, every, leading, &metrics, &nudge) => {
+                reachable = lead.is_some();
+                leading = lead.unwrap_or(leading);
             }
-            Err(e) => {
-                metrics.dependency_failed(Dependency::database);
-                warn!(error = %e, "could not renew or contend for queue maintenance");
-                continue;
-            }
-        }
-        if !leading {
-            continue;
-        }
-        match store.rescue_expired().await {
-            Ok(0) => {}
-            Ok(n) => {
-                metrics.jobs_rescued.inc_by(n);
-                info!(jobs = n, "rescued jobs whose lease expired");
-            }
-            Err(e) => {
-                metrics.dependency_failed(Dependency::database);
-                warn!(error = %e, "could not rescue expired leases");
-            }
-        }
-        match store.expire_due_approvals(EXPIRE_BATCH).await {
-            Ok(decided) => {
-                // `on_timeout: approve` (or a rejection that continues)
-                // queued the next step: without this it waited for an idle
-                // poll. An extra wake-up only costs one empty claim.
-                if !decided.is_empty() {
-                    nudge.enqueued();
-                }
-                for d in &decided {
-                    metrics.observe_approval(d.kind, d.waited_ms);
-                    info!(
-                        run_id = %d.approval.run_id,
-                        step = d.approval.step_index,
-                        decision = d.kind.as_str(),
-                        "approval deadline passed; on_timeout applied"
-                    );
-                }
-            }
-            Err(e) => {
-                metrics.dependency_failed(Dependency::database);
-                warn!(error = %e, "could not apply approval deadlines");
-            }
-        }
-        if let Err(e) = store.refresh_queue_stats().await {
-            metrics.dependency_failed(Dependency::database);
-            warn!(error = %e, "could not refresh the queue gauges");
         }
     }
-    if leading && let Err(e) = store.resign_maintenance(&holder).await {
+    if leading
+        && reachable
+        && let Err(e) = store.resign_maintenance(&holder).await
+    {
         warn!(error = %e, "could not give up queue maintenance; another process leads once the lease expires");
     }
+}
+
+/// One maintenance tick: takes or renews the lease, and acts while leading.
+/// Returns whether this holder leads now; `None` when the lease could not
+/// be renewed or contended for (the database did not answer).
+async fn one_tick(
+    store: &Store,
+    holder: &str,
+    every: Duration,
+    leading: bool,
+    metrics: &Metrics,
+    nudge: &Nudge,
+) -> Option<bool> {
+    let leading = match store.lead_maintenance(holder, every * LEASE_TICKS).await {
+        Ok(now_leading) => {
+            if now_leading != leading {
+                info!(holder = %holder, leading = now_leading, "queue-maintenance leadership changed");
+            }
+            now_leading
+        }
+        Err(e) => {
+            metrics.dependency_failed(Dependency::database);
+            warn!(error = %e, "could not renew or contend for queue maintenance");
+            return None;
+        }
+    };
+    if !leading {
+        return Some(false);
+    }
+    match store.rescue_expired().await {
+        Ok(0) => {}
+        Ok(n) => {
+            metrics.jobs_rescued.inc_by(n);
+            info!(jobs = n, "rescued jobs whose lease expired");
+        }
+        Err(e) => {
+            metrics.dependency_failed(Dependency::database);
+            warn!(error = %e, "could not rescue expired leases");
+        }
+    }
+    match store.expire_due_approvals(EXPIRE_BATCH).await {
+        Ok(decided) => {
+            // `on_timeout: approve` (or a rejection that continues)
+            // queued the next step: without this it waited for an idle
+            // poll. An extra wake-up only costs one empty claim.
+            if !decided.is_empty() {
+                nudge.enqueued();
+            }
+            for d in &decided {
+                metrics.observe_approval(d.kind, d.waited_ms);
+                info!(
+                    run_id = %d.approval.run_id,
+                    step = d.approval.step_index,
+                    decision = d.kind.as_str(),
+                    "approval deadline passed; on_timeout applied"
+                );
+            }
+        }
+        Err(e) => {
+            metrics.dependency_failed(Dependency::database);
+            warn!(error = %e, "could not apply approval deadlines");
+        }
+    }
+    if let Err(e) = store.refresh_queue_stats().await {
+        metrics.dependency_failed(Dependency::database);
+        warn!(error = %e, "could not refresh the queue gauges");
+    }
+    Some(true)
 }

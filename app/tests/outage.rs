@@ -301,3 +301,44 @@ async fn the_completer_gives_up_a_batch_at_once_during_an_outage_and_recovers() 
     completer.close().await;
     server.stop();
 }
+
+/// A worker stopped while the database is down: its in-flight jobs cannot be
+/// released, and after the first release finds the database unreachable the
+/// rest are not tried (their leases run out instead). One by one, each
+/// waited out the pool's acquire timeout, and so did each statement of a
+/// maintenance tick: eight jobs held shutdown for 60 s, now about 10 s,
+/// and a worker's thousands of slow steps for hours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_during_an_outage_does_not_release_its_jobs_one_by_one() {
+    let server = tokio::task::spawn_blocking(PgServer::start)
+        .await
+        .expect("start postgres");
+    let url = server.create_database().await;
+    let env = TestEnv::at(Some(url), &[]).await;
+    let app = env.router();
+    const SLOW: &str = r#"{"steps":[{"kind":"delay","ms":60000}]}"#;
+    for _ in 0..8 {
+        create(&app, SLOW).await;
+    }
+    let (worker, stop) = env.spawn_worker_with(8, LlmBackend::Offline, |c| {
+        c.shutdown_grace = Duration::from_millis(100);
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.store.queue_counts().await.expect("counts").running < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not claim the jobs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    server.stop();
+    let t0 = Instant::now();
+    stop.cancel();
+    let report = worker.await.expect("worker");
+    let took = t0.elapsed();
+    assert_eq!(report.released, 0, "{report:?}");
+    // One release timeout, then the heartbeat's removal and the maintenance
+    // lease's resignation, each failing after the pool's 5 s.
+    assert!(took < Duration::from_secs(25), "shutdown took {took:?}");
+}
