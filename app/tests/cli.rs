@@ -841,6 +841,14 @@ async fn sigterm_lets_the_in_flight_step_finish_and_a_restart_completes_the_run(
         "exited after {took:?}: the in-flight step was not waited for\n{output}"
     );
     assert!(output.contains("stopped cleanly"), "{output}");
+    // A clean stop leaves one self-contained database file: SQLite folds the
+    // WAL into it when the last connection (the run-creation thread's too)
+    // closes.
+    let wal = root
+        .path()
+        .join(format!("{}-wal", vm_webapp::config::EMBEDDED_DB_FILE));
+    let left = std::fs::metadata(&wal).map_or(0, |m| m.len());
+    assert_eq!(left, 0, "{} bytes left in the WAL after a clean stop", left);
 
     let mut again = local_serve(root.path(), port, &[]);
     wait_live(&mut again, port).await;

@@ -120,6 +120,15 @@ impl Handle {
         }
     }
 
+    /// Closes the SQLite writer thread's connection, if there is one (see
+    /// [`sqlite_writer::Handle::close`]); the async writers end with the
+    /// store's last clone.
+    pub(crate) async fn close(&self) {
+        if let Some(direct) = &self.direct {
+            direct.close().await;
+        }
+    }
+
     /// Whether run creation without plans goes to the SQLite writer thread.
     #[cfg(test)]
     pub(crate) fn has_sqlite_writer(&self) -> bool {

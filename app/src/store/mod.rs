@@ -403,8 +403,12 @@ impl Store {
         self.backend
     }
 
-    /// Closes every connection.
+    /// Closes every connection: the SQLite writer thread's first, then the
+    /// pool's. The last to close checkpoints SQLite's WAL into the database
+    /// file and removes it, so a stopped app leaves one self-contained file.
+    /// Creations after this fail.
     pub async fn close(&self) {
+        self.creates.close().await;
         self.pool.close().await;
     }
 

@@ -111,13 +111,21 @@ struct Request {
     reply: oneshot::Sender<Result<Option<Stored>>>,
 }
 
+/// What the thread takes from its channel.
+enum Message {
+    /// A run to write.
+    Write(Request),
+    /// Close the connection and end, then answer (see [`Handle::close`]).
+    Close(oneshot::Sender<()>),
+}
+
 /// Requests waiting for the thread before callers wait to send.
 const QUEUE_DEPTH: usize = 4 * MAX_BATCH;
 
 /// The callers' side of the writer thread; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Handle {
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::Sender<Message>,
 }
 
 impl Handle {
@@ -144,7 +152,7 @@ impl Handle {
                 return None;
             }
         };
-        let (tx, rx) = mpsc::channel::<Request>(QUEUE_DEPTH);
+        let (tx, rx) = mpsc::channel::<Message>(QUEUE_DEPTH);
         let spawned = std::thread::Builder::new()
             .name("vm-sqlite-writer".into())
             .spawn(move || run(conn, rx, shard, &events));
@@ -169,10 +177,24 @@ impl Handle {
         let (reply, answer) = oneshot::channel();
         let gone = || StoreError::Corrupt("the SQLite writer thread is gone".into());
         self.tx
-            .send(Request { row, reply })
+            .send(Message::Write(Request { row, reply }))
             .await
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
+    }
+
+    /// Writes what was sent before, closes the thread's connection and ends
+    /// the thread; returns once the connection is closed. SQLite checkpoints
+    /// the WAL into the database file and removes it when its last
+    /// connection closes, so after a clean stop the file holds everything:
+    /// without this the thread's connection stayed open until the process
+    /// exited, and the file was left empty beside a WAL holding all of it.
+    /// Later writes fail ("the SQLite writer thread is gone").
+    pub(crate) async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.tx.send(Message::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
     }
 }
 
@@ -184,12 +206,19 @@ impl Handle {
 /// database's (lock, disk), every request gets that error; otherwise each is
 /// retried alone, so one bad request never fails its neighbours. Ends when
 /// every sender is gone.
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, shard: i64, events: &CommitSignal) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, shard: i64, events: &CommitSignal) {
+    let mut closing = None;
+    while closing.is_none() {
+        let mut batch = Vec::new();
+        match rx.blocking_recv() {
+            Some(Message::Write(request)) => batch.push(request),
+            Some(Message::Close(done)) => closing = Some(done),
+            None => break,
+        }
+        while closing.is_none() && batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(request) => batch.push(request),
+                Ok(Message::Write(request)) => batch.push(request),
+                Ok(Message::Close(done)) => closing = Some(done),
                 Err(_) => break,
             }
         }
@@ -199,10 +228,11 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, shard: i64, events
         if batch.is_empty() {
             continue;
         }
-        let rows: Vec<&Row> = batch.iter().map(|r| &r.row).collect();
-        match write(&mut conn, &rows, shard) {
+        match write(&mut conn, &mut batch, shard) {
             Ok(created) => {
-                events.raise();
+                if !created.is_empty() {
+                    events.raise();
+                }
                 for (request, at) in batch.into_iter().zip(created) {
                     let _ = request.reply.send(Ok(at));
                 }
@@ -222,14 +252,21 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, shard: i64, events
             }
             Err(_) => {
                 for request in batch {
-                    let alone = write(&mut conn, &[&request.row], shard);
-                    if alone.is_ok() {
-                        events.raise();
+                    let mut alone = vec![request];
+                    let written = write(&mut conn, &mut alone, shard);
+                    if let Some(request) = alone.pop() {
+                        if written.is_ok() {
+                            events.raise();
+                        }
+                        let _ = request.reply.send(written.map(|mut v| v.pop().flatten()));
                     }
-                    let _ = request.reply.send(alone.map(|mut v| v.pop().flatten()));
                 }
             }
         }
+    }
+    drop(conn);
+    if let Some(done) = closing {
+        let _ = done.send(());
     }
 }
 
@@ -265,16 +302,24 @@ pub(crate) struct Stored {
     pub created_at: i64,
 }
 
-/// One outcome per row, in order (`None`: its key was taken).
-fn write(conn: &mut Connection, rows: &[&Row], shard: i64) -> Result<Vec<Option<Stored>>> {
-    write_tx(conn, rows, shard).map_err(StoreError::from)
+/// One outcome per request of `batch` as [`write_tx`] leaves it, in order
+/// (`None`: its key was taken).
+fn write(
+    conn: &mut Connection,
+    batch: &mut Vec<Request>,
+    shard: i64,
+) -> Result<Vec<Option<Stored>>> {
+    write_tx(conn, batch, shard).map_err(StoreError::from)
 }
 
 /// The batch in one `BEGIN IMMEDIATE` transaction: the write lock is taken
-/// first, so no statement of the batch can fail on a lock upgrade.
+/// first, so no statement of the batch can fail on a lock upgrade. Once it
+/// is taken, the requests whose caller stopped waiting meanwhile are left
+/// out of `batch`: waiting for the lock can take the whole busy timeout, and
+/// a request answered 408 during that wait was written afterwards.
 fn write_tx(
     conn: &mut Connection,
-    rows: &[&Row],
+    batch: &mut Vec<Request>,
     shard: i64,
 ) -> rusqlite::Result<Vec<Option<Stored>>> {
     static CLOCK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -284,6 +329,11 @@ fn write_tx(
         )
     });
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    batch.retain(|r| !r.reply.is_closed());
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<&Row> = batch.iter().map(|r| &r.row).collect();
     // One instant for the whole batch, and its UTC month.
     let (at, period): (i64, String) = tx
         .prepare_cached(&CLOCK)?
@@ -313,7 +363,7 @@ fn write_tx(
             "INSERT INTO usage_ledger (tenant, meter, quantity, period, run_id, step_index, source, at) \
              VALUES (?1, ?2, 1, ?3, ?4, NULL, 'run.created', ?5)",
         )?;
-        for &row in rows {
+        for &row in &rows {
             let steps = row.payloads.len() as i64;
             let id = Uuid::now_v7();
             let id_text = id.to_string();
@@ -596,6 +646,56 @@ mod tests {
             .await,
             0
         );
+    }
+
+    /// A request whose caller stops waiting while its own batch waits for
+    /// the write lock (held by another process past the HTTP timeout, within
+    /// the busy timeout) writes nothing either: the thread looks again once
+    /// it holds the lock. Before, the run was created after its 408.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_given_up_while_its_batch_waits_for_the_lock_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = migrated(dir.path()).await;
+        let (handle, holder) = locked(dir.path(), Duration::from_secs(5));
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), write_one(&handle)).await;
+        assert!(gave_up.is_err(), "answered while the lock was held");
+        holder.execute_batch("ROLLBACK").unwrap();
+        // The thread has finished that batch by the time a later one is
+        // answered.
+        assert!(write_one(&handle).await.unwrap().is_some());
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM runs").await, 1);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM jobs").await, 1);
+    }
+
+    /// Closing the store closes the thread's connection too, so SQLite
+    /// checkpoints the WAL into the file and removes it: the file alone
+    /// holds every run. Before, the thread's connection stayed open until
+    /// the process exited, leaving an empty file beside the WAL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_store_leaves_one_self_contained_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::test_sqlite_store(dir.path(), "c.db").await;
+        store.migrate().await.unwrap();
+        assert!(store.creates.has_sqlite_writer());
+        for _ in 0..20 {
+            store.create_run(&new_run(None, 1)).await.unwrap();
+        }
+        store.close().await;
+        let wal = dir.path().join("c.db-wal");
+        assert!(
+            !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
+            "the WAL is left with {} bytes",
+            std::fs::metadata(&wal).unwrap().len()
+        );
+        let copy = dir.path().join("copy.db");
+        std::fs::copy(dir.path().join("c.db"), &copy).unwrap();
+        let alone = Connection::open(&copy).unwrap();
+        let runs: i64 = alone
+            .query_row("SELECT COUNT(*) FROM runs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(runs, 20);
+        // Later creations fail instead of hanging.
+        assert!(store.create_run(&new_run(None, 1)).await.is_err());
     }
 
     /// A taken idempotency key writes nothing; a row SQLite refuses (here
