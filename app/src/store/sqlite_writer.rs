@@ -112,6 +112,8 @@ struct Request {
 }
 
 /// What the thread takes from its channel.
+// Nearly every message is a `Write`: boxing it would allocate once per run.
+#[allow(clippy::large_enum_variant)]
 enum Message {
     /// A run to write.
     Write(Request),
