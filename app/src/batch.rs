@@ -23,6 +23,18 @@ pub async fn next_batch<T>(rx: &Mutex<mpsc::Receiver<T>>, max: usize) -> Option<
     Some(batch)
 }
 
+/// Every item queued in `rx` now, without waiting: after a batch found the
+/// database unreachable, the consumer answers these with the same failure
+/// instead of making each wait for it again.
+pub async fn waiting<T>(rx: &Mutex<mpsc::Receiver<T>>) -> Vec<T> {
+    let mut rx = rx.lock().await;
+    let mut items = Vec::new();
+    while let Ok(item) = rx.try_recv() {
+        items.push(item);
+    }
+    items
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -39,5 +51,17 @@ mod tests {
         assert_eq!(next_batch(&rx, 3).await.unwrap(), [3, 4]);
         drop(tx);
         assert!(next_batch(&rx, 3).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn waiting_takes_everything_queued_without_waiting() {
+        let (tx, rx) = mpsc::channel(16);
+        let rx = Mutex::new(rx);
+        assert!(waiting(&rx).await.is_empty());
+        for i in 0..5 {
+            tx.send(i).await.unwrap();
+        }
+        assert_eq!(waiting(&rx).await, [0, 1, 2, 3, 4]);
+        assert!(waiting(&rx).await.is_empty());
     }
 }

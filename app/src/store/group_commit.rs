@@ -196,20 +196,25 @@ async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>, shard: i6
                     let _ = request.reply.send(Ok(run));
                 }
             }
+            // The database is unreachable (not a conflict to retry): alone,
+            // each request would wait for it as long again, one after the
+            // other (the pool's acquire timeout each), and so would the
+            // requests that came while it waited. All are answered now; a
+            // lone request gets the error itself.
+            Err(e) if e.is_unavailable() && !e.is_retryable_conflict() => {
+                let behind = crate::batch::waiting(&rx).await;
+                let mut original = (batch.len() == 1).then_some(e);
+                for request in batch.into_iter().chain(behind) {
+                    let error = original.take().unwrap_or_else(|| {
+                        let again = std::io::Error::other("database unavailable for this batch");
+                        StoreError::Unavailable(sqlx::Error::Io(again))
+                    });
+                    let _ = request.reply.send(Err(error));
+                }
+            }
             Err(e) if batch.len() == 1 => {
                 if let Some(request) = batch.pop() {
                     let _ = request.reply.send(Err(e));
-                }
-            }
-            // The database is unreachable (not a conflict to retry): alone,
-            // each request would wait for it as long again, one after the
-            // other (the pool's acquire timeout each).
-            Err(e) if e.is_unavailable() && !e.is_retryable_conflict() => {
-                for request in batch {
-                    let again = std::io::Error::other("database unavailable for this batch");
-                    let _ = request
-                        .reply
-                        .send(Err(StoreError::Unavailable(sqlx::Error::Io(again))));
                 }
             }
             Err(_) => {

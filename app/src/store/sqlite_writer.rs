@@ -239,17 +239,31 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, shard: i64, events
                     let _ = request.reply.send(Ok(at));
                 }
             }
-            Err(e) if batch.len() == 1 => {
-                if let Some(request) = batch.pop() {
+            // The write lock stayed taken for the whole busy timeout, or the
+            // disk is full: alone, each request would meet it again (and
+            // wait as long again for the lock), and so would the requests
+            // that came while it waited. All are answered now; a lone
+            // request gets the error itself.
+            Err(e) if e.is_unavailable() => {
+                let mut all = batch;
+                while closing.is_none() {
+                    match rx.try_recv() {
+                        Ok(Message::Write(request)) => all.push(request),
+                        Ok(Message::Close(done)) => closing = Some(done),
+                        Err(_) => break,
+                    }
+                }
+                let last = all.pop();
+                for request in all {
+                    let _ = request.reply.send(Err(same_cause(&e)));
+                }
+                if let Some(request) = last {
                     let _ = request.reply.send(Err(e));
                 }
             }
-            // The write lock stayed taken for the whole busy timeout, or the
-            // disk is full: alone, each request would meet it again (and
-            // wait as long again for the lock).
-            Err(e) if e.is_unavailable() => {
-                for request in batch {
-                    let _ = request.reply.send(Err(same_cause(&e)));
+            Err(e) if batch.len() == 1 => {
+                if let Some(request) = batch.pop() {
+                    let _ = request.reply.send(Err(e));
                 }
             }
             Err(_) => {
@@ -608,6 +622,33 @@ mod tests {
         assert!(waited < Duration::from_millis(1_800), "waited {waited:?}");
         assert!(write_one(&handle).await.unwrap().is_some());
         assert_eq!(count(&store, "SELECT COUNT(*) FROM runs").await, 1);
+    }
+
+    /// Requests that arrive while a batch waits out the busy timeout are
+    /// answered with its failure at once, not after a wait of their own:
+    /// five concurrent creations under a held lock took one wait for two of
+    /// them and two waits for the other three.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_queued_behind_a_batch_that_found_the_lock_taken_fail_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, _) = migrated(dir.path()).await;
+        let (handle, holder) = locked(dir.path(), Duration::from_millis(800));
+        let started = std::time::Instant::now();
+        let first = tokio::spawn({
+            let handle = handle.clone();
+            async move { write_one(&handle).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let behind = futures::future::join_all((0..4).map(|_| write_one(&handle))).await;
+        let waited = started.elapsed();
+        assert!(first.await.unwrap().is_err_and(|e| e.is_unavailable()));
+        for r in &behind {
+            assert!(matches!(r, Err(e) if e.is_unavailable()), "{r:?}");
+        }
+        // One busy timeout (0.8 s), not two.
+        assert!(waited < Duration::from_millis(1_400), "waited {waited:?}");
+        holder.execute_batch("ROLLBACK").unwrap();
+        assert!(write_one(&handle).await.unwrap().is_some());
     }
 
     /// A request whose caller stopped waiting before its batch was written
