@@ -783,7 +783,58 @@ fn check_database_url(url: &str) -> Result<DbBackend, String> {
                 .into(),
         );
     }
+    if backend == DbBackend::Sqlite && sqlite_query(url).any(|(k, v)| k == "mode" && v == "ro") {
+        return Err(
+            "mode=ro opens the database read-only, but the app writes to it (runs, events, leases); use mode=rwc or mode=rw"
+                .into(),
+        );
+    }
+    // The driver's own parser, so that what it would refuse at start-up
+    // (an unknown sslmode, mode or query parameter) is reported here; its
+    // words name the parameter and value at fault, never the password
+    // (checked below all the same).
+    use std::str::FromStr as _;
+    let parsed = match backend {
+        DbBackend::Postgres => sqlx::postgres::PgConnectOptions::from_str(url).map(drop),
+        DbBackend::Sqlite => sqlx::sqlite::SqliteConnectOptions::from_str(url).map(drop),
+    };
+    if let Err(e) = parsed {
+        let text = e.to_string();
+        let mut reason = text.as_str();
+        while let Some(inner) = reason.strip_prefix("error with configuration: ") {
+            reason = inner;
+        }
+        return Err(if repeats_a_secret(url, reason) {
+            "the database driver refuses this URL; check its query parameters".to_string()
+        } else {
+            format!("the database driver refuses this URL: {reason}")
+        });
+    }
     Ok(backend)
+}
+
+/// The query parameters of an SQLite URL, as written.
+fn sqlite_query(url: &str) -> impl Iterator<Item = (&str, &str)> {
+    url.split_once('?')
+        .map_or("", |(_, q)| q)
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+}
+
+/// Whether `message` repeats the password (raw or percent-decoded) or the
+/// whole of `url`: a message that does must not be shown.
+fn repeats_a_secret(url: &str, message: &str) -> bool {
+    if message.contains(url) {
+        return true;
+    }
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let Some(password) = parsed.password().filter(|p| !p.is_empty()) else {
+        return false;
+    };
+    let decoded = percent_encoding::percent_decode_str(password).decode_utf8_lossy();
+    message.contains(password) || message.contains(decoded.as_ref())
 }
 
 /// Whether an SQLite URL names an in-memory database (`sqlite::memory:`,
@@ -810,7 +861,24 @@ fn check_redis_url(url: &str) -> Result<(), String> {
         }
     })?;
     match parsed.scheme() {
-        "redis" | "rediss" if parsed.has_host() => Ok(()),
+        "redis" | "rediss" if parsed.has_host() => {
+            // The client's own parser: a database that is not a number
+            // (`/notanumber`) is refused there, at the first connection.
+            // Its words never repeat the URL.
+            redis::IntoConnectionInfo::into_connection_info(url)
+                .map(drop)
+                .map_err(|e| {
+                    let reason = e.to_string();
+                    let reason = if repeats_a_secret(url, &reason) {
+                        "invalid"
+                    } else {
+                        reason.as_str()
+                    };
+                    format!(
+                        "the Redis client refuses this URL ({reason}); expected redis://[:password@]host[:port][/db] with a numeric db"
+                    )
+                })
+        }
         "redis" | "rediss" => {
             Err("expected redis://[:password@]host[:port][/db] (the host is missing)".into())
         }
@@ -1317,6 +1385,45 @@ mod tests {
             err.mentions("VM_DB_URL") && err.mentions("VM_REDIS_URL"),
             "{err}"
         );
+    }
+
+    /// What the drivers would refuse at start-up is refused by the settings
+    /// (and `check-config`) with the driver's reason, and never with the
+    /// password in it.
+    #[test]
+    fn urls_the_drivers_refuse_are_refused_with_their_reason_and_no_secret() {
+        let cases = [
+            (
+                "VM_DB_URL",
+                "postgres://u:s3cr3t-pw@db/app?sslmode=bogus",
+                "bogus",
+            ),
+            ("VM_DB_URL", "sqlite://x.db?mode=bogus", "bogus"),
+            ("VM_DB_URL", "sqlite://x.db?colour=blue", "colour"),
+            ("VM_DB_URL", "sqlite://x.db?mode=ro", "read-only"),
+            (
+                "VM_REDIS_URL",
+                "redis://:s3cr3t-pw@r:6379/notanumber",
+                "numeric db",
+            ),
+        ];
+        for (name, url, reason) in cases {
+            let err = parse(&[(name, url)]).unwrap_err();
+            let text = err.to_string();
+            assert!(err.mentions(name) && text.contains(reason), "{url}: {text}");
+            assert!(!text.contains("s3cr3t"), "{url}: {text}");
+        }
+        for (name, url) in [
+            ("VM_DB_URL", "postgres://u:p@db/app?sslmode=require"),
+            ("VM_DB_URL", "sqlite://x.db?mode=rw&cache=shared"),
+            ("VM_REDIS_URL", "redis://:p@r:6379/2"),
+        ] {
+            parse(&[(name, url)]).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        assert!(repeats_a_secret(
+            "postgres://u:a%40b@db/x",
+            "password a@b is wrong"
+        ));
     }
 
     #[test]
