@@ -122,6 +122,17 @@ pub(crate) fn cannot_open(backend: crate::config::DbBackend, e: &StoreError) -> 
 /// "database error", which is all a new user got for either.
 pub(crate) fn describe(e: &StoreError) -> String {
     match e {
+        // SQLite's own words name the file's state (read-only directory,
+        // full disk, locked), never a secret: the URL of a file has none.
+        StoreError::Unavailable(sqlx::Error::Database(db))
+        | StoreError::Database(sqlx::Error::Database(db))
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() =>
+        {
+            format!(
+                "SQLite refused it: {} (check the file, the permissions of its directory and the free space)",
+                db.message()
+            )
+        }
         StoreError::Unavailable(_) => {
             "database unreachable (check VM_DB_URL, network and credentials)".into()
         }
@@ -555,4 +566,37 @@ async fn migrate(settings: Arc<Settings>) -> Result<(), String> {
     info!(?applied, version, "migrations complete");
     store.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// An SQLite refusal is described in SQLite's words (here a read-only
+    /// database) with what to check, not as a bare "database error" or
+    /// "database unreachable (check … network and credentials)", which sent
+    /// people looking at the wrong thing.
+    #[tokio::test]
+    async fn an_sqlite_refusal_is_described_in_sqlites_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::test_sqlite_store(dir.path(), "r.db").await;
+        let mut conn = store.pool().acquire().await.unwrap();
+        sqlx::query("PRAGMA query_only = 1")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let refused: StoreError = sqlx::query("CREATE TABLE t (a)")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err()
+            .into();
+        let text = describe(&refused);
+        assert!(
+            text.starts_with("SQLite refused it: attempt to write a readonly database")
+                && text.contains("permissions of its directory")
+                && !text.contains("network"),
+            "{text}"
+        );
+    }
 }
