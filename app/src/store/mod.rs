@@ -127,8 +127,9 @@ pub enum StoreError {
     /// batch, and retrying later may succeed: its write lock stayed taken
     /// past the busy timeout (10 s), the disk is full, or the file could
     /// not be read or written. Such an error counts as
-    /// [`StoreError::Unavailable`] does (the API's 503).
-    #[error("database error")]
+    /// [`StoreError::Unavailable`] does (the API's 503). Shown with
+    /// SQLite's words (a full disk, a lock held), which carry no secret.
+    #[error("SQLite refused the write: {source}")]
     Sqlite {
         /// What SQLite said.
         #[source]
