@@ -40,6 +40,17 @@ async fn started_within(env: &TestEnv, id: Uuid, limit: Duration) -> Option<Dura
     None
 }
 
+/// Starts a stopped server again, off the async runtime (it waits for the
+/// postmaster to accept connections).
+async fn restart(server: PgServer) -> PgServer {
+    tokio::task::spawn_blocking(move || {
+        server.launch();
+        server
+    })
+    .await
+    .expect("restart postgres")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_degrades_to_not_ready_and_recovers_without_restart() {
     let server = tokio::task::spawn_blocking(PgServer::start)
@@ -106,12 +117,7 @@ async fn database_outage_degrades_to_not_ready_and_recovers_without_restart() {
         "eight creations took {waited:?}"
     );
 
-    let server = tokio::task::spawn_blocking(move || {
-        server.launch();
-        server
-    })
-    .await
-    .expect("restart postgres");
+    let server = restart(server).await;
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -271,12 +277,7 @@ async fn the_completer_gives_up_a_batch_at_once_during_an_outage_and_recovers() 
         "eight results took {waited:?}"
     );
 
-    let server = tokio::task::spawn_blocking(move || {
-        server.launch();
-        server
-    })
-    .await
-    .expect("restart postgres");
+    let server = restart(server).await;
     // Nothing was recorded, so each claim is still valid and its result is
     // recorded once the database answers again.
     let deadline = Instant::now() + Duration::from_secs(30);

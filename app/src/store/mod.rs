@@ -680,6 +680,26 @@ pub(crate) fn test_new_run(key: Option<&str>, steps: usize) -> crate::model::New
     }
 }
 
+/// Makes `store`'s SQLite database full for its pool connection (a
+/// connection may grow the file by no page: `max_page_count`, which stands
+/// in for a full disk) or gives the room back, for unit tests. Per
+/// connection: the pool must have one.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) async fn test_disk_full(store: &Store, full: bool) {
+    let pages: i64 = sqlx::query("PRAGMA page_count")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap();
+    let max = if full { pages } else { 1_073_741_823 };
+    sqlx::query(&format!("PRAGMA max_page_count = {max}"))
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
+
 /// A store on a fresh SQLite file `name` in `dir`, for unit tests.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -781,15 +801,7 @@ mod tests {
         store.migrate().await.unwrap();
         let insert =
             "INSERT INTO worker_heartbeats (worker_id, started_at, last_beat_at) VALUES ($1, 0, 0)";
-        let pages: i64 = sqlx::query("PRAGMA page_count")
-            .fetch_one(store.pool())
-            .await
-            .unwrap()
-            .get(0);
-        sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
-            .execute(store.pool())
-            .await
-            .unwrap();
+        test_disk_full(&store, true).await;
         let full = sqlx::query(insert)
             .bind("w".repeat(64 * 1024))
             .execute(store.pool())
@@ -892,15 +904,7 @@ mod tests {
             .await
             .with_plans(Some(std::sync::Arc::new(plans)));
         store.migrate().await.unwrap();
-        let pages: i64 = sqlx::query("PRAGMA page_count")
-            .fetch_one(store.pool())
-            .await
-            .unwrap()
-            .get(0);
-        sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
-            .execute(store.pool())
-            .await
-            .unwrap();
+        test_disk_full(&store, true).await;
 
         // The disk is full: a one-row insert needing new pages fails, and
         // SQLite rolls the whole transaction back, as after a failed COMMIT.
@@ -918,10 +922,7 @@ mod tests {
 
         // Room again; then a transaction that writes and is rolled back
         // (a batch failing for any reason).
-        sqlx::query("PRAGMA max_page_count = 1073741823")
-            .execute(store.pool())
-            .await
-            .unwrap();
+        test_disk_full(&store, false).await;
         let mut tx = store.begin().await.unwrap();
         sqlx::query(
             "INSERT INTO worker_heartbeats (worker_id, started_at, last_beat_at) VALUES ('w', 0, 0)",

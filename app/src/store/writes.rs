@@ -111,21 +111,6 @@ impl Store {
 mod tests {
     use super::*;
 
-    /// Fills `store`'s database (its one pool connection may grow it by no
-    /// page) or gives the room back.
-    async fn full(store: &Store, full: bool) {
-        let pages: i64 = sqlx::query("PRAGMA page_count")
-            .fetch_one(store.pool())
-            .await
-            .unwrap()
-            .get(0);
-        let max = if full { pages } else { 1_073_741_823 };
-        sqlx::query(&format!("PRAGMA max_page_count = {max}"))
-            .execute(store.pool())
-            .await
-            .unwrap();
-    }
-
     /// Backdates the last refusal past [`QUIET`].
     fn quiet_since(store: &Store) {
         if let Some(at) = store.writes.last().as_mut() {
@@ -155,12 +140,12 @@ mod tests {
         // would still fit.
         let mut big = crate::store::test_new_run(None, 1);
         big.input = serde_json::json!({"text": "x".repeat(64 * 1024)});
-        full(&store, true).await;
+        crate::store::test_disk_full(&store, true).await;
         let refused = store.create_run(&big).await.unwrap_err();
         assert!(refused.is_storage_refusal(), "{refused:?}");
         assert!(refused.is_unavailable());
         assert!(!store.takes_writes().await, "refused just now");
-        full(&store, false).await;
+        crate::store::test_disk_full(&store, false).await;
 
         // Quiet, but the probe cannot commit (a held write lock stands in).
         quiet_since(&store);
