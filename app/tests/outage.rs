@@ -40,6 +40,17 @@ async fn started_within(env: &TestEnv, id: Uuid, limit: Duration) -> Option<Dura
     None
 }
 
+/// A PostgreSQL server of the test's own (the test stops it) and an
+/// environment on a fresh database of it, with `vars` set.
+async fn own_server(vars: &[(&str, &str)]) -> (PgServer, TestEnv) {
+    let server = tokio::task::spawn_blocking(PgServer::start)
+        .await
+        .expect("start postgres");
+    let url = server.create_database().await;
+    let env = TestEnv::at(Some(url), vars).await;
+    (server, env)
+}
+
 /// Starts a stopped server again, off the async runtime (it waits for the
 /// postmaster to accept connections).
 async fn restart(server: PgServer) -> PgServer {
@@ -53,11 +64,7 @@ async fn restart(server: PgServer) -> PgServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_degrades_to_not_ready_and_recovers_without_restart() {
-    let server = tokio::task::spawn_blocking(PgServer::start)
-        .await
-        .expect("start postgres");
-    let url = server.create_database().await;
-    let env = TestEnv::at(Some(url), &[("VM_JOB_LEASE_MS", "2000")]).await;
+    let (server, env) = own_server(&[("VM_JOB_LEASE_MS", "2000")]).await;
     let app = env.router();
     let (worker, stop) = env.spawn_worker(2, LlmBackend::Offline);
     let mut accepted = Vec::new();
@@ -239,11 +246,7 @@ async fn the_completer_gives_up_a_batch_at_once_during_an_outage_and_recovers() 
     use vm_webapp::store::Finish;
     use vm_webapp::worker::completer::Completer;
 
-    let server = tokio::task::spawn_blocking(PgServer::start)
-        .await
-        .expect("start postgres");
-    let url = server.create_database().await;
-    let env = TestEnv::at(Some(url), &[]).await;
+    let (server, env) = own_server(&[]).await;
     let app = env.router();
     const ONE_STEP: &str = r#"{"steps":[{"kind":"template","template":"done"}]}"#;
     for _ in 0..8 {
@@ -311,11 +314,7 @@ async fn the_completer_gives_up_a_batch_at_once_during_an_outage_and_recovers() 
 /// and a worker's thousands of slow steps for hours.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_during_an_outage_does_not_release_its_jobs_one_by_one() {
-    let server = tokio::task::spawn_blocking(PgServer::start)
-        .await
-        .expect("start postgres");
-    let url = server.create_database().await;
-    let env = TestEnv::at(Some(url), &[]).await;
+    let (server, env) = own_server(&[]).await;
     let app = env.router();
     const SLOW: &str = r#"{"steps":[{"kind":"delay","ms":60000}]}"#;
     for _ in 0..8 {
