@@ -466,6 +466,19 @@ impl Store {
         Ok(self.pool.begin().await?)
     }
 
+    /// A transaction that reads and then writes: on SQLite it takes the
+    /// write lock at its start (`BEGIN IMMEDIATE`, waiting up to the busy
+    /// timeout), since a deferred transaction that read first cannot take it
+    /// once another connection has committed (`SQLITE_BUSY_SNAPSHOT`, at
+    /// once, whatever the busy timeout): under load most such transactions
+    /// failed. On PostgreSQL a plain `BEGIN`. Errors: the database's.
+    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
+        match self.backend {
+            DbBackend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            DbBackend::Postgres => self.begin().await,
+        }
+    }
+
     /// A read-only transaction whose reads all see one snapshot of the
     /// database, however the app writes meanwhile: `REPEATABLE READ, READ
     /// ONLY` on PostgreSQL (set as the transaction's first statement); on
@@ -967,6 +980,49 @@ mod tests {
         for code in ["23505", "42601", "22001", "54000", "XX000", "25P02", ""] {
             assert!(!postgres_state_error(code), "{code}");
         }
+    }
+
+    /// A transaction that reads and then writes, while another connection
+    /// commits in between: begun as `begin_write`, it holds SQLite's write
+    /// lock from the start, the other waits, and its write succeeds. Begun
+    /// deferred, its write failed at once with `SQLITE_BUSY_SNAPSHOT`: under
+    /// load with plans, most usage-threshold checks were lost so.
+    #[tokio::test]
+    async fn a_transaction_that_reads_then_writes_is_not_refused_for_a_commit_in_between() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = test_sqlite_store(dir.path(), "rw.db").await;
+        store.migrate().await.unwrap();
+        let mut tx = store.begin_write().await.unwrap();
+        sqlx::query("SELECT COUNT(*) FROM worker_heartbeats")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let path = dir.path().join("rw.db");
+        let other = std::thread::spawn(move || {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.busy_timeout(Duration::from_secs(5)).unwrap();
+            conn.execute(
+                "INSERT INTO worker_heartbeats (worker_id, started_at, last_beat_at) VALUES ('other', 0, 0)",
+                [],
+            )
+            .unwrap();
+        });
+        // Long enough for the other connection to commit if it can.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sqlx::query(
+            "INSERT INTO worker_heartbeats (worker_id, started_at, last_beat_at) VALUES ('mine', 0, 0)",
+        )
+        .execute(&mut *tx)
+        .await
+        .expect("the write after the read");
+        tx.commit().await.unwrap();
+        other.join().unwrap();
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM worker_heartbeats")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .get("n");
+        assert_eq!(n, 2);
     }
 
     #[test]

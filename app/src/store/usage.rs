@@ -199,7 +199,8 @@ impl Store {
         records: &[UsageRecord<'_>],
         period: Option<&str>,
     ) -> Result<Vec<String>> {
-        let mut tx = self.begin().await?;
+        // It reads the runs' tenants before it writes.
+        let mut tx = self.begin_write().await?;
         let crossed = self.record_usage_at(&mut tx, records, period).await?;
         tx.commit().await?;
         if !crossed.is_empty() {

@@ -131,7 +131,7 @@ impl Store {
         });
         let touched = touched_of(rows, &period);
         let result = async {
-            let mut tx = self.begin().await?;
+            let mut tx = self.begin_write().await?;
             let crossed = self.note_thresholds(&mut tx, &touched, None).await?;
             tx.commit().await?;
             if !crossed.is_empty() {
@@ -144,7 +144,7 @@ impl Store {
         match result {
             Ok(crossed) => self.count_crossings(&crossed),
             Err(e) => {
-                tracing::warn!(error = %e, "could not record usage thresholds; the next usage will")
+                tracing::warn!(error = %e, "could not record usage thresholds; the next usage of the meter records them")
             }
         }
     }
