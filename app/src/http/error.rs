@@ -259,10 +259,67 @@ impl ApiError {
     }
 }
 
+/// At most one "database unavailable" line per [`LogThrottle::EVERY_MS`]:
+/// during an outage every request is refused, and one line each came to
+/// tens of thousands of lines in seconds. Each refusal is still counted in
+/// `vm_http_requests_total{status_class="5xx"}`, and the line says how
+/// many were held back since the last one.
+static UNAVAILABLE_LOG: LogThrottle = LogThrottle::new();
+
+/// Lets a repeated log line through at most once per [`Self::EVERY_MS`],
+/// counting the ones held back.
+struct LogThrottle {
+    /// When a line last went through: ms since the process's first line.
+    last_ms: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    const EVERY_MS: u64 = 5_000;
+
+    const fn new() -> Self {
+        Self {
+            last_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when this line may go
+    /// through now, else `None` (and it is counted).
+    fn take(&self) -> Option<u64> {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now_ms = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis();
+        self.take_at(u64::try_from(now_ms).unwrap_or(u64::MAX - 1))
+    }
+
+    /// [`Self::take`] at `now_ms` (ms on a monotonic clock).
+    fn take_at(&self, now_ms: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last_ms.load(Relaxed);
+        let due = last == u64::MAX || now_ms.saturating_sub(last) >= Self::EVERY_MS;
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms, Relaxed, Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         if e.is_unavailable() {
-            tracing::warn!(error = %e, "database unavailable");
+            if let Some(suppressed) = UNAVAILABLE_LOG.take() {
+                tracing::warn!(error = %e, suppressed, "database unavailable; answering 503");
+            }
             ApiError::DependencyUnavailable
         } else if matches!(e, StoreError::InvalidText(_)) {
             ApiError::InvalidText
@@ -311,5 +368,21 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::LogThrottle;
+
+    #[test]
+    fn a_throttled_line_goes_through_once_per_interval_with_the_count_held_back() {
+        let throttle = LogThrottle::new();
+        assert_eq!(throttle.take_at(1_000), Some(0));
+        assert_eq!(throttle.take_at(1_001), None);
+        assert_eq!(throttle.take_at(5_999), None);
+        assert_eq!(throttle.take_at(6_000), Some(2));
+        assert_eq!(throttle.take_at(6_001), None);
+        assert_eq!(throttle.take_at(60_000), Some(1));
     }
 }
