@@ -860,14 +860,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_creation_whose_caller_gave_up_is_not_written() {
         let dir = tempfile::tempdir().unwrap();
-        let plans = crate::plans::Plans::parse(
-            "default_plan: open\nplans:\n  open:\n    meters:\n      runs: {allowance: 1000, overage: allow, unit_price: 0}\n",
-        )
-        .unwrap();
-        let store = crate::store::test_sqlite_store(dir.path(), "g.db")
-            .await
-            .with_plans(Some(Arc::new(plans)));
-        store.migrate().await.unwrap();
+        let store = crate::store::test_sqlite_store_on_the_pool(dir.path(), "g.db").await;
         let new = |key: Option<&str>| crate::store::test_new_run(key, 1);
         let holder = rusqlite::Connection::open(dir.path().join("g.db")).unwrap();
         holder.execute_batch("BEGIN IMMEDIATE").unwrap();

@@ -528,6 +528,23 @@ pub(crate) async fn test_disk_full(store: &Store, full: bool) {
         .unwrap();
 }
 
+/// A migrated store on a fresh SQLite file `name` in `dir` with a plans
+/// file that limits nothing, for unit tests: with plans loaded, run
+/// creation takes the general path through the pool, not the writer thread.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) async fn test_sqlite_store_on_the_pool(dir: &std::path::Path, name: &str) -> Store {
+    let plans = crate::plans::Plans::parse(
+        "default_plan: open\nplans:\n  open:\n    meters:\n      runs: {allowance: 1000, overage: allow, unit_price: 0}\n",
+    )
+    .unwrap();
+    let store = test_sqlite_store(dir, name)
+        .await
+        .with_plans(Some(std::sync::Arc::new(plans)));
+    store.migrate().await.unwrap();
+    store
+}
+
 /// A store on a fresh SQLite file `name` in `dir`, for unit tests.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -724,14 +741,7 @@ mod tests {
     #[tokio::test]
     async fn a_transaction_sqlite_ended_on_a_full_disk_leaves_no_write_lock_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let plans = crate::plans::Plans::parse(
-            "default_plan: open\nplans:\n  open:\n    meters:\n      runs: {allowance: 1000, overage: allow, unit_price: 0}\n",
-        )
-        .unwrap();
-        let store = test_sqlite_store(dir.path(), "full.db")
-            .await
-            .with_plans(Some(std::sync::Arc::new(plans)));
-        store.migrate().await.unwrap();
+        let store = test_sqlite_store_on_the_pool(dir.path(), "full.db").await;
         test_disk_full(&store, true).await;
 
         // The disk is full: a one-row insert needing new pages fails, and

@@ -125,14 +125,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_refused_on_a_full_disk_is_not_ready_until_refusals_stop_and_a_probe_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let plans = crate::plans::Plans::parse(
-            "default_plan: open\nplans:\n  open:\n    meters:\n      runs: {allowance: 1000, overage: allow, unit_price: 0}\n",
-        )
-        .unwrap();
-        let store = crate::store::test_sqlite_store(dir.path(), "w.db")
-            .await
-            .with_plans(Some(std::sync::Arc::new(plans)));
-        store.migrate().await.unwrap();
+        let store = crate::store::test_sqlite_store_on_the_pool(dir.path(), "w.db").await;
         assert!(store.takes_writes().await);
 
         // `max_page_count` stands in for the full disk: a run whose input
