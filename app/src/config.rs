@@ -840,12 +840,11 @@ fn repeats_a_secret(url: &str, message: &str) -> bool {
 /// Whether an SQLite URL names an in-memory database (`sqlite::memory:`,
 /// `sqlite://:memory:`, or `mode=memory` in its query, as sqlx reads them).
 fn sqlite_in_memory(url: &str) -> bool {
-    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let path = url.split_once('?').map_or(url, |(path, _)| path);
     let path = path.trim_start_matches("sqlite:").trim_start_matches("//");
     path == ":memory:"
-        || query
-            .split('&')
-            .any(|p| p.eq_ignore_ascii_case("mode=memory"))
+        || sqlite_query(url)
+            .any(|(k, v)| k.eq_ignore_ascii_case("mode") && v.eq_ignore_ascii_case("memory"))
 }
 
 /// Checks a Redis URL without ever repeating it (it may carry a password).

@@ -82,7 +82,7 @@ async fn flush(store: Store, rx: Arc<Mutex<mpsc::Receiver<(Completion, Reply)>>>
             }
             // Every result of the batch would meet the same outage: retrying
             // them one by one would make the last wait out a retry cycle per
-            // result before it (eight results, over 40 s). Their leases run
+            // result before it (eight results: 81 s). Their leases run
             // out and the jobs are delivered again, as for a lone result.
             Err(Unrecorded::Refused) if done.len() > 1 => {
                 // One bad result must not cost the others: record them alone.

@@ -564,27 +564,6 @@ async fn process(
     }
 }
 
-/// Records an outcome, retrying briefly while the database is unavailable.
-/// If it still cannot, the lease runs out and the job is delivered again, so
-/// giving up here loses nothing. `None` however it ended; see
-/// [`persist_or_why`] for a caller that needs to know.
-pub(crate) async fn persist<F, Fut, T>(write: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    persist_or_why(write).await.ok()
-}
-
-/// Why [`persist_or_why`] gave up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Unrecorded {
-    /// The database stayed unreachable through [`PERSIST_BUDGET`].
-    Unavailable,
-    /// The write was refused for another reason (logged at `error`).
-    Refused,
-}
-
 /// One release of [`Worker::release_all`]: `None` when not tried (the
 /// database was found unreachable), else whether it was released.
 async fn release_one(store: Store, job: ClaimedJob, gone: Arc<AtomicBool>) -> Option<bool> {
@@ -608,6 +587,27 @@ async fn release_one(store: Store, job: ClaimedJob, gone: Arc<AtomicBool>) -> Op
 /// Releases in flight at once at shutdown: a worker may hold thousands of
 /// slow steps, and one release each in turn is one round trip each.
 const RELEASE_CONCURRENCY: usize = 16;
+
+/// Records an outcome, retrying briefly while the database is unavailable.
+/// If it still cannot, the lease runs out and the job is delivered again, so
+/// giving up here loses nothing. `None` however it ended; see
+/// [`persist_or_why`] for a caller that needs to know.
+pub(crate) async fn persist<F, Fut, T>(write: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    persist_or_why(write).await.ok()
+}
+
+/// Why [`persist_or_why`] gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unrecorded {
+    /// The database stayed unreachable through [`PERSIST_BUDGET`].
+    Unavailable,
+    /// The write was refused for another reason (logged at `error`).
+    Refused,
+}
 
 /// How long [`persist_or_why`] keeps trying an unreachable database: up to
 /// six tries, 100 ms doubling to at most 2 s apart, and no new try once this
