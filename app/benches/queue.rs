@@ -4,8 +4,10 @@
 //!
 //! Scenarios, per backend, each on a fresh migrated database:
 //! - `raw drain`: a pre-loaded backlog drained by tasks calling
-//!   [`Store::claim`] for a batch and [`Store::complete`] for each job, without
-//!   the worker: the cost of the SQL alone;
+//!   [`Store::claim`] and then [`Store::complete_batch_in_lane`] for what they
+//!   claimed (one job per transaction with one task, as the baseline), without
+//!   the worker: the cost of the store's statements alone, hence the ceiling
+//!   of any worker over this store, printed beside pgqueuer's drain;
 //! - `worker drain`: the same backlog drained by [`Worker`]s (1-step and
 //!   2-step runs), the cost of the full machinery;
 //! - `steady (saturated)`: producers create runs as fast as the workers keep
@@ -43,7 +45,7 @@ use vm_webapp::metrics::{JobLabels, JobOutcome, Metrics};
 use vm_webapp::model::{NewRun, RunStatus};
 use vm_webapp::steps::llm::LlmBackend;
 use vm_webapp::steps::{StepRunner, parse_steps};
-use vm_webapp::store::{CreateOutcome, Store};
+use vm_webapp::store::{Completion, CreateOutcome, Store};
 use vm_webapp::worker::{DrainReport, Worker, WorkerConfig};
 
 /// Lease for every claim in the bench: long enough that no job is ever
@@ -151,7 +153,8 @@ struct Plan {
     backlog: usize,
     /// Tasks of the batched raw loop.
     raw_tasks: usize,
-    /// Jobs per claim transaction in the batched raw loop.
+    /// Jobs per claim and per completion transaction in the batched raw
+    /// loop: 100, the batch of pgqueuer's drain beside it.
     raw_batch: i64,
     /// Worker "processes", each with its own pool.
     workers: usize,
@@ -177,7 +180,7 @@ impl Plan {
             raw_single,
             backlog,
             raw_tasks: 4,
-            raw_batch: 64,
+            raw_batch: 100,
             workers: 2,
             concurrency: 256,
             producers: 64,
@@ -418,7 +421,9 @@ async fn stop_workers(workers: Vec<(JoinHandle<DrainReport>, CancellationToken)>
 }
 
 /// Drains `jobs` one-step jobs with `tasks` tasks each claiming `batch` jobs
-/// per transaction and completing them one by one: no worker, no step execution.
+/// per transaction and completing them in one transaction (each task its
+/// own usage-counter lane, as the completer's flushers): no worker, no step
+/// execution.
 async fn raw_drain(
     backend: Backend,
     tasks: usize,
@@ -443,11 +448,11 @@ async fn raw_drain(
     let cpu = CpuMeter::start(backend);
     let started = Instant::now();
     let mut set = JoinSet::new();
-    for t in 0..tasks {
+    for task in 0..tasks {
         let store = store.clone();
         let output = output.clone();
         set.spawn(async move {
-            let id = format!("raw-{t}");
+            let id = format!("raw-{task}");
             let (mut done, mut claims) = (0u64, 0u64);
             let (mut claiming, mut completing) = (Duration::ZERO, Duration::ZERO);
             loop {
@@ -459,10 +464,18 @@ async fn raw_drain(
                     return (done, claims, claiming, completing);
                 }
                 let t = Instant::now();
-                for job in &claimed {
-                    store.complete(job, &output).await.expect("complete");
-                    done += 1;
-                }
+                let batch: Vec<Completion> = claimed
+                    .into_iter()
+                    .map(|job| Completion {
+                        job,
+                        output: output.clone(),
+                    })
+                    .collect();
+                store
+                    .complete_batch_in_lane(&batch, task as u64)
+                    .await
+                    .expect("complete");
+                done += batch.len() as u64;
                 completing += t.elapsed();
             }
         });
@@ -477,9 +490,10 @@ async fn raw_drain(
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu.report();
     let note = format!(
-        "claim {batch}/tx: {:.2} ms/claim, {:.2} ms/complete, {ping_ms:.2} ms/ping; {cpu}; {}",
+        "{batch}/tx: {:.2} ms/claim, {:.2} ms/completion, {ping_ms:.2} ms/ping; {cpu}; {}",
         claiming.as_secs_f64() * 1e3 / claims.max(1) as f64,
-        completing.as_secs_f64() * 1e3 / done.max(1) as f64,
+        // Each task's last claim finds nothing and completes nothing.
+        completing.as_secs_f64() * 1e3 / claims.saturating_sub(tasks as u64).max(1) as f64,
         outcome(&env.store, jobs).await
     );
     store.close().await;
@@ -1027,10 +1041,28 @@ async fn side_by_side(quick: bool, has_pg: bool, rows: &[Row]) -> Vec<Compare> {
             ours: pg_rate("worker drain 1-step"),
             peer: drain.as_ref().ok().copied(),
             unit: "/s",
-            note: drain.err().unwrap_or_else(|| {
+            note: drain.clone().err().unwrap_or_else(|| {
                 "peer: pgqueuer 1.6.0 drain, 5 consumers x batches of 100".into()
             }),
         });
+        // The same backlog through the store's claim and completion
+        // statements alone, 100 jobs a transaction like pgqueuer's: what no
+        // worker over this store can exceed.
+        let ceiling = rows
+            .iter()
+            .find(|r| r.backend == "postgres" && r.mode == "raw drain" && r.shape != "1x1");
+        if let Some(ceiling) = ceiling {
+            out.push(Compare {
+                figure: "drain ceiling: store statements, no worker",
+                ours: Some(ceiling.rate()),
+                peer: drain.as_ref().ok().copied(),
+                unit: "/s",
+                note: format!(
+                    "{} tasks x 100 jobs per claim and per completion; same peer figure",
+                    ceiling.shape.split('x').next().unwrap_or("?")
+                ),
+            });
+        }
         let secs = if quick { "5" } else { "15" };
         let steady = match &peers {
             Ok(p) => {
