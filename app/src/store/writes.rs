@@ -155,4 +155,57 @@ mod tests {
         assert!(store.writes.last().is_none());
         assert!(store.takes_writes().await);
     }
+
+    /// A worker process creates no runs: its probes must turn not ready on
+    /// the claims and completions a full disk refuses, or a worker whose
+    /// every write fails keeps answering ready. Nothing is lost meanwhile:
+    /// the refused claim leaves its jobs queued, and the refused completion
+    /// leaves its jobs held under their lease.
+    #[tokio::test]
+    async fn claims_and_completions_refused_on_a_full_disk_make_a_worker_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::test_sqlite_store_on_the_pool(dir.path(), "w.db").await;
+        for _ in 0..300 {
+            store
+                .create_run(&crate::store::test_new_run(None, 1))
+                .await
+                .unwrap();
+        }
+        let lease = Duration::from_secs(60);
+
+        // A claim's `step.started` events need pages the full disk lacks.
+        crate::store::test_disk_full(&store, true).await;
+        let refused = store.claim("w1", 300, lease).await.unwrap_err();
+        assert!(refused.is_storage_refusal(), "{refused:?}");
+        assert!(!store.takes_writes().await, "a refused claim");
+        crate::store::test_disk_full(&store, false).await;
+        quiet_since(&store);
+        assert!(store.takes_writes().await);
+
+        // With room the jobs are all still there; then their results
+        // (step results, events, usage rows) meet the full disk.
+        let claimed = store.claim("w1", 300, lease).await.unwrap();
+        assert_eq!(claimed.len(), 300, "the refused claim took nothing");
+        let done: Vec<crate::store::Completion> = claimed
+            .into_iter()
+            .map(|job| crate::store::Completion {
+                job,
+                output: serde_json::json!({"text": "x".repeat(200)}),
+            })
+            .collect();
+        crate::store::test_disk_full(&store, true).await;
+        let refused = store.complete_batch(&done).await.unwrap_err();
+        assert!(refused.is_storage_refusal(), "{refused:?}");
+        assert!(!store.takes_writes().await, "a refused completion");
+        crate::store::test_disk_full(&store, false).await;
+        quiet_since(&store);
+        assert!(store.takes_writes().await);
+        let finished = store.complete_batch(&done).await.unwrap();
+        assert!(
+            finished
+                .iter()
+                .all(|f| *f == crate::store::Finish::Recorded),
+            "the refused completion recorded nothing: the retry records all"
+        );
+    }
 }
