@@ -11,7 +11,7 @@ batch=${2:-100}
 clients=${3:-6}
 here=$(dirname "$0")
 per_client=$((60000 / batch / clients))
-for variant in everything without_usage without_usage_or_events; do
+for variant in everything without_usage without_usage_or_events packed_events_no_ledger; do
     psql -q "$url" -f "$here/preload.sql" >/dev/null
     tps=$(pgbench -n -c "$clients" -j 2 -t "$per_client" -D batch="$batch" \
         -f "$here/drain_$variant.sql" "$url" | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
