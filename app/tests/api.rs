@@ -705,7 +705,36 @@ async fn every_guarded_operation_documents_its_429_and_503_with_the_error_body(b
     assert_eq!(guarded.len(), 14, "{guarded:?}");
 }
 
+/// A template that repeats a reference multiplies its text at every step:
+/// 64 KiB referenced 100 times is 6.4 MB, and two more such steps were
+/// gigabytes in the worker (a 25 KB request grew `serve` to 4.9 GB). The
+/// step fails for good at once, with the reason, and the run fails.
+async fn a_template_that_would_render_past_the_bound_fails_its_run(backend: Backend) {
+    let env = TestEnv::new(backend, &[]).await;
+    let app = env.router();
+    let body = json!({"steps": [
+        {"kind": "template", "template": "x".repeat(64 * 1024)},
+        {"kind": "template", "template": "{{prev}}".repeat(100)},
+        {"kind": "template", "template": "{{prev}}".repeat(100)},
+    ]})
+    .to_string();
+    let id = create(&app, &body).await;
+    let (worker, stop) = env.spawn_worker(1, LlmBackend::Offline);
+    let detail = env
+        .wait_for(id, RunStatus::Failed, Duration::from_secs(20))
+        .await;
+    stop.cancel();
+    worker.await.expect("worker");
+    let step = &detail.steps[1];
+    assert_eq!(step.attempts, 1, "a permanent failure: {step:?}");
+    assert!(step.output.is_none(), "{step:?}");
+    let error = step.error.as_deref().unwrap_or_default();
+    assert!(error.contains("rendered text would be longer"), "{error}");
+    assert!(detail.steps[2].output.is_none());
+}
+
 on_both_backends!(
+    a_template_that_would_render_past_the_bound_fails_its_run,
     metrics_count_requests_jobs_and_queue_with_bounded_labels,
     a_run_goes_from_accepted_to_succeeded_with_its_events,
     idempotency_key_replays_the_original_run_and_rejects_a_different_body,

@@ -54,7 +54,21 @@ pub enum TemplateError {
     /// A path that does not exist in the value it points into.
     #[error("reference `{0}` not found")]
     Missing(String),
+    /// The rendered text would be longer than [`MAX_RENDERED_BYTES`]: a
+    /// template that repeats a reference (`{{prev}}{{prev}}…`) multiplies
+    /// its text at every step.
+    #[error(
+        "the rendered text would be longer than {MAX_RENDERED_BYTES} bytes (a reference repeated, or a value too large to render)"
+    )]
+    TooLarge,
 }
+
+/// Longest text a template may render to, in bytes (4 MiB). A template of
+/// 64 KiB may hold 8,000 references, so without a bound three steps of
+/// `{{prev}}` repeated turn one small request into gigabytes of memory in
+/// the worker and in the database; rendering stops as soon as the text
+/// would pass it.
+pub const MAX_RENDERED_BYTES: usize = 4 * 1024 * 1024;
 
 /// What references resolve against while a step runs.
 pub struct TemplateContext<'a> {
@@ -116,11 +130,23 @@ impl Template {
     }
 
     /// Renders the template of step `index`.
+    ///
+    /// Errors: [`TemplateError::Missing`] for a reference that does not
+    /// resolve; [`TemplateError::TooLarge`] once the text would pass
+    /// [`MAX_RENDERED_BYTES`] (checked before each part is added, so the
+    /// text never grows past it).
     pub fn render(&self, index: usize, ctx: &TemplateContext<'_>) -> Result<String, TemplateError> {
         let mut out = String::new();
+        let push = |out: &mut String, text: &str| {
+            if out.len() + text.len() > MAX_RENDERED_BYTES {
+                return Err(TemplateError::TooLarge);
+            }
+            out.push_str(text);
+            Ok(())
+        };
         for part in &self.parts {
             match part {
-                Part::Text(t) => out.push_str(t),
+                Part::Text(t) => push(&mut out, t)?,
                 Part::Ref(r) => {
                     let base = match r.root {
                         Root::Input => Some(ctx.input),
@@ -131,8 +157,8 @@ impl Template {
                         .and_then(|b| lookup(b, &r.path))
                         .ok_or_else(|| TemplateError::Missing(r.source.clone()))?;
                     match value {
-                        Value::String(s) => out.push_str(s),
-                        other => out.push_str(&other.to_string()),
+                        Value::String(s) => push(&mut out, s)?,
+                        other => push(&mut out, &other.to_string())?,
                     }
                 }
             }
@@ -243,6 +269,26 @@ mod tests {
     fn a_missing_output_path_fails_at_render_time() {
         let err = render("{{prev.nope}}", 1, json!({}), &[(0, json!({"a": 1}))]).unwrap_err();
         assert_eq!(err, TemplateError::Missing("prev.nope".into()));
+    }
+
+    #[test]
+    fn a_repeated_reference_cannot_render_past_the_bound() {
+        // 64 KiB of text, referenced 100 times: 6.4 MB, past the bound.
+        let outputs = [(0, json!("x".repeat(64 * 1024)))];
+        let err = render(&"{{prev}}".repeat(100), 1, json!({}), &outputs).unwrap_err();
+        assert_eq!(err, TemplateError::TooLarge);
+        // Exactly at the bound renders.
+        let outputs = [(0, json!("y".repeat(MAX_RENDERED_BYTES / 4)))];
+        let out = render(&"{{prev}}".repeat(4), 1, json!({}), &outputs).unwrap();
+        assert_eq!(out.len(), MAX_RENDERED_BYTES);
+        let err = render(
+            &format!("{}z", "{{prev}}".repeat(4)),
+            1,
+            json!({}),
+            &outputs,
+        )
+        .unwrap_err();
+        assert_eq!(err, TemplateError::TooLarge);
     }
 
     #[test]
