@@ -762,6 +762,70 @@ async fn responses_carry_security_headers_and_cors_answers_only_configured_origi
     );
 }
 
+/// `migrate` is documented as safe to run concurrently (two migration Jobs
+/// of a rollout, a Job retried beside its predecessor). Its grants to the
+/// runtime role were not: PostgreSQL refuses a GRANT on an ACL another
+/// transaction is changing ("tuple concurrently updated"), and two or three
+/// of four concurrent runs exited 1 with "cannot grant the runtime role its
+/// rights: database error".
+#[tokio::test]
+async fn concurrent_migrations_that_grant_the_runtime_role_all_succeed() {
+    use sqlx::Connection;
+    let server = tokio::task::spawn_blocking(support::pg::shared)
+        .await
+        .expect("postgres");
+    let db = format!("t_grants_{}", uuid::Uuid::new_v4().simple());
+    let suffix = &db[9..17];
+    let mut admin = sqlx::PgConnection::connect(&server.url("postgres"))
+        .await
+        .expect("connect");
+    for sql in [
+        format!("CREATE ROLE vm_gowner_{suffix} LOGIN PASSWORD 'owner-pw'"),
+        format!("CREATE ROLE vm_gruntime_{suffix} LOGIN PASSWORD 'runtime-pw'"),
+        format!("CREATE DATABASE {db} OWNER vm_gowner_{suffix}"),
+    ] {
+        sqlx::query(&sql).execute(&mut admin).await.expect("setup");
+    }
+    let owner_url = format!(
+        "postgres://vm_gowner_{suffix}:owner-pw@127.0.0.1:{}/{db}",
+        server.port
+    );
+    let role = format!("vm_gruntime_{suffix}");
+    let migrate = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vm-webapp"))
+            .arg("migrate")
+            .env_clear()
+            .envs([
+                ("APP_ENV", "staging"),
+                ("VM_DB_URL", owner_url.as_str()),
+                ("VM_RUNTIME_DB_ROLE", role.as_str()),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run migrate")
+    };
+    // The schema first, so that the concurrent runs below meet only in
+    // their grants (where they failed) and not in the migrator's lock.
+    let first = migrate().wait_with_output().expect("migrate");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for round in 0..3 {
+        let runs: Vec<_> = (0..6).map(|_| migrate()).collect();
+        for run in runs {
+            let out = run.wait_with_output().expect("migrate");
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 /// Without the grants, a compromised runtime could rewrite history or the schema.
 #[tokio::test]
 async fn the_runtime_role_works_but_cannot_change_the_schema_or_rewrite_the_audit_trail() {

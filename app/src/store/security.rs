@@ -88,6 +88,10 @@ const RUNTIME_TABLES: [&str; 13] = [
 /// rewrite or delete them (like the audit trail).
 const APPEND_ONLY_TABLES: [&str; 3] = ["audit_log", "usage_ledger", "tenant_plan_changes"];
 
+/// The advisory lock key that serialises [`Store::grant_runtime_role`]
+/// across concurrent `migrate` runs (an arbitrary constant, "vmgrant").
+const GRANT_LOCK_KEY: i64 = 0x76_6d67_7261_6e74;
+
 impl Store {
     /// Appends one audit entry.
     pub async fn append_audit(&self, entry: &NewAudit<'_>) -> Result<()> {
@@ -237,6 +241,14 @@ impl Store {
     /// read and write data tables, read the migration history, append to and
     /// read the audit trail, use the sequences; no DDL, no audit rewrite.
     /// Idempotent; run by `vm-webapp migrate` as the schema owner.
+    ///
+    /// Concurrent calls (two migration Jobs, or `migrate` run twice at once)
+    /// take turns on a transaction-scoped advisory lock: PostgreSQL refuses
+    /// a `GRANT` that changes an ACL another transaction is changing
+    /// ("tuple concurrently updated"), and of four concurrent `migrate`
+    /// runs two or three failed so. Errors: [`StoreError::Corrupt`] for a
+    /// role name that is not letters, digits and `_`; a database error
+    /// when the owner may not grant.
     pub async fn grant_runtime_role(&self, role: &str) -> Result<()> {
         if self.backend != DbBackend::Postgres {
             return Ok(());
@@ -267,6 +279,9 @@ impl Store {
         ];
         statements.push(format!("REVOKE CREATE ON SCHEMA public FROM {quoted}"));
         let mut tx = self.pool().begin().await?;
+        sqlx::query(&format!("SELECT pg_advisory_xact_lock({GRANT_LOCK_KEY})"))
+            .execute(&mut *tx)
+            .await?;
         for sql in &statements {
             sqlx::query(sql).execute(&mut *tx).await?;
         }
