@@ -168,14 +168,18 @@ impl From<sqlx::Error> for StoreError {
 /// Codes" appendix): connection exceptions (class 08), insufficient
 /// resources (class 53: disk full 53100, out of memory 53200, too many
 /// connections 53300), an administrator's or crash shutdown (57P01–57P03),
-/// and deadlocks and serialization failures (40P01, 40001: retrying the
-/// transaction succeeds).
+/// deadlocks and serialization failures (40P01, 40001: retrying the
+/// transaction succeeds), a lock not granted in time (55P03
+/// `lock_not_available`: `lock_timeout`) and a statement cancelled
+/// (57014 `query_canceled`: `statement_timeout`, or an administrator's
+/// `pg_cancel_backend`). A lock held by a migration's `ALTER TABLE` or a
+/// `VACUUM FULL` is the database's state: the API answers 503 and the
+/// worker retries.
 fn postgres_state_error(code: &str) -> bool {
     code.starts_with("08")
         || code.starts_with("53")
         || code.starts_with("57P0")
-        || code == "40P01"
-        || code == "40001"
+        || matches!(code, "40P01" | "40001" | "55P03" | "57014")
 }
 
 /// Whether an SQLite result code (extended or primary) comes from the
@@ -196,17 +200,20 @@ pub(crate) fn sqlite_state_error(code: i32) -> bool {
 mod tests {
     use super::*;
 
-    /// A full disk or an exhausted server answers 503 and is retried by the
-    /// worker; a statement's own mistake (a constraint, a syntax error, an
-    /// over-long text) does not.
+    /// A full disk, an exhausted server or a lock held past the request's
+    /// time answers 503 and is retried by the worker; a statement's own
+    /// mistake (a constraint, a syntax error, an over-long text) does not.
     #[test]
     fn postgres_errors_of_the_servers_state_are_unavailability() {
         for code in [
-            "08006", "53100", "53200", "53300", "57P01", "57P03", "40P01", "40001",
+            "08006", "53100", "53200", "53300", "57P01", "57P03", "40P01", "40001", "55P03",
+            "57014",
         ] {
             assert!(postgres_state_error(code), "{code}");
         }
-        for code in ["23505", "42601", "22001", "54000", "XX000", "25P02", ""] {
+        for code in [
+            "23505", "42601", "22001", "54000", "XX000", "25P02", "55000", "",
+        ] {
             assert!(!postgres_state_error(code), "{code}");
         }
     }
