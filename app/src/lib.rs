@@ -10,6 +10,7 @@ pub mod backup_cmd;
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod deadline;
 pub mod http;
 pub mod maintenance;
 pub mod metrics;

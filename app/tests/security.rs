@@ -988,6 +988,75 @@ async fn a_request_that_outlives_the_timeout_gets_408_request_timeout() {
     );
 }
 
+/// A handler whose write was claimed before the deadline (the store is
+/// committing it) is answered with its outcome, not 408, even when that
+/// comes after the deadline: a 408 would tell the client nothing was done.
+/// A handler that claims nothing still gets its 408 on time, and a claim
+/// that comes after the 408 is refused.
+#[tokio::test]
+async fn a_request_whose_write_is_committing_is_answered_with_its_outcome_not_408() {
+    use axum::middleware::from_fn_with_state;
+    use axum::routing::get;
+    use vm_webapp::deadline::Deadline;
+    let env = TestEnv::new(Backend::Sqlite, &[("VM_REQUEST_TIMEOUT_MS", "200")]).await;
+    let state = env.state();
+    let (late_claim, claimed_late) = tokio::sync::oneshot::channel::<bool>();
+    let late_claim = std::sync::Arc::new(std::sync::Mutex::new(Some(late_claim)));
+    let app = Router::new()
+        .route(
+            "/claimed",
+            get(|| async {
+                let deadline = Deadline::current().expect("a deadline");
+                assert!(deadline.claim());
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                axum::Json(json!({"committed": true}))
+            }),
+        )
+        .route(
+            "/unclaimed",
+            get(move || {
+                let late_claim = late_claim.clone();
+                async move {
+                    let deadline = Deadline::current().expect("a deadline");
+                    // Past the deadline, from a task of its own (as the store's
+                    // writer is): the request was answered 408 meanwhile.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        if let Some(tell) = late_claim.lock().expect("lock").take() {
+                            let _ = tell.send(deadline.claim());
+                        }
+                    });
+                    tokio::time::sleep(Duration::from_millis(1_000)).await;
+                    "late"
+                }
+            }),
+        )
+        .layer(from_fn_with_state(
+            state.clone(),
+            vm_webapp::http::security::harden,
+        ))
+        .with_state(state);
+    let started = std::time::Instant::now();
+    let r = send(&app, "GET", "/claimed", None, &[]).await;
+    assert_eq!(
+        (r.status, r.body["committed"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let started = std::time::Instant::now();
+    let r = send(&app, "GET", "/unclaimed", None, &[]).await;
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (StatusCode::REQUEST_TIMEOUT, Some("request_timeout"))
+    );
+    assert!(started.elapsed() < Duration::from_millis(400));
+    assert_eq!(
+        claimed_late.await,
+        Ok(false),
+        "a claim after the 408 is refused"
+    );
+}
+
 /// Without this, a delivery refused during a rollout would spend its nonce
 /// and the sender's retry would be refused as a replay.
 #[tokio::test]

@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{ApiKey, RateLimit, SecuritySettings};
+use crate::deadline::Deadline;
 use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::redis_bus::RedisBus;
@@ -406,6 +407,15 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
 
 /// Request timeout, header limits, and the tracing headers every route
 /// reads: present but unusable is a 400, never silently dropped.
+///
+/// The request timeout (`VM_REQUEST_TIMEOUT_MS`) answers `408
+/// request_timeout`, except for a request the store has begun to commit a
+/// write for ([`Deadline::claim`]): that one is answered with the write's
+/// outcome, a little after the deadline at most. The handler runs with the
+/// request's [`Deadline`] as [`Deadline::current`], so that the store bounds
+/// its statements by the time left (a lock held past it answers 503
+/// `dependency_unavailable`) and commits nothing for a request already
+/// answered 408.
 pub async fn harden(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if req.extensions().get::<UnusableRequestId>().is_some() {
         return ApiError::InvalidRequestId.into_response();
@@ -425,9 +435,24 @@ pub async fn harden(State(state): State<AppState>, req: Request, next: Next) -> 
     if headers.len() > MAX_HEADERS || header_bytes > MAX_HEADER_BYTES {
         return ApiError::HeadersTooLarge.into_response();
     }
-    match tokio::time::timeout(state.settings.security.request_timeout, next.run(req)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::RequestTimeout.into_response(),
+    let deadline = Deadline::after(state.settings.security.request_timeout);
+    let answer = deadline.clone().scope(next.run(req));
+    tokio::pin!(answer);
+    tokio::select! {
+        // The answer first, as `tokio::time::timeout` polls it: a response
+        // ready at the deadline is sent, not replaced by a 408.
+        biased;
+        response = &mut answer => response,
+        () = tokio::time::sleep_until(deadline.at()) => {
+            if deadline.expire() {
+                ApiError::RequestTimeout.into_response()
+            } else {
+                // A write claimed the request before the deadline and is
+                // committing: its outcome is the answer, not a 408 that
+                // would tell the client nothing was done.
+                answer.await
+            }
+        }
     }
 }
 
