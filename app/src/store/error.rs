@@ -48,6 +48,12 @@ pub enum StoreError {
         /// The file path from the URL (not secret: SQLite URLs carry no password).
         path: String,
     },
+    /// The HTTP request a write was for ran out of time before the write
+    /// could be committed ([`crate::deadline::Deadline::budget`]): nothing
+    /// of it was written. Counts as [`StoreError::Unavailable`] does (the
+    /// API's 503): the database held a lock, or was busy, that long.
+    #[error("the request's time ran out before its write could be committed; nothing was written")]
+    OutOfTime,
     /// A stored row could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -87,6 +93,7 @@ impl StoreError {
         matches!(
             self,
             StoreError::Unavailable(_)
+                | StoreError::OutOfTime
                 | StoreError::Sqlite {
                     unavailable: true,
                     ..
@@ -171,7 +178,8 @@ impl From<sqlx::Error> for StoreError {
 /// deadlocks and serialization failures (40P01, 40001: retrying the
 /// transaction succeeds), a lock not granted in time (55P03
 /// `lock_not_available`: `lock_timeout`) and a statement cancelled
-/// (57014 `query_canceled`: `statement_timeout`, or an administrator's
+/// (57014 `query_canceled`: `statement_timeout`, which bounds a write done
+/// for an HTTP request by the request's time left, or an administrator's
 /// `pg_cancel_backend`). A lock held by a migration's `ALTER TABLE` or a
 /// `VACUUM FULL` is the database's state: the API answers 503 and the
 /// worker retries.

@@ -10,11 +10,31 @@
 //! If a batch fails, each of its requests is retried alone, so one bad request
 //! never fails its neighbours. Without a Tokio runtime at connect time (or once
 //! the writers are gone) requests are written directly.
+//!
+//! A request made by an HTTP request carries its [`Deadline`]. Nothing is
+//! committed for a caller that was answered 408 or went away: a batch
+//! claims its requests ([`Deadline::claim`]) just before it commits (the
+//! general path, rolling back and writing again without any that has gone
+//! meanwhile) or before its one statement is sent (PostgreSQL without
+//! plans); the HTTP layer answers a claimed request with the batch's
+//! outcome instead of 408. On PostgreSQL the batch's statements take at
+//! most the shortest time its requests have left, lock waits included
+//! (`statement_timeout`: [`Store::begin_within`] on the general path, the
+//! writer's own connection ([`Bounded`]) for the one-statement batch, which
+//! stays one round trip), so that a table lock held past it (a migration's
+//! `ALTER TABLE`, a `VACUUM FULL`) answers the batch 503 instead of
+//! committing its runs once the lock is released, after their clients were
+//! told 408. Without a deadline (the store called directly) the batch is
+//! one statement on the store's pool that commits by itself.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde_json::{Value, json};
+use sqlx::any::AnyPoolOptions;
+use sqlx::pool::PoolConnection;
 use sqlx::{AnyPool, Row};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
@@ -25,6 +45,7 @@ use super::tenancy::{assigned_plan, resolve};
 use super::usage::{QuotaRefusal, UsageRow, touched_of};
 use super::{CreateOutcome, Result, Store, StoreError, recordset};
 use crate::config::DbBackend;
+use crate::deadline::Deadline;
 use crate::model::{EventType, NewRun, Run, RunStatus};
 use crate::plans::{Meter, Overage};
 
@@ -49,7 +70,18 @@ const QUEUE_DEPTH: usize = 4 * MAX_BATCH;
 
 struct Request {
     new: NewRun,
+    /// The deadline of the HTTP request it came with, if any.
+    deadline: Option<Arc<Deadline>>,
     reply: oneshot::Sender<Result<Stored>>,
+}
+
+impl Request {
+    /// Takes the request for a commit ([`Deadline::claim`]): false when its
+    /// caller stopped waiting (answered 408, or gone), and nothing of it may
+    /// be committed any more.
+    fn claim(&self) -> bool {
+        !self.reply.is_closed() && self.deadline.as_deref().is_none_or(Deadline::claim)
+    }
 }
 
 /// What became of one request of a batch.
@@ -63,6 +95,78 @@ pub(crate) enum Stored {
     Refused(QuotaRefusal),
 }
 
+/// PostgreSQL: the connection a writer sends its one-statement batches for
+/// HTTP requests through, a pool of one of its own beside the store's
+/// (opened at the first such batch), so that the session's
+/// `statement_timeout` is the writer's to set: it bounds the statement,
+/// lock waits included, by the time its requests have left without a
+/// round trip of its own per batch. It is set again only when it no longer
+/// fits the batch's budget, and on every new connection.
+struct Bounded {
+    pool: AnyPool,
+    /// The connection's `statement_timeout` (ms; 0: none yet).
+    timeout_ms: Arc<AtomicU64>,
+}
+
+/// Sets the session's `statement_timeout` to `$1` ms (a bound parameter,
+/// unlike `SET`, so that it is one prepared statement).
+const SET_STATEMENT_TIMEOUT: &str = "SELECT set_config('statement_timeout', $1, false)";
+
+impl Bounded {
+    /// A pool of one connection to the database of `pool`, opened when first
+    /// used.
+    fn new(pool: &AnyPool) -> Self {
+        let timeout_ms = Arc::new(AtomicU64::new(0));
+        let applied = timeout_ms.clone();
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                let ms = applied.load(Ordering::Acquire);
+                Box::pin(async move {
+                    if ms > 0 {
+                        sqlx::query(SET_STATEMENT_TIMEOUT)
+                            .bind(ms.to_string())
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_lazy_with((*pool.connect_options()).clone());
+        Self { pool, timeout_ms }
+    }
+
+    /// The connection, its statements bounded by at most `budget` and at
+    /// least half of it: three quarters of it when set, so that the budgets
+    /// of later batches (their requests as fresh, or a little older) fit the
+    /// same setting.
+    ///
+    /// Errors: the database's (unavailable when it cannot be reached).
+    async fn acquire(&self, budget: Duration) -> Result<PoolConnection<sqlx::Any>> {
+        let mut conn = self.pool.acquire().await?;
+        let budget = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX).max(1);
+        let current = self.timeout_ms.load(Ordering::Acquire);
+        if !timeout_fits(current, budget) {
+            let set = (budget / 4 * 3).max(1);
+            sqlx::query(SET_STATEMENT_TIMEOUT)
+                .bind(set.to_string())
+                .execute(&mut *conn)
+                .await?;
+            self.timeout_ms.store(set, Ordering::Release);
+        }
+        Ok(conn)
+    }
+}
+
+/// Whether a `statement_timeout` of `current` ms (0: none) bounds a batch
+/// whose requests have `budget` ms left: at most the budget, and not less
+/// than half of it (a setting made for an old request would fail fresh
+/// ones early).
+fn timeout_fits(current: u64, budget: u64) -> bool {
+    current > 0 && current <= budget && current.saturating_mul(2) >= budget
+}
+
 /// The callers' side of the writers; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Handle {
@@ -70,6 +174,9 @@ pub(crate) struct Handle {
     /// SQLite: the writer thread that stores runs while no plans are
     /// loaded ([`sqlite_writer`]); the writer tasks take the rest.
     direct: Option<sqlite_writer::Handle>,
+    /// PostgreSQL: each writer's own connection ([`Bounded`]), closed with
+    /// the store.
+    bounded: Vec<AnyPool>,
 }
 
 impl Handle {
@@ -110,22 +217,30 @@ impl Handle {
             events,
             writes,
         };
+        let mut pools = Vec::new();
         for n in 0..writers {
             let shard = store.usage.counter_shard(u64::from(n) + 1);
-            tokio::spawn(writer(store.clone(), rx.clone(), shard));
+            let bounded = (backend == DbBackend::Postgres).then(|| Bounded::new(&store.pool));
+            pools.extend(bounded.as_ref().map(|b| b.pool.clone()));
+            tokio::spawn(writer(store.clone(), rx.clone(), shard, bounded));
         }
         Self {
             tx: Some(tx),
             direct,
+            bounded: pools,
         }
     }
 
     /// Closes the SQLite writer thread's connection, if there is one (see
-    /// [`sqlite_writer::Handle::close`]); the async writers end with the
-    /// store's last clone.
+    /// [`sqlite_writer::Handle::close`]), and the PostgreSQL writers' own
+    /// connections; the async writers end with the store's last clone.
+    /// Creations after this fail.
     pub(crate) async fn close(&self) {
         if let Some(direct) = &self.direct {
             direct.close().await;
+        }
+        for pool in &self.bounded {
+            pool.close().await;
         }
     }
 
@@ -139,6 +254,7 @@ impl Handle {
         Self {
             tx: None,
             direct: None,
+            bounded: Vec::new(),
         }
     }
 
@@ -152,23 +268,25 @@ impl Handle {
                 None => store.existing_for_key(new).await,
             };
         }
+        let deadline = Deadline::current();
         let stored = match &self.tx {
             Some(tx) => {
                 let (reply, answer) = oneshot::channel();
                 let request = Request {
                     new: new.clone(),
+                    deadline: deadline.clone(),
                     reply,
                 };
                 match tx.send(request).await {
                     Ok(()) => match answer.await {
                         Ok(result) => result,
                         // The writer went away (runtime shutting down).
-                        Err(_) => write_alone(store, new).await,
+                        Err(_) => write_alone(store, new, deadline.as_deref()).await,
                     },
-                    Err(_) => write_alone(store, new).await,
+                    Err(_) => write_alone(store, new, deadline.as_deref()).await,
                 }
             }
-            None => write_alone(store, new).await,
+            None => write_alone(store, new, deadline.as_deref()).await,
         }?;
         match stored {
             Stored::Created(run) => Ok(CreateOutcome::Created(run)),
@@ -178,19 +296,23 @@ impl Handle {
     }
 }
 
-/// A writer task; `shard` is the usage-counter shard its transactions add to.
-async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>, shard: i64) {
+/// A writer task; `shard` is the usage-counter shard its transactions add
+/// to, `bounded` its own connection on PostgreSQL.
+async fn writer(
+    store: Store,
+    rx: Arc<Mutex<mpsc::Receiver<Request>>>,
+    shard: i64,
+    bounded: Option<Bounded>,
+) {
+    let bounded = bounded.as_ref();
     while let Some(mut batch) = crate::batch::next_batch(&rx, MAX_BATCH).await {
-        // A caller that stopped waiting (its request timed out and was
-        // answered 408) must not find its run created afterwards.
-        batch.retain(|r| !r.reply.is_closed());
+        // Noted here: a batch's requests get a copy of its error that no
+        // longer says why.
+        let written = store.noted(write_requests(&store, &mut batch, shard, bounded).await);
         if batch.is_empty() {
             continue;
         }
-        let news: Vec<&NewRun> = batch.iter().map(|r| &r.new).collect();
-        // Noted here: a batch's requests get a copy of its error that no
-        // longer says why.
-        match store.noted(write_batch(&store, &news, shard).await) {
+        match written {
             Ok(stored) => {
                 for (request, run) in batch.into_iter().zip(stored) {
                     let _ = request.reply.send(Ok(run));
@@ -219,19 +341,95 @@ async fn writer(store: Store, rx: Arc<Mutex<mpsc::Receiver<Request>>>, shard: i6
             }
             Err(_) => {
                 for request in batch {
-                    let result = write_alone(&store, &request.new).await;
-                    let _ = request.reply.send(result);
+                    let mut alone = vec![request];
+                    let shard = store.usage.counter_shard(0);
+                    let result = write_requests(&store, &mut alone, shard, bounded).await;
+                    if let Some(request) = alone.pop() {
+                        let _ = request.reply.send(result.and_then(|mut s| {
+                            s.pop().ok_or_else(|| {
+                                StoreError::Corrupt("a batch of one stored nothing".into())
+                            })
+                        }));
+                    }
                 }
             }
         }
     }
 }
 
-async fn write_alone(store: &Store, new: &NewRun) -> Result<Stored> {
-    write_batch(store, &[new], store.usage.counter_shard(0))
-        .await?
-        .pop()
-        .ok_or_else(|| StoreError::Corrupt("a batch of one stored nothing".into()))
+/// Stores the requests of `batch` in one transaction ([`write_batch`]) and
+/// returns one [`Stored`] each, in the order `batch` has then. A request
+/// whose caller stopped waiting (its HTTP request timed out and was
+/// answered 408, or it went away) is left out of `batch`, before the batch
+/// is sent and again just before it commits, so that such a caller never
+/// finds its run created afterwards: when one has gone meanwhile, the
+/// transaction is rolled back and written again without it. A request whose
+/// time is up ([`Deadline::budget`]) is answered [`StoreError::OutOfTime`]
+/// and left out too. The batch's statements are bounded by the shortest
+/// time left among its requests.
+async fn write_requests(
+    store: &Store,
+    batch: &mut Vec<Request>,
+    shard: i64,
+    bounded: Option<&Bounded>,
+) -> Result<Vec<Stored>> {
+    loop {
+        let mut kept = Vec::with_capacity(batch.len());
+        for request in batch.drain(..) {
+            if request.reply.is_closed() {
+                continue;
+            }
+            if request
+                .deadline
+                .as_ref()
+                .is_some_and(|d| d.budget().is_none())
+            {
+                let _ = request.reply.send(Err(StoreError::OutOfTime));
+                continue;
+            }
+            kept.push(request);
+        }
+        *batch = kept;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let budget = batch
+            .iter()
+            .filter_map(|r| r.deadline.as_ref().and_then(|d| d.budget()))
+            .min();
+        let written = {
+            let requests: &[Request] = batch;
+            let news: Vec<&NewRun> = requests.iter().map(|r| &r.new).collect();
+            let claim = || requests.iter().all(Request::claim);
+            write_batch(store, &news, shard, budget, &claim, bounded).await?
+        };
+        match written {
+            Some(stored) => return Ok(stored),
+            None => batch.retain(Request::claim),
+        }
+    }
+}
+
+/// Stores `new` without a writer, for a caller with `deadline` (see
+/// [`write_requests`]).
+async fn write_alone(store: &Store, new: &NewRun, deadline: Option<&Deadline>) -> Result<Stored> {
+    let budget = match deadline {
+        Some(d) => Some(d.budget().ok_or(StoreError::OutOfTime)?),
+        None => None,
+    };
+    let claim = || deadline.is_none_or(Deadline::claim);
+    write_batch(
+        store,
+        &[new],
+        store.usage.counter_shard(0),
+        budget,
+        &claim,
+        None,
+    )
+    .await?
+    .ok_or(StoreError::OutOfTime)?
+    .pop()
+    .ok_or_else(|| StoreError::Corrupt("a batch of one stored nothing".into()))
 }
 
 /// Stores `news` in one transaction, one [`Stored`] each, in order.
@@ -255,22 +453,65 @@ async fn write_alone(store: &Store, new: &NewRun) -> Result<Stored> {
 /// events, audit rows, the ledger and its month, warnings), so the month
 /// admitted is the month counted on SQLite too, whose clock is read per
 /// statement.
-async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<Stored>> {
+///
+/// `claim` is asked once, just before the commit: false (a caller stopped
+/// waiting) rolls the batch back and returns `None`, nothing of it
+/// written. On PostgreSQL each statement takes at most `budget`, lock waits
+/// included ([`Store::begin_within`]).
+///
+/// PostgreSQL without plans: the batch is one statement that commits by
+/// itself (one round trip), and `claim` is asked just before it is sent.
+/// With a `budget`, it goes through `bounded` (the writer's connection,
+/// whose `statement_timeout` fits the budget), the claimed callers' HTTP
+/// requests waiting for its outcome instead of answering 408; without
+/// `bounded` (no writer), in a transaction bounded by `budget` whose commit
+/// `claim` precedes.
+async fn write_batch(
+    store: &Store,
+    news: &[&NewRun],
+    shard: i64,
+    budget: Option<Duration>,
+    claim: &(dyn Fn() -> bool + Sync),
+    bounded: Option<&Bounded>,
+) -> Result<Option<Vec<Stored>>> {
     let backend = store.backend();
     let plans = store.plans();
     if backend == DbBackend::Postgres && plans.is_none() {
-        // No allowance to enforce, so nothing to read or lock first: the
-        // batch is one statement that commits by itself (one round trip).
+        // No allowance to enforce, so nothing to read or lock first.
         let ids: Vec<Uuid> = news.iter().map(|_| Uuid::now_v7()).collect();
         let id_texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
         let refused = vec![None; news.len()];
         let runs = runs_of(news, &id_texts, &refused)?;
         let jobs = jobs_of(id_texts.iter().zip(news.iter().copied()));
-        let created_at = insert_postgres(store, store.pool(), runs, jobs, None, shard).await?;
+        let created_at = match (budget, bounded) {
+            (None, _) => {
+                if !claim() {
+                    return Ok(None);
+                }
+                insert_postgres(store, store.pool(), runs, jobs, None, shard).await?
+            }
+            (Some(budget), Some(bounded)) => {
+                let mut conn = bounded.acquire(budget).await?;
+                if !claim() {
+                    return Ok(None);
+                }
+                insert_postgres(store, &mut *conn, runs, jobs, None, shard).await?
+            }
+            (Some(budget), None) => {
+                let mut tx = store.begin_within(Some(budget)).await?;
+                let created_at = insert_postgres(store, &mut *tx, runs, jobs, None, shard).await?;
+                if !claim() {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                tx.commit().await?;
+                created_at
+            }
+        };
         store.events.raise();
-        return Ok(outcomes(&ids, &id_texts, news, refused, &created_at));
+        return Ok(Some(outcomes(&ids, &id_texts, news, refused, &created_at)));
     }
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_within(budget).await?;
 
     let mut tenants: Vec<&str> = news.iter().map(|n| n.tenant.as_str()).collect();
     tenants.sort_unstable();
@@ -473,11 +714,15 @@ async fn write_batch(store: &Store, news: &[&NewRun], shard: i64) -> Result<Vec<
     if !blocked.is_empty() {
         insert_audits(store, &mut tx, "quota.blocked", "denied", blocked, at).await?;
     }
+    if !claim() {
+        tx.rollback().await?;
+        return Ok(None);
+    }
     tx.commit().await?;
     store.count_crossings(&crossed);
     store.events.raise();
 
-    Ok(outcomes(&ids, &id_texts, news, refused, &created_at))
+    Ok(Some(outcomes(&ids, &id_texts, news, refused, &created_at)))
 }
 
 /// The run rows of `news` that were not refused, as JSON objects of the
@@ -853,6 +1098,46 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// The writer's `statement_timeout` is set again when it would outlast
+    /// a batch's budget, or cut fresh requests short after an old one set
+    /// it; otherwise the setting stays (no round trip).
+    #[test]
+    fn the_writer_sets_its_statement_timeout_only_when_it_no_longer_fits() {
+        assert!(!timeout_fits(0, 29_000), "none set yet");
+        assert!(timeout_fits(21_750, 29_000));
+        assert!(timeout_fits(21_750, 28_000), "a little older requests");
+        assert!(timeout_fits(21_750, 43_500));
+        assert!(!timeout_fits(21_750, 20_000), "would outlast the budget");
+        assert!(!timeout_fits(300, 29_000), "set for an old request");
+    }
+
+    /// A creation made for an HTTP request claims it (the HTTP layer then
+    /// answers its outcome, not 408); one whose time is up writes nothing
+    /// and is unavailable (503).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_creation_claims_its_request_and_one_out_of_time_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::test_sqlite_store_on_the_pool(dir.path(), "d.db").await;
+        let new = crate::store::test_new_run(None, 1);
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let created = deadline.clone().scope(store.create_run(&new)).await;
+        assert!(
+            matches!(created, Ok(CreateOutcome::Created(_))),
+            "{created:?}"
+        );
+        assert!(!deadline.expire(), "claimed by the write");
+        let late = Deadline::after(Duration::ZERO);
+        let refused = late.scope(store.create_run(&new)).await;
+        assert!(matches!(refused, Err(StoreError::OutOfTime)), "{refused:?}");
+        assert!(refused.unwrap_err().is_unavailable());
+        let runs: i64 = sqlx::query("SELECT COUNT(*) FROM runs")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(runs, 1);
+    }
 
     /// The general path (here SQLite with plans loaded) leaves out a
     /// request whose caller stopped waiting before its batch was written

@@ -219,13 +219,14 @@ impl Store {
         self.backend
     }
 
-    /// Closes every connection: the pool's first, then the SQLite writer
-    /// thread's, which first checkpoints the whole WAL into the database
-    /// file, so a stopped app leaves one self-contained file. (SQLite does
-    /// that itself only when the connection that closes finds itself the
-    /// last open; the pool closes connections that were in use as they come
-    /// back, together, and about one stop in five of `serve` left 1.2 MB of
-    /// WAL beside the file.) Creations after this fail.
+    /// Closes every connection: the pool's first, then the creation
+    /// writer's own (SQLite's writer thread, or PostgreSQL's creation
+    /// writer). SQLite's writer thread first checkpoints the whole WAL into
+    /// the database file, so a stopped app leaves one self-contained file.
+    /// (SQLite does that itself only when the connection that closes finds
+    /// itself the last open; the pool closes connections that were in use
+    /// as they come back, together, and about one stop in five of `serve`
+    /// left 1.2 MB of WAL beside the file.) Creations after this fail.
     pub async fn close(&self) {
         self.pool.close().await;
         self.creates.close().await;
@@ -282,6 +283,33 @@ impl Store {
 
     pub(crate) async fn begin(&self) -> Result<Transaction<'static, Any>> {
         Ok(self.pool.begin().await?)
+    }
+
+    /// A transaction whose statements take at most `budget` each on
+    /// PostgreSQL (`SET LOCAL statement_timeout`, lock waits included, in
+    /// the one round trip of its `BEGIN`): a write done for an HTTP request
+    /// is bounded by the request's time left
+    /// ([`crate::deadline::Deadline::budget`]), so that a lock held past it
+    /// (a migration's `ALTER TABLE`, a `VACUUM FULL`) fails the statement
+    /// with SQLSTATE 57014, [`StoreError::Unavailable`], instead of letting
+    /// it wait and commit after the client was answered 408. The setting
+    /// ends with the transaction; the connection goes back to the pool
+    /// without it. `None`, and on SQLite (whose lock waits its busy timeout
+    /// bounds), a plain [`Store::begin`]. Errors: the database's.
+    pub(crate) async fn begin_within(
+        &self,
+        budget: Option<Duration>,
+    ) -> Result<Transaction<'static, Any>> {
+        match (self.backend, budget) {
+            (DbBackend::Postgres, Some(budget)) => Ok(self
+                .pool
+                .begin_with(format!(
+                    "BEGIN; SET LOCAL statement_timeout = {}",
+                    ms(budget).max(1)
+                ))
+                .await?),
+            _ => self.begin().await,
+        }
     }
 
     /// A transaction that reads and then writes: on SQLite it takes the

@@ -50,7 +50,15 @@ impl Store {
     /// Concurrent calls share one transaction (group commit, see
     /// [`super::group_commit`]); the outcome of each is its own.
     ///
-    /// Errors: [`StoreError::Unavailable`] when the database cannot be reached;
+    /// Called for an HTTP request ([`crate::deadline::Deadline::current`]),
+    /// nothing is committed once the request was answered 408, and on
+    /// PostgreSQL the statements take at most the request's time left, lock
+    /// waits included ([`crate::deadline::Deadline::budget`]).
+    ///
+    /// Errors: [`StoreError::Unavailable`] when the database cannot be
+    /// reached or a lock stayed held past the request's time (nothing was
+    /// created); [`StoreError::OutOfTime`] when the request's time ran out
+    /// before the run could be written (nothing was created);
     /// [`StoreError::InvalidText`] when PostgreSQL refuses a text value.
     pub async fn create_run(&self, new: &NewRun) -> Result<CreateOutcome> {
         self.noted(self.creates.submit(self, new).await)

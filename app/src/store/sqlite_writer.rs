@@ -24,6 +24,7 @@
 //! [`Handle`] is dropped (with the last clone of the store that started it).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, params};
@@ -33,6 +34,7 @@ use uuid::Uuid;
 use super::feed::CommitSignal;
 use super::group_commit::MAX_BATCH;
 use super::{Result, SQLITE_NOW, StoreError};
+use crate::deadline::Deadline;
 use crate::model::{EventType, NewRun};
 use crate::plans::Meter;
 
@@ -108,7 +110,18 @@ impl Row {
 
 struct Request {
     row: Row,
+    /// The deadline of the HTTP request it came with, if any.
+    deadline: Option<Arc<Deadline>>,
     reply: oneshot::Sender<Result<Option<Stored>>>,
+}
+
+impl Request {
+    /// Takes the request for a commit ([`Deadline::claim`]): false when its
+    /// caller stopped waiting (answered 408, or gone), and nothing of it may
+    /// be written any more.
+    fn claim(&self) -> bool {
+        !self.reply.is_closed() && self.deadline.as_deref().is_none_or(Deadline::claim)
+    }
 }
 
 /// What the thread takes from its channel.
@@ -179,7 +192,11 @@ impl Handle {
         let (reply, answer) = oneshot::channel();
         let gone = || StoreError::Corrupt("the SQLite writer thread is gone".into());
         self.tx
-            .send(Message::Write(Request { row, reply }))
+            .send(Message::Write(Request {
+                row,
+                deadline: Deadline::current(),
+                reply,
+            }))
             .await
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
@@ -362,7 +379,9 @@ fn write(
 /// first, so no statement of the batch can fail on a lock upgrade. Once it
 /// is taken, the requests whose caller stopped waiting meanwhile are left
 /// out of `batch`: waiting for the lock can take the whole busy timeout, and
-/// a request answered 408 during that wait was written afterwards.
+/// a request answered 408 during that wait was written afterwards. The
+/// others are claimed ([`Deadline::claim`]): the HTTP layer answers them
+/// with this batch's outcome, not with a 408 while it commits.
 fn write_tx(
     conn: &mut Connection,
     batch: &mut Vec<Request>,
@@ -375,7 +394,7 @@ fn write_tx(
         )
     });
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    batch.retain(|r| !r.reply.is_closed());
+    batch.retain(Request::claim);
     if batch.is_empty() {
         return Ok(Vec::new());
     }
