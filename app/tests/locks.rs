@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use sqlx::Connection;
 use support::{Backend, TestEnv, create, send};
+use vm_webapp::model::RunStatus;
 
 const RUN: &str = r#"{"steps":[{"kind":"template","template":"hi"}]}"#;
 
@@ -130,6 +131,49 @@ async fn creation_with_plans_under_a_held_table_lock_answers_503_and_creates_not
     .expect("write plans");
     let file = file.display().to_string();
     creation_under_a_held_lock_creates_nothing(&[("VM_PLANS_FILE", &file)]).await;
+}
+
+/// A cancellation while `LOCK TABLE jobs IN SHARE MODE` is held past the
+/// request timeout: answered 503, and the run is still queued once the
+/// lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_under_a_held_table_lock_answers_503_and_cancels_nothing() {
+    let env = TestEnv::new(Backend::Postgres, &[("VM_REQUEST_TIMEOUT_MS", TIMEOUT_MS)]).await;
+    let app = env.router();
+    let id = create(&app, RUN).await;
+    let holder = hold(&env, "LOCK TABLE jobs IN SHARE MODE").await;
+    let started = Instant::now();
+    let reply = send(
+        &app,
+        "POST",
+        &format!("/api/v2/runs/{id}/cancel"),
+        None,
+        &[],
+    )
+    .await;
+    assert_unavailable(&reply, started.elapsed());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.close().await.expect("release the lock");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let detail = env.store.get_run(id).await.expect("read").expect("run");
+    assert_eq!(detail.run.status, RunStatus::Queued);
+    let cancelled = count(
+        &env,
+        &format!(
+            "SELECT COUNT(*) FROM audit_log WHERE action = 'run.cancelled' AND target = '{id}'"
+        ),
+    )
+    .await;
+    assert_eq!(cancelled, 0);
+    let again = send(
+        &app,
+        "POST",
+        &format!("/api/v2/runs/{id}/cancel"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
 }
 
 /// A lock released before the request's time is up is waited for: the

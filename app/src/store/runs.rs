@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::events::NewEvent;
 use super::{Result, Store, StoreError, parse_json, parse_uuid};
+use crate::deadline::Deadline;
 use crate::model::{
     EventType, JobState, NewRun, Run, RunDetail, RunFilter, RunStatus, StepState, StepStatus,
 };
@@ -283,6 +284,17 @@ impl Store {
     /// writes the `run.cancelled` audit row by `actor` in the same
     /// transaction. A deadlock victim is retried: it only means a worker
     /// touched the same run at the same moment.
+    ///
+    /// Called for an HTTP request ([`Deadline::current`]), its statements
+    /// take at most the request's time left on PostgreSQL (lock waits
+    /// included: a `LOCK TABLE jobs` held past it fails the cancellation
+    /// instead of letting it commit after a 408), and it commits only if
+    /// the request was not answered 408 meanwhile.
+    ///
+    /// Errors: [`StoreError::Unavailable`] when the database cannot be
+    /// reached or a lock stayed held past the request's time;
+    /// [`StoreError::OutOfTime`] when the request's time ran out (nothing
+    /// was changed).
     pub async fn cancel_run(
         &self,
         id: Uuid,
@@ -308,7 +320,14 @@ impl Store {
         request_id: Option<&str>,
     ) -> Result<CancelOutcome> {
         let id_text = id.to_string();
-        let mut tx = self.begin().await?;
+        // For an HTTP request: its statements bounded by the time it has
+        // left, and committed only if it was not answered 408 meanwhile.
+        let deadline = Deadline::current();
+        let budget = match &deadline {
+            Some(d) => Some(d.budget().ok_or(StoreError::OutOfTime)?),
+            None => None,
+        };
+        let mut tx = self.begin_within(budget).await?;
         // Jobs before the run, the order every worker path locks them in.
         let dropped =
             sqlx::query("DELETE FROM jobs WHERE run_id = $1 RETURNING step_index, state, attempt")
@@ -383,6 +402,10 @@ impl Store {
         .bind(request_id)
         .execute(&mut *tx)
         .await?;
+        if !deadline.as_deref().is_none_or(Deadline::claim) {
+            tx.rollback().await?;
+            return Err(StoreError::OutOfTime);
+        }
         tx.commit().await?;
         self.events.raise();
         match self.get_run(id).await? {
