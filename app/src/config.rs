@@ -350,7 +350,13 @@ pub struct SecuritySettings {
     pub rate_per_ip: RateLimit,
     /// `VM_CORS_ALLOWED_ORIGINS`: empty means no CORS headers at all.
     pub cors_origins: Vec<String>,
-    /// `VM_REQUEST_TIMEOUT_MS`.
+    /// `VM_REQUEST_TIMEOUT_MS` (ms, 100 to 600,000, default 30,000): the
+    /// longest a request may take before `408 request_timeout`. A run
+    /// creation or cancellation is committed before that answer or not at
+    /// all: one that has begun to commit is answered with its outcome
+    /// instead, and on PostgreSQL its statements wait for locks at most the
+    /// time left less a tenth of this (at most 1 s), then answer 503
+    /// `dependency_unavailable` ([`crate::deadline`]).
     pub request_timeout: Duration,
     /// `VM_MIGRATION_DB_URL`: the schema owner's URL for `migrate` (falls back to `VM_DB_URL`).
     pub migration_db_url: Option<Secret>,
