@@ -924,6 +924,58 @@ async fn sigterm_with_a_short_grace_releases_the_step_and_a_restart_completes_th
     );
 }
 
+/// A clean stop while another process holds SQLite's write lock (a
+/// `sqlite3` shell in `BEGIN IMMEDIATE`, a backup tool): the cleanup writes
+/// of the stop (the worker's heartbeat removal, the maintenance lease given
+/// up) are given up quickly instead of each waiting out the 10 s busy
+/// timeout, about 20 s in all; their rows expire by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_another_process_holds_the_sqlite_write_lock_stops_quickly() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut serve = local_serve(root.path(), port, &[]);
+    wait_live(&mut serve, port).await;
+    let file = root.path().join(vm_webapp::config::EMBEDDED_DB_FILE);
+    let other = rusqlite::Connection::open(&file).expect("open the database");
+    // The embedded worker has beaten and leads queue maintenance: both
+    // rows are there for the stop to clean up.
+    let deadline = Instant::now() + QUICK;
+    loop {
+        let rows: i64 = other
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM worker_heartbeats) \
+                 + (SELECT COUNT(*) FROM maintenance_leader WHERE expires_at > 0)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("read");
+        if rows == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat or leader\n{}",
+            serve.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    other
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    serve.terminate();
+    let started = Instant::now();
+    let status = serve.wait(Duration::from_secs(60)).await;
+    let took = started.elapsed();
+    let output = serve.output();
+    other.execute_batch("ROLLBACK").expect("release the lock");
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(output.contains("stopped cleanly"), "{output}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the stop took {took:?} while the write lock was held\n{output}"
+    );
+}
+
 /// Locally a person presses Ctrl-C twice when the first waits for a long
 /// step: the second signal must end the process at once instead of sitting
 /// out the whole grace (20 s by default), and give the step back to the queue

@@ -98,6 +98,17 @@ const PG_NOW: &str = "(EXTRACT(EPOCH FROM now()) * 1000)::BIGINT";
 /// exactly (a test holds it to SQLite's own printed milliseconds).
 const SQLITE_NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
+/// SQLite's busy timeout on the pool's connections: how long a statement
+/// waits for the write lock another connection or process holds.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a write that may be given up waits for a connection and for
+/// the database's locks: the cleanup writes of a clean stop
+/// ([`Store::resign_maintenance`], [`Store::forget_worker`]), whose rows
+/// expire by themselves anyway. Each waited out SQLite's busy timeout
+/// (10 s) while another process held the write lock, about 20 s per stop.
+pub const CLEANUP_WAIT: Duration = Duration::from_millis(500);
+
 /// The store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -170,7 +181,7 @@ impl Store {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == DbBackend::Sqlite {
-                        sqlx::query("PRAGMA busy_timeout = 10000")
+                        sqlx::query(&busy_timeout(SQLITE_BUSY_TIMEOUT))
                             .execute(&mut *conn)
                             .await?;
                         sqlx::query("PRAGMA synchronous = NORMAL")
@@ -312,6 +323,47 @@ impl Store {
         }
     }
 
+    /// Runs `query`, one statement, as a write that may be given up: it
+    /// waits at most [`CLEANUP_WAIT`] for a connection and as long for the
+    /// database's locks (SQLite's busy timeout, PostgreSQL's
+    /// `statement_timeout`, set on the connection for it and set back
+    /// after; a connection that cannot be set back, or whose write is
+    /// abandoned midway, is closed rather than returned to the pool).
+    ///
+    /// Errors: [`StoreError::Unavailable`] when no connection came, or a
+    /// lock stayed held, within the wait; otherwise the database's.
+    pub(crate) async fn cleanup_write<'q>(
+        &self,
+        query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    ) -> Result<()> {
+        let conn = tokio::time::timeout(CLEANUP_WAIT, self.pool.acquire())
+            .await
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolTimedOut))??;
+        let mut conn = Closing(Some(conn));
+        let (bound, restore) = match self.backend {
+            DbBackend::Sqlite => (
+                busy_timeout(CLEANUP_WAIT),
+                busy_timeout(SQLITE_BUSY_TIMEOUT),
+            ),
+            DbBackend::Postgres => (
+                format!("SET statement_timeout = {}", ms(CLEANUP_WAIT)),
+                "RESET statement_timeout".to_string(),
+            ),
+        };
+        let written = async {
+            sqlx::query(&bound).execute(conn.get()?).await?;
+            query.execute(conn.get()?).await?;
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        let reset = sqlx::query(&restore).execute(conn.get()?).await;
+        if reset.is_ok() {
+            // Back to the pool with the pool's setting.
+            drop(conn.0.take());
+        }
+        written
+    }
+
     /// A transaction that reads and then writes: on SQLite it takes the
     /// write lock at its start (`BEGIN IMMEDIATE`, waiting up to the busy
     /// timeout), since a deferred transaction that read first cannot take it
@@ -339,6 +391,32 @@ impl Store {
                 .await?;
         }
         Ok(tx)
+    }
+}
+
+/// `PRAGMA busy_timeout` of `wait` (SQLite).
+fn busy_timeout(wait: Duration) -> String {
+    format!("PRAGMA busy_timeout = {}", ms(wait))
+}
+
+/// A pooled connection with a setting of its own ([`Store::cleanup_write`]):
+/// dropped while it holds one, it leaves the pool and closes, so that the
+/// setting never reaches another user of the pool.
+struct Closing(Option<sqlx::pool::PoolConnection<Any>>);
+
+impl Closing {
+    fn get(&mut self) -> Result<&mut sqlx::AnyConnection> {
+        self.0
+            .as_deref_mut()
+            .ok_or(StoreError::Unavailable(sqlx::Error::PoolClosed))
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(conn.detach());
+        }
     }
 }
 
@@ -864,6 +942,42 @@ mod tests {
             .unwrap()
             .get("n");
         assert_eq!(n, 2);
+    }
+
+    /// A cleanup write gives up after [`CLEANUP_WAIT`] while another
+    /// process holds SQLite's write lock (it waited the 10 s busy timeout),
+    /// and leaves the pool's connection with the pool's busy timeout.
+    #[tokio::test]
+    async fn a_cleanup_write_gives_up_quickly_on_a_held_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = test_sqlite_store(dir.path(), "c.db").await;
+        store.migrate().await.unwrap();
+        store.heartbeat("w", 0).await.unwrap();
+        let holder = rusqlite::Connection::open(dir.path().join("c.db")).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let started = std::time::Instant::now();
+        let given_up = store
+            .forget_worker("w", Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert!(given_up.is_unavailable(), "{given_up:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        holder.execute_batch("ROLLBACK").unwrap();
+        let busy: i64 = sqlx::query("PRAGMA busy_timeout")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(busy, 10_000);
+        store
+            .forget_worker("w", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(store.heartbeat_age_ms().await.unwrap(), None);
     }
 
     #[test]

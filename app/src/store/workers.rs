@@ -24,16 +24,19 @@ impl Store {
         Ok(())
     }
 
-    /// Removes `worker`'s heartbeat (clean stop) and any not renewed within `stale_after`.
+    /// Removes `worker`'s heartbeat (clean stop) and any not renewed within
+    /// `stale_after`. A cleanup write: it waits at most
+    /// [`super::CLEANUP_WAIT`] for a connection and for locks (another
+    /// process holding SQLite's write lock), since a heartbeat left behind
+    /// only ages and is removed by the next clean stop.
+    ///
+    /// Errors: [`StoreError::Unavailable`] when the database is unreachable
+    /// or busy past that wait.
     pub async fn forget_worker(&self, worker: &str, stale_after: Duration) -> Result<()> {
-        sqlx::query(&self.sql(
-            "DELETE FROM worker_heartbeats WHERE worker_id = $1 OR last_beat_at < {now} - $2",
-        ))
-        .bind(worker)
-        .bind(ms(stale_after))
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        let sql = self
+            .sql("DELETE FROM worker_heartbeats WHERE worker_id = $1 OR last_beat_at < {now} - $2");
+        self.cleanup_write(sqlx::query(&sql).bind(worker).bind(ms(stale_after)))
+            .await
     }
 
     /// Age (ms, database clock) of the freshest worker heartbeat, `None` when

@@ -53,15 +53,21 @@ impl Store {
     }
 
     /// Gives the lease up (clean shutdown), so another process leads at its
-    /// next tick instead of after the expiry.
+    /// next tick instead of after the expiry. A cleanup write: it waits at
+    /// most [`crate::store::CLEANUP_WAIT`] for a connection and for locks
+    /// (another process holding SQLite's write lock), since the lease
+    /// expires by itself a few ticks later.
+    ///
+    /// Errors: [`StoreError::Unavailable`] when the database is unreachable
+    /// or busy past that wait.
     pub async fn resign_maintenance(&self, holder: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE maintenance_leader SET expires_at = 0 WHERE name = 'queue' AND holder = $1",
+        self.cleanup_write(
+            sqlx::query(
+                "UPDATE maintenance_leader SET expires_at = 0 WHERE name = 'queue' AND holder = $1",
+            )
+            .bind(holder),
         )
-        .bind(holder)
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        .await
     }
 
     /// Returns jobs whose lease expired (their worker died or hung) to the
