@@ -83,8 +83,9 @@ async fn two_keys_work_at_once_so_keys_rotate_without_downtime_and_the_key_id_is
     // Each key is its own tenant: NEW sees the one run it created.
     assert_eq!(listed.body["runs"].as_array().map(Vec::len), Some(1));
     assert_eq!(listed.status, StatusCode::OK);
-    // Two different keys in one request: refused whichever is valid, and
-    // nothing is created; the same key in both is that key.
+    // Two different keys in one request (in the two headers, or in one
+    // repeated): refused whichever is valid, and nothing is created; the
+    // same key in both is that key.
     let new_bearer = bearer(NEW);
     for headers in [
         [
@@ -95,6 +96,12 @@ async fn two_keys_work_at_once_so_keys_rotate_without_downtime_and_the_key_id_is
             ("authorization", "Bearer not-the-same-key-0123"),
             ("x-api-key", NEW),
         ],
+        // One header repeated: it was read as its first value.
+        [
+            ("authorization", new_bearer.as_str()),
+            ("authorization", "Bearer not-the-same-key-0123"),
+        ],
+        [("x-api-key", NEW), ("x-api-key", "not-the-same-key-0123")],
     ] {
         let refused = send(&app, "POST", "/api/v2/runs", Some(HELLO), &headers).await;
         assert_eq!(

@@ -280,7 +280,7 @@ fn document_guarded(doc: &mut utoipa::openapi::OpenApi) {
         (
             "401",
             "unauthorized: no API key, an unknown one, an unreadable header, \
-             or two different keys in Authorization and x-api-key",
+             or two different keys (in Authorization and x-api-key, or a header repeated)",
         ),
         (
             "429",

@@ -79,18 +79,28 @@ pub enum PresentedKey<'a> {
     /// `Authorization` scheme other than `Bearer` with no `x-api-key` to
     /// fall back on. Kind: present but unreadable is invalid, not missing.
     Unreadable,
-    /// `Authorization: Bearer` and `x-api-key` carry two different keys:
-    /// which one the client meant is not ours to guess (RFC 6750 §2: one
-    /// method per request), so neither is used.
+    /// `Authorization: Bearer` and `x-api-key` carry two different keys,
+    /// or one of them is repeated with different values: which one the
+    /// client meant is not ours to guess (RFC 6750 §2: one method per
+    /// request), so none is used. (A repeated header used to be read as its
+    /// first value, whichever the others were.)
     Conflicting,
     /// The key's text.
     Key(&'a str),
 }
 
 /// The presented key: `Authorization: Bearer …`, else `x-api-key`; the same
-/// key in both is that key, two different ones are
-/// [`PresentedKey::Conflicting`].
+/// key in both is that key, two different ones (in the two headers, or in
+/// one header repeated) are [`PresentedKey::Conflicting`].
 pub fn presented_key(headers: &HeaderMap) -> PresentedKey<'_> {
+    let repeated = |name| {
+        let mut values = headers.get_all(name).iter();
+        let first = values.next();
+        values.any(|v| Some(v) != first)
+    };
+    if repeated(header::AUTHORIZATION.as_str()) || repeated("x-api-key") {
+        return PresentedKey::Conflicting;
+    }
     let mut unreadable = false;
     let header_key = headers
         .get("x-api-key")
@@ -371,7 +381,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
                 state.auth_failures.add();
                 state.metrics.auth_failed("invalid");
                 return ApiError::Unauthorized(
-                    "Authorization: Bearer and x-api-key carry two different keys: send one key, in one of them",
+                    "the request carries two different keys (in Authorization: Bearer and x-api-key, or in one of them repeated): send one API key, once",
                 )
                 .into_response();
             }
@@ -565,8 +575,11 @@ mod tests {
         let h = headers(&[("authorization", b"Basic abc"), ("x-api-key", b"xyz")]);
         assert_eq!(presented_key(&h), PresentedKey::Key("xyz"));
         assert_eq!(presented_key(&HeaderMap::new()), PresentedKey::Missing);
-        // The same key in both is that key.
+        // The same key in both is that key, and so is one header repeated
+        // with the same value.
         let h = headers(&[("authorization", b"Bearer abc"), ("x-api-key", b"abc")]);
+        assert_eq!(presented_key(&h), PresentedKey::Key("abc"));
+        let h = headers(&[("x-api-key", b"abc"), ("x-api-key", b"abc")]);
         assert_eq!(presented_key(&h), PresentedKey::Key("abc"));
     }
 
@@ -583,6 +596,12 @@ mod tests {
                 ("x-api-key", &b"xyz"[..]),
                 ("authorization", &b"bearer abc"[..]),
             ],
+            // One header repeated with two keys was read as its first.
+            &[
+                ("authorization", &b"Bearer abc"[..]),
+                ("authorization", &b"Bearer xyz"[..]),
+            ],
+            &[("x-api-key", &b"abc"[..]), ("x-api-key", &b"xyz"[..])],
         ] {
             assert_eq!(
                 presented_key(&headers(pairs)),
