@@ -340,16 +340,12 @@ async fn writer(
                 }
             }
             Err(_) => {
+                let shard = store.usage.counter_shard(0);
                 for request in batch {
                     let mut alone = vec![request];
-                    let shard = store.usage.counter_shard(0);
                     let result = write_requests(&store, &mut alone, shard, bounded).await;
                     if let Some(request) = alone.pop() {
-                        let _ = request.reply.send(result.and_then(|mut s| {
-                            s.pop().ok_or_else(|| {
-                                StoreError::Corrupt("a batch of one stored nothing".into())
-                            })
-                        }));
+                        let _ = request.reply.send(result.and_then(only));
                     }
                 }
             }
@@ -413,10 +409,7 @@ async fn write_requests(
 /// Stores `new` without a writer, for a caller with `deadline` (see
 /// [`write_requests`]).
 async fn write_alone(store: &Store, new: &NewRun, deadline: Option<&Deadline>) -> Result<Stored> {
-    let budget = match deadline {
-        Some(d) => Some(d.budget().ok_or(StoreError::OutOfTime)?),
-        None => None,
-    };
+    let budget = super::transactions::budget_of(deadline)?;
     let claim = || deadline.is_none_or(Deadline::claim);
     write_batch(
         store,
@@ -427,9 +420,17 @@ async fn write_alone(store: &Store, new: &NewRun, deadline: Option<&Deadline>) -
         None,
     )
     .await?
-    .ok_or(StoreError::OutOfTime)?
-    .pop()
-    .ok_or_else(|| StoreError::Corrupt("a batch of one stored nothing".into()))
+    .ok_or(StoreError::OutOfTime)
+    .and_then(only)
+}
+
+/// The one [`Stored`] of a batch of one.
+///
+/// Errors: [`StoreError::Corrupt`] when the batch stored nothing.
+fn only(mut stored: Vec<Stored>) -> Result<Stored> {
+    stored
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("a batch of one stored nothing".into()))
 }
 
 /// Stores `news` in one transaction, one [`Stored`] each, in order.

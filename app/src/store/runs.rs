@@ -323,10 +323,7 @@ impl Store {
         // For an HTTP request: its statements bounded by the time it has
         // left, and committed only if it was not answered 408 meanwhile.
         let deadline = Deadline::current();
-        let budget = match &deadline {
-            Some(d) => Some(d.budget().ok_or(StoreError::OutOfTime)?),
-            None => None,
-        };
+        let budget = super::transactions::budget_of(deadline.as_deref())?;
         let mut tx = self.begin_within(budget).await?;
         // Jobs before the run, the order every worker path locks them in.
         let dropped =

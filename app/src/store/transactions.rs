@@ -125,6 +125,18 @@ impl Store {
     }
 }
 
+/// How long the statements of a write for the HTTP request of `deadline`
+/// may take ([`crate::deadline::Deadline::budget`], for
+/// [`Store::begin_within`]); `None` without a deadline (no bound).
+///
+/// Errors: [`StoreError::OutOfTime`] when the request has no time left: the
+/// write must not be tried.
+pub(crate) fn budget_of(deadline: Option<&crate::deadline::Deadline>) -> Result<Option<Duration>> {
+    deadline
+        .map(|d| d.budget().ok_or(StoreError::OutOfTime))
+        .transpose()
+}
+
 /// `PRAGMA busy_timeout` of `wait` (SQLite).
 pub(crate) fn busy_timeout(wait: Duration) -> String {
     format!("PRAGMA busy_timeout = {}", ms(wait))
